@@ -1,0 +1,1414 @@
+//! A client of containerd's gRPC API that does what `ctr` and nerdctl do:
+//! pull (fetch into the content store, record the image, unpack each layer
+//! into a snapshotter), create containers, run tasks with their output
+//! captured, exec, kill and delete.
+//!
+//! Pulling is client-side in containerd 1.7, as in its Go client: the client
+//! resolves the image, writes blobs through the content service under a lease,
+//! and unpacks layer by layer with Snapshots.Prepare, Diff.Apply and
+//! Snapshots.Commit. With [`PullOptions::remote_labels`] every Prepare carries
+//! the `containerd.io/snapshot/cri.*` labels nerdctl and CRI send, and a
+//! snapshotter that answers `AlreadyExists` (a remote snapshotter that fetched
+//! the layer itself) makes the client skip that layer's download and unpack.
+
+use std::collections::HashMap;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+use containerd_client::services::v1::snapshots::{
+    CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
+};
+use containerd_client::services::v1::{
+    ApplyRequest, Container, CreateContainerRequest, CreateImageRequest,
+    CreateRequest as CreateLeaseRequest, CreateTaskRequest, DeleteContainerRequest,
+    DeleteProcessRequest, DeleteRequest as DeleteLeaseRequest, DeleteTaskRequest,
+    ExecProcessRequest, GetImageRequest, InfoRequest, KillRequest, StartRequest,
+    UpdateImageRequest, UpdateRequest as UpdateContentRequest, WaitRequest, WriteAction,
+    WriteContentRequest, container::Runtime, containers_client::ContainersClient,
+    content_client::ContentClient, diff_client::DiffClient, images_client::ImagesClient,
+    leases_client::LeasesClient, tasks_client::TasksClient, version_client::VersionClient,
+};
+use containerd_client::types::{Descriptor, Mount};
+use futures::StreamExt;
+use prost_types::Any;
+use serde_json::Value;
+use tokio::io::AsyncReadExt;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+use crate::digest::{chain_ids, sha256};
+use crate::image::media;
+
+const SPEC_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
+const PROCESS_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
+/// The runtime containerd uses for runc.
+pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
+const WRITE_CHUNK: usize = 1 << 20;
+
+/// Errors of the containerd client.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// containerd answered a call with an error.
+    #[error("containerd {call} ({what}): {code:?}: {message}")]
+    Rpc {
+        /// The RPC.
+        call: &'static str,
+        /// Its subject (image, container, snapshot key).
+        what: String,
+        /// gRPC code.
+        code: Code,
+        /// containerd's message.
+        message: String,
+    },
+    /// Connecting to containerd failed.
+    #[error("connect to containerd at {path}")]
+    Connect {
+        /// Socket path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The registry refused or failed a request.
+    #[error("registry: GET {url}: {detail}")]
+    Registry {
+        /// The URL.
+        url: String,
+        /// Status or transport error.
+        detail: String,
+    },
+    /// A fetched blob did not match its digest.
+    #[error("registry: {url}: content digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch {
+        /// The URL.
+        url: String,
+        /// Descriptor digest.
+        expected: String,
+        /// What arrived.
+        actual: String,
+    },
+    /// An image manifest or config could not be understood.
+    #[error("image {reference}: {detail}")]
+    Image {
+        /// The image.
+        reference: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// Local I/O (FIFOs) failed.
+    #[error("{action}")]
+    Io {
+        /// What was being done.
+        action: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// The gRPC code when containerd answered with an error.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            Error::Rpc { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+fn rpc(call: &'static str, what: impl Into<String>) -> impl FnOnce(tonic::Status) -> Error {
+    let what = what.into();
+    move |s| Error::Rpc {
+        call,
+        what,
+        code: s.code(),
+        message: s.message().to_string(),
+    }
+}
+
+fn io(action: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let action = action.into();
+    move |source| Error::Io { action, source }
+}
+
+/// How to pull.
+#[derive(Debug, Clone)]
+pub struct PullOptions {
+    /// Snapshotter to unpack into (`overlayfs`, `hyperbox`, …).
+    pub snapshotter: String,
+    /// Send the `containerd.io/snapshot/cri.*` labels with each Prepare, as
+    /// nerdctl and CRI do for remote snapshotters.
+    pub remote_labels: bool,
+}
+
+impl PullOptions {
+    /// Unpack into `snapshotter` without remote labels.
+    pub fn local(snapshotter: &str) -> Self {
+        PullOptions {
+            snapshotter: snapshotter.into(),
+            remote_labels: false,
+        }
+    }
+}
+
+/// A pulled and unpacked image.
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// The reference it was pulled by (`host:port/repo:tag`).
+    pub name: String,
+    /// The descriptor the name points at (index or manifest).
+    pub target: Descriptor,
+    /// The manifest used for this platform.
+    pub manifest_digest: String,
+    /// The parsed OCI image config.
+    pub config: Value,
+    /// Layer snapshot names (chain ids), bottom first.
+    pub chain_ids: Vec<String>,
+    /// The snapshotter it was unpacked into.
+    pub snapshotter: String,
+    /// Layers whose Prepare was answered `AlreadyExists` (fetched by the
+    /// snapshotter itself), by index.
+    pub layers_skipped: Vec<usize>,
+}
+
+impl Image {
+    /// The topmost layer's snapshot name: the parent of container snapshots.
+    pub fn top_chain_id(&self) -> &str {
+        self.chain_ids.last().map(String::as_str).unwrap_or("")
+    }
+
+    fn config_list(&self, key: &str) -> Vec<String> {
+        self.config["config"][key]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Entrypoint followed by Cmd, as a container runs it by default.
+    pub fn default_args(&self) -> Vec<String> {
+        let mut args = self.config_list("Entrypoint");
+        args.extend(self.config_list("Cmd"));
+        args
+    }
+
+    /// The image's `Env`.
+    pub fn env(&self) -> Vec<String> {
+        self.config_list("Env")
+    }
+}
+
+/// A parsed `host/repo:tag` or `host/repo@digest` reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reference {
+    /// `host:port`.
+    pub host: String,
+    /// Repository path.
+    pub repo: String,
+    /// Tag or digest.
+    pub object: String,
+}
+
+impl Reference {
+    /// Parses a reference with an explicit registry host.
+    pub fn parse(s: &str) -> Option<Reference> {
+        let (host, rest) = s.split_once('/')?;
+        let (repo, object) = if let Some((r, d)) = rest.split_once('@') {
+            (r, d)
+        } else {
+            match rest.rsplit_once(':') {
+                Some((r, t)) if !t.contains('/') => (r, t),
+                _ => (rest, "latest"),
+            }
+        };
+        Some(Reference {
+            host: host.into(),
+            repo: repo.into(),
+            object: object.into(),
+        })
+    }
+}
+
+/// Output of a finished process.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// Exit status.
+    pub status: u32,
+    /// Everything written to stdout.
+    pub stdout: Vec<u8>,
+    /// Everything written to stderr.
+    pub stderr: Vec<u8>,
+}
+
+impl Output {
+    /// stdout as text.
+    pub fn stdout_str(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    /// stderr as text.
+    pub fn stderr_str(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+/// A containerd API client bound to one namespace.
+#[derive(Debug, Clone)]
+pub struct Client {
+    channel: Channel,
+    namespace: String,
+    cgroup_prefix: String,
+    io_dir: PathBuf,
+    runc_root: PathBuf,
+    http: reqwest::Client,
+}
+
+/// The runc shim's options (`containerd.runc.v1.Options`); only `root` is
+/// set, so runc keeps its state in the instance's directory rather than in
+/// the host-wide `/run/containerd/runc`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RuncOptions {
+    #[prost(string, tag = "7")]
+    root: String,
+}
+const RUNC_OPTIONS_TYPE: &str = "containerd.runc.v1.Options";
+
+impl Client {
+    /// Connects to containerd's socket. Containers get cgroups under
+    /// `cgroup_prefix`; FIFOs for their output are made under `io_dir`; runc
+    /// keeps its state under `runc_root`.
+    pub async fn connect(
+        socket: &Path,
+        namespace: &str,
+        cgroup_prefix: &str,
+        io_dir: &Path,
+        runc_root: &Path,
+    ) -> Result<Self> {
+        let channel =
+            containerd_client::connect(socket)
+                .await
+                .map_err(|source| Error::Connect {
+                    path: socket.into(),
+                    source,
+                })?;
+        std::fs::create_dir_all(io_dir).map_err(io(format!("create {}", io_dir.display())))?;
+        Ok(Client {
+            channel,
+            namespace: namespace.into(),
+            cgroup_prefix: cgroup_prefix.into(),
+            io_dir: io_dir.into(),
+            runc_root: runc_root.into(),
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::limited(5))
+                .timeout(Duration::from_secs(120))
+                .build()
+                .expect("reqwest client without TLS builds"),
+        })
+    }
+
+    /// The same connection in another namespace.
+    pub fn with_namespace(&self, namespace: &str) -> Self {
+        Client {
+            namespace: namespace.into(),
+            ..self.clone()
+        }
+    }
+
+    /// The namespace requests go to.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The gRPC channel, for services this client does not wrap.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    fn req<T>(&self, msg: T) -> Request<T> {
+        self.req_leased(msg, None)
+    }
+
+    fn req_leased<T>(&self, msg: T, lease: Option<&str>) -> Request<T> {
+        let mut r = Request::new(msg);
+        let md = r.metadata_mut();
+        md.insert(
+            "containerd-namespace",
+            self.namespace.parse().expect("namespace is ASCII"),
+        );
+        if let Some(l) = lease {
+            md.insert("containerd-lease", l.parse().expect("lease id is ASCII"));
+        }
+        r
+    }
+
+    /// containerd's version string.
+    pub async fn version(&self) -> Result<String> {
+        let v = VersionClient::new(self.channel.clone())
+            .version(())
+            .await
+            .map_err(rpc("Version", ""))?;
+        Ok(v.into_inner().version)
+    }
+
+    /// Pulls `reference` (plain HTTP registry) and unpacks it.
+    pub async fn pull(&self, reference: &str, opts: &PullOptions) -> Result<Image> {
+        let r = Reference::parse(reference).ok_or_else(|| Error::Image {
+            reference: reference.into(),
+            detail: "not of the form host[:port]/repo[:tag|@digest]".into(),
+        })?;
+        let lease = format!("hb-pull-{:016x}", rand::random::<u64>());
+        let mut labels = HashMap::new();
+        labels.insert(
+            "containerd.io/gc.expire".to_string(),
+            "2100-01-01T00:00:00Z".to_string(),
+        );
+        LeasesClient::new(self.channel.clone())
+            .create(self.req(CreateLeaseRequest {
+                id: lease.clone(),
+                labels,
+            }))
+            .await
+            .map_err(rpc("Leases.Create", &lease))?;
+        let result = self.pull_leased(reference, &r, opts, &lease).await;
+        // Everything the image needs is referenced by then; the lease only
+        // protected the pull itself (and lets a failed pull be collected).
+        let _ = LeasesClient::new(self.channel.clone())
+            .delete(self.req(DeleteLeaseRequest {
+                id: lease.clone(),
+                sync: false,
+            }))
+            .await;
+        result
+    }
+
+    async fn pull_leased(
+        &self,
+        name: &str,
+        r: &Reference,
+        opts: &PullOptions,
+        lease: &str,
+    ) -> Result<Image> {
+        let (top_bytes, top_type, top_digest) = self.fetch_manifest(r, &r.object).await?;
+        let top_desc = Descriptor {
+            media_type: top_type.clone(),
+            digest: top_digest.clone(),
+            size: top_bytes.len() as i64,
+            annotations: HashMap::new(),
+        };
+        let top: Value = serde_json::from_slice(&top_bytes).map_err(|e| Error::Image {
+            reference: name.into(),
+            detail: format!("manifest is not JSON: {e}"),
+        })?;
+        let (manifest_bytes, manifest_digest, index_labels) = if is_index(&top_type, &top) {
+            let chosen = top["manifests"]
+                .as_array()
+                .and_then(|ms| {
+                    ms.iter().find(|m| {
+                        m["platform"]["os"] == "linux" && m["platform"]["architecture"] == "amd64"
+                    })
+                })
+                .ok_or_else(|| Error::Image {
+                    reference: name.into(),
+                    detail: "index has no linux/amd64 manifest".into(),
+                })?;
+            let d = chosen["digest"].as_str().unwrap_or_default().to_string();
+            let (bytes, _, _) = self.fetch_manifest(r, &d).await?;
+            verify(&bytes, &d, name)?;
+            let mut l = HashMap::new();
+            l.insert("containerd.io/gc.ref.content.m.0".to_string(), d.clone());
+            (bytes, d, Some(l))
+        } else {
+            (top_bytes.clone(), top_digest.clone(), None)
+        };
+        let manifest: Value =
+            serde_json::from_slice(&manifest_bytes).map_err(|e| Error::Image {
+                reference: name.into(),
+                detail: format!("manifest is not JSON: {e}"),
+            })?;
+        let config_desc = descriptor(&manifest["config"]).ok_or_else(|| Error::Image {
+            reference: name.into(),
+            detail: "manifest has no config".into(),
+        })?;
+        let layers: Vec<Descriptor> = manifest["layers"]
+            .as_array()
+            .map(|a| a.iter().filter_map(descriptor).collect())
+            .unwrap_or_default();
+        let config_bytes = self.fetch_blob(r, &config_desc.digest).await?;
+        let config: Value = serde_json::from_slice(&config_bytes).map_err(|e| Error::Image {
+            reference: name.into(),
+            detail: format!("config is not JSON: {e}"),
+        })?;
+        let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if diff_ids.len() != layers.len() {
+            return Err(Error::Image {
+                reference: name.into(),
+                detail: format!("{} layers but {} diff_ids", layers.len(), diff_ids.len()),
+            });
+        }
+        let chains = chain_ids(&diff_ids);
+
+        // Content first, bottom up, so gc references always point at content
+        // that exists. Layer blobs are written only when unpacking needs them.
+        let gc_snapshot = format!("containerd.io/gc.ref.snapshot.{}", opts.snapshotter);
+        let mut config_labels = HashMap::new();
+        if let Some(top_chain) = chains.last() {
+            config_labels.insert(gc_snapshot.clone(), top_chain.clone());
+        }
+        self.write_content(&config_desc.digest, &config_bytes, HashMap::new(), lease)
+            .await?;
+        let mut manifest_labels = HashMap::new();
+        manifest_labels.insert(
+            "containerd.io/gc.ref.content.config".to_string(),
+            config_desc.digest.clone(),
+        );
+        for (i, l) in layers.iter().enumerate() {
+            manifest_labels.insert(
+                format!("containerd.io/gc.ref.content.l.{i}"),
+                l.digest.clone(),
+            );
+        }
+        self.write_content(&manifest_digest, &manifest_bytes, manifest_labels, lease)
+            .await?;
+        if let Some(l) = index_labels {
+            self.write_content(&top_digest, &top_bytes, l, lease)
+                .await?;
+        }
+
+        let mut skipped = Vec::new();
+        let mut parent = String::new();
+        for (i, layer) in layers.iter().enumerate() {
+            let chain = &chains[i];
+            if self.stat_snapshot(&opts.snapshotter, chain).await? {
+                parent = chain.clone();
+                continue;
+            }
+            let key = format!("extract-{:016x}-{}", rand::random::<u64>(), chain);
+            let mut labels = HashMap::new();
+            labels.insert("containerd.io/snapshot.ref".to_string(), chain.clone());
+            if opts.remote_labels {
+                labels.extend(remote_labels(name, &manifest_digest, &layers[i..]));
+            }
+            let mut snaps = SnapshotsClient::new(self.channel.clone());
+            let prepared = snaps
+                .prepare(self.req_leased(
+                    PrepareSnapshotRequest {
+                        snapshotter: opts.snapshotter.clone(),
+                        key: key.clone(),
+                        parent: parent.clone(),
+                        labels,
+                    },
+                    Some(lease),
+                ))
+                .await;
+            let mounts = match prepared {
+                Ok(r) => r.into_inner().mounts,
+                Err(s) if s.code() == Code::AlreadyExists => {
+                    skipped.push(i);
+                    parent = chain.clone();
+                    continue;
+                }
+                Err(s) => return Err(rpc("Snapshots.Prepare", &key)(s)),
+            };
+            let unpacked = self
+                .apply_layer(r, layer, &mounts, &diff_ids[i], lease)
+                .await;
+            let committed = match unpacked {
+                Ok(()) => snaps
+                    .commit(self.req_leased(
+                        CommitSnapshotRequest {
+                            snapshotter: opts.snapshotter.clone(),
+                            name: chain.clone(),
+                            key: key.clone(),
+                            labels: HashMap::new(),
+                        },
+                        Some(lease),
+                    ))
+                    .await
+                    .map(|_| ())
+                    .or_else(|s| {
+                        if s.code() == Code::AlreadyExists {
+                            Ok(())
+                        } else {
+                            Err(s)
+                        }
+                    })
+                    .map_err(rpc("Snapshots.Commit", chain)),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = committed {
+                let _ = snaps
+                    .remove(self.req(RemoveSnapshotRequest {
+                        snapshotter: opts.snapshotter.clone(),
+                        key,
+                    }))
+                    .await;
+                return Err(e);
+            }
+            parent = chain.clone();
+        }
+        // The config is what references the unpacked snapshot; label it last,
+        // once the snapshot exists.
+        self.label_content(&config_desc.digest, config_labels)
+            .await?;
+        self.put_image(name, &top_desc).await?;
+        Ok(Image {
+            name: name.into(),
+            target: top_desc,
+            manifest_digest,
+            config,
+            chain_ids: chains,
+            snapshotter: opts.snapshotter.clone(),
+            layers_skipped: skipped,
+        })
+    }
+
+    async fn apply_layer(
+        &self,
+        r: &Reference,
+        layer: &Descriptor,
+        mounts: &[Mount],
+        diff_id: &str,
+        lease: &str,
+    ) -> Result<()> {
+        if !self.content_exists(&layer.digest).await? {
+            let bytes = self.fetch_blob(r, &layer.digest).await?;
+            let mut labels = HashMap::new();
+            labels.insert(
+                "containerd.io/uncompressed".to_string(),
+                diff_id.to_string(),
+            );
+            self.write_content(&layer.digest, &bytes, labels, lease)
+                .await?;
+        }
+        let applied = DiffClient::new(self.channel.clone())
+            .apply(self.req_leased(
+                ApplyRequest {
+                    diff: Some(layer.clone()),
+                    mounts: mounts.to_vec(),
+                    payloads: HashMap::new(),
+                    sync_fs: false,
+                },
+                Some(lease),
+            ))
+            .await
+            .map_err(rpc("Diff.Apply", &layer.digest))?
+            .into_inner()
+            .applied
+            .map(|d| d.digest)
+            .unwrap_or_default();
+        if applied != diff_id {
+            return Err(Error::Image {
+                reference: layer.digest.clone(),
+                detail: format!(
+                    "unpacked layer digest {applied} differs from config diff_id {diff_id}"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    async fn stat_snapshot(&self, snapshotter: &str, key: &str) -> Result<bool> {
+        match SnapshotsClient::new(self.channel.clone())
+            .stat(self.req(StatSnapshotRequest {
+                snapshotter: snapshotter.into(),
+                key: key.into(),
+            }))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(s) if s.code() == Code::NotFound => Ok(false),
+            Err(s) => Err(rpc("Snapshots.Stat", key)(s)),
+        }
+    }
+
+    async fn content_exists(&self, digest: &str) -> Result<bool> {
+        match ContentClient::new(self.channel.clone())
+            .info(self.req(InfoRequest {
+                digest: digest.into(),
+            }))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(s) if s.code() == Code::NotFound => Ok(false),
+            Err(s) => Err(rpc("Content.Info", digest)(s)),
+        }
+    }
+
+    /// Writes `data` as content `digest`; containerd checks the digest itself.
+    async fn write_content(
+        &self,
+        digest: &str,
+        data: &[u8],
+        labels: HashMap<String, String>,
+        lease: &str,
+    ) -> Result<()> {
+        if self.content_exists(digest).await? {
+            return self.label_content(digest, labels).await;
+        }
+        let r#ref = format!(
+            "hb-{}-{:08x}",
+            digest.replace(':', "-"),
+            rand::random::<u32>()
+        );
+        let total = data.len() as i64;
+        let mut msgs: Vec<WriteContentRequest> = data
+            .chunks(WRITE_CHUNK)
+            .enumerate()
+            .map(|(i, c)| WriteContentRequest {
+                action: WriteAction::Write as i32,
+                r#ref: r#ref.clone(),
+                total,
+                expected: digest.into(),
+                offset: (i * WRITE_CHUNK) as i64,
+                data: c.to_vec(),
+                labels: HashMap::new(),
+            })
+            .collect();
+        msgs.push(WriteContentRequest {
+            action: WriteAction::Commit as i32,
+            r#ref: r#ref.clone(),
+            total,
+            expected: digest.into(),
+            offset: total,
+            data: Vec::new(),
+            labels,
+        });
+        let resp = ContentClient::new(self.channel.clone())
+            .write(self.req_leased(futures::stream::iter(msgs), Some(lease)))
+            .await;
+        let mut stream = match resp {
+            Ok(s) => s.into_inner(),
+            Err(s) if s.code() == Code::AlreadyExists => return Ok(()),
+            Err(s) => return Err(rpc("Content.Write", digest)(s)),
+        };
+        while let Some(m) = stream.next().await {
+            match m {
+                Ok(_) => {}
+                Err(s) if s.code() == Code::AlreadyExists => return Ok(()),
+                Err(s) => return Err(rpc("Content.Write", digest)(s)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn label_content(&self, digest: &str, labels: HashMap<String, String>) -> Result<()> {
+        if labels.is_empty() {
+            return Ok(());
+        }
+        let paths = labels.keys().map(|k| format!("labels.{k}")).collect();
+        ContentClient::new(self.channel.clone())
+            .update(self.req(UpdateContentRequest {
+                info: Some(containerd_client::services::v1::Info {
+                    digest: digest.into(),
+                    labels,
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask { paths }),
+            }))
+            .await
+            .map_err(rpc("Content.Update", digest))?;
+        Ok(())
+    }
+
+    async fn put_image(&self, name: &str, target: &Descriptor) -> Result<()> {
+        let image = containerd_client::services::v1::Image {
+            name: name.into(),
+            target: Some(target.clone()),
+            ..Default::default()
+        };
+        let mut images = ImagesClient::new(self.channel.clone());
+        match images
+            .create(self.req(CreateImageRequest {
+                image: Some(image.clone()),
+                source_date_epoch: None,
+            }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::AlreadyExists => images
+                .update(self.req(UpdateImageRequest {
+                    image: Some(image),
+                    update_mask: None,
+                    source_date_epoch: None,
+                }))
+                .await
+                .map(|_| ())
+                .map_err(rpc("Images.Update", name)),
+            Err(s) => Err(rpc("Images.Create", name)(s)),
+        }
+    }
+
+    /// True when containerd has an image record named `name`.
+    pub async fn image_exists(&self, name: &str) -> Result<bool> {
+        match ImagesClient::new(self.channel.clone())
+            .get(self.req(GetImageRequest { name: name.into() }))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(s) if s.code() == Code::NotFound => Ok(false),
+            Err(s) => Err(rpc("Images.Get", name)(s)),
+        }
+    }
+
+    async fn registry_get(&self, url: &str, accept: &str) -> Result<(Vec<u8>, String)> {
+        let resp = self
+            .http
+            .get(url)
+            .header("accept", accept)
+            .send()
+            .await
+            .map_err(|e| Error::Registry {
+                url: url.into(),
+                detail: error_chain(&e),
+            })?;
+        let status = resp.status();
+        let ctype = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        if !status.is_success() {
+            let body = resp.text().await.unwrap_or_default();
+            return Err(Error::Registry {
+                url: url.into(),
+                detail: format!("HTTP {status}: {}", crate::registry::tail(&body, 300)),
+            });
+        }
+        let bytes = resp.bytes().await.map_err(|e| Error::Registry {
+            url: url.into(),
+            detail: format!("reading body: {}", error_chain(&e)),
+        })?;
+        Ok((bytes.to_vec(), ctype))
+    }
+
+    async fn fetch_manifest(
+        &self,
+        r: &Reference,
+        object: &str,
+    ) -> Result<(Vec<u8>, String, String)> {
+        let url = format!("http://{}/v2/{}/manifests/{object}", r.host, r.repo);
+        let accept = [
+            media::INDEX,
+            media::MANIFEST,
+            "application/vnd.docker.distribution.manifest.list.v2+json",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        ]
+        .join(", ");
+        let (bytes, ctype) = self.registry_get(&url, &accept).await?;
+        let digest = sha256(&bytes);
+        if object.starts_with("sha256:") && object != digest {
+            return Err(Error::DigestMismatch {
+                url,
+                expected: object.into(),
+                actual: digest,
+            });
+        }
+        Ok((bytes, ctype, digest))
+    }
+
+    async fn fetch_blob(&self, r: &Reference, digest: &str) -> Result<Vec<u8>> {
+        let url = format!("http://{}/v2/{}/blobs/{digest}", r.host, r.repo);
+        let (bytes, _) = self.registry_get(&url, "*/*").await?;
+        verify(&bytes, digest, &url)?;
+        Ok(bytes)
+    }
+
+    /// Creates a container from `image` with its own snapshot; does not start it.
+    pub async fn create_container(
+        &self,
+        id: &str,
+        image: &Image,
+        opts: &ContainerOptions,
+    ) -> Result<ContainerHandle> {
+        let args = opts.args.clone().unwrap_or_else(|| image.default_args());
+        let mut env = image.env();
+        env.extend(opts.env.iter().cloned());
+        let spec = runtime_spec(
+            id,
+            &args,
+            &env,
+            &format!("{}/{id}", self.cgroup_prefix),
+            opts,
+        );
+        let snapshotter = opts
+            .snapshotter
+            .clone()
+            .unwrap_or_else(|| image.snapshotter.clone());
+        SnapshotsClient::new(self.channel.clone())
+            .prepare(self.req(PrepareSnapshotRequest {
+                snapshotter: snapshotter.clone(),
+                key: id.into(),
+                parent: image.top_chain_id().into(),
+                labels: HashMap::new(),
+            }))
+            .await
+            .map_err(rpc("Snapshots.Prepare", id))?;
+        let container = Container {
+            id: id.into(),
+            image: image.name.clone(),
+            runtime: Some(Runtime {
+                name: opts.runtime.clone().unwrap_or_else(|| RUNC_RUNTIME.into()),
+                options: Some(Any {
+                    type_url: RUNC_OPTIONS_TYPE.into(),
+                    value: prost::Message::encode_to_vec(&RuncOptions {
+                        root: self.runc_root.to_string_lossy().into_owned(),
+                    }),
+                }),
+            }),
+            spec: Some(Any {
+                type_url: SPEC_TYPE.into(),
+                value: serde_json::to_vec(&spec).expect("spec serializes"),
+            }),
+            snapshotter: snapshotter.clone(),
+            snapshot_key: id.into(),
+            labels: opts.labels.clone(),
+            ..Default::default()
+        };
+        if let Err(e) = ContainersClient::new(self.channel.clone())
+            .create(self.req(CreateContainerRequest {
+                container: Some(container),
+            }))
+            .await
+        {
+            let _ = self.remove_snapshot(&snapshotter, id).await;
+            return Err(rpc("Containers.Create", id)(e));
+        }
+        Ok(ContainerHandle {
+            client: self.clone(),
+            id: id.into(),
+            snapshotter,
+            process: spec["process"].clone(),
+        })
+    }
+
+    /// Creates, starts and waits for a container, then deletes it; returns
+    /// what it printed and its exit status.
+    pub async fn run(&self, id: &str, image: &Image, opts: &ContainerOptions) -> Result<Output> {
+        let c = self.create_container(id, image, opts).await?;
+        let result = async {
+            let task = c.start().await?;
+            task.wait_output().await
+        }
+        .await;
+        let deleted = c.delete().await;
+        let out = result?;
+        deleted?;
+        Ok(out)
+    }
+
+    async fn remove_snapshot(&self, snapshotter: &str, key: &str) -> Result<()> {
+        SnapshotsClient::new(self.channel.clone())
+            .remove(self.req(RemoveSnapshotRequest {
+                snapshotter: snapshotter.into(),
+                key: key.into(),
+            }))
+            .await
+            .map(|_| ())
+            .map_err(rpc("Snapshots.Remove", key))
+    }
+
+    async fn make_io(&self, name: &str) -> Result<ProcessIo> {
+        ProcessIo::new(&self.io_dir.join(name))
+    }
+}
+
+/// Options of a container made by [`Client::create_container`].
+#[derive(Debug, Clone, Default)]
+pub struct ContainerOptions {
+    /// Arguments; the image's entrypoint and cmd when `None`.
+    pub args: Option<Vec<String>>,
+    /// Extra environment, `KEY=value`.
+    pub env: Vec<String>,
+    /// Snapshotter; the image's when `None`.
+    pub snapshotter: Option<String>,
+    /// Runtime type; `io.containerd.runc.v2` when `None`.
+    pub runtime: Option<String>,
+    /// Share the host's network namespace.
+    pub host_network: bool,
+    /// Container labels.
+    pub labels: HashMap<String, String>,
+    /// OCI spec annotations.
+    pub annotations: HashMap<String, String>,
+}
+
+impl ContainerOptions {
+    /// Runs `args` instead of the image's default.
+    pub fn args(args: &[&str]) -> Self {
+        ContainerOptions {
+            args: Some(args.iter().map(|s| s.to_string()).collect()),
+            ..Default::default()
+        }
+    }
+}
+
+fn runtime_spec(
+    id: &str,
+    args: &[String],
+    env: &[String],
+    cgroups_path: &str,
+    opts: &ContainerOptions,
+) -> Value {
+    let spec = oci_spec::runtime::Spec::default();
+    let mut v = serde_json::to_value(&spec).expect("default spec serializes");
+    v["hostname"] = Value::String(id.chars().take(63).collect());
+    v["process"]["args"] = serde_json::json!(args);
+    let mut all_env =
+        vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()];
+    all_env.extend(env.iter().cloned());
+    v["process"]["env"] = serde_json::json!(all_env);
+    v["process"]["cwd"] = Value::String("/".into());
+    v["process"]["terminal"] = Value::Bool(false);
+    v["root"] = serde_json::json!({"path": "rootfs", "readonly": false});
+    v["linux"]["cgroupsPath"] = Value::String(cgroups_path.into());
+    if opts.host_network {
+        if let Some(ns) = v["linux"]["namespaces"].as_array_mut() {
+            ns.retain(|n| n["type"] != "network");
+        }
+    }
+    v["annotations"] = serde_json::json!(opts.annotations);
+    v
+}
+
+fn remote_labels(
+    reference: &str,
+    manifest: &str,
+    layers_from_here: &[Descriptor],
+) -> HashMap<String, String> {
+    let mut l = HashMap::new();
+    l.insert(
+        "containerd.io/snapshot/cri.image-ref".into(),
+        reference.into(),
+    );
+    l.insert(
+        "containerd.io/snapshot/cri.manifest-digest".into(),
+        manifest.into(),
+    );
+    l.insert(
+        "containerd.io/snapshot/cri.layer-digest".into(),
+        layers_from_here[0].digest.clone(),
+    );
+    // containerd caps this label at 4 KiB, dropping layers that do not fit.
+    let mut all = String::new();
+    for d in layers_from_here {
+        if all.len() + d.digest.len() + 1 > 4096 {
+            break;
+        }
+        if !all.is_empty() {
+            all.push(',');
+        }
+        all.push_str(&d.digest);
+    }
+    l.insert("containerd.io/snapshot/cri.image-layers".into(), all);
+    l
+}
+
+fn is_index(media_type: &str, v: &Value) -> bool {
+    media_type.contains("index")
+        || media_type.contains("manifest.list")
+        || v.get("manifests").is_some()
+}
+
+fn descriptor(v: &Value) -> Option<Descriptor> {
+    Some(Descriptor {
+        media_type: v["mediaType"].as_str().unwrap_or_default().into(),
+        digest: v["digest"].as_str()?.into(),
+        size: v["size"].as_i64()?,
+        annotations: HashMap::new(),
+    })
+}
+
+fn verify(bytes: &[u8], expected: &str, url: &str) -> Result<()> {
+    let actual = sha256(bytes);
+    if actual != expected {
+        return Err(Error::DigestMismatch {
+            url: url.into(),
+            expected: expected.into(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// A created container.
+#[derive(Debug)]
+pub struct ContainerHandle {
+    client: Client,
+    id: String,
+    snapshotter: String,
+    process: Value,
+}
+
+impl ContainerHandle {
+    /// The container id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Creates and starts its task with stdout and stderr captured.
+    pub async fn start(&self) -> Result<Task> {
+        let c = &self.client;
+        let mounts =
+            containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient::new(
+                c.channel.clone(),
+            )
+            .mounts(
+                c.req(containerd_client::services::v1::snapshots::MountsRequest {
+                    snapshotter: self.snapshotter.clone(),
+                    key: self.id.clone(),
+                }),
+            )
+            .await
+            .map_err(rpc("Snapshots.Mounts", &self.id))?
+            .into_inner()
+            .mounts;
+        let mut pio = c.make_io(&self.id).await?;
+        let created = TasksClient::new(c.channel.clone())
+            .create(c.req(CreateTaskRequest {
+                container_id: self.id.clone(),
+                rootfs: mounts,
+                stdout: pio.stdout_path(),
+                stderr: pio.stderr_path(),
+                terminal: false,
+                ..Default::default()
+            }))
+            .await
+            .map_err(rpc("Tasks.Create", &self.id))?
+            .into_inner();
+        pio.writers_opened();
+        TasksClient::new(c.channel.clone())
+            .start(c.req(StartRequest {
+                container_id: self.id.clone(),
+                exec_id: String::new(),
+            }))
+            .await
+            .map_err(rpc("Tasks.Start", &self.id))?;
+        Ok(Task {
+            client: c.clone(),
+            id: self.id.clone(),
+            pid: created.pid,
+            io: pio,
+            process: self.process.clone(),
+        })
+    }
+
+    /// Kills the task if it runs, deletes task, container and snapshot.
+    pub async fn delete(&self) -> Result<()> {
+        let c = &self.client;
+        let mut tasks = TasksClient::new(c.channel.clone());
+        let _ = tasks
+            .kill(c.req(KillRequest {
+                container_id: self.id.clone(),
+                exec_id: String::new(),
+                signal: 9,
+                all: true,
+            }))
+            .await;
+        for _ in 0..100 {
+            match tasks
+                .delete(c.req(DeleteTaskRequest {
+                    container_id: self.id.clone(),
+                }))
+                .await
+            {
+                Ok(_) => break,
+                Err(s) if s.code() == Code::NotFound => break,
+                // Still running: the kill has not landed yet.
+                Err(s) if s.code() == Code::FailedPrecondition => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(s) => return Err(rpc("Tasks.Delete", &self.id)(s)),
+            }
+        }
+        match ContainersClient::new(c.channel.clone())
+            .delete(c.req(DeleteContainerRequest {
+                id: self.id.clone(),
+            }))
+            .await
+        {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::NotFound => {}
+            Err(s) => return Err(rpc("Containers.Delete", &self.id)(s)),
+        }
+        match c.remove_snapshot(&self.snapshotter, &self.id).await {
+            Err(e) if e.code() == Some(Code::NotFound) => Ok(()),
+            other => other,
+        }
+    }
+}
+
+/// A started task.
+#[derive(Debug)]
+pub struct Task {
+    client: Client,
+    id: String,
+    pid: u32,
+    io: ProcessIo,
+    process: Value,
+}
+
+impl Task {
+    /// Host pid of the container's init process.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Waits for the init process to exit; returns its status and output.
+    pub async fn wait_output(self) -> Result<Output> {
+        let status = wait(&self.client, &self.id, "").await?;
+        let (stdout, stderr) = self.io.collect().await;
+        Ok(Output {
+            status,
+            stdout,
+            stderr,
+        })
+    }
+
+    /// Sends `signal` to the init process.
+    pub async fn kill(&self, signal: u32) -> Result<()> {
+        TasksClient::new(self.client.channel.clone())
+            .kill(self.client.req(KillRequest {
+                container_id: self.id.clone(),
+                exec_id: String::new(),
+                signal,
+                all: false,
+            }))
+            .await
+            .map(|_| ())
+            .map_err(rpc("Tasks.Kill", &self.id))
+    }
+
+    /// Runs `args` in the container and waits for it (like `ctr task exec`).
+    pub async fn exec(&self, args: &[&str]) -> Result<Output> {
+        let c = &self.client;
+        let exec_id = format!("exec-{:08x}", rand::random::<u32>());
+        let mut process = self.process.clone();
+        process["args"] = serde_json::json!(args);
+        let mut pio = c.make_io(&format!("{}-{exec_id}", self.id)).await?;
+        let mut tasks = TasksClient::new(c.channel.clone());
+        tasks
+            .exec(c.req(ExecProcessRequest {
+                container_id: self.id.clone(),
+                stdin: String::new(),
+                stdout: pio.stdout_path(),
+                stderr: pio.stderr_path(),
+                terminal: false,
+                spec: Some(Any {
+                    type_url: PROCESS_TYPE.into(),
+                    value: serde_json::to_vec(&process).expect("process serializes"),
+                }),
+                exec_id: exec_id.clone(),
+            }))
+            .await
+            .map_err(rpc("Tasks.Exec", &self.id))?;
+        let started = tasks
+            .start(c.req(StartRequest {
+                container_id: self.id.clone(),
+                exec_id: exec_id.clone(),
+            }))
+            .await
+            .map_err(rpc("Tasks.Start(exec)", &self.id));
+        pio.writers_opened();
+        let result = match started {
+            Ok(_) => wait(c, &self.id, &exec_id).await,
+            Err(e) => Err(e),
+        };
+        let _ = tasks
+            .delete_process(c.req(DeleteProcessRequest {
+                container_id: self.id.clone(),
+                exec_id,
+            }))
+            .await;
+        let status = result?;
+        let (stdout, stderr) = pio.collect().await;
+        Ok(Output {
+            status,
+            stdout,
+            stderr,
+        })
+    }
+}
+
+async fn wait(c: &Client, id: &str, exec_id: &str) -> Result<u32> {
+    Ok(TasksClient::new(c.channel.clone())
+        .wait(c.req(WaitRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+        }))
+        .await
+        .map_err(rpc("Tasks.Wait", id))?
+        .into_inner()
+        .exit_status)
+}
+
+/// stdout and stderr FIFOs of one process and the readers draining them.
+///
+/// The read end is opened non-blocking first, then a write end of our own
+/// keeps the FIFO from reading as EOF until the shim has opened its write
+/// end; [`ProcessIo::writers_opened`] drops ours, so EOF then means the
+/// process and the shim are done writing.
+#[derive(Debug)]
+struct ProcessIo {
+    dir: PathBuf,
+    readers: Vec<tokio::task::JoinHandle<Vec<u8>>>,
+    keepalive: Vec<std::fs::File>,
+}
+
+impl ProcessIo {
+    fn new(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+        let mut readers = Vec::new();
+        let mut keepalive = Vec::new();
+        for name in ["stdout", "stderr"] {
+            let p = dir.join(name);
+            nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).map_err(
+                |e| Error::Io {
+                    action: format!("mkfifo {}", p.display()),
+                    source: e.into(),
+                },
+            )?;
+            let r = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&p)
+                .map_err(io(format!("open {}", p.display())))?;
+            let w = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .map_err(io(format!("open {}", p.display())))?;
+            keepalive.push(w);
+            let mut rx = tokio::net::unix::pipe::Receiver::from_file(r)
+                .map_err(io(format!("register {}", p.display())))?;
+            readers.push(tokio::spawn(async move {
+                let mut out = Vec::new();
+                let _ = rx.read_to_end(&mut out).await;
+                out
+            }));
+        }
+        Ok(ProcessIo {
+            dir: dir.into(),
+            readers,
+            keepalive,
+        })
+    }
+
+    fn stdout_path(&self) -> String {
+        self.dir.join("stdout").to_string_lossy().into_owned()
+    }
+
+    fn stderr_path(&self) -> String {
+        self.dir.join("stderr").to_string_lossy().into_owned()
+    }
+
+    fn writers_opened(&mut self) {
+        self.keepalive.clear();
+    }
+
+    async fn collect(mut self) -> (Vec<u8>, Vec<u8>) {
+        self.keepalive.clear();
+        let mut outs = Vec::new();
+        for r in self.readers.drain(..) {
+            let got = tokio::time::timeout(Duration::from_secs(30), r).await;
+            outs.push(got.ok().and_then(|j| j.ok()).unwrap_or_default());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let stderr = outs.pop().unwrap_or_default();
+        let stdout = outs.pop().unwrap_or_default();
+        (stdout, stderr)
+    }
+}
+
+impl Drop for ProcessIo {
+    fn drop(&mut self) {
+        for r in &self.readers {
+            r.abort();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_parse_with_port_tag_and_digest() {
+        let r = Reference::parse("127.0.0.1:5000/a/b:v1").unwrap();
+        assert_eq!(
+            (r.host.as_str(), r.repo.as_str(), r.object.as_str()),
+            ("127.0.0.1:5000", "a/b", "v1")
+        );
+        let r = Reference::parse("127.0.0.1:5000/a@sha256:ab").unwrap();
+        assert_eq!((r.repo.as_str(), r.object.as_str()), ("a", "sha256:ab"));
+        let r = Reference::parse("localhost/a").unwrap();
+        assert_eq!(r.object, "latest");
+        assert!(Reference::parse("noslash").is_none());
+    }
+
+    #[test]
+    fn image_layers_label_lists_this_and_later_layers_within_4k() {
+        let layers: Vec<Descriptor> = (0..100)
+            .map(|i| Descriptor {
+                digest: sha256(&[i as u8]),
+                ..Default::default()
+            })
+            .collect();
+        let l = remote_labels("r", "m", &layers[3..]);
+        assert_eq!(
+            l["containerd.io/snapshot/cri.layer-digest"],
+            layers[3].digest
+        );
+        let listed = &l["containerd.io/snapshot/cri.image-layers"];
+        assert!(listed.len() <= 4096);
+        assert!(listed.starts_with(&layers[3].digest));
+        assert_eq!(listed.split(',').count(), 4096 / 72);
+    }
+
+    #[test]
+    fn spec_drops_network_namespace_only_for_host_network() {
+        let mut o = ContainerOptions::default();
+        let v = runtime_spec("c", &["true".into()], &[], "/p/c", &o);
+        let has_net = |v: &Value| {
+            v["linux"]["namespaces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["type"] == "network")
+        };
+        assert!(has_net(&v));
+        assert_eq!(v["linux"]["cgroupsPath"], "/p/c");
+        o.host_network = true;
+        assert!(!has_net(&runtime_spec(
+            "c",
+            &["true".into()],
+            &[],
+            "/p/c",
+            &o
+        )));
+    }
+}

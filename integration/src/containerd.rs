@@ -1,0 +1,513 @@
+//! A private containerd per test: its own root, state, gRPC and NRI sockets,
+//! runc root and cgroup prefix, with a config generated for the test.
+//!
+//! The config enables NRI on the instance's own socket and plugin dirs, and
+//! CRI with `disable_snapshot_annotations = false` (so CRI sends the snapshot
+//! labels a remote snapshotter needs) and `restrict_oom_score_adj = true` (the
+//! machines lack CAP_SYS_RESOURCE). Hooks add proxy snapshotters, runtimes and
+//! plain-HTTP registries.
+//!
+//! Dropping the instance tears everything down from the host's view (see
+//! [`crate::footprint`]), so a panicking test leaves nothing behind either.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::client::Client;
+use crate::cri::Cri;
+use crate::footprint::{Extra, Footprint};
+use crate::registry::tail;
+
+/// The namespace API-path containers use (`ctr`'s default).
+pub const API_NAMESPACE: &str = "default";
+/// The namespace CRI uses.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+
+/// Errors of starting or stopping containerd.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file or process operation failed.
+    #[error("containerd harness: {action}")]
+    Io {
+        /// What was being done.
+        action: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// containerd did not become ready.
+    #[error("containerd at {socket} not ready after {waited:?}: {why}; its log:\n{log}")]
+    NotReady {
+        /// Its socket.
+        socket: PathBuf,
+        /// How long we waited.
+        waited: Duration,
+        /// The last failure.
+        why: String,
+        /// The tail of its log.
+        log: String,
+    },
+    /// A client could not be made.
+    #[error("containerd harness: client")]
+    Client(#[source] Box<crate::client::Error>),
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+fn io(action: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let action = action.into();
+    move |source| Error::Io { action, source }
+}
+
+/// A `[proxy_plugins]` entry.
+#[derive(Debug, Clone)]
+pub struct ProxyPlugin {
+    /// Plugin name (`hyperbox`), used as the snapshotter name.
+    pub name: String,
+    /// Plugin type: `snapshot` or `content`.
+    pub kind: String,
+    /// Its gRPC socket.
+    pub address: PathBuf,
+    /// `exports.root`, so the kubelet can account the plugin's disk.
+    pub root: Option<PathBuf>,
+}
+
+/// An extra runtime, for the API path and as a CRI runtime handler.
+#[derive(Debug, Clone)]
+pub struct RuntimeEntry {
+    /// CRI runtime handler name.
+    pub name: String,
+    /// Runtime type, e.g. `io.containerd.hyperbox.v1`.
+    pub runtime_type: String,
+    /// Explicit shim binary; containerd looks it up on `PATH` otherwise.
+    pub path: Option<PathBuf>,
+}
+
+/// How to configure the instance.
+#[derive(Debug, Clone, Default)]
+pub struct Builder {
+    proxy_plugins: Vec<ProxyPlugin>,
+    runtimes: Vec<RuntimeEntry>,
+    registries: Vec<String>,
+    sandbox_image: Option<String>,
+    cri_snapshotter: Option<String>,
+    no_cri: bool,
+    no_nri: bool,
+}
+
+impl Builder {
+    /// Adds a proxy plugin.
+    pub fn proxy_plugin(mut self, p: ProxyPlugin) -> Self {
+        self.proxy_plugins.push(p);
+        self
+    }
+
+    /// Adds a runtime.
+    pub fn runtime(mut self, r: RuntimeEntry) -> Self {
+        self.runtimes.push(r);
+        self
+    }
+
+    /// Lets CRI pull from `host:port` over plain HTTP.
+    pub fn plain_http_registry(mut self, host: &str) -> Self {
+        self.registries.push(host.into());
+        self
+    }
+
+    /// The pause image CRI runs for sandboxes.
+    pub fn sandbox_image(mut self, reference: &str) -> Self {
+        self.sandbox_image = Some(reference.into());
+        self
+    }
+
+    /// The snapshotter CRI uses (default `overlayfs`).
+    pub fn cri_snapshotter(mut self, name: &str) -> Self {
+        self.cri_snapshotter = Some(name.into());
+        self
+    }
+
+    /// Disables the CRI plugin (starts faster when a test does not need it).
+    pub fn without_cri(mut self) -> Self {
+        self.no_cri = true;
+        self
+    }
+
+    /// Disables NRI.
+    pub fn without_nri(mut self) -> Self {
+        self.no_nri = true;
+        self
+    }
+
+    /// Starts containerd and waits until it answers.
+    pub async fn start(self) -> Result<Containerd> {
+        crate::procs::become_subreaper();
+        let dir = tempfile::Builder::new()
+            .prefix("hb-ctd-")
+            .tempdir()
+            .map_err(io("create temp dir"))?
+            .keep();
+        let id = format!("{:08x}", rand::random::<u32>());
+        let c = Containerd {
+            footprint: Footprint {
+                address: dir.join("containerd.sock"),
+                cgroup_prefix: format!("/hyperbox-test-{id}"),
+                bridge: format!("hb{id}"),
+                extra: Arc::new(Mutex::new(Extra::default())),
+                dir,
+            },
+            builder: self,
+            child: None,
+            torn_down: false,
+        };
+        c.write_config()?;
+        let mut c = c;
+        c.spawn()?;
+        c.wait_ready(Duration::from_secs(60)).await?;
+        Ok(c)
+    }
+}
+
+/// A running private containerd; torn down on drop.
+#[derive(Debug)]
+pub struct Containerd {
+    footprint: Footprint,
+    builder: Builder,
+    child: Option<Child>,
+    torn_down: bool,
+}
+
+impl Containerd {
+    /// A builder with NRI and CRI on and no extra plugins.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// The instance's private directory.
+    pub fn dir(&self) -> &Path {
+        &self.footprint.dir
+    }
+
+    /// containerd's gRPC socket.
+    pub fn address(&self) -> &Path {
+        &self.footprint.address
+    }
+
+    /// The NRI socket external plugins dial.
+    pub fn nri_socket(&self) -> PathBuf {
+        self.dir().join("nri/nri.sock")
+    }
+
+    /// Where pre-registered NRI plugins are installed (`NN-name`).
+    pub fn nri_plugin_dir(&self) -> PathBuf {
+        self.dir().join("nri/plugins")
+    }
+
+    /// Where pre-registered NRI plugins' configs are read from.
+    pub fn nri_conf_dir(&self) -> PathBuf {
+        self.dir().join("nri/conf.d")
+    }
+
+    /// The cgroup parent of this instance's containers.
+    pub fn cgroup_prefix(&self) -> &str {
+        &self.footprint.cgroup_prefix
+    }
+
+    /// The host bridge of this instance's CNI pods.
+    pub fn bridge_name(&self) -> String {
+        self.footprint.bridge.clone()
+    }
+
+    /// What the instance owns on the host, for leak checks.
+    pub fn footprint(&self) -> Footprint {
+        self.footprint.clone()
+    }
+
+    /// containerd's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir().join("containerd.log")).unwrap_or_default()
+    }
+
+    /// A client of the containerd API in the `default` namespace.
+    pub async fn client(&self) -> Result<Client> {
+        Client::connect(
+            self.address(),
+            API_NAMESPACE,
+            self.cgroup_prefix(),
+            &self.dir().join("io"),
+            &self.dir().join("runc"),
+        )
+        .await
+        .map_err(|e| Error::Client(Box::new(e)))
+    }
+
+    /// A CRI client, as the kubelet uses it.
+    pub async fn cri(&self) -> Result<Cri> {
+        Cri::connect(self)
+            .await
+            .map_err(|e| Error::Client(Box::new(e)))
+    }
+
+    fn write_config(&self) -> Result<()> {
+        let d = self.dir();
+        for sub in [
+            "root",
+            "state",
+            "nri/plugins",
+            "nri/conf.d",
+            "cni/net.d",
+            "certs.d",
+            "opt",
+            "io",
+            "runc",
+        ] {
+            fs::create_dir_all(d.join(sub)).map_err(io(format!("create {sub}")))?;
+        }
+        // A pod network that reaches nothing beyond the machine: a bridge of
+        // the instance's own with no gateway, no masquerading (so no host
+        // forwarding sysctl is touched) and IPv6 unique-local addresses whose
+        // allocations live in the instance directory.
+        let cni = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "hyperbox-test",
+            "plugins": [{
+                "type": "bridge",
+                "bridge": self.bridge_name(),
+                "isGateway": false,
+                "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": "fd68:6278:0:1::/64"}]],
+                    "dataDir": d.join("cni/ipam").to_string_lossy(),
+                },
+            }],
+        });
+        fs::write(
+            d.join("cni/net.d/10-hyperbox-test.conflist"),
+            cni.to_string(),
+        )
+        .map_err(io("write CNI config"))?;
+        for host in &self.builder.registries {
+            let hd = d.join("certs.d").join(host);
+            fs::create_dir_all(&hd).map_err(io("create certs.d host dir"))?;
+            fs::write(
+                hd.join("hosts.toml"),
+                format!(
+                    "server = \"http://{host}\"\n\n[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+                ),
+            )
+            .map_err(io("write hosts.toml"))?;
+        }
+        fs::write(d.join("config.toml"), self.config_toml()).map_err(io("write config.toml"))
+    }
+
+    fn config_toml(&self) -> String {
+        let d = self.dir().display().to_string();
+        let b = &self.builder;
+        let mut disabled = vec![
+            "io.containerd.snapshotter.v1.btrfs",
+            "io.containerd.snapshotter.v1.zfs",
+            "io.containerd.snapshotter.v1.aufs",
+            "io.containerd.snapshotter.v1.devmapper",
+            "io.containerd.tracing.processor.v1.otlp",
+            "io.containerd.internal.v1.tracing",
+        ];
+        if b.no_cri {
+            disabled.push("io.containerd.grpc.v1.cri");
+        }
+        let mut s = String::new();
+        let _ = writeln!(s, "version = 2");
+        let _ = writeln!(s, "root = \"{d}/root\"\nstate = \"{d}/state\"");
+        let _ = writeln!(s, "disabled_plugins = {disabled:?}");
+        let _ = writeln!(s, "\n[grpc]\n  address = \"{d}/containerd.sock\"");
+        let _ = writeln!(s, "\n[ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"");
+        let _ = writeln!(s, "\n[debug]\n  level = \"info\"");
+        let _ = writeln!(
+            s,
+            "\n[plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{d}/opt\""
+        );
+        let _ = writeln!(
+            s,
+            "\n[plugins.\"io.containerd.nri.v1.nri\"]\n  disable = {}\n  disable_connections = false\n  socket_path = \"{d}/nri/nri.sock\"\n  plugin_path = \"{d}/nri/plugins\"\n  plugin_config_path = \"{d}/nri/conf.d\"\n  plugin_registration_timeout = \"5s\"\n  plugin_request_timeout = \"2s\"",
+            b.no_nri
+        );
+        if !b.no_cri {
+            let snap = b.cri_snapshotter.as_deref().unwrap_or("overlayfs");
+            let cri = "plugins.\"io.containerd.grpc.v1.cri\"";
+            let _ = writeln!(s, "\n[{cri}]");
+            if let Some(img) = &b.sandbox_image {
+                let _ = writeln!(s, "  sandbox_image = \"{img}\"");
+            }
+            let _ = writeln!(
+                s,
+                "  restrict_oom_score_adj = true\n  stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n  enable_cdi = false"
+            );
+            let _ = writeln!(
+                s,
+                "\n[{cri}.containerd]\n  snapshotter = \"{snap}\"\n  default_runtime_name = \"runc\"\n  disable_snapshot_annotations = false"
+            );
+            let _ = writeln!(
+                s,
+                "\n[{cri}.containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n  [{cri}.containerd.runtimes.runc.options]\n    Root = \"{d}/runc\"\n    SystemdCgroup = false"
+            );
+            for r in &b.runtimes {
+                let _ = writeln!(
+                    s,
+                    "\n[{cri}.containerd.runtimes.{}]\n  runtime_type = \"{}\"",
+                    r.name, r.runtime_type
+                );
+                if let Some(p) = &r.path {
+                    let _ = writeln!(s, "  runtime_path = \"{}\"", p.display());
+                }
+            }
+            let _ = writeln!(
+                s,
+                "\n[{cri}.cni]\n  bin_dir = \"/usr/lib/cni\"\n  conf_dir = \"{d}/cni/net.d\""
+            );
+            let _ = writeln!(s, "\n[{cri}.registry]\n  config_path = \"{d}/certs.d\"");
+        }
+        for p in &b.proxy_plugins {
+            let _ = writeln!(
+                s,
+                "\n[proxy_plugins.{}]\n  type = \"{}\"\n  address = \"{}\"",
+                p.name,
+                p.kind,
+                p.address.display()
+            );
+            if let Some(root) = &p.root {
+                let _ = writeln!(
+                    s,
+                    "  [proxy_plugins.{}.exports]\n    root = \"{}\"",
+                    p.name,
+                    root.display()
+                );
+            }
+        }
+        s
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir().join("containerd.log"))
+            .map_err(io("open containerd.log"))?;
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(self.dir().join("config.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(io("dup log"))?)
+            .stderr(log)
+            .spawn()
+            .map_err(io("spawn containerd"))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        let mut why = String::from("socket not created");
+        while start.elapsed() < timeout {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                why = format!("containerd exited: {status}");
+                break;
+            }
+            if self.address().exists() {
+                match self.client().await {
+                    Ok(c) => match c.version().await {
+                        Ok(_) if self.builder.no_cri => return Ok(()),
+                        Ok(_) => match self.cri().await {
+                            Ok(cri) => match cri.ready().await {
+                                Ok(()) => return Ok(()),
+                                Err(e) => why = format!("CRI not ready: {e}"),
+                            },
+                            Err(e) => why = e.to_string(),
+                        },
+                        Err(e) => why = e.to_string(),
+                    },
+                    Err(e) => why = e.to_string(),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(Error::NotReady {
+            socket: self.address().into(),
+            waited: start.elapsed(),
+            why,
+            log: tail(&self.log(), 4000),
+        })
+    }
+
+    /// The containerd daemon's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Kills containerd with `signal` (shims and containers keep running, as
+    /// in production), and waits for it to exit.
+    pub fn kill_daemon(&mut self, signal: Signal) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), signal);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() > deadline => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+    }
+
+    /// Stops containerd (SIGTERM) and starts it again with the same config
+    /// and state, as a service manager would.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill_daemon(Signal::SIGTERM);
+        let _ = fs::remove_file(self.address());
+        self.spawn()?;
+        self.wait_ready(Duration::from_secs(60)).await
+    }
+
+    /// Tears the instance down now and returns its footprint, so the caller
+    /// can assert that [`Footprint::leaks`] is empty.
+    pub fn shutdown(mut self) -> Footprint {
+        self.teardown();
+        self.footprint.clone()
+    }
+
+    fn teardown(&mut self) {
+        if self.torn_down {
+            return;
+        }
+        self.torn_down = true;
+        self.footprint.kill_shims();
+        self.kill_daemon(Signal::SIGTERM);
+        // containerd's own short-lived children (shim `delete` calls) are
+        // orphaned to us when it exits.
+        self.footprint.kill_shims();
+        self.footprint.remove_all();
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "containerd log tail ({}):\n{}",
+                self.dir().display(),
+                tail(&self.log(), 3000)
+            );
+        }
+        self.teardown();
+    }
+}

@@ -1,0 +1,100 @@
+//! Prerequisites of the privileged tests, checked before a test starts.
+//!
+//! On a developer's machine a missing prerequisite skips the test with the
+//! reason printed; in CI (`HYPERBOX_REQUIRE_ALL=1`) it fails the test, so a
+//! broken install can never pass as a green run of skipped tests.
+
+use std::path::Path;
+use std::process::Command;
+
+/// Something a test needs from the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prereq {
+    /// Effective uid 0 (mounts, cgroups, containerd).
+    Root,
+    /// containerd 1.7.x on `PATH`.
+    Containerd,
+    /// runc on `PATH`.
+    Runc,
+    /// Debian's docker-registry.
+    Registry,
+    /// busybox-static at `/bin/busybox`, the rootfs of test images.
+    Busybox,
+    /// CNI plugins in `/usr/lib/cni`.
+    CniPlugins,
+}
+
+impl Prereq {
+    /// Every prerequisite of a test that runs containers from a registry.
+    pub const CONTAINERS: &'static [Prereq] = &[
+        Prereq::Root,
+        Prereq::Containerd,
+        Prereq::Runc,
+        Prereq::Registry,
+        Prereq::Busybox,
+    ];
+
+    /// Why this prerequisite is missing, or `None` when it is present.
+    pub fn missing(self) -> Option<String> {
+        match self {
+            Prereq::Root => (!nix::unistd::geteuid().is_root())
+                .then(|| "needs root (mounts, cgroups, containerd)".to_string()),
+            Prereq::Containerd => match command_output("containerd", &["--version"]) {
+                Some(v) if v.contains(" v1.7.") || v.contains(" 1.7.") => None,
+                Some(v) => Some(format!("needs containerd 1.7, found: {}", v.trim())),
+                None => Some("containerd not found (scripts/install-deps.sh)".into()),
+            },
+            Prereq::Runc => command_output("runc", &["--version"])
+                .is_none()
+                .then(|| "runc not found (scripts/install-deps.sh)".into()),
+            Prereq::Registry => (!Path::new(crate::registry::REGISTRY_BIN).exists()).then(|| {
+                format!(
+                    "{} not found (package docker-registry)",
+                    crate::registry::REGISTRY_BIN
+                )
+            }),
+            Prereq::Busybox => (!Path::new(crate::image::BUSYBOX).exists())
+                .then(|| "/bin/busybox not found (package busybox-static)".into()),
+            Prereq::CniPlugins => (!Path::new("/usr/lib/cni/loopback").exists())
+                .then(|| "/usr/lib/cni/loopback not found (containernetworking-plugins)".into()),
+        }
+    }
+}
+
+fn command_output(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(cmd).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// True when CI asked that every prerequisite be present.
+pub fn require_all() -> bool {
+    std::env::var("HYPERBOX_REQUIRE_ALL").is_ok_and(|v| v == "1")
+}
+
+/// Checks `needs` for the test `test`. Returns true when the test can run.
+/// Returns false after printing why it is skipped, or panics with the reasons
+/// when `HYPERBOX_REQUIRE_ALL=1`.
+pub fn require(test: &str, needs: &[Prereq]) -> bool {
+    let reasons: Vec<String> = needs.iter().filter_map(|p| p.missing()).collect();
+    if reasons.is_empty() {
+        return true;
+    }
+    let text = reasons.join("; ");
+    if require_all() {
+        panic!("{test}: prerequisite missing with HYPERBOX_REQUIRE_ALL=1: {text}");
+    }
+    eprintln!("SKIPPED {test}: {text}");
+    false
+}
+
+/// Skips (returns from) the calling test unless every prerequisite is present.
+#[macro_export]
+macro_rules! require {
+    ($($p:expr),+ $(,)?) => {
+        if !$crate::prereq::require(module_path!(), &[$($p),+]) {
+            return;
+        }
+    };
+}

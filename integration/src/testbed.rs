@@ -1,0 +1,84 @@
+//! The usual starting point of an end-to-end test: a registry, the pause
+//! image pushed to it, and a containerd that may pull from it over plain HTTP
+//! and uses that pause image for CRI sandboxes.
+
+use std::path::Path;
+
+use tempfile::TempDir;
+
+use crate::containerd::{Builder, Containerd};
+use crate::image::ImageSpec;
+use crate::registry::Registry;
+
+/// Registry plus containerd. Fields drop in order: containerd first.
+#[derive(Debug)]
+pub struct Testbed {
+    /// The private containerd.
+    pub containerd: Containerd,
+    /// The registry it pulls from.
+    pub registry: Registry,
+    /// Reference of the pause image in the registry.
+    pub pause_image: String,
+    work: TempDir,
+}
+
+impl Testbed {
+    /// Starts a registry and a default containerd (NRI and CRI on).
+    pub async fn start() -> Testbed {
+        Self::start_with(|b| b).await
+    }
+
+    /// Like [`Testbed::start`], letting the test adjust containerd's config.
+    pub async fn start_with(configure: impl FnOnce(Builder) -> Builder) -> Testbed {
+        crate::init_logging();
+        let registry = Registry::start().expect("start registry");
+        let work = tempfile::Builder::new()
+            .prefix("hb-images-")
+            .tempdir()
+            .expect("temp dir for image blobs");
+        let pause = crate::cri::pause_image_spec()
+            .expect("busybox for the pause image")
+            .build(&work.path().join("pause"))
+            .expect("build pause image");
+        let pause_image = pause
+            .push(&registry.host(), "hyperbox/pause", "3.9")
+            .await
+            .expect("push pause image");
+        let builder = configure(
+            Containerd::builder()
+                .plain_http_registry(&registry.host())
+                .sandbox_image(&pause_image),
+        );
+        let containerd = builder.start().await.expect("start containerd");
+        Testbed {
+            containerd,
+            registry,
+            pause_image,
+            work,
+        }
+    }
+
+    /// Builds `spec` and pushes it as `repo:tag`; returns the reference.
+    pub async fn push(&self, spec: &ImageSpec, repo: &str, tag: &str) -> String {
+        let dir = self
+            .work
+            .path()
+            .join(format!("{repo}-{tag}").replace('/', "_"));
+        let built = spec.build(&dir).expect("build image");
+        built
+            .push(&self.registry.host(), repo, tag)
+            .await
+            .expect("push image")
+    }
+
+    /// Where built image blobs are kept.
+    pub fn work_dir(&self) -> &Path {
+        self.work.path()
+    }
+
+    /// Tears everything down; returns what was left behind (should be nothing).
+    pub fn shutdown(self) -> Vec<String> {
+        let fp = self.containerd.shutdown();
+        fp.leaks()
+    }
+}

@@ -1,0 +1,196 @@
+//! The harness against real containerd 1.7 through its gRPC API, with the
+//! built-in overlayfs snapshotter: pull from a real registry, run, exec, and
+//! read back what a multi-layer image looks like inside a container.
+
+use hyperbox_integration::client::{ContainerOptions, PullOptions};
+use hyperbox_integration::image::{Compression, Data, ImageSpec, Layer, Meta};
+use hyperbox_integration::prereq::Prereq;
+use hyperbox_integration::require;
+use hyperbox_integration::testbed::Testbed;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_and_run_prints_the_containers_output() {
+    require!(
+        Prereq::Root,
+        Prereq::Containerd,
+        Prereq::Runc,
+        Prereq::Registry,
+        Prereq::Busybox
+    );
+    let tb = Testbed::start_with(|b| b.without_cri()).await;
+    let spec =
+        ImageSpec::busybox(&["sh", "-c", "echo hello from $(cat /etc/motd) && exit 7"]).unwrap();
+    let mut spec = spec;
+    spec.layers
+        .push(Layer::new(Compression::Zstd).file("etc/motd", "layer two", 0o644));
+    let reference = tb.push(&spec, "test/hello", "v1").await;
+
+    let client = tb.containerd.client().await.unwrap();
+    assert!(client.version().await.unwrap().starts_with("1.7"));
+    let image = client
+        .pull(&reference, &PullOptions::local("overlayfs"))
+        .await
+        .unwrap();
+    assert_eq!(image.chain_ids.len(), 2);
+    assert!(client.image_exists(&reference).await.unwrap());
+
+    let out = client
+        .run("hello", &image, &ContainerOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_str(), "hello from layer two\n");
+    assert_eq!(out.status, 7, "exit status is passed through");
+
+    let leaks = tb.shutdown();
+    assert!(leaks.is_empty(), "left behind: {leaks:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_runs_in_the_running_container() {
+    require!(
+        Prereq::Root,
+        Prereq::Containerd,
+        Prereq::Runc,
+        Prereq::Registry,
+        Prereq::Busybox
+    );
+    let tb = Testbed::start_with(|b| b.without_cri()).await;
+    let reference = tb
+        .push(
+            &ImageSpec::busybox(&["sleep", "3600"]).unwrap(),
+            "test/sleeper",
+            "v1",
+        )
+        .await;
+    let client = tb.containerd.client().await.unwrap();
+    let image = client
+        .pull(&reference, &PullOptions::local("overlayfs"))
+        .await
+        .unwrap();
+    let c = client
+        .create_container("sleeper", &image, &ContainerOptions::default())
+        .await
+        .unwrap();
+    let task = c.start().await.unwrap();
+
+    // The workload is really in the instance's cgroup and runc root.
+    let fp = tb.containerd.footprint();
+    assert!(
+        !fp.cgroups_left().is_empty(),
+        "container cgroup under {} exists while it runs",
+        fp.cgroup_prefix
+    );
+    assert!(
+        tb.containerd
+            .dir()
+            .join("runc/default/sleeper/state.json")
+            .exists()
+    );
+    fp.note_shim_sockets();
+    let sockets = fp.extra.lock().unwrap().shim_sockets.clone();
+    assert_eq!(sockets.len(), 1);
+    assert!(
+        sockets[0].exists(),
+        "shim socket {} exists",
+        sockets[0].display()
+    );
+
+    let out = task
+        .exec(&[
+            "sh",
+            "-c",
+            "echo $((6*7)); hostname; cat /proc/1/cmdline | tr '\\0' ' '",
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_str(), "42\nsleeper\nsleep 3600 ");
+    assert_eq!(out.status, 0);
+    let failed = task
+        .exec(&["sh", "-c", "echo oops >&2; exit 3"])
+        .await
+        .unwrap();
+    assert_eq!(failed.status, 3);
+    assert_eq!(failed.stderr_str(), "oops\n");
+
+    task.kill(9).await.unwrap();
+    let out = task.wait_output().await.unwrap();
+    assert_eq!(out.status, 137);
+    c.delete().await.unwrap();
+
+    let leaks = tb.shutdown();
+    assert!(leaks.is_empty(), "left behind: {leaks:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layered_image_shows_the_overlay_union() {
+    require!(
+        Prereq::Root,
+        Prereq::Containerd,
+        Prereq::Runc,
+        Prereq::Registry,
+        Prereq::Busybox
+    );
+    let tb = Testbed::start_with(|b| b.without_cri()).await;
+    let mut suid = Meta::mode(0o4755);
+    suid.uid = 1000;
+    suid.gid = 1001;
+    let long_name = "n".repeat(200);
+    let spec = ImageSpec {
+        layers: vec![
+            Layer::busybox(Compression::Gzip).unwrap(),
+            Layer::new(Compression::None)
+                .dir("data", 0o755)
+                .file("data/keep", "kept", 0o644)
+                .file("data/gone", "deleted above", 0o644)
+                .dir("data/opq", 0o755)
+                .file("data/opq/old", "hidden by opaque", 0o644)
+                .many_small_files("data/small", 500, 64),
+            Layer::new(Compression::Zstd)
+                .whiteout("data/gone")
+                .opaque("data/opq")
+                .file("data/opq/new", "only me", 0o644)
+                .file_with("data/suid", Data::Bytes(b"#!/bin/sh\n".to_vec()), suid)
+                .hardlink("data/suid-link", "data/suid")
+                .symlink("data/link", "keep")
+                .file(&format!("data/{long_name}"), "long", 0o644)
+                .large_file("data/big", 24 << 20, 9)
+                .fifo("data/pipe"),
+        ],
+        run: hyperbox_integration::image::RunConfig {
+            cmd: vec!["sh".into(), "-c".into(), "true".into()],
+            ..Default::default()
+        },
+        with_index: false,
+    };
+    let reference = tb.push(&spec, "test/layers", "v1").await;
+    let client = tb.containerd.client().await.unwrap();
+    let image = client
+        .pull(&reference, &PullOptions::local("overlayfs"))
+        .await
+        .unwrap();
+    assert_eq!(image.chain_ids.len(), 3);
+
+    let script = format!(
+        "cd /data; ls; echo --; ls opq; cat opq/new; echo; \
+         stat -c '%a %u %g %h' suid; [ $(stat -c %i suid) = $(stat -c %i suid-link) ] && echo same-inode; \
+         readlink link; cat link; echo; stat -c %s big; ls small | wc -l; stat -c %F pipe; cat {long_name}"
+    );
+    let out = client
+        .run(
+            "layers",
+            &image,
+            &ContainerOptions::args(&["sh", "-c", &script]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.stderr_str(), "");
+    let expected = format!(
+        "big\nkeep\nlink\n{long_name}\nopq\npipe\nsmall\nsuid\nsuid-link\n--\nnew\nonly me\n\
+         4755 1000 1001 2\nsame-inode\nkeep\nkept\n{}\n500\nfifo\nlong",
+        24 << 20
+    );
+    assert_eq!(out.stdout_str(), expected);
+
+    let leaks = tb.shutdown();
+    assert!(leaks.is_empty(), "left behind: {leaks:#?}");
+}

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Installs every system package hyperbox's tests and demo need on Debian 12
+# (bookworm), as root. Idempotent: a second run changes nothing.
+#
+# containerd 1.7.24 is taken from Debian 13 (trixie) through an apt pin of
+# priority 100, so nothing else is pulled from trixie unless asked for by
+# version. Before installing, the plan is simulated and refused if it would
+# touch libc6 (a trixie libc on a bookworm system breaks the machine).
+set -euo pipefail
+
+CONTAINERD_VERSION="1.7.24~ds1-6+deb13u1"
+
+# Packages from bookworm. Keep this list to what tests, benchmarks and the
+# demo really use; see DESIGN.md §6.
+BOOKWORM_PACKAGES=(
+  runc
+  docker-registry
+  busybox-static
+  containernetworking-plugins
+  iproute2
+  iptables
+  erofs-utils
+  fuse3
+  protobuf-compiler
+  clang
+  libbpf-dev
+  libseccomp-dev
+  pkg-config
+  zstd
+  util-linux
+  procps
+  psmisc
+  ca-certificates
+)
+
+log() { printf '[install-deps] %s\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  log "must run as root (apt-get install, containerd, mounts)"
+  exit 1
+fi
+
+. /etc/os-release
+if [ "${VERSION_CODENAME:-}" != "bookworm" ]; then
+  log "warning: written for Debian 12 (bookworm), this is ${PRETTY_NAME:-unknown}"
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+
+# trixie source, only for the pinned containerd.
+if [ ! -f /etc/apt/sources.list.d/hyperbox-trixie.sources ]; then
+  log "adding the trixie suite (pinned at priority 100)"
+  cat >/etc/apt/sources.list.d/hyperbox-trixie.sources <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: trixie
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+fi
+cat >/etc/apt/preferences.d/hyperbox-trixie <<'PIN'
+Package: *
+Pin: release n=trixie
+Pin-Priority: 100
+
+Package: libc6 libc-bin libc-dev-bin libc6-dev locales
+Pin: release n=trixie
+Pin-Priority: -1
+PIN
+
+# Refresh lists once a day at most, or when the trixie lists are missing.
+stamp=/var/lib/apt/periodic/hyperbox-update-stamp
+if [ ! -f "$stamp" ] || [ -n "$(find "$stamp" -mmin +1440 2>/dev/null)" ] \
+  || ! apt-cache policy containerd 2>/dev/null | grep -q "$CONTAINERD_VERSION"; then
+  log "apt-get update"
+  apt-get update -qq
+  mkdir -p "$(dirname "$stamp")" && touch "$stamp"
+fi
+
+missing=()
+for p in "${BOOKWORM_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+have_containerd=$(dpkg-query -W -f='${Version}' containerd 2>/dev/null || true)
+if [ "$have_containerd" != "$CONTAINERD_VERSION" ]; then
+  missing+=("containerd=${CONTAINERD_VERSION}")
+fi
+
+if [ "${#missing[@]}" -eq 0 ]; then
+  log "all packages present"
+else
+  log "installing: ${missing[*]}"
+  # Simulate first: refuse a plan that would replace libc6 from trixie.
+  plan=$(apt-get -s install -y --no-install-recommends "${missing[@]}")
+  if grep -E '^Inst (libc6|libc-bin) ' <<<"$plan" | grep -q trixie; then
+    log "refusing: the install plan would upgrade libc6 from trixie:"
+    grep -E '^Inst ' <<<"$plan" >&2
+    exit 1
+  fi
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Verify what the tests depend on, by running it.
+containerd --version | grep -q 'v\?1\.7\.24' || { log "containerd is not 1.7.24: $(containerd --version)"; exit 1; }
+runc --version >/dev/null
+docker-registry --version >/dev/null 2>&1 || test -x /usr/bin/docker-registry
+test -x /bin/busybox
+log "ok: $(containerd --version | awk '{print $1, $3}'), $(runc --version | head -1), registry $(dpkg-query -W -f='${Version}' docker-registry)"
