@@ -70,8 +70,11 @@ PIN
 
 # Refresh lists once a day at most, or when the trixie lists are missing.
 stamp=/var/lib/apt/periodic/hyperbox-update-stamp
+# (apt-cache's output is captured first: grep -q closing the pipe early would
+# fail the pipeline under pipefail.)
+policy=$(apt-cache policy containerd 2>/dev/null || true)
 if [ ! -f "$stamp" ] || [ -n "$(find "$stamp" -mmin +1440 2>/dev/null)" ] \
-  || ! apt-cache policy containerd 2>/dev/null | grep -q "$CONTAINERD_VERSION"; then
+  || ! grep -qF "$CONTAINERD_VERSION" <<<"$policy"; then
   log "apt-get update"
   apt-get update -qq
   mkdir -p "$(dirname "$stamp")" && touch "$stamp"

@@ -21,10 +21,10 @@ use containerd_client::services::v1::snapshots::{
     CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
 };
 use containerd_client::services::v1::{
-    ApplyRequest, Container, CreateContainerRequest, CreateImageRequest,
+    AddResourceRequest, ApplyRequest, Container, CreateContainerRequest, CreateImageRequest,
     CreateRequest as CreateLeaseRequest, CreateTaskRequest, DeleteContainerRequest,
     DeleteProcessRequest, DeleteRequest as DeleteLeaseRequest, DeleteTaskRequest,
-    ExecProcessRequest, GetImageRequest, InfoRequest, KillRequest, StartRequest,
+    ExecProcessRequest, GetImageRequest, InfoRequest, KillRequest, Resource, StartRequest,
     UpdateImageRequest, UpdateRequest as UpdateContentRequest, WaitRequest, WriteAction,
     WriteContentRequest, container::Runtime, containers_client::ContainersClient,
     content_client::ContentClient, diff_client::DiffClient, images_client::ImagesClient,
@@ -492,6 +492,8 @@ impl Client {
         let mut parent = String::new();
         for (i, layer) in layers.iter().enumerate() {
             let chain = &chains[i];
+            self.lease_resource(lease, chain, &format!("snapshots/{}", opts.snapshotter))
+                .await?;
             if self.stat_snapshot(&opts.snapshotter, chain).await? {
                 parent = chain.clone();
                 continue;
@@ -584,6 +586,7 @@ impl Client {
         diff_id: &str,
         lease: &str,
     ) -> Result<()> {
+        self.lease_resource(lease, &layer.digest, "content").await?;
         if !self.content_exists(&layer.digest).await? {
             let bytes = self.fetch_blob(r, &layer.digest).await?;
             let mut labels = HashMap::new();
@@ -648,6 +651,23 @@ impl Client {
         }
     }
 
+    /// Puts an object that may already exist under the pull's lease, so the
+    /// garbage collector cannot take it between our check and its use (it may
+    /// be left over from a failed pull whose lease is gone).
+    async fn lease_resource(&self, lease: &str, id: &str, kind: &str) -> Result<()> {
+        LeasesClient::new(self.channel.clone())
+            .add_resource(self.req(AddResourceRequest {
+                id: lease.into(),
+                resource: Some(Resource {
+                    id: id.into(),
+                    r#type: kind.into(),
+                }),
+            }))
+            .await
+            .map(|_| ())
+            .map_err(rpc("Leases.AddResource", id))
+    }
+
     /// Writes `data` as content `digest`; containerd checks the digest itself.
     async fn write_content(
         &self,
@@ -656,6 +676,7 @@ impl Client {
         labels: HashMap<String, String>,
         lease: &str,
     ) -> Result<()> {
+        self.lease_resource(lease, digest, "content").await?;
         if self.content_exists(digest).await? {
             return self.label_content(digest, labels).await;
         }
@@ -975,10 +996,10 @@ fn runtime_spec(
     v["process"]["terminal"] = Value::Bool(false);
     v["root"] = serde_json::json!({"path": "rootfs", "readonly": false});
     v["linux"]["cgroupsPath"] = Value::String(cgroups_path.into());
-    if opts.host_network {
-        if let Some(ns) = v["linux"]["namespaces"].as_array_mut() {
-            ns.retain(|n| n["type"] != "network");
-        }
+    if opts.host_network
+        && let Some(ns) = v["linux"]["namespaces"].as_array_mut()
+    {
+        ns.retain(|n| n["type"] != "network");
     }
     v["annotations"] = serde_json::json!(opts.annotations);
     v

@@ -83,10 +83,10 @@ impl Footprint {
     pub fn note_shim_sockets(&self) {
         let mut extra = self.extra.lock().unwrap();
         for shim in self.shims() {
-            if let Some(sock) = shim_socket_path(&self.address, &shim.cmdline) {
-                if !extra.shim_sockets.contains(&sock) {
-                    extra.shim_sockets.push(sock);
-                }
+            if let Some(sock) = shim_socket_path(&self.address, &shim.cmdline)
+                && !extra.shim_sockets.contains(&sock)
+            {
+                extra.shim_sockets.push(sock);
             }
         }
     }
@@ -227,12 +227,13 @@ fn unescape_mount_path(s: &str) -> PathBuf {
     let b = s.as_bytes();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
+        {
+            out.push(v);
+            i += 4;
+            continue;
         }
         out.push(b[i]);
         i += 1;

@@ -157,7 +157,7 @@ impl FaultProxy {
         self.state.faults_fired.load(Ordering::Relaxed)
     }
 
-    /// `METHOD path -> status` of every request so far.
+    /// `METHOD path [range=…] -> status` of every request so far.
     pub fn requests(&self) -> Vec<String> {
         self.state.log.lock().unwrap().clone()
     }
@@ -346,10 +346,11 @@ async fn serve(mut conn: TcpStream, state: &State) -> std::io::Result<()> {
         let mut offset = 0u64;
         while let Some(chunk) = body.next().await {
             let mut chunk = chunk.map_err(std::io::Error::other)?.to_vec();
-            if let Some(Fault::CorruptAt(at)) = fault {
-                if at >= offset && at < offset + chunk.len() as u64 {
-                    chunk[(at - offset) as usize] ^= 0xff;
-                }
+            if let Some(Fault::CorruptAt(at)) = fault
+                && at >= offset
+                && at < offset + chunk.len() as u64
+            {
+                chunk[(at - offset) as usize] ^= 0xff;
             }
             let stop_at = match fault {
                 Some(Fault::ResetAfter(n)) | Some(Fault::TruncateAfter(n)) => Some(n),
@@ -413,11 +414,14 @@ async fn pace(state: &State, shaping: Shaping, n: usize) {
 }
 
 fn log(state: &State, req: &Request, status: u16, note: &str) {
-    state.log.lock().unwrap().push(
-        format!("{} {} -> {status} {note}", req.method, req.path)
-            .trim_end()
-            .to_string(),
-    );
+    let range = req
+        .headers
+        .iter()
+        .find(|(k, _)| k == "range")
+        .map(|(_, v)| format!(" range={}", String::from_utf8_lossy(v)))
+        .unwrap_or_default();
+    let line = format!("{} {}{range} -> {status} {note}", req.method, req.path);
+    state.log.lock().unwrap().push(line.trim_end().to_string());
 }
 
 fn reason(code: u16) -> &'static str {

@@ -1,6 +1,7 @@
-//! The usual starting point of an end-to-end test: a registry, the pause
-//! image pushed to it, and a containerd that may pull from it over plain HTTP
-//! and uses that pause image for CRI sandboxes.
+//! The usual starting point of an end-to-end test: a registry, a shaping and
+//! fault-injecting proxy in front of it, the pause image pushed to it, and a
+//! containerd that may pull from both over plain HTTP and uses that pause
+//! image for CRI sandboxes.
 
 use std::path::Path;
 
@@ -8,13 +9,16 @@ use tempfile::TempDir;
 
 use crate::containerd::{Builder, Containerd};
 use crate::image::ImageSpec;
+use crate::proxy::FaultProxy;
 use crate::registry::Registry;
 
-/// Registry plus containerd. Fields drop in order: containerd first.
+/// Registry, proxy and containerd. Fields drop in order: containerd first.
 #[derive(Debug)]
 pub struct Testbed {
     /// The private containerd.
     pub containerd: Containerd,
+    /// The proxy in front of the registry (no shaping or faults until set).
+    pub proxy: FaultProxy,
     /// The registry it pulls from.
     pub registry: Registry,
     /// Reference of the pause image in the registry.
@@ -44,14 +48,19 @@ impl Testbed {
             .push(&registry.host(), "hyperbox/pause", "3.9")
             .await
             .expect("push pause image");
+        let proxy = FaultProxy::start(registry.addr())
+            .await
+            .expect("start registry proxy");
         let builder = configure(
             Containerd::builder()
                 .plain_http_registry(&registry.host())
+                .plain_http_registry(&proxy.host())
                 .sandbox_image(&pause_image),
         );
         let containerd = builder.start().await.expect("start containerd");
         Testbed {
             containerd,
+            proxy,
             registry,
             pause_image,
             work,
@@ -69,6 +78,11 @@ impl Testbed {
             .push(&self.registry.host(), repo, tag)
             .await
             .expect("push image")
+    }
+
+    /// The same image reference, pulled through the proxy.
+    pub fn via_proxy(&self, reference: &str) -> String {
+        reference.replacen(&self.registry.host(), &self.proxy.host(), 1)
     }
 
     /// Where built image blobs are kept.
