@@ -35,7 +35,10 @@ async fn main() -> Result<()> {
     }
     println!("hyperbox demo: a private containerd, a local registry and real containers");
 
-    step(1, "start a local registry and a private containerd (NRI and CRI enabled)");
+    step(
+        1,
+        "start a local registry and a private containerd (NRI and CRI enabled)",
+    );
     let t = Instant::now();
     let tb = Testbed::start().await;
     let client = tb.containerd.client().await?;
@@ -56,13 +59,18 @@ async fn main() -> Result<()> {
         "-c",
         "echo \"hello from $(hostname): $(cat /etc/greeting)\"; echo \"rootfs: $(grep ' / ' /proc/mounts | cut -d' ' -f1,3)\"",
     ])?;
-    spec.layers.push(
-        Layer::new(Compression::Zstd).file("etc/greeting", "served by hyperbox's harness", 0o644),
-    );
+    spec.layers.push(Layer::new(Compression::Zstd).file(
+        "etc/greeting",
+        "served by hyperbox's harness",
+        0o644,
+    ));
     let reference = tb.push(&spec, "demo/hello", "v1").await;
     done(t, &reference);
 
-    step(3, "pull and unpack it through the containerd API (snapshotter: overlayfs)");
+    step(
+        3,
+        "pull and unpack it through the containerd API (snapshotter: overlayfs)",
+    );
     let t = Instant::now();
     let image = client
         .pull(&reference, &PullOptions::local("overlayfs"))
@@ -70,7 +78,10 @@ async fn main() -> Result<()> {
         .context("pull")?;
     done(t, &format!("{} layers unpacked", image.chain_ids.len()));
 
-    step(4, "run it as a container (runc via containerd-shim-runc-v2)");
+    step(
+        4,
+        "run it as a container (runc via containerd-shim-runc-v2)",
+    );
     let t = Instant::now();
     let out = client
         .run("demo-hello", &image, &ContainerOptions::default())
@@ -81,17 +92,26 @@ async fn main() -> Result<()> {
         println!("    | {line}");
     }
 
-    step(5, "run it again as a Kubernetes pod through CRI, as the kubelet would");
+    step(
+        5,
+        "run it again as a Kubernetes pod through CRI, as the kubelet would",
+    );
     let t = Instant::now();
     let cri = tb.containerd.cri().await?;
     cri.pull_image(&reference).await.context("CRI pull")?;
-    let pod = cri.run_pod("demo", PodNetwork::Cni).await.context("run pod")?;
+    let pod = cri
+        .run_pod("demo", PodNetwork::Cni)
+        .await
+        .context("run pod")?;
     let id = cri
         .create_container(&pod, &ContainerSpec::new("hello", &reference, &[]))
         .await?;
     cri.start_container(&id).await?;
     let code = cri.wait_exited(&id, Duration::from_secs(30)).await?;
-    done(t, &format!("pod {} container exit code {code}", &pod.id[..12]));
+    done(
+        t,
+        &format!("pod {} container exit code {code}", &pod.id[..12]),
+    );
     for line in cri.logs(&pod, "hello").await?.lines() {
         println!("    | {line}");
     }
@@ -104,7 +124,10 @@ async fn main() -> Result<()> {
     if !leaks.is_empty() {
         bail!("left behind: {leaks:#?}");
     }
-    done(t, "no mounts, processes, cgroups, network namespaces or files left");
+    done(
+        t,
+        "no mounts, processes, cgroups, network namespaces or files left",
+    );
     println!(
         "\nnext: the hyperbox snapshotter, node agent and shim plug into this same setup (see README, Status)."
     );

@@ -1,0 +1,268 @@
+//! hyperbox's one configuration file, `/etc/hyperbox/config.toml`.
+//!
+//! Every binary takes `--config PATH` and loads it through [`Config::load`].
+//! Unknown keys and bad values are errors that name the key; a missing file
+//! means "all defaults" only when it is the default path, since a path the
+//! operator gave must exist.
+//!
+//! Sections are added as the parts that read them land; see `hyperbox.toml`
+//! beside this crate for every key with its default.
+
+#![deny(missing_docs)]
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where binaries look when no `--config` is given.
+pub const DEFAULT_PATH: &str = "/etc/hyperbox/config.toml";
+/// The config format version this build reads.
+pub const VERSION: u32 = 1;
+/// Larger files are refused: a config is a few hundred bytes, and a huge one
+/// is a mistake (or an attack on a daemon that reloads it).
+const MAX_SIZE: u64 = 1 << 20;
+
+/// Errors of loading the config.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be read.
+    #[error("cannot read config {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is larger than any sane config.
+    #[error("config {path} is {size} bytes, more than the {MAX_SIZE} allowed")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+    /// The TOML is malformed, has an unknown key or a value of the wrong type
+    /// (the message names the key and the line).
+    #[error("config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
+    /// A value parsed but is not acceptable.
+    #[error("config {path}: {key}: {problem}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The dotted key, e.g. `snapshotter.root`.
+        key: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Format version; 1 (the default) is the only one so far.
+    pub version: u32,
+    /// `[snapshotter]`.
+    pub snapshotter: Snapshotter,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            version: VERSION,
+            snapshotter: Snapshotter::default(),
+        }
+    }
+}
+
+/// `[snapshotter]`: the containerd proxy snapshotter.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Snapshotter {
+    /// Where snapshots and metadata live (also `exports.root` for the kubelet).
+    pub root: PathBuf,
+    /// The gRPC unix socket containerd connects to.
+    pub address: PathBuf,
+    /// Permission bits of the socket (containerd runs as root; 0660 lets an
+    /// operator group use `hb`).
+    pub socket_mode: u32,
+    /// Remove directories that no snapshot owns when the daemon starts
+    /// (leftovers of a crash), as `Cleanup` would.
+    pub cleanup_on_start: bool,
+}
+
+impl Default for Snapshotter {
+    fn default() -> Self {
+        Snapshotter {
+            root: PathBuf::from("/var/lib/hyperbox/snapshotter"),
+            address: PathBuf::from("/run/hyperbox/snapshotter.sock"),
+            socket_mode: 0o660,
+            cleanup_on_start: true,
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path`, or the defaults when `path` is `None` and the default
+    /// file does not exist.
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        let (path, explicit) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_PATH), false),
+        };
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(Config::default());
+            }
+            Err(source) => return Err(Error::Read { path, source }),
+        };
+        if meta.len() > MAX_SIZE {
+            return Err(Error::TooLarge {
+                path,
+                size: meta.len(),
+            });
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Self::parse(&text, &path)
+    }
+
+    /// Parses and validates config text; `path` only labels errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config> {
+        let config: Config = toml::from_str(text).map_err(|e| Error::Parse {
+            path: path.into(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let invalid = |key, problem: &str| Error::Invalid {
+            path: path.into(),
+            key,
+            problem: problem.into(),
+        };
+        if self.version != VERSION {
+            return Err(invalid(
+                "version",
+                &format!(
+                    "{} is not supported (this build reads {VERSION})",
+                    self.version
+                ),
+            ));
+        }
+        let s = &self.snapshotter;
+        if !s.root.is_absolute() {
+            return Err(invalid("snapshotter.root", "must be an absolute path"));
+        }
+        if !s.address.is_absolute() {
+            return Err(invalid("snapshotter.address", "must be an absolute path"));
+        }
+        // sun_path holds 108 bytes including the terminating NUL.
+        if s.address.as_os_str().len() > 107 {
+            return Err(invalid(
+                "snapshotter.address",
+                "is longer than a unix socket path may be (107 bytes)",
+            ));
+        }
+        if s.socket_mode > 0o777 {
+            return Err(invalid(
+                "snapshotter.socket_mode",
+                "must be permission bits (at most 0o777)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config> {
+        Config::parse(text, Path::new("/etc/hyperbox/config.toml"))
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        assert_eq!(parse("").unwrap(), Config::default());
+        assert_eq!(
+            Config::default().snapshotter.address,
+            PathBuf::from("/run/hyperbox/snapshotter.sock")
+        );
+    }
+
+    #[test]
+    fn keys_override_defaults() {
+        let c = parse("[snapshotter]\nroot = \"/data/hb\"\nsocket_mode = 0o600\n").unwrap();
+        assert_eq!(c.snapshotter.root, PathBuf::from("/data/hb"));
+        assert_eq!(c.snapshotter.socket_mode, 0o600);
+        assert_eq!(c.snapshotter.address, Snapshotter::default().address);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_that_name_the_key() {
+        let e = parse("[snapshotter]\nroots = \"/x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("roots"), "{e}");
+        let e = parse("[snapshoter]\n").unwrap_err().to_string();
+        assert!(e.contains("snapshoter"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_errors_that_name_the_key() {
+        let e = parse("[snapshotter]\nroot = \"relative\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("snapshotter.root") && e.contains("absolute"),
+            "{e}"
+        );
+        let e = parse("[snapshotter]\nroot = 3\n").unwrap_err().to_string();
+        assert!(e.contains("root"), "{e}");
+        let e = parse(&format!(
+            "[snapshotter]\naddress = \"/{}\"\n",
+            "a".repeat(120)
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("snapshotter.address"), "{e}");
+        let e = parse("version = 2\n").unwrap_err().to_string();
+        assert!(e.contains("version"), "{e}");
+    }
+
+    #[test]
+    fn missing_default_file_is_defaults_but_missing_explicit_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.toml");
+        assert!(matches!(
+            Config::load(Some(&missing)),
+            Err(Error::Read { .. })
+        ));
+    }
+
+    #[test]
+    fn oversized_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, "#".repeat((MAX_SIZE + 1) as usize)).unwrap();
+        assert!(matches!(
+            Config::load(Some(&big)),
+            Err(Error::TooLarge { .. })
+        ));
+    }
+}

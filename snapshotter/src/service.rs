@@ -1,0 +1,245 @@
+//! containerd's `Snapshots` gRPC service over [`Snapshotter`]: request and
+//! reply conversion, blocking work moved off the async threads, and the one
+//! mapping from domain errors to gRPC codes containerd turns back into its
+//! errdefs (NotFound, AlreadyExists, FailedPrecondition, InvalidArgument).
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use containerd_client::services::v1::snapshots::{
+    CleanupRequest, CommitSnapshotRequest, Info as PbInfo, Kind as PbKind, ListSnapshotsRequest,
+    ListSnapshotsResponse, MountsRequest, MountsResponse, PrepareSnapshotRequest,
+    PrepareSnapshotResponse, RemoveSnapshotRequest, StatSnapshotRequest, StatSnapshotResponse,
+    UpdateSnapshotRequest, UpdateSnapshotResponse, UsageRequest, UsageResponse,
+    ViewSnapshotRequest, ViewSnapshotResponse,
+};
+use containerd_client::types::Mount as PbMount;
+use futures::Stream;
+use tonic::{Code, Request, Response, Status};
+
+use crate::mounts::Mount;
+use crate::proto::snapshots_server::Snapshots;
+use crate::snapshots::{Error, Info, Snapshotter};
+use crate::store::Kind;
+
+/// Infos per List reply message (containerd streams them in batches).
+const LIST_BATCH: usize = 100;
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let code = match &e {
+            Error::NotFound { .. } => Code::NotFound,
+            Error::AlreadyExists { .. } => Code::AlreadyExists,
+            Error::FailedPrecondition { .. } => Code::FailedPrecondition,
+            Error::InvalidArgument { .. } | Error::Filter(_) => Code::InvalidArgument,
+            Error::Store { .. } | Error::Io { .. } => Code::Internal,
+        };
+        // The whole chain: containerd shows only this message to the user.
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+            src = s.source();
+        }
+        if code == Code::Internal {
+            tracing::error!(error = %msg, "snapshot operation failed");
+        }
+        Status::new(code, msg)
+    }
+}
+
+/// The gRPC service.
+#[derive(Debug, Clone)]
+pub struct Service {
+    sn: Arc<Snapshotter>,
+}
+
+impl Service {
+    /// Serves `sn`.
+    pub fn new(sn: Arc<Snapshotter>) -> Self {
+        Service { sn }
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Snapshotter) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Status> {
+        let sn = self.sn.clone();
+        tokio::task::spawn_blocking(move || f(&sn))
+            .await
+            .map_err(|e| Status::internal(format!("snapshot operation panicked: {e}")))?
+            .map_err(Status::from)
+    }
+}
+
+fn labels(m: HashMap<String, String>) -> BTreeMap<String, String> {
+    m.into_iter().collect()
+}
+
+fn pb_mounts(ms: Vec<Mount>) -> Vec<PbMount> {
+    ms.into_iter()
+        .map(|m| PbMount {
+            r#type: m.kind,
+            source: m.source,
+            target: String::new(),
+            options: m.options,
+        })
+        .collect()
+}
+
+fn timestamp(nanos: i128) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: nanos.div_euclid(1_000_000_000) as i64,
+        nanos: nanos.rem_euclid(1_000_000_000) as i32,
+    }
+}
+
+fn pb_info(i: Info) -> PbInfo {
+    PbInfo {
+        name: i.name,
+        parent: i.parent,
+        kind: match i.kind {
+            Kind::View => PbKind::View,
+            Kind::Active => PbKind::Active,
+            Kind::Committed => PbKind::Committed,
+        } as i32,
+        created_at: Some(timestamp(i.created)),
+        updated_at: Some(timestamp(i.updated)),
+        labels: i.labels.into_iter().collect(),
+    }
+}
+
+type ListStream = Pin<Box<dyn Stream<Item = Result<ListSnapshotsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Snapshots for Service {
+    #[tracing::instrument(skip_all, fields(key = %req.get_ref().key, parent = %req.get_ref().parent))]
+    async fn prepare(
+        &self,
+        req: Request<PrepareSnapshotRequest>,
+    ) -> Result<Response<PrepareSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let mounts = self
+            .run(move |s| s.prepare(&r.key, &r.parent, labels(r.labels)))
+            .await?;
+        Ok(Response::new(PrepareSnapshotResponse {
+            mounts: pb_mounts(mounts),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(key = %req.get_ref().key, parent = %req.get_ref().parent))]
+    async fn view(
+        &self,
+        req: Request<ViewSnapshotRequest>,
+    ) -> Result<Response<ViewSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let mounts = self
+            .run(move |s| s.view(&r.key, &r.parent, labels(r.labels)))
+            .await?;
+        Ok(Response::new(ViewSnapshotResponse {
+            mounts: pb_mounts(mounts),
+        }))
+    }
+
+    async fn mounts(
+        &self,
+        req: Request<MountsRequest>,
+    ) -> Result<Response<MountsResponse>, Status> {
+        let r = req.into_inner();
+        let mounts = self.run(move |s| s.mounts(&r.key)).await?;
+        Ok(Response::new(MountsResponse {
+            mounts: pb_mounts(mounts),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(key = %req.get_ref().key, name = %req.get_ref().name))]
+    async fn commit(&self, req: Request<CommitSnapshotRequest>) -> Result<Response<()>, Status> {
+        let r = req.into_inner();
+        self.run(move |s| s.commit(&r.name, &r.key, labels(r.labels)))
+            .await?;
+        Ok(Response::new(()))
+    }
+
+    #[tracing::instrument(skip_all, fields(key = %req.get_ref().key))]
+    async fn remove(&self, req: Request<RemoveSnapshotRequest>) -> Result<Response<()>, Status> {
+        let r = req.into_inner();
+        self.run(move |s| s.remove(&r.key)).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn stat(
+        &self,
+        req: Request<StatSnapshotRequest>,
+    ) -> Result<Response<StatSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let info = self.run(move |s| s.stat(&r.key)).await?;
+        Ok(Response::new(StatSnapshotResponse {
+            info: Some(pb_info(info)),
+        }))
+    }
+
+    async fn update(
+        &self,
+        req: Request<UpdateSnapshotRequest>,
+    ) -> Result<Response<UpdateSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let info = r
+            .info
+            .ok_or_else(|| Status::invalid_argument("update without info"))?;
+        let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+        let wanted = Info {
+            name: info.name,
+            parent: info.parent,
+            kind: Kind::Active,
+            labels: labels(info.labels),
+            created: 0,
+            updated: 0,
+        };
+        let updated = self.run(move |s| s.update(&wanted, &paths)).await?;
+        Ok(Response::new(UpdateSnapshotResponse {
+            info: Some(pb_info(updated)),
+        }))
+    }
+
+    type ListStream = ListStream;
+
+    async fn list(
+        &self,
+        req: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<Self::ListStream>, Status> {
+        let r = req.into_inner();
+        let infos = self.run(move |s| s.walk(&r.filters)).await?;
+        let batches: Vec<Result<ListSnapshotsResponse, Status>> = infos
+            .chunks(LIST_BATCH)
+            .map(|c| {
+                Ok(ListSnapshotsResponse {
+                    info: c.iter().cloned().map(pb_info).collect(),
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
+    }
+
+    async fn usage(&self, req: Request<UsageRequest>) -> Result<Response<UsageResponse>, Status> {
+        let r = req.into_inner();
+        let u = self.run(move |s| s.usage(&r.key)).await?;
+        Ok(Response::new(UsageResponse {
+            size: u.size,
+            inodes: u.inodes,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn cleanup(&self, _req: Request<CleanupRequest>) -> Result<Response<()>, Status> {
+        let report = self.run(|s| s.cleanup()).await?;
+        if !report.removed.is_empty() {
+            tracing::info!(
+                removed = report.removed.len(),
+                "cleanup removed orphaned directories"
+            );
+        }
+        Ok(Response::new(()))
+    }
+}
