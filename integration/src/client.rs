@@ -773,6 +773,57 @@ impl Client {
         }
     }
 
+    /// Runs containerd's garbage collector now and waits for it (deleting a
+    /// lease with `sync` does that), so snapshots and content no longer
+    /// referenced are removed from their backends before this returns.
+    pub async fn gc(&self) -> Result<()> {
+        let id = format!("hb-gc-{:016x}", rand::random::<u64>());
+        let mut leases = LeasesClient::new(self.channel.clone());
+        leases
+            .create(self.req(CreateLeaseRequest {
+                id: id.clone(),
+                labels: HashMap::new(),
+            }))
+            .await
+            .map_err(rpc("Leases.Create", &id))?;
+        leases
+            .delete(self.req(DeleteLeaseRequest {
+                id: id.clone(),
+                sync: true,
+            }))
+            .await
+            .map_err(rpc("Leases.Delete", &id))?;
+        Ok(())
+    }
+
+    /// Waits until containerd reaches `snapshotter` again (a proxy plugin may
+    /// have restarted while containerd's connection to it backs off). `key`
+    /// must exist: containerd answers for unknown keys from its own metadata
+    /// without asking the plugin.
+    pub async fn wait_snapshotter(
+        &self,
+        snapshotter: &str,
+        key: &str,
+        timeout: Duration,
+    ) -> Result<()> {
+        let start = std::time::Instant::now();
+        loop {
+            let probe = SnapshotsClient::new(self.channel.clone())
+                .usage(
+                    self.req(containerd_client::services::v1::snapshots::UsageRequest {
+                        snapshotter: snapshotter.into(),
+                        key: key.into(),
+                    }),
+                )
+                .await;
+            match probe {
+                Ok(_) => return Ok(()),
+                Err(s) if start.elapsed() > timeout => return Err(rpc("Snapshots.Usage", key)(s)),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
     /// True when containerd has an image record named `name`.
     pub async fn image_exists(&self, name: &str) -> Result<bool> {
         match ImagesClient::new(self.channel.clone())

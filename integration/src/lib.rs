@@ -18,16 +18,20 @@
 //! [`prereq::require`] skips with a printed reason where they are missing, and
 //! fails instead when `HYPERBOX_REQUIRE_ALL=1` (CI).
 
+pub mod binaries;
 pub mod client;
 pub mod containerd;
+pub mod corpus;
 pub mod cri;
 pub mod digest;
 pub mod footprint;
 pub mod image;
+pub mod mount;
 pub mod prereq;
 pub mod procs;
 pub mod proxy;
 pub mod registry;
+pub mod snapshotter;
 pub mod testbed;
 
 /// Installs a `tracing` subscriber for test output once; `RUST_LOG` filters it.

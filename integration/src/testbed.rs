@@ -11,12 +11,16 @@ use crate::containerd::{Builder, Containerd};
 use crate::image::ImageSpec;
 use crate::proxy::FaultProxy;
 use crate::registry::Registry;
+use crate::snapshotter::SnapshotterDaemon;
 
-/// Registry, proxy and containerd. Fields drop in order: containerd first.
+/// Registry, proxy, containerd and optionally hyperbox's snapshotter. Fields
+/// drop in order: containerd first, so it never outlives its plugins.
 #[derive(Debug)]
 pub struct Testbed {
     /// The private containerd.
     pub containerd: Containerd,
+    /// hyperbox-snapshotter, plugged in as `[proxy_plugins.hyperbox]`.
+    pub snapshotter: Option<SnapshotterDaemon>,
     /// The proxy in front of the registry (no shaping or faults until set).
     pub proxy: FaultProxy,
     /// The registry it pulls from.
@@ -34,6 +38,20 @@ impl Testbed {
 
     /// Like [`Testbed::start`], letting the test adjust containerd's config.
     pub async fn start_with(configure: impl FnOnce(Builder) -> Builder) -> Testbed {
+        Self::start_inner(None, configure).await
+    }
+
+    /// Starts hyperbox-snapshotter too, plugged into containerd as
+    /// `[proxy_plugins.hyperbox]` and used by CRI.
+    pub async fn start_hyperbox(configure: impl FnOnce(Builder) -> Builder) -> Testbed {
+        let sn = SnapshotterDaemon::start().await;
+        Self::start_inner(Some(sn), configure).await
+    }
+
+    async fn start_inner(
+        snapshotter: Option<SnapshotterDaemon>,
+        configure: impl FnOnce(Builder) -> Builder,
+    ) -> Testbed {
         crate::init_logging();
         let registry = Registry::start().expect("start registry");
         let work = tempfile::Builder::new()
@@ -51,15 +69,20 @@ impl Testbed {
         let proxy = FaultProxy::start(registry.addr())
             .await
             .expect("start registry proxy");
-        let builder = configure(
-            Containerd::builder()
-                .plain_http_registry(&registry.host())
-                .plain_http_registry(&proxy.host())
-                .sandbox_image(&pause_image),
-        );
+        let mut builder = Containerd::builder()
+            .plain_http_registry(&registry.host())
+            .plain_http_registry(&proxy.host())
+            .sandbox_image(&pause_image);
+        if let Some(sn) = &snapshotter {
+            builder = builder
+                .proxy_plugin(sn.proxy_plugin())
+                .cri_snapshotter(crate::snapshotter::NAME);
+        }
+        let builder = configure(builder);
         let containerd = builder.start().await.expect("start containerd");
         Testbed {
             containerd,
+            snapshotter,
             proxy,
             registry,
             pause_image,
@@ -93,6 +116,17 @@ impl Testbed {
     /// Tears everything down; returns what was left behind (should be nothing).
     pub fn shutdown(self) -> Vec<String> {
         let fp = self.containerd.shutdown();
-        fp.leaks()
+        let mut leaks = fp.leaks();
+        if let Some(sn) = self.snapshotter {
+            leaks.extend(sn.shutdown());
+        }
+        leaks
+    }
+
+    /// The snapshotter; panics when the testbed was started without it.
+    pub fn hyperbox(&mut self) -> &mut SnapshotterDaemon {
+        self.snapshotter
+            .as_mut()
+            .expect("testbed started with start_hyperbox")
     }
 }

@@ -3,7 +3,8 @@
 //! read back what a multi-layer image looks like inside a container.
 
 use hyperbox_integration::client::{ContainerOptions, PullOptions};
-use hyperbox_integration::image::{Compression, Data, ImageSpec, Layer, Meta};
+use hyperbox_integration::corpus;
+use hyperbox_integration::image::{Compression, ImageSpec, Layer};
 use hyperbox_integration::prereq::Prereq;
 use hyperbox_integration::require;
 use hyperbox_integration::testbed::Testbed;
@@ -131,38 +132,7 @@ async fn layered_image_shows_the_overlay_union() {
         Prereq::Busybox
     );
     let tb = Testbed::start_with(|b| b.without_cri()).await;
-    let mut suid = Meta::mode(0o4755);
-    suid.uid = 1000;
-    suid.gid = 1001;
-    let long_name = "n".repeat(200);
-    let spec = ImageSpec {
-        layers: vec![
-            Layer::busybox(Compression::Gzip).unwrap(),
-            Layer::new(Compression::None)
-                .dir("data", 0o755)
-                .file("data/keep", "kept", 0o644)
-                .file("data/gone", "deleted above", 0o644)
-                .dir("data/opq", 0o755)
-                .file("data/opq/old", "hidden by opaque", 0o644)
-                .many_small_files("data/small", 500, 64),
-            Layer::new(Compression::Zstd)
-                .whiteout("data/gone")
-                .opaque("data/opq")
-                .file("data/opq/new", "only me", 0o644)
-                .file_with("data/suid", Data::Bytes(b"#!/bin/sh\n".to_vec()), suid)
-                .hardlink("data/suid-link", "data/suid")
-                .symlink("data/link", "keep")
-                .file(&format!("data/{long_name}"), "long", 0o644)
-                .large_file("data/big", 24 << 20, 9)
-                .fifo("data/pipe"),
-        ],
-        run: hyperbox_integration::image::RunConfig {
-            cmd: vec!["sh".into(), "-c".into(), "true".into()],
-            ..Default::default()
-        },
-        with_index: false,
-    };
-    let reference = tb.push(&spec, "test/layers", "v1").await;
+    let reference = tb.push(&corpus::tricky(), "test/layers", "v1").await;
     let client = tb.containerd.client().await.unwrap();
     let image = client
         .pull(&reference, &PullOptions::local("overlayfs"))
@@ -170,10 +140,11 @@ async fn layered_image_shows_the_overlay_union() {
         .unwrap();
     assert_eq!(image.chain_ids.len(), 3);
 
+    let long_name = corpus::long_name();
     let script = format!(
         "cd /data; ls; echo --; ls opq; cat opq/new; echo; \
          stat -c '%a %u %g %h' suid; [ $(stat -c %i suid) = $(stat -c %i suid-link) ] && echo same-inode; \
-         readlink link; cat link; echo; stat -c %s big; ls small | wc -l; stat -c %F pipe; cat {long_name}"
+         readlink link; cat link; echo; stat -c %s big; ls small | wc -l; stat -c %F pipe; stat -c %a sticky; cat {long_name}"
     );
     let out = client
         .run(
@@ -185,8 +156,8 @@ async fn layered_image_shows_the_overlay_union() {
         .unwrap();
     assert_eq!(out.stderr_str(), "");
     let expected = format!(
-        "big\nkeep\nlink\n{long_name}\nopq\npipe\nsmall\nsuid\nsuid-link\n--\nnew\nonly me\n\
-         4755 1000 1001 2\nsame-inode\nkeep\nkept\n{}\n500\nfifo\nlong",
+        "big\nkeep\nlink\n{long_name}\nopq\npipe\nsmall\nsticky\nsuid\nsuid-link\n--\nnew\nonly me\n\
+         4755 1000 1001 2\nsame-inode\nkeep\nkept\n{}\n500\nfifo\n1777\nlong",
         24 << 20
     );
     assert_eq!(out.stdout_str(), expected);

@@ -14,6 +14,14 @@ use crate::proto::snapshots_server::SnapshotsServer;
 use crate::service::Service;
 use crate::snapshots::Snapshotter;
 
+/// Fails when a daemon still answers on `address`.
+pub fn ensure_free(address: &Path) -> Result<()> {
+    if std::os::unix::net::UnixStream::connect(address).is_ok() {
+        bail!("{} is in use by a running snapshotter", address.display());
+    }
+    Ok(())
+}
+
 /// Binds `address`: removes a stale socket file left by a crash, but refuses
 /// to steal the socket of a daemon that still answers on it.
 pub fn bind(address: &Path, mode: u32) -> Result<UnixListener> {
@@ -21,9 +29,7 @@ pub fn bind(address: &Path, mode: u32) -> Result<UnixListener> {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
     if address.exists() {
-        if std::os::unix::net::UnixStream::connect(address).is_ok() {
-            bail!("{} is in use by a running snapshotter", address.display());
-        }
+        ensure_free(address)?;
         std::fs::remove_file(address)
             .with_context(|| format!("remove stale socket {}", address.display()))?;
     }
@@ -36,6 +42,8 @@ pub fn bind(address: &Path, mode: u32) -> Result<UnixListener> {
 
 /// Runs the snapshotter described by `config` until a termination signal.
 pub async fn run(config: &hyperbox_config::Snapshotter) -> Result<()> {
+    // Checked before the store is opened, so a second daemon says why.
+    ensure_free(&config.address)?;
     let sn = Snapshotter::open(&config.root)
         .with_context(|| format!("open snapshotter root {}", config.root.display()))?;
     if config.cleanup_on_start {

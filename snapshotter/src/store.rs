@@ -35,6 +35,14 @@ pub enum Error {
         #[source]
         source: Box<redb::DatabaseError>,
     },
+    /// Another process has the store open.
+    #[error(
+        "metadata store {path} is in use by another hyperbox-snapshotter (one root, one daemon)"
+    )]
+    InUse {
+        /// The file.
+        path: PathBuf,
+    },
     /// The store was written by a newer schema.
     #[error("metadata store {path} has schema {found}, this build reads {SCHEMA_VERSION}")]
     Schema {
@@ -132,9 +140,12 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Store> {
-        let database = Database::create(path).map_err(|e| Error::Open {
-            path: path.into(),
-            source: Box::new(e),
+        let database = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => Error::InUse { path: path.into() },
+            e => Error::Open {
+                path: path.into(),
+                source: Box::new(e),
+            },
         })?;
         let store = Store { db: database };
         let tx = store.write()?;

@@ -1,0 +1,47 @@
+//! The workspace's own binaries, built on demand so that a test never runs a
+//! stale one: `cargo test -p hyperbox-integration` alone does not build other
+//! packages' binaries, and an old build would silently test old code.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
+
+/// The path of workspace binary `name` (e.g. `hyperbox-snapshotter`), built
+/// first with the same cargo and profile as the running test.
+pub fn path(name: &str) -> PathBuf {
+    // Tests run from <target>/<profile>/deps/<test>; binaries sit in <profile>.
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile> directory")
+        .to_path_buf();
+    let bin = profile_dir.join(name);
+    let built = BUILT.get_or_init(|| Mutex::new(Vec::new()));
+    let mut built = built.lock().unwrap();
+    if built.iter().any(|b| b == name) {
+        return bin;
+    }
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.arg("build")
+        .arg("--quiet")
+        .arg("--manifest-path")
+        .arg(workspace.join("Cargo.toml"))
+        .arg("--bin")
+        .arg(name);
+    if profile_dir.file_name().is_some_and(|p| p == "release") {
+        cmd.arg("--release");
+    }
+    // Keep the target dir of the running test (CARGO_TARGET_DIR may differ).
+    if let Some(target) = profile_dir.parent() {
+        cmd.env("CARGO_TARGET_DIR", target);
+    }
+    let status = cmd.status().expect("run cargo build");
+    assert!(status.success(), "cargo build --bin {name} failed");
+    built.push(name.to_string());
+    bin
+}

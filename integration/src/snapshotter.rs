@@ -1,0 +1,233 @@
+//! `hyperbox-snapshotter` as a test runs it: its own root, socket and config
+//! in a temporary directory; killed with any signal and restarted with the
+//! same state, as a service manager would.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use containerd_client::services::v1::snapshots::ListSnapshotsRequest;
+use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+use futures::StreamExt;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tonic::transport::Channel;
+
+use crate::containerd::ProxyPlugin;
+use crate::registry::tail;
+
+/// The name containerd knows the snapshotter by in these tests.
+pub const NAME: &str = "hyperbox";
+
+/// A running snapshotter; killed and its directory removed on drop.
+#[derive(Debug)]
+pub struct SnapshotterDaemon {
+    dir: PathBuf,
+    child: Option<Child>,
+    bin: PathBuf,
+}
+
+impl SnapshotterDaemon {
+    /// Starts a snapshotter with a fresh root and waits until it answers.
+    pub async fn start() -> SnapshotterDaemon {
+        let dir = tempfile::Builder::new()
+            .prefix("hb-snap-")
+            .tempdir()
+            .expect("temp dir")
+            .keep();
+        fs::write(
+            dir.join("config.toml"),
+            format!(
+                "[snapshotter]\nroot = \"{}\"\naddress = \"{}\"\n",
+                dir.join("root").display(),
+                dir.join("snapshotter.sock").display()
+            ),
+        )
+        .expect("write config");
+        let mut d = SnapshotterDaemon {
+            bin: crate::binaries::path("hyperbox-snapshotter"),
+            dir,
+            child: None,
+        };
+        d.spawn().await;
+        d
+    }
+
+    /// Its snapshot root.
+    pub fn root(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+
+    /// Its gRPC socket.
+    pub fn address(&self) -> PathBuf {
+        self.dir.join("snapshotter.sock")
+    }
+
+    /// Its config file.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("config.toml")
+    }
+
+    /// The `[proxy_plugins]` entry for containerd.
+    pub fn proxy_plugin(&self) -> ProxyPlugin {
+        ProxyPlugin {
+            name: NAME.into(),
+            kind: "snapshot".into(),
+            address: self.address(),
+            root: Some(self.root()),
+        }
+    }
+
+    /// What it has logged.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("snapshotter.log")).unwrap_or_default()
+    }
+
+    /// The daemon's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    async fn spawn(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("snapshotter.log"))
+            .expect("open log");
+        let child = Command::new(&self.bin)
+            .arg("--config")
+            .arg(self.config_path())
+            .arg("--log-level")
+            .arg("info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", self.bin.display()));
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!(
+                    "hyperbox-snapshotter exited: {status}; log:\n{}",
+                    tail(&self.log(), 3000)
+                );
+            }
+            if self.address().exists() && self.list(&[]).await.is_ok() {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "hyperbox-snapshotter not ready; log:\n{}",
+                tail(&self.log(), 3000)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A gRPC client straight to the snapshotter (not through containerd).
+    pub async fn client(&self) -> Result<SnapshotsClient<Channel>, tonic::transport::Error> {
+        Ok(SnapshotsClient::new(
+            containerd_client::connect(self.address()).await?,
+        ))
+    }
+
+    /// Walk with `filters`, straight to the snapshotter.
+    pub async fn list(
+        &self,
+        filters: &[&str],
+    ) -> Result<Vec<containerd_client::services::v1::snapshots::Info>, String> {
+        let mut c = self.client().await.map_err(|e| e.to_string())?;
+        let mut s = c
+            .list(ListSnapshotsRequest {
+                snapshotter: NAME.into(),
+                filters: filters.iter().map(|f| f.to_string()).collect(),
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(batch) = s.next().await {
+            out.extend(batch.map_err(|e| e.to_string())?.info);
+        }
+        Ok(out)
+    }
+
+    /// Polls Walk with `filters` until exactly `count` snapshots match:
+    /// containerd removes backend snapshots in its garbage collector, after
+    /// the call that deleted them has returned.
+    pub async fn wait_for_count(
+        &self,
+        filters: &[&str],
+        count: usize,
+        timeout: Duration,
+    ) -> Vec<containerd_client::services::v1::snapshots::Info> {
+        let start = Instant::now();
+        loop {
+            let got = self.list(filters).await.expect("list snapshots");
+            if got.len() == count || start.elapsed() > timeout {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends `signal` and waits for the daemon to exit.
+    pub fn kill(&mut self, signal: Signal) {
+        if let Some(mut c) = self.child.take() {
+            let _ = kill(Pid::from_raw(c.id() as i32), signal);
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the daemon again over the same root and socket.
+    pub async fn restart(&mut self) {
+        self.kill(Signal::SIGTERM);
+        self.spawn().await;
+    }
+
+    /// Starts the daemon after a [`SnapshotterDaemon::kill`].
+    pub async fn start_again(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        self.spawn().await;
+    }
+
+    /// Stops it and removes everything; returns what was left (should be nothing).
+    pub fn shutdown(mut self) -> Vec<String> {
+        self.teardown();
+        let mut left = Vec::new();
+        for m in crate::footprint::mounts_under(&self.dir) {
+            left.push(format!("mount {}", m.display()));
+        }
+        if self.dir.exists() {
+            left.push(format!("directory {}", self.dir.display()));
+        }
+        left
+    }
+
+    fn teardown(&mut self) {
+        self.kill(Signal::SIGTERM);
+        for m in crate::footprint::mounts_under(&self.dir) {
+            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+
+    /// The directory holding root, socket, config and log.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for SnapshotterDaemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "hyperbox-snapshotter log tail:\n{}",
+                tail(&self.log(), 3000)
+            );
+        }
+        self.teardown();
+    }
+}
