@@ -824,6 +824,65 @@ impl Client {
         }
     }
 
+    /// Deletes the image record `name` (its content and snapshots go at the
+    /// next garbage collection; see [`Client::gc`]).
+    pub async fn delete_image(&self, name: &str) -> Result<()> {
+        match ImagesClient::new(self.channel.clone())
+            .delete(
+                self.req(containerd_client::services::v1::DeleteImageRequest {
+                    name: name.into(),
+                    sync: false,
+                    target: None,
+                }),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::NotFound => Ok(()),
+            Err(s) => Err(rpc("Images.Delete", name)(s)),
+        }
+    }
+
+    /// Snapshot keys containerd records for `snapshotter` in this namespace.
+    pub async fn snapshot_keys(&self, snapshotter: &str) -> Result<Vec<String>> {
+        let mut stream = SnapshotsClient::new(self.channel.clone())
+            .list(self.req(
+                containerd_client::services::v1::snapshots::ListSnapshotsRequest {
+                    snapshotter: snapshotter.into(),
+                    filters: Vec::new(),
+                },
+            ))
+            .await
+            .map_err(rpc("Snapshots.List", snapshotter))?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(batch) = stream.next().await {
+            out.extend(
+                batch
+                    .map_err(rpc("Snapshots.List", snapshotter))?
+                    .info
+                    .into_iter()
+                    .map(|i| i.name),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Usage of `key` as containerd reports it (it asks the snapshotter).
+    pub async fn snapshot_usage(&self, snapshotter: &str, key: &str) -> Result<(i64, i64)> {
+        let u = SnapshotsClient::new(self.channel.clone())
+            .usage(
+                self.req(containerd_client::services::v1::snapshots::UsageRequest {
+                    snapshotter: snapshotter.into(),
+                    key: key.into(),
+                }),
+            )
+            .await
+            .map_err(rpc("Snapshots.Usage", key))?
+            .into_inner();
+        Ok((u.size, u.inodes))
+    }
+
     /// True when containerd has an image record named `name`.
     pub async fn image_exists(&self, name: &str) -> Result<bool> {
         match ImagesClient::new(self.channel.clone())
@@ -1201,21 +1260,23 @@ impl ContainerHandle {
                 all: true,
             }))
             .await;
-        for _ in 0..100 {
-            match tasks
-                .delete(c.req(DeleteTaskRequest {
-                    container_id: self.id.clone(),
-                }))
-                .await
-            {
-                Ok(_) => break,
-                Err(s) if s.code() == Code::NotFound => break,
-                // Still running: the kill has not landed yet.
-                Err(s) if s.code() == Code::FailedPrecondition => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(s) => return Err(rpc("Tasks.Delete", &self.id)(s)),
-            }
+        // Wait for the kill to land; a task that is gone answers NotFound.
+        let waited = tokio::time::timeout(Duration::from_secs(30), wait(c, &self.id, "")).await;
+        if waited.is_err() {
+            return Err(Error::Image {
+                reference: self.id.clone(),
+                detail: "task did not exit within 30s of SIGKILL".into(),
+            });
+        }
+        match tasks
+            .delete(c.req(DeleteTaskRequest {
+                container_id: self.id.clone(),
+            }))
+            .await
+        {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::NotFound => {}
+            Err(s) => return Err(rpc("Tasks.Delete", &self.id)(s)),
         }
         match ContainersClient::new(c.channel.clone())
             .delete(c.req(DeleteContainerRequest {

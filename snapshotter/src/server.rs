@@ -54,6 +54,9 @@ pub async fn run(config: &hyperbox_config::Snapshotter) -> Result<()> {
             tracing::info!(removed = ?report.removed, "removed leftovers of unfinished operations");
         }
     }
+    for f in crate::features::detect(&config.root) {
+        tracing::info!(feature = f.name, available = f.available, value = %f.value, how = %f.how, "kernel feature");
+    }
     let listener = bind(&config.address, config.socket_mode)?;
     let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;

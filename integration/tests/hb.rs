@@ -1,0 +1,180 @@
+//! `hb` against a real hyperbox-snapshotter and the real kernel.
+
+use std::collections::HashMap;
+use std::process::Command;
+
+use containerd_client::services::v1::snapshots::{CommitSnapshotRequest, PrepareSnapshotRequest};
+use hyperbox_integration::prereq::Prereq;
+use hyperbox_integration::require;
+use hyperbox_integration::snapshotter::{NAME, SnapshotterDaemon};
+use serde_json::Value;
+
+fn hb(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(hyperbox_integration::binaries::path("hb"))
+        .args(args)
+        .output()
+        .expect("run hb");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_ls_shows_what_the_snapshotter_holds() {
+    require!(Prereq::Root);
+    let sn = SnapshotterDaemon::start().await;
+    let mut c = sn.client().await.unwrap();
+    let m = c
+        .prepare(PrepareSnapshotRequest {
+            snapshotter: NAME.into(),
+            key: "extract".into(),
+            parent: String::new(),
+            labels: HashMap::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    std::fs::write(
+        std::path::Path::new(&m[0].source).join("f"),
+        vec![1u8; 100_000],
+    )
+    .unwrap();
+    c.commit(CommitSnapshotRequest {
+        snapshotter: NAME.into(),
+        name: "layer".into(),
+        key: "extract".into(),
+        labels: [("team".to_string(), "storage".to_string())].into(),
+    })
+    .await
+    .unwrap();
+    c.prepare(PrepareSnapshotRequest {
+        snapshotter: NAME.into(),
+        key: "ctr".into(),
+        parent: "layer".into(),
+        labels: HashMap::new(),
+    })
+    .await
+    .unwrap();
+    let config = sn.config_path();
+    let config = config.to_str().unwrap();
+
+    let (ok, table, err) = hb(&["--config", config, "snapshots", "ls"]);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(lines[0].starts_with("NAME") && lines[0].contains("KIND") && lines[0].contains("SIZE"));
+    assert!(
+        lines[1].starts_with("ctr ") && lines[1].contains("active") && lines[1].ends_with("layer")
+    );
+    assert!(
+        lines[2].starts_with("layer ")
+            && lines[2].contains("committed")
+            && lines[2].contains("KiB")
+    );
+
+    let (ok, json, err) = hb(&[
+        "--config",
+        config,
+        "snapshots",
+        "ls",
+        "--json",
+        "--filter",
+        "kind==committed",
+    ]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&json).unwrap();
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["name"], "layer");
+    assert_eq!(rows[0]["labels"]["team"], "storage");
+    assert!(rows[0]["size"].as_i64().unwrap() >= 100_000);
+    assert_eq!(rows[0]["inodes"], 2);
+
+    let (ok, _, err) = hb(&["--config", config, "snapshots", "ls", "--filter", "kind=="]);
+    assert!(!ok);
+    assert!(err.contains("invalid filter"), "{err}");
+
+    let leaks = sn.shutdown();
+    assert!(leaks.is_empty(), "left behind: {leaks:#?}");
+}
+
+#[test]
+fn snapshots_ls_without_a_snapshotter_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[snapshotter]\naddress = \"{}/none.sock\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let (ok, _, err) = hb(&["--config", config.to_str().unwrap(), "snapshots", "ls"]);
+    assert!(!ok);
+    assert!(
+        err.contains("is it running?") && err.contains("none.sock"),
+        "{err}"
+    );
+}
+
+#[test]
+fn doctor_reports_every_feature_with_how_it_was_found() {
+    require!(Prereq::Root);
+    let before = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .count();
+    let (ok, json, err) = hb(&["doctor", "--json"]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&json).unwrap();
+    let features: HashMap<String, Value> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["name"].as_str().unwrap().to_string(), f.clone()))
+        .collect();
+    for name in [
+        "erofs",
+        "erofs_file_backed",
+        "fanotify_pre_content",
+        "erofs_fscache_ondemand",
+        "fuse",
+        "overlayfs",
+        "loop",
+        "btf",
+        "psi",
+        "cgroup",
+    ] {
+        let f = &features[name];
+        assert!(
+            !f["how"].as_str().unwrap().is_empty(),
+            "{name} says how it was detected"
+        );
+    }
+    // What the other tests of this suite rely on must be reported present.
+    assert_eq!(features["overlayfs"]["available"], true);
+    let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap();
+    assert_eq!(
+        features["erofs"]["available"],
+        filesystems.contains("\terofs")
+    );
+    let hybrid = std::path::Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists();
+    if hybrid {
+        assert_eq!(features["cgroup"]["value"], "hybrid");
+    }
+    // The probes mount and create files; they leave neither behind.
+    let after = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(before, after);
+
+    let (ok, table, _) = hb(&["doctor"]);
+    assert!(ok);
+    assert!(table.starts_with("FEATURE"));
+    assert_eq!(table.lines().count(), 11);
+}

@@ -1,0 +1,249 @@
+//! Kernel features hyperbox depends on, detected on the running machine.
+//!
+//! Each probe tries the real thing where it can (mounting a file-backed
+//! EROFS image, putting a pre-content fanotify mark on a file) and says how it
+//! decided, so `hb doctor` can tell an operator why a backend is not used.
+//! The snapshotter logs the same results at start-up; the image backends
+//! choose from them.
+
+use std::ffi::CString;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::process::Command;
+
+use serde::Serialize;
+
+/// One detected feature.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Feature {
+    /// Short name, stable for scripts.
+    pub name: &'static str,
+    /// Whether it is available.
+    pub available: bool,
+    /// What was found, e.g. the value of a cgroup mode.
+    pub value: String,
+    /// How it was detected.
+    pub how: String,
+}
+
+fn feature(
+    name: &'static str,
+    available: bool,
+    value: impl Into<String>,
+    how: impl Into<String>,
+) -> Feature {
+    Feature {
+        name,
+        available,
+        value: value.into(),
+        how: how.into(),
+    }
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+/// Every probe, in the order `hb doctor` shows them. `scratch` is a
+/// directory on the filesystem the snapshotter will use (probe images and
+/// marks are made there and removed).
+pub fn detect(scratch: &Path) -> Vec<Feature> {
+    let filesystems = fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    let has_fs = |name: &str| {
+        filesystems
+            .lines()
+            .any(|l| l.split_whitespace().last() == Some(name))
+    };
+    let mut out = Vec::new();
+
+    let erofs = has_fs("erofs");
+    out.push(feature(
+        "erofs",
+        erofs,
+        yes_no(erofs),
+        "erofs in /proc/filesystems",
+    ));
+    out.push(erofs_file_backed(scratch, erofs));
+    out.push(fanotify_pre_content(scratch));
+    let cachefiles = Path::new("/dev/cachefiles").exists();
+    out.push(feature(
+        "erofs_fscache_ondemand",
+        cachefiles && erofs,
+        yes_no(cachefiles && erofs),
+        if cachefiles {
+            "/dev/cachefiles present (cachefiles on-demand device)"
+        } else {
+            "/dev/cachefiles absent: kernel without cachefiles on-demand"
+        },
+    ));
+    let fuse = Path::new("/dev/fuse").exists() && has_fs("fuse");
+    out.push(feature(
+        "fuse",
+        fuse,
+        yes_no(fuse),
+        if fuse {
+            "/dev/fuse present and fuse in /proc/filesystems"
+        } else {
+            "/dev/fuse or fuse filesystem missing"
+        },
+    ));
+    let overlay = has_fs("overlay");
+    out.push(feature(
+        "overlayfs",
+        overlay,
+        yes_no(overlay),
+        "overlay in /proc/filesystems",
+    ));
+    let lo = Path::new("/dev/loop-control").exists();
+    out.push(feature("loop", lo, yes_no(lo), "/dev/loop-control present"));
+    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
+    out.push(feature(
+        "btf",
+        btf,
+        yes_no(btf),
+        "/sys/kernel/btf/vmlinux present",
+    ));
+    let psi = fs::read_to_string("/proc/pressure/memory").is_ok();
+    out.push(feature(
+        "psi",
+        psi,
+        yes_no(psi),
+        "/proc/pressure/memory readable (boot with psi=1 if not)",
+    ));
+    let (mode, how) = cgroup_mode();
+    out.push(feature("cgroup", true, mode, how));
+    out
+}
+
+/// Mounts a one-directory EROFS image straight from its file (no loop
+/// device), which kernels from 6.12 on accept.
+fn erofs_file_backed(scratch: &Path, erofs: bool) -> Feature {
+    const NAME: &str = "erofs_file_backed";
+    if !erofs {
+        return feature(NAME, false, "no", "erofs is not registered");
+    }
+    let dir = scratch.join(format!("probe-{:08x}", rand::random::<u32>()));
+    let result = (|| -> Result<(), String> {
+        fs::create_dir_all(dir.join("src")).map_err(|e| e.to_string())?;
+        fs::create_dir_all(dir.join("mnt")).map_err(|e| e.to_string())?;
+        fs::write(dir.join("src/probe"), b"hyperbox").map_err(|e| e.to_string())?;
+        let img = dir.join("probe.erofs");
+        let out = Command::new("mkfs.erofs")
+            .arg("--quiet")
+            .arg(&img)
+            .arg(dir.join("src"))
+            .output()
+            .map_err(|e| format!("mkfs.erofs (erofs-utils) not available: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "mkfs.erofs failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        nix::mount::mount(
+            Some(img.as_path()),
+            &dir.join("mnt"),
+            Some("erofs"),
+            nix::mount::MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .map_err(|e| format!("mount -t erofs <file>: {e}"))?;
+        let read = fs::read(dir.join("mnt/probe"));
+        let _ = nix::mount::umount2(&dir.join("mnt"), nix::mount::MntFlags::MNT_DETACH);
+        match read {
+            Ok(b) if b == b"hyperbox" => Ok(()),
+            Ok(_) => Err("mounted image read back wrong".into()),
+            Err(e) => Err(format!("read from the mounted image: {e}")),
+        }
+    })();
+    let _ = fs::remove_dir_all(&dir);
+    match result {
+        Ok(()) => feature(
+            NAME,
+            true,
+            "yes",
+            "mounted an image file with -t erofs and read it back",
+        ),
+        Err(e) => feature(NAME, false, "no", e),
+    }
+}
+
+/// Puts a FAN_PRE_ACCESS mark (kernel 6.14+) on a file on the snapshotter's
+/// filesystem.
+fn fanotify_pre_content(scratch: &Path) -> Feature {
+    const NAME: &str = "fanotify_pre_content";
+    const FAN_PRE_ACCESS: u64 = 0x0010_0000;
+    let file = scratch.join(format!("probe-{:08x}", rand::random::<u32>()));
+    if let Err(e) = fs::write(&file, b"x") {
+        return feature(
+            NAME,
+            false,
+            "no",
+            format!("cannot create a probe file: {e}"),
+        );
+    }
+    let result = (|| -> Result<(), String> {
+        // SAFETY: fanotify_init takes flags only and returns a new fd or -1.
+        let fd = unsafe {
+            libc::fanotify_init(
+                libc::FAN_CLASS_PRE_CONTENT | libc::FAN_CLOEXEC | libc::FAN_NONBLOCK,
+                (libc::O_RDONLY | libc::O_LARGEFILE) as u32,
+            )
+        };
+        if fd < 0 {
+            return Err(format!(
+                "fanotify_init(FAN_CLASS_PRE_CONTENT): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let path = CString::new(file.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+        // SAFETY: `fd` is the fanotify fd just created and `path` a valid
+        // NUL-terminated string that outlives the call.
+        let rc = unsafe {
+            libc::fanotify_mark(
+                fd,
+                libc::FAN_MARK_ADD,
+                FAN_PRE_ACCESS,
+                libc::AT_FDCWD,
+                path.as_ptr(),
+            )
+        };
+        let err = std::io::Error::last_os_error();
+        // SAFETY: `fd` is ours and closed once.
+        unsafe { libc::close(fd) };
+        if rc != 0 {
+            return Err(format!("fanotify_mark(FAN_PRE_ACCESS): {err}"));
+        }
+        Ok(())
+    })();
+    let _ = fs::remove_file(&file);
+    match result {
+        Ok(()) => feature(
+            NAME,
+            true,
+            "yes",
+            "fanotify_mark(FAN_PRE_ACCESS) accepted on a file",
+        ),
+        Err(e) => feature(NAME, false, "no", e),
+    }
+}
+
+fn cgroup_mode() -> (String, String) {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    let magic = |p: &str| {
+        nix::sys::statfs::statfs(p)
+            .ok()
+            .map(|s| s.filesystem_type().0)
+    };
+    if magic("/sys/fs/cgroup") == Some(CGROUP2_SUPER_MAGIC) {
+        return ("v2".into(), "/sys/fs/cgroup is cgroup2".into());
+    }
+    if magic("/sys/fs/cgroup/unified") == Some(CGROUP2_SUPER_MAGIC) {
+        return (
+            "hybrid".into(),
+            "v1 controllers under /sys/fs/cgroup, cgroup2 at /sys/fs/cgroup/unified".into(),
+        );
+    }
+    ("v1".into(), "no cgroup2 hierarchy mounted".into())
+}
