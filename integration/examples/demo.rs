@@ -1,8 +1,9 @@
 //! The main job, end to end, for a person to watch: a local registry with a
-//! sample image, a private containerd, the image pulled and run through the
-//! containerd API (as `ctr`/nerdctl do) and through CRI (as the kubelet does),
-//! and what happened shown step by step. Everything it starts is torn down
-//! at the end and checked for leftovers.
+//! sample image, hyperbox-snapshotter plugged into a private containerd, the
+//! image pulled into hyperbox and run through the containerd API (as
+//! `ctr`/nerdctl do) and through CRI (as the kubelet does), with `hb` showing
+//! what the node can do and what hyperbox holds. Everything it starts is torn
+//! down at the end and checked for leftovers.
 //!
 //! Run it with `scripts/demo.sh` (as root).
 
@@ -13,6 +14,7 @@ use hyperbox_integration::client::{ContainerOptions, PullOptions};
 use hyperbox_integration::cri::{ContainerSpec, PodNetwork};
 use hyperbox_integration::image::{Compression, ImageSpec, Layer};
 use hyperbox_integration::prereq::Prereq;
+use hyperbox_integration::snapshotter::NAME;
 use hyperbox_integration::testbed::Testbed;
 
 fn step(n: u32, text: &str) {
@@ -21,6 +23,27 @@ fn step(n: u32, text: &str) {
 
 fn done(start: Instant, text: &str) {
     println!("    ok ({:.0?}): {text}", start.elapsed());
+}
+
+fn hb(args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(hyperbox_integration::binaries::path("hb"))
+        .args(args)
+        .output()
+        .context("run hb")?;
+    if !out.status.success() {
+        bail!(
+            "hb {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn print_indented(text: &str) {
+    for line in text.lines() {
+        println!("    | {line}");
+    }
 }
 
 #[tokio::main]
@@ -33,26 +56,34 @@ async fn main() -> Result<()> {
     if !missing.is_empty() {
         bail!("cannot run the demo: {}", missing.join("; "));
     }
-    println!("hyperbox demo: a private containerd, a local registry and real containers");
+    println!(
+        "hyperbox demo: hyperbox-snapshotter in a private containerd, a local registry, real containers"
+    );
 
     step(
         1,
-        "start a local registry and a private containerd (NRI and CRI enabled)",
+        "start a local registry, hyperbox-snapshotter, and a private containerd using it",
     );
     let t = Instant::now();
-    let tb = Testbed::start().await;
+    let mut tb = Testbed::start_hyperbox(|b| b).await;
     let client = tb.containerd.client().await?;
     done(
         t,
         &format!(
-            "registry {} | containerd {} at {}",
+            "registry {} | containerd {} | [proxy_plugins.hyperbox] at {}",
             tb.registry.host(),
             client.version().await?,
-            tb.containerd.address().display()
+            tb.hyperbox().address().display()
         ),
     );
 
-    step(2, "build a two-layer sample image from busybox and push it");
+    step(
+        2,
+        "hb doctor: the kernel features hyperbox can use on this machine",
+    );
+    print_indented(&hb(&["doctor"])?);
+
+    step(3, "build a two-layer sample image from busybox and push it");
     let t = Instant::now();
     let mut spec = ImageSpec::busybox(&[
         "sh",
@@ -61,26 +92,35 @@ async fn main() -> Result<()> {
     ])?;
     spec.layers.push(Layer::new(Compression::Zstd).file(
         "etc/greeting",
-        "served by hyperbox's harness",
+        "served by hyperbox-snapshotter",
         0o644,
     ));
     let reference = tb.push(&spec, "demo/hello", "v1").await;
     done(t, &reference);
 
     step(
-        3,
-        "pull and unpack it through the containerd API (snapshotter: overlayfs)",
+        4,
+        "pull it through the containerd API into hyperbox (as `ctr image pull --snapshotter hyperbox`)",
     );
     let t = Instant::now();
     let image = client
-        .pull(&reference, &PullOptions::local("overlayfs"))
+        .pull(&reference, &PullOptions::local(NAME))
         .await
         .context("pull")?;
-    done(t, &format!("{} layers unpacked", image.chain_ids.len()));
+    done(
+        t,
+        &format!(
+            "{} layers unpacked into hyperbox snapshots",
+            image.chain_ids.len()
+        ),
+    );
+    let config = tb.hyperbox().config_path();
+    let config = config.to_string_lossy().into_owned();
+    print_indented(&hb(&["--config", &config, "snapshots", "ls"])?);
 
     step(
-        4,
-        "run it as a container (runc via containerd-shim-runc-v2)",
+        5,
+        "run it as a container on hyperbox (runc via containerd-shim-runc-v2)",
     );
     let t = Instant::now();
     let out = client
@@ -88,13 +128,11 @@ async fn main() -> Result<()> {
         .await
         .context("run")?;
     done(t, &format!("exit status {}", out.status));
-    for line in out.stdout_str().lines() {
-        println!("    | {line}");
-    }
+    print_indented(&out.stdout_str());
 
     step(
-        5,
-        "run it again as a Kubernetes pod through CRI, as the kubelet would",
+        6,
+        "run it again as a Kubernetes pod through CRI (CRI snapshotter: hyperbox)",
     );
     let t = Instant::now();
     let cri = tb.containerd.cri().await?;
@@ -112,13 +150,19 @@ async fn main() -> Result<()> {
         t,
         &format!("pod {} container exit code {code}", &pod.id[..12]),
     );
-    for line in cri.logs(&pod, "hello").await?.lines() {
-        println!("    | {line}");
-    }
+    print_indented(&cri.logs(&pod, "hello").await?);
+    print_indented(&hb(&[
+        "--config",
+        &config,
+        "snapshots",
+        "ls",
+        "--filter",
+        "kind==active",
+    ])?);
     cri.remove_container(&id).await?;
     cri.remove_pod(&pod).await?;
 
-    step(6, "tear everything down and check nothing is left behind");
+    step(7, "tear everything down and check nothing is left behind");
     let t = Instant::now();
     let leaks = tb.shutdown();
     if !leaks.is_empty() {
@@ -129,7 +173,7 @@ async fn main() -> Result<()> {
         "no mounts, processes, cgroups, network namespaces or files left",
     );
     println!(
-        "\nnext: the hyperbox snapshotter, node agent and shim plug into this same setup (see README, Status)."
+        "\nnot yet in this demo: lazy EROFS layers, the node agent (NRI) and the shim (see README, Status)."
     );
     Ok(())
 }

@@ -18,6 +18,7 @@
 //! [`prereq::require`] skips with a printed reason where they are missing, and
 //! fails instead when `HYPERBOX_REQUIRE_ALL=1` (CI).
 
+pub mod bench;
 pub mod binaries;
 pub mod client;
 pub mod containerd;

@@ -1,0 +1,79 @@
+//! Helpers for the benchmarks in `integration/benches/`: percentiles and
+//! writing a section of `docs/benchmarks.md` that each run replaces.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// True when run by `cargo bench` (which passes `--bench`); under
+/// `cargo test` a benchmark runs a one-iteration smoke instead.
+pub fn full_run() -> bool {
+    std::env::args().any(|a| a == "--bench")
+}
+
+/// The `p`-th percentile (0–100) of `samples`, nearest rank.
+pub fn percentile(samples: &[Duration], p: f64) -> Duration {
+    assert!(!samples.is_empty(), "no samples");
+    let mut s = samples.to_vec();
+    s.sort();
+    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
+    s[rank.clamp(1, s.len()) - 1]
+}
+
+/// Milliseconds with two decimals.
+pub fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Replaces the section `name` of docs/benchmarks.md (between
+/// `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`), appending it if absent.
+pub fn write_section(name: &str, body: &str) -> std::io::Result<PathBuf> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md");
+    let doc = std::fs::read_to_string(&path).unwrap_or_default();
+    let (start, end) = (
+        format!("<!-- bench:{name} -->"),
+        format!("<!-- /bench:{name} -->"),
+    );
+    let section = format!("{start}\n{}\n{end}", body.trim_end());
+    let new = match (doc.find(&start), doc.find(&end)) {
+        (Some(a), Some(b)) if b > a => format!("{}{}{}", &doc[..a], section, &doc[b + end.len()..]),
+        _ => format!("{}\n{}\n", doc.trim_end(), section),
+    };
+    std::fs::write(&path, new)?;
+    Ok(path)
+}
+
+/// One line describing the machine, for the record.
+pub fn machine() -> String {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem_kb: u64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or(0);
+    format!(
+        "{cpus} CPUs, {} GiB RAM, kernel {}",
+        mem_kb / (1 << 20),
+        kernel.trim()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let s: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&s, 50.0), Duration::from_millis(50));
+        assert_eq!(percentile(&s, 99.0), Duration::from_millis(99));
+        assert_eq!(percentile(&s, 100.0), Duration::from_millis(100));
+        assert_eq!(
+            percentile(&[Duration::from_millis(7)], 99.0),
+            Duration::from_millis(7)
+        );
+    }
+}
