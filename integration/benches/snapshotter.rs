@@ -76,10 +76,14 @@ async fn cold_pull_and_start(
     took
 }
 
-fn in_ns<T>(ns: &str, m: T) -> Request<T> {
+/// A request in namespace `ns` under lease `lease`: as real clients do, so
+/// containerd's collector leaves the unreferenced committed snapshots alone.
+fn in_ns<T>(ns: &str, lease: &str, m: T) -> Request<T> {
     let mut r = Request::new(m);
     r.metadata_mut()
         .insert("containerd-namespace", ns.parse().unwrap());
+    r.metadata_mut()
+        .insert("containerd-lease", lease.parse().unwrap());
     r
 }
 
@@ -92,10 +96,12 @@ async fn churn(
     rounds: usize,
 ) -> [Vec<Duration>; 3] {
     let ns = client.namespace().to_string();
+    let lease = client.create_lease().await.unwrap();
     let mut tasks = Vec::new();
     for c in 0..clients {
         let channel = client.channel();
         let (ns, snapshotter, parent) = (ns.clone(), snapshotter.to_string(), parent.to_string());
+        let lease = lease.clone();
         tasks.push(tokio::spawn(async move {
             let mut s = SnapshotsClient::new(channel);
             let mut lat = [Vec::new(), Vec::new(), Vec::new()];
@@ -105,6 +111,7 @@ async fn churn(
                 let t = Instant::now();
                 s.prepare(in_ns(
                     &ns,
+                    &lease,
                     PrepareSnapshotRequest {
                         snapshotter: snapshotter.clone(),
                         key: key.clone(),
@@ -118,6 +125,7 @@ async fn churn(
                 let t = Instant::now();
                 s.commit(in_ns(
                     &ns,
+                    &lease,
                     CommitSnapshotRequest {
                         snapshotter: snapshotter.clone(),
                         name: name.clone(),
@@ -131,6 +139,7 @@ async fn churn(
                 let t = Instant::now();
                 s.remove(in_ns(
                     &ns,
+                    &lease,
                     RemoveSnapshotRequest {
                         snapshotter: snapshotter.clone(),
                         key: name,
@@ -150,6 +159,7 @@ async fn churn(
             a.extend(l);
         }
     }
+    client.delete_lease(&lease).await.unwrap();
     all
 }
 

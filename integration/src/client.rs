@@ -773,6 +773,39 @@ impl Client {
         }
     }
 
+    /// Creates a lease (expiring in an hour) for requests that must keep
+    /// what they create from the garbage collector; returns its id.
+    pub async fn create_lease(&self) -> Result<String> {
+        let id = format!("hb-lease-{:016x}", rand::random::<u64>());
+        let expire = std::time::SystemTime::now() + Duration::from_secs(3600);
+        let secs = expire
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let mut labels = HashMap::new();
+        labels.insert("containerd.io/gc.expire".to_string(), rfc3339(secs));
+        LeasesClient::new(self.channel.clone())
+            .create(self.req(CreateLeaseRequest {
+                id: id.clone(),
+                labels,
+            }))
+            .await
+            .map_err(rpc("Leases.Create", &id))?;
+        Ok(id)
+    }
+
+    /// Deletes lease `id`; what only it referenced goes at the next collection.
+    pub async fn delete_lease(&self, id: &str) -> Result<()> {
+        LeasesClient::new(self.channel.clone())
+            .delete(self.req(DeleteLeaseRequest {
+                id: id.into(),
+                sync: false,
+            }))
+            .await
+            .map(|_| ())
+            .map_err(rpc("Leases.Delete", id))
+    }
+
     /// Runs containerd's garbage collector now and waits for it (deleting a
     /// lease with `sync` does that), so snapshots and content no longer
     /// referenced are removed from their backends before this returns.
@@ -1148,6 +1181,28 @@ fn remote_labels(
     l
 }
 
+/// `secs` since the epoch as an RFC 3339 UTC timestamp (for lease expiry).
+fn rfc3339(secs: u64) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm) for the date part.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 fn is_index(media_type: &str, v: &Value) -> bool {
     media_type.contains("index")
         || media_type.contains("manifest.list")
@@ -1488,6 +1543,13 @@ impl Drop for ProcessIo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+    }
 
     #[test]
     fn references_parse_with_port_tag_and_digest() {
