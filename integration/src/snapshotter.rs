@@ -206,6 +206,12 @@ impl SnapshotterDaemon {
         left
     }
 
+    /// Stops it and panics if anything was left behind.
+    pub fn finish(self) {
+        let leaks = self.shutdown();
+        assert!(leaks.is_empty(), "left behind: {leaks:#?}");
+    }
+
     fn teardown(&mut self) {
         self.kill(Signal::SIGTERM);
         for m in crate::footprint::mounts_under(&self.dir) {

@@ -123,6 +123,13 @@ impl Testbed {
         leaks
     }
 
+    /// Tears everything down and panics if anything was left behind: the
+    /// last line of every end-to-end test.
+    pub fn finish(self) {
+        let leaks = self.shutdown();
+        assert!(leaks.is_empty(), "left behind: {leaks:#?}");
+    }
+
     /// The snapshotter; panics when the testbed was started without it.
     pub fn hyperbox(&mut self) -> &mut SnapshotterDaemon {
         self.snapshotter

@@ -42,8 +42,7 @@ async fn pull_and_run_prints_the_containers_output() {
     assert_eq!(out.stdout_str(), "hello from layer two\n");
     assert_eq!(out.status, 7, "exit status is passed through");
 
-    let leaks = tb.shutdown();
-    assert!(leaks.is_empty(), "left behind: {leaks:#?}");
+    tb.finish();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,8 +117,7 @@ async fn exec_runs_in_the_running_container() {
     assert_eq!(out.status, 137);
     c.delete().await.unwrap();
 
-    let leaks = tb.shutdown();
-    assert!(leaks.is_empty(), "left behind: {leaks:#?}");
+    tb.finish();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,6 +160,5 @@ async fn layered_image_shows_the_overlay_union() {
     );
     assert_eq!(out.stdout_str(), expected);
 
-    let leaks = tb.shutdown();
-    assert!(leaks.is_empty(), "left behind: {leaks:#?}");
+    tb.finish();
 }

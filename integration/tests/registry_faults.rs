@@ -154,8 +154,7 @@ async fn each_fault_is_a_clear_error_and_a_clean_retry_succeeds() {
             .unwrap_or_else(|e| panic!("{what}: CRI retry after the fault cleared: {e}"));
     }
 
-    let leaks = tb.shutdown();
-    assert!(leaks.is_empty(), "left behind: {leaks:#?}");
+    tb.finish();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,6 +210,5 @@ async fn proxy_counts_bytes_and_holds_its_bandwidth_cap() {
         "{requests:#?}"
     );
 
-    let leaks = tb.shutdown();
-    assert!(leaks.is_empty(), "left behind: {leaks:#?}");
+    tb.finish();
 }

@@ -853,6 +853,23 @@ mod tests {
     }
 
     #[test]
+    fn stat_equals_walk_and_update_moves_only_updated() {
+        let (_d, s) = sn();
+        layer(&s, "base", "", "f");
+        s.prepare("a", "base", l(&[("k", "v")])).unwrap();
+        for name in ["a", "base"] {
+            let walked = s.walk(&[format!("name=={name}")]).unwrap();
+            assert_eq!(walked, [s.stat(name).unwrap()]);
+        }
+        let before = s.stat("a").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let after = s.update(&before, &[]).unwrap();
+        assert_eq!(after.created, before.created);
+        assert!(after.updated > before.updated);
+        assert_eq!((after.kind, after.parent.as_str()), (Kind::Active, "base"));
+    }
+
+    #[test]
     fn deep_chains_list_every_layer() {
         let (_d, s) = sn();
         let mut parent = String::new();

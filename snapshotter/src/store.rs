@@ -205,57 +205,60 @@ pub trait Reader {
     fn has_children(&self, key: &str) -> Result<bool>;
 }
 
-impl Reader for ReadTransaction {
-    fn get(&self, key: &str) -> Result<Option<Record>> {
-        let t = self.open_table(SNAPSHOTS).map_err(db("open snapshots"))?;
-        let v = t.get(key).map_err(db("get snapshot"))?;
-        v.map(|v| decode(key, v.value())).transpose()
-    }
-
-    fn all(&self) -> Result<Vec<(String, Record)>> {
-        let t = self.open_table(SNAPSHOTS).map_err(db("open snapshots"))?;
-        let mut out = Vec::new();
-        for item in t.iter().map_err(db("iterate snapshots"))? {
-            let (k, v) = item.map_err(db("read snapshot"))?;
-            out.push((k.value().to_string(), decode(k.value(), v.value())?));
-        }
-        Ok(out)
-    }
-
-    fn has_children(&self, key: &str) -> Result<bool> {
-        let t = self
-            .open_multimap_table(CHILDREN)
-            .map_err(db("open children"))?;
-        let mut it = t.get(key).map_err(db("get children"))?;
-        Ok(it.next().is_some())
-    }
+fn get_in(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<Record>> {
+    let v = t.get(key).map_err(db("get snapshot"))?;
+    v.map(|v| decode(key, v.value())).transpose()
 }
 
-impl Reader for WriteTransaction {
-    fn get(&self, key: &str) -> Result<Option<Record>> {
-        let t = self.open_table(SNAPSHOTS).map_err(db("open snapshots"))?;
-        let v = t.get(key).map_err(db("get snapshot"))?;
-        v.map(|v| decode(key, v.value())).transpose()
+fn all_in(t: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<Vec<(String, Record)>> {
+    let mut out = Vec::new();
+    for item in t.iter().map_err(db("iterate snapshots"))? {
+        let (k, v) = item.map_err(db("read snapshot"))?;
+        out.push((k.value().to_string(), decode(k.value(), v.value())?));
     }
-
-    fn all(&self) -> Result<Vec<(String, Record)>> {
-        let t = self.open_table(SNAPSHOTS).map_err(db("open snapshots"))?;
-        let mut out = Vec::new();
-        for item in t.iter().map_err(db("iterate snapshots"))? {
-            let (k, v) = item.map_err(db("read snapshot"))?;
-            out.push((k.value().to_string(), decode(k.value(), v.value())?));
-        }
-        Ok(out)
-    }
-
-    fn has_children(&self, key: &str) -> Result<bool> {
-        let t = self
-            .open_multimap_table(CHILDREN)
-            .map_err(db("open children"))?;
-        let mut it = t.get(key).map_err(db("get children"))?;
-        Ok(it.next().is_some())
-    }
+    Ok(out)
 }
+
+fn has_children_in(
+    t: &impl ReadableMultimapTable<&'static str, &'static str>,
+    key: &str,
+) -> Result<bool> {
+    let mut it = t.get(key).map_err(db("get children"))?;
+    Ok(it.next().is_some())
+}
+
+/// Both transaction kinds read alike; only the table handle types differ.
+macro_rules! impl_reader {
+    ($tx:ty) => {
+        impl Reader for $tx {
+            fn get(&self, key: &str) -> Result<Option<Record>> {
+                get_in(
+                    &self.open_table(SNAPSHOTS).map_err(db("open snapshots"))?,
+                    key,
+                )
+            }
+
+            fn all(&self) -> Result<Vec<(String, Record)>> {
+                all_in(&self.open_table(SNAPSHOTS).map_err(db("open snapshots"))?)
+            }
+
+            fn has_children(&self, key: &str) -> Result<bool> {
+                has_children_in(
+                    &self
+                        .open_multimap_table(CHILDREN)
+                        .map_err(db("open children"))?,
+                    key,
+                )
+            }
+        }
+    };
+}
+
+impl_reader!(ReadTransaction);
+impl_reader!(WriteTransaction);
 
 /// Writes inside a write transaction.
 pub trait Writer {
