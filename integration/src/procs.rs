@@ -122,12 +122,3 @@ pub fn reap_zombie_children(prefix: &str) {
         }
     }
 }
-
-/// Our zombie children whose command name starts with `prefix`.
-pub fn zombie_children(prefix: &str) -> Vec<ProcInfo> {
-    let me = std::process::id() as i32;
-    all()
-        .into_iter()
-        .filter(|p| p.ppid == me && p.state == 'Z' && p.comm.starts_with(prefix))
-        .collect()
-}

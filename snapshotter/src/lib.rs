@@ -14,6 +14,7 @@
 
 #![deny(missing_docs)]
 
+pub mod erofs;
 pub mod features;
 pub mod filter;
 pub mod mounts;
