@@ -98,3 +98,14 @@ macro_rules! require {
         }
     };
 }
+
+/// Skips (returns from) the calling test unless everything a test that runs
+/// containers from a registry needs is present ([`Prereq::CONTAINERS`]).
+#[macro_export]
+macro_rules! require_containers {
+    () => {
+        if !$crate::prereq::require(module_path!(), $crate::prereq::Prereq::CONTAINERS) {
+            return;
+        }
+    };
+}

@@ -103,6 +103,13 @@ impl Testbed {
             .expect("push image")
     }
 
+    /// Pushes a busybox image that sleeps for an hour (`test/sleeper:v1`),
+    /// for tests that need a running container; returns its reference.
+    pub async fn push_sleeper(&self) -> String {
+        let spec = ImageSpec::busybox(&["sleep", "3600"]).expect("busybox image");
+        self.push(&spec, "test/sleeper", "v1").await
+    }
+
     /// The same image reference, pulled through the proxy.
     pub fn via_proxy(&self, reference: &str) -> String {
         reference.replacen(&self.registry.host(), &self.proxy.host(), 1)

@@ -5,19 +5,12 @@
 use hyperbox_integration::client::{ContainerOptions, PullOptions};
 use hyperbox_integration::corpus;
 use hyperbox_integration::image::{Compression, ImageSpec, Layer};
-use hyperbox_integration::prereq::Prereq;
-use hyperbox_integration::require;
+use hyperbox_integration::require_containers;
 use hyperbox_integration::testbed::Testbed;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_and_run_prints_the_containers_output() {
-    require!(
-        Prereq::Root,
-        Prereq::Containerd,
-        Prereq::Runc,
-        Prereq::Registry,
-        Prereq::Busybox
-    );
+    require_containers!();
     let tb = Testbed::start_with(|b| b.without_cri()).await;
     let spec =
         ImageSpec::busybox(&["sh", "-c", "echo hello from $(cat /etc/motd) && exit 7"]).unwrap();
@@ -47,21 +40,9 @@ async fn pull_and_run_prints_the_containers_output() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_runs_in_the_running_container() {
-    require!(
-        Prereq::Root,
-        Prereq::Containerd,
-        Prereq::Runc,
-        Prereq::Registry,
-        Prereq::Busybox
-    );
+    require_containers!();
     let tb = Testbed::start_with(|b| b.without_cri()).await;
-    let reference = tb
-        .push(
-            &ImageSpec::busybox(&["sleep", "3600"]).unwrap(),
-            "test/sleeper",
-            "v1",
-        )
-        .await;
+    let reference = tb.push_sleeper().await;
     let client = tb.containerd.client().await.unwrap();
     let image = client
         .pull(&reference, &PullOptions::local("overlayfs"))
@@ -122,13 +103,7 @@ async fn exec_runs_in_the_running_container() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layered_image_shows_the_overlay_union() {
-    require!(
-        Prereq::Root,
-        Prereq::Containerd,
-        Prereq::Runc,
-        Prereq::Registry,
-        Prereq::Busybox
-    );
+    require_containers!();
     let tb = Testbed::start_with(|b| b.without_cri()).await;
     let reference = tb.push(&corpus::tricky(), "test/layers", "v1").await;
     let client = tb.containerd.client().await.unwrap();

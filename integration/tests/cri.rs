@@ -7,8 +7,8 @@ use std::time::Duration;
 use hyperbox_integration::cri::{ContainerSpec, PodNetwork};
 use hyperbox_integration::image::ImageSpec;
 use hyperbox_integration::prereq::Prereq;
-use hyperbox_integration::require;
 use hyperbox_integration::testbed::Testbed;
+use hyperbox_integration::{require, require_containers};
 
 async fn pod_lifecycle(network: PodNetwork) {
     let tb = Testbed::start().await;
@@ -105,13 +105,7 @@ async fn pod_lifecycle(network: PodNetwork) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_network_pod_runs_containers_like_the_kubelet() {
-    require!(
-        Prereq::Root,
-        Prereq::Containerd,
-        Prereq::Runc,
-        Prereq::Registry,
-        Prereq::Busybox
-    );
+    require_containers!();
     pod_lifecycle(PodNetwork::Host).await;
 }
 

@@ -12,7 +12,7 @@ use hyperbox_integration::client::{ContainerOptions, PullOptions};
 use hyperbox_integration::image::{Compression, LayerBlob, media};
 use hyperbox_integration::prereq::Prereq;
 use hyperbox_integration::testbed::Testbed;
-use hyperbox_integration::{corpus, require};
+use hyperbox_integration::{corpus, require, require_containers};
 use hyperbox_snapshotter::erofs::writer::{Error, convert};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
@@ -69,13 +69,7 @@ impl Drop for Mounted {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layer_images_stacked_by_the_kernel_equal_overlayfs() {
-    require!(
-        Prereq::Root,
-        Prereq::Containerd,
-        Prereq::Runc,
-        Prereq::Registry,
-        Prereq::Busybox
-    );
+    require_containers!();
     let tb = Testbed::start_with(|b| b.without_cri()).await;
     let spec = corpus::tricky();
     let built = spec.build(&tb.work_dir().join("tricky")).unwrap();

@@ -8,9 +8,8 @@ use std::time::{Duration, Instant};
 
 use hyperbox_integration::client::{ContainerOptions, PullOptions};
 use hyperbox_integration::image::{Compression, ImageSpec, Layer};
-use hyperbox_integration::prereq::Prereq;
 use hyperbox_integration::proxy::{Fault, FaultRule, Shaping};
-use hyperbox_integration::require;
+use hyperbox_integration::require_containers;
 use hyperbox_integration::testbed::Testbed;
 
 /// What containerd's own fetcher (CRI) does with a fault.
@@ -74,13 +73,7 @@ fn assert_mentions(err: &str, words: &[&str], what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_fault_is_a_clear_error_and_a_clean_retry_succeeds() {
-    require!(
-        Prereq::Root,
-        Prereq::Containerd,
-        Prereq::Runc,
-        Prereq::Registry,
-        Prereq::Busybox
-    );
+    require_containers!();
     let tb = Testbed::start().await;
     let client = tb.containerd.client().await.unwrap();
     let cri = tb.containerd.cri().await.unwrap();
@@ -159,13 +152,7 @@ async fn each_fault_is_a_clear_error_and_a_clean_retry_succeeds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_counts_bytes_and_holds_its_bandwidth_cap() {
-    require!(
-        Prereq::Root,
-        Prereq::Containerd,
-        Prereq::Runc,
-        Prereq::Registry,
-        Prereq::Busybox
-    );
+    require_containers!();
     let tb = Testbed::start_with(|b| b.without_cri()).await;
     let mut spec = ImageSpec::busybox(&["true"]).unwrap();
     spec.layers

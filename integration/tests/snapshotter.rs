@@ -14,18 +14,12 @@ use hyperbox_integration::image::ImageSpec;
 use hyperbox_integration::prereq::Prereq;
 use hyperbox_integration::snapshotter::{NAME, SnapshotterDaemon};
 use hyperbox_integration::testbed::Testbed;
-use hyperbox_integration::{corpus, mount, require};
+use hyperbox_integration::{corpus, mount, require, require_containers};
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rootfs_through_hyperbox_equals_overlayfs() {
-    require!(
-        Prereq::Root,
-        Prereq::Containerd,
-        Prereq::Runc,
-        Prereq::Registry,
-        Prereq::Busybox
-    );
+    require_containers!();
     let mut tb = Testbed::start_hyperbox(|b| b.without_cri()).await;
     let reference = tb.push(&corpus::tricky(), "test/tricky", "v1").await;
     let client = tb.containerd.client().await.unwrap();
@@ -95,13 +89,7 @@ fn split_mount(out: &str) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cri_pod_runs_on_hyperbox() {
-    require!(
-        Prereq::Root,
-        Prereq::Containerd,
-        Prereq::Runc,
-        Prereq::Registry,
-        Prereq::Busybox
-    );
+    require_containers!();
     let mut tb = Testbed::start_hyperbox(|b| b).await;
     let reference = tb
         .push(
@@ -393,21 +381,9 @@ async fn socket_mode_stale_socket_and_second_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containers_keep_running_across_a_snapshotter_kill() {
-    require!(
-        Prereq::Root,
-        Prereq::Containerd,
-        Prereq::Runc,
-        Prereq::Registry,
-        Prereq::Busybox
-    );
+    require_containers!();
     let mut tb = Testbed::start_hyperbox(|b| b.without_cri()).await;
-    let reference = tb
-        .push(
-            &ImageSpec::busybox(&["sleep", "3600"]).unwrap(),
-            "test/sleeper",
-            "v1",
-        )
-        .await;
+    let reference = tb.push_sleeper().await;
     let client = tb.containerd.client().await.unwrap();
     let image = client
         .pull(&reference, &PullOptions::local(NAME))
@@ -455,13 +431,7 @@ async fn containers_keep_running_across_a_snapshotter_kill() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_image_of_128_layers_runs() {
-    require!(
-        Prereq::Root,
-        Prereq::Containerd,
-        Prereq::Runc,
-        Prereq::Registry,
-        Prereq::Busybox
-    );
+    require_containers!();
     // 128 lower directories make an overlay option longer than a page;
     // containerd's mount code shortens it, which must keep working with
     // hyperbox's directory layout.

@@ -12,8 +12,7 @@ use std::time::Duration;
 
 use hyperbox_integration::client::{Client, ContainerOptions, PullOptions};
 use hyperbox_integration::image::{Compression, ImageSpec, Layer};
-use hyperbox_integration::prereq::Prereq;
-use hyperbox_integration::require;
+use hyperbox_integration::require_containers;
 use hyperbox_integration::snapshotter::{NAME, SnapshotterDaemon};
 use hyperbox_integration::testbed::Testbed;
 use nix::sys::signal::Signal;
@@ -122,13 +121,7 @@ async fn check(sn: &SnapshotterDaemon, client: &Client, point: u32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_points_leaves_a_consistent_snapshotter() {
-    require!(
-        Prereq::Root,
-        Prereq::Containerd,
-        Prereq::Runc,
-        Prereq::Registry,
-        Prereq::Busybox
-    );
+    require_containers!();
     let seed: u64 = std::env::var("HYPERBOX_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())

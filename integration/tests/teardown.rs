@@ -4,28 +4,14 @@
 
 use hyperbox_integration::client::{ContainerOptions, PullOptions};
 use hyperbox_integration::cri::{ContainerSpec, PodNetwork};
-use hyperbox_integration::image::ImageSpec;
-use hyperbox_integration::prereq::Prereq;
-use hyperbox_integration::require;
+use hyperbox_integration::require_containers;
 use hyperbox_integration::testbed::Testbed;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_containers_and_pods_are_removed_with_the_instance() {
-    require!(
-        Prereq::Root,
-        Prereq::Containerd,
-        Prereq::Runc,
-        Prereq::Registry,
-        Prereq::Busybox
-    );
+    require_containers!();
     let tb = Testbed::start().await;
-    let reference = tb
-        .push(
-            &ImageSpec::busybox(&["sleep", "3600"]).unwrap(),
-            "test/sleeper",
-            "v1",
-        )
-        .await;
+    let reference = tb.push_sleeper().await;
     let client = tb.containerd.client().await.unwrap();
     let image = client
         .pull(&reference, &PullOptions::local("overlayfs"))
@@ -70,21 +56,9 @@ async fn abandoned_containers_and_pods_are_removed_with_the_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containers_survive_a_containerd_restart() {
-    require!(
-        Prereq::Root,
-        Prereq::Containerd,
-        Prereq::Runc,
-        Prereq::Registry,
-        Prereq::Busybox
-    );
+    require_containers!();
     let mut tb = Testbed::start_with(|b| b.without_cri()).await;
-    let reference = tb
-        .push(
-            &ImageSpec::busybox(&["sleep", "3600"]).unwrap(),
-            "test/sleeper",
-            "v1",
-        )
-        .await;
+    let reference = tb.push_sleeper().await;
     let client = tb.containerd.client().await.unwrap();
     let image = client
         .pull(&reference, &PullOptions::local("overlayfs"))
