@@ -123,10 +123,6 @@ fn snapshots_ls_without_a_snapshotter_says_so() {
 #[test]
 fn doctor_reports_every_feature_with_how_it_was_found() {
     require!(Prereq::Root);
-    let before = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .count();
     let (ok, json, err) = hb(&["doctor", "--json"]);
     assert!(ok, "{err}");
     let v: Value = serde_json::from_str(&json).unwrap();
@@ -165,12 +161,19 @@ fn doctor_reports_every_feature_with_how_it_was_found() {
     if hybrid {
         assert_eq!(features["cgroup"]["value"], "hybrid");
     }
-    // The probes mount and create files; they leave neither behind.
-    let after = std::fs::read_to_string("/proc/self/mountinfo")
+    // The probes mount and create files in a scratch directory of their own
+    // (`.hb-doctor-<pid>`); neither a mount nor the directory is left.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains("/.hb-doctor-"),
+        "doctor left a probe mounted"
+    );
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
         .unwrap()
-        .lines()
-        .count();
-    assert_eq!(before, after);
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".hb-doctor-"))
+        .collect();
+    assert!(left.is_empty(), "doctor left {left:?}");
 
     let (ok, table, _) = hb(&["doctor"]);
     assert!(ok);
