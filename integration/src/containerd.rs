@@ -66,6 +66,20 @@ fn io(action: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { action, source }
 }
 
+/// Once per test process: tear down instances of test processes that died
+/// without their teardown, so an aborted run does not leak into the next.
+fn sweep_once() {
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(|| {
+        for dir in crate::footprint::sweep_dead_owners("hb-ctd-") {
+            tracing::warn!(dir = %dir.display(), "removed an instance left by a dead test process");
+        }
+        for prefix in ["hb-snap-", "hb-registry-", "hb-images-"] {
+            crate::footprint::sweep_dead_owners(prefix);
+        }
+    });
+}
+
 /// A `[proxy_plugins]` entry.
 #[derive(Debug, Clone)]
 pub struct ProxyPlugin {
@@ -148,11 +162,17 @@ impl Builder {
     /// Starts containerd and waits until it answers.
     pub async fn start(self) -> Result<Containerd> {
         crate::procs::become_subreaper();
+        sweep_once();
         let dir = tempfile::Builder::new()
             .prefix("hb-ctd-")
             .tempdir()
             .map_err(io("create temp dir"))?
             .keep();
+        fs::write(
+            dir.join(crate::footprint::OWNER_FILE),
+            std::process::id().to_string(),
+        )
+        .map_err(io("record owner"))?;
         let id = format!("{:08x}", rand::random::<u32>());
         let c = Containerd {
             footprint: Footprint {

@@ -129,7 +129,7 @@ impl Footprint {
             let _ = fs::remove_file(f);
         }
         drop(extra);
-        if Path::new("/sys/class/net").join(&self.bridge).exists() {
+        if !self.bridge.is_empty() && Path::new("/sys/class/net").join(&self.bridge).exists() {
             let _ = std::process::Command::new("ip")
                 .args(["link", "del", &self.bridge])
                 .status();
@@ -174,7 +174,7 @@ impl Footprint {
         for f in extra.sandboxes.iter().flat_map(|s| cni_cache_files(s)) {
             out.push(format!("CNI result cache {}", f.display()));
         }
-        if Path::new("/sys/class/net").join(&self.bridge).exists() {
+        if !self.bridge.is_empty() && Path::new("/sys/class/net").join(&self.bridge).exists() {
             out.push(format!("network interface {}", self.bridge));
         }
         if self.dir.exists() {
@@ -192,6 +192,9 @@ impl Footprint {
     pub fn cgroups_left(&self) -> Vec<PathBuf> {
         let rel = self.cgroup_prefix.trim_start_matches('/');
         let mut out = Vec::new();
+        if rel.is_empty() {
+            return out;
+        }
         let Ok(entries) = fs::read_dir(CGROUP_ROOT) else {
             return out;
         };
@@ -271,6 +274,73 @@ pub fn shim_socket_path(address: &Path, cmdline: &[String]) -> Option<PathBuf> {
     let key = address.join(ns).join(id);
     let sum = <sha2::Sha256 as sha2::Digest>::digest(key.to_string_lossy().as_bytes());
     Some(Path::new(SHIM_SOCKET_DIR).join(hex::encode(sum)))
+}
+
+/// Name of the file in an instance directory that holds the pid of the test
+/// process owning it.
+pub const OWNER_FILE: &str = "owner.pid";
+
+/// Tears down instances left by test processes that died without running
+/// their teardown (killed by a timeout or SIGKILL): directories named
+/// `prefix*` in the temp dir whose owner process is gone. Instances of live
+/// processes, including other test runs going on now, are left alone.
+/// Returns the directories swept.
+pub fn sweep_dead_owners(prefix: &str) -> Vec<PathBuf> {
+    let mut swept = Vec::new();
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return swept;
+    };
+    for e in entries.flatten() {
+        let dir = e.path();
+        if !e.file_name().to_string_lossy().starts_with(prefix) {
+            continue;
+        }
+        let owner = fs::read_to_string(dir.join(OWNER_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok());
+        let users = processes_using(&dir);
+        // No owner file: from before owners were recorded, or a start in
+        // progress; a leftover only if nothing uses it and it is not new.
+        let stale = match owner {
+            Some(pid) => !procs::alive(pid),
+            None => {
+                users.is_empty()
+                    && e.metadata()
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|age| age > Duration::from_secs(60))
+            }
+        };
+        if !stale {
+            continue;
+        }
+        let fp = Footprint {
+            address: dir.join("containerd.sock"),
+            cgroup_prefix: String::new(),
+            bridge: String::new(),
+            extra: Arc::new(Mutex::new(Extra::default())),
+            dir: dir.clone(),
+        };
+        fp.kill_shims();
+        // Orphaned daemons of the dead owner: containerd, registry,
+        // snapshotter all name a path inside the directory.
+        procs::kill_and_wait(&processes_using(&dir), Duration::from_secs(10));
+        procs::reap_zombie_children("containerd-shim");
+        fp.remove_all();
+        swept.push(dir);
+    }
+    swept
+}
+
+/// Processes with an argument inside `dir`.
+fn processes_using(dir: &Path) -> Vec<i32> {
+    let prefix = dir.to_string_lossy();
+    procs::all()
+        .into_iter()
+        .filter(|p| p.cmdline.iter().any(|a| a.starts_with(prefix.as_ref())))
+        .map(|p| p.pid)
+        .collect()
 }
 
 #[cfg(test)]

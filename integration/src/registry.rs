@@ -58,6 +58,11 @@ impl Registry {
             .prefix("hb-registry-")
             .tempdir()
             .map_err(io("create temp dir"))?;
+        fs::write(
+            dir.path().join(crate::footprint::OWNER_FILE),
+            std::process::id().to_string(),
+        )
+        .map_err(io("record owner"))?;
         let addr = free_loopback_port()?;
         let storage = dir.path().join("storage");
         fs::create_dir_all(&storage).map_err(io("create storage dir"))?;
@@ -91,6 +96,16 @@ impl Registry {
     /// `http://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The registry process's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The registry's private directory (config, storage, log).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// Where the registry stores blobs.

@@ -37,6 +37,11 @@ impl SnapshotterDaemon {
             .expect("temp dir")
             .keep();
         fs::write(
+            dir.join(crate::footprint::OWNER_FILE),
+            std::process::id().to_string(),
+        )
+        .expect("record owner");
+        fs::write(
             dir.join("config.toml"),
             format!(
                 "[snapshotter]\nroot = \"{}\"\naddress = \"{}\"\n",

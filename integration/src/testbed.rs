@@ -58,6 +58,11 @@ impl Testbed {
             .prefix("hb-images-")
             .tempdir()
             .expect("temp dir for image blobs");
+        std::fs::write(
+            work.path().join(crate::footprint::OWNER_FILE),
+            std::process::id().to_string(),
+        )
+        .expect("record owner");
         let pause = crate::cri::pause_image_spec()
             .expect("busybox for the pause image")
             .build(&work.path().join("pause"))

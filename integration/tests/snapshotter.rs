@@ -71,7 +71,9 @@ async fn rootfs_through_hyperbox_equals_overlayfs() {
         "rootfs is an overlay over hyperbox's layers: {ours_mount}"
     );
 
-    // The image's layers are committed in hyperbox; containers' snapshots go.
+    // The image's layers are committed in hyperbox; containers' snapshots go
+    // at the next collection.
+    client.gc().await.unwrap();
     let snaps = tb
         .hyperbox()
         .wait_for_count(&[], 3, Duration::from_secs(30))
@@ -132,6 +134,10 @@ async fn cri_pod_runs_on_hyperbox() {
 
     cri.remove_container(&id).await.unwrap();
     cri.remove_pod(&pod).await.unwrap();
+    // containerd removes backend snapshots in its collector; run it now
+    // rather than wait for its scheduler's thresholds.
+    let client = tb.containerd.client().await.unwrap();
+    client.with_namespace("k8s.io").gc().await.unwrap();
     let active = tb
         .hyperbox()
         .wait_for_count(&["kind==active"], 0, Duration::from_secs(30))

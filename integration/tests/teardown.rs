@@ -4,8 +4,9 @@
 
 use hyperbox_integration::client::{ContainerOptions, PullOptions};
 use hyperbox_integration::cri::{ContainerSpec, PodNetwork};
-use hyperbox_integration::require_containers;
+use hyperbox_integration::prereq::Prereq;
 use hyperbox_integration::testbed::Testbed;
+use hyperbox_integration::{require, require_containers};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_containers_and_pods_are_removed_with_the_instance() {
@@ -84,4 +85,37 @@ async fn containers_survive_a_containerd_restart() {
     c.delete().await.unwrap();
 
     tb.finish();
+}
+
+#[test]
+fn instances_of_dead_test_processes_are_swept_and_live_ones_kept() {
+    require!(Prereq::Root, Prereq::Registry);
+    let orphan = hyperbox_integration::registry::Registry::start().unwrap();
+    let live = hyperbox_integration::registry::Registry::start().unwrap();
+    // Make `orphan` look like the instance of a test process that was killed.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = gone.id();
+    gone.wait().unwrap();
+    std::fs::write(
+        orphan
+            .dir()
+            .join(hyperbox_integration::footprint::OWNER_FILE),
+        dead_pid.to_string(),
+    )
+    .unwrap();
+    let (orphan_dir, orphan_pid) = (orphan.dir().to_path_buf(), orphan.pid());
+
+    let swept = hyperbox_integration::footprint::sweep_dead_owners("hb-registry-");
+    assert_eq!(swept, std::slice::from_ref(&orphan_dir));
+    assert!(!orphan_dir.exists());
+    assert!(
+        !hyperbox_integration::procs::alive(orphan_pid as i32),
+        "its daemon is gone too"
+    );
+    assert!(live.dir().exists());
+    assert!(
+        hyperbox_integration::procs::alive(live.pid() as i32),
+        "a live owner's instance is kept"
+    );
+    drop(orphan);
 }
