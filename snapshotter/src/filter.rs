@@ -298,6 +298,28 @@ mod tests {
     }
 
     #[test]
+    fn arbitrary_filter_text_never_panics() {
+        use rand::{Rng, SeedableRng};
+        let alphabet: Vec<char> = "ab.\"=!~,\\ /é\u{1F600}(".chars().collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let l = labels(&[("a", "b")]);
+        for _ in 0..5000 {
+            let len = rng.random_range(0..24);
+            let f: String = (0..len)
+                .map(|_| alphabet[rng.random_range(0..alphabet.len())])
+                .collect();
+            if let Ok(p) = Filters::parse(&[f]) {
+                let _ = p.matches(&Fields {
+                    name: "a",
+                    parent: "",
+                    kind: "active",
+                    labels: &l,
+                });
+            }
+        }
+    }
+
+    #[test]
     fn malformed_filters_are_rejected_with_a_position() {
         for bad in ["==x", "name==", "labels.\"open", "name~=(", "a b"] {
             let e = Filters::parse(&[bad.to_string()]).unwrap_err();

@@ -68,6 +68,14 @@ pub enum Error {
         /// The xattr name.
         name: String,
     },
+    /// A value that does not fit the on-disk field that must hold it.
+    #[error("layer entry {path:?}: {what}")]
+    OutOfRange {
+        /// The entry.
+        path: String,
+        /// Which value, and its limit.
+        what: &'static str,
+    },
     /// An entry type with no filesystem meaning.
     #[error("layer entry {path:?}: unsupported tar entry type {kind:?}")]
     UnsupportedEntry {
@@ -330,11 +338,25 @@ impl<W: Write + Seek> Builder<W> {
                                 path: path_text(&raw_path),
                                 name: name.into(),
                             })?;
+                        let out_of_range = |what| Error::OutOfRange {
+                            path: path_text(&raw_path),
+                            what,
+                        };
+                        if suffix.len() > u8::MAX as usize {
+                            return Err(out_of_range("xattr name longer than 255 bytes"));
+                        }
+                        if ext.value_bytes().len() > u16::MAX as usize {
+                            return Err(out_of_range("xattr value larger than 64 KiB"));
+                        }
                         xattrs.push((
                             index,
                             suffix.as_bytes().to_vec(),
                             ext.value_bytes().to_vec(),
                         ));
+                        // i_xattr_icount is 16 bits of 4-byte units.
+                        if xattr_size(&xattrs) > 4 * u16::MAX as u64 {
+                            return Err(out_of_range("xattrs larger than 256 KiB in total"));
+                        }
                     }
                 }
             }
@@ -409,6 +431,13 @@ impl<W: Write + Seek> Builder<W> {
                 tar::EntryType::Char | tar::EntryType::Block => {
                     let major = h.device_major().ok().flatten().unwrap_or(0);
                     let minor = h.device_minor().ok().flatten().unwrap_or(0);
+                    // The kernel's encoding holds 12 bits of major, 20 of minor.
+                    if major > 0xfff || minor > 0xf_ffff {
+                        return Err(Error::OutOfRange {
+                            path: path_text(&raw_path),
+                            what: "device number beyond 12-bit major / 20-bit minor",
+                        });
+                    }
                     let rdev = layout::encode_dev(major, minor);
                     if kind == tar::EntryType::Char {
                         Kind::Char(rdev)
@@ -783,6 +812,84 @@ mod tests {
                 "{n} entries"
             );
         }
+    }
+
+    fn sample_tar() -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut add = |path: &str, kind: tar::EntryType, data: &[u8], link: Option<&str>| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_mode(0o644);
+            h.set_uid(1);
+            h.set_gid(2);
+            h.set_mtime(3);
+            h.set_size(data.len() as u64);
+            if let Some(l) = link {
+                h.set_link_name(l).unwrap();
+            }
+            b.append_data(&mut h, path, data).unwrap();
+        };
+        add("d/", tar::EntryType::Directory, b"", None);
+        add("d/f", tar::EntryType::Regular, &[5u8; 5000], None);
+        add("d/l", tar::EntryType::Symlink, b"", Some("f"));
+        add("d/h", tar::EntryType::Link, b"", Some("d/f"));
+        add("d/.wh.x", tar::EntryType::Regular, b"", None);
+        add("e/.wh..wh..opq", tar::EntryType::Regular, b"", None);
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn mutated_and_truncated_tars_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let good = sample_tar();
+        convert(&good[..], io::Cursor::new(Vec::new())).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x4879_7065_7262_6f78);
+        for _ in 0..3000 {
+            let mut t = good.clone();
+            for _ in 0..rng.random_range(1..8) {
+                let i = rng.random_range(0..t.len());
+                t[i] = rng.random();
+            }
+            if rng.random_bool(0.3) {
+                t.truncate(rng.random_range(0..t.len()));
+            }
+            // Any outcome but a panic: an error, or an image.
+            let _ = convert(&t[..], io::Cursor::new(Vec::new()));
+        }
+    }
+
+    #[test]
+    fn values_beyond_their_on_disk_fields_are_errors() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Char);
+        h.set_mode(0o600);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(0);
+        h.set_device_major(0x1000).unwrap();
+        h.set_device_minor(1).unwrap();
+        b.append_data(&mut h, "dev", io::empty()).unwrap();
+        let e = convert(&b.into_inner().unwrap()[..], io::Cursor::new(Vec::new())).unwrap_err();
+        assert!(
+            matches!(e, Error::OutOfRange { .. }) && e.to_string().contains("\"dev\""),
+            "{e}"
+        );
+
+        let mut b = tar::Builder::new(Vec::new());
+        let long = format!("user.{}", "x".repeat(300));
+        b.append_pax_extensions([(format!("SCHILY.xattr.{long}").as_str(), &b"v"[..])])
+            .unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(0);
+        b.append_data(&mut h, "f", io::empty()).unwrap();
+        let e = convert(&b.into_inner().unwrap()[..], io::Cursor::new(Vec::new())).unwrap_err();
+        assert!(e.to_string().contains("xattr name longer than 255"), "{e}");
     }
 
     #[test]
