@@ -97,6 +97,14 @@ pub enum Error {
         /// What is wrong.
         detail: String,
     },
+    /// A container, task or runtime is not in the state the call needs.
+    #[error("{subject}: {detail}")]
+    State {
+        /// The container, task or runtime.
+        subject: String,
+        /// What is wrong.
+        detail: String,
+    },
     /// Local I/O (FIFOs) failed.
     #[error("{action}")]
     Io {
@@ -1318,8 +1326,8 @@ impl ContainerHandle {
         // Wait for the kill to land; a task that is gone answers NotFound.
         let waited = tokio::time::timeout(Duration::from_secs(30), wait(c, &self.id, "")).await;
         if waited.is_err() {
-            return Err(Error::Image {
-                reference: self.id.clone(),
+            return Err(Error::State {
+                subject: self.id.clone(),
                 detail: "task did not exit within 30s of SIGKILL".into(),
             });
         }

@@ -125,8 +125,8 @@ impl Cri {
         if ready {
             Ok(())
         } else {
-            Err(Error::Image {
-                reference: "cri".into(),
+            Err(Error::State {
+                subject: "CRI runtime".into(),
                 detail: "RuntimeReady is false".into(),
             })
         }
@@ -380,8 +380,8 @@ impl Cri {
             .map_err(rpc("ContainerStatus", id))?
             .into_inner()
             .status
-            .ok_or_else(|| Error::Image {
-                reference: id.into(),
+            .ok_or_else(|| Error::State {
+                subject: id.into(),
                 detail: "ContainerStatus returned no status".into(),
             })
     }
@@ -396,8 +396,8 @@ impl Cri {
                 return Ok(st.exit_code);
             }
             if start.elapsed() > timeout {
-                return Err(Error::Image {
-                    reference: id.into(),
+                return Err(Error::State {
+                    subject: id.into(),
                     detail: format!("still not exited after {timeout:?} (state {})", st.state),
                 });
             }
@@ -449,11 +449,6 @@ impl Cri {
         .await
         .map_err(rpc("RemovePodSandbox", &pod.id))?;
         Ok(())
-    }
-
-    /// The raw runtime client, for calls not wrapped here.
-    pub fn runtime(&self) -> RuntimeServiceClient<Channel> {
-        self.runtime.clone()
     }
 }
 

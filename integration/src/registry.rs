@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -106,11 +106,6 @@ impl Registry {
     /// The registry's private directory (config, storage, log).
     pub fn dir(&self) -> &Path {
         self.dir.path()
-    }
-
-    /// Where the registry stores blobs.
-    pub fn storage(&self) -> PathBuf {
-        self.dir.path().join("storage")
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> Result<()> {

@@ -377,7 +377,15 @@ impl<W: Write + Seek> Builder<W> {
                 continue;
             }
             if let Some(hidden) = name.strip_prefix(b".wh.") {
-                let i = self.push(Kind::Char(0), 0, 0, 0, mtime, Vec::new());
+                let i = self.push(Node {
+                    kind: Kind::Char(0),
+                    perm: 0,
+                    uid: 0,
+                    gid: 0,
+                    mtime,
+                    xattrs: Vec::new(),
+                    links: 0,
+                });
                 self.link(parent, hidden.to_vec(), i);
                 continue;
             }
@@ -453,30 +461,22 @@ impl<W: Write + Seek> Builder<W> {
                     });
                 }
             };
-            let i = self.push(kind, perm, uid, gid, mtime, xattrs);
+            let i = self.push(Node {
+                kind,
+                perm,
+                uid,
+                gid,
+                mtime,
+                xattrs,
+                links: 0,
+            });
             self.link(parent, name.clone(), i);
         }
         Ok(())
     }
 
-    fn push(
-        &mut self,
-        kind: Kind,
-        perm: u16,
-        uid: u32,
-        gid: u32,
-        mtime: u64,
-        xattrs: Vec<(u8, Vec<u8>, Vec<u8>)>,
-    ) -> usize {
-        self.nodes.push(Node {
-            kind,
-            perm,
-            uid,
-            gid,
-            mtime,
-            xattrs,
-            links: 0,
-        });
+    fn push(&mut self, node: Node) -> usize {
+        self.nodes.push(node);
         self.nodes.len() - 1
     }
 
