@@ -1021,45 +1021,61 @@ impl Client {
             .snapshotter
             .clone()
             .unwrap_or_else(|| image.snapshotter.clone());
-        SnapshotsClient::new(self.channel.clone())
-            .prepare(self.req(PrepareSnapshotRequest {
-                snapshotter: snapshotter.clone(),
-                key: id.into(),
-                parent: image.top_chain_id().into(),
-                labels: HashMap::new(),
-            }))
-            .await
-            .map_err(rpc("Snapshots.Prepare", id))?;
-        let container = Container {
-            id: id.into(),
-            image: image.name.clone(),
-            runtime: Some(Runtime {
-                name: opts.runtime.clone().unwrap_or_else(|| RUNC_RUNTIME.into()),
-                options: Some(Any {
-                    type_url: RUNC_OPTIONS_TYPE.into(),
-                    value: prost::Message::encode_to_vec(&RuncOptions {
-                        root: self.runc_root.to_string_lossy().into_owned(),
+        // Between Prepare and Containers.Create nothing references the new
+        // snapshot; a lease keeps containerd's collector off it, as
+        // containerd's own clients do.
+        let lease = self.create_lease().await?;
+        let created: Result<()> = async {
+            SnapshotsClient::new(self.channel.clone())
+                .prepare(self.req_leased(
+                    PrepareSnapshotRequest {
+                        snapshotter: snapshotter.clone(),
+                        key: id.into(),
+                        parent: image.top_chain_id().into(),
+                        labels: HashMap::new(),
+                    },
+                    Some(&lease),
+                ))
+                .await
+                .map_err(rpc("Snapshots.Prepare", id))?;
+            let container = Container {
+                id: id.into(),
+                image: image.name.clone(),
+                runtime: Some(Runtime {
+                    name: opts.runtime.clone().unwrap_or_else(|| RUNC_RUNTIME.into()),
+                    options: Some(Any {
+                        type_url: RUNC_OPTIONS_TYPE.into(),
+                        value: prost::Message::encode_to_vec(&RuncOptions {
+                            root: self.runc_root.to_string_lossy().into_owned(),
+                        }),
                     }),
                 }),
-            }),
-            spec: Some(Any {
-                type_url: SPEC_TYPE.into(),
-                value: serde_json::to_vec(&spec).expect("spec serializes"),
-            }),
-            snapshotter: snapshotter.clone(),
-            snapshot_key: id.into(),
-            labels: opts.labels.clone(),
-            ..Default::default()
-        };
-        if let Err(e) = ContainersClient::new(self.channel.clone())
-            .create(self.req(CreateContainerRequest {
-                container: Some(container),
-            }))
-            .await
-        {
-            let _ = self.remove_snapshot(&snapshotter, id).await;
-            return Err(rpc("Containers.Create", id)(e));
+                spec: Some(Any {
+                    type_url: SPEC_TYPE.into(),
+                    value: serde_json::to_vec(&spec).expect("spec serializes"),
+                }),
+                snapshotter: snapshotter.clone(),
+                snapshot_key: id.into(),
+                labels: opts.labels.clone(),
+                ..Default::default()
+            };
+            if let Err(e) = ContainersClient::new(self.channel.clone())
+                .create(self.req_leased(
+                    CreateContainerRequest {
+                        container: Some(container),
+                    },
+                    Some(&lease),
+                ))
+                .await
+            {
+                let _ = self.remove_snapshot(&snapshotter, id).await;
+                return Err(rpc("Containers.Create", id)(e));
+            }
+            Ok(())
         }
+        .await;
+        self.delete_lease(&lease).await?;
+        created?;
         Ok(ContainerHandle {
             client: self.clone(),
             id: id.into(),
