@@ -73,6 +73,8 @@ pub struct Config {
     pub version: u32,
     /// `[snapshotter]`.
     pub snapshotter: Snapshotter,
+    /// `[registry]`: how the snapshotter and `hb image pull` reach registries.
+    pub registry: Registry,
 }
 
 impl Default for Config {
@@ -80,6 +82,7 @@ impl Default for Config {
         Config {
             version: VERSION,
             snapshotter: Snapshotter::default(),
+            registry: Registry::default(),
         }
     }
 }
@@ -98,6 +101,61 @@ pub struct Snapshotter {
     /// Remove directories that no snapshot owns when the daemon starts
     /// (leftovers of a crash), as `Cleanup` would.
     pub cleanup_on_start: bool,
+    /// Serve layers that containerd labels with their image reference
+    /// (CRI, nerdctl, `hb image pull`) by fetching them ourselves as EROFS.
+    pub remote: bool,
+    /// When the registry cannot be reached (after retries) or refuses our
+    /// credentials, hand the layer back to containerd to fetch and unpack.
+    /// Bad content (digest mismatch, a malicious tar) is never handed back.
+    pub fallback_to_local: bool,
+    /// Fetch the image's other layers (`cri.image-layers`) in parallel,
+    /// ahead of containerd's one-by-one Prepares.
+    pub prefetch: bool,
+    /// How EROFS layer images reach the kernel.
+    pub erofs_backend: ErofsBackend,
+}
+
+/// `snapshotter.erofs_backend`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ErofsBackend {
+    /// File-backed where the kernel can (6.12+), else a loop device.
+    Auto,
+    /// File-backed EROFS mounts only.
+    File,
+    /// A read-only loop device per layer.
+    Loop,
+}
+
+/// `[registry]`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Registry {
+    /// containerd's registry host directory: `<dir>/<host>/hosts.toml`
+    /// (mirrors, `ca`, `skip_verify`, `server`), `<dir>/_default/hosts.toml`.
+    pub config_path: PathBuf,
+    /// docker's credential file (`auths`), as `docker login` writes it.
+    pub docker_config: PathBuf,
+    /// Blob downloads at once, across all images.
+    pub max_concurrent_downloads: u32,
+    /// Retries of a request after a transient failure (connection errors,
+    /// resets, 5xx, 429), with exponential backoff; a download resumes
+    /// with a Range request where the registry allows it.
+    pub retries: u32,
+    /// Seconds to wait for a connection or for the next bytes of a reply.
+    pub timeout_secs: u64,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            config_path: PathBuf::from("/etc/containerd/certs.d"),
+            docker_config: PathBuf::from("/root/.docker/config.json"),
+            max_concurrent_downloads: 3,
+            retries: 4,
+            timeout_secs: 30,
+        }
+    }
 }
 
 impl Default for Snapshotter {
@@ -107,6 +165,10 @@ impl Default for Snapshotter {
             address: PathBuf::from("/run/hyperbox/snapshotter.sock"),
             socket_mode: 0o660,
             cleanup_on_start: true,
+            remote: true,
+            fallback_to_local: true,
+            prefetch: true,
+            erofs_backend: ErofsBackend::Auto,
         }
     }
 }
@@ -184,6 +246,31 @@ impl Config {
                 "must be permission bits (at most 0o777)",
             ));
         }
+        let r = &self.registry;
+        if !r.config_path.is_absolute() {
+            return Err(invalid("registry.config_path", "must be an absolute path"));
+        }
+        if !r.docker_config.is_absolute() {
+            return Err(invalid(
+                "registry.docker_config",
+                "must be an absolute path",
+            ));
+        }
+        if r.max_concurrent_downloads == 0 || r.max_concurrent_downloads > 64 {
+            return Err(invalid(
+                "registry.max_concurrent_downloads",
+                "must be between 1 and 64",
+            ));
+        }
+        if r.retries > 20 {
+            return Err(invalid("registry.retries", "must be at most 20"));
+        }
+        if r.timeout_secs == 0 || r.timeout_secs > 3600 {
+            return Err(invalid(
+                "registry.timeout_secs",
+                "must be between 1 and 3600",
+            ));
+        }
         Ok(())
     }
 }
@@ -241,6 +328,14 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("snapshotter.address"), "{e}");
+        let e = parse("[registry]\nmax_concurrent_downloads = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("registry.max_concurrent_downloads"), "{e}");
+        let e = parse("[snapshotter]\nerofs_backend = \"fuse\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("erofs_backend") && e.contains("auto"), "{e}");
         let e = parse("version = 2\n").unwrap_err().to_string();
         assert!(e.contains("version"), "{e}");
     }

@@ -181,6 +181,8 @@ pub struct Image {
     /// Layers whose Prepare was answered `AlreadyExists` (fetched by the
     /// snapshotter itself), by index.
     pub layers_skipped: Vec<usize>,
+    /// Layer blob digests from the manifest, bottom first.
+    pub layer_digests: Vec<String>,
 }
 
 impl Image {
@@ -583,6 +585,7 @@ impl Client {
             chain_ids: chains,
             snapshotter: opts.snapshotter.clone(),
             layers_skipped: skipped,
+            layer_digests: layers.iter().map(|l| l.digest.clone()).collect(),
         })
     }
 
@@ -646,7 +649,8 @@ impl Client {
         }
     }
 
-    async fn content_exists(&self, digest: &str) -> Result<bool> {
+    /// Whether containerd's content store holds `digest`.
+    pub async fn content_exists(&self, digest: &str) -> Result<bool> {
         match ContentClient::new(self.channel.clone())
             .info(self.req(InfoRequest {
                 digest: digest.into(),

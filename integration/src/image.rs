@@ -253,6 +253,18 @@ pub enum Entry {
         /// The directory made opaque.
         dir: String,
     },
+    /// A header written byte for byte, past the tar crate's own path checks,
+    /// as a hostile layer would carry it.
+    Raw {
+        /// Name field.
+        path: String,
+        /// Entry type.
+        kind: tar::EntryType,
+        /// Link name field.
+        link: String,
+        /// Content.
+        data: Vec<u8>,
+    },
 }
 
 /// A layer: entries in tar order and a compression.
@@ -401,6 +413,29 @@ impl Layer {
         self
     }
 
+    /// A regular file with `path` stored as given (`../x`, `/etc/x`): for
+    /// tests of hostile layers.
+    pub fn raw_entry_path(mut self, path: &str, content: &str) -> Self {
+        self.entries.push(Entry::Raw {
+            path: path.into(),
+            kind: tar::EntryType::Regular,
+            link: String::new(),
+            data: content.as_bytes().to_vec(),
+        });
+        self
+    }
+
+    /// A hard link to `target` stored as given: for tests of hostile layers.
+    pub fn raw_hardlink(mut self, path: &str, target: &str) -> Self {
+        self.entries.push(Entry::Raw {
+            path: path.into(),
+            kind: tar::EntryType::Link,
+            link: target.into(),
+            data: Vec::new(),
+        });
+        self
+    }
+
     /// Writes the layer blob into `dir` and returns its descriptor.
     pub fn write_blob(&self, dir: &Path) -> Result<LayerBlob> {
         let tmp = dir.join(format!("layer-{}.tmp", rand::random::<u64>()));
@@ -538,6 +573,25 @@ fn append_entry<W: Write>(tar: &mut tar::Builder<W>, entry: &Entry) -> Result<()
             let mut h = header(tar::EntryType::Regular, &Meta::mode(0o644), 0);
             tar.append_data(&mut h, &wh, io::empty())
                 .map_err(what(path))
+        }
+        Entry::Raw {
+            path,
+            kind,
+            link,
+            data,
+        } => {
+            let mut h = tar::Header::new_old();
+            let (p, l) = (path.as_bytes(), link.as_bytes());
+            h.as_old_mut().name[..p.len().min(99)].copy_from_slice(&p[..p.len().min(99)]);
+            h.as_old_mut().linkname[..l.len().min(99)].copy_from_slice(&l[..l.len().min(99)]);
+            h.set_entry_type(*kind);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_mode(0o644);
+            h.set_size(data.len() as u64);
+            h.set_cksum();
+            tar.append(&h, &data[..]).map_err(what(path))
         }
         Entry::Opaque { dir } => {
             let mut h = header(tar::EntryType::Regular, &Meta::mode(0o644), 0);

@@ -179,6 +179,14 @@ struct Request {
 /// Reads one request; `None` at a clean end of the connection.
 async fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<Option<Request>> {
     loop {
+        // A TLS handshake (or other non-HTTP bytes): answer as Go's HTTP
+        // servers (the registry among them) do, so a client trying HTTPS
+        // first learns at once that this is plain HTTP.
+        if buf.first().is_some_and(|b| !b.is_ascii_uppercase()) {
+            conn.write_all(b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n")
+                .await?;
+            return Ok(None);
+        }
         if let Some(end) = find_head_end(buf) {
             let mut headers = [httparse::EMPTY_HEADER; 64];
             let mut req = httparse::Request::new(&mut headers);

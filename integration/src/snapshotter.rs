@@ -31,6 +31,14 @@ pub struct SnapshotterDaemon {
 impl SnapshotterDaemon {
     /// Starts a snapshotter with a fresh root and waits until it answers.
     pub async fn start() -> SnapshotterDaemon {
+        Self::start_configured("", "").await
+    }
+
+    /// Like [`SnapshotterDaemon::start`] with extra keys for the
+    /// `[snapshotter]` section and extra TOML after it. Registry settings
+    /// point into the daemon's own directory (`certs.d/`,
+    /// `docker-config.json`) so tests never read the host's.
+    pub async fn start_configured(snapshotter_keys: &str, rest: &str) -> SnapshotterDaemon {
         let dir = tempfile::Builder::new()
             .prefix("hb-snap-")
             .tempdir()
@@ -44,9 +52,13 @@ impl SnapshotterDaemon {
         fs::write(
             dir.join("config.toml"),
             format!(
-                "[snapshotter]\nroot = \"{}\"\naddress = \"{}\"\n",
+                "[snapshotter]\nroot = \"{}\"\naddress = \"{}\"\n{snapshotter_keys}\n\
+                 [registry]\nconfig_path = \"{}\"\ndocker_config = \"{}\"\nretries = 3\n\
+                 timeout_secs = 10\n{rest}\n",
                 dir.join("root").display(),
-                dir.join("snapshotter.sock").display()
+                dir.join("snapshotter.sock").display(),
+                dir.join("certs.d").display(),
+                dir.join("docker-config.json").display(),
             ),
         )
         .expect("write config");

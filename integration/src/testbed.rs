@@ -48,6 +48,16 @@ impl Testbed {
         Self::start_inner(Some(sn), configure).await
     }
 
+    /// [`Testbed::start_hyperbox`] with extra `[snapshotter]` keys for
+    /// the daemon (see [`SnapshotterDaemon::start_configured`]).
+    pub async fn start_hyperbox_configured(
+        snapshotter_keys: &str,
+        configure: impl FnOnce(Builder) -> Builder,
+    ) -> Testbed {
+        let sn = SnapshotterDaemon::start_configured(snapshotter_keys, "").await;
+        Self::start_inner(Some(sn), configure).await
+    }
+
     async fn start_inner(
         snapshotter: Option<SnapshotterDaemon>,
         configure: impl FnOnce(Builder) -> Builder,

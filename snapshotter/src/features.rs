@@ -10,7 +10,6 @@ use std::ffi::CString;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::process::Command;
 
 use serde::Serialize;
 
@@ -125,22 +124,23 @@ fn erofs_file_backed(scratch: &Path, erofs: bool) -> Feature {
     }
     let dir = scratch.join(format!("probe-{:08x}", rand::random::<u32>()));
     let result = (|| -> Result<(), String> {
-        fs::create_dir_all(dir.join("src")).map_err(|e| e.to_string())?;
         fs::create_dir_all(dir.join("mnt")).map_err(|e| e.to_string())?;
-        fs::write(dir.join("src/probe"), b"hyperbox").map_err(|e| e.to_string())?;
+        // The probe image comes from our own writer, so the answer does not
+        // depend on erofs-utils being installed.
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(8);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        tar.append_data(&mut h, "probe", &b"hyperbox"[..])
+            .map_err(|e| e.to_string())?;
+        let tar = tar.into_inner().map_err(|e| e.to_string())?;
         let img = dir.join("probe.erofs");
-        let out = Command::new("mkfs.erofs")
-            .arg("--quiet")
-            .arg(&img)
-            .arg(dir.join("src"))
-            .output()
-            .map_err(|e| format!("mkfs.erofs (erofs-utils) not available: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "mkfs.erofs failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
+        let out = fs::File::create(&img).map_err(|e| e.to_string())?;
+        crate::erofs::writer::convert(&tar[..], out).map_err(|e| e.to_string())?;
         nix::mount::mount(
             Some(img.as_path()),
             &dir.join("mnt"),

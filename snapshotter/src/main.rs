@@ -25,11 +25,12 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = (|| -> anyhow::Result<()> {
         let config = hyperbox_config::Config::load(args.config.as_deref())?;
         let rt = tokio::runtime::Runtime::new()?;
-        rt.block_on(hyperbox_snapshotter::server::run(&config.snapshotter))
+        rt.block_on(hyperbox_snapshotter::server::run(&config))
     })();
     match result {
         Ok(()) => ExitCode::SUCCESS,

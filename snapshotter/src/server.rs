@@ -10,8 +10,13 @@ use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::UnixListenerStream;
 
+use hyperbox_config::ErofsBackend;
+use hyperbox_registry::Registry;
+
+use crate::erofs::mount::Backend;
 use crate::proto::snapshots_server::SnapshotsServer;
-use crate::service::Service;
+use crate::remote::Remote;
+use crate::service::{RemoteOptions, Service};
 use crate::snapshots::Snapshotter;
 
 /// Fails when a daemon still answers on `address`.
@@ -40,11 +45,37 @@ pub fn bind(address: &Path, mode: u32) -> Result<UnixListener> {
     Ok(listener)
 }
 
-/// Runs the snapshotter described by `config` until a termination signal.
-pub async fn run(config: &hyperbox_config::Snapshotter) -> Result<()> {
+/// The EROFS backend `wanted` resolves to on this kernel, given the
+/// detected features; `None` when no backend can work.
+pub fn choose_backend(
+    wanted: ErofsBackend,
+    features: &[crate::features::Feature],
+) -> Result<Option<Backend>> {
+    let has = |n: &str| features.iter().any(|f| f.name == n && f.available);
+    let file = has("erofs_file_backed");
+    let lo = has("erofs") && has("loop");
+    Ok(match wanted {
+        ErofsBackend::Auto if file => Some(Backend::File),
+        ErofsBackend::Auto if lo => Some(Backend::Loop),
+        ErofsBackend::Auto => None,
+        ErofsBackend::File if file => Some(Backend::File),
+        ErofsBackend::File => bail!(
+            "snapshotter.erofs_backend = \"file\" but this kernel cannot mount EROFS from a file \
+             (needs 6.12+ with EROFS_FS_BACKED_BY_FILE); use \"auto\" or \"loop\""
+        ),
+        ErofsBackend::Loop if lo => Some(Backend::Loop),
+        ErofsBackend::Loop => {
+            bail!("snapshotter.erofs_backend = \"loop\" but EROFS or /dev/loop-control is missing")
+        }
+    })
+}
+
+/// Runs the snapshotter described by `full` until a termination signal.
+pub async fn run(full: &hyperbox_config::Config) -> Result<()> {
+    let config = &full.snapshotter;
     // Checked before the store is opened, so a second daemon says why.
     ensure_free(&config.address)?;
-    let sn = Snapshotter::open(&config.root)
+    let mut sn = Snapshotter::open(&config.root)
         .with_context(|| format!("open snapshotter root {}", config.root.display()))?;
     if config.cleanup_on_start {
         let report = sn
@@ -54,8 +85,42 @@ pub async fn run(config: &hyperbox_config::Snapshotter) -> Result<()> {
             tracing::info!(removed = ?report.removed, "removed leftovers of unfinished operations");
         }
     }
-    for f in crate::features::detect(&config.root) {
+    let features = crate::features::detect(&config.root);
+    for f in &features {
         tracing::info!(feature = f.name, available = f.available, value = %f.value, how = %f.how, "kernel feature");
+    }
+    let remote = if config.remote {
+        match choose_backend(config.erofs_backend, &features)? {
+            Some(b) => {
+                sn.set_erofs_backend(b);
+                let registry = Registry::new(&full.registry).context("registry settings")?;
+                let remote = Remote::open(&config.root, Arc::new(registry))
+                    .context("prepare the layer cache")?;
+                tracing::info!(
+                    backend = b.as_str(),
+                    "remote path enabled: labelled layers are fetched and served as EROFS"
+                );
+                Some(RemoteOptions {
+                    remote: Arc::new(remote),
+                    fallback_to_local: config.fallback_to_local,
+                    prefetch: config.prefetch,
+                })
+            }
+            None => {
+                tracing::warn!(
+                    "remote path disabled: this kernel cannot mount EROFS (no file-backed mounts, no loop devices)"
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    // Layers stay mounted across a daemon restart (same mount namespace);
+    // after a reboot they are mounted again here.
+    let mounted = sn.mount_layers().context("mount fetched layers")?;
+    if mounted > 0 {
+        tracing::info!(mounted, "mounted fetched layers");
     }
     let listener = bind(&config.address, config.socket_mode)?;
     let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
@@ -66,7 +131,7 @@ pub async fn run(config: &hyperbox_config::Snapshotter) -> Result<()> {
         "hyperbox-snapshotter serving"
     );
     tonic::transport::Server::builder()
-        .add_service(SnapshotsServer::new(Service::new(Arc::new(sn))))
+        .add_service(SnapshotsServer::new(Service::new(Arc::new(sn), remote)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
             tokio::select! {
                 _ = term.recv() => {}

@@ -20,6 +20,7 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::mounts::Mount;
 use crate::proto::snapshots_server::Snapshots;
+use crate::remote::{Error as RemoteError, Remote};
 use crate::snapshots::{Error, Info, Snapshotter};
 use crate::store::Kind;
 
@@ -50,16 +51,121 @@ impl From<Error> for Status {
     }
 }
 
+/// The target name of a Prepare made to unpack a layer.
+const SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
+/// The image a layer belongs to (CRI and nerdctl send these).
+const CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+/// The layer's blob digest.
+const CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+/// This and the image's upper layers, comma-separated (capped at 4 KiB).
+const CRI_IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
+/// Converted layers younger than this survive Cleanup: a prefetch may have
+/// made one for a Prepare still on its way.
+const PREFETCH_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// How the remote path behaves.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    /// The fetcher.
+    pub remote: Arc<Remote>,
+    /// Hand registry failures back to containerd (local unpack).
+    pub fallback_to_local: bool,
+    /// Fetch `cri.image-layers` ahead.
+    pub prefetch: bool,
+}
+
 /// The gRPC service.
 #[derive(Debug, Clone)]
 pub struct Service {
     sn: Arc<Snapshotter>,
+    remote: Option<RemoteOptions>,
+}
+
+/// What the remote path made of a labelled Prepare.
+enum Served {
+    /// The target exists now: answer AlreadyExists.
+    Target(String),
+    /// Let containerd fetch and unpack (registry trouble, fallback on).
+    Local,
 }
 
 impl Service {
-    /// Serves `sn`.
-    pub fn new(sn: Arc<Snapshotter>) -> Self {
-        Service { sn }
+    /// Serves `sn`; labelled Prepares go through `remote` when given.
+    pub fn new(sn: Arc<Snapshotter>, remote: Option<RemoteOptions>) -> Self {
+        Service { sn, remote }
+    }
+
+    async fn prepare_remote(
+        &self,
+        opts: &RemoteOptions,
+        r: &PrepareSnapshotRequest,
+        target: &str,
+        image: &str,
+        layer: &str,
+    ) -> Result<Served, Status> {
+        let t = target.to_string();
+        if self
+            .run(move |s| match s.stat(&t) {
+                Ok(_) => Ok(true),
+                Err(Error::NotFound { .. }) => Ok(false),
+                Err(e) => Err(e),
+            })
+            .await?
+        {
+            return Ok(Served::Target(target.into()));
+        }
+        if opts.prefetch
+            && let Some(all) = r.labels.get(CRI_IMAGE_LAYERS)
+        {
+            let others: Vec<String> = all
+                .split(',')
+                .map(str::trim)
+                .filter(|d| !d.is_empty() && *d != layer)
+                .map(String::from)
+                .collect();
+            opts.remote.prefetch(image, &others);
+        }
+        let started = std::time::Instant::now();
+        let path = match opts.remote.ensure(image, layer).await {
+            Ok(p) => p,
+            Err(e) if opts.fallback_to_local && e.may_fall_back() => {
+                tracing::warn!(
+                    layer, image, error = %crate::error_chain(&*e),
+                    "cannot fetch the layer; containerd will fetch and unpack it"
+                );
+                return Ok(Served::Local);
+            }
+            Err(e) => {
+                let code = match &*e {
+                    RemoteError::Registry { source, .. } if source.is_unreachable() => {
+                        Code::Unavailable
+                    }
+                    RemoteError::Io { .. } => Code::Internal,
+                    _ => Code::FailedPrecondition,
+                };
+                let msg = crate::error_chain(&*e);
+                tracing::error!(layer, image, error = %msg, "layer refused");
+                return Err(Status::new(code, msg));
+            }
+        };
+        let (t, parent, digest) = (target.to_string(), r.parent.clone(), layer.to_string());
+        let labels = labels(r.labels.clone());
+        let committed = self
+            .run(move |s| s.commit_layer(&t, &parent, labels, &path, &digest))
+            .await;
+        match committed {
+            Ok(()) => {}
+            // Another pull of an image with this layer got there first.
+            Err(s) if s.code() == Code::AlreadyExists => {}
+            Err(s) => return Err(s),
+        }
+        tracing::info!(
+            target,
+            layer,
+            ms = started.elapsed().as_millis() as u64,
+            "layer served from the registry as EROFS"
+        );
+        Ok(Served::Target(target.into()))
     }
 
     async fn run<T: Send + 'static>(
@@ -121,6 +227,24 @@ impl Snapshots for Service {
         req: Request<PrepareSnapshotRequest>,
     ) -> Result<Response<PrepareSnapshotResponse>, Status> {
         let r = req.into_inner();
+        if let Some(opts) = &self.remote
+            && let (Some(target), Some(image), Some(layer)) = (
+                r.labels.get(SNAPSHOT_REF),
+                r.labels.get(CRI_IMAGE_REF),
+                r.labels.get(CRI_LAYER_DIGEST),
+            )
+        {
+            match self.prepare_remote(opts, &r, target, image, layer).await? {
+                // containerd's metadata layer then Stats the target and
+                // records it; its unpacker skips download and apply.
+                Served::Target(t) => {
+                    return Err(Status::already_exists(format!(
+                        "target snapshot {t:?} already exists"
+                    )));
+                }
+                Served::Local => {}
+            }
+        }
         let mounts = self
             .run(move |s| s.prepare(&r.key, &r.parent, labels(r.labels)))
             .await?;
@@ -234,6 +358,19 @@ impl Snapshots for Service {
     #[tracing::instrument(skip_all)]
     async fn cleanup(&self, _req: Request<CleanupRequest>) -> Result<Response<()>, Status> {
         let report = self.run(|s| s.cleanup()).await?;
+        if let Some(opts) = &self.remote {
+            let remote = opts.remote.clone();
+            let pruned = tokio::task::spawn_blocking(move || remote.prune(PREFETCH_GRACE))
+                .await
+                .map_err(|e| Status::internal(format!("prune panicked: {e}")))?
+                .map_err(|e| Status::internal(crate::error_chain(&e)))?;
+            if !pruned.is_empty() {
+                tracing::info!(
+                    removed = pruned.len(),
+                    "cleanup removed unused layer images"
+                );
+            }
+        }
         if !report.removed.is_empty() {
             tracing::info!(
                 removed = report.removed.len(),

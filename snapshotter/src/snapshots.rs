@@ -24,6 +24,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::erofs::mount::{self as kmount, Backend};
 use crate::filter::{self, Fields, Filters};
 use crate::mounts::{self, Mount};
 use crate::store::{self, Kind, Reader, Record, Store, Usage, Writer};
@@ -145,6 +146,9 @@ pub struct CleanupReport {
 pub struct Snapshotter {
     root: PathBuf,
     store: Store,
+    /// How fetched layer images are mounted; `None` until the remote path
+    /// is enabled.
+    erofs: Option<Backend>,
 }
 
 fn now() -> i128 {
@@ -183,12 +187,147 @@ impl Snapshotter {
         Ok(Snapshotter {
             root: root.into(),
             store,
+            erofs: None,
         })
     }
 
     /// The root directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Enables layers fetched by the remote path, mounted with `backend`.
+    pub fn set_erofs_backend(&mut self, backend: Backend) {
+        self.erofs = Some(backend);
+    }
+
+    /// How fetched layers are mounted, if the remote path is enabled.
+    pub fn erofs_backend(&self) -> Option<Backend> {
+        self.erofs
+    }
+
+    /// Records the EROFS image `image` of layer `digest` as committed
+    /// snapshot `name` on `parent` and mounts it read-only, so children get
+    /// it as an overlay lower dir like any unpacked layer.
+    ///
+    /// The image is hard-linked into the snapshot's directory and mounted
+    /// there before the record is written: a crash leaves an orphan
+    /// directory (whose mount cleanup removes), never a record without its
+    /// mount source.
+    pub fn commit_layer(
+        &self,
+        name: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+        image: &Path,
+        digest: &str,
+    ) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let backend = self.erofs.ok_or_else(|| Error::FailedPrecondition {
+            key: name.into(),
+            why: "the remote path is disabled".into(),
+        })?;
+        if name.is_empty() {
+            return Err(Error::InvalidArgument {
+                what: "snapshot name must not be empty".into(),
+            });
+        }
+        check_labels(&labels)?;
+        let snaps = self.root.join("snapshots");
+        let tmp = snaps.join(format!("new-{:016x}", rand::random::<u64>()));
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .map_err(io("create", &tmp))?;
+        let made = (|| -> Result<()> {
+            let fs_dir = tmp.join("fs");
+            fs::DirBuilder::new()
+                .mode(0o755)
+                .create(&fs_dir)
+                .map_err(io("create", &fs_dir))?;
+            let link = tmp.join("layer.erofs");
+            fs::hard_link(image, &link).map_err(io("link", image))?;
+            let meta = fs::metadata(&link).map_err(io("stat", &link))?;
+            kmount::mount(&link, &fs_dir, backend).map_err(io("mount EROFS image", &link))?;
+            let tx = self.store.write().map_err(st(name))?;
+            if tx.get(name).map_err(st(name))?.is_some() {
+                return Err(Error::AlreadyExists { key: name.into() });
+            }
+            if !parent.is_empty() {
+                let p = tx
+                    .get(parent)
+                    .map_err(st(parent))?
+                    .ok_or_else(|| Error::NotFound { key: parent.into() })?;
+                if p.kind != Kind::Committed {
+                    return Err(Error::InvalidArgument {
+                        what: format!("parent {parent} is not a committed snapshot"),
+                    });
+                }
+            }
+            let id = tx.next_id().map_err(st(name))?;
+            let t = now();
+            let record = Record {
+                id,
+                kind: Kind::Committed,
+                parent: (!parent.is_empty()).then(|| parent.to_string()),
+                labels,
+                created: t,
+                updated: t,
+                usage: Some(Usage {
+                    size: (meta.blocks() * 512) as i64,
+                    inodes: 1,
+                }),
+                layer: Some(digest.to_string()),
+            };
+            tx.put(name, &record).map_err(st(name))?;
+            if !parent.is_empty() {
+                tx.link(parent, name).map_err(st(name))?;
+            }
+            let dir = self.dir(id);
+            fs::rename(&tmp, &dir).map_err(io("rename", &dir))?;
+            if let Err(e) = tx.commit() {
+                let _ = fs::rename(&dir, &tmp);
+                return Err(st(name)(store::Error::Db {
+                    action: "commit",
+                    source: Box::new(e.into()),
+                }));
+            }
+            Ok(())
+        })();
+        if made.is_err() {
+            let _ = kmount::unmount_all_under(&tmp);
+            let _ = fs::remove_dir_all(&tmp);
+        }
+        made
+    }
+
+    /// Mounts every fetched layer that is not mounted (after a reboot, or
+    /// an unmount by hand); returns how many were mounted.
+    pub fn mount_layers(&self) -> Result<usize> {
+        let Some(backend) = self.erofs else {
+            return Ok(0);
+        };
+        let tx = self.store.read().map_err(st("(mount)"))?;
+        let all = tx.all().map_err(st("(mount)"))?;
+        drop(tx);
+        let mut n = 0;
+        for (name, r) in all {
+            if r.layer.is_none() {
+                continue;
+            }
+            let fs_dir = self.fs_dir(r.id);
+            if kmount::is_mountpoint(&fs_dir).map_err(io("stat", &fs_dir))? {
+                continue;
+            }
+            let image = self.dir(r.id).join("layer.erofs");
+            kmount::mount(&image, &fs_dir, backend).map_err(|source| Error::Io {
+                action: "mount EROFS image of",
+                path: PathBuf::from(&name),
+                source,
+            })?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     fn dir(&self, id: u64) -> PathBuf {
@@ -277,6 +416,7 @@ impl Snapshotter {
                 created: t,
                 updated: t,
                 usage: None,
+                layer: None,
             };
             tx.put(key, &record).map_err(st(key))?;
             if !parent.is_empty() {
@@ -435,6 +575,10 @@ impl Snapshotter {
             })
         })?;
         let dir = self.dir(r.id);
+        if r.layer.is_some() {
+            let fs_dir = self.fs_dir(r.id);
+            kmount::unmount(&fs_dir).map_err(io("unmount", &fs_dir))?;
+        }
         let doomed = self.root.join("snapshots").join(format!("rm-{}", r.id));
         match fs::rename(&dir, &doomed) {
             Ok(()) => fs::remove_dir_all(&doomed).map_err(io("remove", &doomed)),
@@ -559,6 +703,7 @@ impl Snapshotter {
             };
             if orphan {
                 let p = e.path();
+                kmount::unmount_all_under(&p).map_err(io("unmount", &p))?;
                 fs::remove_dir_all(&p).map_err(io("remove", &p))?;
                 report.removed.push(p);
             }
@@ -577,6 +722,7 @@ impl Snapshotter {
             let e = e.map_err(io("read", &snaps))?;
             if e.file_name().to_string_lossy().starts_with("new-") {
                 let p = e.path();
+                kmount::unmount_all_under(&p).map_err(io("unmount", &p))?;
                 fs::remove_dir_all(&p).map_err(io("remove", &p))?;
                 report.removed.push(p);
             }

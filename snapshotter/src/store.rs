@@ -129,6 +129,11 @@ pub struct Record {
     pub updated: i128,
     /// Usage, recorded at commit.
     pub usage: Option<Usage>,
+    /// For a layer fetched by the remote path: its digest. The directory
+    /// then holds `layer.erofs` (a hard link to the converted image), mounted
+    /// read-only at `fs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<String>,
 }
 
 /// The metadata database.

@@ -1,0 +1,465 @@
+//! The remote path end to end: containerd pulls with the labels CRI and
+//! nerdctl send, hyperbox fetches each layer from the real registry,
+//! verifies it, converts it to EROFS and mounts it, and containerd skips
+//! download and unpack. What the container sees must equal overlayfs.
+
+use std::time::Duration;
+
+use hyperbox_integration::client::{ContainerOptions, Image, PullOptions};
+use hyperbox_integration::corpus;
+use hyperbox_integration::cri::{ContainerSpec, PodNetwork};
+use hyperbox_integration::image::{Compression, ImageSpec, Layer};
+use hyperbox_integration::proxy::{Fault, FaultRule};
+use hyperbox_integration::require_containers;
+use hyperbox_integration::snapshotter::NAME;
+use hyperbox_integration::testbed::Testbed;
+
+/// The layer digests of `reference`, read from the registry.
+async fn registry_layers(reference: &str) -> Vec<String> {
+    let empty = tempfile::tempdir().unwrap();
+    let cfg = hyperbox_config::Registry {
+        config_path: empty.path().into(),
+        docker_config: empty.path().join("none.json"),
+        ..Default::default()
+    };
+    let reg = hyperbox_registry::Registry::new(&cfg).unwrap();
+    let r = hyperbox_registry::Reference::parse(reference).unwrap();
+    let resolved = reg.resolve(&r).await.unwrap();
+    resolved.layers.into_iter().map(|l| l.digest).collect()
+}
+
+fn remote() -> PullOptions {
+    PullOptions {
+        snapshotter: NAME.into(),
+        remote_labels: true,
+    }
+}
+
+/// `(mount point, fstype, source)` of every mount under `dir`.
+fn mounts_under(dir: &std::path::Path) -> Vec<(String, String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-")?;
+            Some((
+                f[4].to_string(),
+                f[sep + 1].to_string(),
+                f[sep + 2].to_string(),
+            ))
+        })
+        .filter(|(p, _, _)| p.starts_with(&dir.display().to_string()))
+        .collect()
+}
+
+fn erofs_mounts(tb: &mut Testbed) -> Vec<(String, String, String)> {
+    let root = tb.hyperbox().root();
+    mounts_under(&root)
+        .into_iter()
+        .filter(|(_, t, _)| t == "erofs")
+        .collect()
+}
+
+/// containerd downloaded no layer of `image`: hyperbox served each one
+/// (layers already present from an earlier pull are not Prepared again).
+async fn all_layers_remote(tb: &Testbed, image: &Image) {
+    assert!(
+        !image.layers_skipped.is_empty(),
+        "hyperbox answered AlreadyExists"
+    );
+    let client = tb.containerd.client().await.unwrap();
+    for d in &image.layer_digests {
+        assert!(
+            !client.content_exists(d).await.unwrap(),
+            "containerd never downloaded layer {d}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_layers_are_erofs_and_the_rootfs_equals_overlayfs() {
+    require_containers!();
+    let mut tb = Testbed::start_hyperbox(|b| b.without_cri()).await;
+    let reference = tb.push(&corpus::tricky(), "test/tricky", "v1").await;
+    let client = tb.containerd.client().await.unwrap();
+    let script = corpus::tree_script("/");
+    let args = ContainerOptions::args(&["sh", "-c", &script]);
+
+    let ours = client.pull(&reference, &remote()).await.unwrap();
+    assert_eq!(
+        ours.layers_skipped,
+        [0, 1, 2],
+        "every Prepare answered AlreadyExists"
+    );
+    all_layers_remote(&tb, &ours).await;
+    let mounts = erofs_mounts(&mut tb);
+    assert_eq!(mounts.len(), 3, "one EROFS mount per layer: {mounts:#?}");
+    assert!(
+        mounts
+            .iter()
+            .all(|(_, _, src)| src.ends_with("layer.erofs")),
+        "file-backed mounts of the layer images: {mounts:#?}"
+    );
+
+    // The same image through containerd's own path, for comparison.
+    let theirs_ref = tb.via_proxy(&reference);
+    let theirs = client
+        .pull(&theirs_ref, &PullOptions::local("overlayfs"))
+        .await
+        .unwrap();
+    let ours_out = client.run("on-hyperbox", &ours, &args).await.unwrap();
+    let theirs_out = client.run("on-overlayfs", &theirs, &args).await.unwrap();
+    assert_eq!(ours_out.stderr_str(), "");
+    assert_eq!(ours_out.status, 0);
+    let ours_tree = ours_out.stdout_str();
+    assert!(ours_tree.contains("./data/suid regular file 4755 1000:1001 2 10 "));
+    assert!(!ours_tree.contains("./data/gone") && !ours_tree.contains("./data/opq/old"));
+    corpus::assert_same_tree(&ours_tree, &theirs_out.stdout_str(), "EROFS vs overlayfs");
+
+    // Removing the image removes the layers and their mounts (both names:
+    // they share the config blob, whose gc labels reference the layers).
+    client.delete_image(&reference).await.unwrap();
+    client.delete_image(&theirs_ref).await.unwrap();
+    client.gc().await.unwrap();
+    let left = tb
+        .hyperbox()
+        .wait_for_count(&[], 0, Duration::from_secs(30))
+        .await;
+    assert!(left.is_empty(), "{left:#?}");
+    assert_eq!(erofs_mounts(&mut tb), [], "Remove unmounts the layer");
+    tb.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_pulls_go_through_the_remote_path() {
+    require_containers!();
+    let mut tb = Testbed::start_hyperbox(|b| b).await;
+    let reference = tb.push_sleeper().await;
+    let cri = tb.containerd.cri().await.unwrap();
+    cri.pull_image(&reference).await.unwrap();
+    // CRI pulls (with disable_snapshot_annotations = false) label every
+    // Prepare; containerd then never stores the layer blob.
+    let client = tb
+        .containerd
+        .client()
+        .await
+        .unwrap()
+        .with_namespace("k8s.io");
+    let layers = registry_layers(&reference).await;
+    assert!(!layers.is_empty());
+    for d in &layers {
+        assert!(
+            !client.content_exists(d).await.unwrap(),
+            "{d} not in containerd"
+        );
+    }
+    assert_eq!(erofs_mounts(&mut tb).len(), layers.len());
+    let pod = cri.run_pod("remote", PodNetwork::Host).await.unwrap();
+    let spec = ContainerSpec::new(
+        "c",
+        &reference,
+        &["sh", "-c", "grep ' / ' /proc/mounts; echo done"],
+    );
+    let c = cri.create_container(&pod, &spec).await.unwrap();
+    cri.start_container(&c).await.unwrap();
+    assert_eq!(
+        cri.wait_exited(&c, Duration::from_secs(30)).await.unwrap(),
+        0
+    );
+    let logs = cri.logs(&pod, "c").await.unwrap();
+    assert!(logs.contains("done"), "{logs}");
+    assert!(logs.contains("overlay"), "{logs}");
+    cri.remove_pod(&pod).await.unwrap();
+    tb.finish();
+}
+
+/// Two images sharing their two bottom layers, pulled at once: each shared
+/// layer is downloaded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pulls_fetch_shared_layers_once() {
+    require_containers!();
+    let tb = Testbed::start_hyperbox(|b| b.without_cri()).await;
+    let base = |top: &str| {
+        let mut s = ImageSpec::busybox(&["cat", "/top"]).unwrap();
+        s.layers
+            .push(Layer::new(Compression::Gzip).large_file("shared/big", 8 << 20, 3));
+        s.layers
+            .push(Layer::new(Compression::Zstd).file("top", top, 0o644));
+        s
+    };
+    let a = tb.via_proxy(&tb.push(&base("a"), "test/a", "v1").await);
+    let b = tb.via_proxy(&tb.push(&base("b"), "test/b", "v1").await);
+    // Slow enough that both pulls overlap.
+    tb.proxy.set_shaping(hyperbox_integration::proxy::Shaping {
+        latency: Duration::from_millis(20),
+        bits_per_sec: Some(200_000_000),
+    });
+    let client = tb.containerd.client().await.unwrap();
+    let opts = remote();
+    let (ia, ib) = tokio::join!(client.pull(&a, &opts), client.pull(&b, &opts));
+    let (ia, ib) = (ia.unwrap(), ib.unwrap());
+    assert_eq!(ia.chain_ids[..2], ib.chain_ids[..2]);
+    let gets: Vec<String> = tb
+        .proxy
+        .requests()
+        .into_iter()
+        .filter(|r| r.starts_with("GET") && r.contains("/blobs/"))
+        .collect();
+    for d in &ia.layer_digests[..2] {
+        let n = gets.iter().filter(|r| r.contains(d.as_str())).count();
+        assert_eq!(n, 1, "shared layer {d} fetched once: {gets:#?}");
+    }
+    let oa = client
+        .run("a", &ia, &ContainerOptions::default())
+        .await
+        .unwrap();
+    let ob = client
+        .run("b", &ib, &ContainerOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        (oa.stdout_str().as_str(), ob.stdout_str().as_str()),
+        ("a", "b")
+    );
+    tb.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malicious_layers_are_refused_and_leave_nothing() {
+    require_containers!();
+    let mut tb = Testbed::start_hyperbox(|b| b.without_cri()).await;
+    let client = tb.containerd.client().await.unwrap();
+    let cases: Vec<(&str, Layer, &str)> = vec![
+        (
+            "dotdot",
+            Layer::new(Compression::Gzip).raw_entry_path("../escape", "x"),
+            "escape",
+        ),
+        (
+            "absolute",
+            Layer::new(Compression::Gzip).raw_entry_path("/etc/evil", "x"),
+            "evil",
+        ),
+        (
+            "through-symlink",
+            Layer::new(Compression::None)
+                .symlink("up", "/etc")
+                .raw_entry_path("up/passwd", "x"),
+            "passwd",
+        ),
+        (
+            "hardlink-outside",
+            Layer::new(Compression::Zstd).raw_hardlink("h", "/etc/shadow"),
+            "shadow",
+        ),
+    ];
+    for (repo, layer, names) in cases {
+        let mut spec = ImageSpec::busybox(&["true"]).unwrap();
+        spec.layers.push(layer);
+        let reference = tb.push(&spec, &format!("bad/{repo}"), "v1").await;
+        let e = client
+            .pull(&reference, &remote())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("layer entry") && e.contains(names),
+            "{repo}: a clear error naming the entry: {e}"
+        );
+        assert!(!client.image_exists(&reference).await.unwrap());
+    }
+    // The busybox base layer was served; nothing of the bad layers was.
+    client.gc().await.unwrap();
+    let snaps = tb.hyperbox().list(&[]).await.unwrap();
+    assert!(
+        snaps.len() <= 1,
+        "only the shared base layer may remain: {snaps:#?}"
+    );
+    let root = tb.hyperbox().root();
+    let staging: Vec<_> = std::fs::read_dir(root.join("staging")).unwrap().collect();
+    assert!(staging.is_empty(), "no partial files: {staging:?}");
+    tb.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_faults_are_retried_resumed_or_reported_never_served() {
+    require_containers!();
+    let mut tb =
+        Testbed::start_hyperbox_configured("fallback_to_local = false", |b| b.without_cri()).await;
+    let mut spec = ImageSpec::busybox(&["sh", "-c", "md5sum /big"]).unwrap();
+    spec.layers
+        .push(Layer::new(Compression::None).large_file("big", 6 << 20, 5));
+    let reference = tb.via_proxy(&tb.push(&spec, "test/faults", "v1").await);
+    let client = tb.containerd.client().await.unwrap();
+    // Faults hit the big layer only: the harness's own manifest and config
+    // fetches (containerd's side) are not under test.
+    let big = registry_layers(&reference).await.pop().unwrap();
+    let rule = |fault| FaultRule {
+        path_contains: big.clone(),
+        ..FaultRule::blobs(fault)
+    };
+
+    // A corrupt byte: the digest check refuses it, every time.
+    tb.proxy.inject(rule(Fault::CorruptAt(4096)));
+    let e = client
+        .pull(&reference, &remote())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("does not match its digest"), "{e}");
+    let served = tb.hyperbox().list(&[]).await.unwrap();
+    assert_eq!(
+        served.len(),
+        1,
+        "only the intact base layer is served: {served:#?}"
+    );
+    tb.proxy.clear_faults();
+
+    // A 503, a reset and a truncation: retried, the broken downloads
+    // resumed with Range requests, and the image runs.
+    for fault in [
+        Fault::Status(503),
+        Fault::ResetAfter(1 << 20),
+        Fault::TruncateAfter(3 << 20),
+    ] {
+        let mut r = rule(fault);
+        r.times = Some(1);
+        tb.proxy.inject(r);
+    }
+    let image = client.pull(&reference, &remote()).await.unwrap();
+    all_layers_remote(&tb, &image).await;
+    let ranged = tb
+        .proxy
+        .requests()
+        .into_iter()
+        .filter(|r| r.contains("range=bytes="))
+        .count();
+    assert!(
+        ranged >= 1,
+        "an interrupted download resumed: {:#?}",
+        tb.proxy.requests()
+    );
+    let out = client
+        .run("faults", &image, &ContainerOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(out.status, 0, "{}", out.stderr_str());
+    tb.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_registry_falls_back_to_containerd_or_fails_clearly() {
+    require_containers!();
+    for fallback in [true, false] {
+        let mut tb =
+            Testbed::start_hyperbox_configured(&format!("fallback_to_local = {fallback}"), |b| {
+                b.without_cri()
+            })
+            .await;
+        let reference = tb.push_sleeper().await;
+        // hyperbox's hosts.toml sends it to a port where nothing listens;
+        // containerd itself still reaches the registry.
+        let host = reference.split('/').next().unwrap().to_string();
+        let dir = tb.hyperbox().dir().join("certs.d").join(&host);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("hosts.toml"), "server = \"http://127.0.0.1:9\"\n").unwrap();
+        let client = tb.containerd.client().await.unwrap();
+        let got = client.pull(&reference, &remote()).await;
+        if fallback {
+            let image = got.unwrap();
+            assert!(
+                image.layers_skipped.is_empty(),
+                "containerd unpacked every layer"
+            );
+            let out = client
+                .run("fb", &image, &ContainerOptions::args(&["true"]))
+                .await
+                .unwrap();
+            assert_eq!(out.status, 0);
+        } else {
+            let e = got.unwrap_err().to_string();
+            assert!(
+                e.contains("127.0.0.1:9"),
+                "the error names the endpoint: {e}"
+            );
+        }
+        tb.finish();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_stay_served_across_restarts_and_are_mounted_again() {
+    require_containers!();
+    let mut tb = Testbed::start_hyperbox(|b| b.without_cri()).await;
+    let reference = tb.push_sleeper().await;
+    let client = tb.containerd.client().await.unwrap();
+    let image = client.pull(&reference, &remote()).await.unwrap();
+    let c = client
+        .create_container("long", &image, &ContainerOptions::default())
+        .await
+        .unwrap();
+    let task = c.start().await.unwrap();
+    let before = erofs_mounts(&mut tb).len();
+    assert_eq!(before, image.chain_ids.len());
+
+    // kill -9: the mounts are the kernel's, the container keeps running.
+    tb.hyperbox().kill(nix::sys::signal::Signal::SIGKILL);
+    tb.hyperbox().start_again().await;
+    assert_eq!(erofs_mounts(&mut tb).len(), before);
+    let out = task.exec(&["cat", "/bin/busybox"]).await.unwrap();
+    assert_eq!(out.status, 0);
+
+    // As after a reboot: the layer mounts are gone; a restart mounts them.
+    tb.hyperbox().kill(nix::sys::signal::Signal::SIGTERM);
+    for (p, _, _) in erofs_mounts(&mut tb) {
+        nix::mount::umount2(p.as_str(), nix::mount::MntFlags::MNT_DETACH).unwrap();
+    }
+    assert!(erofs_mounts(&mut tb).is_empty());
+    tb.hyperbox().start_again().await;
+    assert_eq!(erofs_mounts(&mut tb).len(), before);
+    let out = client
+        .run("after", &image, &ContainerOptions::args(&["ls", "/bin/sh"]))
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_str(), "/bin/sh\n");
+    task.kill(9).await.unwrap();
+    c.delete().await.unwrap();
+    tb.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loop_backend_serves_the_same_rootfs() {
+    require_containers!();
+    let mut tb =
+        Testbed::start_hyperbox_configured("erofs_backend = \"loop\"", |b| b.without_cri()).await;
+    let reference = tb.push(&corpus::tricky(), "test/tricky", "v1").await;
+    let client = tb.containerd.client().await.unwrap();
+    let image = client.pull(&reference, &remote()).await.unwrap();
+    all_layers_remote(&tb, &image).await;
+    let mounts = erofs_mounts(&mut tb);
+    assert_eq!(mounts.len(), 3);
+    assert!(
+        mounts
+            .iter()
+            .all(|(_, _, src)| src.starts_with("/dev/loop")),
+        "{mounts:#?}"
+    );
+    let out = client
+        .run(
+            "loop",
+            &image,
+            &ContainerOptions::args(&["cat", "/data/opq/new"]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_str(), "only me");
+    client.delete_image(&reference).await.unwrap();
+    client.gc().await.unwrap();
+    let left = tb
+        .hyperbox()
+        .wait_for_count(&[], 0, Duration::from_secs(30))
+        .await;
+    assert!(left.is_empty(), "{left:#?}");
+    assert!(erofs_mounts(&mut tb).is_empty());
+    tb.finish();
+}

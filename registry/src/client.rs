@@ -1,0 +1,816 @@
+//! Talking to registries: endpoint selection from hosts.toml, auth, retries
+//! with backoff, resumable verified downloads and a global download limit.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use futures::StreamExt;
+use reqwest::StatusCode;
+use reqwest::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, HeaderMap, RANGE, WWW_AUTHENTICATE,
+};
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Semaphore;
+
+use crate::auth::{Challenge, Credentials, DockerConfig, parse_challenges};
+use crate::digest::{Digest, Verifier};
+use crate::error::{Error, chain};
+use crate::hosts::{self, Endpoint};
+use crate::reference::Reference;
+
+/// Manifests and indexes larger than this are refused (real ones are a few KiB).
+const MAX_MANIFEST: usize = 4 << 20;
+/// Image configs larger than this are refused.
+const MAX_CONFIG: usize = 8 << 20;
+/// Backoff before the first retry; doubled per retry up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+const MANIFEST_TYPES: &str = "application/vnd.oci.image.index.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.v2+json";
+
+/// An OCI descriptor.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Descriptor {
+    /// Media type.
+    #[serde(default)]
+    pub media_type: String,
+    /// Content digest.
+    pub digest: String,
+    /// Size in bytes.
+    pub size: i64,
+    /// Annotations.
+    #[serde(default)]
+    pub annotations: HashMap<String, String>,
+}
+
+/// An image resolved down to one platform's manifest and config.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// The normalized reference.
+    pub reference: Reference,
+    /// What the reference points at (index or manifest).
+    pub top: Descriptor,
+    /// Its bytes.
+    pub top_bytes: Vec<u8>,
+    /// The platform's manifest (equals `top` for a bare manifest).
+    pub manifest: Descriptor,
+    /// Its bytes.
+    pub manifest_bytes: Vec<u8>,
+    /// The image config.
+    pub config: Descriptor,
+    /// Its bytes.
+    pub config_bytes: Vec<u8>,
+    /// Layers, bottom first.
+    pub layers: Vec<Descriptor>,
+    /// Uncompressed layer digests from the config, bottom first.
+    pub diff_ids: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct Index {
+    manifests: Vec<IndexEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct IndexEntry {
+    #[serde(flatten)]
+    desc: Descriptor,
+    platform: Option<Platform>,
+}
+
+#[derive(Deserialize)]
+struct Platform {
+    os: String,
+    architecture: String,
+}
+
+#[derive(Deserialize)]
+struct Manifest {
+    config: Descriptor,
+    layers: Vec<Descriptor>,
+}
+
+#[derive(Deserialize)]
+struct ImageConfig {
+    rootfs: RootFs,
+}
+
+#[derive(Deserialize)]
+struct RootFs {
+    diff_ids: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct TokenReply {
+    token: Option<String>,
+    access_token: Option<String>,
+}
+
+/// The OCI architecture name of this machine.
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "powerpc64" => "ppc64le",
+        other => other,
+    }
+}
+
+/// Progress of one download: bytes so far, total if known.
+pub type Progress<'a> = &'a (dyn Fn(u64, Option<u64>) + Send + Sync);
+
+/// A registry client for every host, configured like containerd.
+#[derive(Debug)]
+pub struct Registry {
+    config_path: PathBuf,
+    creds: DockerConfig,
+    retries: u32,
+    timeout: Duration,
+    downloads: Arc<Semaphore>,
+    clients: Mutex<HashMap<(Vec<PathBuf>, bool), reqwest::Client>>,
+    /// `Authorization` values by endpoint base and repository.
+    auth: Mutex<HashMap<(String, String), String>>,
+    /// The endpoint base that last worked for a host: tried first next
+    /// time, so a dead mirror or HTTPS on a plain-HTTP loopback registry
+    /// costs one failure, not one per request.
+    preferred: Mutex<HashMap<String, String>>,
+}
+
+impl Registry {
+    /// A client with `[registry]` settings.
+    pub fn new(cfg: &hyperbox_config::Registry) -> Result<Registry, Error> {
+        Ok(Registry {
+            config_path: cfg.config_path.clone(),
+            creds: DockerConfig::load(&cfg.docker_config)?,
+            retries: cfg.retries,
+            timeout: Duration::from_secs(cfg.timeout_secs),
+            downloads: Arc::new(Semaphore::new(cfg.max_concurrent_downloads as usize)),
+            clients: Mutex::new(HashMap::new()),
+            auth: Mutex::new(HashMap::new()),
+            preferred: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn client(&self, ep: &Endpoint) -> Result<reqwest::Client, Error> {
+        let key = (ep.ca.clone(), ep.skip_verify);
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(&key) {
+            return Ok(c.clone());
+        }
+        let mut b = reqwest::Client::builder()
+            .connect_timeout(self.timeout)
+            .read_timeout(self.timeout)
+            .user_agent(concat!("hyperbox/", env!("CARGO_PKG_VERSION")))
+            .danger_accept_invalid_certs(ep.skip_verify);
+        for ca in &ep.ca {
+            let pem = std::fs::read(ca).map_err(|source| Error::Io {
+                action: "read CA certificate",
+                path: ca.clone(),
+                source,
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| Error::Config {
+                path: ca.clone(),
+                why: format!("not a PEM certificate bundle: {}", chain(&e)),
+            })?;
+            for c in certs {
+                b = b.add_root_certificate(c);
+            }
+        }
+        let c = b.build().map_err(|e| Error::Transport {
+            url: ep.base.clone(),
+            detail: chain(&e),
+        })?;
+        clients.insert(key, c.clone());
+        Ok(c)
+    }
+
+    /// Endpoints in the order to try them, each with whether it gets
+    /// retries: the upstream (last in hosts.toml order) and the endpoint that
+    /// last worked do; mirrors and the HTTPS attempt on a loopback registry
+    /// get one try, since the next endpoint is the better bet.
+    fn endpoints(&self, r: &Reference, resolve: bool) -> Result<Vec<(Endpoint, bool)>, Error> {
+        let all = hosts::endpoints(&self.config_path, &r.host, r.api_host())?;
+        let mut eps: Vec<Endpoint> = all
+            .into_iter()
+            .filter(|e| {
+                if resolve {
+                    e.capabilities.resolve
+                } else {
+                    e.capabilities.pull
+                }
+            })
+            .collect();
+        let upstream = eps.last().map(|e| e.base.clone());
+        let preferred = self
+            .preferred
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&r.host)
+            .cloned();
+        if let Some(p) = &preferred
+            && let Some(i) = eps.iter().position(|e| &e.base == p)
+        {
+            let e = eps.remove(i);
+            eps.insert(0, e);
+        }
+        Ok(eps
+            .into_iter()
+            .map(|e| {
+                let retry = Some(&e.base) == preferred.as_ref()
+                    || (preferred.is_none() && Some(&e.base) == upstream.as_ref());
+                (e, retry)
+            })
+            .collect())
+    }
+
+    fn worked(&self, r: &Reference, ep: &Endpoint) {
+        self.preferred
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(r.host.clone(), ep.base.clone());
+    }
+
+    fn credentials(&self, ep: &Endpoint, r: &Reference) -> Option<&Credentials> {
+        self.creds.get(&ep.host).or_else(|| self.creds.get(&r.host))
+    }
+
+    /// One request with auth: a cached `Authorization` is sent up front; a
+    /// 401 is answered once with what its challenge asks for.
+    async fn send(
+        &self,
+        ep: &Endpoint,
+        r: &Reference,
+        path: &str,
+        headers: HeaderMap,
+    ) -> Result<reqwest::Response, Error> {
+        let client = self.client(ep)?;
+        let url = format!("{}/{}/{}", ep.base, r.repository, path);
+        let key = (ep.base.clone(), r.repository.clone());
+        let mut authorization = self
+            .auth
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned();
+        for attempt in 0..2 {
+            let mut req = client.get(&url).headers(headers.clone());
+            for (k, v) in &ep.headers {
+                req = req.header(k, v);
+            }
+            if let Some(a) = &authorization {
+                req = req.header(AUTHORIZATION, a);
+            }
+            let resp = req.send().await.map_err(|e| Error::Transport {
+                url: url.clone(),
+                detail: chain(&e),
+            })?;
+            let status = resp.status();
+            if status == StatusCode::UNAUTHORIZED && attempt == 0 {
+                let challenges = resp
+                    .headers()
+                    .get_all(WWW_AUTHENTICATE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(parse_challenges)
+                    .collect::<Vec<_>>();
+                let a = self.authorize(ep, r, &url, &challenges).await?;
+                self.auth
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key.clone(), a.clone());
+                authorization = Some(a);
+                continue;
+            }
+            return check(resp, &url).await;
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+
+    async fn authorize(
+        &self,
+        ep: &Endpoint,
+        r: &Reference,
+        url: &str,
+        challenges: &[Challenge],
+    ) -> Result<String, Error> {
+        let creds = self.credentials(ep, r);
+        let unauthorized = |why: String| Error::Unauthorized {
+            url: url.into(),
+            why,
+        };
+        // A registry offering both gets the token flow, as docker does.
+        let Some(c) = challenges
+            .iter()
+            .find(|c| matches!(c, Challenge::Bearer { .. }))
+            .or_else(|| challenges.first())
+        else {
+            return Err(unauthorized(
+                "401 without a Basic or Bearer challenge".into(),
+            ));
+        };
+        {
+            match c {
+                Challenge::Bearer {
+                    realm,
+                    service,
+                    scope,
+                } => {
+                    let scope = scope
+                        .clone()
+                        .unwrap_or_else(|| format!("repository:{}:pull", r.repository));
+                    let client = self.client(ep)?;
+                    let mut q: Vec<(&str, &str)> = vec![("scope", &scope)];
+                    if let Some(s) = service {
+                        q.push(("service", s));
+                    }
+                    let mut req = client.get(realm).query(&q);
+                    if let Some(c) = creds {
+                        req = req.basic_auth(&c.username, Some(&c.password));
+                    }
+                    let resp = req.send().await.map_err(|e| Error::Transport {
+                        url: realm.clone(),
+                        detail: chain(&e),
+                    })?;
+                    if resp.status() == StatusCode::UNAUTHORIZED
+                        || resp.status() == StatusCode::FORBIDDEN
+                    {
+                        let who = creds.map(|c| c.username.as_str()).unwrap_or("anonymous");
+                        return Err(unauthorized(format!(
+                            "token service {realm} refused {who} for {scope}"
+                        )));
+                    }
+                    let resp = check(resp, realm).await?;
+                    let reply: TokenReply = resp.json().await.map_err(|e| Error::Transport {
+                        url: realm.clone(),
+                        detail: format!("token reply: {}", chain(&e)),
+                    })?;
+                    let token = reply.token.or(reply.access_token).ok_or_else(|| {
+                        unauthorized(format!("token service {realm} returned no token"))
+                    })?;
+                    Ok(format!("Bearer {token}"))
+                }
+                Challenge::Basic => {
+                    let Some(c) = creds else {
+                        return Err(unauthorized(format!(
+                            "registry wants basic auth and no credentials for {} are configured",
+                            ep.host
+                        )));
+                    };
+                    let raw = format!("{}:{}", c.username, c.password);
+                    Ok(format!("Basic {}", STANDARD.encode(raw)))
+                }
+            }
+        }
+    }
+
+    /// Runs `op` on each endpoint in turn, retrying transient failures with
+    /// backoff; an endpoint that lacks the object or refuses us passes the
+    /// call to the next.
+    async fn across<T, F, Fut>(&self, r: &Reference, resolve: bool, mut op: F) -> Result<T, Error>
+    where
+        F: FnMut(Endpoint) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Error>>,
+    {
+        let mut last = None;
+        for (ep, retry) in self.endpoints(r, resolve)? {
+            let retries = if retry { self.retries } else { 0 };
+            let mut backoff = FIRST_BACKOFF;
+            for attempt in 0..=retries {
+                match op(ep.clone()).await {
+                    Ok(v) => {
+                        self.worked(r, &ep);
+                        return Ok(v);
+                    }
+                    Err(e) if e.is_transient() && attempt < retries => {
+                        tracing::warn!(error = %e, attempt, endpoint = %ep.base, "transient registry error; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                    Err(e) if e.is_unreachable() || e.is_transient() => {
+                        tracing::debug!(error = %e, endpoint = %ep.base, "endpoint failed; trying the next");
+                        last = Some(e);
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::NotFound {
+            url: format!("{} (no endpoint with this capability)", r.host),
+        }))
+    }
+
+    /// A manifest or index by tag or digest: bytes, media type, digest.
+    pub async fn fetch_manifest(
+        &self,
+        r: &Reference,
+        object: &str,
+    ) -> Result<(Vec<u8>, String, Digest), Error> {
+        let by_digest = object.starts_with("sha256:");
+        let expected = if by_digest {
+            Some(Digest::parse(object)?)
+        } else {
+            None
+        };
+        self.across(r, !by_digest, |ep| {
+            let expected = expected.clone();
+            async move {
+                let mut h = HeaderMap::new();
+                h.insert(ACCEPT, MANIFEST_TYPES.parse().expect("static header"));
+                let resp = self.send(&ep, r, &format!("manifests/{object}"), h).await?;
+                let media_type = resp
+                    .headers()
+                    .get(reqwest::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                let url = resp.url().to_string();
+                let bytes = read_capped(resp, MAX_MANIFEST, &url).await?;
+                let digest = match expected {
+                    Some(d) => {
+                        let mut v = Verifier::default();
+                        v.update(&bytes);
+                        v.finish(&d, &format!("manifest {r}"))?;
+                        d
+                    }
+                    None => Digest::of(&bytes),
+                };
+                Ok((bytes, media_type, digest))
+            }
+        })
+        .await
+    }
+
+    /// A small blob (an image config) in memory, verified.
+    pub async fn fetch_blob_bytes(&self, r: &Reference, digest: &Digest) -> Result<Vec<u8>, Error> {
+        self.across(r, false, |ep| async move {
+            let resp = self
+                .send(&ep, r, &format!("blobs/{digest}"), HeaderMap::new())
+                .await?;
+            let url = resp.url().to_string();
+            let bytes = read_capped(resp, MAX_CONFIG, &url).await?;
+            let mut v = Verifier::default();
+            v.update(&bytes);
+            v.finish(digest, &format!("blob {digest} of {r}"))?;
+            Ok(bytes)
+        })
+        .await
+    }
+
+    /// Resolves `r` to this machine's platform: the manifest, the config
+    /// and the layer list, all verified.
+    pub async fn resolve(&self, r: &Reference) -> Result<Resolved, Error> {
+        let bad = |why: String| Error::Manifest {
+            reference: r.to_string(),
+            why,
+        };
+        let (top_bytes, top_type, top_digest) = self.fetch_manifest(r, r.object()).await?;
+        let top_json: serde_json::Value = serde_json::from_slice(&top_bytes)
+            .map_err(|e| bad(format!("manifest is not JSON: {e}")))?;
+        let top_type = if top_type.is_empty() || top_type == "application/json" {
+            top_json["mediaType"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        } else {
+            top_type
+        };
+        let top = Descriptor {
+            media_type: top_type.clone(),
+            digest: top_digest.to_string(),
+            size: top_bytes.len() as i64,
+            annotations: HashMap::new(),
+        };
+        let is_index = top_type.contains("index")
+            || top_type.contains("manifest.list")
+            || top_json.get("manifests").is_some();
+        let (manifest, manifest_bytes) = if is_index {
+            let index: Index =
+                serde_json::from_value(top_json).map_err(|e| bad(format!("index: {e}")))?;
+            let arch = host_arch();
+            let chosen = index
+                .manifests
+                .into_iter()
+                .find(|m| {
+                    m.platform
+                        .as_ref()
+                        .is_some_and(|p| p.os == "linux" && p.architecture == arch)
+                })
+                .ok_or_else(|| bad(format!("index has no linux/{arch} manifest")))?;
+            let (bytes, t, d) = self.fetch_manifest(r, &chosen.desc.digest).await?;
+            let mut desc = chosen.desc;
+            if desc.media_type.is_empty() {
+                desc.media_type = t;
+            }
+            desc.digest = d.to_string();
+            (desc, bytes)
+        } else {
+            (top.clone(), top_bytes.clone())
+        };
+        let m: Manifest =
+            serde_json::from_slice(&manifest_bytes).map_err(|e| bad(format!("manifest: {e}")))?;
+        let config_digest = Digest::parse(&m.config.digest)?;
+        let config_bytes = self.fetch_blob_bytes(r, &config_digest).await?;
+        let c: ImageConfig =
+            serde_json::from_slice(&config_bytes).map_err(|e| bad(format!("config: {e}")))?;
+        if c.rootfs.diff_ids.len() != m.layers.len() {
+            return Err(bad(format!(
+                "{} layers but {} diff_ids in the config",
+                m.layers.len(),
+                c.rootfs.diff_ids.len()
+            )));
+        }
+        for l in &m.layers {
+            Digest::parse(&l.digest)?;
+        }
+        Ok(Resolved {
+            reference: r.clone(),
+            top,
+            top_bytes,
+            manifest,
+            manifest_bytes,
+            config: m.config,
+            config_bytes,
+            layers: m.layers,
+            diff_ids: c.rootfs.diff_ids,
+        })
+    }
+
+    /// Downloads blob `digest` of `r` into `path`, resuming a partial file
+    /// left there, and verifies it; on a mismatch the file is removed.
+    /// Waits for a download slot first (`max_concurrent_downloads`).
+    pub async fn fetch_blob_to_file(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        path: &Path,
+        progress: Progress<'_>,
+    ) -> Result<u64, Error> {
+        let _slot = self
+            .downloads
+            .acquire()
+            .await
+            .expect("the download semaphore is never closed");
+        // A mismatch after a resumed download may come from mixing two
+        // sources; one fresh download settles it.
+        for fresh in [false, true] {
+            if fresh {
+                remove(path)?;
+            }
+            let mut v = prefix_verifier(path).await?;
+            self.download_across(r, digest, path, &mut v, progress)
+                .await?;
+            let len = v.len();
+            match v.finish(digest, &format!("blob {digest} of {r}")) {
+                Ok(()) => return Ok(len),
+                Err(e) if !fresh => {
+                    tracing::warn!(error = %e, "downloaded blob does not verify; downloading again from the start");
+                }
+                Err(e) => {
+                    remove(path)?;
+                    return Err(e);
+                }
+            }
+        }
+        unreachable!("the second pass returns")
+    }
+
+    /// [`Registry::across`] for a download, whose verifier carries over
+    /// between attempts so each retry resumes where the last one stopped.
+    async fn download_across(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        path: &Path,
+        v: &mut Verifier,
+        progress: Progress<'_>,
+    ) -> Result<(), Error> {
+        let mut last = None;
+        for (ep, retry) in self.endpoints(r, false)? {
+            let retries = if retry { self.retries } else { 0 };
+            let mut backoff = FIRST_BACKOFF;
+            for attempt in 0..=retries {
+                match self.download(&ep, r, digest, path, v, progress).await {
+                    Ok(()) => {
+                        self.worked(r, &ep);
+                        return Ok(());
+                    }
+                    Err(e) if e.is_transient() && attempt < retries => {
+                        tracing::warn!(error = %e, attempt, have = v.len(), "download interrupted; resuming");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                    Err(e) if e.is_unreachable() || e.is_transient() => {
+                        last = Some(e);
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::NotFound {
+            url: format!("{} (no endpoint with the pull capability)", r.host),
+        }))
+    }
+
+    async fn download(
+        &self,
+        ep: &Endpoint,
+        r: &Reference,
+        digest: &Digest,
+        path: &Path,
+        v: &mut Verifier,
+        progress: Progress<'_>,
+    ) -> Result<(), Error> {
+        let io = |action, source| Error::Io {
+            action,
+            path: path.into(),
+            source,
+        };
+        let have = v.len();
+        let mut h = HeaderMap::new();
+        if have > 0 {
+            h.insert(RANGE, format!("bytes={have}-").parse().expect("ascii"));
+        }
+        let resp = match self.send(ep, r, &format!("blobs/{digest}"), h).await {
+            // Everything is here already: the registry says so for a range
+            // past the end.
+            Err(Error::Status { status: 416, .. }) if have > 0 => return Ok(()),
+            other => other?,
+        };
+        let url = resp.url().to_string();
+        let resumed = resp.status() == StatusCode::PARTIAL_CONTENT;
+        if have > 0 && resumed {
+            let starts_at = resp
+                .headers()
+                .get(CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|s| s.strip_prefix("bytes "))
+                .and_then(|s| s.split('-').next())
+                .and_then(|s| s.parse::<u64>().ok());
+            if starts_at != Some(have) {
+                return Err(Error::Status {
+                    url,
+                    status: 206,
+                    body: format!("range reply starts at {starts_at:?}, asked for {have}"),
+                });
+            }
+        }
+        let mut file = if have > 0 && resumed {
+            tokio::fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .await
+                .map_err(|e| io("open", e))?
+        } else {
+            // A full reply (the registry ignored Range): start over.
+            *v = Verifier::default();
+            tokio::fs::File::create(path)
+                .await
+                .map_err(|e| io("create", e))?
+        };
+        let total = resp
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.parse::<u64>().ok())
+            .map(|n| n + v.len());
+        let mut body = resp.bytes_stream();
+        let mut result = Ok(());
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(c) => {
+                    if let Err(e) = file.write_all(&c).await {
+                        result = Err(io("write", e));
+                        break;
+                    }
+                    v.update(&c);
+                    progress(v.len(), total);
+                }
+                Err(e) => {
+                    result = Err(Error::Transport {
+                        url: url.clone(),
+                        detail: format!("after {} bytes: {}", v.len(), chain(&e)),
+                    });
+                    break;
+                }
+            }
+        }
+        // Whatever arrived is kept for the next attempt's Range request.
+        file.flush().await.map_err(|e| io("write", e))?;
+        file.sync_data().await.map_err(|e| io("sync", e))?;
+        result?;
+        if let Some(t) = total
+            && v.len() < t
+        {
+            return Err(Error::Transport {
+                url,
+                detail: format!("body ended after {} of {t} bytes", v.len()),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn remove(path: &Path) -> Result<(), Error> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(Error::Io {
+            action: "remove",
+            path: path.into(),
+            source,
+        }),
+    }
+}
+
+/// A verifier primed with the bytes a partial file already holds.
+async fn prefix_verifier(path: &Path) -> Result<Verifier, Error> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut v = Verifier::default();
+        let mut f = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(v),
+            Err(source) => {
+                return Err(Error::Io {
+                    action: "open",
+                    path,
+                    source,
+                });
+            }
+        };
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = std::io::Read::read(&mut f, &mut buf).map_err(|source| Error::Io {
+                action: "read",
+                path: path.clone(),
+                source,
+            })?;
+            if n == 0 {
+                return Ok(v);
+            }
+            v.update(&buf[..n]);
+        }
+    })
+    .await
+    .expect("hashing does not panic")
+}
+
+async fn check(resp: reqwest::Response, url: &str) -> Result<reqwest::Response, Error> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let body = resp.text().await.unwrap_or_default();
+    let body: String = body.chars().take(300).collect();
+    Err(match status {
+        StatusCode::NOT_FOUND => Error::NotFound { url: url.into() },
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::Unauthorized {
+            url: url.into(),
+            why: format!("HTTP {}: {}", status.as_u16(), body.trim()),
+        },
+        _ => Error::Status {
+            url: url.into(),
+            status: status.as_u16(),
+            body: body.trim().to_string(),
+        },
+    })
+}
+
+async fn read_capped(resp: reqwest::Response, cap: usize, url: &str) -> Result<Vec<u8>, Error> {
+    if resp.content_length().is_some_and(|n| n as usize > cap) {
+        return Err(Error::Status {
+            url: url.into(),
+            status: 200,
+            body: format!("object larger than the {cap}-byte limit"),
+        });
+    }
+    let mut out = Vec::new();
+    let mut body = resp.bytes_stream();
+    while let Some(c) = body.next().await {
+        let c = c.map_err(|e| Error::Transport {
+            url: url.into(),
+            detail: chain(&e),
+        })?;
+        if out.len() + c.len() > cap {
+            return Err(Error::Status {
+                url: url.into(),
+                status: 200,
+                body: format!("object larger than the {cap}-byte limit"),
+            });
+        }
+        out.extend_from_slice(&c);
+    }
+    Ok(out)
+}

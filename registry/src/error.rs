@@ -1,0 +1,133 @@
+//! The registry client's errors, and which of them are worth a retry.
+
+use std::path::PathBuf;
+
+/// Errors of talking to a registry.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The image reference is malformed.
+    #[error("invalid image reference {reference:?}: {why}")]
+    Reference {
+        /// What was given.
+        reference: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A hosts.toml or docker config file is unreadable or malformed.
+    #[error("{path}: {why}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// The registry refused our credentials, or wants some we do not have.
+    #[error("{url}: unauthorized: {why}")]
+    Unauthorized {
+        /// The request.
+        url: String,
+        /// What the registry or token service said.
+        why: String,
+    },
+    /// No endpoint has the object.
+    #[error("{url}: not found")]
+    NotFound {
+        /// The last URL tried.
+        url: String,
+    },
+    /// The registry answered with an unexpected status.
+    #[error("{url}: HTTP {status}: {body}")]
+    Status {
+        /// The request.
+        url: String,
+        /// The status code.
+        status: u16,
+        /// The start of the reply body (registries explain errors there).
+        body: String,
+    },
+    /// The connection failed or broke (including TLS verification).
+    #[error("{url}: {detail}")]
+    Transport {
+        /// The request.
+        url: String,
+        /// The whole error chain (reqwest hides the useful part in sources).
+        detail: String,
+    },
+    /// Downloaded bytes do not hash to the digest they were asked for.
+    #[error("{what}: content does not match its digest: expected {expected}, got {actual}")]
+    DigestMismatch {
+        /// Which object.
+        what: String,
+        /// The digest asked for.
+        expected: String,
+        /// The digest of what arrived.
+        actual: String,
+    },
+    /// The digest is malformed or uses an algorithm we cannot verify.
+    #[error("unsupported digest {digest:?}: {why}")]
+    Digest {
+        /// The digest.
+        digest: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// The manifest or index is not something we can pull.
+    #[error("{reference}: {why}")]
+    Manifest {
+        /// The image.
+        reference: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A local file operation failed.
+    #[error("{action} {path}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Whether the same request may succeed if tried again: connection
+    /// failures, resets, timeouts, 5xx and 429.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Transport { .. } => true,
+            Error::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
+            _ => false,
+        }
+    }
+
+    /// Whether the failure is about reaching the registry rather than about
+    /// the content: the caller may let someone with other credentials or
+    /// another network path (containerd itself) try instead.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            Error::Transport { .. }
+                | Error::Status { .. }
+                | Error::Unauthorized { .. }
+                | Error::NotFound { .. }
+        )
+    }
+}
+
+/// The error and its sources on one line.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}

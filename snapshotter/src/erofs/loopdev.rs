@@ -1,0 +1,140 @@
+//! Read-only loop devices for kernels without file-backed EROFS (< 6.12).
+//!
+//! Written by hand: it is three ioctls (`LOOP_CTL_GET_FREE`,
+//! `LOOP_CONFIGURE`, and the open of `/dev/loopN`), and the crates that wrap
+//! them generate their bindings with bindgen at build time, which would put
+//! libclang into every build of the snapshotter for these few lines.
+//!
+//! Devices are configured with `LO_FLAGS_AUTOCLEAR`: the kernel detaches
+//! one when its last user goes, so unmounting the filesystem frees the
+//! device and a crash between configure and mount leaks nothing once our
+//! descriptor closes.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LO_FLAGS_READ_ONLY: u32 = 1;
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+const LO_FLAGS_DIRECT_IO: u32 = 16;
+/// How often to try again when another process takes the free device first.
+const ATTEMPTS: usize = 16;
+
+/// `struct loop_info64` from `<linux/loop.h>`.
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+/// `struct loop_config` from `<linux/loop.h>`.
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+const _: () = assert!(std::mem::size_of::<LoopInfo64>() == 232);
+const _: () = assert!(std::mem::size_of::<LoopConfig>() == 304);
+
+/// A configured loop device; the device stays attached while this is open
+/// or while something (a mount) uses it.
+#[derive(Debug)]
+pub struct LoopDevice {
+    path: PathBuf,
+    _file: File,
+}
+
+impl LoopDevice {
+    /// `/dev/loopN`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Attaches `image` read-only to a free loop device.
+pub fn attach(image: &Path) -> std::io::Result<LoopDevice> {
+    let backing = File::open(image)?;
+    let ctl = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/loop-control")?;
+    let mut last = None;
+    for _ in 0..ATTEMPTS {
+        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns an index.
+        let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let path = PathBuf::from(format!("/dev/loop{n}"));
+        let dev = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)?;
+        let mut cfg = LoopConfig {
+            fd: backing.as_raw_fd() as u32,
+            block_size: 4096,
+            info: LoopInfo64 {
+                lo_device: 0,
+                lo_inode: 0,
+                lo_rdevice: 0,
+                lo_offset: 0,
+                lo_sizelimit: 0,
+                lo_number: 0,
+                lo_encrypt_type: 0,
+                lo_encrypt_key_size: 0,
+                lo_flags: LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR | LO_FLAGS_DIRECT_IO,
+                lo_file_name: [0; 64],
+                lo_crypt_name: [0; 64],
+                lo_encrypt_key: [0; 32],
+                lo_init: [0; 2],
+            },
+            reserved: [0; 8],
+        };
+        let name = image.as_os_str().as_encoded_bytes();
+        let len = name.len().min(63);
+        cfg.info.lo_file_name[..len].copy_from_slice(&name[..len]);
+        // SAFETY: `cfg` is a properly laid out `struct loop_config` that
+        // lives across the call; the kernel only reads it.
+        let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE, &cfg as *const LoopConfig) };
+        if r == 0 {
+            return Ok(LoopDevice { path, _file: dev });
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            // Taken between GET_FREE and CONFIGURE by someone else.
+            Some(libc::EBUSY) => last = Some(e),
+            // Direct I/O needs the backing file's block size to match.
+            Some(libc::EINVAL) if cfg.info.lo_flags & LO_FLAGS_DIRECT_IO != 0 => {
+                cfg.info.lo_flags &= !LO_FLAGS_DIRECT_IO;
+                // SAFETY: as above.
+                let r = unsafe {
+                    libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE, &cfg as *const LoopConfig)
+                };
+                if r == 0 {
+                    return Ok(LoopDevice { path, _file: dev });
+                }
+                last = Some(std::io::Error::last_os_error());
+            }
+            _ => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no free loop device")))
+}
