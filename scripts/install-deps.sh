@@ -31,6 +31,8 @@ BOOKWORM_PACKAGES=(
   procps
   psmisc
   ca-certificates
+  openssl
+  apache2-utils
 )
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }

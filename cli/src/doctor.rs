@@ -16,8 +16,39 @@ pub fn run(config: &hyperbox_config::Config, json: bool) -> Result<()> {
         std::env::temp_dir()
     };
     let scratch = tempfile_in(&scratch)?;
-    let features = hyperbox_snapshotter::features::detect(&scratch);
+    let mut features = hyperbox_snapshotter::features::detect(&scratch);
     let _ = std::fs::remove_dir_all(&scratch);
+    // What the snapshotter will mount fetched layers with, by the same rule
+    // it applies at start-up.
+    let wanted = config.snapshotter.erofs_backend;
+    let backend = hyperbox_snapshotter::server::choose_backend(wanted, &features);
+    let (available, value, how) = match (&backend, config.snapshotter.remote) {
+        (_, false) => (
+            false,
+            "off".to_string(),
+            "snapshotter.remote = false".to_string(),
+        ),
+        (Ok(Some(b)), true) => (
+            true,
+            b.as_str().to_string(),
+            format!(
+                "snapshotter.erofs_backend = {}, chosen from the probes above",
+                format!("{wanted:?}").to_lowercase()
+            ),
+        ),
+        (Ok(None), true) => (
+            false,
+            "none".to_string(),
+            "no file-backed EROFS and no loop devices: the remote path stays off".to_string(),
+        ),
+        (Err(e), true) => (false, "error".to_string(), format!("{e:#}")),
+    };
+    features.push(hyperbox_snapshotter::features::Feature {
+        name: "erofs_backend",
+        available,
+        value,
+        how,
+    });
     if json {
         println!("{}", serde_json::to_string_pretty(&features)?);
         return Ok(());

@@ -2,6 +2,7 @@
 //! for scripts.
 
 mod doctor;
+mod image;
 mod snapshots;
 mod table;
 
@@ -28,9 +29,36 @@ enum Command {
         #[command(subcommand)]
         command: SnapshotsCommand,
     },
+    /// Images, pulled through containerd onto hyperbox's remote path.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
     /// Kernel features hyperbox depends on, and how each was detected.
     Doctor {
         /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Pull an image with the labels nerdctl and CRI send, so the snapshotter
+    /// fetches its layers itself; prints one line per layer.
+    Pull {
+        /// Image reference, e.g. `registry.example/app:1.2` or `busybox`.
+        reference: String,
+        /// containerd's socket.
+        #[arg(long, default_value = "/run/containerd/containerd.sock")]
+        address: PathBuf,
+        /// containerd namespace (`k8s.io` for images the kubelet should see).
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        /// Snapshotter to unpack into.
+        #[arg(long, default_value = "hyperbox")]
+        snapshotter: String,
+        /// One JSON object per line: a `layer` event per layer, then `done`.
         #[arg(long)]
         json: bool,
     },
@@ -56,6 +84,25 @@ fn main() -> ExitCode {
         let config = hyperbox_config::Config::load(args.config.as_deref())?;
         match args.command {
             Command::Doctor { json } => doctor::run(&config, json),
+            Command::Image {
+                command:
+                    ImageCommand::Pull {
+                        reference,
+                        address,
+                        namespace,
+                        snapshotter,
+                        json,
+                    },
+            } => tokio::runtime::Runtime::new()?.block_on(image::pull(
+                &config,
+                &image::PullArgs {
+                    reference,
+                    address,
+                    namespace,
+                    snapshotter,
+                    json,
+                },
+            )),
             Command::Snapshots {
                 command: SnapshotsCommand::Ls { filters, json },
             } => tokio::runtime::Runtime::new()?.block_on(snapshots::ls(&config, filters, json)),

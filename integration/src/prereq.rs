@@ -22,6 +22,8 @@ pub enum Prereq {
     Busybox,
     /// CNI plugins in `/usr/lib/cni`.
     CniPlugins,
+    /// `openssl` and `htpasswd` (apache2-utils), for HTTPS and auth registries.
+    TlsTools,
 }
 
 impl Prereq {
@@ -57,6 +59,9 @@ impl Prereq {
                 .then(|| "/bin/busybox not found (package busybox-static)".into()),
             Prereq::CniPlugins => (!Path::new("/usr/lib/cni/loopback").exists())
                 .then(|| "/usr/lib/cni/loopback not found (containernetworking-plugins)".into()),
+            Prereq::TlsTools => (command_output("openssl", &["version"]).is_none()
+                || Command::new("htpasswd").arg("-h").output().is_err())
+            .then(|| "openssl or htpasswd not found (packages openssl, apache2-utils)".into()),
         }
     }
 }

@@ -54,6 +54,36 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry and waits until it serves `/v2/`.
     pub fn start() -> Result<Self> {
+        Self::start_inner(None, None)
+    }
+
+    /// A second registry serving `plain`'s storage over HTTPS with
+    /// `cert`/`key` and, if given, basic auth from an htpasswd file: images
+    /// are pushed to `plain` and pulled from this one.
+    pub fn start_secure_view(
+        plain: &Registry,
+        cert: &Path,
+        key: &Path,
+        htpasswd: Option<&Path>,
+    ) -> Result<Self> {
+        let security = format!(
+            "  tls:\n    certificate: {}\n    key: {}\n{}",
+            cert.display(),
+            key.display(),
+            htpasswd
+                .map(|p| format!(
+                    "auth:\n  htpasswd:\n    realm: hyperbox-test\n    path: {}\n",
+                    p.display()
+                ))
+                .unwrap_or_default()
+        );
+        Self::start_inner(Some(plain.dir().join("storage")), Some(security))
+    }
+
+    fn start_inner(
+        shared_storage: Option<std::path::PathBuf>,
+        security: Option<String>,
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("hb-registry-")
             .tempdir()
@@ -64,10 +94,14 @@ impl Registry {
         )
         .map_err(io("record owner"))?;
         let addr = free_loopback_port()?;
-        let storage = dir.path().join("storage");
+        let storage = shared_storage.unwrap_or_else(|| dir.path().join("storage"));
         fs::create_dir_all(&storage).map_err(io("create storage dir"))?;
         let config = dir.path().join("config.yml");
-        fs::write(&config, config_yaml(&storage, addr)).map_err(io("write config"))?;
+        let mut yaml = config_yaml(&storage, addr);
+        if let Some(s) = &security {
+            yaml.push_str(s);
+        }
+        fs::write(&config, yaml).map_err(io("write config"))?;
         let log_path = dir.path().join("registry.log");
         let log = fs::File::create(&log_path).map_err(io("create log"))?;
         let child = Command::new(REGISTRY_BIN)
@@ -114,7 +148,9 @@ impl Registry {
             if let Ok(Some(_)) = self.child.try_wait() {
                 break;
             }
-            if http_get_status(self.addr, "/v2/") == Some(200) {
+            // 200 in plain HTTP; over TLS, Go answers a plain request with
+            // 400, which still says the server is up.
+            if matches!(http_get_status(self.addr, "/v2/"), Some(200 | 400)) {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -143,6 +179,85 @@ fn config_yaml(storage: &Path, addr: SocketAddr) -> String {
          http:\n  addr: {addr}\n",
         storage.display()
     )
+}
+
+/// A throwaway CA and a certificate for 127.0.0.1 signed by it, made with
+/// the openssl command in `dir`: `(ca.pem, cert.pem, key.pem)`.
+pub fn make_tls_files(
+    dir: &Path,
+) -> Result<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)> {
+    let run = |args: &[&str]| -> Result<()> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .map_err(io("run openssl"))?;
+        if !out.status.success() {
+            return Err(Error::Io {
+                action: format!("openssl {}", args.join(" ")),
+                source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).into_owned()),
+            });
+        }
+        Ok(())
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=hyperbox test CA",
+    ])?;
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "cert.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ])?;
+    fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .map_err(io("write ext.cnf"))?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "cert.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "cert.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ])?;
+    Ok((
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    ))
 }
 
 /// Reserves a free port on 127.0.0.1 by binding port 0 and releasing it.

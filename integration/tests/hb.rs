@@ -180,3 +180,97 @@ fn doctor_reports_every_feature_with_how_it_was_found() {
     assert!(table.starts_with("FEATURE"));
     assert_eq!(table.lines().count(), 11);
 }
+
+/// `hb image pull` through a real containerd: with hyperbox every layer is
+/// fetched by the snapshotter; with overlayfs hb downloads and applies them
+/// itself. Either way the image runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_pull_uses_the_remote_path_and_the_image_runs() {
+    use hyperbox_integration::client::{ContainerOptions, PullOptions};
+    use hyperbox_integration::testbed::Testbed;
+    hyperbox_integration::require_containers!();
+    let mut tb = Testbed::start_hyperbox(|b| b.without_cri()).await;
+    let mut spec = hyperbox_integration::image::ImageSpec::busybox(&["cat", "/motd"]).unwrap();
+    spec.layers.push(
+        hyperbox_integration::image::Layer::new(hyperbox_integration::image::Compression::Zstd)
+            .file("motd", "pulled by hb", 0o644),
+    );
+    let reference = tb.push(&spec, "test/hbpull", "v1").await;
+    let config = tb.hyperbox().config_path();
+    let address = tb.containerd.address().display().to_string();
+    let cfg = config.display().to_string();
+
+    let (ok, out, err) = hb(&[
+        "--config",
+        &cfg,
+        "image",
+        "pull",
+        "--address",
+        &address,
+        "--json",
+        &reference,
+    ]);
+    assert!(ok, "{err}");
+    let events: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let layers: Vec<&Value> = events.iter().filter(|e| e["event"] == "layer").collect();
+    assert_eq!(layers.len(), 2, "{out}");
+    assert!(layers.iter().all(|l| l["how"] == "remote"), "{out}");
+    let done = events.last().unwrap();
+    assert_eq!(
+        (done["event"].as_str(), done["remote"].as_u64()),
+        (Some("done"), Some(2))
+    );
+
+    let client = tb.containerd.client().await.unwrap();
+    assert!(client.image_exists(&reference).await.unwrap());
+    // The harness finds every layer present and only reads the image back.
+    let image = client
+        .pull(&reference, &PullOptions::local(NAME))
+        .await
+        .unwrap();
+    let run = client
+        .run("hbpull", &image, &ContainerOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(run.stdout_str(), "pulled by hb");
+
+    // Into overlayfs, people's table: hb unpacks through containerd itself.
+    let (ok, out, err) = hb(&[
+        "--config",
+        &cfg,
+        "image",
+        "pull",
+        "--address",
+        &address,
+        "--snapshotter",
+        "overlayfs",
+        "-n",
+        "other",
+        &reference,
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(out.matches("unpacked").count(), 2, "{out}");
+    assert!(
+        out.contains("0 of 2 layers fetched by the snapshotter"),
+        "{out}"
+    );
+
+    // A reference that does not exist: a clear error, nothing recorded.
+    let missing = reference.replace("hbpull:v1", "hbpull:nope");
+    let (ok, _, err) = hb(&[
+        "--config",
+        &cfg,
+        "image",
+        "pull",
+        "--address",
+        &address,
+        &missing,
+    ]);
+    assert!(!ok);
+    assert!(err.contains("not found") && err.contains("hbpull"), "{err}");
+    assert!(!client.image_exists(&missing).await.unwrap());
+    tb.finish();
+}

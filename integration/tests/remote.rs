@@ -463,3 +463,126 @@ async fn loop_backend_serves_the_same_rootfs() {
     assert!(erofs_mounts(&mut tb).is_empty());
     tb.finish();
 }
+
+/// HTTPS with a private CA from hosts.toml, basic auth with credentials
+/// from docker's config.json, and what goes wrong without either: `hb
+/// image pull` resolves, the snapshotter fetches, both with the same files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_registry_with_private_ca_and_basic_auth() {
+    require_containers!();
+    hyperbox_integration::require!(hyperbox_integration::prereq::Prereq::TlsTools);
+    let mut tb =
+        Testbed::start_hyperbox_configured("fallback_to_local = false", |b| b.without_cri()).await;
+    let plain_ref = tb.push_sleeper().await;
+    let tls = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = hyperbox_integration::registry::make_tls_files(tls.path()).unwrap();
+    let htpasswd = tls.path().join("htpasswd");
+    let out = std::process::Command::new("htpasswd")
+        .args(["-Bbc", htpasswd.to_str().unwrap(), "puller", "s3cret"])
+        .output()
+        .expect("htpasswd (apache2-utils)");
+    assert!(out.status.success());
+    let secure = hyperbox_integration::registry::Registry::start_secure_view(
+        &tb.registry,
+        &cert,
+        &key,
+        Some(&htpasswd),
+    )
+    .unwrap();
+    let reference = plain_ref.replacen(&tb.registry.host(), &secure.host(), 1);
+    let sn_dir = tb.hyperbox().dir().to_path_buf();
+    let cfg = tb.hyperbox().config_path().display().to_string();
+    let address = tb.containerd.address().display().to_string();
+    let hb = |args: &[&str]| {
+        let out = std::process::Command::new(hyperbox_integration::binaries::path("hb"))
+            .args(["--config", &cfg, "image", "pull", "--address", &address])
+            .args(args)
+            .arg(&reference)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    // The registry's certificate is unknown: refused, and the error says so.
+    let (ok, _, err) = hb(&[]);
+    assert!(!ok);
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+
+    // hosts.toml names the CA; now the registry wants credentials.
+    let host_dir = sn_dir.join("certs.d").join(secure.host());
+    std::fs::create_dir_all(&host_dir).unwrap();
+    std::fs::write(
+        host_dir.join("hosts.toml"),
+        format!(
+            "server = \"https://{}\"\nca = \"{}\"\n",
+            secure.host(),
+            ca.display()
+        ),
+    )
+    .unwrap();
+    let (ok, _, err) = hb(&[]);
+    assert!(!ok);
+    assert!(
+        err.contains("unauthorized") && err.contains("credentials"),
+        "{err}"
+    );
+
+    // Wrong password: the registry's refusal is passed on.
+    let auth = |pass: &str| {
+        use base64::Engine as _;
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("puller:{pass}"));
+        std::fs::write(
+            sn_dir.join("docker-config.json"),
+            format!(
+                "{{\"auths\":{{\"{}\":{{\"auth\":\"{token}\"}}}}}}",
+                secure.host()
+            ),
+        )
+        .unwrap();
+    };
+    auth("wrong");
+    let (ok, _, err) = hb(&[]);
+    assert!(!ok && err.contains("unauthorized"), "{err}");
+
+    // Right password (picked up without restarting the snapshotter): every
+    // layer fetched by the snapshotter over HTTPS.
+    auth("s3cret");
+    let (ok, out, err) = hb(&["--json"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("\"how\":\"remote\"") && out.contains("\"remote\":1"),
+        "{out}"
+    );
+    let client = tb.containerd.client().await.unwrap();
+    let image = client
+        .pull(&plain_ref, &PullOptions::local(NAME))
+        .await
+        .unwrap();
+    let run = client
+        .run(
+            "tls",
+            &image,
+            &ContainerOptions::args(&["echo", "over tls"]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(run.stdout_str(), "over tls\n");
+
+    // skip_verify instead of the CA also works.
+    std::fs::write(
+        host_dir.join("hosts.toml"),
+        format!(
+            "server = \"https://{}\"\nskip_verify = true\n",
+            secure.host()
+        ),
+    )
+    .unwrap();
+    let (ok, _, err) = hb(&[]);
+    assert!(ok, "{err}");
+    drop(secure);
+    tb.finish();
+}

@@ -133,7 +133,7 @@ pub type Progress<'a> = &'a (dyn Fn(u64, Option<u64>) + Send + Sync);
 #[derive(Debug)]
 pub struct Registry {
     config_path: PathBuf,
-    creds: DockerConfig,
+    docker_config: PathBuf,
     retries: u32,
     timeout: Duration,
     downloads: Arc<Semaphore>,
@@ -151,7 +151,11 @@ impl Registry {
     pub fn new(cfg: &hyperbox_config::Registry) -> Result<Registry, Error> {
         Ok(Registry {
             config_path: cfg.config_path.clone(),
-            creds: DockerConfig::load(&cfg.docker_config)?,
+            docker_config: {
+                // Read once here so a malformed file fails at start-up.
+                DockerConfig::load(&cfg.docker_config)?;
+                cfg.docker_config.clone()
+            },
             retries: cfg.retries,
             timeout: Duration::from_secs(cfg.timeout_secs),
             downloads: Arc::new(Semaphore::new(cfg.max_concurrent_downloads as usize)),
@@ -240,8 +244,11 @@ impl Registry {
             .insert(r.host.clone(), ep.base.clone());
     }
 
-    fn credentials(&self, ep: &Endpoint, r: &Reference) -> Option<&Credentials> {
-        self.creds.get(&ep.host).or_else(|| self.creds.get(&r.host))
+    /// Credentials for `ep`, else for the image's registry. The file is read
+    /// at each challenge, so `docker login` takes effect without a restart.
+    fn credentials(&self, ep: &Endpoint, r: &Reference) -> Result<Option<Credentials>, Error> {
+        let creds = DockerConfig::load(&self.docker_config)?;
+        Ok(creds.get(&ep.host).or_else(|| creds.get(&r.host)).cloned())
     }
 
     /// One request with auth: a cached `Authorization` is sent up front; a
@@ -303,7 +310,8 @@ impl Registry {
         url: &str,
         challenges: &[Challenge],
     ) -> Result<String, Error> {
-        let creds = self.credentials(ep, r);
+        let creds = self.credentials(ep, r)?;
+        let creds = creds.as_ref();
         let unauthorized = |why: String| Error::Unauthorized {
             url: url.into(),
             why,
@@ -381,7 +389,7 @@ impl Registry {
         F: FnMut(Endpoint) -> Fut,
         Fut: std::future::Future<Output = Result<T, Error>>,
     {
-        let mut last = None;
+        let mut failed = Vec::new();
         for (ep, retry) in self.endpoints(r, resolve)? {
             let retries = if retry { self.retries } else { 0 };
             let mut backoff = FIRST_BACKOFF;
@@ -398,16 +406,14 @@ impl Registry {
                     }
                     Err(e) if e.is_unreachable() || e.is_transient() => {
                         tracing::debug!(error = %e, endpoint = %ep.base, "endpoint failed; trying the next");
-                        last = Some(e);
+                        failed.push(e);
                         break;
                     }
                     Err(e) => return Err(e),
                 }
             }
         }
-        Err(last.unwrap_or_else(|| Error::NotFound {
-            url: format!("{} (no endpoint with this capability)", r.host),
-        }))
+        Err(combine(failed, r, "this capability"))
     }
 
     /// A manifest or index by tag or digest: bytes, media type, digest.
@@ -595,7 +601,7 @@ impl Registry {
         v: &mut Verifier,
         progress: Progress<'_>,
     ) -> Result<(), Error> {
-        let mut last = None;
+        let mut failed = Vec::new();
         for (ep, retry) in self.endpoints(r, false)? {
             let retries = if retry { self.retries } else { 0 };
             let mut backoff = FIRST_BACKOFF;
@@ -611,16 +617,14 @@ impl Registry {
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                     }
                     Err(e) if e.is_unreachable() || e.is_transient() => {
-                        last = Some(e);
+                        failed.push(e);
                         break;
                     }
                     Err(e) => return Err(e),
                 }
             }
         }
-        Err(last.unwrap_or_else(|| Error::NotFound {
-            url: format!("{} (no endpoint with the pull capability)", r.host),
-        }))
+        Err(combine(failed, r, "the pull capability"))
     }
 
     async fn download(
@@ -719,6 +723,22 @@ impl Registry {
             });
         }
         Ok(())
+    }
+}
+
+/// One endpoint's error as it is; several as one error listing each, so the
+/// informative one (a certificate problem) is not hidden behind the last
+/// (the plain-HTTP retry's 400). A 404 from all is a 404.
+fn combine(mut failed: Vec<Error>, r: &Reference, capability: &str) -> Error {
+    match failed.len() {
+        0 => Error::NotFound {
+            url: format!("{} (no endpoint with {capability})", r.host),
+        },
+        1 => failed.remove(0),
+        _ if failed.iter().all(|e| matches!(e, Error::NotFound { .. })) => failed.remove(0),
+        _ => Error::AllEndpoints {
+            errors: failed.iter().map(|e| e.to_string()).collect(),
+        },
     }
 }
 

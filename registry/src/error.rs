@@ -79,6 +79,12 @@ pub enum Error {
         /// What is wrong.
         why: String,
     },
+    /// Every endpoint of a host failed; each one's error, in order tried.
+    #[error("every endpoint failed: {}", .errors.join("; "))]
+    AllEndpoints {
+        /// `base: error` per endpoint.
+        errors: Vec<String>,
+    },
     /// A local file operation failed.
     #[error("{action} {path}")]
     Io {
@@ -113,6 +119,7 @@ impl Error {
                 | Error::Status { .. }
                 | Error::Unauthorized { .. }
                 | Error::NotFound { .. }
+                | Error::AllEndpoints { .. }
         )
     }
 }
