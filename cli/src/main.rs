@@ -3,6 +3,7 @@
 
 mod doctor;
 mod image;
+mod index;
 mod snapshots;
 mod table;
 
@@ -44,6 +45,15 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum ImageCommand {
+    /// Build and push the image's hyperbox index (EROFS layers with chunk
+    /// digests, as an OCI artifact beside the image) so nodes pull it lazily.
+    Index {
+        /// Image reference.
+        reference: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Pull an image with the labels nerdctl and CRI send, so the snapshotter
     /// fetches its layers itself; prints one line per layer.
     Pull {
@@ -84,6 +94,9 @@ fn main() -> ExitCode {
         let config = hyperbox_config::Config::load(args.config.as_deref())?;
         match args.command {
             Command::Doctor { json } => doctor::run(&config, json),
+            Command::Image {
+                command: ImageCommand::Index { reference, json },
+            } => tokio::runtime::Runtime::new()?.block_on(index::run(&config, &reference, json)),
             Command::Image {
                 command:
                     ImageCommand::Pull {

@@ -113,6 +113,10 @@ pub struct Snapshotter {
     pub prefetch: bool,
     /// How EROFS layer images reach the kernel.
     pub erofs_backend: ErofsBackend,
+    /// For images with a hyperbox index (`hb image index`), mount layers at
+    /// once and fetch their bytes on first access (needs file-backed EROFS
+    /// and fanotify pre-content events, kernel 6.14+).
+    pub lazy: bool,
 }
 
 /// `snapshotter.erofs_backend`.
@@ -169,6 +173,7 @@ impl Default for Snapshotter {
             fallback_to_local: true,
             prefetch: true,
             erofs_backend: ErofsBackend::Auto,
+            lazy: true,
         }
     }
 }

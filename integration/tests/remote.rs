@@ -586,3 +586,177 @@ async fn https_registry_with_private_ca_and_basic_auth() {
     drop(secure);
     tb.finish();
 }
+
+fn hb_index(tb: &mut Testbed, reference: &str) -> serde_json::Value {
+    let cfg = tb.hyperbox().config_path();
+    let out = std::process::Command::new(hyperbox_integration::binaries::path("hb"))
+        .arg("--config")
+        .arg(&cfg)
+        .args(["image", "index", "--json", reference])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "hb image index: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn lazy_files_left(tb: &mut Testbed) -> usize {
+    let layers = tb.hyperbox().root().join("layers");
+    std::fs::read_dir(layers)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".lazy"))
+        .count()
+}
+
+async fn wait_complete(tb: &mut Testbed) {
+    let start = std::time::Instant::now();
+    while lazy_files_left(tb) > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "lazy layers never completed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// An image with a hyperbox index is mounted at once: the container runs
+/// after fetching a fraction of the image, reads of unfetched bytes are
+/// served correctly, a kill -9 in the middle loses nothing, and in the end
+/// every layer is complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn indexed_images_are_pulled_lazily() {
+    require_containers!();
+    let mut tb = Testbed::start_hyperbox(|b| b.without_cri()).await;
+    let big = 48u64 << 20;
+    let mut spec = ImageSpec::busybox(&["cat", "/etc/motd"]).unwrap();
+    spec.layers[0] = spec.layers[0]
+        .clone()
+        .file("etc/motd", "lazy hello\n", 0o644);
+    spec.layers
+        .push(Layer::new(Compression::Gzip).large_file("data/big", big, 42));
+    let reference = tb.via_proxy(&tb.push(&spec, "test/lazy", "v1").await);
+    let indexed = hb_index(&mut tb, &reference);
+    assert_eq!(indexed["layers"].as_array().unwrap().len(), 2, "{indexed}");
+    let blobs_total: u64 = std::fs::read_dir(tb.work_dir())
+        .unwrap()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .filter_map(|f| f.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+
+    // 40 Mbit/s: the background fill of 48 MiB takes about ten seconds, so
+    // the container runs long before it is done.
+    tb.proxy.set_shaping(hyperbox_integration::proxy::Shaping {
+        latency: Duration::from_millis(5),
+        bits_per_sec: Some(40_000_000),
+    });
+    let before = tb.proxy.bytes_served();
+    let client = tb.containerd.client().await.unwrap();
+    let image = client.pull(&reference, &remote()).await.unwrap();
+    assert_eq!(image.layers_skipped, [0, 1]);
+    let out = client
+        .run("lazy", &image, &ContainerOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_str(), "lazy hello\n");
+    let fetched = tb.proxy.bytes_served() - before;
+    assert!(
+        fetched < blobs_total / 2,
+        "ran after fetching {fetched} of {blobs_total} bytes"
+    );
+    assert!(
+        lazy_files_left(&mut tb) > 0,
+        "still filling in the background"
+    );
+
+    // kill -9 while filling; the restart takes the layers back.
+    tb.hyperbox().kill(nix::sys::signal::Signal::SIGKILL);
+    tb.hyperbox().start_again().await;
+    let want = {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        let mut r = hyperbox_integration::image::PatternReader::new(42);
+        let mut left = big as usize;
+        let mut buf = vec![0u8; 1 << 20];
+        while left > 0 {
+            let n = left.min(buf.len());
+            std::io::Read::read_exact(&mut r, &mut buf[..n]).unwrap();
+            h.update(&buf[..n]);
+            left -= n;
+        }
+        hex::encode(h.finalize())
+    };
+    let out = client
+        .run(
+            "lazy-read",
+            &image,
+            &ContainerOptions::args(&["sha256sum", "/data/big"]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.status, 0, "{}", out.stderr_str());
+    assert!(out.stdout_str().starts_with(&want), "{}", out.stdout_str());
+    tb.proxy
+        .set_shaping(hyperbox_integration::proxy::Shaping::default());
+    wait_complete(&mut tb).await;
+    let out = client
+        .run(
+            "complete",
+            &image,
+            &ContainerOptions::args(&["sha256sum", "/data/big"]),
+        )
+        .await
+        .unwrap();
+    assert!(out.stdout_str().starts_with(&want));
+
+    // Removing the image removes the lazy layers, mounts and files.
+    client.delete_image(&reference).await.unwrap();
+    client.gc().await.unwrap();
+    let left = tb
+        .hyperbox()
+        .wait_for_count(&[], 0, Duration::from_secs(30))
+        .await;
+    assert!(left.is_empty(), "{left:#?}");
+    assert_eq!(erofs_mounts(&mut tb), []);
+    tb.finish();
+}
+
+/// A chunk that does not match the index is never served: the lazy path
+/// gives the layer up and the whole layer, verified against the image's own
+/// digest, is fetched instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_chunks_that_do_not_verify_are_never_served() {
+    require_containers!();
+    let mut tb = Testbed::start_hyperbox(|b| b.without_cri()).await;
+    let mut spec = ImageSpec::busybox(&["true"]).unwrap();
+    spec.layers
+        .push(Layer::new(Compression::Zstd).file("data/x", "the real bytes", 0o644));
+    let reference = tb.via_proxy(&tb.push(&spec, "test/lazybad", "v1").await);
+    let indexed = hb_index(&mut tb, &reference);
+    for l in indexed["layers"].as_array().unwrap() {
+        tb.proxy.inject(FaultRule {
+            path_contains: l["erofs"].as_str().unwrap().to_string(),
+            ..FaultRule::blobs(Fault::CorruptAt(1100))
+        });
+    }
+    let client = tb.containerd.client().await.unwrap();
+    let image = client.pull(&reference, &remote()).await.unwrap();
+    assert_eq!(image.layers_skipped, [0, 1], "served by hyperbox, whole");
+    assert_eq!(lazy_files_left(&mut tb), 0, "the lazy attempt left nothing");
+    let out = client
+        .run("x", &image, &ContainerOptions::args(&["cat", "/data/x"]))
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_str(), "the real bytes");
+    let log = tb.hyperbox().log();
+    assert!(
+        log.contains("does not match the index"),
+        "the refusal is logged"
+    );
+    tb.finish();
+}

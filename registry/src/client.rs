@@ -260,8 +260,24 @@ impl Registry {
         path: &str,
         headers: HeaderMap,
     ) -> Result<reqwest::Response, Error> {
-        let client = self.client(ep)?;
         let url = format!("{}/{}/{}", ep.base, r.repository, path);
+        self.send_url(ep, r, reqwest::Method::GET, &url, headers, None)
+            .await
+    }
+
+    /// [`Registry::send`] with any method, a full URL (upload locations
+    /// are URLs) and an optional body.
+    async fn send_url(
+        &self,
+        ep: &Endpoint,
+        r: &Reference,
+        method: reqwest::Method,
+        url: &str,
+        headers: HeaderMap,
+        body: Option<bytes::Bytes>,
+    ) -> Result<reqwest::Response, Error> {
+        let client = self.client(ep)?;
+        let url = url.to_string();
         let key = (ep.base.clone(), r.repository.clone());
         let mut authorization = self
             .auth
@@ -270,7 +286,12 @@ impl Registry {
             .get(&key)
             .cloned();
         for attempt in 0..2 {
-            let mut req = client.get(&url).headers(headers.clone());
+            let mut req = client
+                .request(method.clone(), &url)
+                .headers(headers.clone());
+            if let Some(b) = &body {
+                req = req.body(b.clone());
+            }
             for (k, v) in &ep.headers {
                 req = req.header(k, v);
             }
@@ -723,6 +744,175 @@ impl Registry {
             });
         }
         Ok(())
+    }
+}
+
+impl Registry {
+    /// The hyperbox index of the image whose manifest is `manifest`, if
+    /// one was pushed (see [`crate::index`]).
+    pub async fn fetch_index(
+        &self,
+        r: &Reference,
+        manifest: &Digest,
+    ) -> Result<Option<crate::index::Index>, Error> {
+        let tag = crate::index::tag_for(manifest);
+        let (bytes, _, _) = match self.fetch_manifest(r, &tag).await {
+            Ok(m) => m,
+            Err(Error::NotFound { .. }) => return Ok(None),
+            Err(Error::AllEndpoints { errors })
+                if errors.iter().all(|e| e.contains("not found")) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Manifest {
+            reference: format!("{r} index"),
+            why: format!("manifest: {e}"),
+        })?;
+        if m.config.media_type != crate::index::CONFIG_TYPE {
+            return Ok(None);
+        }
+        let d = Digest::parse(&m.config.digest)?;
+        let doc = self.fetch_blob_bytes(r, &d).await?;
+        crate::index::Index::parse(&doc, &format!("{r} index")).map(Some)
+    }
+
+    /// Bytes `start..start+len` of blob `digest`, unverified (the caller
+    /// checks them against a chunk digest). Not subject to the download
+    /// limit: these are reads a process waits for.
+    pub async fn fetch_range(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        start: u64,
+        len: u64,
+    ) -> Result<bytes::Bytes, Error> {
+        self.across(r, false, |ep| async move {
+            let mut h = HeaderMap::new();
+            h.insert(
+                RANGE,
+                format!("bytes={start}-{}", start + len - 1)
+                    .parse()
+                    .expect("ascii"),
+            );
+            let resp = self.send(&ep, r, &format!("blobs/{digest}"), h).await?;
+            let url = resp.url().to_string();
+            if resp.status() != StatusCode::PARTIAL_CONTENT {
+                return Err(Error::Status {
+                    url,
+                    status: resp.status().as_u16(),
+                    body: "the registry ignored the Range request; lazy pulls need Range support"
+                        .into(),
+                });
+            }
+            let b = resp.bytes().await.map_err(|e| Error::Transport {
+                url: url.clone(),
+                detail: chain(&e),
+            })?;
+            if b.len() as u64 != len {
+                return Err(Error::Transport {
+                    url,
+                    detail: format!("range reply of {} bytes, asked for {len}", b.len()),
+                });
+            }
+            Ok(b)
+        })
+        .await
+    }
+
+    /// Uploads `data` as blob `digest` of `r`'s repository unless the
+    /// registry has it (monolithic upload: POST, then PUT with the digest).
+    pub async fn push_blob(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        data: bytes::Bytes,
+    ) -> Result<(), Error> {
+        let ep = self.push_endpoint(r)?;
+        let head = format!("{}/{}/blobs/{digest}", ep.base, r.repository);
+        match self
+            .send_url(&ep, r, reqwest::Method::HEAD, &head, HeaderMap::new(), None)
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(Error::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let start = format!("{}/{}/blobs/uploads/", ep.base, r.repository);
+        let resp = self
+            .send_url(
+                &ep,
+                r,
+                reqwest::Method::POST,
+                &start,
+                HeaderMap::new(),
+                Some(bytes::Bytes::new()),
+            )
+            .await?;
+        let location = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| Error::Status {
+                url: start.clone(),
+                status: resp.status().as_u16(),
+                body: "upload started without a Location".into(),
+            })?
+            .to_string();
+        let location = if location.starts_with("http://") || location.starts_with("https://") {
+            location
+        } else {
+            // Relative to the registry's origin.
+            let origin: String = ep.base.splitn(4, '/').take(3).collect::<Vec<_>>().join("/");
+            format!("{origin}{location}")
+        };
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let put = format!("{location}{sep}digest={digest}");
+        let mut h = HeaderMap::new();
+        h.insert(
+            reqwest::header::CONTENT_TYPE,
+            "application/octet-stream".parse().expect("static"),
+        );
+        self.send_url(&ep, r, reqwest::Method::PUT, &put, h, Some(data))
+            .await?;
+        Ok(())
+    }
+
+    /// Puts manifest `bytes` of `media_type` under `tag`.
+    pub async fn push_manifest(
+        &self,
+        r: &Reference,
+        tag: &str,
+        media_type: &str,
+        bytes: bytes::Bytes,
+    ) -> Result<(), Error> {
+        let ep = self.push_endpoint(r)?;
+        let url = format!("{}/{}/manifests/{tag}", ep.base, r.repository);
+        let mut h = HeaderMap::new();
+        h.insert(
+            reqwest::header::CONTENT_TYPE,
+            media_type.parse().map_err(|_| Error::Manifest {
+                reference: r.to_string(),
+                why: format!("media type {media_type:?} is not a header value"),
+            })?,
+        );
+        self.send_url(&ep, r, reqwest::Method::PUT, &url, h, Some(bytes))
+            .await?;
+        Ok(())
+    }
+
+    /// Pushes go to the upstream (the last endpoint), never to a mirror;
+    /// on loopback, to whichever scheme pulls used last.
+    fn push_endpoint(&self, r: &Reference) -> Result<Endpoint, Error> {
+        let eps = self.endpoints(r, true)?;
+        eps.iter()
+            .find(|(_, retry)| *retry)
+            .or(eps.last())
+            .map(|(e, _)| e.clone())
+            .ok_or_else(|| Error::NotFound {
+                url: format!("{} (no endpoint to push to)", r.host),
+            })
     }
 }
 

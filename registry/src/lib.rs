@@ -12,7 +12,8 @@
 //!   retries and backoff, resumable downloads (Range), a global limit on
 //!   concurrent downloads, and every byte checked against its digest before
 //!   a caller may use it;
-//! - [`reference`]: image references as containerd normalizes them.
+//! - [`reference`]: image references as containerd normalizes them;
+//! - [`index`]: the hyperbox index artifact that makes lazy pulls possible.
 //!
 //! Written on reqwest rather than an OCI client crate: the existing ones
 //! (oci-client and friends) know neither hosts.toml nor resumable,
@@ -25,6 +26,7 @@ pub mod client;
 pub mod digest;
 pub mod error;
 pub mod hosts;
+pub mod index;
 pub mod reference;
 
 pub use client::{Descriptor, Registry, Resolved};

@@ -19,6 +19,7 @@
 pub mod erofs;
 pub mod features;
 pub mod filter;
+pub mod lazy;
 pub mod mounts;
 pub mod remote;
 pub mod server;

@@ -142,7 +142,9 @@ impl Remote {
             })
         })?;
         let done = self.layer_path(&d);
-        if done.exists() {
+        // A sibling `.lazy` means the file there is sparse: fetch whole.
+        let lazy = self.layers.join(format!("{}.lazy", d.hex()));
+        if done.exists() && !lazy.exists() {
             return Ok(done);
         }
         let fetch = {
@@ -258,7 +260,11 @@ impl Remote {
             let e = e.map_err(io("read", &self.layers))?;
             let p = e.path();
             let name = e.file_name().to_string_lossy().into_owned();
-            if busy.iter().any(|b| name.starts_with(b.as_str())) {
+            if busy.iter().any(|b| name.starts_with(b.as_str())) || !name.ends_with(".erofs") {
+                continue;
+            }
+            // Incomplete lazy layers belong to the lazy path's own prune.
+            if self.layers.join(name.replace(".erofs", ".lazy")).exists() {
                 continue;
             }
             let Ok(m) = e.metadata() else { continue };
@@ -276,9 +282,15 @@ impl Remote {
     }
 }
 
-enum ConvertError {
+/// Errors of [`convert`].
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    /// The layer's content is unacceptable.
+    #[error(transparent)]
     Content(writer::Error),
-    Io(&'static str, PathBuf, std::io::Error),
+    /// A file operation failed.
+    #[error("{0} {1}")]
+    Io(&'static str, PathBuf, #[source] std::io::Error),
 }
 
 fn ioe(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ConvertError {
@@ -289,7 +301,7 @@ fn ioe(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Conv
 /// Decompresses `blob` (gzip, zstd or plain tar, told apart by their magic
 /// numbers since Prepare's labels carry no media type) into an EROFS image
 /// at `tmp`, then publishes it as `out`.
-fn convert(blob: &Path, tmp: &Path, out: &Path) -> Result<writer::Summary, ConvertError> {
+pub fn convert(blob: &Path, tmp: &Path, out: &Path) -> Result<writer::Summary, ConvertError> {
     let mut f = BufReader::with_capacity(1 << 20, fs::File::open(blob).map_err(ioe("open", blob))?);
     let mut magic = [0u8; 4];
     let n = {

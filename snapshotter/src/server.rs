@@ -14,6 +14,7 @@ use hyperbox_config::ErofsBackend;
 use hyperbox_registry::Registry;
 
 use crate::erofs::mount::Backend;
+use crate::lazy::Lazy;
 use crate::proto::snapshots_server::SnapshotsServer;
 use crate::remote::Remote;
 use crate::service::{RemoteOptions, Service};
@@ -93,9 +94,42 @@ pub async fn run(full: &hyperbox_config::Config) -> Result<()> {
         match choose_backend(config.erofs_backend, &features)? {
             Some(b) => {
                 sn.set_erofs_backend(b);
-                let registry = Registry::new(&full.registry).context("registry settings")?;
-                let remote = Remote::open(&config.root, Arc::new(registry))
+                let registry =
+                    Arc::new(Registry::new(&full.registry).context("registry settings")?);
+                let remote = Remote::open(&config.root, registry.clone())
                     .context("prepare the layer cache")?;
+                let pre_content = features
+                    .iter()
+                    .any(|f| f.name == "fanotify_pre_content" && f.available);
+                // Opened whenever the kernel allows, even with lazy = false:
+                // incomplete layers from before must still be served.
+                let lazy = if b == Backend::File && pre_content {
+                    let (lazy, resumed) =
+                        Lazy::open(&config.root, registry).context("start the lazy path")?;
+                    if resumed > 0 {
+                        // While we were down, unfetched ranges of these
+                        // layers read as zeros; do not let cached zeros
+                        // outlive the outage.
+                        tracing::warn!(
+                            resumed,
+                            "incomplete lazy layers taken back; dropping the page cache once"
+                        );
+                        let _ = std::fs::write("/proc/sys/vm/drop_caches", "1");
+                    }
+                    tracing::info!(
+                        "lazy path enabled: layers of indexed images are fetched on first access"
+                    );
+                    Some(lazy)
+                } else {
+                    if config.lazy {
+                        tracing::info!(
+                            pre_content,
+                            backend = b.as_str(),
+                            "lazy path off: needs file-backed EROFS and fanotify pre-content events"
+                        );
+                    }
+                    None
+                };
                 tracing::info!(
                     backend = b.as_str(),
                     "remote path enabled: labelled layers are fetched and served as EROFS"
@@ -104,6 +138,8 @@ pub async fn run(full: &hyperbox_config::Config) -> Result<()> {
                     remote: Arc::new(remote),
                     fallback_to_local: config.fallback_to_local,
                     prefetch: config.prefetch,
+                    lazy,
+                    lazy_new: config.lazy,
                 })
             }
             None => {
@@ -118,7 +154,10 @@ pub async fn run(full: &hyperbox_config::Config) -> Result<()> {
     };
     // Layers stay mounted across a daemon restart (same mount namespace);
     // after a reboot they are mounted again here.
-    let mounted = sn.mount_layers().context("mount fetched layers")?;
+    // Mounting an incomplete lazy layer reads through the lazy path, whose
+    // tasks need the runtime: let them run elsewhere while this thread waits.
+    let mounted =
+        tokio::task::block_in_place(|| sn.mount_layers()).context("mount fetched layers")?;
     if mounted > 0 {
         tracing::info!(mounted, "mounted fetched layers");
     }

@@ -18,6 +18,7 @@ use containerd_client::types::Mount as PbMount;
 use futures::Stream;
 use tonic::{Code, Request, Response, Status};
 
+use crate::lazy::Lazy;
 use crate::mounts::Mount;
 use crate::proto::snapshots_server::Snapshots;
 use crate::remote::{Error as RemoteError, Remote};
@@ -57,6 +58,8 @@ const SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
 const CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
 /// The layer's blob digest.
 const CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+/// The image's manifest digest (finds its hyperbox index).
+const CRI_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
 /// This and the image's upper layers, comma-separated (capped at 4 KiB).
 const CRI_IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
 /// Converted layers younger than this survive Cleanup: a prefetch may have
@@ -72,6 +75,11 @@ pub struct RemoteOptions {
     pub fallback_to_local: bool,
     /// Fetch `cri.image-layers` ahead.
     pub prefetch: bool,
+    /// The lazy path, where the kernel allows it.
+    pub lazy: Option<Arc<Lazy>>,
+    /// Whether new layers may take the lazy path (`snapshotter.lazy`);
+    /// layers already on it are served either way.
+    pub lazy_new: bool,
 }
 
 /// The gRPC service.
@@ -114,6 +122,51 @@ impl Service {
         {
             return Ok(Served::Target(target.into()));
         }
+        let started = std::time::Instant::now();
+        if let (Some(lazy), Some(manifest)) = (&opts.lazy, r.labels.get(CRI_MANIFEST_DIGEST))
+            && (opts.lazy_new || lazy.knows(layer))
+        {
+            match lazy.prepare(image, manifest, layer).await {
+                Ok(Some(path)) => {
+                    let (t, parent, digest) =
+                        (target.to_string(), r.parent.clone(), layer.to_string());
+                    let labels = labels(r.labels.clone());
+                    match self
+                        .run(move |s| s.commit_layer(&t, &parent, labels, &path, &digest))
+                        .await
+                    {
+                        Ok(()) => {}
+                        Err(s) if s.code() == Code::AlreadyExists => {}
+                        Err(s) => {
+                            // The kernel saw EIO; say why.
+                            let why = lazy.last_error(layer);
+                            lazy.forget(layer);
+                            return Err(match why {
+                                Some(w) => Status::new(
+                                    Code::FailedPrecondition,
+                                    format!("{}: lazy fetch: {w}", s.message()),
+                                ),
+                                None => s,
+                            });
+                        }
+                    }
+                    tracing::info!(
+                        target,
+                        layer,
+                        ms = started.elapsed().as_millis() as u64,
+                        "layer mounted lazily from the image's hyperbox index"
+                    );
+                    return Ok(Served::Target(target.into()));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    // Nothing of it was served; the whole layer, verified
+                    // against the image's own digest, replaces it.
+                    tracing::warn!(layer, error = %crate::error_chain(&e), "lazy path failed; fetching the layer whole");
+                    lazy.forget(layer);
+                }
+            }
+        }
         if opts.prefetch
             && let Some(all) = r.labels.get(CRI_IMAGE_LAYERS)
         {
@@ -125,7 +178,6 @@ impl Service {
                 .collect();
             opts.remote.prefetch(image, &others);
         }
-        let started = std::time::Instant::now();
         let path = match opts.remote.ensure(image, layer).await {
             Ok(p) => p,
             Err(e) if opts.fallback_to_local && e.may_fall_back() => {
@@ -359,6 +411,15 @@ impl Snapshots for Service {
     async fn cleanup(&self, _req: Request<CleanupRequest>) -> Result<Response<()>, Status> {
         let report = self.run(|s| s.cleanup()).await?;
         if let Some(opts) = &self.remote {
+            if let Some(lazy) = &opts.lazy {
+                let lazy = lazy.clone();
+                let pruned = tokio::task::spawn_blocking(move || lazy.prune())
+                    .await
+                    .map_err(|e| Status::internal(format!("prune panicked: {e}")))?;
+                if !pruned.is_empty() {
+                    tracing::info!(removed = pruned.len(), "cleanup removed unused lazy layers");
+                }
+            }
             let remote = opts.remote.clone();
             let pruned = tokio::task::spawn_blocking(move || remote.prune(PREFETCH_GRACE))
                 .await

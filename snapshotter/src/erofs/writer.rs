@@ -168,6 +168,11 @@ pub struct Summary {
     pub data_bytes: u64,
     /// Size of the image file.
     pub image_bytes: u64,
+    /// Where regular file data ends: `[4096, data_end)` is file contents
+    /// only; the superblock block before it and everything after it
+    /// (directory and symlink blocks, inodes, xattrs, inline tails) is what
+    /// the kernel reads as metadata.
+    pub data_end: u64,
 }
 
 /// Converts the uncompressed tar `tar` into an EROFS image written to `out`.
@@ -510,6 +515,7 @@ impl<W: Write + Seek> Builder<W> {
     }
 
     fn finish(mut self) -> Result<Summary> {
+        let data_end = self.next_block * BLKSZ;
         // Reachable inodes, root first, each once (hard links share).
         let mut order = Vec::new();
         let mut seen = HashSet::new();
@@ -675,6 +681,7 @@ impl<W: Write + Seek> Builder<W> {
             inodes: order.len() as u64,
             data_bytes: self.data_bytes,
             image_bytes: blocks * BLKSZ,
+            data_end,
         })
     }
 }

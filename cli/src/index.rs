@@ -1,0 +1,175 @@
+//! `hb image index REF`: makes and pushes the hyperbox index of an image
+//! (see `hyperbox_registry::index`), so nodes can mount its layers at once
+//! and fetch bytes on first access. The image itself is not touched.
+//!
+//! Each layer is downloaded and verified, converted by the snapshotter's
+//! own writer (so the node serves exactly what it would have built), and
+//! pushed as an EROFS blob with per-chunk digests; then the index manifest
+//! goes under the tag derived from the image's manifest digest.
+
+use std::io::Read;
+
+use anyhow::{Context, Result};
+use hyperbox_registry::digest::Digest;
+use hyperbox_registry::index::{self, Index, IndexLayer};
+use hyperbox_registry::{Reference, Registry};
+use serde::Serialize;
+use sha2::{Digest as _, Sha256};
+
+#[derive(Debug, Serialize)]
+struct Row {
+    layer: String,
+    erofs: String,
+    size: u64,
+    chunks: usize,
+}
+
+/// Builds and pushes the index of `reference`.
+pub async fn run(config: &hyperbox_config::Config, reference: &str, json: bool) -> Result<()> {
+    let r = Reference::parse(reference)?;
+    let registry = Registry::new(&config.registry).context("registry settings")?;
+    let img = registry
+        .resolve(&r)
+        .await
+        .with_context(|| format!("resolve {r}"))?;
+    let work = tempfile::Builder::new()
+        .prefix("hb-index-")
+        .tempdir()
+        .context("temporary directory")?;
+    let mut layers = Vec::new();
+    let mut rows = Vec::new();
+    for (i, l) in img.layers.iter().enumerate() {
+        let d = Digest::parse(&l.digest)?;
+        let blob = work.path().join(format!("{i}.blob"));
+        registry
+            .fetch_blob_to_file(&r, &d, &blob, &|_, _| {})
+            .await
+            .with_context(|| format!("download layer {}", l.digest))?;
+        let out = work.path().join(format!("{i}.erofs"));
+        let tmp = work.path().join(format!("{i}.erofs.tmp"));
+        let (b2, t2, o2) = (blob.clone(), tmp.clone(), out.clone());
+        let summary = tokio::task::spawn_blocking(move || {
+            hyperbox_snapshotter::remote::convert(&b2, &t2, &o2)
+        })
+        .await?
+        .with_context(|| format!("convert layer {} to EROFS", l.digest))?;
+        let _ = std::fs::remove_file(&blob);
+        let (chunks, whole, size) = chunk_digests(&out)?;
+        let data = bytes::Bytes::from(std::fs::read(&out).context("read EROFS image")?);
+        registry
+            .push_blob(&r, &whole, data)
+            .await
+            .with_context(|| format!("push EROFS image of layer {}", l.digest))?;
+        let _ = std::fs::remove_file(&out);
+        rows.push(Row {
+            layer: l.digest.clone(),
+            erofs: whole.to_string(),
+            size,
+            chunks: chunks.len(),
+        });
+        layers.push(IndexLayer {
+            layer: l.digest.clone(),
+            erofs: whole.to_string(),
+            size,
+            data_end: summary.data_end,
+            chunks,
+        });
+    }
+    let doc = Index {
+        version: 1,
+        chunk_size: index::CHUNK_SIZE,
+        layers,
+    };
+    let doc_bytes = serde_json::to_vec(&doc)?;
+    let doc_digest = Digest::of(&doc_bytes);
+    registry
+        .push_blob(&r, &doc_digest, bytes::Bytes::from(doc_bytes.clone()))
+        .await
+        .context("push the index document")?;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": index::CONFIG_TYPE,
+        "config": {
+            "mediaType": index::CONFIG_TYPE,
+            "digest": doc_digest.to_string(),
+            "size": doc_bytes.len(),
+        },
+        "layers": rows.iter().map(|row| serde_json::json!({
+            "mediaType": index::EROFS_TYPE,
+            "digest": row.erofs,
+            "size": row.size,
+        })).collect::<Vec<_>>(),
+        "subject": {
+            "mediaType": img.manifest.media_type,
+            "digest": img.manifest.digest,
+            "size": img.manifest.size,
+        },
+    });
+    let manifest_digest = Digest::parse(&img.manifest.digest)?;
+    let tag = index::tag_for(&manifest_digest);
+    registry
+        .push_manifest(
+            &r,
+            &tag,
+            "application/vnd.oci.image.manifest.v1+json",
+            bytes::Bytes::from(serde_json::to_vec(&manifest)?),
+        )
+        .await
+        .context("push the index manifest")?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&serde_json::json!({
+                "image": r.to_string(),
+                "index": format!("{}/{}:{tag}", r.host, r.repository),
+                "layers": rows,
+            }))?
+        );
+    } else {
+        for row in &rows {
+            println!(
+                "  {}  ->  {}  {:>10} bytes  {} chunks",
+                &row.layer[..19],
+                &row.erofs[..19],
+                row.size,
+                row.chunks
+            );
+        }
+        println!(
+            "{r}: hyperbox index pushed as {}/{}:{tag}",
+            r.host, r.repository
+        );
+    }
+    Ok(())
+}
+
+/// Hex SHA-256 of each chunk, the digest of the whole file, its size.
+fn chunk_digests(path: &std::path::Path) -> Result<(Vec<String>, Digest, u64)> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut whole = Sha256::new();
+    let mut chunks = Vec::new();
+    let mut buf = vec![0u8; index::CHUNK_SIZE as usize];
+    let mut size = 0u64;
+    loop {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let n = f.read(&mut buf[filled..])?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled == 0 {
+            break;
+        }
+        whole.update(&buf[..filled]);
+        chunks.push(hex::encode(Sha256::digest(&buf[..filled])));
+        size += filled as u64;
+        if filled < buf.len() {
+            break;
+        }
+    }
+    let d = Digest::parse(&format!("sha256:{}", hex::encode(whole.finalize())))?;
+    Ok((chunks, d, size))
+}

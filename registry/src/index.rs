@@ -1,0 +1,145 @@
+//! The hyperbox index: a small OCI artifact next to an unmodified image
+//! that lets a node mount the image's layers at once and fetch their bytes
+//! on first access (DESIGN.md §3, "remote, lazy").
+//!
+//! For each layer it names an EROFS image of that layer (pushed as a blob
+//! of the same repository) and the SHA-256 of every fixed-size chunk of it,
+//! so each chunk fetched with a Range request is verified before the kernel
+//! sees it. The artifact is an OCI image manifest whose config is the
+//! [`Index`] document, whose layers are the EROFS blobs (so registry
+//! garbage collection keeps them) and whose `subject` is the image
+//! manifest. Registries without the referrers API (docker-registry 2.8)
+//! find it by the tag [`tag_for`] derives from the image manifest digest,
+//! the scheme cosign uses for signatures.
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::error::Error;
+
+/// Media type of the [`Index`] document (the artifact's config).
+pub const CONFIG_TYPE: &str = "application/vnd.hyperbox.index.v1+json";
+/// Media type of an EROFS layer image blob.
+pub const EROFS_TYPE: &str = "application/vnd.hyperbox.erofs.layer.v1";
+/// Bytes per verified chunk.
+pub const CHUNK_SIZE: u64 = 1 << 20;
+
+/// The index document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Index {
+    /// Format version (1).
+    pub version: u32,
+    /// Bytes per chunk.
+    pub chunk_size: u64,
+    /// One entry per image layer, bottom first.
+    pub layers: Vec<IndexLayer>,
+}
+
+/// One layer's EROFS image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexLayer {
+    /// The image layer's blob digest (as in the image manifest).
+    pub layer: String,
+    /// The EROFS image blob's digest.
+    pub erofs: String,
+    /// Its size.
+    pub size: u64,
+    /// Where file data ends. The kernel reads `[0, 4096)` and
+    /// `[data_end, size)` as metadata, without the events that make lazy
+    /// reads possible, so those ranges are fetched before the mount.
+    pub data_end: u64,
+    /// Hex SHA-256 of each chunk, in order.
+    pub chunks: Vec<String>,
+}
+
+/// The tag the index of the image with manifest `manifest` is pushed under.
+pub fn tag_for(manifest: &Digest) -> String {
+    format!("sha256-{}.hyperbox", manifest.hex())
+}
+
+impl Index {
+    /// Parses and checks an index document.
+    pub fn parse(bytes: &[u8], what: &str) -> Result<Index, Error> {
+        let bad = |why: String| Error::Manifest {
+            reference: what.into(),
+            why,
+        };
+        let ix: Index =
+            serde_json::from_slice(bytes).map_err(|e| bad(format!("hyperbox index: {e}")))?;
+        if ix.version != 1 {
+            return Err(bad(format!(
+                "hyperbox index version {} is not 1",
+                ix.version
+            )));
+        }
+        if ix.chunk_size < 4096 || ix.chunk_size > 64 << 20 || !ix.chunk_size.is_multiple_of(4096) {
+            return Err(bad(format!(
+                "chunk size {} is not a multiple of 4 KiB up to 64 MiB",
+                ix.chunk_size
+            )));
+        }
+        for l in &ix.layers {
+            Digest::parse(&l.layer)?;
+            Digest::parse(&l.erofs)?;
+            if l.data_end < 4096 || l.data_end > l.size {
+                return Err(bad(format!(
+                    "layer {}: data_end {} outside [4096, {}]",
+                    l.layer, l.data_end, l.size
+                )));
+            }
+            let want = l.size.div_ceil(ix.chunk_size);
+            if l.chunks.len() as u64 != want {
+                return Err(bad(format!(
+                    "layer {}: {} chunk digests for {} bytes (want {want})",
+                    l.layer,
+                    l.chunks.len(),
+                    l.size
+                )));
+            }
+            if !l
+                .chunks
+                .iter()
+                .all(|c| c.len() == 64 && c.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+            {
+                return Err(bad(format!("layer {}: malformed chunk digest", l.layer)));
+            }
+        }
+        Ok(ix)
+    }
+
+    /// The entry for image layer `digest`.
+    pub fn layer(&self, digest: &str) -> Option<&IndexLayer> {
+        self.layers.iter().find(|l| l.layer == digest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ix(size: u64, chunks: usize) -> String {
+        let c = format!("\"{}\"", "0".repeat(64));
+        format!(
+            r#"{{"version":1,"chunk_size":1048576,"layers":[{{"layer":"sha256:{a}","erofs":"sha256:{a}","size":{size},"data_end":4096,"chunks":[{}]}}]}}"#,
+            vec![c; chunks].join(","),
+            a = "a".repeat(64)
+        )
+    }
+
+    #[test]
+    fn chunk_lists_must_cover_the_image_exactly() {
+        assert!(Index::parse(ix(3 << 20, 3).as_bytes(), "x").is_ok());
+        assert!(Index::parse(ix((3 << 20) + 1, 4).as_bytes(), "x").is_ok());
+        let e = Index::parse(ix(3 << 20, 2).as_bytes(), "x").unwrap_err();
+        assert!(e.to_string().contains("2 chunk digests"), "{e}");
+        assert!(Index::parse(b"{\"version\":2,\"chunk_size\":4096,\"layers\":[]}", "x").is_err());
+    }
+
+    #[test]
+    fn tag_is_a_valid_tag() {
+        let t = tag_for(&Digest::of(b"m"));
+        assert!(t.len() <= 128 && crate::Reference::parse(&format!("h.example/r:{t}")).is_ok());
+    }
+}
