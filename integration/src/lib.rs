@@ -34,6 +34,7 @@ pub mod proxy;
 pub mod registry;
 pub mod snapshotter;
 pub mod testbed;
+pub mod token;
 
 /// Installs a `tracing` subscriber for test output once; `RUST_LOG` filters it.
 pub fn init_logging() {

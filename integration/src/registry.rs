@@ -80,6 +80,12 @@ impl Registry {
         Self::start_inner(Some(plain.dir().join("storage")), Some(security))
     }
 
+    /// A second registry serving `plain`'s storage over plain HTTP with
+    /// extra config (`yaml`, e.g. a token `auth:` section).
+    pub fn start_view(plain: &Registry, yaml: String) -> Result<Self> {
+        Self::start_inner(Some(plain.dir().join("storage")), Some(yaml))
+    }
+
     fn start_inner(
         shared_storage: Option<std::path::PathBuf>,
         security: Option<String>,
@@ -148,9 +154,9 @@ impl Registry {
             if let Ok(Some(_)) = self.child.try_wait() {
                 break;
             }
-            // 200 in plain HTTP; over TLS, Go answers a plain request with
-            // 400, which still says the server is up.
-            if matches!(http_get_status(self.addr, "/v2/"), Some(200 | 400)) {
+            // 200 in plain HTTP; 401 with auth on; over TLS, Go answers a
+            // plain request with 400. Each says the server is up.
+            if matches!(http_get_status(self.addr, "/v2/"), Some(200 | 400 | 401)) {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));

@@ -760,3 +760,72 @@ async fn lazy_chunks_that_do_not_verify_are_never_served() {
     );
     tb.finish();
 }
+
+/// Bearer-token auth as Docker Hub does it: the registry (docker-registry
+/// with `auth.token`) challenges, hyperbox asks the token service with the
+/// credentials from docker's config.json, and the snapshotter and `hb`
+/// both pull with the token; without credentials the refusal is clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_token_auth_with_docker_credentials() {
+    require_containers!();
+    hyperbox_integration::require!(hyperbox_integration::prereq::Prereq::TlsTools);
+    let mut tb =
+        Testbed::start_hyperbox_configured("fallback_to_local = false", |b| b.without_cri()).await;
+    let plain_ref = tb.push_sleeper().await;
+    let keys = tempfile::tempdir().unwrap();
+    let tokens =
+        hyperbox_integration::token::TokenService::start(keys.path(), Some(("puller", "t0ken")))
+            .await
+            .unwrap();
+    let guarded =
+        hyperbox_integration::registry::Registry::start_view(&tb.registry, tokens.registry_yaml())
+            .unwrap();
+    let reference = plain_ref.replacen(&tb.registry.host(), &guarded.host(), 1);
+    let sn_dir = tb.hyperbox().dir().to_path_buf();
+    let cfg = tb.hyperbox().config_path().display().to_string();
+    let address = tb.containerd.address().display().to_string();
+    let hb = || {
+        let out = std::process::Command::new(hyperbox_integration::binaries::path("hb"))
+            .args([
+                "--config",
+                &cfg,
+                "image",
+                "pull",
+                "--json",
+                "--address",
+                &address,
+            ])
+            .arg(&reference)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let (ok, _, err) = hb();
+    assert!(!ok);
+    assert!(err.contains("refused anonymous"), "{err}");
+
+    use base64::Engine as _;
+    let token = base64::engine::general_purpose::STANDARD.encode("puller:t0ken");
+    std::fs::write(
+        sn_dir.join("docker-config.json"),
+        format!(
+            "{{\"auths\":{{\"{}\":{{\"auth\":\"{token}\"}}}}}}",
+            guarded.host()
+        ),
+    )
+    .unwrap();
+    let (ok, out, err) = hb();
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("\"how\":\"remote\""),
+        "the snapshotter fetched with a token: {out}"
+    );
+    drop(guarded);
+    drop(tokens);
+    tb.finish();
+}

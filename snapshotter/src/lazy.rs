@@ -43,8 +43,12 @@ const FAN_ALLOW: u32 = 0x01;
 const FAN_DENY: u32 = 0x02;
 /// `FAN_DENY_ERRNO(EIO)`: the reader gets EIO (kernel 6.14+).
 const FAN_DENY_EIO: u32 = FAN_DENY | ((libc::EIO as u32) << 24);
-/// How long a looked-up index (or its absence) is trusted.
+/// How long a looked-up index is trusted.
 const INDEX_TTL: Duration = Duration::from_secs(60);
+/// How long its absence is: short, so an index pushed after a first pull
+/// is picked up soon, long enough to spare the registry one lookup per
+/// layer of every pull.
+const NO_INDEX_TTL: Duration = Duration::from_secs(10);
 
 /// Errors of the lazy path.
 #[derive(Debug, thiserror::Error)]
@@ -270,7 +274,12 @@ impl Lazy {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(manifest)
-            && at.elapsed() < INDEX_TTL
+            && at.elapsed()
+                < if ix.is_some() {
+                    INDEX_TTL
+                } else {
+                    NO_INDEX_TTL
+                }
         {
             return ix.clone();
         }
