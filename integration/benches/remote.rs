@@ -64,6 +64,9 @@ fn opts(mode: &str) -> PullOptions {
 /// snapshotter's converted layers.
 async fn forget(tb: &mut Testbed, client: &Client, reference: &str) {
     client.delete_image(reference).await.unwrap();
+    // CRI records the image under its tag, digest and id: remove them all.
+    let cri = tb.containerd.cri().await.unwrap();
+    cri.remove_image(reference).await.unwrap();
     let k8s = client.with_namespace("k8s.io");
     let _ = k8s.delete_image(reference).await;
     k8s.gc().await.unwrap();
@@ -73,18 +76,17 @@ async fn forget(tb: &mut Testbed, client: &Client, reference: &str) {
         .wait_for_count(&[], 0, Duration::from_secs(60))
         .await;
     assert!(left.is_empty(), "{left:#?}");
-    // Cleanup forgets lazy layers no snapshot uses; fully fetched ones are
-    // kept ten minutes for prefetch races, so remove those by hand.
-    let mut sn = tb.hyperbox().client().await.unwrap();
-    sn.cleanup(containerd_client::services::v1::snapshots::CleanupRequest {
-        snapshotter: NAME.into(),
-    })
-    .await
-    .unwrap();
+    // Converted and lazy layers outlive their snapshots for a grace period
+    // (a Prepare may be about to use them): stop the daemon, clear them,
+    // start it again, so every run starts cold.
+    tb.hyperbox().kill(nix::sys::signal::Signal::SIGTERM);
     let layers = tb.hyperbox().root().join("layers");
     for e in std::fs::read_dir(&layers).into_iter().flatten().flatten() {
         std::fs::remove_file(e.path()).unwrap();
     }
+    tb.hyperbox().start_again().await;
+    // containerd reconnects to a restarted proxy plugin after about 1 s.
+    tokio::time::sleep(Duration::from_secs(2)).await;
 }
 
 fn hb_index(tb: &mut Testbed, reference: &str) {

@@ -184,6 +184,22 @@ impl Cri {
             .is_some())
     }
 
+    /// RemoveImage: every name CRI recorded for `image` (tag, digest, id),
+    /// as `crictl rmi` does. Absent images are not an error.
+    pub async fn remove_image(&self, image: &str) -> Result<()> {
+        self.images
+            .clone()
+            .remove_image(RemoveImageRequest {
+                image: Some(ImageSpec {
+                    image: image.into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map_err(rpc("RemoveImage", image))?;
+        Ok(())
+    }
+
     /// Runs a pod sandbox named `name`.
     pub async fn run_pod(&self, name: &str, network: PodNetwork) -> Result<Pod> {
         let log_dir = self.footprint.dir.join("pods").join(name);

@@ -1,9 +1,11 @@
 //! kill -9 of hyperbox-snapshotter at random points while containerd pulls
-//! (Prepare, Diff.Apply, Commit), deletes images (garbage collection calls
-//! Remove) and runs containers. After every restart the snapshotter must be
+//! (Prepare, Diff.Apply, Commit, or the remote path: fetch, convert, mount,
+//! commit), deletes images (garbage collection calls Remove) and runs
+//! containers. After every restart the snapshotter must be
 //! consistent: one directory per record and no leftovers, every parent
 //! present, Usage answered for everything, everything containerd knows still
-//! there, and a container started before the first kill still running.
+//! there, every remote layer mounted and nothing else, and a container
+//! started before the first kill still running.
 //!
 //! `HYPERBOX_CRASH_SEED` replays a run; `HYPERBOX_CRASH_POINTS` sets how many
 //! kills (default 100).
@@ -41,24 +43,23 @@ async fn workload(
     op: u32,
     k: usize,
     n: u32,
+    remote: bool,
 ) -> Result<(), String> {
     let r = &refs[k];
+    let opts = PullOptions {
+        snapshotter: NAME.into(),
+        remote_labels: remote,
+    };
     match op {
         // Pull from scratch: the image's snapshots are removed by GC first.
         0 => {
             client.delete_image(r).await.map_err(|e| e.to_string())?;
             client.gc().await.map_err(|e| e.to_string())?;
-            client
-                .pull(r, &PullOptions::local(NAME))
-                .await
-                .map_err(|e| e.to_string())?;
+            client.pull(r, &opts).await.map_err(|e| e.to_string())?;
         }
         // Run a container: Prepare, mount, Remove.
         _ => {
-            let image = client
-                .pull(r, &PullOptions::local(NAME))
-                .await
-                .map_err(|e| e.to_string())?;
+            let image = client.pull(r, &opts).await.map_err(|e| e.to_string())?;
             client
                 .run(&format!("run-{n}"), &image, &ContainerOptions::default())
                 .await
@@ -112,6 +113,29 @@ async fn check(sn: &SnapshotterDaemon, client: &Client, point: u32) {
             );
         }
     }
+    // Remote layers (committed with the CRI labels) are mounted, each once,
+    // and no EROFS mount is left under anything else.
+    let remote = ours
+        .iter()
+        .filter(|i| {
+            i.labels
+                .contains_key("containerd.io/snapshot/cri.layer-digest")
+                && i.kind == containerd_client::services::v1::snapshots::Kind::Committed as i32
+        })
+        .count();
+    let snaps_dir = sn.root().join("snapshots");
+    let erofs: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(" - erofs "))
+        .filter_map(|l| l.split(' ').nth(4).map(String::from))
+        .filter(|p| p.starts_with(&snaps_dir.display().to_string()))
+        .collect();
+    assert_eq!(
+        erofs.len(),
+        remote,
+        "point {point}: one EROFS mount per remote layer: {erofs:#?}"
+    );
     for key in client.snapshot_keys(NAME).await.unwrap() {
         client.snapshot_usage(NAME, &key).await.unwrap_or_else(|e| {
             panic!("point {point}: containerd knows {key} but hyperbox does not: {e}")
@@ -159,8 +183,9 @@ async fn kill_9_at_random_points_leaves_a_consistent_snapshotter() {
     for point in 0..points {
         let op = rng.random_range(0..2u32);
         let k = rng.random_range(0..IMAGES);
+        let remote = rng.random_bool(0.5);
         let delay = Duration::from_millis(rng.random_range(0..120));
-        let work = tokio::spawn(workload(client.clone(), refs.clone(), op, k, point));
+        let work = tokio::spawn(workload(client.clone(), refs.clone(), op, k, point, remote));
         tokio::time::sleep(delay).await;
         tb.hyperbox().kill(Signal::SIGKILL);
         let result = tokio::time::timeout(Duration::from_secs(60), work)

@@ -347,57 +347,55 @@ impl Registry {
                 "401 without a Basic or Bearer challenge".into(),
             ));
         };
-        {
-            match c {
-                Challenge::Bearer {
-                    realm,
-                    service,
-                    scope,
-                } => {
-                    let scope = scope
-                        .clone()
-                        .unwrap_or_else(|| format!("repository:{}:pull", r.repository));
-                    let client = self.client(ep)?;
-                    let mut q: Vec<(&str, &str)> = vec![("scope", &scope)];
-                    if let Some(s) = service {
-                        q.push(("service", s));
-                    }
-                    let mut req = client.get(realm).query(&q);
-                    if let Some(c) = creds {
-                        req = req.basic_auth(&c.username, Some(&c.password));
-                    }
-                    let resp = req.send().await.map_err(|e| Error::Transport {
-                        url: realm.clone(),
-                        detail: chain(&e),
-                    })?;
-                    if resp.status() == StatusCode::UNAUTHORIZED
-                        || resp.status() == StatusCode::FORBIDDEN
-                    {
-                        let who = creds.map(|c| c.username.as_str()).unwrap_or("anonymous");
-                        return Err(unauthorized(format!(
-                            "token service {realm} refused {who} for {scope}"
-                        )));
-                    }
-                    let resp = check(resp, realm).await?;
-                    let reply: TokenReply = resp.json().await.map_err(|e| Error::Transport {
-                        url: realm.clone(),
-                        detail: format!("token reply: {}", chain(&e)),
-                    })?;
-                    let token = reply.token.or(reply.access_token).ok_or_else(|| {
-                        unauthorized(format!("token service {realm} returned no token"))
-                    })?;
-                    Ok(format!("Bearer {token}"))
+        match c {
+            Challenge::Bearer {
+                realm,
+                service,
+                scope,
+            } => {
+                let scope = scope
+                    .clone()
+                    .unwrap_or_else(|| format!("repository:{}:pull", r.repository));
+                let client = self.client(ep)?;
+                let mut q: Vec<(&str, &str)> = vec![("scope", &scope)];
+                if let Some(s) = service {
+                    q.push(("service", s));
                 }
-                Challenge::Basic => {
-                    let Some(c) = creds else {
-                        return Err(unauthorized(format!(
-                            "registry wants basic auth and no credentials for {} are configured",
-                            ep.host
-                        )));
-                    };
-                    let raw = format!("{}:{}", c.username, c.password);
-                    Ok(format!("Basic {}", STANDARD.encode(raw)))
+                let mut req = client.get(realm).query(&q);
+                if let Some(c) = creds {
+                    req = req.basic_auth(&c.username, Some(&c.password));
                 }
+                let resp = req.send().await.map_err(|e| Error::Transport {
+                    url: realm.clone(),
+                    detail: chain(&e),
+                })?;
+                if resp.status() == StatusCode::UNAUTHORIZED
+                    || resp.status() == StatusCode::FORBIDDEN
+                {
+                    let who = creds.map(|c| c.username.as_str()).unwrap_or("anonymous");
+                    return Err(unauthorized(format!(
+                        "token service {realm} refused {who} for {scope}"
+                    )));
+                }
+                let resp = check(resp, realm).await?;
+                let reply: TokenReply = resp.json().await.map_err(|e| Error::Transport {
+                    url: realm.clone(),
+                    detail: format!("token reply: {}", chain(&e)),
+                })?;
+                let token = reply.token.or(reply.access_token).ok_or_else(|| {
+                    unauthorized(format!("token service {realm} returned no token"))
+                })?;
+                Ok(format!("Bearer {token}"))
+            }
+            Challenge::Basic => {
+                let Some(c) = creds else {
+                    return Err(unauthorized(format!(
+                        "registry wants basic auth and no credentials for {} are configured",
+                        ep.host
+                    )));
+                };
+                let raw = format!("{}:{}", c.username, c.password);
+                Ok(format!("Basic {}", STANDARD.encode(raw)))
             }
         }
     }

@@ -43,6 +43,8 @@ const FAN_ALLOW: u32 = 0x01;
 const FAN_DENY: u32 = 0x02;
 /// `FAN_DENY_ERRNO(EIO)`: the reader gets EIO (kernel 6.14+).
 const FAN_DENY_EIO: u32 = FAN_DENY | ((libc::EIO as u32) << 24);
+/// Unlinked lazy layers younger than this survive Cleanup.
+const PRUNE_GRACE: Duration = Duration::from_secs(60);
 /// How long a looked-up index is trusted.
 const INDEX_TTL: Duration = Duration::from_secs(60);
 /// How long its absence is: short, so an index pushed after a first pull
@@ -116,6 +118,8 @@ struct Blob {
     complete: AtomicBool,
     /// The last failure to serve a read, for error messages.
     last_error: Mutex<Option<String>>,
+    /// When it was registered: a Prepare may still be about to link it.
+    registered: Instant,
 }
 
 impl Blob {
@@ -379,6 +383,7 @@ impl Lazy {
             locks: (0..n).map(|_| tokio::sync::Mutex::new(())).collect(),
             complete: AtomicBool::new(false),
             last_error: Mutex::new(None),
+            registered: Instant::now(),
         });
         self.mark(&path, libc::FAN_MARK_ADD)?;
         self.blobs
@@ -656,8 +661,9 @@ impl Lazy {
             let Ok(m) = fs::metadata(&b.path) else {
                 continue;
             };
-            // The registry's own link plus none from a snapshot.
-            if m.nlink() == 1 {
+            // Only our own link, none from a snapshot, and not a layer a
+            // Prepare registered a moment ago and is about to link.
+            if m.nlink() == 1 && b.registered.elapsed() > PRUNE_GRACE {
                 self.by_layer
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())

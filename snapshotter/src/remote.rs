@@ -112,7 +112,12 @@ impl Remote {
         // Conversions interrupted by a crash; partial blobs stay to resume.
         for e in fs::read_dir(&staging).map_err(io("read", &staging))? {
             let e = e.map_err(io("read", &staging))?;
-            if e.file_name().to_string_lossy().ends_with(".erofs.tmp") {
+            let name = e.file_name().to_string_lossy().into_owned();
+            // Blobs whose layer was converted before the crash are done.
+            let converted = name
+                .strip_suffix(".blob")
+                .is_some_and(|hex| layers.join(format!("{hex}.erofs")).exists());
+            if name.ends_with(".erofs.tmp") || converted {
                 let _ = fs::remove_file(e.path());
             }
         }
