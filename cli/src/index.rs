@@ -48,8 +48,13 @@ pub async fn run(config: &hyperbox_config::Config, reference: &str, json: bool) 
         let out = work.path().join(format!("{i}.erofs"));
         let tmp = work.path().join(format!("{i}.erofs.tmp"));
         let (b2, t2, o2) = (blob.clone(), tmp.clone(), out.clone());
+        let devices = config.snapshotter.allow_device_nodes;
         let summary = tokio::task::spawn_blocking(move || {
-            hyperbox_snapshotter::remote::convert(&b2, &t2, &o2)
+            // The same policy as the node's own conversion.
+            let options = hyperbox_snapshotter::erofs::writer::Options {
+                allow_devices: devices,
+            };
+            hyperbox_snapshotter::remote::convert(&b2, &t2, &o2, options)
         })
         .await?
         .with_context(|| format!("convert layer {} to EROFS", l.digest))?;

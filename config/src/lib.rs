@@ -117,6 +117,10 @@ pub struct Snapshotter {
     /// once and fetch their bytes on first access (needs file-backed EROFS
     /// and fanotify pre-content events, kernel 6.14+).
     pub lazy: bool,
+    /// Accept character and block device nodes in fetched layers. Off by
+    /// default: images rarely need them and a layer carrying one is refused
+    /// with an error naming it.
+    pub allow_device_nodes: bool,
 }
 
 /// `snapshotter.erofs_backend`.
@@ -174,6 +178,7 @@ impl Default for Snapshotter {
             prefetch: true,
             erofs_backend: ErofsBackend::Auto,
             lazy: true,
+            allow_device_nodes: false,
         }
     }
 }

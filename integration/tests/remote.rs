@@ -252,6 +252,11 @@ async fn malicious_layers_are_refused_and_leave_nothing() {
             Layer::new(Compression::Zstd).raw_hardlink("h", "/etc/shadow"),
             "shadow",
         ),
+        (
+            "device-node",
+            Layer::new(Compression::Gzip).device("dev/sda", true, 8, 0),
+            "device node 8:0",
+        ),
     ];
     for (repo, layer, names) in cases {
         let mut spec = ImageSpec::busybox(&["true"]).unwrap();

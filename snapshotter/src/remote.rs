@@ -91,6 +91,7 @@ pub struct Remote {
     layers: PathBuf,
     staging: PathBuf,
     inflight: Mutex<HashMap<String, Fetch>>,
+    options: writer::Options,
 }
 
 fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
@@ -103,7 +104,11 @@ fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
 
 impl Remote {
     /// Serves layers under `root` (`layers/`, `staging/`) from `registry`.
-    pub fn open(root: &Path, registry: Arc<Registry>) -> Result<Remote, Error> {
+    pub fn open(
+        root: &Path,
+        registry: Arc<Registry>,
+        options: writer::Options,
+    ) -> Result<Remote, Error> {
         let layers = root.join("layers");
         let staging = root.join("staging");
         for d in [&layers, &staging] {
@@ -126,6 +131,7 @@ impl Remote {
             layers,
             staging,
             inflight: Mutex::new(HashMap::new()),
+            options,
         })
     }
 
@@ -218,7 +224,8 @@ impl Remote {
         let tmp = self.staging.join(format!("{}.erofs.tmp", d.hex()));
         let (image_s, digest_s) = (image.to_string(), d.to_string());
         let (blob2, tmp2, out2) = (blob.clone(), tmp.clone(), out.clone());
-        let summary = tokio::task::spawn_blocking(move || convert(&blob2, &tmp2, &out2))
+        let options = self.options;
+        let summary = tokio::task::spawn_blocking(move || convert(&blob2, &tmp2, &out2, options))
             .await
             .map_err(|e| Error::Label {
                 what: format!("conversion task failed: {e}"),
@@ -306,7 +313,12 @@ fn ioe(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Conv
 /// Decompresses `blob` (gzip, zstd or plain tar, told apart by their magic
 /// numbers since Prepare's labels carry no media type) into an EROFS image
 /// at `tmp`, then publishes it as `out`.
-pub fn convert(blob: &Path, tmp: &Path, out: &Path) -> Result<writer::Summary, ConvertError> {
+pub fn convert(
+    blob: &Path,
+    tmp: &Path,
+    out: &Path,
+    options: writer::Options,
+) -> Result<writer::Summary, ConvertError> {
     let mut f = BufReader::with_capacity(1 << 20, fs::File::open(blob).map_err(ioe("open", blob))?);
     let mut magic = [0u8; 4];
     let n = {
@@ -330,7 +342,7 @@ pub fn convert(blob: &Path, tmp: &Path, out: &Path) -> Result<writer::Summary, C
         .open(tmp)
         .map_err(ioe("create", tmp))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-    let summary = writer::convert(tar, &mut w).map_err(ConvertError::Content)?;
+    let summary = writer::convert_with(tar, &mut w, options).map_err(ConvertError::Content)?;
     let file = w
         .into_inner()
         .map_err(|e| ConvertError::Io("write", tmp.into(), e.into_error()))?;

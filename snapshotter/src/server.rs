@@ -96,7 +96,10 @@ pub async fn run(full: &hyperbox_config::Config) -> Result<()> {
                 sn.set_erofs_backend(b);
                 let registry =
                     Arc::new(Registry::new(&full.registry).context("registry settings")?);
-                let remote = Remote::open(&config.root, registry.clone())
+                let options = crate::erofs::writer::Options {
+                    allow_devices: config.allow_device_nodes,
+                };
+                let remote = Remote::open(&config.root, registry.clone(), options)
                     .context("prepare the layer cache")?;
                 let pre_content = features
                     .iter()

@@ -50,6 +50,18 @@ pub enum Error {
         /// What is wrong with it.
         why: &'static str,
     },
+    /// A device node in a layer whose policy refuses them.
+    #[error(
+        "layer entry {path:?}: device node {major}:{minor}; device nodes in image layers are refused (snapshotter.allow_device_nodes = false)"
+    )]
+    Device {
+        /// The path as stored in the tar.
+        path: String,
+        /// Major number.
+        major: u32,
+        /// Minor number.
+        minor: u32,
+    },
     /// A hard link names a target that is not an earlier file of this layer.
     #[error(
         "layer entry {path:?}: hard link to {target:?}, which is not an earlier file of this layer"
@@ -175,15 +187,39 @@ pub struct Summary {
     pub data_end: u64,
 }
 
+/// What a conversion accepts beyond the format's own limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// Keep character and block device nodes (other than whiteouts). Images
+    /// rarely need them, and a node in a layer is a way around `nodev`
+    /// mounts, so the snapshotter refuses them unless told otherwise.
+    pub allow_devices: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            allow_devices: true,
+        }
+    }
+}
+
 /// Converts the uncompressed tar `tar` into an EROFS image written to `out`.
 pub fn convert<R: Read, W: Write + Seek>(tar: R, out: W) -> Result<Summary> {
+    convert_with(tar, out, Options::default())
+}
+
+/// [`convert`] with `options`.
+pub fn convert_with<R: Read, W: Write + Seek>(tar: R, out: W, options: Options) -> Result<Summary> {
     let mut w = Builder::new(out)?;
+    w.options = options;
     w.add_tar(tar)?;
     w.finish()
 }
 
 struct Builder<W> {
     out: W,
+    options: Options,
     nodes: Vec<Node>,
     /// Next free block for data.
     next_block: u64,
@@ -240,6 +276,7 @@ impl<W: Write + Seek> Builder<W> {
             .map_err(io_err("write image header"))?;
         Ok(Builder {
             out,
+            options: Options::default(),
             nodes: vec![Node::dir(0o755)],
             next_block: 1,
             data_bytes: 0,
@@ -449,6 +486,13 @@ impl<W: Write + Seek> Builder<W> {
                         return Err(Error::OutOfRange {
                             path: path_text(&raw_path),
                             what: "device number beyond 12-bit major / 20-bit minor",
+                        });
+                    }
+                    if !self.options.allow_devices {
+                        return Err(Error::Device {
+                            path: path_text(&raw_path),
+                            major,
+                            minor,
                         });
                     }
                     let rdev = layout::encode_dev(major, minor);
