@@ -292,7 +292,7 @@ async fn main() {
     ));
     body.push_str("Pull to container exit, median of cold runs:\n\n");
     body.push_str(
-        "| how | median | runs | vs containerd's own pull (CRI, overlayfs) |\n|---|---|---|---|\n",
+        "| how | median | runs | speed-up over containerd's own pull (CRI, overlayfs) |\n|---|---|---|---|\n",
     );
     let base = med(&pull, CRI);
     for (mode, what) in [
@@ -312,7 +312,7 @@ async fn main() {
     ] {
         let m = med(&pull, mode);
         body.push_str(&format!(
-            "| {what} | {} | {} | {:.2}× faster |\n",
+            "| {what} | {} | {} | {:.2}× |\n",
             secs(m),
             pull[mode].len(),
             base.as_secs_f64() / m.as_secs_f64()

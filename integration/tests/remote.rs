@@ -14,6 +14,22 @@ use hyperbox_integration::require_containers;
 use hyperbox_integration::snapshotter::NAME;
 use hyperbox_integration::testbed::Testbed;
 
+/// `hb image pull` with `config` against containerd at `address`:
+/// success, stdout, stderr.
+fn hb_pull(config: &str, address: &str, reference: &str, extra: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(hyperbox_integration::binaries::path("hb"))
+        .args(["--config", config, "image", "pull", "--address", address])
+        .args(extra)
+        .arg(reference)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// The layer digests of `reference`, read from the registry.
 async fn registry_layers(reference: &str) -> Vec<String> {
     let empty = tempfile::tempdir().unwrap();
@@ -498,19 +514,7 @@ async fn https_registry_with_private_ca_and_basic_auth() {
     let sn_dir = tb.hyperbox().dir().to_path_buf();
     let cfg = tb.hyperbox().config_path().display().to_string();
     let address = tb.containerd.address().display().to_string();
-    let hb = |args: &[&str]| {
-        let out = std::process::Command::new(hyperbox_integration::binaries::path("hb"))
-            .args(["--config", &cfg, "image", "pull", "--address", &address])
-            .args(args)
-            .arg(&reference)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let hb = |args: &[&str]| hb_pull(&cfg, &address, &reference, args);
 
     // The registry's certificate is unknown: refused, and the error says so.
     let (ok, _, err) = hb(&[]);
@@ -789,26 +793,7 @@ async fn bearer_token_auth_with_docker_credentials() {
     let sn_dir = tb.hyperbox().dir().to_path_buf();
     let cfg = tb.hyperbox().config_path().display().to_string();
     let address = tb.containerd.address().display().to_string();
-    let hb = || {
-        let out = std::process::Command::new(hyperbox_integration::binaries::path("hb"))
-            .args([
-                "--config",
-                &cfg,
-                "image",
-                "pull",
-                "--json",
-                "--address",
-                &address,
-            ])
-            .arg(&reference)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let hb = || hb_pull(&cfg, &address, &reference, &["--json"]);
 
     let (ok, _, err) = hb();
     assert!(!ok);
