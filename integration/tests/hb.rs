@@ -143,6 +143,7 @@ fn doctor_reports_every_feature_with_how_it_was_found() {
         "btf",
         "psi",
         "cgroup",
+        "erofs_backend",
     ] {
         let f = &features[name];
         assert!(
@@ -178,7 +179,13 @@ fn doctor_reports_every_feature_with_how_it_was_found() {
     let (ok, table, _) = hb(&["doctor"]);
     assert!(ok);
     assert!(table.starts_with("FEATURE"));
-    assert_eq!(table.lines().count(), 11);
+    // A header and one row per feature, the chosen EROFS backend last.
+    assert_eq!(table.lines().count(), 12);
+    let backend = table.lines().last().unwrap();
+    assert!(backend.starts_with("erofs_backend"), "{table}");
+    if features["erofs_file_backed"]["available"] == true {
+        assert_eq!(features["erofs_backend"]["value"], "file-backed");
+    }
 }
 
 /// `hb image pull` through a real containerd: with hyperbox every layer is

@@ -426,6 +426,11 @@ async fn layers_stay_served_across_restarts_and_are_mounted_again() {
     // kill -9: the mounts are the kernel's, the container keeps running.
     tb.hyperbox().kill(nix::sys::signal::Signal::SIGKILL);
     tb.hyperbox().start_again().await;
+    // containerd reconnects to a restarted proxy plugin after about 1 s.
+    client
+        .wait_snapshotter(NAME, image.top_chain_id(), Duration::from_secs(60))
+        .await
+        .unwrap();
     assert_eq!(erofs_mounts(&mut tb).len(), before);
     let out = task.exec(&["cat", "/bin/busybox"]).await.unwrap();
     assert_eq!(out.status, 0);
@@ -437,6 +442,11 @@ async fn layers_stay_served_across_restarts_and_are_mounted_again() {
     }
     assert!(erofs_mounts(&mut tb).is_empty());
     tb.hyperbox().start_again().await;
+    // containerd reconnects to a restarted proxy plugin after about 1 s.
+    client
+        .wait_snapshotter(NAME, image.top_chain_id(), Duration::from_secs(60))
+        .await
+        .unwrap();
     assert_eq!(erofs_mounts(&mut tb).len(), before);
     let out = client
         .run("after", &image, &ContainerOptions::args(&["ls", "/bin/sh"]))
@@ -686,6 +696,11 @@ async fn indexed_images_are_pulled_lazily() {
     // kill -9 while filling; the restart takes the layers back.
     tb.hyperbox().kill(nix::sys::signal::Signal::SIGKILL);
     tb.hyperbox().start_again().await;
+    // containerd reconnects to a restarted proxy plugin after about 1 s.
+    client
+        .wait_snapshotter(NAME, image.top_chain_id(), Duration::from_secs(60))
+        .await
+        .unwrap();
     let want = {
         use sha2::Digest as _;
         let mut h = sha2::Sha256::new();
