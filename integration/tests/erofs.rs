@@ -295,3 +295,80 @@ fn every_layer_kind_passes_fsck() {
         fsck(&img);
     }
 }
+
+/// A GNU sparse entry of a file past 4 GiB (as `tar -S` writes it): the
+/// image holds its full size, the kernel reads the bytes on both sides of
+/// the 4 GiB boundary, and fsck.erofs accepts it.
+#[test]
+fn sparse_file_past_4_gib_keeps_its_size_and_bytes() {
+    require!(Prereq::Root);
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let size: u64 = (4 << 30) + 8192;
+    let tail_at: u64 = (4 << 30) + 100;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(src.join("big")).unwrap();
+        f.set_len(size).unwrap();
+        f.write_all_at(b"head", 0).unwrap();
+        f.write_all_at(b"tail-past-4GiB", tail_at).unwrap();
+    }
+    let tar = dir.path().join("sparse.tar");
+    let out = Command::new("tar")
+        .args(["-S", "--format=gnu", "-C"])
+        .arg(&src)
+        .arg("-cf")
+        .arg(&tar)
+        .arg("big")
+        .output()
+        .expect("GNU tar");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_file(src.join("big")).unwrap();
+    assert!(
+        std::fs::metadata(&tar).unwrap().len() < 1 << 20,
+        "the tar is sparse"
+    );
+
+    let image = dir.path().join("big.erofs");
+    let summary = convert(
+        std::fs::File::open(&tar).unwrap(),
+        std::fs::File::create(&image).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(summary.data_bytes, size);
+    fsck(&image);
+
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    mount(
+        Some(image.as_path()),
+        &mnt,
+        Some("erofs"),
+        MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .unwrap();
+    let read = (|| {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(mnt.join("big"))?;
+        let len = f.metadata()?.len();
+        let mut head = [0u8; 4];
+        f.read_exact_at(&mut head, 0)?;
+        let mut tail = [0u8; 14];
+        f.read_exact_at(&mut tail, tail_at)?;
+        let mut zeros = [1u8; 64];
+        f.read_exact_at(&mut zeros, 1 << 31)?;
+        std::io::Result::Ok((len, head, tail, zeros))
+    })();
+    umount2(&mnt, MntFlags::MNT_DETACH).unwrap();
+    let (len, head, tail, zeros) = read.unwrap();
+    assert_eq!(len, size);
+    assert_eq!(&head, b"head");
+    assert_eq!(&tail, b"tail-past-4GiB");
+    assert!(zeros.iter().all(|b| *b == 0), "holes read as zeros");
+}
