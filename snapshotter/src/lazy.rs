@@ -554,7 +554,10 @@ impl Lazy {
                 let m: libc::fanotify_event_metadata =
                     unsafe { std::ptr::read_unaligned(buf.as_ptr().add(at).cast()) };
                 let len = m.event_len as usize;
-                if len < std::mem::size_of::<libc::fanotify_event_metadata>() || at + len > n {
+                if len < std::mem::size_of::<libc::fanotify_event_metadata>()
+                    || at + len > n
+                    || m.metadata_len as usize > len
+                {
                     break;
                 }
                 let (offset, count) = range_of(&buf[at + m.metadata_len as usize..at + len]);
