@@ -30,6 +30,9 @@ const MAX_CONFIG: usize = 8 << 20;
 /// Backoff before the first retry; doubled per retry up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long a parsed hosts.toml is used before the file is read again;
+/// edits take effect within this time, without a restart.
+const HOSTS_TTL: Duration = Duration::from_secs(5);
 
 const MANIFEST_TYPES: &str = "application/vnd.oci.image.index.v1+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, \
@@ -140,6 +143,8 @@ pub struct Registry {
     clients: Mutex<HashMap<(Vec<PathBuf>, bool), reqwest::Client>>,
     /// `Authorization` values by endpoint base and repository.
     auth: Mutex<HashMap<(String, String), String>>,
+    /// Parsed hosts.toml endpoints by host, with when they were read.
+    hosts: Mutex<HashMap<String, (std::time::Instant, Vec<Endpoint>)>>,
     /// The endpoint base that last worked for a host: tried first next
     /// time, so a dead mirror or HTTPS on a plain-HTTP loopback registry
     /// costs one failure, not one per request.
@@ -162,6 +167,7 @@ impl Registry {
             clients: Mutex::new(HashMap::new()),
             auth: Mutex::new(HashMap::new()),
             preferred: Mutex::new(HashMap::new()),
+            hosts: Mutex::new(HashMap::new()),
         })
     }
 
@@ -203,7 +209,7 @@ impl Registry {
     /// last worked do; mirrors and the HTTPS attempt on a loopback registry
     /// get one try, since the next endpoint is the better bet.
     fn endpoints(&self, r: &Reference, resolve: bool) -> Result<Vec<(Endpoint, bool)>, Error> {
-        let all = hosts::endpoints(&self.config_path, &r.host, r.api_host())?;
+        let all = self.host_endpoints(r)?;
         let mut eps: Vec<Endpoint> = all
             .into_iter()
             .filter(|e| {
@@ -235,6 +241,21 @@ impl Registry {
                 (e, retry)
             })
             .collect())
+    }
+
+    /// The host's endpoints from hosts.toml, read at most every
+    /// [`HOSTS_TTL`]: a lazy layer asks for one chunk at a time, and each
+    /// request must not parse the file again.
+    fn host_endpoints(&self, r: &Reference) -> Result<Vec<Endpoint>, Error> {
+        let mut cache = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, eps)) = cache.get(&r.host)
+            && at.elapsed() < HOSTS_TTL
+        {
+            return Ok(eps.clone());
+        }
+        let eps = hosts::endpoints(&self.config_path, &r.host, r.api_host())?;
+        cache.insert(r.host.clone(), (std::time::Instant::now(), eps.clone()));
+        Ok(eps)
     }
 
     fn worked(&self, r: &Reference, ep: &Endpoint) {
@@ -757,11 +778,6 @@ impl Registry {
         let (bytes, _, _) = match self.fetch_manifest(r, &tag).await {
             Ok(m) => m,
             Err(Error::NotFound { .. }) => return Ok(None),
-            Err(Error::AllEndpoints { errors })
-                if errors.iter().all(|e| e.contains("not found")) =>
-            {
-                return Ok(None);
-            }
             Err(e) => return Err(e),
         };
         let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Manifest {
@@ -916,14 +932,24 @@ impl Registry {
 
 /// One endpoint's error as it is; several as one error listing each, so the
 /// informative one (a certificate problem) is not hidden behind the last
-/// (the plain-HTTP retry's 400). A 404 from all is a 404.
+/// (the plain-HTTP retry's 400). When every endpoint that answered said 404
+/// and the rest could not be reached (a dead mirror, HTTPS tried on a
+/// plain-HTTP loopback registry), the answer is a 404.
 fn combine(mut failed: Vec<Error>, r: &Reference, capability: &str) -> Error {
+    let not_found = |e: &Error| matches!(e, Error::NotFound { .. });
     match failed.len() {
         0 => Error::NotFound {
             url: format!("{} (no endpoint with {capability})", r.host),
         },
         1 => failed.remove(0),
-        _ if failed.iter().all(|e| matches!(e, Error::NotFound { .. })) => failed.remove(0),
+        _ if failed.iter().any(not_found)
+            && failed
+                .iter()
+                .all(|e| not_found(e) || matches!(e, Error::Transport { .. })) =>
+        {
+            let i = failed.iter().position(not_found).expect("one is a 404");
+            failed.remove(i)
+        }
         _ => Error::AllEndpoints {
             errors: failed.iter().map(|e| e.to_string()).collect(),
         },
@@ -1021,4 +1047,48 @@ async fn read_capped(resp: reqwest::Response, cap: usize, url: &str) -> Result<V
         out.extend_from_slice(&c);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r() -> Reference {
+        Reference::parse("127.0.0.1:5000/app:v1").unwrap()
+    }
+
+    fn transport() -> Error {
+        Error::Transport {
+            url: "https://127.0.0.1:5000/v2".into(),
+            detail: "received corrupt message".into(),
+        }
+    }
+
+    fn not_found() -> Error {
+        Error::NotFound {
+            url: "http://127.0.0.1:5000/v2/app/manifests/x".into(),
+        }
+    }
+
+    #[test]
+    fn a_404_behind_an_unreachable_endpoint_is_a_404() {
+        assert!(matches!(
+            combine(vec![transport(), not_found()], &r(), "x"),
+            Error::NotFound { .. }
+        ));
+    }
+
+    #[test]
+    fn other_failures_are_reported_per_endpoint() {
+        let status = Error::Status {
+            url: "http://127.0.0.1:5000/v2".into(),
+            status: 400,
+            body: "Client sent an HTTP request to an HTTPS server.".into(),
+        };
+        let e = combine(vec![transport(), status], &r(), "x").to_string();
+        assert!(
+            e.contains("corrupt message") && e.contains("HTTP 400"),
+            "{e}"
+        );
+    }
 }

@@ -120,6 +120,8 @@ struct Blob {
     last_error: Mutex<Option<String>>,
     /// When it was registered: a Prepare may still be about to link it.
     registered: Instant,
+    /// `(st_dev, st_ino)` of the file, as events identify it.
+    inode: (u64, u64),
 }
 
 impl Blob {
@@ -384,12 +386,13 @@ impl Lazy {
             complete: AtomicBool::new(false),
             last_error: Mutex::new(None),
             registered: Instant::now(),
+            inode: (meta.dev(), meta.ino()),
         });
         self.mark(&path, libc::FAN_MARK_ADD)?;
         self.blobs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert((meta.dev(), meta.ino()), blob.clone());
+            .insert(blob.inode, blob.clone());
         self.by_layer
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -635,24 +638,15 @@ impl Lazy {
             .by_layer
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(layer);
+            .get(layer)
+            .cloned();
         if let Some(b) = b {
-            if let Ok(m) = fs::metadata(&b.path) {
-                self.blobs
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&(m.dev(), m.ino()));
-            }
-            b.complete.store(true, Ordering::SeqCst);
-            let _ = fs::remove_file(&b.state_path);
-            let _ = fs::remove_file(&b.have_path);
-            let _ = fs::remove_file(&b.path);
+            self.discard(&b);
         }
     }
 
     /// Forgets lazy files no snapshot links to any more (and removes them).
     pub fn prune(&self) -> Vec<PathBuf> {
-        let mut removed = Vec::new();
         let all: Vec<Arc<Blob>> = self
             .by_layer
             .lock()
@@ -660,29 +654,33 @@ impl Lazy {
             .values()
             .cloned()
             .collect();
+        let mut removed = Vec::new();
         for b in all {
-            let Ok(m) = fs::metadata(&b.path) else {
-                continue;
-            };
             // Only our own link, none from a snapshot, and not a layer a
             // Prepare registered a moment ago and is about to link.
-            if m.nlink() == 1 && b.registered.elapsed() > PRUNE_GRACE {
-                self.by_layer
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&b.state.entry.layer);
-                self.blobs
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&(m.dev(), m.ino()));
-                b.complete.store(true, Ordering::SeqCst);
-                let _ = fs::remove_file(&b.state_path);
-                let _ = fs::remove_file(&b.have_path);
-                let _ = fs::remove_file(&b.path);
+            let unlinked = fs::metadata(&b.path).is_ok_and(|m| m.nlink() == 1);
+            if unlinked && b.registered.elapsed() > PRUNE_GRACE {
+                self.discard(&b);
                 removed.push(b.path.clone());
             }
         }
         removed
+    }
+
+    /// Stops serving and filling `b` and removes its files.
+    fn discard(&self, b: &Blob) {
+        self.by_layer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&b.state.entry.layer);
+        self.blobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&b.inode);
+        b.complete.store(true, Ordering::SeqCst);
+        let _ = fs::remove_file(&b.state_path);
+        let _ = fs::remove_file(&b.have_path);
+        let _ = fs::remove_file(&b.path);
     }
 }
 
