@@ -33,6 +33,7 @@ BOOKWORM_PACKAGES=(
   ca-certificates
   openssl
   apache2-utils
+  prometheus
 )
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }

@@ -1,6 +1,7 @@
 //! `hb`: the hyperbox operator's command line. Tables for people, `--json`
 //! for scripts.
 
+mod agent;
 mod doctor;
 mod image;
 mod index;
@@ -34,6 +35,17 @@ enum Command {
     Image {
         #[command(subcommand)]
         command: ImageCommand,
+    },
+    /// Memory pressure of the node and of each container the agent tracks.
+    Psi {
+        /// Machine-readable output (with each container's sample history).
+        #[arg(long)]
+        json: bool,
+    },
+    /// The node agent's policy decisions.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
     },
     /// Kernel features hyperbox depends on, and how each was detected.
     Doctor {
@@ -75,6 +87,19 @@ enum ImageCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// What the agent decided for a container and why: bounds, what was
+    /// learned for its workload, headroom, every change.
+    Explain {
+        /// Container id, id prefix or name.
+        container: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum SnapshotsCommand {
     /// List snapshots.
     Ls {
@@ -94,6 +119,10 @@ fn main() -> ExitCode {
         let config = hyperbox_config::Config::load(args.config.as_deref())?;
         match args.command {
             Command::Doctor { json } => doctor::run(&config, json),
+            Command::Psi { json } => agent::psi(&config, json),
+            Command::Policy {
+                command: PolicyCommand::Explain { container, json },
+            } => agent::explain(&config, &container, json),
             Command::Image {
                 command: ImageCommand::Index { reference, json },
             } => tokio::runtime::Runtime::new()?.block_on(index::run(&config, &reference, json)),

@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Where binaries look when no `--config` is given.
 pub const DEFAULT_PATH: &str = "/etc/hyperbox/config.toml";
@@ -66,7 +66,7 @@ pub enum Error {
 type Result<T> = std::result::Result<T, Error>;
 
 /// The whole file.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Format version; 1 (the default) is the only one so far.
@@ -75,6 +75,10 @@ pub struct Config {
     pub snapshotter: Snapshotter,
     /// `[registry]`: how the snapshotter and `hb image pull` reach registries.
     pub registry: Registry,
+    /// `[agent]`: the node agent `hyperbox-nri`.
+    pub agent: Agent,
+    /// `[memory]`: the agent's PSI-driven memory policy.
+    pub memory: Memory,
 }
 
 impl Default for Config {
@@ -83,6 +87,144 @@ impl Default for Config {
             version: VERSION,
             snapshotter: Snapshotter::default(),
             registry: Registry::default(),
+            agent: Agent::default(),
+            memory: Memory::default(),
+        }
+    }
+}
+
+/// `[agent]`: the node agent (`hyperbox-nri`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Agent {
+    /// The local API socket (`hb psi`, `hb policy explain`, the shim).
+    pub address: PathBuf,
+    /// Permission bits of that socket.
+    pub socket_mode: u32,
+    /// containerd's NRI socket, dialled when the agent runs as an external
+    /// plugin. Ignored when containerd launched the agent (socket on fd 3).
+    pub nri_socket: PathBuf,
+    /// The name the plugin registers under (shown in containerd's log).
+    pub plugin_name: String,
+    /// The plugin index (two digits): where the agent sits in containerd's
+    /// plugin order.
+    pub plugin_index: String,
+    /// Loopback address of `/metrics`, `/metrics/memory/psi` and `/healthz`;
+    /// empty disables the HTTP endpoints.
+    pub metrics_address: String,
+    /// Where the agent keeps what it learned (workloads' working sets).
+    pub state_dir: PathBuf,
+}
+
+impl Default for Agent {
+    fn default() -> Self {
+        Agent {
+            address: PathBuf::from("/run/hyperbox/agent.sock"),
+            socket_mode: 0o660,
+            nri_socket: PathBuf::from("/var/run/nri/nri.sock"),
+            plugin_name: "hyperbox".into(),
+            plugin_index: "10".into(),
+            metrics_address: "127.0.0.1:9464".into(),
+            state_dir: PathBuf::from("/var/lib/hyperbox/agent"),
+        }
+    }
+}
+
+/// `memory.default_policy` and the `memory.hyperbox.dev/policy` annotation.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryPolicy {
+    /// Leave the container alone; not even learned.
+    Off,
+    /// Learn the workload's working set; change nothing.
+    Observe,
+    /// Learn, size the limit at creation, and adjust it while running.
+    Adaptive,
+}
+
+impl MemoryPolicy {
+    /// The annotation or config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemoryPolicy::Off => "off",
+            MemoryPolicy::Observe => "observe",
+            MemoryPolicy::Adaptive => "adaptive",
+        }
+    }
+
+    /// Parses the annotation value (the same words as the config).
+    pub fn parse(s: &str) -> Option<MemoryPolicy> {
+        match s.trim() {
+            "off" => Some(MemoryPolicy::Off),
+            "observe" => Some(MemoryPolicy::Observe),
+            "adaptive" => Some(MemoryPolicy::Adaptive),
+            _ => None,
+        }
+    }
+}
+
+/// `[memory]`: sizing and adjusting container memory from PSI.
+///
+/// Ratios are plain numbers (1.5 = 150 %); percentages are PSI's (share of
+/// wall time some task stalled, 0–100).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Memory {
+    /// Policy of containers without the annotation.
+    pub default_policy: MemoryPolicy,
+    /// Limit = working set × headroom when the node is calm.
+    pub headroom: f64,
+    /// The headroom when the node is under `node_pressure_high` or more.
+    pub min_headroom: f64,
+    /// Node memory pressure (`some avg10`, %) at which headroom reaches
+    /// `min_headroom`; between 0 and this the headroom shrinks linearly.
+    pub node_pressure_high: f64,
+    /// Never set a limit below this many bytes (nor below the container's
+    /// own memory request, when the runtime passes one).
+    pub floor_bytes: u64,
+    /// Keep each adaptive container's own memory stall (`some avg10`, %)
+    /// under this; above it the limit is raised.
+    pub stall_target: f64,
+    /// How much a raise adds, as a share of the current limit.
+    pub raise_step: f64,
+    /// Lower a limit only when the new one is at least this share smaller
+    /// (hysteresis against flapping).
+    pub lower_min_change: f64,
+    /// Seconds after a raise (or the size set at creation) during which
+    /// the limit is not lowered.
+    pub cooldown_secs: u64,
+    /// Seconds between samples of each container's usage and pressure.
+    pub sample_interval_secs: u64,
+    /// PSI trigger: stall (ms) within `trigger_window_ms` that wakes the
+    /// agent at once. Without CAP_SYS_RESOURCE the kernel only accepts
+    /// windows that are multiples of 2 s.
+    pub trigger_stall_ms: u64,
+    /// The PSI trigger window (ms).
+    pub trigger_window_ms: u64,
+    /// Past runs remembered per workload (peak working set of each).
+    pub history_runs: usize,
+    /// With cgroup v2, `memory.high` = limit × this (reclaim starts before
+    /// the hard limit); 0 leaves `memory.high` alone.
+    pub high_ratio: f64,
+}
+
+impl Default for Memory {
+    fn default() -> Self {
+        Memory {
+            default_policy: MemoryPolicy::Observe,
+            headroom: 1.5,
+            min_headroom: 1.15,
+            node_pressure_high: 20.0,
+            floor_bytes: 16 << 20,
+            stall_target: 1.0,
+            raise_step: 0.25,
+            lower_min_change: 0.1,
+            cooldown_secs: 60,
+            sample_interval_secs: 5,
+            trigger_stall_ms: 20,
+            trigger_window_ms: 2000,
+            history_runs: 20,
+            high_ratio: 0.9,
         }
     }
 }
@@ -281,6 +423,150 @@ impl Config {
                 "must be between 1 and 3600",
             ));
         }
+        self.validate_agent(path)?;
+        self.memory.validate(path)
+    }
+
+    fn validate_agent(&self, path: &Path) -> Result<()> {
+        let invalid = |key, problem: &str| Error::Invalid {
+            path: path.into(),
+            key,
+            problem: problem.into(),
+        };
+        let a = &self.agent;
+        for (key, p) in [
+            ("agent.address", &a.address),
+            ("agent.nri_socket", &a.nri_socket),
+        ] {
+            if !p.is_absolute() {
+                return Err(invalid(key, "must be an absolute path"));
+            }
+            if p.as_os_str().len() > 107 {
+                return Err(invalid(
+                    key,
+                    "is longer than a unix socket path may be (107 bytes)",
+                ));
+            }
+        }
+        if !a.state_dir.is_absolute() {
+            return Err(invalid("agent.state_dir", "must be an absolute path"));
+        }
+        if a.socket_mode > 0o777 {
+            return Err(invalid(
+                "agent.socket_mode",
+                "must be permission bits (at most 0o777)",
+            ));
+        }
+        if a.plugin_name.is_empty()
+            || !a
+                .plugin_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(invalid(
+                "agent.plugin_name",
+                "must be letters, digits, '-' or '_'",
+            ));
+        }
+        if a.plugin_index.len() != 2 || !a.plugin_index.chars().all(|c| c.is_ascii_digit()) {
+            return Err(invalid(
+                "agent.plugin_index",
+                "must be two digits, e.g. \"10\"",
+            ));
+        }
+        if !a.metrics_address.is_empty() {
+            match a.metrics_address.parse::<std::net::SocketAddr>() {
+                Ok(addr) if addr.ip().is_loopback() => {}
+                Ok(_) => {
+                    return Err(invalid(
+                        "agent.metrics_address",
+                        "must be a loopback address (metrics name containers and workloads)",
+                    ));
+                }
+                Err(_) => {
+                    return Err(invalid(
+                        "agent.metrics_address",
+                        "must be IP:PORT, e.g. 127.0.0.1:9464 (empty disables it)",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Memory {
+    /// Checks the knobs; `path` only labels errors.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let invalid = |key, problem: &str| Error::Invalid {
+            path: path.into(),
+            key,
+            problem: problem.into(),
+        };
+        let ratio = |v: f64, lo: f64, hi: f64| v.is_finite() && v >= lo && v <= hi;
+        if !ratio(self.headroom, 1.0, 10.0) {
+            return Err(invalid("memory.headroom", "must be between 1.0 and 10.0"));
+        }
+        if !ratio(self.min_headroom, 1.0, self.headroom) {
+            return Err(invalid(
+                "memory.min_headroom",
+                "must be between 1.0 and memory.headroom",
+            ));
+        }
+        if !ratio(self.node_pressure_high, 0.1, 100.0) {
+            return Err(invalid(
+                "memory.node_pressure_high",
+                "must be a percentage between 0.1 and 100",
+            ));
+        }
+        if !ratio(self.stall_target, 0.1, 100.0) {
+            return Err(invalid(
+                "memory.stall_target",
+                "must be a percentage between 0.1 and 100",
+            ));
+        }
+        if !ratio(self.raise_step, 0.01, 4.0) {
+            return Err(invalid("memory.raise_step", "must be between 0.01 and 4.0"));
+        }
+        if !ratio(self.lower_min_change, 0.0, 0.9) {
+            return Err(invalid(
+                "memory.lower_min_change",
+                "must be between 0.0 and 0.9",
+            ));
+        }
+        if !(self.high_ratio == 0.0 || ratio(self.high_ratio, 0.5, 1.0)) {
+            return Err(invalid(
+                "memory.high_ratio",
+                "must be 0 (leave memory.high alone) or between 0.5 and 1.0",
+            ));
+        }
+        if self.floor_bytes < 4 << 20 {
+            return Err(invalid(
+                "memory.floor_bytes",
+                "must be at least 4 MiB (4194304): a smaller limit kills runc's init",
+            ));
+        }
+        if self.sample_interval_secs == 0 || self.sample_interval_secs > 300 {
+            return Err(invalid(
+                "memory.sample_interval_secs",
+                "must be between 1 and 300",
+            ));
+        }
+        if self.trigger_window_ms < 500 || self.trigger_window_ms > 10_000 {
+            return Err(invalid(
+                "memory.trigger_window_ms",
+                "must be between 500 and 10000 (the kernel's PSI trigger window)",
+            ));
+        }
+        if self.trigger_stall_ms == 0 || self.trigger_stall_ms >= self.trigger_window_ms {
+            return Err(invalid(
+                "memory.trigger_stall_ms",
+                "must be above 0 and below memory.trigger_window_ms",
+            ));
+        }
+        if self.history_runs == 0 || self.history_runs > 1000 {
+            return Err(invalid("memory.history_runs", "must be between 1 and 1000"));
+        }
         Ok(())
     }
 }
@@ -346,6 +632,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("erofs_backend") && e.contains("auto"), "{e}");
+        let e = parse("[memory]\nheadroom = 0.5\n").unwrap_err().to_string();
+        assert!(e.contains("memory.headroom"), "{e}");
+        let e = parse("[memory]\ndefault_policy = \"eager\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("default_policy") && e.contains("adaptive"),
+            "{e}"
+        );
+        let e = parse("[agent]\nmetrics_address = \"0.0.0.0:9464\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("agent.metrics_address") && e.contains("loopback"),
+            "{e}"
+        );
+        let e = parse("[agent]\nplugin_index = \"7\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("agent.plugin_index"), "{e}");
         let e = parse("version = 2\n").unwrap_err().to_string();
         assert!(e.contains("version"), "{e}");
     }

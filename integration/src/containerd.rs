@@ -74,7 +74,7 @@ fn sweep_once() {
         for dir in crate::footprint::sweep_dead_owners("hb-ctd-") {
             tracing::warn!(dir = %dir.display(), "removed an instance left by a dead test process");
         }
-        for prefix in ["hb-snap-", "hb-registry-", "hb-images-"] {
+        for prefix in ["hb-snap-", "hb-registry-", "hb-images-", "hb-agent-"] {
             crate::footprint::sweep_dead_owners(prefix);
         }
     });
@@ -114,6 +114,19 @@ pub struct Builder {
     cri_snapshotter: Option<String>,
     no_cri: bool,
     no_nri: bool,
+    nri_plugins: Vec<NriPlugin>,
+}
+
+/// A pre-registered NRI plugin: an executable containerd launches from its
+/// plugin dir at start, with an optional conf.d file it passes in Configure.
+#[derive(Debug, Clone)]
+pub struct NriPlugin {
+    /// `NN-name`, the file name in the plugin dir (index and name).
+    pub file_name: String,
+    /// The executable's content (a script that execs the real binary).
+    pub script: String,
+    /// The `NN-name.conf` content, if any.
+    pub config: Option<String>,
 }
 
 impl Builder {
@@ -150,6 +163,12 @@ impl Builder {
     /// Disables the CRI plugin (starts faster when a test does not need it).
     pub fn without_cri(mut self) -> Self {
         self.no_cri = true;
+        self
+    }
+
+    /// Installs a pre-registered NRI plugin before containerd starts.
+    pub fn nri_plugin(mut self, p: NriPlugin) -> Self {
+        self.nri_plugins.push(p);
         self
     }
 
@@ -288,6 +307,17 @@ impl Containerd {
             "runc",
         ] {
             fs::create_dir_all(d.join(sub)).map_err(io(format!("create {sub}")))?;
+        }
+        for p in &self.builder.nri_plugins {
+            use std::os::unix::fs::PermissionsExt;
+            let exe = d.join("nri/plugins").join(&p.file_name);
+            fs::write(&exe, &p.script).map_err(io(format!("write {}", exe.display())))?;
+            fs::set_permissions(&exe, fs::Permissions::from_mode(0o755))
+                .map_err(io(format!("chmod {}", exe.display())))?;
+            if let Some(conf) = &p.config {
+                let f = d.join("nri/conf.d").join(format!("{}.conf", p.file_name));
+                fs::write(&f, conf).map_err(io(format!("write {}", f.display())))?;
+            }
         }
         // A pod network that reaches nothing beyond the machine: a bridge of
         // the instance's own with no gateway, no masquerading (so no host

@@ -18,6 +18,7 @@
 //! [`prereq::require`] skips with a printed reason where they are missing, and
 //! fails instead when `HYPERBOX_REQUIRE_ALL=1` (CI).
 
+pub mod agent;
 pub mod bench;
 pub mod binaries;
 pub mod client;
@@ -30,6 +31,7 @@ pub mod image;
 pub mod mount;
 pub mod prereq;
 pub mod procs;
+pub mod prometheus;
 pub mod proxy;
 pub mod registry;
 pub mod snapshotter;

@@ -24,6 +24,11 @@ pub enum Prereq {
     CniPlugins,
     /// `openssl` and `htpasswd` (apache2-utils), for HTTPS and auth registries.
     TlsTools,
+    /// PSI (`/proc/pressure`) and a cgroup v2 tree (pure or hybrid) for
+    /// per-container pressure.
+    Psi,
+    /// Prometheus (Debian package `prometheus`).
+    Prometheus,
 }
 
 impl Prereq {
@@ -62,6 +67,13 @@ impl Prereq {
             Prereq::TlsTools => (command_output("openssl", &["version"]).is_none()
                 || Command::new("htpasswd").arg("-h").output().is_err())
             .then(|| "openssl or htpasswd not found (packages openssl, apache2-utils)".into()),
+            Prereq::Psi => (!Path::new("/proc/pressure/memory").exists()
+                || !(Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+                    || Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists()))
+            .then(|| "needs PSI (psi=1) and a cgroup v2 hierarchy".into()),
+            Prereq::Prometheus => command_output("prometheus", &["--version"])
+                .is_none()
+                .then(|| "prometheus not found (package prometheus)".into()),
         }
     }
 }

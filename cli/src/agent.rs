@@ -1,0 +1,233 @@
+//! `hb psi` and `hb policy explain`: read the node agent's local API on
+//! `agent.address`.
+//!
+//! The API is HTTP/1.1 with JSON over a unix socket; one request per
+//! connection (`Connection: close`), so a blocking std client of a few
+//! lines does here what an HTTP client crate with a unix connector would.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::table;
+
+/// GETs `path` from the agent; returns the JSON body of a 2xx reply.
+pub fn get(socket: &Path, path: &str) -> Result<Value> {
+    let mut s = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "connect to the agent at {} (is hyperbox-nri running? agent.address in the config)",
+            socket.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: hyperbox-agent\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).context("read the agent's reply")?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("malformed reply from the agent")?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("reply without a status")?;
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    if !(200..300).contains(&status) {
+        bail!("agent answered {status}: {}", body.trim());
+    }
+    serde_json::from_str(&body).context("agent reply is not JSON")
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+fn pct(v: &Value) -> String {
+    v.as_f64().map_or("-".into(), |f| format!("{f:.2}%"))
+}
+
+fn size(v: &Value) -> String {
+    v.as_u64().map_or("-".into(), |b| table::bytes(b as i64))
+}
+
+/// `hb psi`.
+pub fn psi(config: &hyperbox_config::Config, json: bool) -> Result<()> {
+    let v = get(&config.agent.address, "/v1/psi")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "node (cgroups {}, memory {}):",
+        v["cgroup_layout"].as_str().unwrap_or("?"),
+        size(&v["mem_total"])
+    );
+    let mut rows = Vec::new();
+    for r in ["memory", "cpu", "io"] {
+        let p = &v["node"][r];
+        rows.push(vec![
+            r.to_string(),
+            pct(&p["some"]["avg10"]),
+            pct(&p["some"]["avg60"]),
+            pct(&p["some"]["avg300"]),
+            pct(&p["full"]["avg10"]),
+        ]);
+    }
+    print!(
+        "{}",
+        table::render(
+            &["RESOURCE", "SOME10", "SOME60", "SOME300", "FULL10"],
+            &rows
+        )
+    );
+    println!();
+    let mut rows = Vec::new();
+    for c in v["containers"].as_array().into_iter().flatten() {
+        let id = c["id"].as_str().unwrap_or("");
+        rows.push(vec![
+            id[..id.len().min(12)].to_string(),
+            format!(
+                "{}/{}",
+                c["namespace"].as_str().unwrap_or(""),
+                c["pod"].as_str().unwrap_or("")
+            ),
+            c["name"].as_str().unwrap_or("").to_string(),
+            c["policy"].as_str().unwrap_or("").to_string(),
+            size(&c["working_set"]),
+            size(&c["limit"]),
+            pct(&c["memory_some_avg10"]),
+            pct(&c["memory_full_avg10"]),
+            c["oom_kills"].to_string(),
+        ]);
+    }
+    print!(
+        "{}",
+        table::render(
+            &[
+                "CONTAINER",
+                "POD",
+                "NAME",
+                "POLICY",
+                "WORKING SET",
+                "LIMIT",
+                "MEM SOME10",
+                "MEM FULL10",
+                "OOM"
+            ],
+            &rows
+        )
+    );
+    Ok(())
+}
+
+/// `hb policy explain <container>`.
+pub fn explain(config: &hyperbox_config::Config, container: &str, json: bool) -> Result<()> {
+    if container.is_empty() || container.contains(['/', '?', '#', ' ']) {
+        bail!("{container:?} is not a container id, id prefix or name");
+    }
+    let v = get(
+        &config.agent.address,
+        &format!("/v1/containers/{container}"),
+    )?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let c = &v["container"];
+    println!("container  {}", c["id"].as_str().unwrap_or(""));
+    println!(
+        "pod        {}/{}  name {}",
+        c["pod_namespace"].as_str().unwrap_or(""),
+        c["pod"].as_str().unwrap_or(""),
+        c["name"].as_str().unwrap_or("")
+    );
+    println!("workload   {}", c["workload"].as_str().unwrap_or(""));
+    println!(
+        "policy     {} (from {}), via {}",
+        c["policy"].as_str().unwrap_or(""),
+        c["policy_from"].as_str().unwrap_or(""),
+        c["source"].as_str().unwrap_or("")
+    );
+    println!(
+        "bounds     floor {}, ceiling {}",
+        size(&c["bounds"]["floor"]),
+        c["bounds"]["ceiling"]
+            .as_u64()
+            .map_or("none (user set no limit)".into(), |b| table::bytes(
+                b as i64
+            ))
+    );
+    println!("limit now  {}", size(&c["limit"]));
+    let runs: Vec<String> = v["learned_runs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(size)
+        .collect();
+    println!(
+        "learned    {} run(s): working set p95 {}, peak {}{}",
+        runs.len(),
+        size(&v["learned_working_set"]),
+        size(&v["learned_peak"]),
+        if runs.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", runs.join(", "))
+        }
+    );
+    println!(
+        "headroom   {:.2} now (node memory pressure {})",
+        v["headroom_now"].as_f64().unwrap_or(0.0),
+        pct(&v["node_memory_some_avg10"])
+    );
+    println!();
+    let mut rows = Vec::new();
+    for d in v["decisions"].as_array().into_iter().flatten() {
+        rows.push(vec![
+            d["at"].as_u64().map_or("-".into(), |t| t.to_string()),
+            d["action"].as_str().unwrap_or("").to_string(),
+            size(&d["from"]),
+            size(&d["to"]),
+            d["via"].as_str().unwrap_or("").to_string(),
+            d["reason"].as_str().unwrap_or("").to_string(),
+        ]);
+    }
+    print!(
+        "{}",
+        table::render(&["AT", "ACTION", "FROM", "TO", "VIA", "WHY"], &rows)
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn chunked_bodies_are_joined() {
+        assert_eq!(super::dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "abcde");
+    }
+}

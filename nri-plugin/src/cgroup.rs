@@ -1,0 +1,341 @@
+//! Where a container's cgroup lives and what its memory files say, on the
+//! three layouts nodes have: pure cgroup v2, hybrid (v1 controllers plus a
+//! controller-less v2 tree at `/sys/fs/cgroup/unified`, where PSI still
+//! works per cgroup), and pure v1 (no per-cgroup PSI).
+
+use std::path::{Path, PathBuf};
+
+/// The node's cgroup layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Layout {
+    /// Everything under one v2 tree.
+    Unified {
+        /// Its mount point.
+        root: PathBuf,
+    },
+    /// v1 memory controller, plus a v2 tree for PSI.
+    Hybrid {
+        /// v1 memory mount.
+        memory: PathBuf,
+        /// v2 mount.
+        unified: PathBuf,
+    },
+    /// v1 only.
+    Legacy {
+        /// v1 memory mount.
+        memory: PathBuf,
+    },
+}
+
+impl Layout {
+    /// Detects the layout under `base` (normally `/sys/fs/cgroup`).
+    pub fn detect(base: &Path) -> Layout {
+        if base.join("cgroup.controllers").exists() {
+            return Layout::Unified { root: base.into() };
+        }
+        let memory = base.join("memory");
+        let unified = base.join("unified");
+        if unified.join("cgroup.procs").exists() {
+            Layout::Hybrid { memory, unified }
+        } else {
+            Layout::Legacy { memory }
+        }
+    }
+
+    /// The layout's name, as `hb psi` shows it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Layout::Unified { .. } => "v2",
+            Layout::Hybrid { .. } => "hybrid",
+            Layout::Legacy { .. } => "v1",
+        }
+    }
+
+    /// Whether the memory controller is v2 (so `memory.high` exists and the
+    /// runtime accepts the `unified` map).
+    pub fn memory_is_v2(&self) -> bool {
+        matches!(self, Layout::Unified { .. })
+    }
+
+    /// The cgroup of OCI `cgroupsPath` `path`.
+    pub fn locate(&self, cgroups_path: &str) -> Option<Cgroup> {
+        let rel = relative_path(cgroups_path)?;
+        Some(match self {
+            Layout::Unified { root } => Cgroup {
+                memory: root.join(&rel),
+                psi: Some(root.join(&rel)),
+                v2: true,
+            },
+            Layout::Hybrid { memory, unified } => Cgroup {
+                memory: memory.join(&rel),
+                psi: Some(unified.join(&rel)),
+                v2: false,
+            },
+            Layout::Legacy { memory } => Cgroup {
+                memory: memory.join(&rel),
+                psi: None,
+                v2: false,
+            },
+        })
+    }
+}
+
+/// The OCI `cgroupsPath` as a path relative to the hierarchy root. Handles
+/// the cgroupfs form (`/a/b/id`) and systemd's `slice:prefix:name`
+/// (`kubepods-burstable-podX.slice:cri-containerd:ID` is
+/// `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-podX.slice/cri-containerd-ID.scope`).
+pub fn relative_path(cgroups_path: &str) -> Option<PathBuf> {
+    let p = cgroups_path.trim();
+    if p.is_empty() {
+        return None;
+    }
+    let rel = if let Some(rest) = p.strip_prefix('/') {
+        PathBuf::from(rest)
+    } else {
+        let mut parts = p.splitn(3, ':');
+        let (slice, prefix, name) = (parts.next()?, parts.next()?, parts.next()?);
+        let mut out = expand_slice(slice)?;
+        out.push(if prefix.is_empty() {
+            format!("{name}.scope")
+        } else {
+            format!("{prefix}-{name}.scope")
+        });
+        out
+    };
+    // Never leave the hierarchy, whatever the runtime sends.
+    if rel
+        .components()
+        .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return None;
+    }
+    Some(rel)
+}
+
+/// systemd's slice nesting: `a-b-c.slice` lives in `a.slice/a-b.slice/`.
+fn expand_slice(slice: &str) -> Option<PathBuf> {
+    if slice.is_empty() || slice == "-.slice" {
+        return Some(PathBuf::new());
+    }
+    let stem = slice.strip_suffix(".slice")?;
+    if stem.is_empty() || stem.contains('/') {
+        return None;
+    }
+    let mut out = PathBuf::new();
+    let mut acc = String::new();
+    for part in stem.split('-') {
+        if part.is_empty() {
+            return None;
+        }
+        if !acc.is_empty() {
+            acc.push('-');
+        }
+        acc.push_str(part);
+        out.push(format!("{acc}.slice"));
+    }
+    Some(out)
+}
+
+/// One container's cgroup directories.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cgroup {
+    /// The memory controller's directory (v1 or v2).
+    pub memory: PathBuf,
+    /// The v2 directory holding `memory.pressure`, if the node has one.
+    pub psi: Option<PathBuf>,
+    /// Whether `memory` is a v2 directory.
+    pub v2: bool,
+}
+
+/// A container's memory figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryStat {
+    /// Usage minus inactive file cache (what the kubelet calls the working
+    /// set: what would not be reclaimed cheaply).
+    pub working_set: u64,
+    /// Raw usage.
+    pub usage: u64,
+    /// The kernel's high-water mark of usage, where it keeps one.
+    pub peak: Option<u64>,
+    /// The current hard limit (`None`: unlimited).
+    pub limit: Option<u64>,
+    /// OOM kills in this cgroup so far.
+    pub oom_kills: u64,
+}
+
+fn read_u64(path: &Path) -> std::io::Result<u64> {
+    let s = std::fs::read_to_string(path)?;
+    s.trim().parse().map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{}: {s:?}", path.display()),
+        )
+    })
+}
+
+fn stat_field(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Limits at or above this are "unlimited" in v1 (PAGE_COUNTER_MAX pages).
+const V1_UNLIMITED: u64 = 0x7fff_ffff_ffff_f000;
+
+impl Cgroup {
+    /// Whether the cgroup still exists.
+    pub fn exists(&self) -> bool {
+        self.memory.is_dir()
+    }
+
+    /// Reads the memory figures.
+    pub fn memory_stat(&self) -> std::io::Result<MemoryStat> {
+        let d = &self.memory;
+        let stat = std::fs::read_to_string(d.join("memory.stat"))?;
+        if self.v2 {
+            let usage = read_u64(&d.join("memory.current"))?;
+            let inactive = stat_field(&stat, "inactive_file").unwrap_or(0);
+            let limit = std::fs::read_to_string(d.join("memory.max"))
+                .ok()
+                .and_then(|s| s.trim().parse().ok());
+            let events = std::fs::read_to_string(d.join("memory.events")).unwrap_or_default();
+            Ok(MemoryStat {
+                working_set: usage.saturating_sub(inactive),
+                usage,
+                peak: read_u64(&d.join("memory.peak")).ok(),
+                limit,
+                oom_kills: stat_field(&events, "oom_kill").unwrap_or(0),
+            })
+        } else {
+            let usage = read_u64(&d.join("memory.usage_in_bytes"))?;
+            let inactive = stat_field(&stat, "total_inactive_file").unwrap_or(0);
+            let limit = read_u64(&d.join("memory.limit_in_bytes"))
+                .ok()
+                .filter(|l| *l < V1_UNLIMITED);
+            let oom = std::fs::read_to_string(d.join("memory.oom_control")).unwrap_or_default();
+            Ok(MemoryStat {
+                working_set: usage.saturating_sub(inactive),
+                usage,
+                peak: read_u64(&d.join("memory.max_usage_in_bytes")).ok(),
+                limit,
+                oom_kills: stat_field(&oom, "oom_kill").unwrap_or(0),
+            })
+        }
+    }
+
+    /// The container's memory pressure, where the node has per-cgroup PSI.
+    pub fn pressure(&self) -> Option<std::io::Result<crate::psi::Pressure>> {
+        self.psi
+            .as_ref()
+            .map(|d| crate::psi::read(&d.join("memory.pressure")))
+    }
+
+    /// The file a PSI trigger for this container arms on.
+    pub fn pressure_file(&self) -> Option<PathBuf> {
+        self.psi.as_ref().map(|d| d.join("memory.pressure"))
+    }
+
+    /// Sets the hard limit (and, on v2, `memory.high`) directly, for
+    /// containers no NRI runtime manages.
+    pub fn set_limit(&self, limit: u64, high: Option<u64>) -> std::io::Result<()> {
+        let d = &self.memory;
+        if self.v2 {
+            // Raise max before high and lower high before max, so high
+            // never exceeds max in between.
+            let write_high = || match high {
+                Some(h) => std::fs::write(d.join("memory.high"), h.to_string()),
+                None => Ok(()),
+            };
+            let current = read_u64(&d.join("memory.max")).unwrap_or(u64::MAX);
+            if limit >= current {
+                std::fs::write(d.join("memory.max"), limit.to_string())?;
+                write_high()
+            } else {
+                write_high()?;
+                std::fs::write(d.join("memory.max"), limit.to_string())
+            }
+        } else {
+            // v1 requires memsw >= limit: raise memsw first when raising.
+            let memsw = d.join("memory.memsw.limit_in_bytes");
+            let current = read_u64(&d.join("memory.limit_in_bytes")).unwrap_or(u64::MAX);
+            let sw = read_u64(&memsw).ok().filter(|v| *v < V1_UNLIMITED);
+            if let Some(sw) = sw
+                && limit > sw
+                && limit > current
+            {
+                std::fs::write(&memsw, limit.to_string())?;
+            }
+            std::fs::write(d.join("memory.limit_in_bytes"), limit.to_string())
+        }
+    }
+}
+
+/// The node's total memory in bytes.
+pub fn mem_total() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| stat_field(&m.replace(':', ""), "MemTotal").map(|kb| kb * 1024))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroupfs_and_systemd_paths_resolve() {
+        assert_eq!(
+            relative_path("/k8s/pod1/abc").unwrap(),
+            PathBuf::from("k8s/pod1/abc")
+        );
+        assert_eq!(
+            relative_path("kubepods-burstable-pod12.slice:cri-containerd:abc").unwrap(),
+            PathBuf::from(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod12.slice/cri-containerd-abc.scope"
+            )
+        );
+        assert_eq!(
+            relative_path("system.slice:docker:x").unwrap(),
+            PathBuf::from("system.slice/docker-x.scope")
+        );
+        for bad in ["", "/a/../../etc", "a--b.slice:p:n", "noslice:p:n", "x"] {
+            assert!(relative_path(bad).is_none(), "{bad:?} resolved");
+        }
+    }
+
+    #[test]
+    fn layouts_place_memory_and_psi() {
+        let hybrid = Layout::Hybrid {
+            memory: "/c/memory".into(),
+            unified: "/c/unified".into(),
+        };
+        let cg = hybrid.locate("/p/id").unwrap();
+        assert_eq!(cg.memory, PathBuf::from("/c/memory/p/id"));
+        assert_eq!(
+            cg.pressure_file().unwrap(),
+            PathBuf::from("/c/unified/p/id/memory.pressure")
+        );
+        assert!(!cg.v2 && !hybrid.memory_is_v2());
+        let v2 = Layout::Unified { root: "/c".into() };
+        assert!(v2.locate("/p/id").unwrap().v2);
+        assert!(
+            Layout::Legacy {
+                memory: "/m".into()
+            }
+            .locate("/p")
+            .unwrap()
+            .psi
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn stat_fields_are_matched_whole() {
+        let s = "total_inactive_file 10\ninactive_file 5\n";
+        assert_eq!(stat_field(s, "inactive_file"), Some(5));
+        assert_eq!(stat_field(s, "total_inactive_file"), Some(10));
+        assert_eq!(
+            stat_field("oom_kill_disable 0\noom_kill 3\n", "oom_kill"),
+            Some(3)
+        );
+    }
+}

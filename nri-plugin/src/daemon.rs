@@ -1,0 +1,99 @@
+//! The agent's life cycle: open what it learned, bind its sockets, start
+//! the controller, and serve NRI until a signal (external plugin) or until
+//! containerd closes the socket it handed us (pre-registered plugin).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::agent::Agent;
+use crate::cgroup::Layout;
+use crate::memory::store::Store;
+use crate::nri::plugin::{self, Endpoint, Identity, Link};
+
+/// Binds the local API socket: replaces a stale socket file, refuses one a
+/// running agent still answers on.
+pub fn bind_api(address: &Path, mode: u32) -> Result<UnixListener> {
+    if let Some(dir) = address.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    if address.exists() {
+        if std::os::unix::net::UnixStream::connect(address).is_ok() {
+            bail!("{} is in use by a running agent", address.display());
+        }
+        std::fs::remove_file(address)
+            .with_context(|| format!("remove stale socket {}", address.display()))?;
+    }
+    let l = UnixListener::bind(address).with_context(|| format!("bind {}", address.display()))?;
+    std::fs::set_permissions(address, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {mode:o} {}", address.display()))?;
+    Ok(l)
+}
+
+async fn serve_endpoints(agent: &Arc<Agent>, cfg: &hyperbox_config::Config) -> Result<()> {
+    let api = bind_api(&cfg.agent.address, cfg.agent.socket_mode)?;
+    let router = crate::http::api_router(agent.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(api, router).await {
+            tracing::error!(error = %e, "local API server stopped");
+        }
+    });
+    if !cfg.agent.metrics_address.is_empty() {
+        let tcp = TcpListener::bind(&cfg.agent.metrics_address)
+            .await
+            .with_context(|| format!("bind agent.metrics_address {}", cfg.agent.metrics_address))?;
+        let router = crate::http::metrics_router(agent.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(tcp, router).await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Runs the agent until SIGTERM/SIGINT, or until a pre-registered plugin's
+/// socket closes.
+pub async fn run(cfg: &hyperbox_config::Config) -> Result<()> {
+    let layout = Layout::detect(Path::new("/sys/fs/cgroup"));
+    let store = Store::open(&cfg.agent.state_dir, cfg.memory.history_runs)
+        .with_context(|| format!("open agent.state_dir {}", cfg.agent.state_dir.display()))?;
+    let link = Arc::new(Link::default());
+    let (agent, jobs) = Agent::new(cfg.memory.clone(), layout.clone(), store, link.clone());
+    let endpoint = Endpoint::from_env();
+    let preconnected = endpoint.is_some();
+    let endpoint = endpoint.unwrap_or_else(|| Endpoint::Dial(cfg.agent.nri_socket.clone()));
+    let id = Identity::from_env_or(&cfg.agent.plugin_name, &cfg.agent.plugin_index);
+    tracing::info!(cgroups = layout.name(), endpoint = ?endpoint, name = %id.name, index = %id.index, "hyperbox agent starting");
+
+    // containerd's CRI fails to start when a plugin it launched does not
+    // register, so a launched agent serves NRI even if its other sockets
+    // cannot be bound; a dialling agent refuses to start half-way.
+    if let Err(e) = serve_endpoints(&agent, cfg).await {
+        if preconnected {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "agent endpoints unavailable; serving NRI only"
+            );
+        } else {
+            return Err(e);
+        }
+    }
+    tokio::spawn(crate::memory::controller::run(agent.clone(), jobs));
+
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let result = tokio::select! {
+        r = plugin::run(endpoint, id, agent.clone(), link) => r.map_err(anyhow::Error::from),
+        _ = term.recv() => Ok(()),
+        _ = int.recv() => Ok(()),
+    };
+    // Leave no socket that looks alive to the next agent.
+    let _ = std::fs::remove_file(&cfg.agent.address);
+    tracing::info!("hyperbox agent stopped");
+    result
+}

@@ -1,0 +1,281 @@
+//! The agent's HTTP surfaces: `/metrics`, `/metrics/memory/psi` and
+//! `/healthz` on the loopback metrics address, and the local API on the
+//! agent's unix socket (`hb psi`, `hb policy explain`, the shim's container
+//! registration).
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+use crate::agent::{Agent, ContainerInfo, Decision, Source, Tracked};
+use crate::metrics::StateCollector;
+use crate::psi::history::Sample;
+
+#[derive(Clone)]
+struct App {
+    agent: Arc<Agent>,
+    registry: Arc<Registry>,
+}
+
+/// The router of the metrics address.
+pub fn metrics_router(agent: Arc<Agent>) -> Router {
+    let mut registry = Registry::default();
+    agent.metrics.register(&mut registry);
+    registry.register_collector(Box::new(StateCollector(agent.clone())));
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/metrics/memory/psi", get(psi))
+        .route("/healthz", get(health))
+        .with_state(App {
+            agent,
+            registry: Arc::new(registry),
+        })
+}
+
+/// The router of the local API socket.
+pub fn api_router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/healthz", get(health))
+        .route("/v1/psi", get(psi))
+        .route("/v1/containers", get(list).post(register))
+        .route("/v1/containers/{id}", get(explain).delete(unregister))
+        .with_state(App {
+            agent,
+            registry: Arc::new(Registry::default()),
+        })
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    let mut body = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &app.registry) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, format!("encode: {e}")).into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+#[derive(Serialize)]
+struct Health {
+    status: &'static str,
+    nri_connected: bool,
+    runtime: Option<String>,
+    containers: usize,
+    cgroup_layout: &'static str,
+}
+
+async fn health(State(app): State<App>) -> Json<Health> {
+    let a = &app.agent;
+    Json(Health {
+        status: "ok",
+        nri_connected: a.link.is_connected(),
+        runtime: a.runtime.lock().expect("runtime").clone(),
+        containers: a.containers.lock().expect("containers").len(),
+        cgroup_layout: a.layout.name(),
+    })
+}
+
+/// `/metrics/memory/psi` and `hb psi`.
+#[derive(Serialize)]
+struct Psi {
+    cgroup_layout: &'static str,
+    mem_total: u64,
+    node: crate::agent::Node,
+    node_history: Vec<Sample>,
+    containers: Vec<ContainerPsi>,
+}
+
+#[derive(Serialize)]
+struct ContainerPsi {
+    id: String,
+    name: String,
+    namespace: String,
+    pod: String,
+    workload: String,
+    policy: &'static str,
+    limit: Option<u64>,
+    working_set: Option<u64>,
+    peak_working_set: u64,
+    memory_some_avg10: Option<f64>,
+    memory_full_avg10: Option<f64>,
+    oom_kills: u64,
+    history: Vec<Sample>,
+}
+
+fn container_psi(t: &Tracked) -> ContainerPsi {
+    let last = t.last_sample();
+    ContainerPsi {
+        id: t.id.clone(),
+        name: t.name.clone(),
+        namespace: t.pod_namespace.clone(),
+        pod: t.pod.clone(),
+        workload: t.workload.clone(),
+        policy: t.policy.as_str(),
+        limit: t.limit,
+        working_set: last.map(|s| s.usage),
+        peak_working_set: t.peak_working_set,
+        memory_some_avg10: last.map(|s| s.memory_some),
+        memory_full_avg10: last.map(|s| s.memory_full),
+        oom_kills: t.oom_kills,
+        history: t.history.iter().copied().collect(),
+    }
+}
+
+async fn psi(State(app): State<App>) -> Json<Psi> {
+    let a = &app.agent;
+    let (node, hist) = a.node.lock().expect("node").clone();
+    let mut containers: Vec<ContainerPsi> = a
+        .containers
+        .lock()
+        .expect("containers")
+        .values()
+        .map(container_psi)
+        .collect();
+    containers
+        .sort_by(|x, y| (&x.namespace, &x.pod, &x.name).cmp(&(&y.namespace, &y.pod, &y.name)));
+    Json(Psi {
+        cgroup_layout: a.layout.name(),
+        mem_total: a.mem_total,
+        node,
+        node_history: hist.iter().copied().collect(),
+        containers,
+    })
+}
+
+async fn list(State(app): State<App>) -> Json<Vec<Tracked>> {
+    let mut v: Vec<Tracked> = app
+        .agent
+        .containers
+        .lock()
+        .expect("containers")
+        .values()
+        .cloned()
+        .collect();
+    v.sort_by(|x, y| x.id.cmp(&y.id));
+    Json(v)
+}
+
+/// `hb policy explain`.
+#[derive(Serialize)]
+struct Explain {
+    container: Tracked,
+    learned_runs: Vec<u64>,
+    learned_working_set: Option<u64>,
+    learned_peak: Option<u64>,
+    headroom_now: f64,
+    node_memory_some_avg10: f64,
+    decisions: Vec<Decision>,
+}
+
+async fn explain(State(app): State<App>, Path(id): Path<String>) -> Response {
+    let a = &app.agent;
+    let found = {
+        let map = a.containers.lock().expect("containers");
+        let matches: Vec<&Tracked> = map
+            .values()
+            .filter(|t| t.id == id || t.id.starts_with(&id) || t.name == id)
+            .collect();
+        match matches.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err((
+                StatusCode::NOT_FOUND,
+                format!("no tracked container matches {id:?} (policy off, or not seen)"),
+            )),
+            many => Err((
+                StatusCode::CONFLICT,
+                format!(
+                    "{id:?} matches {} containers: {}",
+                    many.len(),
+                    many.iter()
+                        .map(|t| &t.id[..t.id.len().min(12)])
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
+        }
+    };
+    let t = match found {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let learned = a.store.lock().expect("store").get(&t.workload);
+    let node_some = a.node_memory_some();
+    let cfg = a.memory_config();
+    Json(Explain {
+        learned_runs: learned
+            .as_ref()
+            .map(|w| w.runs.iter().copied().collect())
+            .unwrap_or_default(),
+        learned_working_set: learned.as_ref().and_then(|w| w.working_set()),
+        learned_peak: learned.as_ref().and_then(|w| w.peak()),
+        headroom_now: crate::memory::policy::headroom(&cfg, node_some),
+        node_memory_some_avg10: node_some,
+        decisions: t.decisions.iter().cloned().collect(),
+        container: t,
+    })
+    .into_response()
+}
+
+async fn register(State(app): State<App>, Json(info): Json<ContainerInfo>) -> Response {
+    if info.id.is_empty() || info.cgroups_path.is_empty() {
+        return (StatusCode::BAD_REQUEST, "id and cgroups_path are required").into_response();
+    }
+    if crate::cgroup::relative_path(&info.cgroups_path).is_none() {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("cgroups_path {:?} is not a cgroup path", info.cgroups_path),
+        )
+            .into_response();
+    }
+    let a = &app.agent;
+    let Some(mut t) = a.track(info, Source::Local) else {
+        return (StatusCode::OK, Json(serde_json::json!({"policy": "off"}))).into_response();
+    };
+    let limit = a.size_new(&mut t);
+    t.started = true;
+    a.containers
+        .lock()
+        .expect("containers")
+        .insert(t.id.clone(), t.clone());
+    if let (Some(l), Some(cg)) = (limit, t.cgroup.as_ref()) {
+        let high = a.high_for(l, cg.v2);
+        if let Err(e) = cg.set_limit(l, high) {
+            a.metrics.apply_errors.inc();
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("set the limit in {}: {e}", cg.memory.display()),
+            )
+                .into_response();
+        }
+        a.metrics.decision("create");
+    }
+    a.wake.notify_one();
+    (StatusCode::CREATED, Json(t)).into_response()
+}
+
+async fn unregister(State(app): State<App>, Path(id): Path<String>) -> StatusCode {
+    let known = app
+        .agent
+        .containers
+        .lock()
+        .expect("containers")
+        .contains_key(&id);
+    app.agent.finish(&id, true);
+    if known {
+        StatusCode::NO_CONTENT
+    } else {
+        StatusCode::NOT_FOUND
+    }
+}

@@ -1,0 +1,172 @@
+//! What the agent learned about each workload (the peak working set of its
+//! past runs), kept in `<state_dir>/workloads.json` so restarts lose
+//! nothing.
+//!
+//! A JSON file rewritten atomically (temp file, fsync, rename) rather than
+//! a database: it holds one small record per workload, operators can read
+//! it, and a torn write cannot happen. A corrupt file is moved aside (named
+//! in the log) and learning starts over, rather than blocking the agent.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Errors of saving.
+#[derive(Debug, thiserror::Error)]
+#[error("save workload store {path}")]
+pub struct SaveError {
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+/// One workload's record.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Workload {
+    /// Peak working set of each finished run, oldest first.
+    pub runs: VecDeque<u64>,
+    /// Unix time of the last update.
+    pub updated: u64,
+}
+
+impl Workload {
+    /// The working set estimate (p95 of run peaks).
+    pub fn working_set(&self) -> Option<u64> {
+        let runs: Vec<u64> = self.runs.iter().copied().collect();
+        super::policy::p95(&runs)
+    }
+
+    /// The largest run peak.
+    pub fn peak(&self) -> Option<u64> {
+        self.runs.iter().copied().max()
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct File {
+    version: u32,
+    workloads: BTreeMap<String, Workload>,
+}
+
+/// The store.
+#[derive(Debug)]
+pub struct Store {
+    path: PathBuf,
+    workloads: BTreeMap<String, Workload>,
+    keep: usize,
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Opens `<dir>/workloads.json`, keeping `keep` runs per workload.
+    pub fn open(dir: &Path, keep: usize) -> std::io::Result<Store> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("workloads.json");
+        let workloads = match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<File>(&bytes) {
+                Ok(f) => f.workloads,
+                Err(e) => {
+                    let aside = dir.join(format!("workloads.json.corrupt-{}", now()));
+                    std::fs::rename(&path, &aside)?;
+                    tracing::error!(file = %path.display(), moved_to = %aside.display(), error = %e,
+                        "workload store is corrupt; moved aside, learning starts over");
+                    BTreeMap::new()
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(e),
+        };
+        Ok(Store {
+            path,
+            workloads,
+            keep: keep.max(1),
+        })
+    }
+
+    /// A workload's record.
+    pub fn get(&self, key: &str) -> Option<Workload> {
+        self.workloads.get(key).cloned()
+    }
+
+    /// Every workload.
+    pub fn all(&self) -> impl Iterator<Item = (&String, &Workload)> {
+        self.workloads.iter()
+    }
+
+    /// Records a finished run's peak working set and saves.
+    pub fn record_run(&mut self, key: &str, peak: u64) -> Result<(), SaveError> {
+        let w = self.workloads.entry(key.to_string()).or_default();
+        w.runs.push_back(peak);
+        while w.runs.len() > self.keep {
+            w.runs.pop_front();
+        }
+        w.updated = now();
+        self.save()
+    }
+
+    fn save(&self) -> Result<(), SaveError> {
+        let err = |source| SaveError {
+            path: self.path.clone(),
+            source,
+        };
+        let body = serde_json::to_vec_pretty(&File {
+            version: 1,
+            workloads: self.workloads.clone(),
+        })
+        .map_err(|e| err(e.into()))?;
+        let tmp = self.path.with_extension("json.tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(err)?;
+        f.write_all(&body).map_err(err)?;
+        f.sync_all().map_err(err)?;
+        std::fs::rename(&tmp, &self.path).map_err(err)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(err)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_survive_reopening_and_are_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path(), 3).unwrap();
+        for peak in [10, 20, 30, 40] {
+            s.record_run("ns/app@repo", peak).unwrap();
+        }
+        let s = Store::open(dir.path(), 3).unwrap();
+        let w = s.get("ns/app@repo").unwrap();
+        assert_eq!(w.runs, VecDeque::from(vec![20, 30, 40]));
+        assert_eq!(w.working_set(), Some(40));
+        assert_eq!(w.peak(), Some(40));
+        assert!(s.get("other").is_none());
+    }
+
+    #[test]
+    fn a_corrupt_file_is_moved_aside_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("workloads.json"), b"{not json").unwrap();
+        let s = Store::open(dir.path(), 3).unwrap();
+        assert_eq!(s.all().count(), 0);
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains("corrupt"))
+            .collect();
+        assert_eq!(aside.len(), 1);
+        assert_eq!(std::fs::read(aside[0].path()).unwrap(), b"{not json");
+    }
+}

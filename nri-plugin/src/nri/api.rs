@@ -1,0 +1,450 @@
+//! NRI's protobuf messages (package `nri.pkg.api.v1alpha1`), the subset the
+//! agent reads or writes, with the field numbers of NRI's API definition.
+//!
+//! Written as prost structs rather than generated: the API has about sixty
+//! messages and we touch twenty, and prost skips the fields we leave out, so
+//! one set of structs decodes what containerd 1.7 (NRI v0.6.1) and newer
+//! runtimes send. Fields added after v0.6.1 (`more`, the timeouts, the
+//! version strings) are zero when an older runtime sends nothing.
+
+use std::collections::HashMap;
+
+/// The runtime's ttrpc service (conn 2).
+pub const RUNTIME_SERVICE: &str = "nri.pkg.api.v1alpha1.Runtime";
+/// The plugin's ttrpc service (conn 1).
+pub const PLUGIN_SERVICE: &str = "nri.pkg.api.v1alpha1.Plugin";
+
+/// `RegisterPluginRequest`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RegisterPluginRequest {
+    /// The plugin's name.
+    #[prost(string, tag = "1")]
+    pub plugin_name: String,
+    /// Its two-digit index.
+    #[prost(string, tag = "2")]
+    pub plugin_idx: String,
+    /// The NRI version the plugin speaks (newer runtimes log it).
+    #[prost(string, tag = "3")]
+    pub nri_version: String,
+}
+
+/// `Empty`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Empty {}
+
+/// `UpdateContainersRequest`: unsolicited updates from the plugin.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct UpdateContainersRequest {
+    /// The updates.
+    #[prost(message, repeated, tag = "1")]
+    pub update: Vec<ContainerUpdate>,
+    /// Containers to evict.
+    #[prost(message, repeated, tag = "2")]
+    pub evict: Vec<ContainerEviction>,
+}
+
+/// `UpdateContainersResponse`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct UpdateContainersResponse {
+    /// The updates the runtime could not apply.
+    #[prost(message, repeated, tag = "1")]
+    pub failed: Vec<ContainerUpdate>,
+}
+
+/// `ConfigureRequest`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ConfigureRequest {
+    /// The plugin's config (pre-registered plugins: the conf.d file).
+    #[prost(string, tag = "1")]
+    pub config: String,
+    /// e.g. `containerd`.
+    #[prost(string, tag = "2")]
+    pub runtime_name: String,
+    /// e.g. `1.7.24`.
+    #[prost(string, tag = "3")]
+    pub runtime_version: String,
+    /// Registration timeout in ms (newer runtimes).
+    #[prost(int64, tag = "4")]
+    pub registration_timeout: i64,
+    /// Request timeout in ms (newer runtimes).
+    #[prost(int64, tag = "5")]
+    pub request_timeout: i64,
+}
+
+/// `ConfigureResponse`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ConfigureResponse {
+    /// The event mask: bit `1 << (event - 1)` per [`Event`].
+    #[prost(int32, tag = "2")]
+    pub events: i32,
+}
+
+/// `SynchronizeRequest`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SynchronizeRequest {
+    /// Existing pods.
+    #[prost(message, repeated, tag = "1")]
+    pub pods: Vec<PodSandbox>,
+    /// Existing containers.
+    #[prost(message, repeated, tag = "2")]
+    pub containers: Vec<Container>,
+    /// More batches follow (newer runtimes split large states).
+    #[prost(bool, tag = "3")]
+    pub more: bool,
+}
+
+/// `SynchronizeResponse`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SynchronizeResponse {
+    /// Updates to existing containers.
+    #[prost(message, repeated, tag = "1")]
+    pub update: Vec<ContainerUpdate>,
+    /// The plugin expects more batches.
+    #[prost(bool, tag = "2")]
+    pub more: bool,
+}
+
+/// The request of every per-container event: `CreateContainerRequest`,
+/// `StartContainerRequest`, `StopContainerRequest`, `RemoveContainerRequest`,
+/// the `Post*` ones and (with field 3) `UpdateContainerRequest`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContainerRequest {
+    /// The container's pod.
+    #[prost(message, optional, tag = "1")]
+    pub pod: Option<PodSandbox>,
+    /// The container.
+    #[prost(message, optional, tag = "2")]
+    pub container: Option<Container>,
+    /// UpdateContainer only: the resources being set.
+    #[prost(message, optional, tag = "3")]
+    pub linux_resources: Option<LinuxResources>,
+}
+
+/// `CreateContainerResponse`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CreateContainerResponse {
+    /// Changes to the container being created.
+    #[prost(message, optional, tag = "1")]
+    pub adjust: Option<ContainerAdjustment>,
+    /// Updates to other containers.
+    #[prost(message, repeated, tag = "2")]
+    pub update: Vec<ContainerUpdate>,
+    /// Containers to evict.
+    #[prost(message, repeated, tag = "3")]
+    pub evict: Vec<ContainerEviction>,
+}
+
+/// `UpdateContainerResponse` (also `StopContainerResponse`: field 1 only).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct UpdateContainerResponse {
+    /// Updates to containers.
+    #[prost(message, repeated, tag = "1")]
+    pub update: Vec<ContainerUpdate>,
+    /// Containers to evict.
+    #[prost(message, repeated, tag = "2")]
+    pub evict: Vec<ContainerEviction>,
+}
+
+/// `StateChangeEvent`: how NRI v0.6.1 delivers the events without a
+/// dedicated call (start, remove, pod events).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StateChangeEvent {
+    /// Which event.
+    #[prost(enumeration = "Event", tag = "1")]
+    pub event: i32,
+    /// The pod.
+    #[prost(message, optional, tag = "2")]
+    pub pod: Option<PodSandbox>,
+    /// The container, for container events.
+    #[prost(message, optional, tag = "3")]
+    pub container: Option<Container>,
+}
+
+/// NRI's events; the mask bit of event `e` is `1 << (e - 1)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum Event {
+    /// Not an event.
+    Unknown = 0,
+    /// RunPodSandbox.
+    RunPodSandbox = 1,
+    /// StopPodSandbox.
+    StopPodSandbox = 2,
+    /// RemovePodSandbox.
+    RemovePodSandbox = 3,
+    /// CreateContainer.
+    CreateContainer = 4,
+    /// PostCreateContainer.
+    PostCreateContainer = 5,
+    /// StartContainer.
+    StartContainer = 6,
+    /// PostStartContainer.
+    PostStartContainer = 7,
+    /// UpdateContainer.
+    UpdateContainer = 8,
+    /// PostUpdateContainer.
+    PostUpdateContainer = 9,
+    /// StopContainer.
+    StopContainer = 10,
+    /// RemoveContainer.
+    RemoveContainer = 11,
+}
+
+impl Event {
+    /// This event's bit in the Configure mask.
+    pub fn mask(self) -> i32 {
+        1 << (self as i32 - 1)
+    }
+}
+
+/// `PodSandbox`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PodSandbox {
+    /// Sandbox id.
+    #[prost(string, tag = "1")]
+    pub id: String,
+    /// Pod name.
+    #[prost(string, tag = "2")]
+    pub name: String,
+    /// Pod uid.
+    #[prost(string, tag = "3")]
+    pub uid: String,
+    /// Pod namespace.
+    #[prost(string, tag = "4")]
+    pub namespace: String,
+    /// Labels.
+    #[prost(map = "string, string", tag = "5")]
+    pub labels: HashMap<String, String>,
+    /// Annotations.
+    #[prost(map = "string, string", tag = "6")]
+    pub annotations: HashMap<String, String>,
+    /// The runtime handler (runtime class).
+    #[prost(string, tag = "7")]
+    pub runtime_handler: String,
+    /// Linux details.
+    #[prost(message, optional, tag = "8")]
+    pub linux: Option<LinuxPodSandbox>,
+}
+
+/// `LinuxPodSandbox`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinuxPodSandbox {
+    /// The pod's cgroup parent.
+    #[prost(string, tag = "3")]
+    pub cgroup_parent: String,
+    /// The sandbox's own cgroup path.
+    #[prost(string, tag = "4")]
+    pub cgroups_path: String,
+}
+
+/// `Container`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Container {
+    /// Container id.
+    #[prost(string, tag = "1")]
+    pub id: String,
+    /// Its pod's sandbox id.
+    #[prost(string, tag = "2")]
+    pub pod_sandbox_id: String,
+    /// Container name (within the pod).
+    #[prost(string, tag = "3")]
+    pub name: String,
+    /// `ContainerState`: 1 created, 2 paused, 3 running, 4 stopped.
+    #[prost(int32, tag = "4")]
+    pub state: i32,
+    /// Labels.
+    #[prost(map = "string, string", tag = "5")]
+    pub labels: HashMap<String, String>,
+    /// Annotations (CRI adds `io.kubernetes.cri.image-name`).
+    #[prost(map = "string, string", tag = "6")]
+    pub annotations: HashMap<String, String>,
+    /// Command line.
+    #[prost(string, repeated, tag = "7")]
+    pub args: Vec<String>,
+    /// Linux details.
+    #[prost(message, optional, tag = "11")]
+    pub linux: Option<LinuxContainer>,
+    /// The init pid, once it exists.
+    #[prost(uint32, tag = "12")]
+    pub pid: u32,
+}
+
+/// `ContainerState::CONTAINER_RUNNING`.
+pub const CONTAINER_RUNNING: i32 = 3;
+/// `ContainerState::CONTAINER_STOPPED`.
+pub const CONTAINER_STOPPED: i32 = 4;
+
+/// `LinuxContainer`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinuxContainer {
+    /// Resources as the runtime will apply them.
+    #[prost(message, optional, tag = "3")]
+    pub resources: Option<LinuxResources>,
+    /// The OCI `cgroupsPath` (`/a/b/c`, or `slice:prefix:name` with systemd).
+    #[prost(string, tag = "5")]
+    pub cgroups_path: String,
+}
+
+/// `LinuxResources`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinuxResources {
+    /// Memory settings.
+    #[prost(message, optional, tag = "1")]
+    pub memory: Option<LinuxMemory>,
+    /// cgroup v2 files to set (`memory.high`, ...).
+    #[prost(map = "string, string", tag = "6")]
+    pub unified: HashMap<String, String>,
+}
+
+/// `LinuxMemory`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinuxMemory {
+    /// The hard limit in bytes.
+    #[prost(message, optional, tag = "1")]
+    pub limit: Option<OptionalInt64>,
+    /// The soft limit (request) in bytes.
+    #[prost(message, optional, tag = "2")]
+    pub reservation: Option<OptionalInt64>,
+    /// memory+swap limit.
+    #[prost(message, optional, tag = "3")]
+    pub swap: Option<OptionalInt64>,
+}
+
+/// `OptionalInt64`: presence distinguishes "unset" from 0.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct OptionalInt64 {
+    /// The value.
+    #[prost(int64, tag = "1")]
+    pub value: i64,
+}
+
+/// `ContainerAdjustment`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContainerAdjustment {
+    /// Annotations to add.
+    #[prost(map = "string, string", tag = "2")]
+    pub annotations: HashMap<String, String>,
+    /// Linux changes.
+    #[prost(message, optional, tag = "6")]
+    pub linux: Option<LinuxContainerAdjustment>,
+}
+
+/// `LinuxContainerAdjustment`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinuxContainerAdjustment {
+    /// Resources to set.
+    #[prost(message, optional, tag = "2")]
+    pub resources: Option<LinuxResources>,
+}
+
+/// `ContainerUpdate`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContainerUpdate {
+    /// Which container.
+    #[prost(string, tag = "1")]
+    pub container_id: String,
+    /// The new resources.
+    #[prost(message, optional, tag = "2")]
+    pub linux: Option<LinuxContainerUpdate>,
+    /// Do not fail the request when this update fails.
+    #[prost(bool, tag = "3")]
+    pub ignore_failure: bool,
+}
+
+/// `LinuxContainerUpdate`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinuxContainerUpdate {
+    /// The resources.
+    #[prost(message, optional, tag = "1")]
+    pub resources: Option<LinuxResources>,
+}
+
+/// `ContainerEviction`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContainerEviction {
+    /// Which container.
+    #[prost(string, tag = "1")]
+    pub container_id: String,
+    /// Why.
+    #[prost(string, tag = "2")]
+    pub reason: String,
+}
+
+impl LinuxResources {
+    /// Resources that set the memory limit to `limit` and, when given, the
+    /// cgroup v2 `memory.high`.
+    pub fn memory(limit: i64, high: Option<i64>) -> LinuxResources {
+        let mut unified = HashMap::new();
+        if let Some(h) = high {
+            unified.insert("memory.high".to_string(), h.to_string());
+        }
+        LinuxResources {
+            memory: Some(LinuxMemory {
+                limit: Some(OptionalInt64 { value: limit }),
+                reservation: None,
+                swap: None,
+            }),
+            unified,
+        }
+    }
+
+    /// The memory limit, when set (and positive).
+    pub fn memory_limit(&self) -> Option<i64> {
+        self.memory
+            .as_ref()
+            .and_then(|m| m.limit.as_ref())
+            .map(|l| l.value)
+            .filter(|v| *v > 0)
+    }
+
+    /// The memory request (soft limit), when set (and positive).
+    pub fn memory_request(&self) -> Option<i64> {
+        self.memory
+            .as_ref()
+            .and_then(|m| m.reservation.as_ref())
+            .map(|l| l.value)
+            .filter(|v| *v > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn event_mask_bits_follow_the_runtime() {
+        assert_eq!(Event::RunPodSandbox.mask(), 1);
+        assert_eq!(Event::CreateContainer.mask(), 8);
+        assert_eq!(Event::RemoveContainer.mask(), 1 << 10);
+    }
+
+    #[test]
+    fn configure_response_uses_field_two() {
+        // Field 2, varint: key byte (2 << 3) | 0 = 0x10.
+        let bytes = ConfigureResponse { events: 8 }.encode_to_vec();
+        assert_eq!(bytes, vec![0x10, 0x08]);
+    }
+
+    #[test]
+    fn unknown_fields_of_newer_runtimes_are_skipped() {
+        // A Container with an id plus field 13 (rlimits, not modelled).
+        let mut bytes = Container {
+            id: "c1".into(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        bytes.extend_from_slice(&[0x6a, 0x02, 0x0a, 0x00]);
+        let c = Container::decode(bytes.as_slice()).unwrap();
+        assert_eq!(c.id, "c1");
+    }
+
+    #[test]
+    fn memory_resources_carry_limit_and_high() {
+        let r = LinuxResources::memory(100, Some(90));
+        assert_eq!(r.memory_limit(), Some(100));
+        assert_eq!(r.unified.get("memory.high").map(String::as_str), Some("90"));
+        let back = LinuxResources::decode(r.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(back, r);
+    }
+}
