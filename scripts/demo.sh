@@ -9,6 +9,6 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 bash scripts/install-deps.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/hyperbox/cargo-target}"
-cargo build --quiet --locked --bin hyperbox-snapshotter --bin hb -p hyperbox-snapshotter -p hyperbox-cli
+cargo build --quiet --locked --bin hyperbox-snapshotter --bin hyperbox-nri --bin hb -p hyperbox-snapshotter -p hyperbox-nri -p hyperbox-cli
 cargo build --quiet --locked -p hyperbox-integration --example demo
 exec "$CARGO_TARGET_DIR/debug/examples/demo"

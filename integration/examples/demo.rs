@@ -2,14 +2,17 @@
 //! sample image, hyperbox-snapshotter plugged into a private containerd, the
 //! image pulled into hyperbox and run through the containerd API (as
 //! `ctr`/nerdctl do) and through CRI (as the kubelet does), with `hb` showing
-//! what the node can do and what hyperbox holds. Everything it starts is torn
-//! down at the end and checked for leftovers.
+//! what the node can do and what hyperbox holds; then the node agent
+//! (`hyperbox-nri`, an NRI plugin) learning a workload's memory and sizing
+//! its next run. Everything it starts is torn down at the end and checked
+//! for leftovers.
 //!
 //! Run it with `scripts/demo.sh` (as root).
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use hyperbox_integration::agent::AgentDaemon;
 use hyperbox_integration::client::{ContainerOptions, PullOptions};
 use hyperbox_integration::cri::{ContainerSpec, PodNetwork};
 use hyperbox_integration::image::{Compression, ImageSpec, Layer};
@@ -163,10 +166,73 @@ async fn main() -> Result<()> {
         "kind==active",
     ])?);
     cri.remove_container(&id).await?;
-    cri.remove_pod(&pod).await?;
 
     step(
         7,
+        "node agent: hyperbox-nri registers with containerd's NRI, learns a workload's memory, sizes its next run",
+    );
+    let t = Instant::now();
+    let agent = AgentDaemon::start(
+        &tb.containerd.nri_socket(),
+        "[memory]\ndefault_policy = \"adaptive\"\nsample_interval_secs = 1\n",
+    )
+    .await;
+    agent.wait_connected(true, Duration::from_secs(20)).await;
+    done(
+        t,
+        &format!(
+            "registered with {} (metrics on http://{}/metrics)",
+            agent.health().await.map_err(anyhow::Error::msg)?["runtime"],
+            agent.metrics
+        ),
+    );
+    let worker = ContainerSpec::new(
+        "worker",
+        &reference,
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/zero bs=24M count=1 2>/dev/null | sleep 3",
+        ],
+    );
+    for run in [
+        "first run: nothing learned yet",
+        "second run: sized from the first",
+    ] {
+        let id = cri.create_container(&pod, &worker).await?;
+        cri.start_container(&id).await?;
+        println!("    {run}:");
+        print_indented(&agent.hb(&["policy", "explain", &id]));
+        if run.starts_with("second") {
+            print_indented(&agent.hb(&["psi"]));
+        }
+        cri.wait_exited(&id, Duration::from_secs(30)).await?;
+        cri.remove_container(&id).await?;
+        // The run's peak is recorded when the container is removed.
+        let start = Instant::now();
+        while !std::fs::read_to_string(agent.state_dir().join("workloads.json"))
+            .unwrap_or_default()
+            .contains("runs")
+            && start.elapsed() < Duration::from_secs(10)
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let (_, metrics) = agent.http_get("/metrics").await?;
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("hyperbox_nri_request_duration_seconds_count")
+            || l.starts_with("hyperbox_memory_decisions_total")
+    }) {
+        println!("    | {line}");
+    }
+    let leaks = agent.shutdown();
+    if !leaks.is_empty() {
+        bail!("agent left behind: {leaks:#?}");
+    }
+    cri.remove_pod(&pod).await?;
+
+    step(
+        8,
         "lazy pull: push a hyperbox index for a 64 MiB image, then run it before most of it is fetched",
     );
     let t = Instant::now();
@@ -220,7 +286,7 @@ async fn main() -> Result<()> {
     );
     print_indented(&out.stdout_str());
 
-    step(8, "tear everything down and check nothing is left behind");
+    step(9, "tear everything down and check nothing is left behind");
     let t = Instant::now();
     let leaks = tb.shutdown();
     if !leaks.is_empty() {
@@ -230,6 +296,6 @@ async fn main() -> Result<()> {
         t,
         "no mounts, processes, cgroups, network namespaces or files left",
     );
-    println!("\nnot yet in this demo: the node agent (NRI) and the shim (see README, Status).");
+    println!("\nnot yet in this demo: the eBPF tracer and the shim (see README, Status).");
     Ok(())
 }

@@ -67,6 +67,14 @@ impl AgentDaemon {
         }
     }
 
+    /// An external agent dialling `nri_socket`, configured but not started
+    /// (seed its state dir, then [`AgentDaemon::start_again`]).
+    pub fn new(nri_socket: &Path, extra: &str) -> AgentDaemon {
+        let a = Self::prepare(nri_socket, extra);
+        std::fs::create_dir_all(a.state_dir()).expect("state dir");
+        a
+    }
+
     /// Starts an external agent dialling `nri_socket`, with extra config
     /// TOML (e.g. a `[memory]` section); waits until its API answers.
     pub async fn start(nri_socket: &Path, extra: &str) -> AgentDaemon {

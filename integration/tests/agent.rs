@@ -777,3 +777,92 @@ async fn prometheus_scrapes_the_agent() {
     assert!(agent.shutdown().is_empty());
     tb.finish();
 }
+
+/// One HTTP/1.1 request on the agent's local API socket, as the shim makes
+/// it; returns status and body.
+fn api_call(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn containers_outside_nri_are_sized_through_the_local_api() {
+    require_agent!();
+    use hyperbox_integration::client::{ContainerOptions, PullOptions};
+    let tb = Testbed::start().await;
+    let mut agent = AgentDaemon::new(&tb.containerd.nri_socket(), ADAPTIVE);
+    seed_history(&agent, "direct", &[20 * MIB]);
+    agent.start_again().await;
+    // A ctr/nerdctl-style container: containerd's API, no CRI, no NRI.
+    let client = tb.containerd.client().await.unwrap();
+    let reference = tb.push_sleeper().await;
+    let image = client
+        .pull(&reference, &PullOptions::local("overlayfs"))
+        .await
+        .unwrap();
+    let c = client
+        .create_container("api-app", &image, &ContainerOptions::default())
+        .await
+        .unwrap();
+    let task = c.start().await.unwrap();
+    let cgroups_path = format!("{}/api-app", tb.containerd.cgroup_prefix());
+    assert_eq!(cgroup_limit(&cgroups_path), None);
+
+    // What the shim sends after runc create.
+    let info = serde_json::json!({
+        "id": "api-app",
+        "name": "api-app",
+        "cgroups_path": cgroups_path,
+        "annotations": {
+            "memory.hyperbox.dev/policy": "adaptive",
+            "hyperbox.dev/workload": "direct"
+        },
+        "running": true
+    });
+    let (status, body) = api_call(&agent.address(), "POST", "/v1/containers", Some(info));
+    assert_eq!(status, 201, "{body}");
+    let e = agent.explain("api-app");
+    assert_eq!(e["container"]["source"], "local", "{e}");
+    assert_sized(&e, 20 * MIB, &cgroups_path);
+
+    // Bad registrations are refused with a reason, and change nothing.
+    let (status, body) = api_call(
+        &agent.address(),
+        "POST",
+        "/v1/containers",
+        Some(serde_json::json!({"id": "x", "name": "x", "cgroups_path": "/a/../../etc"})),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("not a cgroup path"), "{body}");
+
+    // The run ends: its peak joins the history.
+    let (status, _) = api_call(&agent.address(), "DELETE", "/v1/containers/api-app", None);
+    assert_eq!(status, 204);
+    assert_eq!(wait_learned(&agent, "direct", 2).await.len(), 2);
+    let (status, _) = api_call(&agent.address(), "DELETE", "/v1/containers/api-app", None);
+    assert_eq!(status, 404);
+
+    task.kill(9).await.unwrap();
+    task.wait_output().await.unwrap();
+    c.delete().await.unwrap();
+    assert!(agent.shutdown().is_empty());
+    tb.finish();
+}

@@ -368,3 +368,99 @@ impl<E: Events> Handler for Dispatch<E> {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records what reached it.
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<(Event, String)>>);
+
+    impl Events for Seen {
+        fn configure(&self, _: &api::ConfigureRequest) -> Result<i32, String> {
+            Ok(Event::CreateContainer.mask())
+        }
+        fn synchronize(&self, _: &api::SynchronizeRequest) -> Vec<api::ContainerUpdate> {
+            Vec::new()
+        }
+        fn create_container(
+            &self,
+            _: &api::PodSandbox,
+            c: &api::Container,
+        ) -> api::CreateContainerResponse {
+            self.0
+                .lock()
+                .unwrap()
+                .push((Event::CreateContainer, c.id.clone()));
+            api::CreateContainerResponse::default()
+        }
+        fn update_container(
+            &self,
+            _: &api::PodSandbox,
+            _: &api::Container,
+            _: Option<&api::LinuxResources>,
+        ) -> api::UpdateContainerResponse {
+            api::UpdateContainerResponse::default()
+        }
+        fn container_event(&self, e: Event, _: &api::PodSandbox, c: &api::Container) {
+            self.0.lock().unwrap().push((e, c.id.clone()));
+        }
+        fn observe(&self, _: &str, _: Duration, _: bool) {}
+        fn connected(&self, _: Option<String>) {}
+    }
+
+    fn container(id: &str) -> api::Container {
+        api::Container {
+            id: id.into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn old_state_changes_and_new_dedicated_calls_reach_the_same_handler() {
+        let seen = Arc::new(Seen::default());
+        let d = Dispatch {
+            events: seen.clone(),
+        };
+        let call = |method: &str, payload: Vec<u8>| {
+            d.call(api::PLUGIN_SERVICE.into(), method.into(), payload.into())
+        };
+        // containerd 1.7 (NRI v0.6.1): StateChange carries the event.
+        let old = api::StateChangeEvent {
+            event: Event::StartContainer as i32,
+            pod: None,
+            container: Some(container("a")),
+        };
+        call("StateChange", old.encode_to_vec()).await.unwrap();
+        // Newer runtimes: a call per event.
+        let new = api::ContainerRequest {
+            pod: None,
+            container: Some(container("b")),
+            linux_resources: None,
+        };
+        call("StartContainer", new.encode_to_vec()).await.unwrap();
+        call("RemoveContainer", new.encode_to_vec()).await.unwrap();
+        call("CreateContainer", new.encode_to_vec()).await.unwrap();
+        // Pod events are answered, not dispatched.
+        call("RunPodSandbox", Vec::new()).await.unwrap();
+        assert_eq!(
+            *seen.0.lock().unwrap(),
+            vec![
+                (Event::StartContainer, "a".to_string()),
+                (Event::StartContainer, "b".to_string()),
+                (Event::RemoveContainer, "b".to_string()),
+                (Event::CreateContainer, "b".to_string()),
+            ]
+        );
+        let e = d
+            .call(
+                "other.Service".into(),
+                "Configure".into(),
+                Vec::new().into(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, code::UNIMPLEMENTED);
+    }
+}
