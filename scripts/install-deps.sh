@@ -34,6 +34,7 @@ BOOKWORM_PACKAGES=(
   openssl
   apache2-utils
   prometheus
+  bpftool
 )
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }

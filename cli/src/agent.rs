@@ -224,6 +224,68 @@ pub fn explain(config: &hyperbox_config::Config, container: &str, json: bool) ->
     Ok(())
 }
 
+/// `hb trace <container>`: what the eBPF tracer saw of a container.
+pub fn trace(config: &hyperbox_config::Config, container: &str, json: bool) -> Result<()> {
+    if container.is_empty() || container.contains(['/', '?', '#', ' ']) {
+        bail!("{container:?} is not a container id or id prefix");
+    }
+    let v = get(
+        &config.agent.address,
+        &format!("/v1/containers/{container}/trace"),
+    )?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "container  {} ({}), {}",
+        v["id"].as_str().unwrap_or(""),
+        v["name"].as_str().unwrap_or(""),
+        if v["live"] == true {
+            "running"
+        } else {
+            "stopped"
+        }
+    );
+    println!(
+        "syscalls   {} calls, {} distinct; execs {}; ring buffer drops {}",
+        v["syscall_total"],
+        v["syscalls"].as_object().map_or(0, |m| m.len()),
+        v["exec_count"],
+        v["ring_drops"]
+    );
+    println!();
+    let mut rows: Vec<Vec<String>> = v["syscalls"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(nr, n)| vec![nr.clone(), n.to_string()])
+        .collect();
+    rows.sort_by_key(|r| std::cmp::Reverse(r[1].parse::<u64>().unwrap_or(0)));
+    print!("{}", table::render(&["SYSCALL NR", "COUNT"], &rows));
+    println!();
+    let rows: Vec<Vec<String>> = v["execs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let args: Vec<&str> = e["args"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a.as_str())
+                .collect();
+            vec![
+                e["pid"].to_string(),
+                e["path"].as_str().unwrap_or("").to_string(),
+                args.join(" "),
+            ]
+        })
+        .collect();
+    print!("{}", table::render(&["PID", "EXEC", "ARGS"], &rows));
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

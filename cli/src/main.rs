@@ -42,6 +42,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What the agent's eBPF tracer saw of a container: syscall counts
+    /// and execs, from its first instruction.
+    Trace {
+        /// Container id or id prefix.
+        container: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// The node agent's policy decisions.
     Policy {
         #[command(subcommand)]
@@ -120,6 +129,7 @@ fn main() -> ExitCode {
         match args.command {
             Command::Doctor { json } => doctor::run(&config, json),
             Command::Psi { json } => agent::psi(&config, json),
+            Command::Trace { container, json } => agent::trace(&config, &container, json),
             Command::Policy {
                 command: PolicyCommand::Explain { container, json },
             } => agent::explain(&config, &container, json),

@@ -79,6 +79,30 @@ pub struct Config {
     pub agent: Agent,
     /// `[memory]`: the agent's PSI-driven memory policy.
     pub memory: Memory,
+    /// `[tracing]`: the agent's per-container eBPF tracer.
+    pub tracing: Tracing,
+}
+
+/// `[tracing]`: per-container eBPF tracing in the agent.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tracing {
+    /// Load the tracer. When it cannot load (no BTF, no privileges) the
+    /// agent logs why and runs without it. Containers opt out with the
+    /// annotation `trace.hyperbox.dev/enabled: "false"`.
+    pub enabled: bool,
+    /// Size of the event ring buffer shared by all CPUs, bytes (a power of
+    /// two, 4 KiB to 256 MiB). Events that do not fit are counted as drops.
+    pub ring_buffer_bytes: u32,
+}
+
+impl Default for Tracing {
+    fn default() -> Self {
+        Tracing {
+            enabled: true,
+            ring_buffer_bytes: 256 << 10,
+        }
+    }
 }
 
 impl Default for Config {
@@ -89,6 +113,7 @@ impl Default for Config {
             registry: Registry::default(),
             agent: Agent::default(),
             memory: Memory::default(),
+            tracing: Tracing::default(),
         }
     }
 }
@@ -424,7 +449,15 @@ impl Config {
             ));
         }
         self.validate_agent(path)?;
-        self.memory.validate(path)
+        self.memory.validate(path)?;
+        let rb = self.tracing.ring_buffer_bytes;
+        if !rb.is_power_of_two() || !(4096..=256 << 20).contains(&rb) {
+            return Err(invalid(
+                "tracing.ring_buffer_bytes",
+                "must be a power of two between 4096 and 268435456",
+            ));
+        }
+        Ok(())
     }
 
     fn validate_agent(&self, path: &Path) -> Result<()> {

@@ -29,6 +29,8 @@ pub enum Prereq {
     Psi,
     /// Prometheus (Debian package `prometheus`).
     Prometheus,
+    /// bpftool (to check what BPF programs are loaded).
+    Bpftool,
 }
 
 impl Prereq {
@@ -71,6 +73,9 @@ impl Prereq {
                 || !(Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
                     || Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists()))
             .then(|| "needs PSI (psi=1) and a cgroup v2 hierarchy".into()),
+            Prereq::Bpftool => command_output("bpftool", &["version"])
+                .is_none()
+                .then(|| "bpftool not found (package bpftool)".into()),
             Prereq::Prometheus => command_output("prometheus", &["--version"])
                 .is_none()
                 .then(|| "prometheus not found (package prometheus)".into()),

@@ -187,6 +187,8 @@ pub struct Agent {
     pub runtime: Mutex<Option<String>>,
     /// Wakes the controller (new container, trigger fired).
     pub wake: Notify,
+    /// Per-container eBPF tracing.
+    pub tracing: Arc<crate::trace::Tracing>,
     jobs: mpsc::UnboundedSender<Job>,
 }
 
@@ -197,6 +199,7 @@ impl Agent {
         layout: Layout,
         store: Store,
         link: Arc<Link>,
+        tracing: Arc<crate::trace::Tracing>,
     ) -> (Arc<Agent>, mpsc::UnboundedReceiver<Job>) {
         let (jobs, rx) = mpsc::unbounded_channel();
         let agent = Agent {
@@ -210,6 +213,7 @@ impl Agent {
             node: Mutex::new((Node::default(), History::new(HISTORY))),
             runtime: Mutex::default(),
             wake: Notify::new(),
+            tracing,
             jobs,
         };
         (Arc::new(agent), rx)
@@ -368,6 +372,30 @@ impl Agent {
             });
         }
         r
+    }
+
+    /// Starts tracing a container before its workload runs, unless its
+    /// annotations opt out or the tracer is not loaded.
+    pub fn trace_start(&self, info: &ContainerInfo) {
+        if info
+            .annotations
+            .get(crate::trace::TRACE_ANNOTATION)
+            .is_some_and(|v| v.trim() == "false")
+            || !self.tracing.available()
+        {
+            return;
+        }
+        let dir = self.layout.locate(&info.cgroups_path).and_then(|c| c.psi);
+        let Some(dir) = dir else {
+            tracing::warn!(container = %info.id, path = %info.cgroups_path, "no v2 cgroup to trace");
+            return;
+        };
+        match self.tracing.watch(&info.id, &info.name, &dir) {
+            Ok(()) => tracing::debug!(container = %info.id, "tracing"),
+            Err(e) => {
+                tracing::warn!(container = %info.id, error = %crate::error_chain(&e), "cannot trace")
+            }
+        }
     }
 
     /// Records the runtime's name after Configure.
@@ -609,9 +637,10 @@ impl Events for Agent {
         api::UpdateContainerResponse::default()
     }
 
-    fn container_event(&self, event: Event, _pod: &api::PodSandbox, container: &api::Container) {
+    fn container_event(&self, event: Event, pod: &api::PodSandbox, container: &api::Container) {
         match event {
-            Event::StartContainer | Event::PostStartContainer => {
+            Event::StartContainer => {
+                self.trace_start(&ContainerInfo::from_nri(pod, container));
                 if let Some(t) = self
                     .containers
                     .lock()
@@ -622,8 +651,25 @@ impl Events for Agent {
                 }
                 self.wake.notify_one();
             }
-            Event::StopContainer => self.finish(&container.id, false),
-            Event::RemoveContainer => self.finish(&container.id, true),
+            Event::PostStartContainer => {
+                if let Some(t) = self
+                    .containers
+                    .lock()
+                    .expect("containers")
+                    .get_mut(&container.id)
+                {
+                    t.started = true;
+                }
+                self.wake.notify_one();
+            }
+            Event::StopContainer => {
+                self.tracing.stop(&container.id);
+                self.finish(&container.id, false);
+            }
+            Event::RemoveContainer => {
+                self.tracing.forget(&container.id);
+                self.finish(&container.id, true);
+            }
             _ => {}
         }
     }

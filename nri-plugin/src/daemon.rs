@@ -63,7 +63,15 @@ pub async fn run(cfg: &hyperbox_config::Config) -> Result<()> {
     let store = Store::open(&cfg.agent.state_dir, cfg.memory.history_runs)
         .with_context(|| format!("open agent.state_dir {}", cfg.agent.state_dir.display()))?;
     let link = Arc::new(Link::default());
-    let (agent, jobs) = Agent::new(cfg.memory.clone(), layout.clone(), store, link.clone());
+    let tracing = crate::trace::Tracing::load(cfg.tracing.enabled, cfg.tracing.ring_buffer_bytes);
+    tokio::spawn(tracing.clone().read_events());
+    let (agent, jobs) = Agent::new(
+        cfg.memory.clone(),
+        layout.clone(),
+        store,
+        link.clone(),
+        tracing,
+    );
     let endpoint = Endpoint::from_env();
     let preconnected = endpoint.is_some();
     let endpoint = endpoint.unwrap_or_else(|| Endpoint::Dial(cfg.agent.nri_socket.clone()));

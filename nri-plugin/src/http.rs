@@ -46,6 +46,7 @@ pub fn api_router(agent: Arc<Agent>) -> Router {
         .route("/v1/psi", get(psi))
         .route("/v1/containers", get(list).post(register))
         .route("/v1/containers/{id}", get(explain).delete(unregister))
+        .route("/v1/containers/{id}/trace", get(trace))
         .with_state(App {
             agent,
             registry: Arc::new(Registry::default()),
@@ -70,6 +71,8 @@ async fn metrics(State(app): State<App>) -> Response {
 #[derive(Serialize)]
 struct Health {
     status: &'static str,
+    tracing: bool,
+    tracing_unavailable: String,
     nri_connected: bool,
     runtime: Option<String>,
     containers: usize,
@@ -80,6 +83,8 @@ async fn health(State(app): State<App>) -> Json<Health> {
     let a = &app.agent;
     Json(Health {
         status: "ok",
+        tracing: a.tracing.available(),
+        tracing_unavailable: a.tracing.unavailable_reason().to_string(),
         nri_connected: a.link.is_connected(),
         runtime: a.runtime.lock().expect("runtime").clone(),
         containers: a.containers.lock().expect("containers").len(),
@@ -228,6 +233,66 @@ async fn explain(State(app): State<App>, Path(id): Path<String>) -> Response {
     .into_response()
 }
 
+/// `hb trace`: what the tracer saw of a container.
+#[derive(Serialize)]
+struct TraceView {
+    id: String,
+    name: String,
+    cgroup: u64,
+    live: bool,
+    syscalls: std::collections::BTreeMap<u32, u64>,
+    syscall_total: u64,
+    execs: Vec<crate::trace::Exec>,
+    exec_count: u64,
+    ring_drops: u64,
+}
+
+async fn trace(State(app): State<App>, Path(id): Path<String>) -> Response {
+    let tr = &app.agent.tracing;
+    if !tr.available() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("tracing is unavailable: {}", tr.unavailable_reason()),
+        )
+            .into_response();
+    }
+    let ids: Vec<String> = tr
+        .ids()
+        .into_iter()
+        .filter(|c| *c == id || c.starts_with(&id))
+        .collect();
+    let found = match ids.as_slice() {
+        [one] => tr.get(one),
+        [] => None,
+        _ => {
+            return (
+                StatusCode::CONFLICT,
+                format!("{id:?} matches several containers"),
+            )
+                .into_response();
+        }
+    };
+    let Some((t, syscalls)) = found else {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no traced container matches {id:?}"),
+        )
+            .into_response();
+    };
+    Json(TraceView {
+        syscall_total: syscalls.values().sum(),
+        id: t.id,
+        name: t.name,
+        cgroup: t.cgroup,
+        live: t.live,
+        syscalls,
+        execs: t.execs.into_iter().collect(),
+        exec_count: t.exec_count,
+        ring_drops: tr.drops(),
+    })
+    .into_response()
+}
+
 async fn register(State(app): State<App>, Json(info): Json<ContainerInfo>) -> Response {
     if info.id.is_empty() || info.cgroups_path.is_empty() {
         return (StatusCode::BAD_REQUEST, "id and cgroups_path are required").into_response();
@@ -240,6 +305,7 @@ async fn register(State(app): State<App>, Json(info): Json<ContainerInfo>) -> Re
             .into_response();
     }
     let a = &app.agent;
+    a.trace_start(&info);
     let Some(mut t) = a.track(info, Source::Local) else {
         return (StatusCode::OK, Json(serde_json::json!({"policy": "off"}))).into_response();
     };

@@ -4,7 +4,8 @@
 //!
 //! Rooms: [`nri`] (the protocol), [`psi`] (pressure files and triggers),
 //! [`cgroup`] (where containers' memory lives), [`memory`] (the policy),
-//! [`agent`] (state and event handlers), [`metrics`], [`http`], and
+//! [`agent`] (state and event handlers), [`trace`] (the eBPF tracer's
+//! per-container results), [`metrics`], [`http`], and
 //! [`daemon`] (the life cycle).
 
 pub mod agent;
@@ -15,6 +16,7 @@ pub mod memory;
 pub mod metrics;
 pub mod nri;
 pub mod psi;
+pub mod trace;
 
 /// `err: cause: cause` on one line, for logs.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

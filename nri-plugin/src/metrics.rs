@@ -137,6 +137,10 @@ fn counter(
 ) -> Result<(), std::fmt::Error> {
     let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
     for (labels, v) in series {
+        if labels.is_empty() {
+            // A family encoder would print an empty `{}`.
+            return ConstCounter::new(*v).encode(m);
+        }
         ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
     }
     Ok(())
@@ -252,6 +256,36 @@ impl prometheus_client::collector::Collector for StateCollector {
             "OOM kills in the container's cgroup",
             &ooms,
         )?;
+        let tr = &self.0.tracing;
+        if tr.available() {
+            let (mut sys, mut execs) = (vec![], vec![]);
+            for id in tr.ids() {
+                let Some((t, counts)) = tr.get(&id) else {
+                    continue;
+                };
+                let labels = l(&[("container_id", &t.id), ("container", &t.name)]);
+                sys.push((labels.clone(), counts.values().sum::<u64>() as f64));
+                execs.push((labels, t.exec_count as f64));
+            }
+            counter(
+                &mut enc,
+                "hyperbox_container_syscalls",
+                "Syscalls the container's tasks entered while traced",
+                &sys,
+            )?;
+            counter(
+                &mut enc,
+                "hyperbox_container_execs",
+                "Execs in the container while traced",
+                &execs,
+            )?;
+            counter(
+                &mut enc,
+                "hyperbox_trace_ring_drops",
+                "Tracer events lost to a full ring buffer",
+                &[(Labels::new(), tr.drops() as f64)],
+            )?;
+        }
         Ok(())
     }
 }

@@ -1,0 +1,283 @@
+//! hyperbox's eBPF tracer: programs written in C (`src/programs/`, built by
+//! `build.rs` with clang) and loaded with aya, relocated (CO-RE) against the
+//! running kernel's BTF.
+//!
+//! Tracing is per container: a container is traced while its v2 cgroup id
+//! is in the `watched` map. The agent adds it before the workload's first
+//! instruction (NRI StartContainer, or the shim's call after `runc
+//! create`). Today the programs count every syscall per container (the
+//! input of seccomp learning) and report each exec (path and the start of
+//! argv) through a ring buffer with a per-CPU drop counter.
+//!
+//! Dropping the [`Tracer`] detaches every program and frees every map:
+//! nothing is pinned, so nothing outlives the process.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::{BtfTracePoint, RawTracePoint};
+use aya::{Btf, Ebpf, EbpfLoader};
+
+/// The compiled programs.
+static TRACER: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer.bpf.o"));
+
+/// Errors of loading or using the tracer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The kernel's BTF is unreadable (CO-RE needs it).
+    #[error("read the kernel's BTF (/sys/kernel/btf/vmlinux)")]
+    Btf(#[source] aya::BtfError),
+    /// Loading the object failed (verifier, relocation, permissions).
+    #[error("load the eBPF tracer")]
+    Load(#[source] aya::EbpfError),
+    /// Loading or attaching one program failed.
+    #[error("eBPF program {name}")]
+    Program {
+        /// Its name.
+        name: &'static str,
+        /// The cause.
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// A map operation failed.
+    #[error("eBPF map {name}")]
+    Map {
+        /// Its name.
+        name: &'static str,
+        /// The cause.
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// A map the object must have is missing.
+    #[error("eBPF object has no map {0}")]
+    MissingMap(&'static str),
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+/// `struct syscall_key` of the C side.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SyscallKey {
+    cgroup: u64,
+    nr: u32,
+    pad: u32,
+}
+
+// SAFETY: plain integers, no padding beyond the explicit field, any bit
+// pattern is valid.
+unsafe impl aya::Pod for SyscallKey {}
+
+/// The loaded, attached tracer.
+pub struct Tracer {
+    // Keeps programs and links alive; dropped last.
+    _ebpf: Ebpf,
+    watched: HashMap<MapData, u64, u32>,
+    syscalls: HashMap<MapData, SyscallKey, u64>,
+    drops: PerCpuArray<MapData, u64>,
+    events: Option<RingBuf<MapData>>,
+}
+
+impl std::fmt::Debug for Tracer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracer")
+            .field("events_taken", &self.events.is_none())
+            .finish_non_exhaustive()
+    }
+}
+
+fn map<T>(name: &'static str, r: std::result::Result<T, aya::maps::MapError>) -> Result<T> {
+    r.map_err(|source| Error::Map { name, source })
+}
+
+impl Tracer {
+    /// Loads and attaches the programs; `ring_bytes` sizes the event ring
+    /// buffer (a power of two, at least a page).
+    pub fn load(ring_bytes: u32) -> Result<Tracer> {
+        let btf = Btf::from_sys_fs().map_err(Error::Btf)?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .map_max_entries("events", ring_bytes)
+            .load(TRACER)
+            .map_err(Error::Load)?;
+        let prog = |name, source| Error::Program { name, source };
+        let raw: &mut RawTracePoint = ebpf
+            .program_mut("hb_sys_enter")
+            .ok_or(Error::MissingMap("hb_sys_enter"))?
+            .try_into()
+            .map_err(|e| prog("hb_sys_enter", e))?;
+        raw.load().map_err(|e| prog("hb_sys_enter", e))?;
+        raw.attach("sys_enter")
+            .map_err(|e| prog("hb_sys_enter", e))?;
+        let exec: &mut BtfTracePoint = ebpf
+            .program_mut("hb_exec")
+            .ok_or(Error::MissingMap("hb_exec"))?
+            .try_into()
+            .map_err(|e| prog("hb_exec", e))?;
+        exec.load("sched_process_exec", &btf)
+            .map_err(|e| prog("hb_exec", e))?;
+        exec.attach().map_err(|e| prog("hb_exec", e))?;
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(Error::MissingMap(name))
+        };
+        let watched = map("watched", HashMap::try_from(take(&mut ebpf, "watched")?))?;
+        let syscalls = map("syscalls", HashMap::try_from(take(&mut ebpf, "syscalls")?))?;
+        let drops = map("drops", PerCpuArray::try_from(take(&mut ebpf, "drops")?))?;
+        let events = map("events", RingBuf::try_from(take(&mut ebpf, "events")?))?;
+        Ok(Tracer {
+            _ebpf: ebpf,
+            watched,
+            syscalls,
+            drops,
+            events: Some(events),
+        })
+    }
+
+    /// Starts tracing the cgroup with v2 id `cgroup`.
+    pub fn watch(&mut self, cgroup: u64) -> Result<()> {
+        map("watched", self.watched.insert(cgroup, 1, 0))
+    }
+
+    /// Stops tracing `cgroup`; returns its final syscall counts and frees
+    /// their map entries.
+    pub fn unwatch(&mut self, cgroup: u64) -> Result<BTreeMap<u32, u64>> {
+        match self.watched.remove(&cgroup) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(source) => {
+                return Err(Error::Map {
+                    name: "watched",
+                    source,
+                });
+            }
+        }
+        let counts = self.syscalls(cgroup)?;
+        for nr in counts.keys() {
+            let _ = self.syscalls.remove(&SyscallKey {
+                cgroup,
+                nr: *nr,
+                pad: 0,
+            });
+        }
+        Ok(counts)
+    }
+
+    /// Whether `cgroup` is traced.
+    pub fn is_watched(&self, cgroup: u64) -> bool {
+        self.watched.get(&cgroup, 0).is_ok()
+    }
+
+    /// Syscall number → times entered, for `cgroup` so far.
+    pub fn syscalls(&self, cgroup: u64) -> Result<BTreeMap<u32, u64>> {
+        let mut out = BTreeMap::new();
+        for kv in self.syscalls.iter() {
+            let (k, v) = map("syscalls", kv)?;
+            if k.cgroup == cgroup {
+                out.insert(k.nr, v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Events lost to a full ring buffer, all CPUs.
+    pub fn drops(&self) -> u64 {
+        self.drops
+            .get(&0, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
+    }
+
+    /// The event ring buffer, for one reader ([`EventReader`]).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+}
+
+/// An event from the ring buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A process in a traced container executed a new image.
+    Exec {
+        /// Its pid (host view).
+        pid: u32,
+        /// Its v2 cgroup id.
+        cgroup: u64,
+        /// Kernel monotonic time, ns.
+        time_ns: u64,
+        /// The executed path.
+        path: String,
+        /// The first arguments (up to 128 bytes of argv).
+        args: Vec<String>,
+    },
+}
+
+const EXEC: u32 = 1;
+const PATH_LEN: usize = 256;
+const ARGS_LEN: usize = 128;
+const EXEC_SIZE: usize = 32 + PATH_LEN + ARGS_LEN;
+
+fn cstr(b: &[u8]) -> String {
+    let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+/// Decodes one ring buffer record; `None` for unknown or short records.
+pub fn parse_event(b: &[u8]) -> Option<Event> {
+    let u32_at = |o: usize| Some(u32::from_ne_bytes(b.get(o..o + 4)?.try_into().ok()?));
+    let u64_at = |o: usize| Some(u64::from_ne_bytes(b.get(o..o + 8)?.try_into().ok()?));
+    match u32_at(0)? {
+        EXEC if b.len() >= EXEC_SIZE => {
+            let args_len = (u32_at(24)? as usize).min(ARGS_LEN);
+            let args = b[32 + PATH_LEN..32 + PATH_LEN + args_len]
+                .split(|c| *c == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            Some(Event::Exec {
+                pid: u32_at(4)?,
+                cgroup: u64_at(8)?,
+                time_ns: u64_at(16)?,
+                path: cstr(&b[32..32 + PATH_LEN]),
+                args,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The v2 cgroup id of the cgroup directory `dir` (what
+/// `bpf_get_current_cgroup_id()` returns for its tasks): the directory's
+/// inode number on cgroup2.
+pub fn cgroup_id(dir: &Path) -> std::io::Result<u64> {
+    Ok(std::fs::metadata(dir)?.ino())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_records_decode_and_short_ones_are_refused() {
+        let mut b = vec![0u8; EXEC_SIZE];
+        b[0..4].copy_from_slice(&EXEC.to_ne_bytes());
+        b[4..8].copy_from_slice(&42u32.to_ne_bytes());
+        b[8..16].copy_from_slice(&7u64.to_ne_bytes());
+        b[24..28].copy_from_slice(&12u32.to_ne_bytes());
+        b[32..41].copy_from_slice(b"/bin/echo");
+        b[32 + PATH_LEN..32 + PATH_LEN + 12].copy_from_slice(b"echo\0hello\0\0");
+        assert_eq!(
+            parse_event(&b),
+            Some(Event::Exec {
+                pid: 42,
+                cgroup: 7,
+                time_ns: 0,
+                path: "/bin/echo".into(),
+                args: vec!["echo".into(), "hello".into()],
+            })
+        );
+        assert_eq!(parse_event(&b[..40]), None);
+        assert_eq!(parse_event(&[9, 0, 0, 0]), None);
+        assert_eq!(parse_event(&[]), None);
+    }
+}

@@ -1,0 +1,162 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+// hyperbox per-container tracer: syscall counts and exec events for the
+// cgroups the agent watches. Built by build.rs with clang -target bpf.
+//
+// Compiled once, relocated at load time against the running kernel's BTF
+// (CO-RE): the few kernel structs we read are declared below with
+// preserve_access_index instead of a generated vmlinux.h, so the build
+// needs no kernel headers and field offsets come from the target kernel.
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+#define MAX_WATCHED 4096
+#define PATH_LEN 256
+#define ARGS_LEN 128
+
+enum event_kind {
+	EVENT_EXEC = 1,
+};
+
+struct mm_struct {
+	unsigned long arg_start;
+	unsigned long arg_end;
+} __attribute__((preserve_access_index));
+
+struct task_struct {
+	struct mm_struct *mm;
+	int tgid;
+} __attribute__((preserve_access_index));
+
+struct linux_binprm {
+	const char *filename;
+} __attribute__((preserve_access_index));
+
+// Containers being traced: v2 cgroup id -> flags (reserved, 1 for now).
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_WATCHED);
+	__type(key, __u64);
+	__type(value, __u32);
+} watched SEC(".maps");
+
+struct syscall_key {
+	__u64 cgroup;
+	__u32 nr;
+	__u32 pad;
+};
+
+// Per container and syscall number: how many times it was entered.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct syscall_key);
+	__type(value, __u64);
+} syscalls SEC(".maps");
+
+struct exec_event {
+	__u32 kind;
+	__u32 pid;
+	__u64 cgroup;
+	__u64 time_ns;
+	__u32 args_len;
+	__u32 pad;
+	char path[PATH_LEN];
+	char args[ARGS_LEN];
+};
+
+// Size is set from user space (tracing.ring_buffer_bytes) before loading.
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} events SEC(".maps");
+
+// Events lost because the ring buffer was full, per CPU.
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} drops SEC(".maps");
+
+// Counts syscalls per watched cgroup. raw_tracepoint: args[1] is the
+// syscall number; no per-event output, so this path never drops.
+SEC("raw_tracepoint/sys_enter")
+int hb_sys_enter(struct bpf_raw_tracepoint_args *ctx)
+{
+	__u64 cg = bpf_get_current_cgroup_id();
+	if (!bpf_map_lookup_elem(&watched, &cg))
+		return 0;
+	struct syscall_key key = { .cgroup = cg, .nr = (__u32)ctx->args[1] };
+	__u64 *count = bpf_map_lookup_elem(&syscalls, &key);
+	if (count) {
+		__sync_fetch_and_add(count, 1);
+	} else {
+		__u64 one = 1;
+		// Another CPU may have inserted it meanwhile: then add to theirs.
+		if (bpf_map_update_elem(&syscalls, &key, &one, BPF_NOEXIST) != 0) {
+			count = bpf_map_lookup_elem(&syscalls, &key);
+			if (count)
+				__sync_fetch_and_add(count, 1);
+		}
+	}
+	return 0;
+}
+
+static __always_inline void count_drop(void)
+{
+	__u32 zero = 0;
+	__u64 *d = bpf_map_lookup_elem(&drops, &zero);
+	if (d)
+		*d += 1;
+}
+
+// exec: after the new image is in place, so current's mm holds the new
+// argv. tp_btf args: (struct task_struct *p, pid_t old_pid,
+// struct linux_binprm *bprm).
+SEC("tp_btf/sched_process_exec")
+int hb_exec(__u64 *ctx)
+{
+	__u64 cg = bpf_get_current_cgroup_id();
+	if (!bpf_map_lookup_elem(&watched, &cg))
+		return 0;
+	struct exec_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count_drop();
+		return 0;
+	}
+	struct task_struct *task = (struct task_struct *)ctx[0];
+	struct linux_binprm *bprm = (struct linux_binprm *)ctx[2];
+	e->kind = EVENT_EXEC;
+	e->pid = BPF_CORE_READ(task, tgid);
+	e->cgroup = cg;
+	e->time_ns = bpf_ktime_get_ns();
+	e->pad = 0;
+	const char *filename = BPF_CORE_READ(bprm, filename);
+	if (bpf_probe_read_kernel_str(e->path, sizeof(e->path), filename) < 0)
+		e->path[0] = 0;
+	unsigned long start = BPF_CORE_READ(task, mm, arg_start);
+	unsigned long end = BPF_CORE_READ(task, mm, arg_end);
+	unsigned long len = end - start;
+	if (len > ARGS_LEN)
+		len = ARGS_LEN;
+	e->args_len = 0;
+	// argv sits at the top of the new stack, followed by the environment
+	// and the file name; a short argv with a short environment can end
+	// less than ARGS_LEN bytes before the top of the stack VMA, so read
+	// exactly len bytes then (masked so the verifier sees the bound).
+	if (end > start) {
+		long err;
+		if (len >= ARGS_LEN)
+			err = bpf_probe_read_user(e->args, ARGS_LEN, (void *)start);
+		else
+			err = bpf_probe_read_user(e->args, len & (ARGS_LEN - 1), (void *)start);
+		if (err == 0)
+			e->args_len = len;
+	}
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}

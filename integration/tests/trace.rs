@@ -1,0 +1,205 @@
+//! The agent's eBPF tracer against real containers: attached at NRI
+//! StartContainer (before the workload's first instruction), attributing
+//! syscalls and execs to the right container and nothing else, and leaving
+//! no BPF program behind when the agent stops.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hyperbox_integration::agent::AgentDaemon;
+use hyperbox_integration::cri::{ContainerSpec, PodNetwork};
+use hyperbox_integration::prereq::Prereq;
+use hyperbox_integration::require;
+use hyperbox_integration::testbed::Testbed;
+
+/// x86_64 syscall numbers the busybox script below must make.
+const EXECVE: &str = "59";
+const WRITE: &str = "1";
+const OPENAT: &str = "257";
+
+/// Ids of loaded BPF programs with our names, from bpftool.
+fn our_programs() -> Vec<String> {
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+        .expect("run bpftool");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| {
+            p["name"]
+                .as_str()
+                .is_some_and(|n| n == "hb_sys_enter" || n == "hb_exec")
+        })
+        .map(|p| p["id"].to_string())
+        .collect()
+}
+
+async fn trace_of(agent: &AgentDaemon, id: &str) -> serde_json::Value {
+    serde_json::from_str(&agent.hb(&["trace", id, "--json"])).expect("trace JSON")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_tracer_sees_each_containers_syscalls_and_execs_from_the_first_instruction() {
+    require!(
+        Prereq::Root,
+        Prereq::Containerd,
+        Prereq::Runc,
+        Prereq::Registry,
+        Prereq::Busybox,
+        Prereq::Psi,
+        Prereq::Bpftool
+    );
+    let before = our_programs();
+    let tb = Testbed::start().await;
+    let agent = AgentDaemon::start(&tb.containerd.nri_socket(), "").await;
+    agent.wait_connected(true, Duration::from_secs(20)).await;
+    let health = agent.health().await.unwrap();
+    assert_eq!(health["tracing"], true, "{health}");
+    assert_eq!(
+        our_programs().len(),
+        before.len() + 2,
+        "programs not loaded"
+    );
+
+    let image = tb.push_sleeper().await;
+    let cri = tb.containerd.cri().await.unwrap();
+    cri.pull_image(&image).await.unwrap();
+    let pod = cri.run_pod("traced", PodNetwork::Host).await.unwrap();
+    // A quiet neighbour, to check nothing of the worker is attributed to it.
+    let quiet = cri
+        .create_container(
+            &pod,
+            &ContainerSpec::new("quiet", &image, &["sleep", "3600"]),
+        )
+        .await
+        .unwrap();
+    cri.start_container(&quiet).await.unwrap();
+    // The worker: its very first instruction is the exec of sh; then an
+    // exec of the marker binary, opens and writes.
+    let script =
+        "cat /etc/hostname >/dev/null; /bin/busybox echo traced-marker; exec /bin/busybox sleep 2";
+    let worker = cri
+        .create_container(
+            &pod,
+            &ContainerSpec::new("worker", &image, &["sh", "-c", script]),
+        )
+        .await
+        .unwrap();
+    cri.start_container(&worker).await.unwrap();
+    assert_eq!(
+        cri.wait_exited(&worker, Duration::from_secs(30))
+            .await
+            .unwrap(),
+        0
+    );
+
+    // Results stay after the container stopped (StopContainer froze them).
+    let start = Instant::now();
+    let t = loop {
+        let t = trace_of(&agent, &worker).await;
+        if t["execs"].as_array().is_some_and(|e| e.len() >= 2)
+            || start.elapsed() > Duration::from_secs(10)
+        {
+            break t;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let execs: Vec<(String, Vec<String>)> = t["execs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["path"].as_str().unwrap().to_string(),
+                e["args"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a.as_str().unwrap().to_string())
+                    .collect(),
+            )
+        })
+        .collect();
+    // The first exec is the container's own entrypoint: traced from the
+    // first instruction.
+    assert_eq!(execs[0].1, vec!["sh", "-c", script], "{t}");
+    assert!(
+        execs.iter().any(|(p, a)| p == "/bin/busybox"
+            && a.first().is_some_and(|a| a == "/bin/busybox")
+            && a.get(1).is_some_and(|a| a == "echo")),
+        "no exec of the marker in {execs:?}"
+    );
+    for nr in [EXECVE, WRITE, OPENAT] {
+        assert!(
+            t["syscalls"][nr].as_u64().unwrap_or(0) > 0,
+            "syscall {nr} missing: {t}"
+        );
+    }
+
+    // The neighbour saw none of it.
+    let q = trace_of(&agent, &quiet).await;
+    assert_eq!(q["live"], true, "{q}");
+    let q_execs = q["execs"].as_array().unwrap();
+    assert!(
+        q_execs
+            .iter()
+            .all(|e| !e["args"].to_string().contains("traced-marker")
+                && !e["args"].to_string().contains("hostname")),
+        "{q}"
+    );
+    assert!(
+        q["syscall_total"].as_u64().unwrap() < t["syscall_total"].as_u64().unwrap(),
+        "{q}\n{t}"
+    );
+
+    // Metrics per container.
+    let (_, metrics) = agent.http_get("/metrics").await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("hyperbox_container_execs_total")
+                && l.contains(&worker)
+                && l.rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+                    >= 2.0),
+        "{metrics}"
+    );
+    let drops: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("hyperbox_trace_ring_drops_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no drop counter in {metrics}"));
+    assert_eq!(drops, 0.0, "events dropped at this rate");
+
+    // A container that opts out is not traced.
+    let mut off = ContainerSpec::new("untraced", &image, &["sleep", "3600"]);
+    off.annotations
+        .insert("trace.hyperbox.dev/enabled".into(), "false".into());
+    let untraced = cri.create_container(&pod, &off).await.unwrap();
+    cri.start_container(&untraced).await.unwrap();
+    let out = agent.hb_output(&["trace", &untraced]);
+    assert!(!out.status.success());
+
+    for id in [&worker, &quiet, &untraced] {
+        cri.remove_container(id).await.unwrap();
+    }
+    // Removed: results dropped.
+    assert!(!agent.hb_output(&["trace", &worker]).status.success());
+    cri.remove_pod(&pod).await.unwrap();
+    assert!(agent.shutdown().is_empty());
+    // Nothing of ours stays loaded.
+    let start = Instant::now();
+    while our_programs().len() > before.len() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "BPF programs left: {:?}",
+            our_programs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    tb.finish();
+}

@@ -1,0 +1,287 @@
+//! Per-container tracing in the agent: which containers the eBPF tracer
+//! watches, what it saw for each (syscall counts, execs), and the reader
+//! that drains the tracer's ring buffer.
+//!
+//! A container is watched from NRI StartContainer (the task exists, the
+//! workload has not run its first instruction), or from the local API call
+//! the shim makes after `runc create`, until it stops. Its results stay in
+//! the agent after it stops, for the policies that consume them (seccomp
+//! learning reads the syscall set), until the container is removed.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use hyperbox_bpf::{Event, Tracer};
+use serde::Serialize;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::broadcast;
+
+/// The annotation that turns tracing off (`false`) for one container.
+pub const TRACE_ANNOTATION: &str = "trace.hyperbox.dev/enabled";
+/// Execs kept per container.
+const EXECS: usize = 1024;
+
+/// One exec in a container.
+#[derive(Debug, Clone, Serialize)]
+pub struct Exec {
+    /// Host pid.
+    pub pid: u32,
+    /// Kernel monotonic ns.
+    pub time_ns: u64,
+    /// Executed path.
+    pub path: String,
+    /// First arguments.
+    pub args: Vec<String>,
+}
+
+/// What the tracer saw of one container.
+#[derive(Debug, Clone, Serialize)]
+pub struct Traced {
+    /// Container id.
+    pub id: String,
+    /// Container name.
+    pub name: String,
+    /// Its v2 cgroup id.
+    pub cgroup: u64,
+    /// Still watched (running).
+    pub live: bool,
+    /// Syscall counts frozen when it stopped (live ones come from the map).
+    pub final_syscalls: Option<BTreeMap<u32, u64>>,
+    /// Execs, oldest first.
+    pub execs: VecDeque<Exec>,
+    /// Execs seen in total (also those no longer kept).
+    pub exec_count: u64,
+}
+
+/// A streamed event, tagged with its container.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tagged {
+    /// Container id.
+    pub container: String,
+    /// The exec.
+    pub exec: Exec,
+}
+
+/// Errors of watching a container.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The tracer is not loaded on this node.
+    #[error("tracing is unavailable: {0}")]
+    Unavailable(String),
+    /// The container has no v2 cgroup directory to watch.
+    #[error("cgroup of container {id} ({path}) has no v2 directory")]
+    NoCgroup {
+        /// Container id.
+        id: String,
+        /// Its cgroups path.
+        path: String,
+    },
+    /// Reading the cgroup's id failed.
+    #[error("cgroup id of {0}")]
+    CgroupId(String, #[source] std::io::Error),
+    /// The tracer refused.
+    #[error(transparent)]
+    Bpf(#[from] hyperbox_bpf::Error),
+}
+
+/// The agent's tracing state.
+#[derive(Debug)]
+pub struct Tracing {
+    tracer: Option<Mutex<Tracer>>,
+    unavailable: String,
+    containers: Mutex<HashMap<String, Traced>>,
+    by_cgroup: Mutex<HashMap<u64, String>>,
+    /// Live events for `hb trace`.
+    pub stream: broadcast::Sender<Tagged>,
+}
+
+impl Tracing {
+    /// Loads the tracer (`ring_bytes` of ring buffer); when it cannot load,
+    /// tracing is reported unavailable and the agent goes on without it.
+    pub fn load(enabled: bool, ring_bytes: u32) -> Arc<Tracing> {
+        let (tracer, unavailable) = if !enabled {
+            (None, "tracing.enabled = false".to_string())
+        } else {
+            match Tracer::load(ring_bytes) {
+                Ok(t) => (Some(t), String::new()),
+                Err(e) => {
+                    let why = crate::error_chain(&e);
+                    tracing::error!(error = %why, "eBPF tracer did not load; tracing is off");
+                    (None, why)
+                }
+            }
+        };
+        let (stream, _) = broadcast::channel(1024);
+        Arc::new(Tracing {
+            tracer: tracer.map(Mutex::new),
+            unavailable,
+            containers: Mutex::default(),
+            by_cgroup: Mutex::default(),
+            stream,
+        })
+    }
+
+    /// Whether the tracer is loaded.
+    pub fn available(&self) -> bool {
+        self.tracer.is_some()
+    }
+
+    /// Why it is not, when it is not.
+    pub fn unavailable_reason(&self) -> &str {
+        &self.unavailable
+    }
+
+    /// Starts watching a container whose v2 cgroup directory is `dir`.
+    pub fn watch(&self, id: &str, name: &str, dir: &Path) -> Result<(), Error> {
+        let Some(tracer) = &self.tracer else {
+            return Err(Error::Unavailable(self.unavailable.clone()));
+        };
+        let cgroup = hyperbox_bpf::cgroup_id(dir)
+            .map_err(|e| Error::CgroupId(dir.display().to_string(), e))?;
+        tracer.lock().expect("tracer").watch(cgroup)?;
+        self.by_cgroup
+            .lock()
+            .expect("by_cgroup")
+            .insert(cgroup, id.to_string());
+        self.containers.lock().expect("traced").insert(
+            id.to_string(),
+            Traced {
+                id: id.into(),
+                name: name.into(),
+                cgroup,
+                live: true,
+                final_syscalls: None,
+                execs: VecDeque::new(),
+                exec_count: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// Stops watching; the results stay until [`Tracing::forget`].
+    pub fn stop(&self, id: &str) {
+        let Some(tracer) = &self.tracer else { return };
+        let mut map = self.containers.lock().expect("traced");
+        let Some(t) = map.get_mut(id).filter(|t| t.live) else {
+            return;
+        };
+        match tracer.lock().expect("tracer").unwatch(t.cgroup) {
+            Ok(counts) => t.final_syscalls = Some(counts),
+            Err(e) => tracing::warn!(container = id, error = %crate::error_chain(&e), "unwatch"),
+        }
+        t.live = false;
+    }
+
+    /// Drops a removed container's results.
+    pub fn forget(&self, id: &str) {
+        self.stop(id);
+        if let Some(t) = self.containers.lock().expect("traced").remove(id) {
+            self.by_cgroup.lock().expect("by_cgroup").remove(&t.cgroup);
+        }
+    }
+
+    /// A container's results, with live syscall counts while it runs.
+    pub fn get(&self, id: &str) -> Option<(Traced, BTreeMap<u32, u64>)> {
+        let t = self.containers.lock().expect("traced").get(id).cloned()?;
+        let counts = match (&t.final_syscalls, &self.tracer) {
+            (Some(f), _) => f.clone(),
+            (None, Some(tr)) => tr
+                .lock()
+                .expect("tracer")
+                .syscalls(t.cgroup)
+                .unwrap_or_default(),
+            (None, None) => BTreeMap::new(),
+        };
+        Some((t, counts))
+    }
+
+    /// Ids of the containers with results.
+    pub fn ids(&self) -> Vec<String> {
+        self.containers
+            .lock()
+            .expect("traced")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Events lost to a full ring buffer.
+    pub fn drops(&self) -> u64 {
+        self.tracer
+            .as_ref()
+            .map_or(0, |t| t.lock().expect("tracer").drops())
+    }
+
+    fn record(&self, e: Event) {
+        let Event::Exec {
+            pid,
+            cgroup,
+            time_ns,
+            path,
+            args,
+        } = e;
+        let Some(id) = self
+            .by_cgroup
+            .lock()
+            .expect("by_cgroup")
+            .get(&cgroup)
+            .cloned()
+        else {
+            return;
+        };
+        let exec = Exec {
+            pid,
+            time_ns,
+            path,
+            args,
+        };
+        if let Some(t) = self.containers.lock().expect("traced").get_mut(&id) {
+            if t.execs.len() == EXECS {
+                t.execs.pop_front();
+            }
+            t.execs.push_back(exec.clone());
+            t.exec_count += 1;
+        }
+        let _ = self.stream.send(Tagged {
+            container: id,
+            exec,
+        });
+    }
+
+    /// Drains the ring buffer forever, waking when the kernel posts.
+    pub async fn read_events(self: Arc<Self>) {
+        let Some(ring) = self
+            .tracer
+            .as_ref()
+            .and_then(|t| t.lock().expect("tracer").take_events())
+        else {
+            return;
+        };
+        // SAFETY: the ring buffer owns its map fd and keeps it open for as
+        // long as the AsyncFd (which owns the ring buffer) lives.
+        let mut fd = match unsafe { AsyncFd::register(ring) } {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot poll the tracer's ring buffer");
+                return;
+            }
+        };
+        loop {
+            let mut guard = match fd.readable_mut().await {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::error!(error = %e, "tracer ring buffer poll failed");
+                    return;
+                }
+            };
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                if let Some(e) = hyperbox_bpf::parse_event(&item) {
+                    self.record(e);
+                }
+            }
+            guard.clear_ready();
+        }
+    }
+}
