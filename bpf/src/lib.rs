@@ -7,7 +7,8 @@
 //! instruction (NRI StartContainer, or the shim's call after `runc
 //! create`). Today the programs count every syscall per container (the
 //! input of seccomp learning) and report each exec (path and the start of
-//! argv) through a ring buffer with a per-CPU drop counter.
+//! argv), each open (path, flags) and each OOM kill through a ring buffer
+//! with a per-CPU drop counter.
 //!
 //! Dropping the [`Tracer`] detaches every program and frees every map:
 //! nothing is pinned, so nothing outlives the process.
@@ -119,6 +120,14 @@ impl Tracer {
         exec.load("sched_process_exec", &btf)
             .map_err(|e| prog("hb_exec", e))?;
         exec.attach().map_err(|e| prog("hb_exec", e))?;
+        let oom: &mut BtfTracePoint = ebpf
+            .program_mut("hb_oom")
+            .ok_or(Error::MissingMap("hb_oom"))?
+            .try_into()
+            .map_err(|e| prog("hb_oom", e))?;
+        oom.load("mark_victim", &btf)
+            .map_err(|e| prog("hb_oom", e))?;
+        oom.attach().map_err(|e| prog("hb_oom", e))?;
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(Error::MissingMap(name))
         };
@@ -210,9 +219,35 @@ pub enum Event {
         /// The first arguments (up to 128 bytes of argv).
         args: Vec<String>,
     },
+    /// A process in a traced container called open/openat.
+    Open {
+        /// Its pid.
+        pid: u32,
+        /// Its v2 cgroup id.
+        cgroup: u64,
+        /// Kernel monotonic time, ns.
+        time_ns: u64,
+        /// The path as passed (relative paths are relative to the caller).
+        path: String,
+        /// The open flags (`O_*`).
+        flags: u32,
+    },
+    /// The OOM killer chose a process of a traced container.
+    OomKill {
+        /// The victim's pid.
+        pid: u32,
+        /// Its v2 cgroup id.
+        cgroup: u64,
+        /// Kernel monotonic time, ns.
+        time_ns: u64,
+    },
 }
 
 const EXEC: u32 = 1;
+const OPEN: u32 = 2;
+const OOM_KILL: u32 = 3;
+const OPEN_SIZE: usize = 32 + PATH_LEN;
+const HEAD_SIZE: usize = 24;
 const PATH_LEN: usize = 256;
 const ARGS_LEN: usize = 128;
 const EXEC_SIZE: usize = 32 + PATH_LEN + ARGS_LEN;
@@ -242,6 +277,18 @@ pub fn parse_event(b: &[u8]) -> Option<Event> {
                 args,
             })
         }
+        OPEN if b.len() >= OPEN_SIZE => Some(Event::Open {
+            pid: u32_at(4)?,
+            cgroup: u64_at(8)?,
+            time_ns: u64_at(16)?,
+            flags: u32_at(24)?,
+            path: cstr(&b[32..32 + PATH_LEN]),
+        }),
+        OOM_KILL if b.len() >= HEAD_SIZE => Some(Event::OomKill {
+            pid: u32_at(4)?,
+            cgroup: u64_at(8)?,
+            time_ns: u64_at(16)?,
+        }),
         _ => None,
     }
 }
@@ -277,6 +324,21 @@ mod tests {
             })
         );
         assert_eq!(parse_event(&b[..40]), None);
+        let mut o = vec![0u8; OPEN_SIZE];
+        o[0..4].copy_from_slice(&OPEN.to_ne_bytes());
+        o[24..28].copy_from_slice(&0o101u32.to_ne_bytes());
+        o[32..45].copy_from_slice(b"/etc/hostname");
+        assert!(matches!(
+            parse_event(&o),
+            Some(Event::Open { ref path, flags: 0o101, .. }) if path == "/etc/hostname"
+        ));
+        let mut k = vec![0u8; HEAD_SIZE];
+        k[0..4].copy_from_slice(&OOM_KILL.to_ne_bytes());
+        k[4..8].copy_from_slice(&9u32.to_ne_bytes());
+        assert!(matches!(
+            parse_event(&k),
+            Some(Event::OomKill { pid: 9, .. })
+        ));
         assert_eq!(parse_event(&[9, 0, 0, 0]), None);
         assert_eq!(parse_event(&[]), None);
     }

@@ -224,10 +224,108 @@ pub fn explain(config: &hyperbox_config::Config, container: &str, json: bool) ->
     Ok(())
 }
 
+/// `hb trace <container> --follow`: prints the container's events as the
+/// agent streams them (chunked HTTP, one JSON object per line).
+fn follow(socket: &Path, container: &str, json: bool) -> Result<()> {
+    use std::io::BufRead;
+    let mut s = UnixStream::connect(socket)
+        .with_context(|| format!("connect to the agent at {}", socket.display()))?;
+    write!(
+        s,
+        "GET /v1/containers/{container}/events HTTP/1.1\r\nHost: hyperbox-agent\r\n\r\n"
+    )?;
+    let mut r = std::io::BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status)?;
+    let code: u16 = status
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("reply without a status")?;
+    let mut chunked = false;
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h)?;
+        if h.trim().is_empty() {
+            break;
+        }
+        chunked |= h
+            .to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked");
+    }
+    if code != 200 {
+        let mut body = String::new();
+        let _ = r.read_to_string(&mut body);
+        bail!("agent answered {code}: {}", dechunk(&body).trim());
+    }
+    let mut out = std::io::stdout().lock();
+    loop {
+        let mut data = Vec::new();
+        if chunked {
+            let mut size = String::new();
+            if r.read_line(&mut size)? == 0 {
+                return Ok(());
+            }
+            let n = usize::from_str_radix(size.trim(), 16).context("bad chunk size")?;
+            if n == 0 {
+                return Ok(());
+            }
+            data.resize(n, 0);
+            r.read_exact(&mut data)?;
+            let mut crlf = [0u8; 2];
+            r.read_exact(&mut crlf)?;
+        } else if r.read_until(b'\n', &mut data)? == 0 {
+            return Ok(());
+        }
+        for line in String::from_utf8_lossy(&data).lines() {
+            if json {
+                writeln!(out, "{line}")?;
+                continue;
+            }
+            let v: Value = serde_json::from_str(line).unwrap_or_default();
+            let e = &v["event"];
+            let text = match e["kind"].as_str() {
+                Some("exec") => {
+                    let args: Vec<&str> = e["args"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|a| a.as_str())
+                        .collect();
+                    format!(
+                        "exec  pid {} {} [{}]",
+                        e["pid"],
+                        e["path"].as_str().unwrap_or(""),
+                        args.join(" ")
+                    )
+                }
+                Some("open") => format!(
+                    "open  pid {} {} flags {:#o}",
+                    e["pid"],
+                    e["path"].as_str().unwrap_or(""),
+                    e["flags"].as_u64().unwrap_or(0)
+                ),
+                Some("oom_kill") => format!("OOM   pid {} killed", e["pid"]),
+                _ => line.to_string(),
+            };
+            writeln!(out, "{text}")?;
+        }
+        out.flush()?;
+    }
+}
+
 /// `hb trace <container>`: what the eBPF tracer saw of a container.
-pub fn trace(config: &hyperbox_config::Config, container: &str, json: bool) -> Result<()> {
+pub fn trace(
+    config: &hyperbox_config::Config,
+    container: &str,
+    json: bool,
+    follow_events: bool,
+) -> Result<()> {
     if container.is_empty() || container.contains(['/', '?', '#', ' ']) {
         bail!("{container:?} is not a container id or id prefix");
+    }
+    if follow_events {
+        return follow(&config.agent.address, container, json);
     }
     let v = get(
         &config.agent.address,
@@ -248,10 +346,13 @@ pub fn trace(config: &hyperbox_config::Config, container: &str, json: bool) -> R
         }
     );
     println!(
-        "syscalls   {} calls, {} distinct; execs {}; ring buffer drops {}",
+        "syscalls   {} calls, {} distinct; execs {}; opens {} ({} paths); OOM kills {}; ring buffer drops {}",
         v["syscall_total"],
         v["syscalls"].as_object().map_or(0, |m| m.len()),
         v["exec_count"],
+        v["open_count"],
+        v["opened"].as_array().map_or(0, |a| a.len()),
+        v["oom_killed"].as_array().map_or(0, |a| a.len()),
         v["ring_drops"]
     );
     println!();
@@ -283,6 +384,18 @@ pub fn trace(config: &hyperbox_config::Config, container: &str, json: bool) -> R
         })
         .collect();
     print!("{}", table::render(&["PID", "EXEC", "ARGS"], &rows));
+    let opened: Vec<&str> = v["opened"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.as_str())
+        .collect();
+    if !opened.is_empty() {
+        println!("\nopened, in first-access order:");
+        for p in opened {
+            println!("  {p}");
+        }
+    }
     Ok(())
 }
 

@@ -42,14 +42,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// What the agent's eBPF tracer saw of a container: syscall counts
-    /// and execs, from its first instruction.
+    /// What the agent's eBPF tracer saw of a container: syscall counts,
+    /// execs, opens and OOM kills, from its first instruction.
     Trace {
         /// Container id or id prefix.
         container: String,
-        /// Machine-readable output.
+        /// Machine-readable output (with --follow: one JSON object per line).
         #[arg(long)]
         json: bool,
+        /// Stream its events live until interrupted.
+        #[arg(long, short = 'f')]
+        follow: bool,
     },
     /// The node agent's policy decisions.
     Policy {
@@ -129,7 +132,11 @@ fn main() -> ExitCode {
         match args.command {
             Command::Doctor { json } => doctor::run(&config, json),
             Command::Psi { json } => agent::psi(&config, json),
-            Command::Trace { container, json } => agent::trace(&config, &container, json),
+            Command::Trace {
+                container,
+                json,
+                follow,
+            } => agent::trace(&config, &container, json, follow),
             Command::Policy {
                 command: PolicyCommand::Explain { container, json },
             } => agent::explain(&config, &container, json),

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hyperbox_integration::agent::AgentDaemon;
-use hyperbox_integration::bench::{full_run, machine, ms, percentile, write_section};
+use hyperbox_integration::bench::{full_run, machine, ms, percentile, rss_bytes, write_section};
 use hyperbox_integration::cri::{ContainerSpec, Cri, Pod, PodNetwork};
 use hyperbox_integration::prereq::{self, Prereq};
 use hyperbox_integration::testbed::Testbed;
@@ -230,15 +230,6 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / hz
 }
 
-fn rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
 fn v1_memory(rel: &str) -> PathBuf {
     Path::new("/sys/fs/cgroup/memory").join(rel.trim_start_matches('/'))
 }
@@ -334,14 +325,11 @@ async fn density(
 #[tokio::main]
 async fn main() {
     let full = full_run();
-    let needs = [
-        Prereq::Root,
-        Prereq::Containerd,
-        Prereq::Runc,
-        Prereq::Registry,
-        Prereq::Busybox,
-        Prereq::Psi,
-    ];
+    let needs: Vec<Prereq> = Prereq::CONTAINERS
+        .iter()
+        .copied()
+        .chain([Prereq::Psi])
+        .collect();
     if !prereq::require("bench agent", &needs) {
         return;
     }

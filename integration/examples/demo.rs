@@ -169,7 +169,7 @@ async fn main() -> Result<()> {
 
     step(
         7,
-        "node agent: hyperbox-nri registers with containerd's NRI, learns a workload's memory, sizes its next run",
+        "node agent: hyperbox-nri registers with containerd's NRI, learns a workload's memory, sizes its next run, traces it",
     );
     let t = Instant::now();
     let agent = AgentDaemon::start(
@@ -207,6 +207,10 @@ async fn main() -> Result<()> {
             print_indented(&agent.hb(&["psi"]));
         }
         cri.wait_exited(&id, Duration::from_secs(30)).await?;
+        if run.starts_with("second") {
+            println!("    what the eBPF tracer saw of it, from its first instruction:");
+            print_indented(&agent.hb(&["trace", &id]));
+        }
         cri.remove_container(&id).await?;
         // The run's peak is recorded when the container is removed.
         let start = Instant::now();
@@ -296,6 +300,6 @@ async fn main() -> Result<()> {
         t,
         "no mounts, processes, cgroups, network namespaces or files left",
     );
-    println!("\nnot yet in this demo: the eBPF tracer and the shim (see README, Status).");
+    println!("\nnot yet in this demo: the shim (see README, Status).");
     Ok(())
 }

@@ -213,12 +213,14 @@ impl AgentDaemon {
 
     /// Runs `hb --config <ours> args...`.
     pub fn hb_output(&self, args: &[&str]) -> std::process::Output {
-        Command::new(&self.hb)
-            .arg("--config")
-            .arg(self.config_path())
-            .args(args)
-            .output()
-            .expect("run hb")
+        self.hb_command(args).output().expect("run hb")
+    }
+
+    /// `hb --config <ours> args...`, not started (for streaming commands).
+    pub fn hb_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.hb);
+        c.arg("--config").arg(self.config_path()).args(args);
+        c
     }
 
     /// `hb policy explain <id> --json`.

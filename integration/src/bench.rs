@@ -42,6 +42,16 @@ pub fn write_section(name: &str, body: &str) -> std::io::Result<PathBuf> {
     Ok(path)
 }
 
+/// Resident memory of process `pid` (`VmRSS`), bytes; 0 when gone.
+pub fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
 /// One line describing the machine, for the record.
 pub fn machine() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();

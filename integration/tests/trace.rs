@@ -1,6 +1,7 @@
 //! The agent's eBPF tracer against real containers: attached at NRI
 //! StartContainer (before the workload's first instruction), attributing
-//! syscalls and execs to the right container and nothing else, and leaving
+//! syscalls, execs, opens and OOM kills to the right container and nothing
+//! else, and leaving
 //! no BPF program behind when the agent stops.
 
 use std::process::Command;
@@ -41,7 +42,8 @@ async fn trace_of(agent: &AgentDaemon, id: &str) -> serde_json::Value {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_tracer_sees_each_containers_syscalls_and_execs_from_the_first_instruction() {
+async fn the_tracer_sees_each_containers_syscalls_execs_opens_and_oom_kills_from_the_first_instruction()
+ {
     require!(
         Prereq::Root,
         Prereq::Containerd,
@@ -137,6 +139,19 @@ async fn the_tracer_sees_each_containers_syscalls_and_execs_from_the_first_instr
             "syscall {nr} missing: {t}"
         );
     }
+    // Opens, in first-access order, each path once.
+    let opened: Vec<&str> = t["opened"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert!(opened.contains(&"/etc/hostname"), "{t}");
+    let mut unique = opened.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), opened.len(), "{t}");
+    assert!(t["open_count"].as_u64().unwrap() >= opened.len() as u64);
 
     // The neighbour saw none of it.
     let q = trace_of(&agent, &quiet).await;
@@ -152,6 +167,103 @@ async fn the_tracer_sees_each_containers_syscalls_and_execs_from_the_first_instr
     assert!(
         q["syscall_total"].as_u64().unwrap() < t["syscall_total"].as_u64().unwrap(),
         "{q}\n{t}"
+    );
+    assert!(
+        !q["opened"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == "/etc/hostname"),
+        "{q}"
+    );
+
+    // An OOM kill is attributed to the victim's container.
+    let mut hog = ContainerSpec::new(
+        "hog",
+        &image,
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/zero bs=64M count=1 2>/dev/null | sleep 1",
+        ],
+    );
+    hog.memory_limit = 16 << 20;
+    let hog = cri.create_container(&pod, &hog).await.unwrap();
+    cri.start_container(&hog).await.unwrap();
+    cri.wait_exited(&hog, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let h = loop {
+        let h = trace_of(&agent, &hog).await;
+        if h["oom_killed"].as_array().is_some_and(|k| !k.is_empty())
+            || start.elapsed() > Duration::from_secs(5)
+        {
+            break h;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(h["oom_killed"].as_array().unwrap().len(), 1, "{h}");
+    assert!(
+        trace_of(&agent, &quiet).await["oom_killed"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+
+    // hb trace --follow streams the neighbour's events live: an exec into
+    // it (CRI exec joins its cgroup) shows up as it happens.
+    let mut follow = agent
+        .hb_command(&["trace", &quiet, "--follow", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Give the stream a moment to subscribe before the exec.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = cri
+        .exec_sync(
+            &quiet,
+            &["/bin/busybox", "cat", "/etc/hostname"],
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.status, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    let streamed = loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => {
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                assert_eq!(v["container"], quiet.as_str(), "{line}");
+                seen.push(line);
+                if v["event"]["kind"] == "open" && v["event"]["path"] == "/etc/hostname" {
+                    break true;
+                }
+            }
+            Err(_) => break false,
+        }
+    };
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(streamed, "no live open of /etc/hostname; got {seen:#?}");
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("\"kind\":\"exec\"") && l.contains("/bin/busybox")),
+        "{seen:#?}"
     );
 
     // Metrics per container.
@@ -184,7 +296,7 @@ async fn the_tracer_sees_each_containers_syscalls_and_execs_from_the_first_instr
     let out = agent.hb_output(&["trace", &untraced]);
     assert!(!out.status.success());
 
-    for id in [&worker, &quiet, &untraced] {
+    for id in [&worker, &quiet, &untraced, &hog] {
         cri.remove_container(id).await.unwrap();
     }
     // Removed: results dropped.

@@ -47,6 +47,7 @@ pub fn api_router(agent: Arc<Agent>) -> Router {
         .route("/v1/containers", get(list).post(register))
         .route("/v1/containers/{id}", get(explain).delete(unregister))
         .route("/v1/containers/{id}/trace", get(trace))
+        .route("/v1/containers/{id}/events", get(events))
         .with_state(App {
             agent,
             registry: Arc::new(Registry::default()),
@@ -244,6 +245,9 @@ struct TraceView {
     syscall_total: u64,
     execs: Vec<crate::trace::Exec>,
     exec_count: u64,
+    opened: Vec<String>,
+    open_count: u64,
+    oom_killed: Vec<u32>,
     ring_drops: u64,
 }
 
@@ -288,9 +292,54 @@ async fn trace(State(app): State<App>, Path(id): Path<String>) -> Response {
         syscalls,
         execs: t.execs.into_iter().collect(),
         exec_count: t.exec_count,
+        opened: t.opened,
+        open_count: t.open_count,
+        oom_killed: t.oom_killed,
         ring_drops: tr.drops(),
     })
     .into_response()
+}
+
+/// `hb trace --follow`: the container's events as they happen, one JSON
+/// object per line, until the client goes away. A reader too slow for the
+/// event rate gets a `{"kind":"lagged","missed":N}` line instead of the
+/// events it missed.
+async fn events(State(app): State<App>, Path(id): Path<String>) -> Response {
+    let tr = app.agent.tracing.clone();
+    let ids: Vec<String> = tr
+        .ids()
+        .into_iter()
+        .filter(|c| *c == id || c.starts_with(&id))
+        .collect();
+    let [id] = ids.as_slice() else {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no single traced container matches {id:?}"),
+        )
+            .into_response();
+    };
+    let id = id.clone();
+    let rx = tr.stream.subscribe();
+    let lines = futures::stream::unfold(rx, move |mut rx| {
+        let id = id.clone();
+        async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                let line = match rx.recv().await {
+                    Ok(ev) if ev.container == id => serde_json::to_string(&ev).ok()?,
+                    Ok(_) => continue,
+                    Err(RecvError::Lagged(n)) => format!("{{\"kind\":\"lagged\",\"missed\":{n}}}"),
+                    Err(RecvError::Closed) => return None,
+                };
+                return Some((Ok::<_, std::convert::Infallible>(line + "\n"), rx));
+            }
+        }
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response()
 }
 
 async fn register(State(app): State<App>, Json(info): Json<ContainerInfo>) -> Response {

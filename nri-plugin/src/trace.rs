@@ -21,6 +21,8 @@ use tokio::sync::broadcast;
 pub const TRACE_ANNOTATION: &str = "trace.hyperbox.dev/enabled";
 /// Execs kept per container.
 const EXECS: usize = 1024;
+/// Distinct paths kept per container in first-access order.
+const OPENED: usize = 4096;
 
 /// One exec in a container.
 #[derive(Debug, Clone, Serialize)]
@@ -52,6 +54,15 @@ pub struct Traced {
     pub execs: VecDeque<Exec>,
     /// Execs seen in total (also those no longer kept).
     pub exec_count: u64,
+    /// Distinct paths opened, in the order of first access (what the
+    /// snapshotter's prefetch wants).
+    pub opened: Vec<String>,
+    /// Opens seen in total.
+    pub open_count: u64,
+    /// OOM kills of its processes (pids).
+    pub oom_killed: Vec<u32>,
+    #[serde(skip)]
+    seen: std::collections::HashSet<String>,
 }
 
 /// A streamed event, tagged with its container.
@@ -59,8 +70,30 @@ pub struct Traced {
 pub struct Tagged {
     /// Container id.
     pub container: String,
-    /// The exec.
-    pub exec: Exec,
+    /// What happened.
+    pub event: Streamed,
+}
+
+/// The kinds of streamed events.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Streamed {
+    /// An exec.
+    Exec(Exec),
+    /// An open.
+    Open {
+        /// Pid.
+        pid: u32,
+        /// Path as passed.
+        path: String,
+        /// Flags.
+        flags: u32,
+    },
+    /// An OOM kill.
+    OomKill {
+        /// The victim.
+        pid: u32,
+    },
 }
 
 /// Errors of watching a container.
@@ -154,6 +187,10 @@ impl Tracing {
                 final_syscalls: None,
                 execs: VecDeque::new(),
                 exec_count: 0,
+                opened: Vec::new(),
+                open_count: 0,
+                oom_killed: Vec::new(),
+                seen: Default::default(),
             },
         );
         Ok(())
@@ -214,13 +251,11 @@ impl Tracing {
     }
 
     fn record(&self, e: Event) {
-        let Event::Exec {
-            pid,
-            cgroup,
-            time_ns,
-            path,
-            args,
-        } = e;
+        let cgroup = match &e {
+            Event::Exec { cgroup, .. }
+            | Event::Open { cgroup, .. }
+            | Event::OomKill { cgroup, .. } => *cgroup,
+        };
         let Some(id) = self
             .by_cgroup
             .lock()
@@ -230,22 +265,48 @@ impl Tracing {
         else {
             return;
         };
-        let exec = Exec {
-            pid,
-            time_ns,
-            path,
-            args,
-        };
-        if let Some(t) = self.containers.lock().expect("traced").get_mut(&id) {
-            if t.execs.len() == EXECS {
-                t.execs.pop_front();
+        let streamed = {
+            let mut map = self.containers.lock().expect("traced");
+            let Some(t) = map.get_mut(&id) else { return };
+            match e {
+                Event::Exec {
+                    pid,
+                    time_ns,
+                    path,
+                    args,
+                    ..
+                } => {
+                    let exec = Exec {
+                        pid,
+                        time_ns,
+                        path,
+                        args,
+                    };
+                    if t.execs.len() == EXECS {
+                        t.execs.pop_front();
+                    }
+                    t.execs.push_back(exec.clone());
+                    t.exec_count += 1;
+                    Streamed::Exec(exec)
+                }
+                Event::Open {
+                    pid, path, flags, ..
+                } => {
+                    t.open_count += 1;
+                    if t.opened.len() < OPENED && !path.is_empty() && t.seen.insert(path.clone()) {
+                        t.opened.push(path.clone());
+                    }
+                    Streamed::Open { pid, path, flags }
+                }
+                Event::OomKill { pid, .. } => {
+                    t.oom_killed.push(pid);
+                    Streamed::OomKill { pid }
+                }
             }
-            t.execs.push_back(exec.clone());
-            t.exec_count += 1;
-        }
+        };
         let _ = self.stream.send(Tagged {
             container: id,
-            exec,
+            event: streamed,
         });
     }
 

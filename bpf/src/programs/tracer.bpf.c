@@ -19,21 +19,49 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 enum event_kind {
 	EVENT_EXEC = 1,
+	EVENT_OPEN = 2,
+	EVENT_OOM_KILL = 3,
 };
+
+#define NR_OPEN 2
+#define NR_OPENAT 257
 
 struct mm_struct {
 	unsigned long arg_start;
 	unsigned long arg_end;
 } __attribute__((preserve_access_index));
 
+struct css_set;
+
 struct task_struct {
 	struct mm_struct *mm;
+	struct css_set *cgroups;
 	int tgid;
 } __attribute__((preserve_access_index));
 
 struct linux_binprm {
 	const char *filename;
 } __attribute__((preserve_access_index));
+
+// x86_64 syscall arguments (the build targets x86_64; see build.rs).
+struct pt_regs {
+	unsigned long di;
+	unsigned long si;
+	unsigned long dx;
+} __attribute__((preserve_access_index));
+
+struct kernfs_node {
+	__u64 id;
+} __attribute__((preserve_access_index));
+
+struct cgroup {
+	struct kernfs_node *kn;
+} __attribute__((preserve_access_index));
+
+struct css_set {
+	struct cgroup *dfl_cgrp;
+} __attribute__((preserve_access_index));
+
 
 // Containers being traced: v2 cgroup id -> flags (reserved, 1 for now).
 struct {
@@ -68,6 +96,21 @@ struct exec_event {
 	char args[ARGS_LEN];
 };
 
+// Every event starts like this; exec and open then carry a path.
+struct event_head {
+	__u32 kind;
+	__u32 pid;
+	__u64 cgroup;
+	__u64 time_ns;
+};
+
+struct open_event {
+	struct event_head head;
+	__u32 flags;
+	__u32 pad;
+	char path[PATH_LEN];
+};
+
 // Size is set from user space (tracing.ring_buffer_bytes) before loading.
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -82,8 +125,38 @@ struct {
 	__type(value, __u64);
 } drops SEC(".maps");
 
-// Counts syscalls per watched cgroup. raw_tracepoint: args[1] is the
-// syscall number; no per-event output, so this path never drops.
+static __always_inline void count_drop(void);
+
+// An open of a watched container: the path as the caller passed it (the
+// user's string, read before the kernel resolves it) and the flags.
+static __always_inline void emit_open(struct pt_regs *regs, __u64 cg, __u32 nr)
+{
+	struct open_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count_drop();
+		return;
+	}
+	const char *path;
+	if (nr == NR_OPENAT) {
+		path = (const char *)BPF_CORE_READ(regs, si);
+		e->flags = (__u32)BPF_CORE_READ(regs, dx);
+	} else {
+		path = (const char *)BPF_CORE_READ(regs, di);
+		e->flags = (__u32)BPF_CORE_READ(regs, si);
+	}
+	e->head.kind = EVENT_OPEN;
+	e->head.pid = bpf_get_current_pid_tgid() >> 32;
+	e->head.cgroup = cg;
+	e->head.time_ns = bpf_ktime_get_ns();
+	e->pad = 0;
+	if (bpf_probe_read_user_str(e->path, sizeof(e->path), path) < 0)
+		e->path[0] = 0;
+	bpf_ringbuf_submit(e, 0);
+}
+
+// Counts syscalls per watched cgroup. raw_tracepoint: args[0] is the
+// caller's pt_regs, args[1] the syscall number. Counting emits nothing, so
+// it never drops; opens also go to the ring buffer.
 SEC("raw_tracepoint/sys_enter")
 int hb_sys_enter(struct bpf_raw_tracepoint_args *ctx)
 {
@@ -103,6 +176,8 @@ int hb_sys_enter(struct bpf_raw_tracepoint_args *ctx)
 				__sync_fetch_and_add(count, 1);
 		}
 	}
+	if (key.nr == NR_OPENAT || key.nr == NR_OPEN)
+		emit_open((struct pt_regs *)ctx->args[0], cg, key.nr);
 	return 0;
 }
 
@@ -157,6 +232,29 @@ int hb_exec(__u64 *ctx)
 		if (err == 0)
 			e->args_len = len;
 	}
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+// The OOM killer chose a victim: attribute it by the victim's own v2
+// cgroup (the killer may run in another task's context).
+// tp_btf args: (struct task_struct *task, uid_t uid).
+SEC("tp_btf/mark_victim")
+int hb_oom(__u64 *ctx)
+{
+	struct task_struct *task = (struct task_struct *)ctx[0];
+	__u64 cg = BPF_CORE_READ(task, cgroups, dfl_cgrp, kn, id);
+	if (!bpf_map_lookup_elem(&watched, &cg))
+		return 0;
+	struct event_head *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count_drop();
+		return 0;
+	}
+	e->kind = EVENT_OOM_KILL;
+	e->pid = BPF_CORE_READ(task, tgid);
+	e->cgroup = cg;
+	e->time_ns = bpf_ktime_get_ns();
 	bpf_ringbuf_submit(e, 0);
 	return 0;
 }
