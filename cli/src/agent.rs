@@ -363,7 +363,13 @@ pub fn trace(
         .map(|(nr, n)| vec![nr.clone(), n.to_string()])
         .collect();
     rows.sort_by_key(|r| std::cmp::Reverse(r[1].parse::<u64>().unwrap_or(0)));
+    // The busiest fifteen for people; --json has them all.
+    let more = rows.len().saturating_sub(15);
+    rows.truncate(15);
     print!("{}", table::render(&["SYSCALL NR", "COUNT"], &rows));
+    if more > 0 {
+        println!("... {more} more (--json lists all)");
+    }
     println!();
     let rows: Vec<Vec<String>> = v["execs"]
         .as_array()

@@ -273,8 +273,16 @@ impl Cgroup {
 pub fn mem_total() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| stat_field(&m.replace(':', ""), "MemTotal").map(|kb| kb * 1024))
+        .and_then(|m| parse_mem_total(&m))
         .unwrap_or(0)
+}
+
+/// `MemTotal:  24576000 kB` → bytes.
+fn parse_mem_total(meminfo: &str) -> Option<u64> {
+    meminfo.lines().find_map(|l| {
+        let kb = l.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?;
+        kb.trim().parse::<u64>().ok().map(|kb| kb * 1024)
+    })
 }
 
 #[cfg(test)]
@@ -326,6 +334,13 @@ mod tests {
             .psi
             .is_none()
         );
+    }
+
+    #[test]
+    fn mem_total_is_read_in_bytes() {
+        let m = "MemTotal:       24576000 kB\nMemFree:        100 kB\n";
+        assert_eq!(parse_mem_total(m), Some(24576000 * 1024));
+        assert!(mem_total() > 0, "this machine's /proc/meminfo");
     }
 
     #[test]
