@@ -18,7 +18,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::{BtfTracePoint, RawTracePoint};
+use aya::programs::{BtfTracePoint, FEntry, RawTracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
 
 /// The compiled programs.
@@ -73,6 +73,7 @@ unsafe impl aya::Pod for SyscallKey {}
 
 /// The loaded, attached tracer.
 pub struct Tracer {
+    syscall_hook: &'static str,
     // Keeps programs and links alive; dropped last.
     _ebpf: Ebpf,
     watched: HashMap<MapData, u64, u32>,
@@ -84,6 +85,7 @@ pub struct Tracer {
 impl std::fmt::Debug for Tracer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tracer")
+            .field("syscall_hook", &self.syscall_hook)
             .field("events_taken", &self.events.is_none())
             .finish_non_exhaustive()
     }
@@ -104,14 +106,21 @@ impl Tracer {
             .load(TRACER)
             .map_err(Error::Load)?;
         let prog = |name, source| Error::Program { name, source };
-        let raw: &mut RawTracePoint = ebpf
-            .program_mut("hb_sys_enter")
-            .ok_or(Error::MissingMap("hb_sys_enter"))?
-            .try_into()
-            .map_err(|e| prog("hb_sys_enter", e))?;
-        raw.load().map_err(|e| prog("hb_sys_enter", e))?;
-        raw.attach("sys_enter")
-            .map_err(|e| prog("hb_sys_enter", e))?;
+        let syscall_hook = match attach_fentry(&mut ebpf, &btf) {
+            Ok(()) => "fentry/x64_sys_call",
+            Err(e) => {
+                tracing::info!(error = ?e, "fentry on x64_sys_call unavailable; counting syscalls at the sys_enter tracepoint");
+                let raw: &mut RawTracePoint = ebpf
+                    .program_mut("hb_sys_enter")
+                    .ok_or(Error::MissingMap("hb_sys_enter"))?
+                    .try_into()
+                    .map_err(|e| prog("hb_sys_enter", e))?;
+                raw.load().map_err(|e| prog("hb_sys_enter", e))?;
+                raw.attach("sys_enter")
+                    .map_err(|e| prog("hb_sys_enter", e))?;
+                "raw_tracepoint/sys_enter"
+            }
+        };
         let exec: &mut BtfTracePoint = ebpf
             .program_mut("hb_exec")
             .ok_or(Error::MissingMap("hb_exec"))?
@@ -136,12 +145,19 @@ impl Tracer {
         let drops = map("drops", PerCpuArray::try_from(take(&mut ebpf, "drops")?))?;
         let events = map("events", RingBuf::try_from(take(&mut ebpf, "events")?))?;
         Ok(Tracer {
+            syscall_hook,
             _ebpf: ebpf,
             watched,
             syscalls,
             drops,
             events: Some(events),
         })
+    }
+
+    /// Where syscalls are counted: `fentry/x64_sys_call` or the
+    /// `raw_tracepoint/sys_enter` fallback.
+    pub fn syscall_hook(&self) -> &'static str {
+        self.syscall_hook
     }
 
     /// Starts tracing the cgroup with v2 id `cgroup`.
@@ -201,6 +217,21 @@ impl Tracer {
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
     }
+}
+
+fn attach_fentry(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
+    let prog = |source| Error::Program {
+        name: "hb_sys_call",
+        source,
+    };
+    let f: &mut FEntry = ebpf
+        .program_mut("hb_sys_call")
+        .ok_or(Error::MissingMap("hb_sys_call"))?
+        .try_into()
+        .map_err(prog)?;
+    f.load("x64_sys_call", btf).map_err(prog)?;
+    f.attach().map_err(prog)?;
+    Ok(())
 }
 
 /// An event from the ring buffer.

@@ -73,6 +73,7 @@ async fn metrics(State(app): State<App>) -> Response {
 struct Health {
     status: &'static str,
     tracing: bool,
+    tracing_syscall_hook: &'static str,
     tracing_unavailable: String,
     nri_connected: bool,
     runtime: Option<String>,
@@ -85,6 +86,7 @@ async fn health(State(app): State<App>) -> Json<Health> {
     Json(Health {
         status: "ok",
         tracing: a.tracing.available(),
+        tracing_syscall_hook: a.tracing.syscall_hook(),
         tracing_unavailable: a.tracing.unavailable_reason().to_string(),
         nri_connected: a.link.is_connected(),
         runtime: a.runtime.lock().expect("runtime").clone(),

@@ -160,6 +160,14 @@ impl Tracing {
         self.tracer.is_some()
     }
 
+    /// Where syscalls are counted (`fentry/x64_sys_call` or the
+    /// tracepoint fallback); empty when the tracer is not loaded.
+    pub fn syscall_hook(&self) -> &'static str {
+        self.tracer
+            .as_ref()
+            .map_or("", |t| t.lock().expect("tracer").syscall_hook())
+    }
+
     /// Why it is not, when it is not.
     pub fn unavailable_reason(&self) -> &str {
         &self.unavailable

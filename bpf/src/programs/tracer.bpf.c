@@ -154,16 +154,14 @@ static __always_inline void emit_open(struct pt_regs *regs, __u64 cg, __u32 nr)
 	bpf_ringbuf_submit(e, 0);
 }
 
-// Counts syscalls per watched cgroup. raw_tracepoint: args[0] is the
-// caller's pt_regs, args[1] the syscall number. Counting emits nothing, so
-// it never drops; opens also go to the ring buffer.
-SEC("raw_tracepoint/sys_enter")
-int hb_sys_enter(struct bpf_raw_tracepoint_args *ctx)
+// Counts a syscall of a watched cgroup, in the kernel (so counting never
+// drops), and sends opens to the ring buffer.
+static __always_inline int count_syscall(struct pt_regs *regs, __u32 nr)
 {
 	__u64 cg = bpf_get_current_cgroup_id();
 	if (!bpf_map_lookup_elem(&watched, &cg))
 		return 0;
-	struct syscall_key key = { .cgroup = cg, .nr = (__u32)ctx->args[1] };
+	struct syscall_key key = { .cgroup = cg, .nr = nr };
 	__u64 *count = bpf_map_lookup_elem(&syscalls, &key);
 	if (count) {
 		__sync_fetch_and_add(count, 1);
@@ -176,9 +174,27 @@ int hb_sys_enter(struct bpf_raw_tracepoint_args *ctx)
 				__sync_fetch_and_add(count, 1);
 		}
 	}
-	if (key.nr == NR_OPENAT || key.nr == NR_OPEN)
-		emit_open((struct pt_regs *)ctx->args[0], cg, key.nr);
+	if (nr == NR_OPENAT || nr == NR_OPEN)
+		emit_open(regs, cg, nr);
 	return 0;
+}
+
+// Preferred hook: fentry on the x86_64 syscall dispatcher (6.9+). It runs
+// on the syscall fast path; enabling the sys_enter tracepoint instead
+// moves every syscall on the node to the slow path.
+// Args: (const struct pt_regs *regs, unsigned int nr).
+SEC("fentry/x64_sys_call")
+int hb_sys_call(__u64 *ctx)
+{
+	return count_syscall((struct pt_regs *)ctx[0], (__u32)ctx[1]);
+}
+
+// Fallback hook where fentry cannot attach. raw_tracepoint args: [0] the
+// caller's pt_regs, [1] the syscall number.
+SEC("raw_tracepoint/sys_enter")
+int hb_sys_enter(struct bpf_raw_tracepoint_args *ctx)
+{
+	return count_syscall((struct pt_regs *)ctx->args[0], (__u32)ctx->args[1]);
 }
 
 static __always_inline void count_drop(void)
