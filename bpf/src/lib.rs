@@ -205,6 +205,16 @@ impl Tracer {
         Ok(out)
     }
 
+    /// Syscalls counted so far per cgroup, all cgroups in one pass.
+    pub fn totals(&self) -> Result<std::collections::HashMap<u64, u64>> {
+        let mut out = std::collections::HashMap::new();
+        for kv in self.syscalls.iter() {
+            let (k, v) = map("syscalls", kv)?;
+            *out.entry(k.cgroup).or_insert(0) += v;
+        }
+        Ok(out)
+    }
+
     /// Events lost to a full ring buffer, all CPUs.
     pub fn drops(&self) -> u64 {
         self.drops

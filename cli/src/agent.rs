@@ -314,6 +314,108 @@ fn follow(socket: &Path, container: &str, json: bool) -> Result<()> {
     }
 }
 
+/// `hb top`: traced containers with their syscall rate, refreshed every
+/// `interval` (or once, after one interval, with `once`).
+pub fn top(
+    config: &hyperbox_config::Config,
+    interval: std::time::Duration,
+    once: bool,
+    json: bool,
+) -> Result<()> {
+    let sock = &config.agent.address;
+    let mut prev = get(sock, "/v1/top")?;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    loop {
+        std::thread::sleep(interval);
+        let now = get(sock, "/v1/top")?;
+        let secs = (now["at_ms"].as_u64().unwrap_or(0) as f64
+            - prev["at_ms"].as_u64().unwrap_or(0) as f64)
+            / 1000.0;
+        let before: std::collections::HashMap<&str, &Value> = prev["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| Some((c["id"].as_str()?, c)))
+            .collect();
+        let mut rows = Vec::new();
+        let mut out = Vec::new();
+        for c in now["containers"].as_array().into_iter().flatten() {
+            let id = c["id"].as_str().unwrap_or("");
+            let delta = |k: &str| {
+                let a = c[k].as_u64().unwrap_or(0);
+                let b = before.get(id).and_then(|p| p[k].as_u64()).unwrap_or(a);
+                a.saturating_sub(b) as f64 / secs.max(0.001)
+            };
+            let (sys, execs) = (delta("syscalls"), delta("execs"));
+            out.push(serde_json::json!({
+                "id": id,
+                "name": c["name"],
+                "live": c["live"],
+                "syscalls_per_sec": sys,
+                "execs_per_sec": execs,
+                "syscalls": c["syscalls"],
+                "opens": c["opens"],
+                "oom_kills": c["oom_kills"],
+            }));
+            rows.push((
+                sys,
+                vec![
+                    id[..id.len().min(12)].to_string(),
+                    c["name"].as_str().unwrap_or("").to_string(),
+                    if c["live"] == true {
+                        "running"
+                    } else {
+                        "stopped"
+                    }
+                    .to_string(),
+                    format!("{sys:.0}"),
+                    format!("{execs:.1}"),
+                    c["syscalls"].to_string(),
+                    c["opens"].to_string(),
+                    c["oom_kills"].to_string(),
+                ],
+            ));
+        }
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"interval_secs": secs, "ring_drops": now["ring_drops"], "containers": out})
+            );
+        } else {
+            rows.sort_by(|a, b| b.0.total_cmp(&a.0));
+            if tty && !once {
+                // Clear the screen and home the cursor.
+                print!("\x1b[2J\x1b[H");
+            }
+            println!(
+                "hb top: every {secs:.1} s, ring buffer drops {}",
+                now["ring_drops"]
+            );
+            let rows: Vec<Vec<String>> = rows.into_iter().map(|(_, r)| r).collect();
+            print!(
+                "{}",
+                table::render(
+                    &[
+                        "CONTAINER",
+                        "NAME",
+                        "STATE",
+                        "SYSCALLS/S",
+                        "EXECS/S",
+                        "SYSCALLS",
+                        "OPENS",
+                        "OOM"
+                    ],
+                    &rows
+                )
+            );
+        }
+        if once {
+            return Ok(());
+        }
+        prev = now;
+    }
+}
+
 /// `hb trace <container>`: what the eBPF tracer saw of a container.
 pub fn trace(
     config: &hyperbox_config::Config,

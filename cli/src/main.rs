@@ -54,6 +54,18 @@ enum Command {
         #[arg(long, short = 'f')]
         follow: bool,
     },
+    /// Traced containers with their syscall and exec rates, refreshed.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 2.0)]
+        interval: f64,
+        /// Print one sample (taken over one interval) and exit.
+        #[arg(long)]
+        once: bool,
+        /// One JSON object per sample.
+        #[arg(long)]
+        json: bool,
+    },
     /// The node agent's policy decisions.
     Policy {
         #[command(subcommand)]
@@ -132,6 +144,21 @@ fn main() -> ExitCode {
         match args.command {
             Command::Doctor { json } => doctor::run(&config, json),
             Command::Psi { json } => agent::psi(&config, json),
+            Command::Top {
+                interval,
+                once,
+                json,
+            } => {
+                if !(0.1..=3600.0).contains(&interval) {
+                    anyhow::bail!("--interval must be between 0.1 and 3600 seconds");
+                }
+                agent::top(
+                    &config,
+                    std::time::Duration::from_secs_f64(interval),
+                    once,
+                    json,
+                )
+            }
             Command::Trace {
                 container,
                 json,

@@ -299,6 +299,45 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_and_oom_kills_from
         "{seen:#?}"
     );
 
+    // hb top: rates over an interval in which the neighbour gets busy.
+    let top = agent
+        .hb_command(&["top", "--once", "--interval", "2", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = cri
+        .exec_sync(
+            &quiet,
+            &["dd", "if=/dev/zero", "of=/dev/null", "bs=1", "count=20000"],
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.status, 0);
+    let out = top.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = |id: &str| {
+        v["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("{id} not in hb top: {v}"))
+    };
+    let q = row(&quiet);
+    assert_eq!(q["live"], true, "{v}");
+    // 40,000 syscalls within a 2 s interval.
+    assert!(q["syscalls_per_sec"].as_f64().unwrap() > 10_000.0, "{v}");
+    let w = row(&worker);
+    assert_eq!(
+        (w["live"].clone(), w["syscalls_per_sec"].as_f64()),
+        (false.into(), Some(0.0)),
+        "{v}"
+    );
+
     // Metrics per container.
     let (_, metrics) = agent.http_get("/metrics").await.unwrap();
     assert!(

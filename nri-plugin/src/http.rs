@@ -48,6 +48,7 @@ pub fn api_router(agent: Arc<Agent>) -> Router {
         .route("/v1/containers/{id}", get(explain).delete(unregister))
         .route("/v1/containers/{id}/trace", get(trace))
         .route("/v1/containers/{id}/events", get(events))
+        .route("/v1/top", get(top))
         .with_state(App {
             agent,
             registry: Arc::new(Registry::default()),
@@ -299,6 +300,27 @@ async fn trace(State(app): State<App>, Path(id): Path<String>) -> Response {
         oom_killed: t.oom_killed,
         ring_drops: tr.drops(),
     })
+    .into_response()
+}
+
+/// `hb top`: every traced container's counters now.
+async fn top(State(app): State<App>) -> Response {
+    let tr = &app.agent.tracing;
+    if !tr.available() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("tracing is unavailable: {}", tr.unavailable_reason()),
+        )
+            .into_response();
+    }
+    Json(serde_json::json!({
+        "at_ms": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        "ring_drops": tr.drops(),
+        "containers": tr.top(),
+    }))
     .into_response()
 }
 

@@ -96,6 +96,25 @@ pub enum Streamed {
     },
 }
 
+/// A line of `hb top`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TopRow {
+    /// Container id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Still running.
+    pub live: bool,
+    /// Syscalls so far.
+    pub syscalls: u64,
+    /// Execs so far.
+    pub execs: u64,
+    /// Opens so far.
+    pub opens: u64,
+    /// OOM kills so far.
+    pub oom_kills: u64,
+}
+
 /// Errors of watching a container.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -239,6 +258,36 @@ impl Tracing {
             (None, None) => BTreeMap::new(),
         };
         Some((t, counts))
+    }
+
+    /// One line per traced container for `hb top`, with syscall totals
+    /// read from the kernel in one pass.
+    pub fn top(&self) -> Vec<TopRow> {
+        let totals = self
+            .tracer
+            .as_ref()
+            .and_then(|t| t.lock().expect("tracer").totals().ok())
+            .unwrap_or_default();
+        let mut rows: Vec<TopRow> = self
+            .containers
+            .lock()
+            .expect("traced")
+            .values()
+            .map(|t| TopRow {
+                id: t.id.clone(),
+                name: t.name.clone(),
+                live: t.live,
+                syscalls: match &t.final_syscalls {
+                    Some(f) => f.values().sum(),
+                    None => totals.get(&t.cgroup).copied().unwrap_or(0),
+                },
+                execs: t.exec_count,
+                opens: t.open_count,
+                oom_kills: t.oom_killed.len() as u64,
+            })
+            .collect();
+        rows.sort_by(|a, b| a.id.cmp(&b.id));
+        rows
     }
 
     /// Ids of the containers with results.
