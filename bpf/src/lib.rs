@@ -137,6 +137,14 @@ impl Tracer {
         oom.load("mark_victim", &btf)
             .map_err(|e| prog("hb_oom", e))?;
         oom.attach().map_err(|e| prog("hb_oom", e))?;
+        let tcp: &mut BtfTracePoint = ebpf
+            .program_mut("hb_tcp")
+            .ok_or(Error::MissingMap("hb_tcp"))?
+            .try_into()
+            .map_err(|e| prog("hb_tcp", e))?;
+        tcp.load("inet_sock_set_state", &btf)
+            .map_err(|e| prog("hb_tcp", e))?;
+        tcp.attach().map_err(|e| prog("hb_tcp", e))?;
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(Error::MissingMap(name))
         };
@@ -273,6 +281,25 @@ pub enum Event {
         /// The open flags (`O_*`).
         flags: u32,
     },
+    /// A TCP connection of a traced container closed.
+    Flow {
+        /// Its v2 cgroup id.
+        cgroup: u64,
+        /// Kernel monotonic time of the close, ns.
+        time_ns: u64,
+        /// The container connected (false: it accepted).
+        outbound: bool,
+        /// Local address and port (IPv4; `None` for IPv6).
+        local: Option<std::net::SocketAddrV4>,
+        /// Remote address and port (IPv4; `None` for IPv6).
+        remote: Option<std::net::SocketAddrV4>,
+        /// Bytes received.
+        bytes_in: u64,
+        /// Bytes sent and acknowledged.
+        bytes_out: u64,
+        /// How long the connection lived, ns.
+        duration_ns: u64,
+    },
     /// The OOM killer chose a process of a traced container.
     OomKill {
         /// The victim's pid.
@@ -287,6 +314,8 @@ pub enum Event {
 const EXEC: u32 = 1;
 const OPEN: u32 = 2;
 const OOM_KILL: u32 = 3;
+const FLOW: u32 = 4;
+const FLOW_SIZE: usize = HEAD_SIZE + 48;
 const OPEN_SIZE: usize = 32 + PATH_LEN;
 const HEAD_SIZE: usize = 24;
 const PATH_LEN: usize = 256;
@@ -325,6 +354,33 @@ pub fn parse_event(b: &[u8]) -> Option<Event> {
             flags: u32_at(24)?,
             path: cstr(&b[32..32 + PATH_LEN]),
         }),
+        FLOW if b.len() >= FLOW_SIZE => {
+            let u16_at = |o: usize| Some(u16::from_ne_bytes(b.get(o..o + 2)?.try_into().ok()?));
+            let v4 = u16_at(28)? == 2;
+            // Addresses are in network order as the kernel keeps them.
+            let addr = |o: usize| {
+                let raw: [u8; 4] = b.get(o..o + 4)?.try_into().ok()?;
+                Some(std::net::Ipv4Addr::from(raw))
+            };
+            let (local, remote) = if v4 {
+                (
+                    Some(std::net::SocketAddrV4::new(addr(36)?, u16_at(30)?)),
+                    Some(std::net::SocketAddrV4::new(addr(40)?, u16_at(32)?)),
+                )
+            } else {
+                (None, None)
+            };
+            Some(Event::Flow {
+                cgroup: u64_at(8)?,
+                time_ns: u64_at(16)?,
+                outbound: u32_at(24)? != 0,
+                local,
+                remote,
+                bytes_in: u64_at(48)?,
+                bytes_out: u64_at(56)?,
+                duration_ns: u64_at(64)?,
+            })
+        }
         OOM_KILL if b.len() >= HEAD_SIZE => Some(Event::OomKill {
             pid: u32_at(4)?,
             cgroup: u64_at(8)?,
@@ -373,6 +429,30 @@ mod tests {
             parse_event(&o),
             Some(Event::Open { ref path, flags: 0o101, .. }) if path == "/etc/hostname"
         ));
+        let mut f = vec![0u8; FLOW_SIZE];
+        f[0..4].copy_from_slice(&FLOW.to_ne_bytes());
+        f[24..28].copy_from_slice(&1u32.to_ne_bytes());
+        f[28..30].copy_from_slice(&2u16.to_ne_bytes());
+        f[30..32].copy_from_slice(&40000u16.to_ne_bytes());
+        f[32..34].copy_from_slice(&7777u16.to_ne_bytes());
+        f[36..40].copy_from_slice(&[127, 0, 0, 1]);
+        f[40..44].copy_from_slice(&[127, 0, 0, 2]);
+        f[48..56].copy_from_slice(&5u64.to_ne_bytes());
+        f[56..64].copy_from_slice(&6u64.to_ne_bytes());
+        match parse_event(&f) {
+            Some(Event::Flow {
+                outbound: true,
+                local: Some(l),
+                remote: Some(r),
+                bytes_in: 5,
+                bytes_out: 6,
+                ..
+            }) => {
+                assert_eq!(l.to_string(), "127.0.0.1:40000");
+                assert_eq!(r.to_string(), "127.0.0.2:7777");
+            }
+            other => panic!("{other:?}"),
+        }
         let mut k = vec![0u8; HEAD_SIZE];
         k[0..4].copy_from_slice(&OOM_KILL.to_ne_bytes());
         k[4..8].copy_from_slice(&9u32.to_ne_bytes());

@@ -356,6 +356,9 @@ pub fn top(
                 "syscalls": c["syscalls"],
                 "opens": c["opens"],
                 "oom_kills": c["oom_kills"],
+                "flows": c["flows"],
+                "bytes_in": c["bytes_in"],
+                "bytes_out": c["bytes_out"],
             }));
             rows.push((
                 sys,
@@ -372,6 +375,8 @@ pub fn top(
                     format!("{execs:.1}"),
                     c["syscalls"].to_string(),
                     c["opens"].to_string(),
+                    c["flows"].to_string(),
+                    format!("{}/{}", size(&c["bytes_in"]), size(&c["bytes_out"])),
                     c["oom_kills"].to_string(),
                 ],
             ));

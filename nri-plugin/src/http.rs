@@ -251,6 +251,10 @@ struct TraceView {
     opened: Vec<String>,
     open_count: u64,
     oom_killed: Vec<u32>,
+    flows: Vec<crate::trace::Flow>,
+    flow_count: u64,
+    bytes_in: u64,
+    bytes_out: u64,
     ring_drops: u64,
 }
 
@@ -298,6 +302,10 @@ async fn trace(State(app): State<App>, Path(id): Path<String>) -> Response {
         opened: t.opened,
         open_count: t.open_count,
         oom_killed: t.oom_killed,
+        flows: t.flows.into_iter().collect(),
+        flow_count: t.flow_count,
+        bytes_in: t.bytes_in,
+        bytes_out: t.bytes_out,
         ring_drops: tr.drops(),
     })
     .into_response()

@@ -37,6 +37,23 @@ pub struct Exec {
     pub args: Vec<String>,
 }
 
+/// A closed TCP connection.
+#[derive(Debug, Clone, Serialize)]
+pub struct Flow {
+    /// The container connected (`false`: it accepted).
+    pub outbound: bool,
+    /// Local `ip:port` (IPv4; empty for IPv6).
+    pub local: String,
+    /// Remote `ip:port`.
+    pub remote: String,
+    /// Bytes received.
+    pub bytes_in: u64,
+    /// Bytes sent and acknowledged.
+    pub bytes_out: u64,
+    /// Lifetime, ms.
+    pub duration_ms: f64,
+}
+
 /// What the tracer saw of one container.
 #[derive(Debug, Clone, Serialize)]
 pub struct Traced {
@@ -61,6 +78,14 @@ pub struct Traced {
     pub open_count: u64,
     /// OOM kills of its processes (pids).
     pub oom_killed: Vec<u32>,
+    /// Closed TCP connections, oldest first (the last 1024).
+    pub flows: VecDeque<Flow>,
+    /// TCP connections closed in total.
+    pub flow_count: u64,
+    /// Bytes received over them.
+    pub bytes_in: u64,
+    /// Bytes sent (acknowledged) over them.
+    pub bytes_out: u64,
     #[serde(skip)]
     seen: std::collections::HashSet<String>,
 }
@@ -89,6 +114,8 @@ pub enum Streamed {
         /// Flags.
         flags: u32,
     },
+    /// A TCP connection closed.
+    Flow(Flow),
     /// An OOM kill.
     OomKill {
         /// The victim.
@@ -113,6 +140,12 @@ pub struct TopRow {
     pub opens: u64,
     /// OOM kills so far.
     pub oom_kills: u64,
+    /// TCP connections closed so far.
+    pub flows: u64,
+    /// Bytes received over them.
+    pub bytes_in: u64,
+    /// Bytes sent over them.
+    pub bytes_out: u64,
 }
 
 /// Errors of watching a container.
@@ -217,6 +250,10 @@ impl Tracing {
                 opened: Vec::new(),
                 open_count: 0,
                 oom_killed: Vec::new(),
+                flows: VecDeque::new(),
+                flow_count: 0,
+                bytes_in: 0,
+                bytes_out: 0,
                 seen: Default::default(),
             },
         );
@@ -284,6 +321,9 @@ impl Tracing {
                 execs: t.exec_count,
                 opens: t.open_count,
                 oom_kills: t.oom_killed.len() as u64,
+                flows: t.flow_count,
+                bytes_in: t.bytes_in,
+                bytes_out: t.bytes_out,
             })
             .collect();
         rows.sort_by(|a, b| a.id.cmp(&b.id));
@@ -311,6 +351,7 @@ impl Tracing {
         let cgroup = match &e {
             Event::Exec { cgroup, .. }
             | Event::Open { cgroup, .. }
+            | Event::Flow { cgroup, .. }
             | Event::OomKill { cgroup, .. } => *cgroup,
         };
         let Some(id) = self
@@ -354,6 +395,32 @@ impl Tracing {
                         t.opened.push(path.clone());
                     }
                     Streamed::Open { pid, path, flags }
+                }
+                Event::Flow {
+                    outbound,
+                    local,
+                    remote,
+                    bytes_in,
+                    bytes_out,
+                    duration_ns,
+                    ..
+                } => {
+                    let flow = Flow {
+                        outbound,
+                        local: local.map(|a| a.to_string()).unwrap_or_default(),
+                        remote: remote.map(|a| a.to_string()).unwrap_or_default(),
+                        bytes_in,
+                        bytes_out,
+                        duration_ms: duration_ns as f64 / 1e6,
+                    };
+                    if t.flows.len() == EXECS {
+                        t.flows.pop_front();
+                    }
+                    t.flows.push_back(flow.clone());
+                    t.flow_count += 1;
+                    t.bytes_in += bytes_in;
+                    t.bytes_out += bytes_out;
+                    Streamed::Flow(flow)
                 }
                 Event::OomKill { pid, .. } => {
                     t.oom_killed.push(pid);

@@ -21,7 +21,15 @@ enum event_kind {
 	EVENT_EXEC = 1,
 	EVENT_OPEN = 2,
 	EVENT_OOM_KILL = 3,
+	EVENT_FLOW = 4,
 };
+
+#define TCP_ESTABLISHED 1
+#define TCP_SYN_SENT 2
+#define TCP_SYN_RECV 3
+#define TCP_CLOSE 7
+#define AF_INET 2
+#define AF_INET6 10
 
 #define NR_OPEN 2
 #define NR_OPENAT 257
@@ -60,6 +68,28 @@ struct cgroup {
 
 struct css_set {
 	struct cgroup *dfl_cgrp;
+} __attribute__((preserve_access_index));
+
+struct sock_common {
+	__be32 skc_daddr;
+	__be32 skc_rcv_saddr;
+	__be16 skc_dport;
+	__u16 skc_num;
+	unsigned short skc_family;
+} __attribute__((preserve_access_index));
+
+struct sock_cgroup_data {
+	struct cgroup *cgroup;
+} __attribute__((preserve_access_index));
+
+struct sock {
+	struct sock_common __sk_common;
+	struct sock_cgroup_data sk_cgrp_data;
+} __attribute__((preserve_access_index));
+
+struct tcp_sock {
+	__u64 bytes_received;
+	__u64 bytes_acked;
 } __attribute__((preserve_access_index));
 
 
@@ -110,6 +140,36 @@ struct open_event {
 	__u32 pad;
 	char path[PATH_LEN];
 };
+
+// A TCP connection of a watched container, reported when it closes.
+struct flow_event {
+	struct event_head head;
+	__u32 outbound;
+	__u16 family;
+	__u16 sport;
+	__u16 dport;
+	__u16 pad;
+	__u32 saddr;
+	__u32 daddr;
+	__u32 pad2;
+	__u64 bytes_in;
+	__u64 bytes_out;
+	__u64 duration_ns;
+};
+
+struct flow_start {
+	__u64 time_ns;
+	__u32 outbound;
+	__u32 pad;
+};
+
+// Open connections of watched containers, by socket address.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct flow_start);
+} flows SEC(".maps");
 
 // Size is set from user space (tracing.ring_buffer_bytes) before loading.
 struct {
@@ -272,5 +332,64 @@ int hb_oom(__u64 *ctx)
 	e->cgroup = cg;
 	e->time_ns = bpf_ktime_get_ns();
 	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+// TCP state changes, attributed by the socket's own v2 cgroup (set when
+// the socket was created, and inherited by accepted sockets), since the
+// change often runs in softirq context on behalf of no task of ours.
+// tp_btf args: (const struct sock *sk, int oldstate, int newstate).
+SEC("tp_btf/inet_sock_set_state")
+int hb_tcp(__u64 *ctx)
+{
+	struct sock *sk = (struct sock *)ctx[0];
+	int oldstate = (int)ctx[1];
+	int newstate = (int)ctx[2];
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (family != AF_INET && family != AF_INET6)
+		return 0;
+	__u64 cg = BPF_CORE_READ(sk, sk_cgrp_data.cgroup, kn, id);
+	if (!bpf_map_lookup_elem(&watched, &cg))
+		return 0;
+	__u64 key = (__u64)sk;
+	if (newstate == TCP_SYN_SENT ||
+	    (newstate == TCP_ESTABLISHED && oldstate == TCP_SYN_RECV)) {
+		struct flow_start f = {
+			.time_ns = bpf_ktime_get_ns(),
+			.outbound = newstate == TCP_SYN_SENT,
+		};
+		bpf_map_update_elem(&flows, &key, &f, BPF_ANY);
+		return 0;
+	}
+	if (newstate != TCP_CLOSE)
+		return 0;
+	struct flow_start *f = bpf_map_lookup_elem(&flows, &key);
+	if (!f)
+		return 0;
+	struct flow_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count_drop();
+		bpf_map_delete_elem(&flows, &key);
+		return 0;
+	}
+	struct tcp_sock *tp = (struct tcp_sock *)sk;
+	__u64 now = bpf_ktime_get_ns();
+	e->head.kind = EVENT_FLOW;
+	e->head.pid = 0;
+	e->head.cgroup = cg;
+	e->head.time_ns = now;
+	e->outbound = f->outbound;
+	e->family = family;
+	e->sport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	e->dport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	e->pad = 0;
+	e->saddr = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
+	e->daddr = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+	e->pad2 = 0;
+	e->bytes_in = BPF_CORE_READ(tp, bytes_received);
+	e->bytes_out = BPF_CORE_READ(tp, bytes_acked);
+	e->duration_ns = now - f->time_ns;
+	bpf_ringbuf_submit(e, 0);
+	bpf_map_delete_elem(&flows, &key);
 	return 0;
 }
