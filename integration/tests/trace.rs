@@ -340,10 +340,16 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kill
 
     // A TCP client/server pair on loopback (host network): each side sees
     // its own connection, with the bytes, and neither sees the other's.
+    // The server's stdin stays open (sleep), so busybox nc reads the whole
+    // stream instead of closing at stdin EOF and resetting the client.
     let server = cri
         .create_container(
             &pod,
-            &ContainerSpec::new("server", &image, &["sh", "-c", "nc -l -p 17777 >/dev/null"]),
+            &ContainerSpec::new(
+                "server",
+                &image,
+                &["sh", "-c", "sleep 5 | nc -l -p 17777 >/dev/null"],
+            ),
         )
         .await
         .unwrap();
