@@ -259,13 +259,11 @@ impl prometheus_client::collector::Collector for StateCollector {
         let tr = &self.0.tracing;
         if tr.available() {
             let (mut sys, mut execs) = (vec![], vec![]);
-            for id in tr.ids() {
-                let Some((t, counts)) = tr.get(&id) else {
-                    continue;
-                };
-                let labels = l(&[("container_id", &t.id), ("container", &t.name)]);
-                sys.push((labels.clone(), counts.values().sum::<u64>() as f64));
-                execs.push((labels, t.exec_count as f64));
+            // One pass over the kernel map for every container (as hb top).
+            for row in tr.top() {
+                let labels = l(&[("container_id", &row.id), ("container", &row.name)]);
+                sys.push((labels.clone(), row.syscalls as f64));
+                execs.push((labels, row.execs as f64));
             }
             counter(
                 &mut enc,
