@@ -2,22 +2,29 @@
 //! `build.rs` with clang) and loaded with aya, relocated (CO-RE) against the
 //! running kernel's BTF.
 //!
-//! Tracing is per container: a container is traced while its v2 cgroup id
-//! is in the `watched` map. The agent adds it before the workload's first
-//! instruction (NRI StartContainer, or the shim's call after `runc
-//! create`). Today the programs count every syscall per container (the
-//! input of seccomp learning) and report each exec (path and the start of
-//! argv), each open (path, flags) and each OOM kill through a ring buffer
-//! with a per-CPU drop counter.
+//! Tracing is per container: a container is traced while its cgroup id
+//! (v2, or on pure v1 hosts its v1 memory cgroup's) is in the `watched`
+//! map. The agent adds it before the workload's first instruction (NRI
+//! StartContainer, or the shim's call after `runc create`). The programs
+//! count every syscall per container in the kernel (the input of seccomp
+//! learning) and report each exec (path and the start of argv), each open
+//! (path, flags; sampled when the ring fills), each TCP connection at close
+//! and each OOM kill through a ring buffer with per-CPU drop counters.
+//!
+//! The syscall hook is attached only while some container is watched:
+//! with nothing to trace, the node's syscalls pay nothing.
 //!
 //! Dropping the [`Tracer`] detaches every program and frees every map:
 //! nothing is pinned, so nothing outlives the process.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::fentry::FEntryLinkId;
+use aya::programs::raw_trace_point::RawTracePointLinkId;
 use aya::programs::{BtfTracePoint, FEntry, RawTracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
 
@@ -71,21 +78,76 @@ struct SyscallKey {
 // pattern is valid.
 unsafe impl aya::Pod for SyscallKey {}
 
+/// `struct flow_start` of the C side.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct FlowStart {
+    time_ns: u64,
+    cgroup: u64,
+    outbound: u32,
+    established: u32,
+    sport: u16,
+    dport: u16,
+    pad: u32,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+}
+
+// SAFETY: as above.
+unsafe impl aya::Pod for FlowStart {}
+
+/// How the tracer loads.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Size of the event ring buffer (a power of two, at least a page).
+    pub ring_bytes: u32,
+    /// Pure cgroup v1 hosts: the index of the v1 controller (as listed in
+    /// `/proc/cgroups`) whose cgroup identifies a container; `None` to use
+    /// the v2 cgroup id.
+    pub v1_subsys: Option<u32>,
+    /// Unread bytes in the ring above which opens are sampled.
+    pub sample_above: u64,
+    /// Under sampling, one open in this many is sent.
+    pub sample_one_in: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            ring_bytes: 256 << 10,
+            v1_subsys: None,
+            sample_above: 128 << 10,
+            sample_one_in: 16,
+        }
+    }
+}
+
+/// Where syscalls are counted, and the link while attached.
+#[derive(Debug)]
+enum SyscallHook {
+    FEntry(Option<FEntryLinkId>),
+    RawTracepoint(Option<RawTracePointLinkId>),
+}
+
 /// The loaded, attached tracer.
 pub struct Tracer {
-    syscall_hook: &'static str,
+    hook: SyscallHook,
     // Keeps programs and links alive; dropped last.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     watched: HashMap<MapData, u64, u32>,
+    watching: HashSet<u64>,
     syscalls: HashMap<MapData, SyscallKey, u64>,
+    flows: HashMap<MapData, u64, FlowStart>,
     drops: PerCpuArray<MapData, u64>,
+    sampled: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
 }
 
 impl std::fmt::Debug for Tracer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tracer")
-            .field("syscall_hook", &self.syscall_hook)
+            .field("syscall_hook", &self.hook)
+            .field("watching", &self.watching.len())
             .field("events_taken", &self.events.is_none())
             .finish_non_exhaustive()
     }
@@ -96,18 +158,22 @@ fn map<T>(name: &'static str, r: std::result::Result<T, aya::maps::MapError>) ->
 }
 
 impl Tracer {
-    /// Loads and attaches the programs; `ring_bytes` sizes the event ring
-    /// buffer (a power of two, at least a page).
-    pub fn load(ring_bytes: u32) -> Result<Tracer> {
+    /// Loads the programs and attaches those that cost nothing until a
+    /// container is watched; the syscall hook waits for the first watch.
+    pub fn load(opts: &Options) -> Result<Tracer> {
         let btf = Btf::from_sys_fs().map_err(Error::Btf)?;
+        let v1 = opts.v1_subsys.map_or(0, |i| i + 1);
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
-            .map_max_entries("events", ring_bytes)
+            .map_max_entries("events", opts.ring_bytes)
+            .override_global("hb_v1_subsys", &v1, true)
+            .override_global("hb_sample_above", &opts.sample_above, true)
+            .override_global("hb_sample_one_in", &opts.sample_one_in, true)
             .load(TRACER)
             .map_err(Error::Load)?;
         let prog = |name, source| Error::Program { name, source };
-        let syscall_hook = match attach_fentry(&mut ebpf, &btf) {
-            Ok(()) => "fentry/x64_sys_call",
+        let hook = match load_fentry(&mut ebpf, &btf) {
+            Ok(()) => SyscallHook::FEntry(None),
             Err(e) => {
                 tracing::info!(error = ?e, "fentry on x64_sys_call unavailable; counting syscalls at the sys_enter tracepoint");
                 let raw: &mut RawTracePoint = ebpf
@@ -116,9 +182,7 @@ impl Tracer {
                     .try_into()
                     .map_err(|e| prog("hb_sys_enter", e))?;
                 raw.load().map_err(|e| prog("hb_sys_enter", e))?;
-                raw.attach("sys_enter")
-                    .map_err(|e| prog("hb_sys_enter", e))?;
-                "raw_tracepoint/sys_enter"
+                SyscallHook::RawTracepoint(None)
             }
         };
         let exec: &mut BtfTracePoint = ebpf
@@ -151,13 +215,21 @@ impl Tracer {
         let watched = map("watched", HashMap::try_from(take(&mut ebpf, "watched")?))?;
         let syscalls = map("syscalls", HashMap::try_from(take(&mut ebpf, "syscalls")?))?;
         let drops = map("drops", PerCpuArray::try_from(take(&mut ebpf, "drops")?))?;
+        let sampled = map(
+            "sampled",
+            PerCpuArray::try_from(take(&mut ebpf, "sampled")?),
+        )?;
+        let flows = map("flows", HashMap::try_from(take(&mut ebpf, "flows")?))?;
         let events = map("events", RingBuf::try_from(take(&mut ebpf, "events")?))?;
         Ok(Tracer {
-            syscall_hook,
-            _ebpf: ebpf,
+            hook,
+            ebpf,
             watched,
+            watching: HashSet::new(),
             syscalls,
+            flows,
             drops,
+            sampled,
             events: Some(events),
         })
     }
@@ -165,16 +237,66 @@ impl Tracer {
     /// Where syscalls are counted: `fentry/x64_sys_call` or the
     /// `raw_tracepoint/sys_enter` fallback.
     pub fn syscall_hook(&self) -> &'static str {
-        self.syscall_hook
+        match self.hook {
+            SyscallHook::FEntry(_) => "fentry/x64_sys_call",
+            SyscallHook::RawTracepoint(_) => "raw_tracepoint/sys_enter",
+        }
     }
 
-    /// Starts tracing the cgroup with v2 id `cgroup`.
+    /// Whether the syscall hook is attached now (some container watched).
+    pub fn syscall_hook_attached(&self) -> bool {
+        matches!(
+            self.hook,
+            SyscallHook::FEntry(Some(_)) | SyscallHook::RawTracepoint(Some(_))
+        )
+    }
+
+    fn attach_syscall_hook(&mut self) -> Result<()> {
+        let prog = |name, source| Error::Program { name, source };
+        match &mut self.hook {
+            SyscallHook::FEntry(link @ None) => {
+                let f: &mut FEntry = program(&mut self.ebpf, "hb_sys_call")?;
+                *link = Some(f.attach().map_err(|e| prog("hb_sys_call", e))?);
+            }
+            SyscallHook::RawTracepoint(link @ None) => {
+                let r: &mut RawTracePoint = program(&mut self.ebpf, "hb_sys_enter")?;
+                *link = Some(r.attach("sys_enter").map_err(|e| prog("hb_sys_enter", e))?);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn detach_syscall_hook(&mut self) -> Result<()> {
+        let prog = |name, source| Error::Program { name, source };
+        match &mut self.hook {
+            SyscallHook::FEntry(link) => {
+                if let Some(id) = link.take() {
+                    let f: &mut FEntry = program(&mut self.ebpf, "hb_sys_call")?;
+                    f.detach(id).map_err(|e| prog("hb_sys_call", e))?;
+                }
+            }
+            SyscallHook::RawTracepoint(link) => {
+                if let Some(id) = link.take() {
+                    let r: &mut RawTracePoint = program(&mut self.ebpf, "hb_sys_enter")?;
+                    r.detach(id).map_err(|e| prog("hb_sys_enter", e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts tracing the cgroup with id `cgroup` (attaching the syscall
+    /// hook for the first one).
     pub fn watch(&mut self, cgroup: u64) -> Result<()> {
-        map("watched", self.watched.insert(cgroup, 1, 0))
+        self.attach_syscall_hook()?;
+        map("watched", self.watched.insert(cgroup, 1, 0))?;
+        self.watching.insert(cgroup);
+        Ok(())
     }
 
     /// Stops tracing `cgroup`; returns its final syscall counts and frees
-    /// their map entries.
+    /// their map entries. The syscall hook is detached with the last one.
     pub fn unwatch(&mut self, cgroup: u64) -> Result<BTreeMap<u32, u64>> {
         match self.watched.remove(&cgroup) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
@@ -185,6 +307,10 @@ impl Tracer {
                 });
             }
         }
+        self.watching.remove(&cgroup);
+        if self.watching.is_empty() {
+            self.detach_syscall_hook()?;
+        }
         let counts = self.syscalls(cgroup)?;
         for nr in counts.keys() {
             let _ = self.syscalls.remove(&SyscallKey {
@@ -194,6 +320,32 @@ impl Tracer {
             });
         }
         Ok(counts)
+    }
+
+    /// Frees the kernel's record of `cgroup`'s connections still open
+    /// (the container was removed and its sockets outlived it); returns
+    /// how many there were.
+    pub fn forget_flows(&mut self, cgroup: u64) -> usize {
+        let keys: Vec<u64> = self
+            .flows
+            .iter()
+            .filter_map(|kv| kv.ok())
+            .filter(|(_, f)| f.cgroup == cgroup)
+            .map(|(k, _)| k)
+            .collect();
+        for k in &keys {
+            let _ = self.flows.remove(k);
+        }
+        keys.len()
+    }
+
+    /// Connections open now, per cgroup.
+    pub fn open_flows(&self) -> std::collections::HashMap<u64, u64> {
+        let mut out = std::collections::HashMap::new();
+        for (_, f) in self.flows.iter().filter_map(|kv| kv.ok()) {
+            *out.entry(f.cgroup).or_insert(0) += 1;
+        }
+        out
     }
 
     /// Whether `cgroup` is traced.
@@ -231,24 +383,41 @@ impl Tracer {
             .unwrap_or(0)
     }
 
+    /// Opens left out by sampling while the ring was filling, all CPUs.
+    pub fn sampled(&self) -> u64 {
+        self.sampled
+            .get(&0, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
+    }
+
     /// The event ring buffer, for one reader ([`EventReader`]).
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
     }
 }
 
-fn attach_fentry(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(Error::MissingMap(name))?
+        .try_into()
+        .map_err(|source| Error::Program { name, source })
+}
+
+/// Loads the fentry hook and proves it attaches (some kernels refuse
+/// fentry); it is detached again until a container is watched.
+fn load_fentry(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
     let prog = |source| Error::Program {
         name: "hb_sys_call",
         source,
     };
-    let f: &mut FEntry = ebpf
-        .program_mut("hb_sys_call")
-        .ok_or(Error::MissingMap("hb_sys_call"))?
-        .try_into()
-        .map_err(prog)?;
+    let f: &mut FEntry = program(ebpf, "hb_sys_call")?;
     f.load("x64_sys_call", btf).map_err(prog)?;
-    f.attach().map_err(prog)?;
+    let link = f.attach().map_err(prog)?;
+    f.detach(link).map_err(prog)?;
     Ok(())
 }
 
@@ -289,10 +458,10 @@ pub enum Event {
         time_ns: u64,
         /// The container connected (false: it accepted).
         outbound: bool,
-        /// Local address and port (IPv4; `None` for IPv6).
-        local: Option<std::net::SocketAddrV4>,
-        /// Remote address and port (IPv4; `None` for IPv6).
-        remote: Option<std::net::SocketAddrV4>,
+        /// Local address and port (v4-mapped IPv6 shown as IPv4).
+        local: SocketAddr,
+        /// Remote address and port.
+        remote: SocketAddr,
         /// Bytes received.
         bytes_in: u64,
         /// Bytes sent and acknowledged.
@@ -315,7 +484,7 @@ const EXEC: u32 = 1;
 const OPEN: u32 = 2;
 const OOM_KILL: u32 = 3;
 const FLOW: u32 = 4;
-const FLOW_SIZE: usize = HEAD_SIZE + 48;
+const FLOW_SIZE: usize = HEAD_SIZE + 72;
 const OPEN_SIZE: usize = 32 + PATH_LEN;
 const HEAD_SIZE: usize = 24;
 const PATH_LEN: usize = 256;
@@ -358,27 +527,24 @@ pub fn parse_event(b: &[u8]) -> Option<Event> {
             let u16_at = |o: usize| Some(u16::from_ne_bytes(b.get(o..o + 2)?.try_into().ok()?));
             let v4 = u16_at(28)? == 2;
             // Addresses are in network order as the kernel keeps them.
-            let addr = |o: usize| {
-                let raw: [u8; 4] = b.get(o..o + 4)?.try_into().ok()?;
-                Some(std::net::Ipv4Addr::from(raw))
-            };
-            let (local, remote) = if v4 {
-                (
-                    Some(std::net::SocketAddrV4::new(addr(36)?, u16_at(30)?)),
-                    Some(std::net::SocketAddrV4::new(addr(40)?, u16_at(32)?)),
-                )
-            } else {
-                (None, None)
+            let addr = |o: usize| -> Option<IpAddr> {
+                if v4 {
+                    let raw: [u8; 4] = b.get(o..o + 4)?.try_into().ok()?;
+                    return Some(Ipv4Addr::from(raw).into());
+                }
+                let raw: [u8; 16] = b.get(o..o + 16)?.try_into().ok()?;
+                let v6 = Ipv6Addr::from(raw);
+                Some(v6.to_ipv4_mapped().map_or(v6.into(), IpAddr::V4))
             };
             Some(Event::Flow {
                 cgroup: u64_at(8)?,
                 time_ns: u64_at(16)?,
                 outbound: u32_at(24)? != 0,
-                local,
-                remote,
-                bytes_in: u64_at(48)?,
-                bytes_out: u64_at(56)?,
-                duration_ns: u64_at(64)?,
+                local: SocketAddr::new(addr(64)?, u16_at(30)?),
+                remote: SocketAddr::new(addr(80)?, u16_at(32)?),
+                bytes_in: u64_at(40)?,
+                bytes_out: u64_at(48)?,
+                duration_ns: u64_at(56)?,
             })
         }
         OOM_KILL if b.len() >= HEAD_SIZE => Some(Event::OomKill {
@@ -435,24 +601,30 @@ mod tests {
         f[28..30].copy_from_slice(&2u16.to_ne_bytes());
         f[30..32].copy_from_slice(&40000u16.to_ne_bytes());
         f[32..34].copy_from_slice(&7777u16.to_ne_bytes());
-        f[36..40].copy_from_slice(&[127, 0, 0, 1]);
-        f[40..44].copy_from_slice(&[127, 0, 0, 2]);
-        f[48..56].copy_from_slice(&5u64.to_ne_bytes());
-        f[56..64].copy_from_slice(&6u64.to_ne_bytes());
-        match parse_event(&f) {
+        f[40..48].copy_from_slice(&5u64.to_ne_bytes());
+        f[48..56].copy_from_slice(&6u64.to_ne_bytes());
+        f[64..68].copy_from_slice(&[127, 0, 0, 1]);
+        f[80..84].copy_from_slice(&[127, 0, 0, 2]);
+        let flow = |f: &[u8]| match parse_event(f) {
             Some(Event::Flow {
                 outbound: true,
-                local: Some(l),
-                remote: Some(r),
+                local,
+                remote,
                 bytes_in: 5,
                 bytes_out: 6,
                 ..
-            }) => {
-                assert_eq!(l.to_string(), "127.0.0.1:40000");
-                assert_eq!(r.to_string(), "127.0.0.2:7777");
-            }
+            }) => (local.to_string(), remote.to_string()),
             other => panic!("{other:?}"),
-        }
+        };
+        assert_eq!(
+            flow(&f),
+            ("127.0.0.1:40000".into(), "127.0.0.2:7777".into())
+        );
+        // IPv6, and v4-mapped IPv6 (a dual-stack listener's peer) as IPv4.
+        f[28..30].copy_from_slice(&10u16.to_ne_bytes());
+        f[64..80].copy_from_slice(&Ipv6Addr::LOCALHOST.octets());
+        f[80..96].copy_from_slice(&Ipv4Addr::new(10, 1, 2, 3).to_ipv6_mapped().octets());
+        assert_eq!(flow(&f), ("[::1]:40000".into(), "10.1.2.3:7777".into()));
         let mut k = vec![0u8; HEAD_SIZE];
         k[0..4].copy_from_slice(&OOM_KILL.to_ne_bytes());
         k[4..8].copy_from_slice(&9u32.to_ne_bytes());

@@ -10,6 +10,7 @@
 
 #![deny(missing_docs)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -84,7 +85,7 @@ pub struct Config {
 }
 
 /// `[tracing]`: per-container eBPF tracing in the agent.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Tracing {
     /// Load the tracer. When it cannot load (no BTF, no privileges) the
@@ -94,6 +95,26 @@ pub struct Tracing {
     /// Size of the event ring buffer shared by all CPUs, bytes (a power of
     /// two, 4 KiB to 256 MiB). Events that do not fit are counted as drops.
     pub ring_buffer_bytes: u32,
+    /// Fill of the ring buffer (0 to 1) above which open events are
+    /// sampled; 1 never samples.
+    pub sample_above: f64,
+    /// Under sampling, one open in this many is sent (the rest are counted
+    /// in `hyperbox_trace_sampled_total`).
+    pub sample_one_in: u32,
+    /// Which cgroup identifies a container: `auto` (v2 where the host has a
+    /// v2 hierarchy, else the v1 memory cgroup), `v2` or `v1`.
+    pub cgroup_hierarchy: CgroupHierarchy,
+    /// OTLP/HTTP (protobuf) collector for container spans, e.g.
+    /// `http://127.0.0.1:4318` (`/v1/traces` is added when the URL has no
+    /// path). Empty: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` from the environment, else no export.
+    pub otlp_endpoint: String,
+    /// Extra headers sent with each export (authentication, tenant).
+    pub otlp_headers: BTreeMap<String, String>,
+    /// Timeout of one export, seconds.
+    pub otlp_timeout_secs: u64,
+    /// `service.name` of the exported resource.
+    pub otlp_service_name: String,
 }
 
 impl Default for Tracing {
@@ -101,8 +122,27 @@ impl Default for Tracing {
         Tracing {
             enabled: true,
             ring_buffer_bytes: 256 << 10,
+            sample_above: 0.5,
+            sample_one_in: 16,
+            cgroup_hierarchy: CgroupHierarchy::Auto,
+            otlp_endpoint: String::new(),
+            otlp_headers: BTreeMap::new(),
+            otlp_timeout_secs: 10,
+            otlp_service_name: "hyperbox-agent".into(),
         }
     }
+}
+
+/// `tracing.cgroup_hierarchy`.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupHierarchy {
+    /// v2 when the host mounts a v2 hierarchy (unified or hybrid), else v1.
+    Auto,
+    /// The v2 cgroup id (`bpf_get_current_cgroup_id`).
+    V2,
+    /// The container's v1 memory cgroup, read from the task.
+    V1,
 }
 
 impl Default for Config {
@@ -450,12 +490,37 @@ impl Config {
         }
         self.validate_agent(path)?;
         self.memory.validate(path)?;
-        let rb = self.tracing.ring_buffer_bytes;
+        let t = &self.tracing;
+        let rb = t.ring_buffer_bytes;
         if !rb.is_power_of_two() || !(4096..=256 << 20).contains(&rb) {
             return Err(invalid(
                 "tracing.ring_buffer_bytes",
                 "must be a power of two between 4096 and 268435456",
             ));
+        }
+        if !(t.sample_above > 0.0 && t.sample_above <= 1.0) {
+            return Err(invalid(
+                "tracing.sample_above",
+                "must be above 0 and at most 1",
+            ));
+        }
+        if t.sample_one_in == 0 {
+            return Err(invalid("tracing.sample_one_in", "must be at least 1"));
+        }
+        let e = t.otlp_endpoint.trim();
+        if !e.is_empty() {
+            let rest = e
+                .strip_prefix("http://")
+                .or_else(|| e.strip_prefix("https://"));
+            if rest.is_none_or(|r| r.is_empty() || r.starts_with('/')) {
+                return Err(invalid(
+                    "tracing.otlp_endpoint",
+                    "must be an http:// or https:// URL with a host",
+                ));
+            }
+        }
+        if t.otlp_timeout_secs == 0 {
+            return Err(invalid("tracing.otlp_timeout_secs", "must be at least 1"));
         }
         Ok(())
     }

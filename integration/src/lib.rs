@@ -29,6 +29,7 @@ pub mod digest;
 pub mod footprint;
 pub mod image;
 pub mod mount;
+pub mod otlp;
 pub mod prereq;
 pub mod procs;
 pub mod prometheus;

@@ -1,14 +1,15 @@
 //! The agent's eBPF tracer against real containers: attached at NRI
 //! StartContainer (before the workload's first instruction), attributing
-//! syscalls, execs, opens and OOM kills to the right container and nothing
-//! else, and leaving
-//! no BPF program behind when the agent stops.
+//! syscalls, execs, opens, TCP flows and OOM kills to the right container
+//! and nothing else, exporting a span per container over OTLP, and leaving
+//! no BPF program or link behind when the agent stops.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hyperbox_integration::agent::AgentDaemon;
 use hyperbox_integration::cri::{ContainerSpec, PodNetwork};
+use hyperbox_integration::otlp::Receiver;
 use hyperbox_integration::prereq::Prereq;
 use hyperbox_integration::require;
 use hyperbox_integration::testbed::Testbed;
@@ -51,6 +52,20 @@ fn programs_of(pid: u32) -> Vec<u64> {
     ids
 }
 
+/// BPF links attached to any of the programs `progs`, from bpftool.
+fn links_of(progs: &[u64]) -> usize {
+    let out = Command::new("bpftool")
+        .args(["link", "show", "--json"])
+        .output()
+        .expect("run bpftool");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| l["prog_id"].as_u64().is_some_and(|p| progs.contains(&p)))
+        .count()
+}
+
 async fn trace_of(agent: &AgentDaemon, id: &str) -> serde_json::Value {
     serde_json::from_str(&agent.hb(&["trace", id, "--json"])).expect("trace JSON")
 }
@@ -68,10 +83,23 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kill
         Prereq::Bpftool
     );
     let tb = Testbed::start().await;
-    let agent = AgentDaemon::start(&tb.containerd.nri_socket(), "").await;
+    let otlp = Receiver::start().await;
+    let agent = AgentDaemon::start(
+        &tb.containerd.nri_socket(),
+        &format!("[tracing]\notlp_endpoint = \"{}\"\n", otlp.url),
+    )
+    .await;
     agent.wait_connected(true, Duration::from_secs(20)).await;
     let health = agent.health().await.unwrap();
     assert_eq!(health["tracing"], true, "{health}");
+    assert_eq!(
+        health["tracing_otlp_endpoint"],
+        format!("{}/v1/traces", otlp.url),
+        "{health}"
+    );
+    // Nothing watched yet: the syscall hook is loaded but not attached, so
+    // the node's syscalls pay nothing.
+    assert_eq!(health["tracing_syscall_hook_attached"], false, "{health}");
     // fentry where the kernel lets it attach; this machine refuses it
     // (EPERM), so the tracepoint fallback is what runs here.
     assert!(
@@ -97,6 +125,11 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kill
         names.contains(&"hb_exec") && names.contains(&"hb_oom") && names.contains(&"hb_tcp"),
         "{names:?}"
     );
+    assert_eq!(
+        links_of(&ours),
+        3,
+        "exec, OOM and TCP attached; syscalls not"
+    );
 
     let image = tb.push_sleeper().await;
     let cri = tb.containerd.cri().await.unwrap();
@@ -111,6 +144,13 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kill
         .await
         .unwrap();
     cri.start_container(&quiet).await.unwrap();
+    let health = agent.health().await.unwrap();
+    assert_eq!(health["tracing_syscall_hook_attached"], true, "{health}");
+    assert_eq!(
+        links_of(&ours),
+        4,
+        "the syscall hook attaches with the first watch"
+    );
     // The worker: its very first instruction is the exec of sh; then an
     // exec of the marker binary, opens and writes.
     let script =
@@ -338,17 +378,23 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kill
         "{v}"
     );
 
-    // A TCP client/server pair on loopback (host network): each side sees
-    // its own connection, with the bytes, and neither sees the other's.
-    // The server's stdin stays open (sleep), so busybox nc reads the whole
-    // stream instead of closing at stdin EOF and resetting the client.
+    // A TCP client/server pair on loopback (host network), over IPv4 and
+    // IPv6: each side sees its own connections, with the bytes, and
+    // neither sees the other's. The servers' stdin stays open (sleep), so
+    // busybox nc reads the whole stream instead of closing at stdin EOF
+    // and resetting the client.
     let server = cri
         .create_container(
             &pod,
             &ContainerSpec::new(
                 "server",
                 &image,
-                &["sh", "-c", "sleep 5 | nc -l -p 17777 >/dev/null"],
+                &[
+                    "sh",
+                    "-c",
+                    "(sleep 5 | nc -l -p 17777 >/dev/null) & \
+                     sleep 5 | nc -l -p 17778 >/dev/null; wait",
+                ],
             ),
         )
         .await
@@ -361,7 +407,12 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kill
             &ContainerSpec::new(
                 "client",
                 &image,
-                &["sh", "-c", "head -c 10000 /dev/zero | nc 127.0.0.1 17777"],
+                &[
+                    "sh",
+                    "-c",
+                    "head -c 10000 /dev/zero | nc 127.0.0.1 17777; \
+                     head -c 20000 /dev/zero | nc ::1 17778",
+                ],
             ),
         )
         .await
@@ -377,24 +428,47 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kill
     let (c, sv) = loop {
         let c = trace_of(&agent, &client).await;
         let sv = trace_of(&agent, &server).await;
-        if (c["flow_count"] == 1 && sv["flow_count"] == 1)
+        if (c["flow_count"] == 2 && sv["flow_count"] == 2)
             || start.elapsed() > Duration::from_secs(10)
         {
             break (c, sv);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(c["flow_count"], 1, "{c}");
-    assert_eq!(sv["flow_count"], 1, "{sv}");
-    let (cf, sf) = (&c["flows"][0], &sv["flows"][0]);
+    assert_eq!(c["flow_count"], 2, "{c}");
+    assert_eq!(sv["flow_count"], 2, "{sv}");
+    let flow = |t: &serde_json::Value, port: &str, local: bool| {
+        t["flows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| {
+                f[if local { "local" } else { "remote" }]
+                    .as_str()
+                    .is_some_and(|a| a.ends_with(port))
+            })
+            .cloned()
+            .unwrap_or_else(|| panic!("no flow on port {port}: {t}"))
+    };
+    let (cf, cf6) = (flow(&c, ":17777", false), flow(&c, ":17778", false));
     assert_eq!(cf["outbound"], true, "{c}");
     assert_eq!(cf["remote"], "127.0.0.1:17777", "{c}");
     assert!(cf["bytes_out"].as_u64().unwrap() >= 10_000, "{c}");
+    assert_eq!(cf6["outbound"], true, "{c}");
+    assert_eq!(cf6["remote"], "[::1]:17778", "{c}");
+    assert!(cf6["bytes_out"].as_u64().unwrap() >= 20_000, "{c}");
+    // busybox nc listens on [::] (dual stack): the IPv4 peer's accepted
+    // socket is IPv6, v4-mapped, and is reported as the IPv4 it is.
+    let (sf, sf6) = (flow(&sv, ":17777", true), flow(&sv, ":17778", true));
     assert_eq!(sf["outbound"], false, "{sv}");
-    // busybox nc listens on [::] (dual stack), so the accepted socket is
-    // IPv6 (v4-mapped); the tracer reports IPv4 addresses only so far.
-    assert_eq!(sf["local"], "", "{sv}");
+    assert_eq!(sf["local"], "127.0.0.1:17777", "{sv}");
+    assert!(
+        sf["remote"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{sv}"
+    );
     assert!(sf["bytes_in"].as_u64().unwrap() >= 10_000, "{sv}");
+    assert_eq!(sf6["local"], "[::1]:17778", "{sv}");
+    assert!(sf6["bytes_in"].as_u64().unwrap() >= 20_000, "{sv}");
     assert_eq!(trace_of(&agent, &quiet).await["flow_count"], 0);
 
     // Metrics per container.
@@ -409,6 +483,24 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kill
                     .and_then(|v| v.parse::<f64>().ok())
                     .unwrap_or(0.0)
                     >= 2.0),
+        "{metrics}"
+    );
+    let metric = |name: &str, id: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name) && l.contains(id))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(
+        metric("hyperbox_container_tcp_connections_total", &client),
+        2.0
+    );
+    assert!(
+        metric(
+            "hyperbox_container_tcp_bytes_total{container_id=\"",
+            &format!("{server}\",container=\"server\",direction=\"in\"")
+        ) >= 30_000.0,
         "{metrics}"
     );
     let drops: f64 = metrics
@@ -433,7 +525,86 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kill
     // Removed: results dropped.
     assert!(!agent.hb_output(&["trace", &worker]).status.success());
     cri.remove_pod(&pod).await.unwrap();
+    // Nothing watched any more: the syscall hook is detached again.
+    let health = agent.health().await.unwrap();
+    assert_eq!(health["tracing_syscall_hook_attached"], false, "{health}");
+    assert_eq!(links_of(&ours), 3);
     assert!(agent.shutdown().is_empty());
+
+    // OpenTelemetry: a span per container lifetime, received by an OTLP
+    // receiver (everything was flushed when the agent stopped).
+    assert!(otlp.bad_requests().is_empty(), "{:?}", otlp.bad_requests());
+    let spans = otlp.spans();
+    let span_of = |id: &str| {
+        spans
+            .iter()
+            .find(|s| s.attributes.get("container.id").is_some_and(|c| c == id))
+            .unwrap_or_else(|| panic!("no span for {id} in {spans:#?}"))
+    };
+    let w = span_of(&worker);
+    assert_eq!(w.name, "container worker");
+    assert_eq!(w.resource["service.name"], "hyperbox-agent");
+    assert!(
+        w.parent_span_id.is_empty() && w.end_ns > w.start_ns,
+        "{w:?}"
+    );
+    assert!(
+        w.attributes["hyperbox.syscalls"].parse::<u64>().unwrap() > 0,
+        "{w:?}"
+    );
+    assert!(
+        w.attributes["hyperbox.execs"].parse::<u64>().unwrap() >= 2,
+        "{w:?}"
+    );
+    let first_exec = w.events.iter().find(|e| e.0 == "exec").expect("exec event");
+    assert_eq!(
+        first_exec.2["process.command_args"],
+        format!("sh -c {script}")
+    );
+    assert!(
+        first_exec.1 >= w.start_ns && first_exec.1 <= w.end_ns,
+        "{w:?}"
+    );
+    let h = span_of(&hog);
+    assert_eq!(h.status.0, 2, "OOM kill marks the span as an error: {h:?}");
+    assert!(h.events.iter().any(|e| e.0 == "oom_kill"), "{h:?}");
+    assert_eq!(span_of(&worker).status.0, 0);
+    // Each connection is a child span of its container's.
+    let c = span_of(&client);
+    let children: Vec<_> = spans
+        .iter()
+        .filter(|s| s.parent_span_id == c.span_id)
+        .collect();
+    assert_eq!(children.len(), 2, "{children:#?}");
+    for child in &children {
+        assert_eq!(child.name, "tcp connect");
+        assert_eq!(child.trace_id, c.trace_id);
+        assert!(child.end_ns >= child.start_ns);
+        assert!(
+            child.attributes["hyperbox.tcp.bytes_out"]
+                .parse::<u64>()
+                .unwrap()
+                >= 10_000
+        );
+    }
+    let mut peers: Vec<_> = children
+        .iter()
+        .map(|s| {
+            s.attributes["network.peer.address"].clone() + " " + &s.attributes["network.peer.port"]
+        })
+        .collect();
+    peers.sort();
+    assert_eq!(peers, ["127.0.0.1 17777", "::1 17778"]);
+    let q = span_of(&quiet);
+    assert!(
+        !spans.iter().any(|s| s.parent_span_id == q.span_id),
+        "the neighbour made no connection"
+    );
+    assert!(
+        !spans
+            .iter()
+            .any(|s| s.attributes.get("container.id") == Some(&untraced))
+    );
     // Nothing the agent loaded stays loaded.
     let start = Instant::now();
     loop {

@@ -385,12 +385,17 @@ impl Agent {
         {
             return;
         }
-        let dir = self.layout.locate(&info.cgroups_path).and_then(|c| c.psi);
+        let cgroup = self.layout.locate(&info.cgroups_path);
+        let dir = if self.tracing.uses_v1() {
+            cgroup.map(|c| c.memory)
+        } else {
+            cgroup.and_then(|c| c.psi)
+        };
         let Some(dir) = dir else {
-            tracing::warn!(container = %info.id, path = %info.cgroups_path, "no v2 cgroup to trace");
+            tracing::warn!(container = %info.id, path = %info.cgroups_path, "no cgroup to trace");
             return;
         };
-        match self.tracing.watch(&info.id, &info.name, &dir) {
+        match self.tracing.watch(info, &dir) {
             Ok(()) => tracing::debug!(container = %info.id, "tracing"),
             Err(e) => {
                 tracing::warn!(container = %info.id, error = %crate::error_chain(&e), "cannot trace")

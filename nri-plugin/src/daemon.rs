@@ -63,7 +63,7 @@ pub async fn run(cfg: &hyperbox_config::Config) -> Result<()> {
     let store = Store::open(&cfg.agent.state_dir, cfg.memory.history_runs)
         .with_context(|| format!("open agent.state_dir {}", cfg.agent.state_dir.display()))?;
     let link = Arc::new(Link::default());
-    let tracing = crate::trace::Tracing::load(cfg.tracing.enabled, cfg.tracing.ring_buffer_bytes);
+    let tracing = crate::trace::Tracing::load(&cfg.tracing, &layout);
     tokio::spawn(tracing.clone().read_events());
     let (agent, jobs) = Agent::new(
         cfg.memory.clone(),
@@ -102,6 +102,9 @@ pub async fn run(cfg: &hyperbox_config::Config) -> Result<()> {
     };
     // Leave no socket that looks alive to the next agent.
     let _ = std::fs::remove_file(&cfg.agent.address);
+    let tracing = agent.tracing.clone();
+    // The exporter's flush blocks on HTTP driven by this runtime.
+    let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
     tracing::info!("hyperbox agent stopped");
     result
 }

@@ -75,7 +75,10 @@ struct Health {
     status: &'static str,
     tracing: bool,
     tracing_syscall_hook: &'static str,
+    tracing_syscall_hook_attached: bool,
     tracing_unavailable: String,
+    tracing_cgroup: &'static str,
+    tracing_otlp_endpoint: Option<String>,
     nri_connected: bool,
     runtime: Option<String>,
     containers: usize,
@@ -88,7 +91,14 @@ async fn health(State(app): State<App>) -> Json<Health> {
         status: "ok",
         tracing: a.tracing.available(),
         tracing_syscall_hook: a.tracing.syscall_hook(),
+        tracing_syscall_hook_attached: a.tracing.syscall_hook_attached(),
         tracing_unavailable: a.tracing.unavailable_reason().to_string(),
+        tracing_cgroup: if a.tracing.uses_v1() {
+            "v1 memory"
+        } else {
+            "v2"
+        },
+        tracing_otlp_endpoint: a.tracing.otlp_target().map(str::to_string),
         nri_connected: a.link.is_connected(),
         runtime: a.runtime.lock().expect("runtime").clone(),
         containers: a.containers.lock().expect("containers").len(),

@@ -5,7 +5,8 @@
 //! Rooms: [`nri`] (the protocol), [`psi`] (pressure files and triggers),
 //! [`cgroup`] (where containers' memory lives), [`memory`] (the policy),
 //! [`agent`] (state and event handlers), [`trace`] (the eBPF tracer's
-//! per-container results), [`metrics`], [`http`], and
+//! per-container results), [`otlp`] (their OpenTelemetry export),
+//! [`metrics`], [`http`], and
 //! [`daemon`] (the life cycle).
 
 pub mod agent;
@@ -15,6 +16,7 @@ pub mod http;
 pub mod memory;
 pub mod metrics;
 pub mod nri;
+pub mod otlp;
 pub mod psi;
 pub mod trace;
 

@@ -258,12 +258,22 @@ impl prometheus_client::collector::Collector for StateCollector {
         )?;
         let tr = &self.0.tracing;
         if tr.available() {
-            let (mut sys, mut execs) = (vec![], vec![]);
+            let (mut sys, mut execs, mut opens, mut ooms) = (vec![], vec![], vec![], vec![]);
+            let (mut flows, mut open_flows, mut bytes) = (vec![], vec![], vec![]);
             // One pass over the kernel map for every container (as hb top).
             for row in tr.top() {
                 let labels = l(&[("container_id", &row.id), ("container", &row.name)]);
                 sys.push((labels.clone(), row.syscalls as f64));
-                execs.push((labels, row.execs as f64));
+                execs.push((labels.clone(), row.execs as f64));
+                opens.push((labels.clone(), row.opens as f64));
+                ooms.push((labels.clone(), row.oom_kills as f64));
+                flows.push((labels.clone(), row.flows as f64));
+                open_flows.push((labels.clone(), row.open_flows as f64));
+                for (dir, v) in [("in", row.bytes_in), ("out", row.bytes_out)] {
+                    let mut b = labels.clone();
+                    b.push(("direction".into(), dir.into()));
+                    bytes.push((b, v as f64));
+                }
             }
             counter(
                 &mut enc,
@@ -279,9 +289,45 @@ impl prometheus_client::collector::Collector for StateCollector {
             )?;
             counter(
                 &mut enc,
+                "hyperbox_container_opens",
+                "open/openat calls in the container while traced",
+                &opens,
+            )?;
+            counter(
+                &mut enc,
+                "hyperbox_container_traced_oom_kills",
+                "Processes of the container the OOM killer chose, seen by the tracer",
+                &ooms,
+            )?;
+            counter(
+                &mut enc,
+                "hyperbox_container_tcp_connections",
+                "TCP connections of the container closed while traced (connect or accept to close)",
+                &flows,
+            )?;
+            gauge(
+                &mut enc,
+                "hyperbox_container_tcp_open_connections",
+                "TCP connections of the container open now",
+                &open_flows,
+            )?;
+            counter(
+                &mut enc,
+                "hyperbox_container_tcp_bytes",
+                "Bytes over the container's closed TCP connections (in: received, out: sent and acknowledged)",
+                &bytes,
+            )?;
+            counter(
+                &mut enc,
                 "hyperbox_trace_ring_drops",
                 "Tracer events lost to a full ring buffer",
                 &[(Labels::new(), tr.drops() as f64)],
+            )?;
+            counter(
+                &mut enc,
+                "hyperbox_trace_sampled",
+                "Open events left out by in-kernel sampling while the ring buffer was filling",
+                &[(Labels::new(), tr.sampled() as f64)],
             )?;
         }
         Ok(())

@@ -1,6 +1,7 @@
 //! Per-container tracing in the agent: which containers the eBPF tracer
-//! watches, what it saw for each (syscall counts, execs), and the reader
-//! that drains the tracer's ring buffer.
+//! watches, what it saw for each (syscall counts, execs, opens, TCP flows,
+//! OOM kills), the reader that drains the tracer's ring buffer, and the
+//! hand-off to the OTLP exporter.
 //!
 //! A container is watched from NRI StartContainer (the task exists, the
 //! workload has not run its first instruction), or from the local API call
@@ -13,6 +14,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use hyperbox_bpf::{Event, Tracer};
+use hyperbox_config::CgroupHierarchy;
+
+use crate::agent::ContainerInfo;
+use crate::cgroup::Layout;
+use crate::otlp;
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::broadcast;
@@ -52,6 +58,8 @@ pub struct Flow {
     pub bytes_out: u64,
     /// Lifetime, ms.
     pub duration_ms: f64,
+    /// When it closed, kernel monotonic ns.
+    pub closed_ns: u64,
 }
 
 /// What the tracer saw of one container.
@@ -132,6 +140,8 @@ pub struct TopRow {
     pub name: String,
     /// Still running.
     pub live: bool,
+    /// Its cgroup id.
+    pub cgroup: u64,
     /// Syscalls so far.
     pub syscalls: u64,
     /// Execs so far.
@@ -146,6 +156,8 @@ pub struct TopRow {
     pub bytes_in: u64,
     /// Bytes sent over them.
     pub bytes_out: u64,
+    /// TCP connections open now.
+    pub open_flows: u64,
 }
 
 /// Errors of watching a container.
@@ -154,8 +166,8 @@ pub enum Error {
     /// The tracer is not loaded on this node.
     #[error("tracing is unavailable: {0}")]
     Unavailable(String),
-    /// The container has no v2 cgroup directory to watch.
-    #[error("cgroup of container {id} ({path}) has no v2 directory")]
+    /// The container has no cgroup directory to watch.
+    #[error("cgroup of container {id} ({path}) has no directory to watch")]
     NoCgroup {
         /// Container id.
         id: String,
@@ -175,6 +187,8 @@ pub enum Error {
 pub struct Tracing {
     tracer: Option<Mutex<Tracer>>,
     unavailable: String,
+    v1: bool,
+    otlp: Option<otlp::Exporter>,
     containers: Mutex<HashMap<String, Traced>>,
     by_cgroup: Mutex<HashMap<u64, String>>,
     /// Live events for `hb trace`.
@@ -182,13 +196,37 @@ pub struct Tracing {
 }
 
 impl Tracing {
-    /// Loads the tracer (`ring_bytes` of ring buffer); when it cannot load,
-    /// tracing is reported unavailable and the agent goes on without it.
-    pub fn load(enabled: bool, ring_bytes: u32) -> Arc<Tracing> {
-        let (tracer, unavailable) = if !enabled {
-            (None, "tracing.enabled = false".to_string())
+    /// Loads the tracer and starts the OTLP exporter, as `cfg` says; when
+    /// the tracer cannot load, tracing is reported unavailable and the
+    /// agent goes on without it. Runs inside the agent's runtime.
+    pub fn load(cfg: &hyperbox_config::Tracing, layout: &Layout) -> Arc<Tracing> {
+        let v1 = match cfg.cgroup_hierarchy {
+            CgroupHierarchy::V1 => true,
+            CgroupHierarchy::V2 => false,
+            CgroupHierarchy::Auto => matches!(layout, Layout::Legacy { .. }),
+        };
+        let opts = hyperbox_bpf::Options {
+            ring_bytes: cfg.ring_buffer_bytes,
+            v1_subsys: None,
+            sample_above: (f64::from(cfg.ring_buffer_bytes) * cfg.sample_above) as u64,
+            sample_one_in: cfg.sample_one_in,
+        };
+        let subsys = if v1 {
+            v1_subsys_index("memory")
         } else {
-            match Tracer::load(ring_bytes) {
+            Ok(None)
+        };
+        let (tracer, unavailable) = if !cfg.enabled {
+            (None, "tracing.enabled = false".to_string())
+        } else if let Err(why) = &subsys {
+            tracing::error!(error = %why, "eBPF tracer did not load; tracing is off");
+            (None, why.clone())
+        } else {
+            let opts = hyperbox_bpf::Options {
+                v1_subsys: subsys.clone().ok().flatten(),
+                ..opts
+            };
+            match Tracer::load(&opts) {
                 Ok(t) => (Some(t), String::new()),
                 Err(e) => {
                     let why = crate::error_chain(&e);
@@ -198,9 +236,19 @@ impl Tracing {
             }
         };
         let (stream, _) = broadcast::channel(1024);
+        let otlp = if tracer.is_some() {
+            otlp::Exporter::start(cfg).unwrap_or_else(|e| {
+                tracing::error!(error = %crate::error_chain(&e), "no OTLP export");
+                None
+            })
+        } else {
+            None
+        };
         Arc::new(Tracing {
             tracer: tracer.map(Mutex::new),
             unavailable,
+            v1,
+            otlp,
             containers: Mutex::default(),
             by_cgroup: Mutex::default(),
             stream,
@@ -225,14 +273,37 @@ impl Tracing {
         &self.unavailable
     }
 
-    /// Starts watching a container whose v2 cgroup directory is `dir`.
-    pub fn watch(&self, id: &str, name: &str, dir: &Path) -> Result<(), Error> {
+    /// Whether containers are told apart by their v1 memory cgroup (pure
+    /// v1 hosts, or `tracing.cgroup_hierarchy = "v1"`) rather than v2.
+    pub fn uses_v1(&self) -> bool {
+        self.v1
+    }
+
+    /// Where spans are exported, if anywhere.
+    pub fn otlp_target(&self) -> Option<&str> {
+        self.otlp.as_ref().map(|o| o.target.as_str())
+    }
+
+    /// Starts watching a container whose cgroup directory (v2, or its v1
+    /// memory cgroup when [`Tracing::uses_v1`]) is `dir`.
+    pub fn watch(&self, info: &ContainerInfo, dir: &Path) -> Result<(), Error> {
+        let (id, name) = (info.id.as_str(), info.name.as_str());
         let Some(tracer) = &self.tracer else {
             return Err(Error::Unavailable(self.unavailable.clone()));
         };
         let cgroup = hyperbox_bpf::cgroup_id(dir)
             .map_err(|e| Error::CgroupId(dir.display().to_string(), e))?;
         tracer.lock().expect("tracer").watch(cgroup)?;
+        if let Some(o) = &self.otlp {
+            o.started(&otlp::Container {
+                id: id.into(),
+                name: name.into(),
+                pod: info.pod.clone(),
+                namespace: info.pod_namespace.clone(),
+                image: info.image.clone(),
+                cgroup,
+            });
+        }
         self.by_cgroup
             .lock()
             .expect("by_cgroup")
@@ -272,14 +343,38 @@ impl Tracing {
             Err(e) => tracing::warn!(container = id, error = %crate::error_chain(&e), "unwatch"),
         }
         t.live = false;
+        if let Some(o) = &self.otlp {
+            o.stopped(id, &summary(t, t.final_syscalls.as_ref()));
+        }
     }
 
-    /// Drops a removed container's results.
+    /// Drops a removed container's results, and the kernel's record of
+    /// its connections still open.
     pub fn forget(&self, id: &str) {
         self.stop(id);
         if let Some(t) = self.containers.lock().expect("traced").remove(id) {
             self.by_cgroup.lock().expect("by_cgroup").remove(&t.cgroup);
+            if let Some(tracer) = &self.tracer {
+                let open = tracer.lock().expect("tracer").forget_flows(t.cgroup);
+                if open > 0 {
+                    tracing::debug!(container = id, open, "connections open at removal");
+                }
+            }
         }
+        if let Some(o) = &self.otlp {
+            o.forget(id);
+        }
+    }
+
+    /// Ends the spans of containers still running and flushes the OTLP
+    /// exporter (the agent is exiting).
+    pub fn shutdown(&self) {
+        let Some(o) = &self.otlp else { return };
+        o.shutdown(|id| {
+            self.get(id)
+                .map(|(t, counts)| summary(&t, Some(&counts)))
+                .unwrap_or_default()
+        });
     }
 
     /// A container's results, with live syscall counts while it runs.
@@ -300,10 +395,13 @@ impl Tracing {
     /// One line per traced container for `hb top`, with syscall totals
     /// read from the kernel in one pass.
     pub fn top(&self) -> Vec<TopRow> {
-        let totals = self
+        let (totals, open) = self
             .tracer
             .as_ref()
-            .and_then(|t| t.lock().expect("tracer").totals().ok())
+            .map(|t| {
+                let t = t.lock().expect("tracer");
+                (t.totals().unwrap_or_default(), t.open_flows())
+            })
             .unwrap_or_default();
         let mut rows: Vec<TopRow> = self
             .containers
@@ -314,6 +412,7 @@ impl Tracing {
                 id: t.id.clone(),
                 name: t.name.clone(),
                 live: t.live,
+                cgroup: t.cgroup,
                 syscalls: match &t.final_syscalls {
                     Some(f) => f.values().sum(),
                     None => totals.get(&t.cgroup).copied().unwrap_or(0),
@@ -324,6 +423,7 @@ impl Tracing {
                 flows: t.flow_count,
                 bytes_in: t.bytes_in,
                 bytes_out: t.bytes_out,
+                open_flows: open.get(&t.cgroup).copied().unwrap_or(0),
             })
             .collect();
         rows.sort_by(|a, b| a.id.cmp(&b.id));
@@ -345,6 +445,20 @@ impl Tracing {
         self.tracer
             .as_ref()
             .map_or(0, |t| t.lock().expect("tracer").drops())
+    }
+
+    /// Opens left out by in-kernel sampling under pressure.
+    pub fn sampled(&self) -> u64 {
+        self.tracer
+            .as_ref()
+            .map_or(0, |t| t.lock().expect("tracer").sampled())
+    }
+
+    /// Whether the syscall hook is attached now.
+    pub fn syscall_hook_attached(&self) -> bool {
+        self.tracer
+            .as_ref()
+            .is_some_and(|t| t.lock().expect("tracer").syscall_hook_attached())
     }
 
     fn record(&self, e: Event) {
@@ -380,6 +494,9 @@ impl Tracing {
                         path,
                         args,
                     };
+                    if let Some(o) = &self.otlp {
+                        o.exec(&id, &exec);
+                    }
                     if t.execs.len() == EXECS {
                         t.execs.pop_front();
                     }
@@ -403,16 +520,21 @@ impl Tracing {
                     bytes_in,
                     bytes_out,
                     duration_ns,
+                    time_ns,
                     ..
                 } => {
                     let flow = Flow {
                         outbound,
-                        local: local.map(|a| a.to_string()).unwrap_or_default(),
-                        remote: remote.map(|a| a.to_string()).unwrap_or_default(),
+                        local: local.to_string(),
+                        remote: remote.to_string(),
                         bytes_in,
                         bytes_out,
                         duration_ms: duration_ns as f64 / 1e6,
+                        closed_ns: time_ns,
                     };
+                    if let Some(o) = &self.otlp {
+                        o.flow(&id, &flow);
+                    }
                     if t.flows.len() == EXECS {
                         t.flows.pop_front();
                     }
@@ -422,7 +544,10 @@ impl Tracing {
                     t.bytes_out += bytes_out;
                     Streamed::Flow(flow)
                 }
-                Event::OomKill { pid, .. } => {
+                Event::OomKill { pid, time_ns, .. } => {
+                    if let Some(o) = &self.otlp {
+                        o.oom_kill(&id, pid, time_ns);
+                    }
                     t.oom_killed.push(pid);
                     Streamed::OomKill { pid }
                 }
@@ -468,5 +593,51 @@ impl Tracing {
             }
             guard.clear_ready();
         }
+    }
+}
+
+fn summary(t: &Traced, counts: Option<&BTreeMap<u32, u64>>) -> otlp::Summary {
+    otlp::Summary {
+        syscalls: counts.map_or(0, |c| c.values().sum()),
+        distinct_syscalls: counts.map_or(0, |c| c.len() as u64),
+        execs: t.exec_count,
+        opens: t.open_count,
+        connections: t.flow_count,
+        bytes_in: t.bytes_in,
+        bytes_out: t.bytes_out,
+        oom_kills: t.oom_killed.len() as u64,
+    }
+}
+
+/// The index of v1 controller `name` in the kernel's subsystem array: its
+/// line in `/proc/cgroups`, which lists every controller in that order.
+fn v1_subsys_index(name: &str) -> Result<Option<u32>, String> {
+    let text = std::fs::read_to_string("/proc/cgroups")
+        .map_err(|e| format!("read /proc/cgroups for the v1 {name} controller: {e}"))?;
+    subsys_index(&text, name)
+        .map(Some)
+        .ok_or_else(|| format!("/proc/cgroups lists no {name} controller"))
+}
+
+fn subsys_index(proc_cgroups: &str, name: &str) -> Option<u32> {
+    proc_cgroups
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .position(|l| l.split_whitespace().next() == Some(name))
+        .map(|i| i as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v1_controllers_are_indexed_in_proc_cgroups_order() {
+        let text = "#subsys_name\thierarchy\tnum_cgroups\tenabled\n\
+                    cpuset\t3\t1\t1\ncpu\t5\t60\t1\ncpuacct\t5\t60\t1\n\
+                    blkio\t9\t60\t1\nmemory\t2\t90\t1\n";
+        assert_eq!(subsys_index(text, "memory"), Some(4));
+        assert_eq!(subsys_index(text, "cpuset"), Some(0));
+        assert_eq!(subsys_index(text, "pids"), None);
     }
 }

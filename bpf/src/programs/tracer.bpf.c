@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
-// hyperbox per-container tracer: syscall counts and exec events for the
-// cgroups the agent watches. Built by build.rs with clang -target bpf.
+// hyperbox per-container tracer: syscall counts, execs, opens, TCP flows
+// and OOM kills for the cgroups the agent watches. Built by build.rs with clang -target bpf.
 //
 // Compiled once, relocated at load time against the running kernel's BTF
 // (CO-RE): the few kernel structs we read are declared below with
@@ -40,6 +40,7 @@ struct mm_struct {
 } __attribute__((preserve_access_index));
 
 struct css_set;
+struct cgroup;
 
 struct task_struct {
 	struct mm_struct *mm;
@@ -66,8 +67,19 @@ struct cgroup {
 	struct kernfs_node *kn;
 } __attribute__((preserve_access_index));
 
+struct cgroup_subsys_state {
+	struct cgroup *cgroup;
+} __attribute__((preserve_access_index));
+
 struct css_set {
+	struct cgroup_subsys_state *subsys[1];
 	struct cgroup *dfl_cgrp;
+} __attribute__((preserve_access_index));
+
+struct in6_addr {
+	union {
+		__u8 u6_addr8[16];
+	} in6_u;
 } __attribute__((preserve_access_index));
 
 struct sock_common {
@@ -76,6 +88,8 @@ struct sock_common {
 	__be16 skc_dport;
 	__u16 skc_num;
 	unsigned short skc_family;
+	struct in6_addr skc_v6_daddr;
+	struct in6_addr skc_v6_rcv_saddr;
 } __attribute__((preserve_access_index));
 
 struct sock_cgroup_data {
@@ -92,6 +106,17 @@ struct tcp_sock {
 	__u64 bytes_acked;
 } __attribute__((preserve_access_index));
 
+
+// Set by the loader before loading (aya override_global).
+// Pure cgroup v1 hosts: 1 + the index of the v1 controller whose cgroup
+// identifies a container (memory); 0 on hosts with a v2 hierarchy, where
+// the v2 cgroup id is used.
+volatile const __u32 hb_v1_subsys = 0;
+// Sampling of open events under pressure: once the ring buffer holds more
+// than hb_sample_above unread bytes, only one open in hb_sample_one_in
+// per CPU is sent; the others are counted in `sampled`.
+volatile const __u64 hb_sample_above = 128 * 1024;
+volatile const __u32 hb_sample_one_in = 16;
 
 // Containers being traced: v2 cgroup id -> flags (reserved, 1 for now).
 struct {
@@ -142,6 +167,7 @@ struct open_event {
 };
 
 // A TCP connection of a watched container, reported when it closes.
+// IPv4 addresses are in the first 4 bytes of saddr/daddr.
 struct flow_event {
 	struct event_head head;
 	__u32 outbound;
@@ -149,18 +175,29 @@ struct flow_event {
 	__u16 sport;
 	__u16 dport;
 	__u16 pad;
-	__u32 saddr;
-	__u32 daddr;
 	__u32 pad2;
 	__u64 bytes_in;
 	__u64 bytes_out;
 	__u64 duration_ns;
+	__u8 saddr[16];
+	__u8 daddr[16];
 };
 
+// A connection of a watched container, from connect/accept to close. The
+// close is reported even when the container was unwatched meanwhile (its
+// processes are killed at stop, and the sockets close after).
+// The addresses are taken at ESTABLISHED: at SYN_SENT the local port is
+// not chosen yet, and at CLOSE the kernel has already released it.
 struct flow_start {
 	__u64 time_ns;
+	__u64 cgroup;
 	__u32 outbound;
+	__u32 established;
+	__u16 sport;
+	__u16 dport;
 	__u32 pad;
+	__u8 saddr[16];
+	__u8 daddr[16];
 };
 
 // Open connections of watched containers, by socket address.
@@ -185,12 +222,59 @@ struct {
 	__type(value, __u64);
 } drops SEC(".maps");
 
+// Opens left out by sampling, per CPU.
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} sampled SEC(".maps");
+
 static __always_inline void count_drop(void);
+
+// Whether to leave this open out: the ring is filling faster than the
+// agent reads, so keep one in hb_sample_one_in and count the rest.
+static __always_inline int sample_out(void)
+{
+	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) <= hb_sample_above)
+		return 0;
+	__u32 zero = 0;
+	__u64 *n = bpf_map_lookup_elem(&sampled, &zero);
+	if (!n)
+		return 0;
+	*n += 1;
+	if (hb_sample_one_in > 1 && *n % hb_sample_one_in != 0)
+		return 1;
+	*n -= 1;
+	return 0;
+}
+
+// The cgroup id that identifies the current task's container: the v2 id,
+// or on pure v1 hosts the id of its cgroup in the chosen v1 controller.
+static __always_inline __u64 task_cgroup_v1(struct task_struct *task)
+{
+	struct css_set *cset = BPF_CORE_READ(task, cgroups);
+	struct cgroup_subsys_state *css = 0;
+	__u32 idx = (hb_v1_subsys - 1) & 15;
+	bpf_probe_read_kernel(&css, sizeof(css), &cset->subsys[0] + idx);
+	if (!css)
+		return 0;
+	return BPF_CORE_READ(css, cgroup, kn, id);
+}
+
+static __always_inline __u64 current_cgroup(void)
+{
+	if (hb_v1_subsys == 0)
+		return bpf_get_current_cgroup_id();
+	return task_cgroup_v1((struct task_struct *)bpf_get_current_task());
+}
 
 // An open of a watched container: the path as the caller passed it (the
 // user's string, read before the kernel resolves it) and the flags.
 static __always_inline void emit_open(struct pt_regs *regs, __u64 cg, __u32 nr)
 {
+	if (sample_out())
+		return;
 	struct open_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		count_drop();
@@ -218,7 +302,7 @@ static __always_inline void emit_open(struct pt_regs *regs, __u64 cg, __u32 nr)
 // drops), and sends opens to the ring buffer.
 static __always_inline int count_syscall(struct pt_regs *regs, __u32 nr)
 {
-	__u64 cg = bpf_get_current_cgroup_id();
+	__u64 cg = current_cgroup();
 	if (!bpf_map_lookup_elem(&watched, &cg))
 		return 0;
 	struct syscall_key key = { .cgroup = cg, .nr = nr };
@@ -271,7 +355,7 @@ static __always_inline void count_drop(void)
 SEC("tp_btf/sched_process_exec")
 int hb_exec(__u64 *ctx)
 {
-	__u64 cg = bpf_get_current_cgroup_id();
+	__u64 cg = current_cgroup();
 	if (!bpf_map_lookup_elem(&watched, &cg))
 		return 0;
 	struct exec_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
@@ -319,7 +403,8 @@ SEC("tp_btf/mark_victim")
 int hb_oom(__u64 *ctx)
 {
 	struct task_struct *task = (struct task_struct *)ctx[0];
-	__u64 cg = BPF_CORE_READ(task, cgroups, dfl_cgrp, kn, id);
+	__u64 cg = hb_v1_subsys == 0 ? BPF_CORE_READ(task, cgroups, dfl_cgrp, kn, id)
+				      : task_cgroup_v1(task);
 	if (!bpf_map_lookup_elem(&watched, &cg))
 		return 0;
 	struct event_head *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
@@ -337,8 +422,29 @@ int hb_oom(__u64 *ctx)
 
 // TCP state changes, attributed by the socket's own v2 cgroup (set when
 // the socket was created, and inherited by accepted sockets), since the
-// change often runs in softirq context on behalf of no task of ours.
+// change often runs in softirq context on behalf of no task of ours. On
+// pure v1 hosts a socket has no container cgroup: connects (process
+// context) are attributed by the calling task, accepts are not seen.
 // tp_btf args: (const struct sock *sk, int oldstate, int newstate).
+// Local and remote address and port of a socket, as the flow reports them.
+static __always_inline void sock_addrs(struct sock *sk, __u16 family, __u16 *sport, __u16 *dport,
+				       __u8 *saddr, __u8 *daddr)
+{
+	*sport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	*dport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	__builtin_memset(saddr, 0, 16);
+	__builtin_memset(daddr, 0, 16);
+	if (family == AF_INET) {
+		__be32 s = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
+		__be32 d = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+		__builtin_memcpy(saddr, &s, 4);
+		__builtin_memcpy(daddr, &d, 4);
+	} else {
+		bpf_core_read(saddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+		bpf_core_read(daddr, 16, &sk->__sk_common.skc_v6_daddr);
+	}
+}
+
 SEC("tp_btf/inet_sock_set_state")
 int hb_tcp(__u64 *ctx)
 {
@@ -348,23 +454,40 @@ int hb_tcp(__u64 *ctx)
 	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
 	if (family != AF_INET && family != AF_INET6)
 		return 0;
-	__u64 cg = BPF_CORE_READ(sk, sk_cgrp_data.cgroup, kn, id);
-	if (!bpf_map_lookup_elem(&watched, &cg))
-		return 0;
 	__u64 key = (__u64)sk;
 	if (newstate == TCP_SYN_SENT ||
 	    (newstate == TCP_ESTABLISHED && oldstate == TCP_SYN_RECV)) {
+		__u64 cg;
+		if (hb_v1_subsys == 0)
+			cg = BPF_CORE_READ(sk, sk_cgrp_data.cgroup, kn, id);
+		else if (newstate == TCP_SYN_SENT)
+			cg = current_cgroup();
+		else
+			return 0;
+		if (!bpf_map_lookup_elem(&watched, &cg))
+			return 0;
 		struct flow_start f = {
 			.time_ns = bpf_ktime_get_ns(),
+			.cgroup = cg,
 			.outbound = newstate == TCP_SYN_SENT,
 		};
+		if (newstate == TCP_ESTABLISHED) {
+			f.established = 1;
+			sock_addrs(sk, family, &f.sport, &f.dport, f.saddr, f.daddr);
+		}
 		bpf_map_update_elem(&flows, &key, &f, BPF_ANY);
 		return 0;
 	}
-	if (newstate != TCP_CLOSE)
-		return 0;
 	struct flow_start *f = bpf_map_lookup_elem(&flows, &key);
 	if (!f)
+		return 0;
+	if (newstate == TCP_ESTABLISHED) {
+		// A connect went through: now its local port is known.
+		f->established = 1;
+		sock_addrs(sk, family, &f->sport, &f->dport, f->saddr, f->daddr);
+		return 0;
+	}
+	if (newstate != TCP_CLOSE)
 		return 0;
 	struct flow_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
@@ -376,16 +499,22 @@ int hb_tcp(__u64 *ctx)
 	__u64 now = bpf_ktime_get_ns();
 	e->head.kind = EVENT_FLOW;
 	e->head.pid = 0;
-	e->head.cgroup = cg;
+	e->head.cgroup = f->cgroup;
 	e->head.time_ns = now;
 	e->outbound = f->outbound;
 	e->family = family;
-	e->sport = BPF_CORE_READ(sk, __sk_common.skc_num);
-	e->dport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
 	e->pad = 0;
-	e->saddr = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
-	e->daddr = BPF_CORE_READ(sk, __sk_common.skc_daddr);
 	e->pad2 = 0;
+	if (f->established) {
+		e->sport = f->sport;
+		e->dport = f->dport;
+		__builtin_memcpy(e->saddr, f->saddr, 16);
+		__builtin_memcpy(e->daddr, f->daddr, 16);
+	} else {
+		// Never established (refused, timed out): what the socket still
+		// knows, the remote end.
+		sock_addrs(sk, family, &e->sport, &e->dport, e->saddr, e->daddr);
+	}
 	e->bytes_in = BPF_CORE_READ(tp, bytes_received);
 	e->bytes_out = BPF_CORE_READ(tp, bytes_acked);
 	e->duration_ns = now - f->time_ns;
