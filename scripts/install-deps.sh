@@ -23,6 +23,8 @@ BOOKWORM_PACKAGES=(
   fuse3
   protobuf-compiler
   clang
+  gcc
+  libc6-dev
   libbpf-dev
   libseccomp-dev
   pkg-config

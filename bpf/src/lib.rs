@@ -65,6 +65,9 @@ pub enum Error {
 
 type Result<T> = std::result::Result<T, Error>;
 
+/// The event ring buffer as the reader holds it.
+pub type EventRing = RingBuf<MapData>;
+
 /// `struct syscall_key` of the C side.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +112,9 @@ pub struct Options {
     pub sample_above: u64,
     /// Under sampling, one open in this many is sent.
     pub sample_one_in: u32,
+    /// Unread bytes at which an open wakes the reader (which must also
+    /// drain the ring on a timer).
+    pub wakeup_above: u64,
 }
 
 impl Default for Options {
@@ -118,6 +124,7 @@ impl Default for Options {
             v1_subsys: None,
             sample_above: 128 << 10,
             sample_one_in: 16,
+            wakeup_above: 16 << 10,
         }
     }
 }
@@ -169,6 +176,7 @@ impl Tracer {
             .override_global("hb_v1_subsys", &v1, true)
             .override_global("hb_sample_above", &opts.sample_above, true)
             .override_global("hb_sample_one_in", &opts.sample_one_in, true)
+            .override_global("hb_wakeup_above", &opts.wakeup_above, true)
             .load(TRACER)
             .map_err(Error::Load)?;
         let prog = |name, source| Error::Program { name, source };
@@ -391,8 +399,8 @@ impl Tracer {
             .unwrap_or(0)
     }
 
-    /// The event ring buffer, for one reader ([`EventReader`]).
-    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+    /// The event ring buffer, for its one reader.
+    pub fn take_events(&mut self) -> Option<EventRing> {
         self.events.take()
     }
 }

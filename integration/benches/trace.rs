@@ -1,21 +1,31 @@
-//! The eBPF tracer's cost, in one run on one containerd 1.7.24: a
-//! syscall-heavy container (a byte-at-a-time `dd`, 2 syscalls per byte,
-//! then a loop of small-file copies by forked processes) run
+//! The eBPF tracer's cost and throughput, in one run on one containerd
+//! 1.7.24.
+//!
+//! Overhead: two syscall-heavy workloads in a container
+//! (`integration/workloads/syscalls.c`, built static and bind-mounted in): a loop of getpid, 1-byte
+//! read and 1-byte write; and small-file copies (open, read, write, close)
+//! on tmpfs. Each is run
 //!
 //! - with the agent's tracer not loaded (`tracing.enabled = false`),
-//! - with it loaded but the container not watched (annotation opt-out:
-//!   every syscall on the node still passes the cgroup filter),
+//! - with it loaded but the container not watched (annotation opt-out; no
+//!   container is watched then, so the syscall hook is detached),
 //! - traced,
 //!
 //! in alternating batches; wall time is the container's own (CRI
-//! `started_at` to `finished_at`). Also: syscalls counted per second in the
-//! traced runs, ring buffer drops, and the agent's resident memory.
+//! `started_at` to `finished_at`).
+//!
+//! Throughput: a traced container makes N `openat("")` calls as fast as it
+//! can, each an open event through the ring buffer; the figure is N over
+//! the time from its start until the agent has processed all N, with drops
+//! and samples counted. Run with a ring big enough for the burst and no
+//! sampling, then with the defaults (sampling engages).
 //!
 //! `cargo bench -p hyperbox-integration --bench trace` (as root) runs it and
 //! rewrites its section of docs/benchmarks.md; under `cargo test` it runs a
 //! small smoke.
 
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use hyperbox_integration::agent::AgentDaemon;
 use hyperbox_integration::bench::{full_run, machine, percentile, rss_bytes, write_section};
@@ -24,33 +34,113 @@ use hyperbox_integration::prereq::{self, Prereq};
 use hyperbox_integration::testbed::Testbed;
 
 const MODES: [&str; 3] = ["tracer not loaded", "loaded, not watched", "traced"];
+const IN_CONTAINER: &str = "/hb/syscalls";
 
-/// Runs the workload once; returns its wall time and container id (still
-/// present, for the caller to read its trace before removing it).
-async fn run_once(
-    cri: &Cri,
-    pod: &Pod,
-    image: &str,
-    name: &str,
-    script: &str,
-    traced: bool,
-) -> (Duration, String) {
-    let mut spec = ContainerSpec::new(name, image, &["sh", "-c", script]);
-    if !traced {
-        spec.annotations
-            .insert("trace.hyperbox.dev/enabled".into(), "false".into());
+struct Bench<'a> {
+    cri: &'a Cri,
+    pod: &'a Pod,
+    image: &'a str,
+    binary: &'a Path,
+    n: u32,
+}
+
+impl Bench<'_> {
+    fn spec(&mut self, args: &[&str], traced: bool) -> ContainerSpec {
+        self.n += 1;
+        let mut command = vec![IN_CONTAINER];
+        command.extend_from_slice(args);
+        let mut spec = ContainerSpec::new(&format!("w{}", self.n), self.image, &command);
+        spec.mounts
+            .push((self.binary.to_path_buf(), IN_CONTAINER.into()));
+        if !traced {
+            spec.annotations
+                .insert("trace.hyperbox.dev/enabled".into(), "false".into());
+        }
+        spec
     }
-    let id = cri.create_container(pod, &spec).await.unwrap();
-    cri.start_container(&id).await.unwrap();
-    assert_eq!(
-        cri.wait_exited(&id, Duration::from_secs(600))
+
+    /// Runs the workload once; returns its wall time and container id
+    /// (still present, for the caller to read its trace, then remove).
+    async fn run(&mut self, args: &[&str], traced: bool) -> (Duration, String) {
+        let spec = self.spec(args, traced);
+        let id = self.cri.create_container(self.pod, &spec).await.unwrap();
+        self.cri.start_container(&id).await.unwrap();
+        assert_eq!(
+            self.cri
+                .wait_exited(&id, Duration::from_secs(600))
+                .await
+                .unwrap(),
+            0
+        );
+        let st = self.cri.container_status(&id).await.unwrap();
+        let wall = Duration::from_nanos((st.finished_at - st.started_at).max(0) as u64);
+        (wall, id)
+    }
+
+    /// A burst of `n` open events: the time from start until the agent has
+    /// processed them all (or stopped getting more), with what it counted.
+    async fn burst(&mut self, agent: &AgentDaemon, n: u64) -> Burst {
+        let spec = self.spec(&["opens", &n.to_string()], true);
+        let id = self.cri.create_container(self.pod, &spec).await.unwrap();
+        let (drops0, sampled0) = counters(agent).await;
+        let start = Instant::now();
+        self.cri.start_container(&id).await.unwrap();
+        let (mut last, mut last_change) = (0.0, Instant::now());
+        let processed = loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let (_, body) = agent.http_get("/metrics").await.unwrap();
+            let opens = metric(&body, "hyperbox_container_opens_total", &id);
+            let (drops, sampled) = counters(agent).await;
+            if opens + (drops - drops0) + (sampled - sampled0) >= n as f64 {
+                break opens;
+            }
+            if opens > last {
+                (last, last_change) = (opens, Instant::now());
+            } else if last_change.elapsed() > Duration::from_secs(5) {
+                break opens;
+            }
+        };
+        let elapsed = start.elapsed();
+        self.cri
+            .wait_exited(&id, Duration::from_secs(600))
             .await
-            .unwrap(),
-        0
-    );
-    let st = cri.container_status(&id).await.unwrap();
-    let wall = Duration::from_nanos((st.finished_at - st.started_at).max(0) as u64);
-    (wall, id)
+            .unwrap();
+        let st = self.cri.container_status(&id).await.unwrap();
+        let (drops, sampled) = counters(agent).await;
+        self.cri.remove_container(&id).await.unwrap();
+        Burst {
+            n,
+            processed: processed as u64,
+            dropped: (drops - drops0) as u64,
+            sampled: (sampled - sampled0) as u64,
+            elapsed,
+            produced_in: Duration::from_nanos((st.finished_at - st.started_at).max(0) as u64),
+        }
+    }
+}
+
+struct Burst {
+    n: u64,
+    processed: u64,
+    dropped: u64,
+    sampled: u64,
+    elapsed: Duration,
+    produced_in: Duration,
+}
+
+fn metric(body: &str, name: &str, id: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(name) && (id.is_empty() || l.contains(id)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn counters(agent: &AgentDaemon) -> (f64, f64) {
+    let (_, body) = agent.http_get("/metrics").await.unwrap();
+    (
+        metric(&body, "hyperbox_trace_ring_drops_total", ""),
+        metric(&body, "hyperbox_trace_sampled_total", ""),
+    )
 }
 
 #[tokio::main]
@@ -59,92 +149,161 @@ async fn main() {
     if !prereq::require("bench trace", Prereq::CONTAINERS) {
         return;
     }
-    let (bytes, copies, rounds, per) = if full {
-        (2_000_000, 500, 3, 3)
+    let (loops, copies, bursts, rounds, per) = if full {
+        (3_000_000u64, 300_000u64, 4_000_000u64, 3, 3)
     } else {
-        (20_000, 10, 1, 1)
+        (20_000, 2_000, 20_000, 1, 1)
     };
-    let script = format!(
-        "dd if=/dev/zero of=/dev/null bs=1 count={bytes} 2>/dev/null; \
-         i=0; while [ $i -lt {copies} ]; do cat /etc/hostname >/tmp/copy; i=$((i+1)); done"
-    );
+    let binary = hyperbox_integration::workload::syscalls_binary();
     let tb = Testbed::start().await;
     let image = tb.push_sleeper().await;
     let cri = tb.containerd.cri().await.unwrap();
     cri.pull_image(&image).await.unwrap();
     let pod = cri.run_pod("trace-bench", PodNetwork::Host).await.unwrap();
+    let mut b = Bench {
+        cri: &cri,
+        pod: &pod,
+        image: &image,
+        binary: &binary,
+        n: 0,
+    };
+    let workloads: [(&str, Vec<String>, u64); 2] = [
+        (
+            "getpid/read/write loop",
+            vec!["loop".into(), loops.to_string()],
+            3 * loops,
+        ),
+        (
+            "small-file copy",
+            vec!["copy".into(), copies.to_string()],
+            // open, read, write, close, twice over: 6 per copy (plus setup)
+            6 * copies,
+        ),
+    ];
 
-    let mut wall: [Vec<Duration>; 3] = Default::default();
-    let (mut counted, mut counted_time) = (0u64, Duration::ZERO);
-    let (mut execs, mut drops, mut rss) = (0u64, 0u64, 0u64);
-    let mut n = 0;
+    // wall[workload][mode]
+    let mut wall: [[Vec<Duration>; 3]; 2] = Default::default();
+    let mut counted = [0u64; 2];
+    let mut rss = 0u64;
     for _ in 0..rounds {
-        // Tracer not loaded.
         let agent =
             AgentDaemon::start(&tb.containerd.nri_socket(), "[tracing]\nenabled = false\n").await;
         agent.wait_connected(true, Duration::from_secs(20)).await;
         for _ in 0..per {
-            n += 1;
-            let (w, id) = run_once(&cri, &pod, &image, &format!("w{n}"), &script, true).await;
-            wall[0].push(w);
-            cri.remove_container(&id).await.unwrap();
+            for (w, (_, args, _)) in workloads.iter().enumerate() {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let (t, id) = b.run(&args, true).await;
+                wall[w][0].push(t);
+                cri.remove_container(&id).await.unwrap();
+            }
         }
         assert!(agent.shutdown().is_empty());
-        // Loaded: unwatched and traced, interleaved.
         let agent = AgentDaemon::start(&tb.containerd.nri_socket(), "").await;
         agent.wait_connected(true, Duration::from_secs(20)).await;
         for _ in 0..per {
-            n += 1;
-            let (w, id) = run_once(&cri, &pod, &image, &format!("w{n}"), &script, false).await;
-            wall[1].push(w);
-            cri.remove_container(&id).await.unwrap();
-            n += 1;
-            let (w, id) = run_once(&cri, &pod, &image, &format!("w{n}"), &script, true).await;
-            wall[2].push(w);
-            let t: serde_json::Value =
-                serde_json::from_str(&agent.hb(&["trace", &id, "--json"])).unwrap();
-            counted += t["syscall_total"].as_u64().unwrap();
-            counted_time += w;
-            execs += t["exec_count"].as_u64().unwrap();
-            drops = drops.max(t["ring_drops"].as_u64().unwrap());
-            cri.remove_container(&id).await.unwrap();
+            for (w, (_, args, _)) in workloads.iter().enumerate() {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let (t, id) = b.run(&args, false).await;
+                wall[w][1].push(t);
+                cri.remove_container(&id).await.unwrap();
+                let (t, id) = b.run(&args, true).await;
+                wall[w][2].push(t);
+                let tr: serde_json::Value =
+                    serde_json::from_str(&agent.hb(&["trace", &id, "--json"])).unwrap();
+                counted[w] = counted[w].max(tr["syscall_total"].as_u64().unwrap());
+                cri.remove_container(&id).await.unwrap();
+            }
         }
         rss = rss.max(agent.pid().map_or(0, rss_bytes));
         assert!(agent.shutdown().is_empty());
     }
+
+    // Throughput: a ring that holds the burst's backlog, no sampling; then
+    // the defaults, where sampling takes the pressure.
+    let agent = AgentDaemon::start(
+        &tb.containerd.nri_socket(),
+        "[tracing]\nring_buffer_bytes = 67108864\nsample_above = 1.0\n",
+    )
+    .await;
+    agent.wait_connected(true, Duration::from_secs(20)).await;
+    let mut unsampled = Vec::new();
+    for _ in 0..if full { 3 } else { 1 } {
+        unsampled.push(b.burst(&agent, bursts).await);
+    }
+    let burst_rss = agent.pid().map_or(0, rss_bytes);
+    assert!(agent.shutdown().is_empty());
+    let agent = AgentDaemon::start(&tb.containerd.nri_socket(), "").await;
+    agent.wait_connected(true, Duration::from_secs(20)).await;
+    let sampled = b.burst(&agent, bursts).await;
+    assert!(agent.shutdown().is_empty());
     cri.remove_pod(&pod).await.unwrap();
     tb.finish();
 
     let med = |v: &[Duration]| percentile(v, 50.0);
     let mut body = String::new();
-    body.push_str("## Tracer: overhead on a syscall-heavy container\n\n");
+    body.push_str("## Tracer: overhead on syscall-heavy containers, and event throughput\n\n");
     body.push_str(&format!(
         "`cargo bench -p hyperbox-integration --bench trace` (as root), {}.\n\n\
-         Workload: `dd if=/dev/zero of=/dev/null bs=1 count={bytes}` ({} syscalls), then {copies} \
-         small-file copies by forked `cat` processes (one exec each). Wall time is the container's own \
-         (CRI started → finished), {} runs per mode in {rounds} alternating batches.\n\n\
-         | mode | median | min | max | vs not loaded |\n|---|---|---|---|---|\n",
+         Workloads (`integration/workloads/syscalls.c`, static, in a busybox container): \
+         {loops} rounds of getpid + 1-byte read + 1-byte write; {copies} copies of a 4 KiB file on \
+         tmpfs (open, read, write, close, twice). Wall time is the container's own (CRI started → \
+         finished), {} runs per mode in {rounds} alternating batches. \"Loaded, not watched\": the \
+         agent runs the tracer but no container is watched, so the syscall hook is detached.\n\n\
+         | workload | mode | median | min | max | vs not loaded |\n|---|---|---|---|---|---|\n",
         machine(),
-        2 * bytes,
         rounds * per
     ));
-    let base = med(&wall[0]).as_secs_f64();
-    for (i, m) in MODES.iter().enumerate() {
+    for (w, (name, _, _)) in workloads.iter().enumerate() {
+        let base = med(&wall[w][0]).as_secs_f64();
+        for (i, m) in MODES.iter().enumerate() {
+            body.push_str(&format!(
+                "| {name} | {m} | {:.3} s | {:.3} s | {:.3} s | {:.3}× |\n",
+                med(&wall[w][i]).as_secs_f64(),
+                wall[w][i].iter().min().unwrap().as_secs_f64(),
+                wall[w][i].iter().max().unwrap().as_secs_f64(),
+                med(&wall[w][i]).as_secs_f64() / base
+            ));
+        }
+    }
+    for (w, (name, _, expected)) in workloads.iter().enumerate() {
+        let per_call = (med(&wall[w][2]).as_secs_f64() - med(&wall[w][0]).as_secs_f64())
+            / counted[w].max(1) as f64;
         body.push_str(&format!(
-            "| {m} | {:.3} s | {:.3} s | {:.3} s | {:.3}× |\n",
-            med(&wall[i]).as_secs_f64(),
-            wall[i].iter().min().unwrap().as_secs_f64(),
-            wall[i].iter().max().unwrap().as_secs_f64(),
-            med(&wall[i]).as_secs_f64() / base
+            "\n{name}: the kernel counted {} syscalls in a traced run (the loop makes {expected}); \
+             added cost {:.0} ns per traced syscall.",
+            counted[w],
+            per_call * 1e9
         ));
     }
     body.push_str(&format!(
-        "\nIn the traced runs the kernel counted {:.2} M syscalls/s per container (in-kernel \
-         aggregation, no per-syscall event, so none can drop); {execs} exec events went through \
-         the ring buffer with {drops} dropped. Agent resident memory while tracing: {:.1} MiB.\n",
-        counted as f64 / counted_time.as_secs_f64() / 1e6,
-        rss as f64 / (1 << 20) as f64
+        "\n\nAgent resident memory while tracing: {:.1} MiB (and {:.1} MiB with a 64 MiB ring \
+         after the bursts below).\n\n",
+        rss as f64 / (1 << 20) as f64,
+        burst_rss as f64 / (1 << 20) as f64
     ));
+    body.push_str(
+        "Event throughput: a traced container makes N `openat(\"\")` calls as fast as one CPU \
+         allows; each is an open event (288 bytes) through the ring buffer, decoded and recorded \
+         by the agent on the other CPU. Rate = events processed / time from container start \
+         until the agent had them all.\n\n\
+         | ring, sampling | events | processed | dropped | sampled out | producer time | \
+         processed/s |\n|---|---|---|---|---|---|---|\n",
+    );
+    let row = |label: &str, r: &Burst| {
+        format!(
+            "| {label} | {} | {} | {} | {} | {:.2} s | {:.2} M/s |\n",
+            r.n,
+            r.processed,
+            r.dropped,
+            r.sampled,
+            r.produced_in.as_secs_f64(),
+            r.processed as f64 / r.elapsed.as_secs_f64() / 1e6
+        )
+    };
+    for r in &unsampled {
+        body.push_str(&row("64 MiB, off", r));
+    }
+    body.push_str(&row("256 KiB (default), 1 in 16 above half", &sampled));
     println!("{body}");
     if full {
         let path = write_section("trace", &body).unwrap();

@@ -75,6 +75,8 @@ pub struct ContainerSpec {
     pub annotations: HashMap<String, String>,
     /// Memory limit in bytes (0: none).
     pub memory_limit: i64,
+    /// Read-only bind mounts: host path, path in the container.
+    pub mounts: Vec<(std::path::PathBuf, String)>,
 }
 
 impl ContainerSpec {
@@ -312,6 +314,16 @@ impl Cri {
             args: spec.args.clone(),
             log_path: format!("{}.log", spec.name),
             annotations: spec.annotations.clone(),
+            mounts: spec
+                .mounts
+                .iter()
+                .map(|(host, path)| Mount {
+                    container_path: path.clone(),
+                    host_path: host.display().to_string(),
+                    readonly: true,
+                    ..Default::default()
+                })
+                .collect(),
             linux: Some(LinuxContainerConfig {
                 resources: (spec.memory_limit > 0).then(|| LinuxContainerResources {
                     memory_limit_in_bytes: spec.memory_limit,

@@ -38,6 +38,7 @@ pub mod registry;
 pub mod snapshotter;
 pub mod testbed;
 pub mod token;
+pub mod workload;
 
 /// Installs a `tracing` subscriber for test output once; `RUST_LOG` filters it.
 pub fn init_logging() {

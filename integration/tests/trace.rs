@@ -624,3 +624,196 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kill
     }
     tb.finish();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_v1_the_tracer_tells_containers_apart_by_memory_cgroup_and_samples_opens_under_pressure()
+{
+    require!(
+        Prereq::Root,
+        Prereq::Containerd,
+        Prereq::Runc,
+        Prereq::Registry,
+        Prereq::Busybox,
+        Prereq::Psi,
+        Prereq::Bpftool
+    );
+    // This host is hybrid; `cgroup_hierarchy = "v1"` makes the tracer
+    // identify containers as it does on a pure v1 host: by the v1 memory
+    // cgroup read from the task. A 16 KiB ring (about 55 open events)
+    // makes a burst of opens overflow it.
+    let tb = Testbed::start().await;
+    let agent = AgentDaemon::start(
+        &tb.containerd.nri_socket(),
+        "[tracing]\ncgroup_hierarchy = \"v1\"\nring_buffer_bytes = 16384\n",
+    )
+    .await;
+    agent.wait_connected(true, Duration::from_secs(20)).await;
+    let health = agent.health().await.unwrap();
+    assert_eq!(health["tracing"], true, "{health}");
+    assert_eq!(health["tracing_cgroup"], "v1 memory", "{health}");
+
+    // A host-side listener for the worker's connect.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut s, _) = listener.accept().unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        got.len()
+    });
+
+    let image = tb.push_sleeper().await;
+    let cri = tb.containerd.cri().await.unwrap();
+    cri.pull_image(&image).await.unwrap();
+    let pod = cri.run_pod("traced-v1", PodNetwork::Host).await.unwrap();
+    let quiet = cri
+        .create_container(
+            &pod,
+            &ContainerSpec::new("quiet", &image, &["sleep", "3600"]),
+        )
+        .await
+        .unwrap();
+    cri.start_container(&quiet).await.unwrap();
+    let script = format!(
+        "cat /etc/hostname >/dev/null; head -c 5000 /dev/zero | nc 127.0.0.1 {port}; \
+         exec /bin/busybox true"
+    );
+    let worker = cri
+        .create_container(
+            &pod,
+            &ContainerSpec::new("worker", &image, &["sh", "-c", &script]),
+        )
+        .await
+        .unwrap();
+    cri.start_container(&worker).await.unwrap();
+    assert_eq!(
+        cri.wait_exited(&worker, Duration::from_secs(30))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(server.join().unwrap(), 5000);
+    let start = Instant::now();
+    let t = loop {
+        let t = trace_of(&agent, &worker).await;
+        if t["flow_count"] == 1 || start.elapsed() > Duration::from_secs(10) {
+            break t;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(t["execs"][0]["args"][2], script.as_str(), "{t}");
+    assert!(
+        t["opened"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == "/etc/hostname"),
+        "{t}"
+    );
+    assert!(t["syscalls"][EXECVE].as_u64().unwrap_or(0) >= 2, "{t}");
+    assert_eq!(t["flow_count"], 1, "{t}");
+    assert_eq!(t["flows"][0]["remote"], format!("127.0.0.1:{port}"), "{t}");
+    assert!(t["flows"][0]["bytes_out"].as_u64().unwrap() >= 5000, "{t}");
+    let q = trace_of(&agent, &quiet).await;
+    assert_eq!(q["flow_count"], 0, "{q}");
+    assert!(q["execs"].as_array().unwrap().len() <= 1, "{q}");
+    assert!(
+        !q["opened"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == "/etc/hostname"),
+        "{q}"
+    );
+
+    // OOM kills by the victim's v1 memory cgroup.
+    let mut hog = ContainerSpec::new(
+        "hog",
+        &image,
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/zero bs=64M count=1 2>/dev/null | sleep 1",
+        ],
+    );
+    hog.memory_limit = 16 << 20;
+    let hog = cri.create_container(&pod, &hog).await.unwrap();
+    cri.start_container(&hog).await.unwrap();
+    cri.wait_exited(&hog, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let h = loop {
+        let h = trace_of(&agent, &hog).await;
+        if h["oom_killed"].as_array().is_some_and(|k| !k.is_empty())
+            || start.elapsed() > Duration::from_secs(5)
+        {
+            break h;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(h["oom_killed"].as_array().unwrap().len(), 1, "{h}");
+
+    // A burst of opens overflows the small ring: the kernel samples (one
+    // in 16 past half full) and counts what it left out; every open is
+    // processed, sampled out or dropped, none unaccounted for.
+    const OPENS: u64 = 200_000;
+    let binary = hyperbox_integration::workload::syscalls_binary();
+    let mut burst = ContainerSpec::new(
+        "burst",
+        &image,
+        &["/hb/syscalls", "opens", &OPENS.to_string()],
+    );
+    burst.mounts.push((binary, "/hb/syscalls".into()));
+    let burst = cri.create_container(&pod, &burst).await.unwrap();
+    cri.start_container(&burst).await.unwrap();
+    cri.wait_exited(&burst, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let counter = |metrics: &str, name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in {metrics}")) as u64
+    };
+    let start = Instant::now();
+    let (opens, sampled, dropped) = loop {
+        let b = trace_of(&agent, &burst).await;
+        let (_, metrics) = agent.http_get("/metrics").await.unwrap();
+        let got = (
+            b["open_count"].as_u64().unwrap(),
+            counter(&metrics, "hyperbox_trace_sampled_total "),
+            counter(&metrics, "hyperbox_trace_ring_drops_total "),
+        );
+        if got.0 + got.1 + got.2 >= OPENS || start.elapsed() > Duration::from_secs(10) {
+            break got;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        sampled > 0,
+        "sampling never engaged: {opens} {sampled} {dropped}"
+    );
+    assert!(opens > 0 && opens < OPENS, "{opens} {sampled} {dropped}");
+    assert!(
+        opens + sampled + dropped >= OPENS,
+        "unaccounted opens: {opens} processed, {sampled} sampled, {dropped} dropped"
+    );
+
+    for id in [&worker, &quiet, &hog, &burst] {
+        cri.remove_container(id).await.unwrap();
+    }
+    cri.remove_pod(&pod).await.unwrap();
+    let ours = programs_of(agent.pid().expect("agent pid"));
+    assert!(agent.shutdown().is_empty());
+    let start = Instant::now();
+    while loaded_programs().iter().any(|(id, _)| ours.contains(id)) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "BPF programs left"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    tb.finish();
+}

@@ -29,6 +29,9 @@ pub const TRACE_ANNOTATION: &str = "trace.hyperbox.dev/enabled";
 const EXECS: usize = 1024;
 /// Distinct paths kept per container in first-access order.
 const OPENED: usize = 4096;
+/// Opens do not wake the reader one by one (see the tracer's
+/// `hb_wakeup_above`); it drains the ring at least this often.
+const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// One exec in a container.
 #[derive(Debug, Clone, Serialize)]
@@ -210,6 +213,8 @@ impl Tracing {
             v1_subsys: None,
             sample_above: (f64::from(cfg.ring_buffer_bytes) * cfg.sample_above) as u64,
             sample_one_in: cfg.sample_one_in,
+            // A sixteenth of the ring, drained at least every DRAIN_EVERY.
+            wakeup_above: u64::from(cfg.ring_buffer_bytes / 16),
         };
         let subsys = if v1 {
             v1_subsys_index("memory")
@@ -578,20 +583,26 @@ impl Tracing {
             }
         };
         loop {
-            let mut guard = match fd.readable_mut().await {
-                Ok(g) => g,
-                Err(e) => {
+            match tokio::time::timeout(DRAIN_EVERY, fd.readable_mut()).await {
+                Ok(Ok(mut guard)) => {
+                    self.drain(guard.get_inner_mut());
+                    guard.clear_ready();
+                }
+                Ok(Err(e)) => {
                     tracing::error!(error = %e, "tracer ring buffer poll failed");
                     return;
                 }
-            };
-            let ring = guard.get_inner_mut();
-            while let Some(item) = ring.next() {
-                if let Some(e) = hyperbox_bpf::parse_event(&item) {
-                    self.record(e);
-                }
+                // Opens below the wake-up threshold are waiting.
+                Err(_) => self.drain(fd.get_mut()),
             }
-            guard.clear_ready();
+        }
+    }
+
+    fn drain(&self, ring: &mut hyperbox_bpf::EventRing) {
+        while let Some(item) = ring.next() {
+            if let Some(e) = hyperbox_bpf::parse_event(&item) {
+                self.record(e);
+            }
         }
     }
 }

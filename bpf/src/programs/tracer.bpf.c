@@ -117,6 +117,11 @@ volatile const __u32 hb_v1_subsys = 0;
 // per CPU is sent; the others are counted in `sampled`.
 volatile const __u64 hb_sample_above = 128 * 1024;
 volatile const __u32 hb_sample_one_in = 16;
+// Opens wake the agent only once this many bytes are unread (the agent
+// also drains the ring on a short timer): a wake-up per event costs the
+// producer more than the event itself. Execs, connections and OOM kills
+// wake it at once.
+volatile const __u64 hb_wakeup_above = 16 * 1024;
 
 // Containers being traced: v2 cgroup id -> flags (reserved, 1 for now).
 struct {
@@ -222,10 +227,11 @@ struct {
 	__type(value, __u64);
 } drops SEC(".maps");
 
-// Opens left out by sampling, per CPU.
+// Sampling state per CPU: [0] opens left out (exported), [1] opens seen
+// while sampling (the 1-in-N sequence).
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, 2);
 	__type(key, __u32);
 	__type(value, __u64);
 } sampled SEC(".maps");
@@ -238,15 +244,16 @@ static __always_inline int sample_out(void)
 {
 	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) <= hb_sample_above)
 		return 0;
-	__u32 zero = 0;
-	__u64 *n = bpf_map_lookup_elem(&sampled, &zero);
-	if (!n)
+	__u32 out_key = 0, seq_key = 1;
+	__u64 *out = bpf_map_lookup_elem(&sampled, &out_key);
+	__u64 *seq = bpf_map_lookup_elem(&sampled, &seq_key);
+	if (!out || !seq)
 		return 0;
-	*n += 1;
-	if (hb_sample_one_in > 1 && *n % hb_sample_one_in != 0)
-		return 1;
-	*n -= 1;
-	return 0;
+	*seq += 1;
+	if (hb_sample_one_in <= 1 || *seq % hb_sample_one_in == 0)
+		return 0;
+	*out += 1;
+	return 1;
 }
 
 // The cgroup id that identifies the current task's container: the v2 id,
@@ -295,7 +302,8 @@ static __always_inline void emit_open(struct pt_regs *regs, __u64 cg, __u32 nr)
 	e->pad = 0;
 	if (bpf_probe_read_user_str(e->path, sizeof(e->path), path) < 0)
 		e->path[0] = 0;
-	bpf_ringbuf_submit(e, 0);
+	__u64 unread = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+	bpf_ringbuf_submit(e, unread >= hb_wakeup_above ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 }
 
 // Counts a syscall of a watched cgroup, in the kernel (so counting never
