@@ -377,6 +377,28 @@ async fn agent_and_containerd_restarts_keep_what_was_learned_and_decided() {
     let e = agent.explain(&app);
     assert_eq!(e["container"]["limit"], set, "{e}");
     assert!(e["container"]["bounds"]["ceiling"].is_null(), "{e}");
+    // The tracer watches the adopted container again, and sees what it
+    // does from now on.
+    let traced = || {
+        let out = agent.hb_output(&["trace", &app, "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()
+    };
+    let t = traced().expect("adopted container traced");
+    assert_eq!(t["live"], true, "{t}");
+    let out = cri
+        .exec_sync(&app, &["/bin/busybox", "true"], Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(out.status, 0);
+    let start = std::time::Instant::now();
+    while traced().is_none_or(|t| t["exec_count"].as_u64().unwrap_or(0) == 0) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "exec after adoption not traced: {:?}",
+            traced()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(e["learned_runs"], serde_json::json!([24 * MIB]), "{e}");
 
     // containerd restarts: the agent reconnects and goes on deciding.

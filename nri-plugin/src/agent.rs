@@ -562,6 +562,12 @@ impl Events for Agent {
             {
                 adopted += 1;
             }
+            // A restarted agent traces the running containers again, from
+            // now on (what ran before the restart is gone with the old
+            // agent's maps).
+            if c.state == api::CONTAINER_RUNNING && !self.tracing.is_watching(&c.id) {
+                self.trace_start(&ContainerInfo::from_nri(pod, c));
+            }
         }
         tracing::info!(
             pods = req.pods.len(),

@@ -336,6 +336,15 @@ impl Tracing {
         Ok(())
     }
 
+    /// Whether container `id` is watched now.
+    pub fn is_watching(&self, id: &str) -> bool {
+        self.containers
+            .lock()
+            .expect("traced")
+            .get(id)
+            .is_some_and(|t| t.live)
+    }
+
     /// Stops watching; the results stay until [`Tracing::forget`].
     pub fn stop(&self, id: &str) {
         let Some(tracer) = &self.tracer else { return };
