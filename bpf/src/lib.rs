@@ -22,9 +22,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{CgrpStorage, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::fentry::FEntryLinkId;
 use aya::programs::raw_trace_point::RawTracePointLinkId;
+use aya::programs::tp_btf::BtfTracePointLinkId;
 use aya::programs::{BtfTracePoint, FEntry, RawTracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
 
@@ -61,6 +62,15 @@ pub enum Error {
     /// A map the object must have is missing.
     #[error("eBPF object has no map {0}")]
     MissingMap(&'static str),
+    /// A watched container's cgroup directory could not be opened.
+    #[error("open cgroup {}", dir.display())]
+    Cgroup {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 type Result<T> = std::result::Result<T, Error>;
@@ -80,6 +90,30 @@ struct SyscallKey {
 // SAFETY: plain integers, no padding beyond the explicit field, any bit
 // pattern is valid.
 unsafe impl aya::Pod for SyscallKey {}
+
+/// Syscall numbers counted per container (`NR_SYSCALLS` of the C side).
+const NR_SYSCALLS: usize = 512;
+
+/// `struct syscall_counts` of the C side: a v2 cgroup's local storage.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SyscallCounts {
+    n: [u64; NR_SYSCALLS],
+}
+
+// SAFETY: an array of integers; any bit pattern is valid.
+unsafe impl aya::Pod for SyscallCounts {}
+
+impl SyscallCounts {
+    fn to_map(self) -> BTreeMap<u32, u64> {
+        self.n
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(nr, c)| (nr as u32, *c))
+            .collect()
+    }
+}
 
 /// `struct flow_start` of the C side.
 #[repr(C)]
@@ -132,8 +166,24 @@ impl Default for Options {
 /// Where syscalls are counted, and the link while attached.
 #[derive(Debug)]
 enum SyscallHook {
+    /// fentry on the dispatcher, counting in cgroup storage.
     FEntry(Option<FEntryLinkId>),
+    /// The sys_enter BTF tracepoint, counting in cgroup storage.
+    BtfTracepoint(Option<BtfTracePointLinkId>),
+    /// Pure v1: the raw sys_enter tracepoint, counting in a hash.
     RawTracepoint(Option<RawTracePointLinkId>),
+}
+
+/// Where containers' syscall counts live.
+enum Counts {
+    /// In each v2 cgroup's local storage, reached through its directory
+    /// (kept open while watched).
+    Storage {
+        map: CgrpStorage<MapData, SyscallCounts>,
+        dirs: std::collections::HashMap<u64, std::fs::File>,
+    },
+    /// In the {cgroup id, nr} hash (pure v1 hosts).
+    Hash(HashMap<MapData, SyscallKey, u64>),
 }
 
 /// The loaded, attached tracer.
@@ -143,7 +193,7 @@ pub struct Tracer {
     ebpf: Ebpf,
     watched: HashMap<MapData, u64, u32>,
     watching: HashSet<u64>,
-    syscalls: HashMap<MapData, SyscallKey, u64>,
+    counts: Counts,
     flows: HashMap<MapData, u64, FlowStart>,
     drops: PerCpuArray<MapData, u64>,
     sampled: PerCpuArray<MapData, u64>,
@@ -170,7 +220,12 @@ impl Tracer {
     pub fn load(opts: &Options) -> Result<Tracer> {
         let btf = Btf::from_sys_fs().map_err(Error::Btf)?;
         let v1 = opts.v1_subsys.map_or(0, |i| i + 1);
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        if v1 == 0 {
+            // Counts are in cgroup storage: the v1 hash is never used.
+            loader.map_max_entries("syscalls", 1);
+        }
+        let mut ebpf = loader
             .btf(Some(&btf))
             .map_max_entries("events", opts.ring_bytes)
             .override_global("hb_v1_subsys", &v1, true)
@@ -180,17 +235,20 @@ impl Tracer {
             .load(TRACER)
             .map_err(Error::Load)?;
         let prog = |name, source| Error::Program { name, source };
-        let hook = match load_fentry(&mut ebpf, &btf) {
-            Ok(()) => SyscallHook::FEntry(None),
-            Err(e) => {
-                tracing::info!(error = ?e, "fentry on x64_sys_call unavailable; counting syscalls at the sys_enter tracepoint");
-                let raw: &mut RawTracePoint = ebpf
-                    .program_mut("hb_sys_enter")
-                    .ok_or(Error::MissingMap("hb_sys_enter"))?
-                    .try_into()
-                    .map_err(|e| prog("hb_sys_enter", e))?;
-                raw.load().map_err(|e| prog("hb_sys_enter", e))?;
-                SyscallHook::RawTracepoint(None)
+        let hook = if v1 != 0 {
+            let raw: &mut RawTracePoint = program(&mut ebpf, "hb_sys_enter_v1")?;
+            raw.load().map_err(|e| prog("hb_sys_enter_v1", e))?;
+            SyscallHook::RawTracepoint(None)
+        } else {
+            match load_fentry(&mut ebpf, &btf) {
+                Ok(()) => SyscallHook::FEntry(None),
+                Err(e) => {
+                    tracing::info!(error = ?e, "fentry on x64_sys_call unavailable; counting syscalls at the sys_enter tracepoint");
+                    let tp: &mut BtfTracePoint = program(&mut ebpf, "hb_sys_enter")?;
+                    tp.load("sys_enter", &btf)
+                        .map_err(|e| prog("hb_sys_enter", e))?;
+                    SyscallHook::BtfTracepoint(None)
+                }
             }
         };
         let exec: &mut BtfTracePoint = ebpf
@@ -221,7 +279,17 @@ impl Tracer {
             ebpf.take_map(name).ok_or(Error::MissingMap(name))
         };
         let watched = map("watched", HashMap::try_from(take(&mut ebpf, "watched")?))?;
-        let syscalls = map("syscalls", HashMap::try_from(take(&mut ebpf, "syscalls")?))?;
+        let counts = if v1 != 0 {
+            Counts::Hash(map(
+                "syscalls",
+                HashMap::try_from(take(&mut ebpf, "syscalls")?),
+            )?)
+        } else {
+            Counts::Storage {
+                map: map("counts", CgrpStorage::try_from(take(&mut ebpf, "counts")?))?,
+                dirs: Default::default(),
+            }
+        };
         let drops = map("drops", PerCpuArray::try_from(take(&mut ebpf, "drops")?))?;
         let sampled = map(
             "sampled",
@@ -234,7 +302,7 @@ impl Tracer {
             ebpf,
             watched,
             watching: HashSet::new(),
-            syscalls,
+            counts,
             flows,
             drops,
             sampled,
@@ -247,6 +315,7 @@ impl Tracer {
     pub fn syscall_hook(&self) -> &'static str {
         match self.hook {
             SyscallHook::FEntry(_) => "fentry/x64_sys_call",
+            SyscallHook::BtfTracepoint(_) => "tp_btf/sys_enter",
             SyscallHook::RawTracepoint(_) => "raw_tracepoint/sys_enter",
         }
     }
@@ -255,7 +324,9 @@ impl Tracer {
     pub fn syscall_hook_attached(&self) -> bool {
         matches!(
             self.hook,
-            SyscallHook::FEntry(Some(_)) | SyscallHook::RawTracepoint(Some(_))
+            SyscallHook::FEntry(Some(_))
+                | SyscallHook::BtfTracepoint(Some(_))
+                | SyscallHook::RawTracepoint(Some(_))
         )
     }
 
@@ -266,9 +337,16 @@ impl Tracer {
                 let f: &mut FEntry = program(&mut self.ebpf, "hb_sys_call")?;
                 *link = Some(f.attach().map_err(|e| prog("hb_sys_call", e))?);
             }
+            SyscallHook::BtfTracepoint(link @ None) => {
+                let t: &mut BtfTracePoint = program(&mut self.ebpf, "hb_sys_enter")?;
+                *link = Some(t.attach().map_err(|e| prog("hb_sys_enter", e))?);
+            }
             SyscallHook::RawTracepoint(link @ None) => {
-                let r: &mut RawTracePoint = program(&mut self.ebpf, "hb_sys_enter")?;
-                *link = Some(r.attach("sys_enter").map_err(|e| prog("hb_sys_enter", e))?);
+                let r: &mut RawTracePoint = program(&mut self.ebpf, "hb_sys_enter_v1")?;
+                *link = Some(
+                    r.attach("sys_enter")
+                        .map_err(|e| prog("hb_sys_enter_v1", e))?,
+                );
             }
             _ => {}
         }
@@ -284,19 +362,44 @@ impl Tracer {
                     f.detach(id).map_err(|e| prog("hb_sys_call", e))?;
                 }
             }
+            SyscallHook::BtfTracepoint(link) => {
+                if let Some(id) = link.take() {
+                    let t: &mut BtfTracePoint = program(&mut self.ebpf, "hb_sys_enter")?;
+                    t.detach(id).map_err(|e| prog("hb_sys_enter", e))?;
+                }
+            }
             SyscallHook::RawTracepoint(link) => {
                 if let Some(id) = link.take() {
-                    let r: &mut RawTracePoint = program(&mut self.ebpf, "hb_sys_enter")?;
-                    r.detach(id).map_err(|e| prog("hb_sys_enter", e))?;
+                    let r: &mut RawTracePoint = program(&mut self.ebpf, "hb_sys_enter_v1")?;
+                    r.detach(id).map_err(|e| prog("hb_sys_enter_v1", e))?;
                 }
             }
         }
         Ok(())
     }
 
-    /// Starts tracing the cgroup with id `cgroup` (attaching the syscall
-    /// hook for the first one).
-    pub fn watch(&mut self, cgroup: u64) -> Result<()> {
+    /// Starts tracing the cgroup with id `cgroup` whose directory is
+    /// `dir` (attaching the syscall hook for the first one).
+    pub fn watch(&mut self, cgroup: u64, dir: &Path) -> Result<()> {
+        if let Counts::Storage { map: m, dirs } = &mut self.counts
+            && !dirs.contains_key(&cgroup)
+        {
+            let f = std::fs::File::open(dir).map_err(|source| Error::Cgroup {
+                dir: dir.into(),
+                source,
+            })?;
+            map(
+                "counts",
+                m.insert(
+                    &f,
+                    SyscallCounts {
+                        n: [0; NR_SYSCALLS],
+                    },
+                    0,
+                ),
+            )?;
+            dirs.insert(cgroup, f);
+        }
         self.attach_syscall_hook()?;
         map("watched", self.watched.insert(cgroup, 1, 0))?;
         self.watching.insert(cgroup);
@@ -320,12 +423,21 @@ impl Tracer {
             self.detach_syscall_hook()?;
         }
         let counts = self.syscalls(cgroup)?;
-        for nr in counts.keys() {
-            let _ = self.syscalls.remove(&SyscallKey {
-                cgroup,
-                nr: *nr,
-                pad: 0,
-            });
+        match &mut self.counts {
+            Counts::Storage { map, dirs } => {
+                if let Some(f) = dirs.remove(&cgroup) {
+                    let _ = map.remove(&f);
+                }
+            }
+            Counts::Hash(h) => {
+                for nr in counts.keys() {
+                    let _ = h.remove(&SyscallKey {
+                        cgroup,
+                        nr: *nr,
+                        pad: 0,
+                    });
+                }
+            }
         }
         Ok(counts)
     }
@@ -363,22 +475,40 @@ impl Tracer {
 
     /// Syscall number → times entered, for `cgroup` so far.
     pub fn syscalls(&self, cgroup: u64) -> Result<BTreeMap<u32, u64>> {
-        let mut out = BTreeMap::new();
-        for kv in self.syscalls.iter() {
-            let (k, v) = map("syscalls", kv)?;
-            if k.cgroup == cgroup {
-                out.insert(k.nr, v);
+        match &self.counts {
+            Counts::Storage { map: m, dirs } => match dirs.get(&cgroup) {
+                Some(f) => Ok(map("counts", m.get(f, 0))?.to_map()),
+                None => Ok(BTreeMap::new()),
+            },
+            Counts::Hash(h) => {
+                let mut out = BTreeMap::new();
+                for kv in h.iter() {
+                    let (k, v) = map("syscalls", kv)?;
+                    if k.cgroup == cgroup {
+                        out.insert(k.nr, v);
+                    }
+                }
+                Ok(out)
             }
         }
-        Ok(out)
     }
 
     /// Syscalls counted so far per cgroup, all cgroups in one pass.
     pub fn totals(&self) -> Result<std::collections::HashMap<u64, u64>> {
         let mut out = std::collections::HashMap::new();
-        for kv in self.syscalls.iter() {
-            let (k, v) = map("syscalls", kv)?;
-            *out.entry(k.cgroup).or_insert(0) += v;
+        match &self.counts {
+            Counts::Storage { map: m, dirs } => {
+                for (cgroup, f) in dirs {
+                    let c = map("counts", m.get(f, 0))?;
+                    out.insert(*cgroup, c.n.iter().sum());
+                }
+            }
+            Counts::Hash(h) => {
+                for kv in h.iter() {
+                    let (k, v) = map("syscalls", kv)?;
+                    *out.entry(k.cgroup).or_insert(0) += v;
+                }
+            }
         }
         Ok(out)
     }

@@ -298,7 +298,7 @@ impl Tracing {
         };
         let cgroup = hyperbox_bpf::cgroup_id(dir)
             .map_err(|e| Error::CgroupId(dir.display().to_string(), e))?;
-        tracer.lock().expect("tracer").watch(cgroup)?;
+        tracer.lock().expect("tracer").watch(cgroup, dir)?;
         if let Some(o) = &self.otlp {
             o.started(&otlp::Container {
                 id: id.into(),

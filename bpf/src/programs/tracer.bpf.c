@@ -137,13 +137,34 @@ struct syscall_key {
 	__u32 pad;
 };
 
-// Per container and syscall number: how many times it was entered.
+// Pure v1 hosts: per container and syscall number, how many times it was
+// entered (sized to 1 entry by the loader on hosts with v2).
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
 	__type(key, struct syscall_key);
 	__type(value, __u64);
 } syscalls SEC(".maps");
+
+#define NR_SYSCALLS 512
+// UAPI value of BPF_MAP_TYPE_CGRP_STORAGE (kernel 6.2); Debian 12's
+// linux-libc-dev headers are 6.1 and lack the name.
+#define HB_MAP_TYPE_CGRP_STORAGE 32
+
+struct syscall_counts {
+	__u64 n[NR_SYSCALLS];
+};
+
+// v2 (hybrid included): the counts live in the watched cgroup's own local
+// storage, created by the agent at watch. One lookup, no hashing, finds
+// both whether the task's container is watched and its counters; this is
+// the hot path of every syscall on the node while anything is traced.
+struct {
+	__uint(type, HB_MAP_TYPE_CGRP_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct syscall_counts);
+} counts SEC(".maps");
 
 struct exec_event {
 	__u32 kind;
@@ -306,9 +327,26 @@ static __always_inline void emit_open(struct pt_regs *regs, __u64 cg, __u32 nr)
 	bpf_ringbuf_submit(e, unread >= hb_wakeup_above ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 }
 
-// Counts a syscall of a watched cgroup, in the kernel (so counting never
-// drops), and sends opens to the ring buffer.
+// Counts a syscall of a watched v2 cgroup in its local storage, in the
+// kernel (so counting never drops), and sends opens to the ring buffer.
 static __always_inline int count_syscall(struct pt_regs *regs, __u32 nr)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct cgroup *cgrp = task->cgroups->dfl_cgrp;
+	struct syscall_counts *c = bpf_cgrp_storage_get(&counts, cgrp, 0, 0);
+	if (!c)
+		return 0;
+	if (nr < NR_SYSCALLS)
+		__sync_fetch_and_add(&c->n[nr], 1);
+	if (nr == NR_OPENAT || nr == NR_OPEN)
+		emit_open(regs, BPF_CORE_READ(cgrp, kn, id), nr);
+	return 0;
+}
+
+// Counts a syscall of a watched cgroup on a pure v1 host (whose cgroups
+// the task's css_set reaches only through pointers the verifier does not
+// trust for local storage), in a hash by {cgroup id, nr}.
+static __always_inline int count_syscall_v1(struct pt_regs *regs, __u32 nr)
 {
 	__u64 cg = current_cgroup();
 	if (!bpf_map_lookup_elem(&watched, &cg))
@@ -341,12 +379,20 @@ int hb_sys_call(__u64 *ctx)
 	return count_syscall((struct pt_regs *)ctx[0], (__u32)ctx[1]);
 }
 
-// Fallback hook where fentry cannot attach. raw_tracepoint args: [0] the
-// caller's pt_regs, [1] the syscall number.
-SEC("raw_tracepoint/sys_enter")
-int hb_sys_enter(struct bpf_raw_tracepoint_args *ctx)
+// Fallback hook where fentry cannot attach: the sys_enter tracepoint, as
+// a BTF tracepoint (typed arguments: pt_regs, syscall number).
+SEC("tp_btf/sys_enter")
+int hb_sys_enter(__u64 *ctx)
 {
-	return count_syscall((struct pt_regs *)ctx->args[0], (__u32)ctx->args[1]);
+	return count_syscall((struct pt_regs *)ctx[0], (__u32)ctx[1]);
+}
+
+// Pure v1 hosts. raw_tracepoint args: [0] the caller's pt_regs, [1] the
+// syscall number.
+SEC("raw_tracepoint/sys_enter")
+int hb_sys_enter_v1(struct bpf_raw_tracepoint_args *ctx)
+{
+	return count_syscall_v1((struct pt_regs *)ctx->args[0], (__u32)ctx->args[1]);
 }
 
 static __always_inline void count_drop(void)
