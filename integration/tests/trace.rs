@@ -8,11 +8,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hyperbox_integration::agent::AgentDaemon;
-use hyperbox_integration::cri::{ContainerSpec, PodNetwork};
+use hyperbox_integration::cri::{ContainerSpec, Cri, Pod, PodNetwork};
 use hyperbox_integration::otlp::Receiver;
 use hyperbox_integration::prereq::Prereq;
 use hyperbox_integration::require;
 use hyperbox_integration::testbed::Testbed;
+use serde_json::Value;
 
 /// x86_64 syscall numbers the busybox script below must make.
 const EXECVE: &str = "59";
@@ -66,6 +67,50 @@ fn links_of(progs: &[u64]) -> usize {
         .count()
 }
 
+macro_rules! require_tracer {
+    () => {
+        require!(
+            Prereq::Root,
+            Prereq::Containerd,
+            Prereq::Runc,
+            Prereq::Registry,
+            Prereq::Busybox,
+            Prereq::Psi,
+            Prereq::Bpftool
+        )
+    };
+}
+
+/// Runs a container that allocates past its 16 MiB limit, and returns its
+/// id and trace once the tracer has reported its OOM kill (or after 5 s).
+async fn oom_hog(cri: &Cri, pod: &Pod, image: &str, agent: &AgentDaemon) -> (String, Value) {
+    let mut hog = ContainerSpec::new(
+        "hog",
+        image,
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/zero bs=64M count=1 2>/dev/null | sleep 1",
+        ],
+    );
+    hog.memory_limit = 16 << 20;
+    let hog = cri.create_container(pod, &hog).await.unwrap();
+    cri.start_container(&hog).await.unwrap();
+    cri.wait_exited(&hog, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let h = trace_of(agent, &hog).await;
+        if h["oom_killed"].as_array().is_some_and(|k| !k.is_empty())
+            || start.elapsed() > Duration::from_secs(5)
+        {
+            return (hog, h);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn trace_of(agent: &AgentDaemon, id: &str) -> serde_json::Value {
     serde_json::from_str(&agent.hb(&["trace", id, "--json"])).expect("trace JSON")
 }
@@ -73,15 +118,7 @@ async fn trace_of(agent: &AgentDaemon, id: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kills_from_the_first_instruction()
  {
-    require!(
-        Prereq::Root,
-        Prereq::Containerd,
-        Prereq::Runc,
-        Prereq::Registry,
-        Prereq::Busybox,
-        Prereq::Psi,
-        Prereq::Bpftool
-    );
+    require_tracer!();
     let tb = Testbed::start().await;
     let otlp = Receiver::start().await;
     let agent = AgentDaemon::start(
@@ -251,31 +288,7 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kill
     );
 
     // An OOM kill is attributed to the victim's container.
-    let mut hog = ContainerSpec::new(
-        "hog",
-        &image,
-        &[
-            "sh",
-            "-c",
-            "dd if=/dev/zero bs=64M count=1 2>/dev/null | sleep 1",
-        ],
-    );
-    hog.memory_limit = 16 << 20;
-    let hog = cri.create_container(&pod, &hog).await.unwrap();
-    cri.start_container(&hog).await.unwrap();
-    cri.wait_exited(&hog, Duration::from_secs(30))
-        .await
-        .unwrap();
-    let start = Instant::now();
-    let h = loop {
-        let h = trace_of(&agent, &hog).await;
-        if h["oom_killed"].as_array().is_some_and(|k| !k.is_empty())
-            || start.elapsed() > Duration::from_secs(5)
-        {
-            break h;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (hog, h) = oom_hog(&cri, &pod, &image, &agent).await;
     assert_eq!(h["oom_killed"].as_array().unwrap().len(), 1, "{h}");
     assert!(
         trace_of(&agent, &quiet).await["oom_killed"]
@@ -628,15 +641,7 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kill
 #[tokio::test(flavor = "multi_thread")]
 async fn on_v1_the_tracer_tells_containers_apart_by_memory_cgroup_and_samples_opens_under_pressure()
 {
-    require!(
-        Prereq::Root,
-        Prereq::Containerd,
-        Prereq::Runc,
-        Prereq::Registry,
-        Prereq::Busybox,
-        Prereq::Psi,
-        Prereq::Bpftool
-    );
+    require_tracer!();
     // This host is hybrid; `cgroup_hierarchy = "v1"` makes the tracer
     // identify containers as it does on a pure v1 host: by the v1 memory
     // cgroup read from the task. A 16 KiB ring (about 55 open events)
@@ -734,31 +739,7 @@ async fn on_v1_the_tracer_tells_containers_apart_by_memory_cgroup_and_samples_op
     );
 
     // OOM kills by the victim's v1 memory cgroup.
-    let mut hog = ContainerSpec::new(
-        "hog",
-        &image,
-        &[
-            "sh",
-            "-c",
-            "dd if=/dev/zero bs=64M count=1 2>/dev/null | sleep 1",
-        ],
-    );
-    hog.memory_limit = 16 << 20;
-    let hog = cri.create_container(&pod, &hog).await.unwrap();
-    cri.start_container(&hog).await.unwrap();
-    cri.wait_exited(&hog, Duration::from_secs(30))
-        .await
-        .unwrap();
-    let start = Instant::now();
-    let h = loop {
-        let h = trace_of(&agent, &hog).await;
-        if h["oom_killed"].as_array().is_some_and(|k| !k.is_empty())
-            || start.elapsed() > Duration::from_secs(5)
-        {
-            break h;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (hog, h) = oom_hog(&cri, &pod, &image, &agent).await;
     assert_eq!(h["oom_killed"].as_array().unwrap().len(), 1, "{h}");
 
     // A burst of opens overflows the small ring: the kernel samples (one
