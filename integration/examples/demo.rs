@@ -172,9 +172,15 @@ async fn main() -> Result<()> {
         "node agent: hyperbox-nri registers with containerd's NRI, learns a workload's memory, sizes its next run, traces it",
     );
     let t = Instant::now();
+    // An OTLP receiver stands in for an OpenTelemetry Collector.
+    let otlp = hyperbox_integration::otlp::Receiver::start().await;
     let agent = AgentDaemon::start(
         &tb.containerd.nri_socket(),
-        "[memory]\ndefault_policy = \"adaptive\"\nsample_interval_secs = 1\n",
+        &format!(
+            "[memory]\ndefault_policy = \"adaptive\"\nsample_interval_secs = 1\n\
+             [tracing]\notlp_endpoint = \"{}\"\n",
+            otlp.url
+        ),
     )
     .await;
     agent.wait_connected(true, Duration::from_secs(20)).await;
@@ -232,6 +238,22 @@ async fn main() -> Result<()> {
     let leaks = agent.shutdown();
     if !leaks.is_empty() {
         bail!("agent left behind: {leaks:#?}");
+    }
+    println!("    spans the agent exported over OTLP (one per container lifetime):");
+    for s in otlp.spans() {
+        println!(
+            "    | {} [{:.2} s] container.id={:.12} syscalls={} execs={} events={}",
+            s.name,
+            s.end_ns.saturating_sub(s.start_ns) as f64 / 1e9,
+            s.attributes.get("container.id").map_or("", String::as_str),
+            s.attributes
+                .get("hyperbox.syscalls")
+                .map_or("-", String::as_str),
+            s.attributes
+                .get("hyperbox.execs")
+                .map_or("-", String::as_str),
+            s.events.len()
+        );
     }
     cri.remove_pod(&pod).await?;
 
