@@ -357,6 +357,7 @@ pub fn top(
                 "opens": c["opens"],
                 "oom_kills": c["oom_kills"],
                 "flows": c["flows"],
+                "open_flows": c["open_flows"],
                 "bytes_in": c["bytes_in"],
                 "bytes_out": c["bytes_out"],
             }));
@@ -376,6 +377,7 @@ pub fn top(
                     c["syscalls"].to_string(),
                     c["opens"].to_string(),
                     c["flows"].to_string(),
+                    c["open_flows"].as_u64().unwrap_or(0).to_string(),
                     format!("{}/{}", size(&c["bytes_in"]), size(&c["bytes_out"])),
                     c["oom_kills"].to_string(),
                 ],
@@ -384,7 +386,7 @@ pub fn top(
         if json {
             println!(
                 "{}",
-                serde_json::json!({"interval_secs": secs, "ring_drops": now["ring_drops"], "containers": out})
+                serde_json::json!({"interval_secs": secs, "ring_drops": now["ring_drops"], "sampled": now["sampled"], "containers": out})
             );
         } else {
             rows.sort_by(|a, b| b.0.total_cmp(&a.0));
@@ -393,8 +395,9 @@ pub fn top(
                 print!("\x1b[2J\x1b[H");
             }
             println!(
-                "hb top: every {secs:.1} s, ring buffer drops {}",
-                now["ring_drops"]
+                "hb top: every {secs:.1} s, ring buffer drops {}, opens sampled out {}",
+                now["ring_drops"],
+                now["sampled"].as_u64().unwrap_or(0)
             );
             let rows: Vec<Vec<String>> = rows.into_iter().map(|(_, r)| r).collect();
             print!(
@@ -408,6 +411,9 @@ pub fn top(
                         "EXECS/S",
                         "SYSCALLS",
                         "OPENS",
+                        "TCP CLOSED",
+                        "TCP OPEN",
+                        "IN/OUT",
                         "OOM"
                     ],
                     &rows

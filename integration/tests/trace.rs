@@ -390,6 +390,20 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kill
         (false.into(), Some(0.0)),
         "{v}"
     );
+    // The table a person reads: one line per traced container, all columns.
+    let out = agent.hb_output(&["top", "--once", "--interval", "1"]);
+    assert!(out.status.success(), "{out:?}");
+    let table = String::from_utf8(out.stdout).unwrap();
+    let header = table.lines().nth(1).unwrap_or("");
+    for col in ["SYSCALLS/S", "TCP CLOSED", "TCP OPEN", "IN/OUT", "OOM"] {
+        assert!(header.contains(col), "{table}");
+    }
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&quiet[..12]) && l.contains("running")),
+        "{table}"
+    );
 
     // A TCP client/server pair on loopback (host network), over IPv4 and
     // IPv6: each side sees its own connections, with the bytes, and

@@ -337,6 +337,7 @@ async fn top(State(app): State<App>) -> Response {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0),
         "ring_drops": tr.drops(),
+        "sampled": tr.sampled(),
         "containers": tr.top(),
     }))
     .into_response()
