@@ -659,11 +659,14 @@ async fn on_v1_the_tracer_tells_containers_apart_by_memory_cgroup_and_samples_op
     // This host is hybrid; `cgroup_hierarchy = "v1"` makes the tracer
     // identify containers as it does on a pure v1 host: by the v1 memory
     // cgroup read from the task. A 16 KiB ring (about 55 open events)
-    // makes a burst of opens overflow it.
+    // makes a burst of opens overflow it. The OTLP collector is down
+    // (nothing listens on the discard port): export fails, is logged, and
+    // nothing else is held up.
     let tb = Testbed::start().await;
     let agent = AgentDaemon::start(
         &tb.containerd.nri_socket(),
-        "[tracing]\ncgroup_hierarchy = \"v1\"\nring_buffer_bytes = 16384\n",
+        "[tracing]\ncgroup_hierarchy = \"v1\"\nring_buffer_bytes = 16384\n\
+         otlp_endpoint = \"http://127.0.0.1:9\"\n",
     )
     .await;
     agent.wait_connected(true, Duration::from_secs(20)).await;
@@ -806,8 +809,26 @@ async fn on_v1_the_tracer_tells_containers_apart_by_memory_cgroup_and_samples_op
         cri.remove_container(id).await.unwrap();
     }
     cri.remove_pod(&pod).await.unwrap();
+    // The batch exporter tried (every 5 s) and said why it failed.
+    let start = Instant::now();
+    while !agent.log().contains("ExportError") {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "no export error logged: {}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(agent.health().await.unwrap()["status"], "ok");
     let ours = programs_of(agent.pid().expect("agent pid"));
+    // Stopping does not hang on the unreachable collector.
+    let start = Instant::now();
     assert!(agent.shutdown().is_empty());
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
     let start = Instant::now();
     while loaded_programs().iter().any(|(id, _)| ours.contains(id)) {
         assert!(
