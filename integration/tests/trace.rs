@@ -34,15 +34,16 @@ fn loaded_programs() -> Vec<(u64, String)> {
         .collect()
 }
 
-/// Ids of the BPF programs process `pid` holds (its fds' `prog_id`).
-fn programs_of(pid: u32) -> Vec<u64> {
+/// Ids of the BPF objects process `pid` holds: its fds' `prog_id` or
+/// `map_id` (`key`).
+fn bpf_ids_of(pid: u32, key: &str) -> Vec<u64> {
     let mut ids = Vec::new();
     let dir = std::fs::read_dir(format!("/proc/{pid}/fdinfo"));
     for e in dir.into_iter().flatten().flatten() {
         let info = std::fs::read_to_string(e.path()).unwrap_or_default();
         if let Some(id) = info
             .lines()
-            .find_map(|l| l.strip_prefix("prog_id:"))
+            .find_map(|l| l.strip_prefix(key))
             .and_then(|v| v.trim().parse().ok())
         {
             ids.push(id);
@@ -51,6 +52,25 @@ fn programs_of(pid: u32) -> Vec<u64> {
     ids.sort();
     ids.dedup();
     ids
+}
+
+/// Ids of the BPF programs process `pid` holds.
+fn programs_of(pid: u32) -> Vec<u64> {
+    bpf_ids_of(pid, "prog_id:")
+}
+
+/// Ids of every BPF map loaded, from bpftool.
+fn loaded_maps() -> Vec<u64> {
+    let out = Command::new("bpftool")
+        .args(["map", "show", "--json"])
+        .output()
+        .expect("run bpftool");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["id"].as_u64())
+        .collect()
 }
 
 /// BPF links attached to any of the programs `progs`, from bpftool.
@@ -147,6 +167,8 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kill
     // A syscall hook, exec, OOM and TCP, held by this agent (other agents may
     // run on the machine at the same time).
     let ours = programs_of(agent.pid().expect("agent pid"));
+    let our_maps = bpf_ids_of(agent.pid().expect("agent pid"), "map_id:");
+    assert!(our_maps.len() >= 8, "agent holds maps {our_maps:?}");
     let loaded = loaded_programs();
     let names: Vec<&str> = ours
         .iter()
@@ -632,23 +654,33 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kill
             .iter()
             .any(|s| s.attributes.get("container.id") == Some(&untraced))
     );
-    // Nothing the agent loaded stays loaded.
+    // Nothing the agent loaded stays loaded: no program, no link, no map,
+    // and nothing pinned.
     let start = Instant::now();
     loop {
-        let left: Vec<u64> = loaded_programs()
+        let mut left: Vec<u64> = loaded_programs()
             .into_iter()
             .map(|(id, _)| id)
             .filter(|id| ours.contains(id))
             .collect();
-        if left.is_empty() {
+        left.extend(loaded_maps().into_iter().filter(|id| our_maps.contains(id)));
+        if left.is_empty() && links_of(&ours) == 0 {
             break;
         }
         assert!(
             start.elapsed() < Duration::from_secs(5),
-            "BPF programs left: {left:?}"
+            "BPF programs or maps left: {left:?}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    let pinned: Vec<String> = std::fs::read_dir("/sys/fs/bpf")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("hb") || n.contains("hyperbox"))
+        .collect();
+    assert!(pinned.is_empty(), "pinned: {pinned:?}");
     tb.finish();
 }
 
