@@ -192,7 +192,9 @@ pub struct Tracer {
     // Keeps programs and links alive; dropped last.
     ebpf: Ebpf,
     watched: HashMap<MapData, u64, u32>,
-    watching: HashSet<u64>,
+    // Cgroups whose syscalls are counted (the syscall hook is attached
+    // while there is one).
+    counting: HashSet<u64>,
     counts: Counts,
     flows: HashMap<MapData, u64, FlowStart>,
     drops: PerCpuArray<MapData, u64>,
@@ -204,7 +206,7 @@ impl std::fmt::Debug for Tracer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tracer")
             .field("syscall_hook", &self.hook)
-            .field("watching", &self.watching.len())
+            .field("counting", &self.counting.len())
             .field("events_taken", &self.events.is_none())
             .finish_non_exhaustive()
     }
@@ -301,7 +303,7 @@ impl Tracer {
             hook,
             ebpf,
             watched,
-            watching: HashSet::new(),
+            counting: HashSet::new(),
             counts,
             flows,
             drops,
@@ -402,12 +404,12 @@ impl Tracer {
         }
         self.attach_syscall_hook()?;
         map("watched", self.watched.insert(cgroup, 1, 0))?;
-        self.watching.insert(cgroup);
+        self.counting.insert(cgroup);
         Ok(())
     }
 
-    /// Stops tracing `cgroup`; returns its final syscall counts and frees
-    /// their map entries. The syscall hook is detached with the last one.
+    /// Stops tracing `cgroup`; returns its final syscall counts (empty if
+    /// counting had stopped already) and frees their map entries.
     pub fn unwatch(&mut self, cgroup: u64) -> Result<BTreeMap<u32, u64>> {
         match self.watched.remove(&cgroup) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
@@ -418,9 +420,21 @@ impl Tracer {
                 });
             }
         }
-        self.watching.remove(&cgroup);
-        if self.watching.is_empty() {
+        self.stop_counting(cgroup)
+    }
+
+    /// Stops counting `cgroup`'s syscalls (and seeing its opens) while its
+    /// execs, connections and OOM kills stay traced; returns the counts so
+    /// far. The syscall hook is detached when no cgroup is counted.
+    pub fn stop_counting(&mut self, cgroup: u64) -> Result<BTreeMap<u32, u64>> {
+        if !self.counting.remove(&cgroup) {
+            return Ok(BTreeMap::new());
+        }
+        if self.counting.is_empty() {
             self.detach_syscall_hook()?;
+        }
+        if matches!(self.counts, Counts::Hash(_)) && self.watched.get(&cgroup, 0).is_ok() {
+            map("watched", self.watched.insert(cgroup, 0, 0))?;
         }
         let counts = self.syscalls(cgroup)?;
         match &mut self.counts {

@@ -468,6 +468,11 @@ pub fn trace(
         v["oom_killed"].as_array().map_or(0, |a| a.len()),
         v["ring_drops"]
     );
+    if v["syscall_window_closed"] == true {
+        println!(
+            "           syscalls and opens counted over the first tracing.syscall_window_secs only"
+        );
+    }
     println!();
     let mut rows: Vec<Vec<String>> = v["syscalls"]
         .as_object()

@@ -104,6 +104,11 @@ pub struct Tracing {
     /// Which cgroup identifies a container: `auto` (v2 where the host has a
     /// v2 hierarchy, else the v1 memory cgroup), `v2` or `v1`.
     pub cgroup_hierarchy: CgroupHierarchy,
+    /// Count a container's syscalls (and see its opens) only for its first
+    /// this many seconds, enough to learn its syscall set; after that it
+    /// pays nothing per syscall, while execs, connections and OOM kills
+    /// stay traced. 0: for its whole life.
+    pub syscall_window_secs: u64,
     /// OTLP/HTTP (protobuf) collector for container spans, e.g.
     /// `http://127.0.0.1:4318` (`/v1/traces` is added when the URL has no
     /// path). Empty: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
@@ -125,6 +130,7 @@ impl Default for Tracing {
             sample_above: 0.5,
             sample_one_in: 16,
             cgroup_hierarchy: CgroupHierarchy::Auto,
+            syscall_window_secs: 0,
             otlp_endpoint: String::new(),
             otlp_headers: BTreeMap::new(),
             otlp_timeout_secs: 10,

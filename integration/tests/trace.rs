@@ -691,14 +691,15 @@ async fn on_v1_the_tracer_tells_containers_apart_by_memory_cgroup_and_samples_op
     // This host is hybrid; `cgroup_hierarchy = "v1"` makes the tracer
     // identify containers as it does on a pure v1 host: by the v1 memory
     // cgroup read from the task. A 16 KiB ring (about 55 open events)
-    // makes a burst of opens overflow it. The OTLP collector is down
+    // makes a burst of opens overflow it. Syscalls are counted for each
+    // container's first 3 s only. The OTLP collector is down
     // (nothing listens on the discard port): export fails, is logged, and
     // nothing else is held up.
     let tb = Testbed::start().await;
     let agent = AgentDaemon::start(
         &tb.containerd.nri_socket(),
         "[tracing]\ncgroup_hierarchy = \"v1\"\nring_buffer_bytes = 16384\n\
-         otlp_endpoint = \"http://127.0.0.1:9\"\n",
+         otlp_endpoint = \"http://127.0.0.1:9\"\nsyscall_window_secs = 3\n",
     )
     .await;
     agent.wait_connected(true, Duration::from_secs(20)).await;
@@ -787,6 +788,60 @@ async fn on_v1_the_tracer_tells_containers_apart_by_memory_cgroup_and_samples_op
         "{q}"
     );
 
+    // The counting window: a container that works for longer than 3 s has
+    // its syscalls counted (and opens seen) only for the first 3 s; its
+    // later exec is still traced. Meanwhile, with the neighbour's window
+    // closed too, nothing is counted and the syscall hook is detached.
+    let late = cri
+        .create_container(
+            &pod,
+            &ContainerSpec::new(
+                "late",
+                &image,
+                &["sh", "-c", "sleep 5; exec /bin/busybox cat /etc/hostname"],
+            ),
+        )
+        .await
+        .unwrap();
+    cri.start_container(&late).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let health = agent.health().await.unwrap();
+    assert_eq!(health["tracing_syscall_hook_attached"], false, "{health}");
+    let before = trace_of(&agent, &late).await;
+    assert_eq!(before["syscall_window_closed"], true, "{before}");
+    assert_eq!(before["live"], true, "{before}");
+    cri.wait_exited(&late, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let after = loop {
+        let t = trace_of(&agent, &late).await;
+        if t["exec_count"].as_u64() >= Some(3) || start.elapsed() > Duration::from_secs(5) {
+            break t;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        after["syscalls"], before["syscalls"],
+        "frozen at the window"
+    );
+    assert!(
+        after["execs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["args"].to_string().contains("/etc/hostname")),
+        "{after}"
+    );
+    assert!(
+        !after["opened"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == "/etc/hostname"),
+        "an open after the window: {after}"
+    );
+
     // OOM kills by the victim's v1 memory cgroup.
     let (hog, h) = oom_hog(&cri, &pod, &image, &agent).await;
     assert_eq!(h["oom_killed"].as_array().unwrap().len(), 1, "{h}");
@@ -837,7 +892,7 @@ async fn on_v1_the_tracer_tells_containers_apart_by_memory_cgroup_and_samples_op
         "unaccounted opens: {opens} processed, {sampled} sampled, {dropped} dropped"
     );
 
-    for id in [&worker, &quiet, &hog, &burst] {
+    for id in [&worker, &quiet, &hog, &burst, &late] {
         cri.remove_container(id).await.unwrap();
     }
     cri.remove_pod(&pod).await.unwrap();

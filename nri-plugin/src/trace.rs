@@ -76,8 +76,12 @@ pub struct Traced {
     pub cgroup: u64,
     /// Still watched (running).
     pub live: bool,
-    /// Syscall counts frozen when it stopped (live ones come from the map).
+    /// Syscall counts frozen when it stopped or its counting window
+    /// closed (live ones come from the kernel).
     pub final_syscalls: Option<BTreeMap<u32, u64>>,
+    /// Syscalls were counted only for the window
+    /// (`tracing.syscall_window_secs`) and counting has stopped.
+    pub syscall_window_closed: bool,
     /// Execs, oldest first.
     pub execs: VecDeque<Exec>,
     /// Execs seen in total (also those no longer kept).
@@ -191,6 +195,7 @@ pub struct Tracing {
     tracer: Option<Mutex<Tracer>>,
     unavailable: String,
     v1: bool,
+    window: Option<std::time::Duration>,
     otlp: Option<otlp::Exporter>,
     containers: Mutex<HashMap<String, Traced>>,
     by_cgroup: Mutex<HashMap<u64, String>>,
@@ -253,6 +258,8 @@ impl Tracing {
             tracer: tracer.map(Mutex::new),
             unavailable,
             v1,
+            window: (cfg.syscall_window_secs > 0)
+                .then(|| std::time::Duration::from_secs(cfg.syscall_window_secs)),
             otlp,
             containers: Mutex::default(),
             by_cgroup: Mutex::default(),
@@ -291,7 +298,7 @@ impl Tracing {
 
     /// Starts watching a container whose cgroup directory (v2, or its v1
     /// memory cgroup when [`Tracing::uses_v1`]) is `dir`.
-    pub fn watch(&self, info: &ContainerInfo, dir: &Path) -> Result<(), Error> {
+    pub fn watch(self: &Arc<Self>, info: &ContainerInfo, dir: &Path) -> Result<(), Error> {
         let (id, name) = (info.id.as_str(), info.name.as_str());
         let Some(tracer) = &self.tracer else {
             return Err(Error::Unavailable(self.unavailable.clone()));
@@ -321,6 +328,7 @@ impl Tracing {
                 cgroup,
                 live: true,
                 final_syscalls: None,
+                syscall_window_closed: false,
                 execs: VecDeque::new(),
                 exec_count: 0,
                 opened: Vec::new(),
@@ -333,7 +341,36 @@ impl Tracing {
                 seen: Default::default(),
             },
         );
+        if let (Some(window), Ok(rt)) = (self.window, tokio::runtime::Handle::try_current()) {
+            let (me, id) = (Arc::downgrade(self), id.to_string());
+            rt.spawn(async move {
+                tokio::time::sleep(window).await;
+                if let Some(me) = me.upgrade() {
+                    me.close_window(&id, cgroup);
+                }
+            });
+        }
         Ok(())
+    }
+
+    /// The container's counting window is over: freeze its syscall counts
+    /// and stop counting (the hook detaches if nobody else is counted).
+    fn close_window(&self, id: &str, cgroup: u64) {
+        let Some(tracer) = &self.tracer else { return };
+        let mut map = self.containers.lock().expect("traced");
+        // Same container, still running (an id can be reused after removal).
+        let Some(t) = map.get_mut(id).filter(|t| t.live && t.cgroup == cgroup) else {
+            return;
+        };
+        match tracer.lock().expect("tracer").stop_counting(cgroup) {
+            Ok(counts) => {
+                t.final_syscalls = Some(counts);
+                t.syscall_window_closed = true;
+            }
+            Err(e) => {
+                tracing::warn!(container = id, error = %crate::error_chain(&e), "stop counting")
+            }
+        }
     }
 
     /// Whether container `id` is watched now.
@@ -353,7 +390,12 @@ impl Tracing {
             return;
         };
         match tracer.lock().expect("tracer").unwatch(t.cgroup) {
-            Ok(counts) => t.final_syscalls = Some(counts),
+            // Counts frozen when the window closed stay as they were.
+            Ok(counts) => {
+                if !t.syscall_window_closed {
+                    t.final_syscalls = Some(counts)
+                }
+            }
             Err(e) => tracing::warn!(container = id, error = %crate::error_chain(&e), "unwatch"),
         }
         t.live = false;

@@ -123,7 +123,10 @@ volatile const __u32 hb_sample_one_in = 16;
 // wake it at once.
 volatile const __u64 hb_wakeup_above = 16 * 1024;
 
-// Containers being traced: v2 cgroup id -> flags (reserved, 1 for now).
+// Containers being traced: cgroup id -> 1 while their syscalls are
+// counted (read on pure v1 hosts; on v2 the cgroup storage says it), 0
+// once counting stopped (tracing.syscall_window_secs) and only execs,
+// connections and OOM kills are followed.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MAX_WATCHED);
@@ -349,7 +352,8 @@ static __always_inline int count_syscall(struct pt_regs *regs, __u32 nr)
 static __always_inline int count_syscall_v1(struct pt_regs *regs, __u32 nr)
 {
 	__u64 cg = current_cgroup();
-	if (!bpf_map_lookup_elem(&watched, &cg))
+	__u32 *counting = bpf_map_lookup_elem(&watched, &cg);
+	if (!counting || !*counting)
 		return 0;
 	struct syscall_key key = { .cgroup = cg, .nr = nr };
 	__u64 *count = bpf_map_lookup_elem(&syscalls, &key);
