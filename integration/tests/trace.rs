@@ -20,16 +20,22 @@ const EXECVE: &str = "59";
 const WRITE: &str = "1";
 const OPENAT: &str = "257";
 
-/// Ids and names of every loaded BPF program, from bpftool.
-fn loaded_programs() -> Vec<(u64, String)> {
+/// What `bpftool <object> show --json` lists (object: prog, map, link).
+fn bpftool_list(object: &str) -> Vec<Value> {
     let out = Command::new("bpftool")
-        .args(["prog", "show", "--json"])
+        .args([object, "show", "--json"])
         .output()
         .expect("run bpftool");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v.as_array()
-        .into_iter()
-        .flatten()
+    match serde_json::from_slice(&out.stdout) {
+        Ok(Value::Array(v)) => v,
+        _ => Vec::new(),
+    }
+}
+
+/// Ids and names of every loaded BPF program.
+fn loaded_programs() -> Vec<(u64, String)> {
+    bpftool_list("prog")
+        .iter()
         .filter_map(|p| Some((p["id"].as_u64()?, p["name"].as_str()?.to_string())))
         .collect()
 }
@@ -59,30 +65,18 @@ fn programs_of(pid: u32) -> Vec<u64> {
     bpf_ids_of(pid, "prog_id:")
 }
 
-/// Ids of every BPF map loaded, from bpftool.
+/// Ids of every BPF map loaded.
 fn loaded_maps() -> Vec<u64> {
-    let out = Command::new("bpftool")
-        .args(["map", "show", "--json"])
-        .output()
-        .expect("run bpftool");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v.as_array()
-        .into_iter()
-        .flatten()
+    bpftool_list("map")
+        .iter()
         .filter_map(|m| m["id"].as_u64())
         .collect()
 }
 
-/// BPF links attached to any of the programs `progs`, from bpftool.
+/// BPF links attached to any of the programs `progs`.
 fn links_of(progs: &[u64]) -> usize {
-    let out = Command::new("bpftool")
-        .args(["link", "show", "--json"])
-        .output()
-        .expect("run bpftool");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v.as_array()
-        .into_iter()
-        .flatten()
+    bpftool_list("link")
+        .iter()
         .filter(|l| l["prog_id"].as_u64().is_some_and(|p| progs.contains(&p)))
         .count()
 }
@@ -99,6 +93,24 @@ macro_rules! require_tracer {
             Prereq::Bpftool
         )
     };
+}
+
+/// The sleeper image pulled, a host-network pod, and a running neighbour
+/// that sleeps (nothing of the others may be attributed to it).
+async fn pod_with_quiet_neighbour(tb: &Testbed, pod: &str) -> (String, Cri, Pod, String) {
+    let image = tb.push_sleeper().await;
+    let cri = tb.containerd.cri().await.unwrap();
+    cri.pull_image(&image).await.unwrap();
+    let pod = cri.run_pod(pod, PodNetwork::Host).await.unwrap();
+    let quiet = cri
+        .create_container(
+            &pod,
+            &ContainerSpec::new("quiet", &image, &["sleep", "3600"]),
+        )
+        .await
+        .unwrap();
+    cri.start_container(&quiet).await.unwrap();
+    (image, cri, pod, quiet)
 }
 
 /// Runs a container that allocates past its 16 MiB limit, and returns its
@@ -129,6 +141,13 @@ async fn oom_hog(cri: &Cri, pod: &Pod, image: &str, agent: &AgentDaemon) -> (Str
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Whether a trace lists `path` among the paths its container opened.
+fn opened_path(t: &Value, path: &str) -> bool {
+    t["opened"]
+        .as_array()
+        .is_some_and(|o| o.iter().any(|p| p == path))
 }
 
 async fn trace_of(agent: &AgentDaemon, id: &str) -> serde_json::Value {
@@ -190,19 +209,8 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kill
         "exec, OOM and TCP attached; syscalls not"
     );
 
-    let image = tb.push_sleeper().await;
-    let cri = tb.containerd.cri().await.unwrap();
-    cri.pull_image(&image).await.unwrap();
-    let pod = cri.run_pod("traced", PodNetwork::Host).await.unwrap();
     // A quiet neighbour, to check nothing of the worker is attributed to it.
-    let quiet = cri
-        .create_container(
-            &pod,
-            &ContainerSpec::new("quiet", &image, &["sleep", "3600"]),
-        )
-        .await
-        .unwrap();
-    cri.start_container(&quiet).await.unwrap();
+    let (image, cri, pod, quiet) = pod_with_quiet_neighbour(&tb, "traced").await;
     let health = agent.health().await.unwrap();
     assert_eq!(health["tracing_syscall_hook_attached"], true, "{health}");
     assert_eq!(
@@ -300,14 +308,7 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kill
         q["syscall_total"].as_u64().unwrap() < t["syscall_total"].as_u64().unwrap(),
         "{q}\n{t}"
     );
-    assert!(
-        !q["opened"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|p| p == "/etc/hostname"),
-        "{q}"
-    );
+    assert!(!opened_path(&q, "/etc/hostname"), "{q}");
 
     // An OOM kill is attributed to the victim's container.
     let (hog, h) = oom_hog(&cri, &pod, &image, &agent).await;
@@ -724,18 +725,7 @@ async fn on_v1_the_tracer_tells_containers_apart_by_memory_cgroup_and_samples_op
         got.len()
     });
 
-    let image = tb.push_sleeper().await;
-    let cri = tb.containerd.cri().await.unwrap();
-    cri.pull_image(&image).await.unwrap();
-    let pod = cri.run_pod("traced-v1", PodNetwork::Host).await.unwrap();
-    let quiet = cri
-        .create_container(
-            &pod,
-            &ContainerSpec::new("quiet", &image, &["sleep", "3600"]),
-        )
-        .await
-        .unwrap();
-    cri.start_container(&quiet).await.unwrap();
+    let (image, cri, pod, quiet) = pod_with_quiet_neighbour(&tb, "traced-v1").await;
     let script = format!(
         "cat /etc/hostname >/dev/null; head -c 5000 /dev/zero | nc 127.0.0.1 {port}; \
          exec /bin/busybox true"
@@ -764,14 +754,7 @@ async fn on_v1_the_tracer_tells_containers_apart_by_memory_cgroup_and_samples_op
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(t["execs"][0]["args"][2], script.as_str(), "{t}");
-    assert!(
-        t["opened"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|p| p == "/etc/hostname"),
-        "{t}"
-    );
+    assert!(opened_path(&t, "/etc/hostname"), "{t}");
     assert!(t["syscalls"][EXECVE].as_u64().unwrap_or(0) >= 2, "{t}");
     assert_eq!(t["flow_count"], 1, "{t}");
     assert_eq!(t["flows"][0]["remote"], format!("127.0.0.1:{port}"), "{t}");
@@ -779,14 +762,7 @@ async fn on_v1_the_tracer_tells_containers_apart_by_memory_cgroup_and_samples_op
     let q = trace_of(&agent, &quiet).await;
     assert_eq!(q["flow_count"], 0, "{q}");
     assert!(q["execs"].as_array().unwrap().len() <= 1, "{q}");
-    assert!(
-        !q["opened"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|p| p == "/etc/hostname"),
-        "{q}"
-    );
+    assert!(!opened_path(&q, "/etc/hostname"), "{q}");
 
     // The counting window: a container that works for longer than 3 s has
     // its syscalls counted (and opens seen) only for the first 3 s; its
@@ -834,11 +810,7 @@ async fn on_v1_the_tracer_tells_containers_apart_by_memory_cgroup_and_samples_op
         "{after}"
     );
     assert!(
-        !after["opened"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|p| p == "/etc/hostname"),
+        !opened_path(&after, "/etc/hostname"),
         "an open after the window: {after}"
     );
 
