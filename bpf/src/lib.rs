@@ -425,13 +425,10 @@ impl Tracer {
 
     /// Stops counting `cgroup`'s syscalls (and seeing its opens) while its
     /// execs, connections and OOM kills stay traced; returns the counts so
-    /// far. The syscall hook is detached when no cgroup is counted.
+    /// far. The syscall hook stays attached until [`Tracer::detach_if_idle`].
     pub fn stop_counting(&mut self, cgroup: u64) -> Result<BTreeMap<u32, u64>> {
         if !self.counting.remove(&cgroup) {
             return Ok(BTreeMap::new());
-        }
-        if self.counting.is_empty() {
-            self.detach_syscall_hook()?;
         }
         if matches!(self.counts, Counts::Hash(_)) && self.watched.get(&cgroup, 0).is_ok() {
             map("watched", self.watched.insert(cgroup, 0, 0))?;
@@ -454,6 +451,22 @@ impl Tracer {
             }
         }
         Ok(counts)
+    }
+
+    /// Detaches the syscall hook if no cgroup is counted; returns whether
+    /// it is detached. Attaching and detaching a syscall tracepoint walks
+    /// every thread on the node, so callers linger before calling this
+    /// rather than flap it between short-lived containers.
+    pub fn detach_if_idle(&mut self) -> Result<bool> {
+        if self.counting.is_empty() {
+            self.detach_syscall_hook()?;
+        }
+        Ok(!self.syscall_hook_attached())
+    }
+
+    /// Whether any cgroup's syscalls are counted.
+    pub fn is_counting(&self) -> bool {
+        !self.counting.is_empty()
     }
 
     /// Frees the kernel's record of `cgroup`'s connections still open

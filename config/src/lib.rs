@@ -109,6 +109,11 @@ pub struct Tracing {
     /// pays nothing per syscall, while execs, connections and OOM kills
     /// stay traced. 0: for its whole life.
     pub syscall_window_secs: u64,
+    /// Seconds the syscall hook stays attached after the last counted
+    /// container stops (attaching and detaching it walks every thread on
+    /// the node, which would otherwise slow each start of short-lived
+    /// containers run one after another).
+    pub hook_linger_secs: u64,
     /// OTLP/HTTP (protobuf) collector for container spans, e.g.
     /// `http://127.0.0.1:4318` (`/v1/traces` is added when the URL has no
     /// path). Empty: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
@@ -131,6 +136,7 @@ impl Default for Tracing {
             sample_one_in: 16,
             cgroup_hierarchy: CgroupHierarchy::Auto,
             syscall_window_secs: 0,
+            hook_linger_secs: 10,
             otlp_endpoint: String::new(),
             otlp_headers: BTreeMap::new(),
             otlp_timeout_secs: 10,

@@ -198,7 +198,13 @@ async fn main() {
             }
         }
         assert!(agent.shutdown().is_empty());
-        let agent = AgentDaemon::start(&tb.containerd.nri_socket(), "").await;
+        // No lingering hook: the unwatched runs measure the idle state even
+        // right after a traced one.
+        let agent = AgentDaemon::start(
+            &tb.containerd.nri_socket(),
+            "[tracing]\nhook_linger_secs = 0\n",
+        )
+        .await;
         agent.wait_connected(true, Duration::from_secs(20)).await;
         for _ in 0..per {
             for (w, (_, args, _)) in workloads.iter().enumerate() {
@@ -248,7 +254,8 @@ async fn main() {
          {loops} rounds of getpid + 1-byte read + 1-byte write; {copies} copies of a 4 KiB file on \
          tmpfs (open, read, write, close, twice). Wall time is the container's own (CRI started → \
          finished), {} runs per mode in {rounds} alternating batches. \"Loaded, not watched\": the \
-         agent runs the tracer but no container is watched, so the syscall hook is detached.\n\n\
+         agent runs the tracer but no container is watched, so the syscall hook is detached \
+         (`hook_linger_secs = 0`, so it is detached even right after a traced run).\n\n\
          | workload | mode | median | min | max | vs not loaded |\n|---|---|---|---|---|---|\n",
         machine(),
         rounds * per

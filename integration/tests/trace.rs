@@ -162,7 +162,10 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kill
     let otlp = Receiver::start().await;
     let agent = AgentDaemon::start(
         &tb.containerd.nri_socket(),
-        &format!("[tracing]\notlp_endpoint = \"{}\"\n", otlp.url),
+        &format!(
+            "[tracing]\notlp_endpoint = \"{}\"\nhook_linger_secs = 2\n",
+            otlp.url
+        ),
     )
     .await;
     agent.wait_connected(true, Duration::from_secs(20)).await;
@@ -575,9 +578,16 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kill
     // Removed: results dropped.
     assert!(!agent.hb_output(&["trace", &worker]).status.success());
     cri.remove_pod(&pod).await.unwrap();
-    // Nothing watched any more: the syscall hook is detached again.
-    let health = agent.health().await.unwrap();
-    assert_eq!(health["tracing_syscall_hook_attached"], false, "{health}");
+    // Nothing watched any more: the syscall hook is detached again once it
+    // has lingered (hook_linger_secs = 2) in case another container comes.
+    let start = Instant::now();
+    while agent.health().await.unwrap()["tracing_syscall_hook_attached"] == true {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "hook never detached"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(links_of(&ours), 3);
     assert!(agent.shutdown().is_empty());
 
@@ -700,7 +710,8 @@ async fn on_v1_the_tracer_tells_containers_apart_by_memory_cgroup_and_samples_op
     let agent = AgentDaemon::start(
         &tb.containerd.nri_socket(),
         "[tracing]\ncgroup_hierarchy = \"v1\"\nring_buffer_bytes = 16384\n\
-         otlp_endpoint = \"http://127.0.0.1:9\"\nsyscall_window_secs = 3\n",
+         otlp_endpoint = \"http://127.0.0.1:9\"\nsyscall_window_secs = 3\n\
+         hook_linger_secs = 0\n",
     )
     .await;
     agent.wait_connected(true, Duration::from_secs(20)).await;

@@ -196,6 +196,8 @@ pub struct Tracing {
     unavailable: String,
     v1: bool,
     window: Option<std::time::Duration>,
+    linger: std::time::Duration,
+    me: std::sync::Weak<Tracing>,
     otlp: Option<otlp::Exporter>,
     containers: Mutex<HashMap<String, Traced>>,
     by_cgroup: Mutex<HashMap<u64, String>>,
@@ -254,12 +256,14 @@ impl Tracing {
         } else {
             None
         };
-        Arc::new(Tracing {
+        Arc::new_cyclic(|me| Tracing {
             tracer: tracer.map(Mutex::new),
             unavailable,
             v1,
             window: (cfg.syscall_window_secs > 0)
                 .then(|| std::time::Duration::from_secs(cfg.syscall_window_secs)),
+            linger: std::time::Duration::from_secs(cfg.hook_linger_secs),
+            me: me.clone(),
             otlp,
             containers: Mutex::default(),
             by_cgroup: Mutex::default(),
@@ -371,6 +375,36 @@ impl Tracing {
                 tracing::warn!(container = id, error = %crate::error_chain(&e), "stop counting")
             }
         }
+        drop(map);
+        self.detach_later();
+    }
+
+    /// Detaches the syscall hook once nothing has been counted for
+    /// `tracing.hook_linger_secs`.
+    fn detach_later(&self) {
+        let Some(tracer) = &self.tracer else { return };
+        if tracer.lock().expect("tracer").is_counting() {
+            return;
+        }
+        let detach = |t: &Mutex<Tracer>| {
+            if let Err(e) = t.lock().expect("tracer").detach_if_idle() {
+                tracing::warn!(error = %crate::error_chain(&e), "detach the syscall hook");
+            }
+        };
+        match (self.linger.is_zero(), tokio::runtime::Handle::try_current()) {
+            (false, Ok(rt)) => {
+                let (me, linger) = (self.me.clone(), self.linger);
+                rt.spawn(async move {
+                    tokio::time::sleep(linger).await;
+                    if let Some(me) = me.upgrade()
+                        && let Some(t) = &me.tracer
+                    {
+                        detach(t);
+                    }
+                });
+            }
+            _ => detach(tracer),
+        }
     }
 
     /// Whether container `id` is watched now.
@@ -402,6 +436,8 @@ impl Tracing {
         if let Some(o) = &self.otlp {
             o.stopped(id, &summary(t, t.final_syscalls.as_ref()));
         }
+        drop(map);
+        self.detach_later();
     }
 
     /// Drops a removed container's results, and the kernel's record of
