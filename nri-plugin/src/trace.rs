@@ -302,7 +302,7 @@ impl Tracing {
 
     /// Starts watching a container whose cgroup directory (v2, or its v1
     /// memory cgroup when [`Tracing::uses_v1`]) is `dir`.
-    pub fn watch(self: &Arc<Self>, info: &ContainerInfo, dir: &Path) -> Result<(), Error> {
+    pub fn watch(&self, info: &ContainerInfo, dir: &Path) -> Result<(), Error> {
         let (id, name) = (info.id.as_str(), info.name.as_str());
         let Some(tracer) = &self.tracer else {
             return Err(Error::Unavailable(self.unavailable.clone()));
@@ -346,7 +346,7 @@ impl Tracing {
             },
         );
         if let (Some(window), Ok(rt)) = (self.window, tokio::runtime::Handle::try_current()) {
-            let (me, id) = (Arc::downgrade(self), id.to_string());
+            let (me, id) = (self.me.clone(), id.to_string());
             rt.spawn(async move {
                 tokio::time::sleep(window).await;
                 if let Some(me) = me.upgrade() {
