@@ -346,7 +346,13 @@ pub fn top(
                 let b = before.get(id).and_then(|p| p[k].as_u64()).unwrap_or(a);
                 a.saturating_sub(b) as f64 / secs.max(0.001)
             };
-            let (sys, execs) = (delta("syscalls"), delta("execs"));
+            // Between samples after the window nothing is counted: the
+            // rate is the one the agent measured last.
+            let sys = match (c["counting"].as_bool(), c["syscall_rate"].as_f64()) {
+                (Some(false), Some(r)) => r,
+                _ => delta("syscalls"),
+            };
+            let execs = delta("execs");
             out.push(serde_json::json!({
                 "id": id,
                 "name": c["name"],
@@ -468,9 +474,14 @@ pub fn trace(
         v["oom_killed"].as_array().map_or(0, |a| a.len()),
         v["ring_drops"]
     );
+    if let Some(r) = v["syscall_rate"].as_f64() {
+        println!("           {r:.0} syscalls/s");
+    }
     if v["syscall_window_closed"] == true {
         println!(
-            "           syscalls and opens counted over the first tracing.syscall_window_secs only"
+            "           syscalls and opens counted over its first tracing.syscall_window_secs \
+             and in {} sample(s) since",
+            v["syscall_samples"]
         );
     }
     println!();

@@ -106,9 +106,19 @@ pub struct Tracing {
     pub cgroup_hierarchy: CgroupHierarchy,
     /// Count a container's syscalls (and see its opens) only for its first
     /// this many seconds, enough to learn its syscall set; after that it
-    /// pays nothing per syscall, while execs, connections and OOM kills
-    /// stay traced. 0: for its whole life.
+    /// pays nothing per syscall (but in samples, below), while execs,
+    /// connections and OOM kills stay traced. 0: for its whole life. A
+    /// container's annotation `trace.hyperbox.dev/syscall-window-secs`
+    /// overrides it.
     pub syscall_window_secs: u64,
+    /// After their window, the syscalls of every running container are
+    /// counted again for `syscall_sample_ms` once in this many seconds, all
+    /// at once (the hook is attached node-wide, so samples are aligned):
+    /// this keeps syscall rates and newly used syscalls visible at a
+    /// fraction of the cost. 0: no samples after the window.
+    pub syscall_sample_every_secs: u64,
+    /// Length of one sample, milliseconds.
+    pub syscall_sample_ms: u64,
     /// Seconds the syscall hook stays attached after the last counted
     /// container stops (attaching and detaching it walks every thread on
     /// the node, which would otherwise slow each start of short-lived
@@ -135,7 +145,9 @@ impl Default for Tracing {
             sample_above: 0.5,
             sample_one_in: 16,
             cgroup_hierarchy: CgroupHierarchy::Auto,
-            syscall_window_secs: 0,
+            syscall_window_secs: 60,
+            syscall_sample_every_secs: 60,
+            syscall_sample_ms: 1000,
             hook_linger_secs: 10,
             otlp_endpoint: String::new(),
             otlp_headers: BTreeMap::new(),
@@ -534,6 +546,17 @@ impl Config {
         if t.otlp_timeout_secs == 0 {
             return Err(invalid("tracing.otlp_timeout_secs", "must be at least 1"));
         }
+        // Samples only follow closed windows (with syscall_window_secs = 0
+        // every syscall is counted anyway), but are checked regardless.
+        if t.syscall_sample_every_secs > 0
+            && (t.syscall_sample_ms == 0
+                || t.syscall_sample_ms >= t.syscall_sample_every_secs.saturating_mul(1000))
+        {
+            return Err(invalid(
+                "tracing.syscall_sample_ms",
+                "must be above 0 and shorter than tracing.syscall_sample_every_secs",
+            ));
+        }
         Ok(())
     }
 
@@ -762,6 +785,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("agent.plugin_index"), "{e}");
+        let e = parse("[tracing]\nsyscall_sample_every_secs = 2\nsyscall_sample_ms = 2000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tracing.syscall_sample_ms") && e.contains("shorter"),
+            "{e}"
+        );
+        // Off, any length goes; a whole-life window needs no samples.
+        parse("[tracing]\nsyscall_sample_every_secs = 0\nsyscall_sample_ms = 0\n").unwrap();
+        parse("[tracing]\nsyscall_window_secs = 0\n").unwrap();
         let e = parse("version = 2\n").unwrap_err().to_string();
         assert!(e.contains("version"), "{e}");
     }

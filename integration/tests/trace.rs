@@ -163,7 +163,7 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kill
     let agent = AgentDaemon::start(
         &tb.containerd.nri_socket(),
         &format!(
-            "[tracing]\notlp_endpoint = \"{}\"\nhook_linger_secs = 2\n",
+            "[tracing]\notlp_endpoint = \"{}\"\nhook_linger_secs = 2\nsyscall_window_secs = 0\n",
             otlp.url
         ),
     )
@@ -711,7 +711,7 @@ async fn on_v1_the_tracer_tells_containers_apart_by_memory_cgroup_and_samples_op
         &tb.containerd.nri_socket(),
         "[tracing]\ncgroup_hierarchy = \"v1\"\nring_buffer_bytes = 16384\n\
          otlp_endpoint = \"http://127.0.0.1:9\"\nsyscall_window_secs = 3\n\
-         hook_linger_secs = 0\n",
+         syscall_sample_every_secs = 0\nhook_linger_secs = 0\n",
     )
     .await;
     agent.wait_connected(true, Duration::from_secs(20)).await;
@@ -907,5 +907,128 @@ async fn on_v1_the_tracer_tells_containers_apart_by_memory_cgroup_and_samples_op
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    tb.finish();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_its_window_a_container_is_counted_in_short_samples_that_keep_its_rate_current() {
+    require_tracer!();
+    // Windows of 1 s, then a 1 s sample every 3 s, all containers at once;
+    // the hook is attached only while something is counted.
+    let tb = Testbed::start().await;
+    let agent = AgentDaemon::start(
+        &tb.containerd.nri_socket(),
+        "[tracing]\nsyscall_window_secs = 1\nsyscall_sample_every_secs = 3\n\
+         syscall_sample_ms = 1000\nhook_linger_secs = 0\n",
+    )
+    .await;
+    agent.wait_connected(true, Duration::from_secs(20)).await;
+    let (image, cri, pod, quiet) = pod_with_quiet_neighbour(&tb, "sampled").await;
+    let busy = cri
+        .create_container(
+            &pod,
+            &ContainerSpec::new(
+                "busy",
+                &image,
+                &[
+                    "sh",
+                    "-c",
+                    "while true; do cat /etc/hostname >/dev/null; done",
+                ],
+            ),
+        )
+        .await
+        .unwrap();
+    cri.start_container(&busy).await.unwrap();
+    let hook = async || agent.health().await.unwrap()["tracing_syscall_hook_attached"] == true;
+
+    // Past both windows: counts frozen, the window's rate kept, hook off.
+    let start = Instant::now();
+    let closed = loop {
+        let t = trace_of(&agent, &busy).await;
+        if t["syscall_window_closed"] == true && !hook().await {
+            break t;
+        }
+        assert!(start.elapsed() < Duration::from_secs(3), "{t}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(closed["syscall_samples"], 0, "{closed}");
+    let window_rate = closed["syscall_rate"].as_f64().unwrap();
+    assert!(window_rate > 100.0, "{closed}");
+    let q = trace_of(&agent, &quiet).await;
+    assert_eq!(q["syscall_window_closed"], true, "{q}");
+
+    // A sample comes: the hook is attached, then detached again, and the
+    // busy container's counts and rate moved while the sleeper's barely did.
+    let start = Instant::now();
+    while !hook().await {
+        assert!(start.elapsed() < Duration::from_secs(4), "no sample");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let start = Instant::now();
+    let sampled = loop {
+        let t = trace_of(&agent, &busy).await;
+        if t["syscall_samples"].as_u64() >= Some(1) {
+            break t;
+        }
+        assert!(start.elapsed() < Duration::from_secs(3), "{t}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!hook().await, "the hook lingered after a sample");
+    let (before, after) = (
+        closed["syscall_total"].as_u64().unwrap(),
+        sampled["syscall_total"].as_u64().unwrap(),
+    );
+    assert!(after > before + 100, "{before} -> {after}");
+    let rate = sampled["syscall_rate"].as_f64().unwrap();
+    assert!(rate > 100.0 && rate != window_rate, "{sampled}");
+    assert_eq!(trace_of(&agent, &quiet).await["syscall_samples"], 1);
+    let (_, metrics) = agent.http_get("/metrics").await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("hyperbox_container_syscall_rate{") && l.contains(&busy)),
+        "{metrics}"
+    );
+    // Between samples `hb top` shows the sampled rate, not zero.
+    let top: Value =
+        serde_json::from_str(&agent.hb(&["top", "--once", "--interval", "0.5", "--json"])).unwrap();
+    let row = top["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == busy.as_str())
+        .unwrap()
+        .clone();
+    assert!(row["syscalls_per_sec"].as_f64().unwrap() > 100.0, "{top}");
+
+    // A workload to learn in full: its annotation keeps its window open
+    // for its whole life, and the hook stays attached while it runs.
+    let mut spec = ContainerSpec::new(
+        "learner",
+        &image,
+        &["sh", "-c", "while true; do sleep 0.1; done"],
+    );
+    spec.annotations
+        .insert("trace.hyperbox.dev/syscall-window-secs".into(), "0".into());
+    let learner = cri.create_container(&pod, &spec).await.unwrap();
+    cri.start_container(&learner).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let l = trace_of(&agent, &learner).await;
+    assert_eq!(l["syscall_window_closed"], false, "{l}");
+    assert!(hook().await);
+    for id in [&learner, &busy, &quiet] {
+        cri.remove_container(id).await.unwrap();
+    }
+    let start = Instant::now();
+    while hook().await {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "hook left attached"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cri.remove_pod(&pod).await.unwrap();
+    assert!(agent.shutdown().is_empty());
     tb.finish();
 }

@@ -7,6 +7,9 @@
 //   syscalls copy N    N copies of a 4 KiB file in /dev/shm (tmpfs: no disk in the figure)
 //   syscalls opens N   N openat("") calls: each an open event, failing fast
 //
+// An optional third argument waits that many ms before the work (so that it
+// runs after the tracer's counting window). The work's own duration is
+// printed as "work_ns <n>".
 // Syscalls are made with syscall(2) so libc caches nothing.
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -14,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 static int must_open(const char *path, int flags)
@@ -28,12 +32,16 @@ static int must_open(const char *path, int flags)
 
 int main(int argc, char **argv)
 {
-	if (argc != 3) {
-		fprintf(stderr, "usage: %s loop|copy|opens N\n", argv[0]);
+	if (argc != 3 && argc != 4) {
+		fprintf(stderr, "usage: %s loop|copy|opens N [wait_ms]\n", argv[0]);
 		return 2;
 	}
 	long n = atol(argv[2]);
 	char buf[4096];
+	if (argc == 4)
+		usleep(atol(argv[3]) * 1000);
+	struct timespec t0, t1;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
 	if (strcmp(argv[1], "loop") == 0) {
 		int zero = must_open("/dev/zero", O_RDONLY);
 		int null = must_open("/dev/null", O_WRONLY);
@@ -64,5 +72,7 @@ int main(int argc, char **argv)
 		fprintf(stderr, "unknown mode %s\n", argv[1]);
 		return 2;
 	}
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	printf("work_ns %lld\n", (long long)(t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec));
 	return 0;
 }

@@ -259,11 +259,15 @@ impl prometheus_client::collector::Collector for StateCollector {
         let tr = &self.0.tracing;
         if tr.available() {
             let (mut sys, mut execs, mut opens, mut ooms) = (vec![], vec![], vec![], vec![]);
+            let mut rates = vec![];
             let (mut flows, mut open_flows, mut bytes) = (vec![], vec![], vec![]);
             // One pass over the kernel map for every container (as hb top).
             for row in tr.top() {
                 let labels = l(&[("container_id", &row.id), ("container", &row.name)]);
                 sys.push((labels.clone(), row.syscalls as f64));
+                if let Some(r) = row.syscall_rate.filter(|_| row.live) {
+                    rates.push((labels.clone(), r));
+                }
                 execs.push((labels.clone(), row.execs as f64));
                 opens.push((labels.clone(), row.opens as f64));
                 ooms.push((labels.clone(), row.oom_kills as f64));
@@ -278,8 +282,14 @@ impl prometheus_client::collector::Collector for StateCollector {
             counter(
                 &mut enc,
                 "hyperbox_container_syscalls",
-                "Syscalls the container's tasks entered while traced",
+                "Syscalls the container's tasks entered while counted (its window and samples)",
                 &sys,
+            )?;
+            gauge(
+                &mut enc,
+                "hyperbox_container_syscall_rate",
+                "Syscalls per second: over the counting window so far, then over the last sample",
+                &rates,
             )?;
             counter(
                 &mut enc,

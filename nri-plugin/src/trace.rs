@@ -25,6 +25,9 @@ use tokio::sync::broadcast;
 
 /// The annotation that turns tracing off (`false`) for one container.
 pub const TRACE_ANNOTATION: &str = "trace.hyperbox.dev/enabled";
+/// The annotation that sets one container's syscall counting window,
+/// seconds (`0`: its whole life), over `tracing.syscall_window_secs`.
+pub const WINDOW_ANNOTATION: &str = "trace.hyperbox.dev/syscall-window-secs";
 /// Execs kept per container.
 const EXECS: usize = 1024;
 /// Distinct paths kept per container in first-access order.
@@ -80,8 +83,14 @@ pub struct Traced {
     /// closed (live ones come from the kernel).
     pub final_syscalls: Option<BTreeMap<u32, u64>>,
     /// Syscalls were counted only for the window
-    /// (`tracing.syscall_window_secs`) and counting has stopped.
+    /// (`tracing.syscall_window_secs`) and counting has stopped (but in
+    /// samples, which add to the counts).
     pub syscall_window_closed: bool,
+    /// Syscalls per second: over the window so far while it is open,
+    /// then over the last sample (or the window, before the first).
+    pub syscall_rate: Option<f64>,
+    /// Samples counted after the window.
+    pub syscall_samples: u64,
     /// Execs, oldest first.
     pub execs: VecDeque<Exec>,
     /// Execs seen in total (also those no longer kept).
@@ -103,6 +112,36 @@ pub struct Traced {
     pub bytes_out: u64,
     #[serde(skip)]
     seen: std::collections::HashSet<String>,
+    /// Its cgroup directory (to count it again in samples).
+    #[serde(skip)]
+    dir: std::path::PathBuf,
+    /// When counting started: the watch, or the sample in progress.
+    #[serde(skip)]
+    counting_since: Option<std::time::Instant>,
+}
+
+impl Traced {
+    /// The rate to show: over the window so far while it is open (from
+    /// `live`, the kernel's count), else the last one measured.
+    fn rate_now(&self, live: u64) -> Option<f64> {
+        match (self.syscall_window_closed, self.counting_since) {
+            (false, Some(since)) => Some(live as f64 / since.elapsed().as_secs_f64().max(1e-3)),
+            _ => self.syscall_rate,
+        }
+    }
+
+    /// Adds counts taken in the kernel since `counting_since` to the frozen
+    /// ones, and sets the rate they show.
+    fn add_counted(&mut self, counts: BTreeMap<u32, u64>) {
+        let n: u64 = counts.values().sum();
+        if let Some(since) = self.counting_since.take() {
+            self.syscall_rate = Some(n as f64 / since.elapsed().as_secs_f64().max(1e-3));
+        }
+        let f = self.final_syscalls.get_or_insert_default();
+        for (nr, c) in counts {
+            *f.entry(nr).or_default() += c;
+        }
+    }
 }
 
 /// A streamed event, tagged with its container.
@@ -149,8 +188,13 @@ pub struct TopRow {
     pub live: bool,
     /// Its cgroup id.
     pub cgroup: u64,
-    /// Syscalls so far.
+    /// Syscalls counted so far.
     pub syscalls: u64,
+    /// Whether its syscalls are being counted now (its window is open, or
+    /// a sample is in progress).
+    pub counting: bool,
+    /// Syscalls per second as last measured (see [`Traced::syscall_rate`]).
+    pub syscall_rate: Option<f64>,
     /// Execs so far.
     pub execs: u64,
     /// Opens so far.
@@ -256,7 +300,13 @@ impl Tracing {
         } else {
             None
         };
-        Arc::new_cyclic(|me| Tracing {
+        let sample = (cfg.syscall_sample_every_secs > 0).then(|| {
+            (
+                std::time::Duration::from_secs(cfg.syscall_sample_every_secs),
+                std::time::Duration::from_millis(cfg.syscall_sample_ms),
+            )
+        });
+        let tracing = Arc::new_cyclic(|me| Tracing {
             tracer: tracer.map(Mutex::new),
             unavailable,
             v1,
@@ -268,7 +318,31 @@ impl Tracing {
             containers: Mutex::default(),
             by_cgroup: Mutex::default(),
             stream,
-        })
+        });
+        if let (Some((every, length)), true, Ok(rt)) = (
+            sample,
+            tracing.available(),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            let me = Arc::downgrade(&tracing);
+            rt.spawn(async move {
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(t) = me.upgrade() else { return };
+                    let sampled = t.start_sample();
+                    drop(t);
+                    if sampled == 0 {
+                        continue;
+                    }
+                    tokio::time::sleep(length).await;
+                    let Some(t) = me.upgrade() else { return };
+                    t.end_sample();
+                }
+            });
+        }
+        tracing
     }
 
     /// Whether the tracer is loaded.
@@ -333,6 +407,8 @@ impl Tracing {
                 live: true,
                 final_syscalls: None,
                 syscall_window_closed: false,
+                syscall_rate: None,
+                syscall_samples: 0,
                 execs: VecDeque::new(),
                 exec_count: 0,
                 opened: Vec::new(),
@@ -343,9 +419,14 @@ impl Tracing {
                 bytes_in: 0,
                 bytes_out: 0,
                 seen: Default::default(),
+                dir: dir.to_path_buf(),
+                counting_since: Some(std::time::Instant::now()),
             },
         );
-        if let (Some(window), Ok(rt)) = (self.window, tokio::runtime::Handle::try_current()) {
+        if let (Some(window), Ok(rt)) = (
+            window_of(info, self.window),
+            tokio::runtime::Handle::try_current(),
+        ) {
             let (me, id) = (self.me.clone(), id.to_string());
             rt.spawn(async move {
                 tokio::time::sleep(window).await;
@@ -368,7 +449,7 @@ impl Tracing {
         };
         match tracer.lock().expect("tracer").stop_counting(cgroup) {
             Ok(counts) => {
-                t.final_syscalls = Some(counts);
+                t.add_counted(counts);
                 t.syscall_window_closed = true;
             }
             Err(e) => {
@@ -424,10 +505,11 @@ impl Tracing {
             return;
         };
         match tracer.lock().expect("tracer").unwatch(t.cgroup) {
-            // Counts frozen when the window closed stay as they were.
+            // Counted until now (window or sample): added to what was
+            // frozen; after the window and between samples, nothing.
             Ok(counts) => {
-                if !t.syscall_window_closed {
-                    t.final_syscalls = Some(counts)
+                if t.counting_since.is_some() {
+                    t.add_counted(counts)
                 }
             }
             Err(e) => tracing::warn!(container = id, error = %crate::error_chain(&e), "unwatch"),
@@ -471,17 +553,70 @@ impl Tracing {
 
     /// A container's results, with live syscall counts while it runs.
     pub fn get(&self, id: &str) -> Option<(Traced, BTreeMap<u32, u64>)> {
-        let t = self.containers.lock().expect("traced").get(id).cloned()?;
-        let counts = match (&t.final_syscalls, &self.tracer) {
-            (Some(f), _) => f.clone(),
-            (None, Some(tr)) => tr
+        let mut t = self.containers.lock().expect("traced").get(id).cloned()?;
+        let mut counts = t.final_syscalls.clone().unwrap_or_default();
+        if let (true, Some(tr)) = (t.live && t.counting_since.is_some(), &self.tracer) {
+            let live = tr
                 .lock()
                 .expect("tracer")
                 .syscalls(t.cgroup)
-                .unwrap_or_default(),
-            (None, None) => BTreeMap::new(),
-        };
+                .unwrap_or_default();
+            t.syscall_rate = t.rate_now(live.values().sum());
+            for (nr, c) in live {
+                *counts.entry(nr).or_default() += c;
+            }
+        }
         Some((t, counts))
+    }
+
+    /// A sample after the window: counts every running container whose
+    /// window has closed again; returns how many.
+    fn start_sample(&self) -> usize {
+        let Some(tracer) = &self.tracer else { return 0 };
+        let mut map = self.containers.lock().expect("traced");
+        let mut tracer = tracer.lock().expect("tracer");
+        let mut n = 0;
+        for t in map
+            .values_mut()
+            .filter(|t| t.live && t.syscall_window_closed && t.counting_since.is_none())
+        {
+            match tracer.watch(t.cgroup, &t.dir) {
+                Ok(()) => {
+                    t.counting_since = Some(std::time::Instant::now());
+                    n += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(container = %t.id, error = %crate::error_chain(&e), "sample syscalls")
+                }
+            }
+        }
+        n
+    }
+
+    /// Ends the sample: adds what it counted, sets the rates, and detaches
+    /// the hook at once if no window is open (lingering would multiply
+    /// the cost of every sample).
+    fn end_sample(&self) {
+        let Some(tracer) = &self.tracer else { return };
+        let mut map = self.containers.lock().expect("traced");
+        let mut tracer = tracer.lock().expect("tracer");
+        for t in map
+            .values_mut()
+            .filter(|t| t.live && t.syscall_window_closed && t.counting_since.is_some())
+        {
+            match tracer.stop_counting(t.cgroup) {
+                Ok(counts) => {
+                    t.add_counted(counts);
+                    t.syscall_samples += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(container = %t.id, error = %crate::error_chain(&e), "end syscall sample")
+                }
+            }
+        }
+        if let Err(e) = tracer.detach_if_idle() {
+            tracing::warn!(error = %crate::error_chain(&e), "detach the syscall hook");
+        }
     }
 
     /// One line per traced container for `hb top`, with syscall totals
@@ -495,6 +630,13 @@ impl Tracing {
                 (t.totals().unwrap_or_default(), t.open_flows())
             })
             .unwrap_or_default();
+        let live = |t: &Traced| {
+            if t.live && t.counting_since.is_some() {
+                totals.get(&t.cgroup).copied().unwrap_or(0)
+            } else {
+                0
+            }
+        };
         let mut rows: Vec<TopRow> = self
             .containers
             .lock()
@@ -505,9 +647,16 @@ impl Tracing {
                 name: t.name.clone(),
                 live: t.live,
                 cgroup: t.cgroup,
-                syscalls: match &t.final_syscalls {
-                    Some(f) => f.values().sum(),
-                    None => totals.get(&t.cgroup).copied().unwrap_or(0),
+                syscalls: t
+                    .final_syscalls
+                    .as_ref()
+                    .map_or(0, |f| f.values().sum::<u64>())
+                    + live(t),
+                counting: t.live && t.counting_since.is_some(),
+                syscall_rate: if t.live && t.counting_since.is_some() {
+                    t.rate_now(live(t))
+                } else {
+                    t.syscall_rate
                 },
                 execs: t.exec_count,
                 opens: t.open_count,
@@ -723,6 +872,27 @@ fn subsys_index(proc_cgroups: &str, name: &str) -> Option<u32> {
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .position(|l| l.split_whitespace().next() == Some(name))
         .map(|i| i as u32)
+}
+
+/// The counting window of one container: its annotation
+/// ([`WINDOW_ANNOTATION`], `0` for its whole life) over the node's
+/// `tracing.syscall_window_secs`.
+fn window_of(
+    info: &ContainerInfo,
+    node: Option<std::time::Duration>,
+) -> Option<std::time::Duration> {
+    let Some(v) = info.annotations.get(WINDOW_ANNOTATION) else {
+        return node;
+    };
+    match v.trim().parse::<u64>() {
+        Ok(0) => None,
+        Ok(secs) => Some(std::time::Duration::from_secs(secs)),
+        Err(_) => {
+            tracing::warn!(container = %info.id, value = %v, annotation = WINDOW_ANNOTATION,
+                "not a number of seconds; the node's window applies");
+            node
+        }
+    }
 }
 
 #[cfg(test)]
