@@ -104,6 +104,20 @@ struct SyscallCounts {
 // SAFETY: an array of integers; any bit pattern is valid.
 unsafe impl aya::Pod for SyscallCounts {}
 
+/// `struct sample_state` of the C side: per CPU, open events left out by
+/// sampling (`out`) and the sampler's own state.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SampleState {
+    out: u64,
+    seq: u64,
+    seen: u64,
+    unread: u64,
+}
+
+// SAFETY: integers only; any bit pattern is valid.
+unsafe impl aya::Pod for SampleState {}
+
 impl SyscallCounts {
     fn to_map(self) -> BTreeMap<u32, u64> {
         self.n
@@ -198,7 +212,7 @@ pub struct Tracer {
     counts: Counts,
     flows: HashMap<MapData, u64, FlowStart>,
     drops: PerCpuArray<MapData, u64>,
-    sampled: PerCpuArray<MapData, u64>,
+    sampled: PerCpuArray<MapData, SampleState>,
     events: Option<RingBuf<MapData>>,
 }
 
@@ -552,7 +566,7 @@ impl Tracer {
     pub fn sampled(&self) -> u64 {
         self.sampled
             .get(&0, 0)
-            .map(|per_cpu| per_cpu.iter().sum())
+            .map(|per_cpu| per_cpu.iter().map(|s| s.out).sum())
             .unwrap_or(0)
     }
 

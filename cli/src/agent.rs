@@ -348,8 +348,12 @@ pub fn top(
             };
             // Between samples after the window nothing is counted: the
             // rate is the one the agent measured last.
-            let sys = match (c["counting"].as_bool(), c["syscall_rate"].as_f64()) {
-                (Some(false), Some(r)) => r,
+            let sys = match (
+                c["live"].as_bool(),
+                c["counting"].as_bool(),
+                c["syscall_rate"].as_f64(),
+            ) {
+                (Some(true), Some(false), Some(r)) => r,
                 _ => delta("syscalls"),
             };
             let execs = delta("execs");

@@ -165,7 +165,7 @@ async fn main() {
         (20_000, 2_000, 20_000, 2, 1, 2)
     };
     let (steady_loops, steady_pairs) = if full {
-        (10_000_000u64, 8)
+        (5_000_000u64, 16)
     } else {
         (20_000, 1)
     };

@@ -117,10 +117,10 @@ volatile const __u32 hb_v1_subsys = 0;
 // per CPU is sent; the others are counted in `sampled`.
 volatile const __u64 hb_sample_above = 128 * 1024;
 volatile const __u32 hb_sample_one_in = 16;
-// Opens wake the agent only once this many bytes are unread (the agent
-// also drains the ring on a short timer): a wake-up per event costs the
-// producer more than the event itself. Execs, connections and OOM kills
-// wake it at once.
+// Opens wake the agent only once this many bytes are unread, as seen at
+// the periodic look (LOOK_EVERY); the agent also drains the ring on a
+// short timer. A wake-up per event costs the producer more than the event
+// itself. Execs, connections and OOM kills wake it at once.
 volatile const __u64 hb_wakeup_above = 16 * 1024;
 
 // Containers being traced: cgroup id -> 1 while their syscalls are
@@ -251,32 +251,50 @@ struct {
 	__type(value, __u64);
 } drops SEC(".maps");
 
-// Sampling state per CPU: [0] opens left out (exported), [1] opens seen
-// while sampling (the 1-in-N sequence).
+// Per CPU, for open events: how many were left out by sampling (read by
+// the agent), the 1-in-N sequence while sampling, how many were seen, and
+// the ring's unread bytes at the last look.
+struct sample_state {
+	__u64 out;
+	__u64 seq;
+	__u64 seen;
+	__u64 unread;
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 2);
+	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, __u64);
+	__type(value, struct sample_state);
 } sampled SEC(".maps");
+
+// Opens look at the ring's fill once in this many per CPU. The query reads
+// the reader's position, a cache line the agent writes from the other CPU;
+// made twice per open (for sampling and for the wake-up) it was the
+// costliest part of an open event in a perf profile of the copy workload.
+#define LOOK_EVERY 32
 
 static __always_inline void count_drop(void);
 
 // Whether to leave this open out: the ring is filling faster than the
-// agent reads, so keep one in hb_sample_one_in and count the rest.
-static __always_inline int sample_out(void)
+// agent reads, so keep one in hb_sample_one_in and count the rest. Sets
+// *wake when this open should wake the reader.
+static __always_inline int sample_out(int *wake)
 {
-	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) <= hb_sample_above)
+	__u32 zero = 0;
+	struct sample_state *st = bpf_map_lookup_elem(&sampled, &zero);
+	if (!st)
 		return 0;
-	__u32 out_key = 0, seq_key = 1;
-	__u64 *out = bpf_map_lookup_elem(&sampled, &out_key);
-	__u64 *seq = bpf_map_lookup_elem(&sampled, &seq_key);
-	if (!out || !seq)
+	if (st->seen++ % LOOK_EVERY == 0) {
+		st->unread = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+		*wake = st->unread >= hb_wakeup_above;
+	}
+	if (st->unread <= hb_sample_above)
 		return 0;
-	*seq += 1;
-	if (hb_sample_one_in <= 1 || *seq % hb_sample_one_in == 0)
+	st->seq += 1;
+	if (hb_sample_one_in <= 1 || st->seq % hb_sample_one_in == 0)
 		return 0;
-	*out += 1;
+	st->out += 1;
 	return 1;
 }
 
@@ -302,9 +320,12 @@ static __always_inline __u64 current_cgroup(void)
 
 // An open of a watched container: the path as the caller passed it (the
 // user's string, read before the kernel resolves it) and the flags.
-static __always_inline void emit_open(struct pt_regs *regs, __u64 cg, __u32 nr)
+// `btf_regs`: regs is a BTF pointer the verifier lets the program load
+// from directly (tp_btf, fentry), not a raw tracepoint's plain address.
+static __always_inline void emit_open(struct pt_regs *regs, __u64 cg, __u32 nr, int btf_regs)
 {
-	if (sample_out())
+	int wake = 0;
+	if (sample_out(&wake))
 		return;
 	struct open_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
@@ -312,7 +333,10 @@ static __always_inline void emit_open(struct pt_regs *regs, __u64 cg, __u32 nr)
 		return;
 	}
 	const char *path;
-	if (nr == NR_OPENAT) {
+	if (btf_regs) {
+		path = (const char *)(nr == NR_OPENAT ? regs->si : regs->di);
+		e->flags = (__u32)(nr == NR_OPENAT ? regs->dx : regs->si);
+	} else if (nr == NR_OPENAT) {
 		path = (const char *)BPF_CORE_READ(regs, si);
 		e->flags = (__u32)BPF_CORE_READ(regs, dx);
 	} else {
@@ -326,8 +350,7 @@ static __always_inline void emit_open(struct pt_regs *regs, __u64 cg, __u32 nr)
 	e->pad = 0;
 	if (bpf_probe_read_user_str(e->path, sizeof(e->path), path) < 0)
 		e->path[0] = 0;
-	__u64 unread = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
-	bpf_ringbuf_submit(e, unread >= hb_wakeup_above ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
+	bpf_ringbuf_submit(e, wake ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 }
 
 // Counts a syscall of a watched v2 cgroup in its local storage, in the
@@ -342,7 +365,7 @@ static __always_inline int count_syscall(struct pt_regs *regs, __u32 nr)
 	if (nr < NR_SYSCALLS)
 		__sync_fetch_and_add(&c->n[nr], 1);
 	if (nr == NR_OPENAT || nr == NR_OPEN)
-		emit_open(regs, BPF_CORE_READ(cgrp, kn, id), nr);
+		emit_open(regs, cgrp->kn->id, nr, 1);
 	return 0;
 }
 
@@ -369,7 +392,7 @@ static __always_inline int count_syscall_v1(struct pt_regs *regs, __u32 nr)
 		}
 	}
 	if (nr == NR_OPENAT || nr == NR_OPEN)
-		emit_open(regs, cg, nr);
+		emit_open(regs, cg, nr, 0);
 	return 0;
 }
 
