@@ -164,10 +164,11 @@ async fn main() {
     } else {
         (20_000, 2_000, 20_000, 2, 1, 2)
     };
-    let (steady_loops, steady_pairs) = if full {
-        (5_000_000u64, 16)
+    // Steady state: each workload sized to about 3 s of work.
+    let (steady_loops, steady_copies, steady_pairs) = if full {
+        (5_000_000u64, 500_000u64, 12)
     } else {
-        (20_000, 1)
+        (20_000, 2_000, 1)
     };
     let binary = hyperbox_integration::workload::syscalls_binary();
     let tb = Testbed::start().await;
@@ -266,37 +267,46 @@ async fn main() {
     )
     .await;
     agent.wait_connected(true, Duration::from_secs(20)).await;
-    let steady_args = ["loop".to_string(), steady_loops.to_string(), "1500".into()];
-    let steady_args: Vec<&str> = steady_args.iter().map(String::as_str).collect();
-    let (mut steady, mut steady_ratios, mut samples) = ([vec![], vec![]], vec![], vec![]);
-    let mut steady_counted = vec![];
+    // Per workload: work times [untraced, traced], pair ratios, samples
+    // per traced run, and syscalls counted (all in samples) per run.
+    let steady_work: [(&str, String, u64); 2] = [
+        ("loop", steady_loops.to_string(), 3 * steady_loops),
+        ("copy", steady_copies.to_string(), 6 * steady_copies),
+    ];
+    let mut steady: [[Vec<f64>; 2]; 2] = Default::default();
+    let mut steady_ratios: [Vec<f64>; 2] = Default::default();
+    let mut samples: [Vec<u64>; 2] = Default::default();
+    let mut steady_counted: [Vec<u64>; 2] = Default::default();
     for p in 0..steady_pairs {
-        let mut pair = [0f64; 2];
-        for traced in if p % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        } {
-            let (_, id) = b.run(&steady_args, traced).await;
-            let log = cri.logs(&pod, &format!("w{}", b.n)).await.unwrap();
-            let ns: f64 = log
-                .lines()
-                .find_map(|l| l.strip_prefix("work_ns "))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or_else(|| panic!("no work_ns in {log:?}"));
-            pair[traced as usize] = ns / 1e9;
-            if traced {
-                let tr: serde_json::Value =
-                    serde_json::from_str(&agent.hb(&["trace", &id, "--json"])).unwrap();
-                assert_eq!(tr["syscall_window_closed"], true, "{tr}");
-                samples.push(tr["syscall_samples"].as_u64().unwrap());
-                steady_counted.push(tr["syscall_total"].as_u64().unwrap());
+        for (w, (mode, n, _)) in steady_work.iter().enumerate() {
+            let args = [*mode, n.as_str(), "1500"];
+            let mut pair = [0f64; 2];
+            for traced in if p % 2 == 0 {
+                [false, true]
+            } else {
+                [true, false]
+            } {
+                let (_, id) = b.run(&args, traced).await;
+                let log = cri.logs(&pod, &format!("w{}", b.n)).await.unwrap();
+                let ns: f64 = log
+                    .lines()
+                    .find_map(|l| l.strip_prefix("work_ns "))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or_else(|| panic!("no work_ns in {log:?}"));
+                pair[traced as usize] = ns / 1e9;
+                if traced {
+                    let tr: serde_json::Value =
+                        serde_json::from_str(&agent.hb(&["trace", &id, "--json"])).unwrap();
+                    assert_eq!(tr["syscall_window_closed"], true, "{tr}");
+                    samples[w].push(tr["syscall_samples"].as_u64().unwrap());
+                    steady_counted[w].push(tr["syscall_total"].as_u64().unwrap());
+                }
+                cri.remove_container(&id).await.unwrap();
             }
-            cri.remove_container(&id).await.unwrap();
+            steady[w][0].push(pair[0]);
+            steady[w][1].push(pair[1]);
+            steady_ratios[w].push(pair[1] / pair[0]);
         }
-        steady[0].push(pair[0]);
-        steady[1].push(pair[1]);
-        steady_ratios.push(pair[1] / pair[0]);
     }
     assert!(agent.shutdown().is_empty());
 
@@ -377,40 +387,41 @@ async fn main() {
             per_call * 1e9
         ));
     }
-    let (r, lo, hi) = median_with_ci(&steady_ratios);
     let secs = |v: &[f64]| {
         let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    samples.sort();
-    steady_counted.sort();
-    // What the samples cost, derived from two measured figures: the share
-    // of the loop's syscalls they counted, times the paired overhead of
-    // counting every syscall (the loop's row above).
-    let share = steady_counted[steady_counted.len() / 2] as f64 / (3 * steady_loops) as f64;
-    let derived = share * (median_with_ci(&ratios[0]).0 - 1.0);
     body.push_str(&format!(
         "\n\nSteady state, the default trade-off: a container past its counting window is counted \
          only in samples, aligned for all containers (defaults: 60 s window, then 1 s every 60 s; \
          here the same 1/60 duty scaled to a 1 s window and 50 ms every 3 s, so a run of seconds \
-         spans samples as a long-lived container does). The loop ({steady_loops} rounds) starts \
-         1.5 s in, after the window, and times itself; {steady_pairs} pairs, as above.\n\n\
-         | workload | mode | runs | median work time | traced ÷ untraced, paired (95 % interval) |\n\
-         |---|---|---|---|---|\n\
-         | getpid/read/write loop | untraced | {} | {:.3} s | |\n\
-         | getpid/read/write loop | traced, past its window | {} | {:.3} s | **{r:.3}×** ({lo:.3}–{hi:.3}) |\n\n\
-         Samples that fell in each traced run: {samples:?}; they counted {:.2} % of the loop's \
-         syscalls (median), so at the paired per-syscall overhead above the samples cost \
-         **{:.2} %** of the loop's time. The direct paired figure cannot resolve that: its \
-         interval is this machine's run-to-run noise.",
-        steady[0].len(),
-        secs(&steady[0]),
-        steady[1].len(),
-        secs(&steady[1]),
-        share * 100.0,
-        derived * 100.0,
+         spans samples as a long-lived container does). The work ({steady_loops} loop rounds; \
+         {steady_copies} copies) starts 1.5 s in, after the window, and times itself; \
+         {steady_pairs} pairs per workload, as above. \"Derived\": the share of the work's \
+         syscalls the samples counted (median), times the paired overhead of counting every \
+         syscall (the rows above); the direct paired figure cannot resolve that, its interval \
+         is this machine's run-to-run noise.\n\n\
+         | workload | untraced, median work | traced past its window | traced ÷ untraced, paired (95 % interval) | samples per run | counted in samples | derived overhead |\n\
+         |---|---|---|---|---|---|---|\n",
     ));
+    for (w, (name, _, _)) in workloads.iter().enumerate() {
+        let (r, lo, hi) = median_with_ci(&steady_ratios[w]);
+        let mut counted = steady_counted[w].clone();
+        counted.sort();
+        samples[w].sort();
+        let share = counted[counted.len() / 2] as f64 / steady_work[w].2 as f64;
+        let derived = share * (median_with_ci(&ratios[w]).0 - 1.0);
+        body.push_str(&format!(
+            "| {name} | {:.3} s | {:.3} s | {r:.3}× ({lo:.3}–{hi:.3}) | {}–{} | {:.2} % | **{:.2} %** |\n",
+            secs(&steady[w][0]),
+            secs(&steady[w][1]),
+            samples[w][0],
+            samples[w][samples[w].len() - 1],
+            share * 100.0,
+            derived * 100.0,
+        ));
+    }
     body.push_str(&format!(
         "\n\nAgent resident memory while tracing: {:.1} MiB (and {:.1} MiB with a 64 MiB ring \
          after the bursts below).\n\n",
