@@ -113,9 +113,11 @@ struct SampleState {
     seq: u64,
     seen: u64,
     unread: u64,
+    /// The kernel's scratch for building an open event (`OPEN_SIZE`).
+    scratch: [u8; OPEN_SIZE],
 }
 
-// SAFETY: integers only; any bit pattern is valid.
+// SAFETY: integers and bytes only; any bit pattern is valid.
 unsafe impl aya::Pod for SampleState {}
 
 impl SyscallCounts {
@@ -664,7 +666,8 @@ const OPEN: u32 = 2;
 const OOM_KILL: u32 = 3;
 const FLOW: u32 = 4;
 const FLOW_SIZE: usize = HEAD_SIZE + 72;
-const OPEN_SIZE: usize = 32 + PATH_LEN;
+const OPEN_HEAD: usize = 32;
+const OPEN_SIZE: usize = OPEN_HEAD + PATH_LEN;
 const HEAD_SIZE: usize = 24;
 const PATH_LEN: usize = 256;
 const ARGS_LEN: usize = 128;
@@ -695,12 +698,13 @@ pub fn parse_event(b: &[u8]) -> Option<Event> {
                 args,
             })
         }
-        OPEN if b.len() >= OPEN_SIZE => Some(Event::Open {
+        // Opens carry only the path's used bytes (and its NUL).
+        OPEN if b.len() > OPEN_HEAD => Some(Event::Open {
             pid: u32_at(4)?,
             cgroup: u64_at(8)?,
             time_ns: u64_at(16)?,
             flags: u32_at(24)?,
-            path: cstr(&b[32..32 + PATH_LEN]),
+            path: cstr(&b[OPEN_HEAD..b.len().min(OPEN_SIZE)]),
         }),
         FLOW if b.len() >= FLOW_SIZE => {
             let u16_at = |o: usize| Some(u16::from_ne_bytes(b.get(o..o + 2)?.try_into().ok()?));
@@ -774,6 +778,18 @@ mod tests {
             parse_event(&o),
             Some(Event::Open { ref path, flags: 0o101, .. }) if path == "/etc/hostname"
         ));
+        // As the kernel sends it: the path's bytes and NUL, padded to 8.
+        assert!(matches!(
+            parse_event(&o[..48]),
+            Some(Event::Open { ref path, .. }) if path == "/etc/hostname"
+        ));
+        // A path that fills the record to its end has no NUL to stop at.
+        o[32..].fill(b'a');
+        assert!(matches!(
+            parse_event(&o[..40]),
+            Some(Event::Open { ref path, .. }) if path == "aaaaaaaa"
+        ));
+        assert_eq!(parse_event(&o[..32]), None);
         let mut f = vec![0u8; FLOW_SIZE];
         f[0..4].copy_from_slice(&FLOW.to_ne_bytes());
         f[24..28].copy_from_slice(&1u32.to_ne_bytes());

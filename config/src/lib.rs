@@ -105,11 +105,12 @@ pub struct Tracing {
     /// v2 hierarchy, else the v1 memory cgroup), `v2` or `v1`.
     pub cgroup_hierarchy: CgroupHierarchy,
     /// Count a container's syscalls (and see its opens) only for its first
-    /// this many seconds, enough to learn its syscall set; after that it
-    /// pays nothing per syscall (but in samples, below), while execs,
-    /// connections and OOM kills stay traced. 0: for its whole life. A
-    /// container's annotation `trace.hyperbox.dev/syscall-window-secs`
-    /// overrides it.
+    /// this many seconds: its start, when it opens the files it needs first
+    /// and makes most of its syscall set. After that it pays nothing per
+    /// syscall (but in samples, below), while execs, connections and OOM
+    /// kills stay traced. 0: for its whole life. A container's annotation
+    /// `trace.hyperbox.dev/syscall-window-secs` overrides it (learning a
+    /// workload's full syscall set for seccomp wants its whole life).
     pub syscall_window_secs: u64,
     /// After their window, the syscalls of every running container are
     /// counted again for `syscall_sample_ms` once in this many seconds, all
@@ -145,7 +146,7 @@ impl Default for Tracing {
             sample_above: 0.5,
             sample_one_in: 16,
             cgroup_hierarchy: CgroupHierarchy::Auto,
-            syscall_window_secs: 60,
+            syscall_window_secs: 10,
             syscall_sample_every_secs: 60,
             syscall_sample_ms: 1000,
             hook_linger_secs: 10,

@@ -17,12 +17,14 @@
 //! run times here wander by ±15 % between runs, far more than the effect.
 //! The not-loaded runs come in batches around the pairs.
 //!
-//! Steady state: the same loop in containers past their counting window
+//! Steady state: both workloads in containers past their counting window
 //! (`tracing.syscall_window_secs`), counted only in the aligned samples
-//! that follow it, at the defaults' duty scaled to seconds.
+//! that follow it, at the defaults' duty scaled to seconds; and from both
+//! figures, the average over a container's life with the defaults.
 //!
-//! Throughput: a traced container makes N `openat("")` calls as fast as it
-//! can, each an open event through the ring buffer; the figure is N over
+//! Throughput: a traced container makes N `openat("")` calls (or opens of
+//! a library-length path) as fast as it can, each an open event through
+//! the ring buffer; the figure is N over
 //! the time from its start until the agent has processed all N, with drops
 //! and samples counted. Run with a ring big enough for the burst and no
 //! sampling, then with the defaults (sampling engages).
@@ -87,8 +89,8 @@ impl Bench<'_> {
 
     /// A burst of `n` open events: the time from start until the agent has
     /// processed them all (or stopped getting more), with what it counted.
-    async fn burst(&mut self, agent: &AgentDaemon, n: u64) -> Burst {
-        let spec = self.spec(&["opens", &n.to_string()], true);
+    async fn burst(&mut self, agent: &AgentDaemon, mode: &str, n: u64) -> Burst {
+        let spec = self.spec(&[mode, &n.to_string()], true);
         let id = self.cri.create_container(self.pod, &spec).await.unwrap();
         let (drops0, sampled0) = counters(agent).await;
         let start = Instant::now();
@@ -320,13 +322,17 @@ async fn main() {
     agent.wait_connected(true, Duration::from_secs(20)).await;
     let mut unsampled = Vec::new();
     for _ in 0..if full { 3 } else { 1 } {
-        unsampled.push(b.burst(&agent, bursts).await);
+        unsampled.push(b.burst(&agent, "opens", bursts).await);
+    }
+    let mut with_paths = Vec::new();
+    for _ in 0..if full { 2 } else { 1 } {
+        with_paths.push(b.burst(&agent, "open-paths", bursts).await);
     }
     let burst_rss = agent.pid().map_or(0, rss_bytes);
     assert!(agent.shutdown().is_empty());
     let agent = AgentDaemon::start(&tb.containerd.nri_socket(), "").await;
     agent.wait_connected(true, Duration::from_secs(20)).await;
-    let sampled = b.burst(&agent, bursts).await;
+    let sampled = b.burst(&agent, "opens", bursts).await;
     assert!(agent.shutdown().is_empty());
     cri.remove_pod(&pod).await.unwrap();
     tb.finish();
@@ -394,9 +400,9 @@ async fn main() {
     };
     body.push_str(&format!(
         "\n\nSteady state, the default trade-off: a container past its counting window is counted \
-         only in samples, aligned for all containers (defaults: 60 s window, then 1 s every 60 s; \
-         here the same 1/60 duty scaled to a 1 s window and 50 ms every 3 s, so a run of seconds \
-         spans samples as a long-lived container does). The work ({steady_loops} loop rounds; \
+         only in samples, aligned for all containers (defaults: 10 s window, then 1 s every 60 s; \
+         here the same 1/60 sample duty scaled to a 1 s window and 50 ms every 3 s, so a run of \
+         seconds spans samples as a long-lived container does). The work ({steady_loops} loop rounds; \
          {steady_copies} copies) starts 1.5 s in, after the window, and times itself; \
          {steady_pairs} pairs per workload, as above. \"Derived\": the share of the work's \
          syscalls the samples counted (median), times the paired overhead of counting every \
@@ -405,6 +411,7 @@ async fn main() {
          | workload | untraced, median work | traced past its window | traced ÷ untraced, paired (95 % interval) | samples per run | counted in samples | derived overhead |\n\
          |---|---|---|---|---|---|---|\n",
     ));
+    let mut past_window = Vec::new();
     for (w, (name, _, _)) in workloads.iter().enumerate() {
         let (r, lo, hi) = median_with_ci(&steady_ratios[w]);
         let mut counted = steady_counted[w].clone();
@@ -412,6 +419,7 @@ async fn main() {
         samples[w].sort();
         let share = counted[counted.len() / 2] as f64 / steady_work[w].2 as f64;
         let derived = share * (median_with_ci(&ratios[w]).0 - 1.0);
+        past_window.push(derived);
         body.push_str(&format!(
             "| {name} | {:.3} s | {:.3} s | {r:.3}× ({lo:.3}–{hi:.3}) | {}–{} | {:.2} % | **{:.2} %** |\n",
             secs(&steady[w][0]),
@@ -422,6 +430,22 @@ async fn main() {
             derived * 100.0,
         ));
     }
+    let window = hyperbox_config::Tracing::default().syscall_window_secs as f64;
+    body.push_str(&format!(
+        "\nOver a whole life with the defaults (the first {window} s counted, then samples), a \
+         container doing nothing but this work would pay on average:\n\n\
+         | workload | over 1 min | over 10 min | over 1 h |\n|---|---|---|---|\n",
+    ));
+    for (w, (name, _, _)) in workloads.iter().enumerate() {
+        let counted = median_with_ci(&ratios[w]).0 - 1.0;
+        let life = |secs: f64| (window * counted + (secs - window) * past_window[w]) / secs * 100.0;
+        body.push_str(&format!(
+            "| {name} | {:.1} % | {:.2} % | {:.2} % |\n",
+            life(60.0),
+            life(600.0),
+            life(3600.0)
+        ));
+    }
     body.push_str(&format!(
         "\n\nAgent resident memory while tracing: {:.1} MiB (and {:.1} MiB with a 64 MiB ring \
          after the bursts below).\n\n",
@@ -430,9 +454,11 @@ async fn main() {
     ));
     body.push_str(
         "Event throughput: a traced container makes N `openat(\"\")` calls as fast as one CPU \
-         allows; each is an open event (288 bytes) through the ring buffer, decoded and recorded \
-         by the agent on the other CPU. Rate = events processed / time from container start \
-         until the agent had them all.\n\n\
+         allows (or, \"48-byte path\", opens of a missing `/usr/lib/x86_64-linux-gnu/…` path, \
+         a library's length); each is an open event through the ring buffer (32 bytes and the \
+         path with its NUL, in 8-byte units: 40 and 88 bytes here), decoded and recorded by the \
+         agent on the other CPU. Rate = events processed / time from container start until the \
+         agent had them all.\n\n\
          | ring, sampling | events | processed | dropped | sampled out | producer time | \
          processed/s |\n|---|---|---|---|---|---|---|\n",
     );
@@ -449,6 +475,9 @@ async fn main() {
     };
     for r in &unsampled {
         body.push_str(&row("64 MiB, off", r));
+    }
+    for r in &with_paths {
+        body.push_str(&row("64 MiB, off, 48-byte path", r));
     }
     body.push_str(&row("256 KiB (default), 1 in 16 above half", &sampled));
     println!("{body}");

@@ -6,6 +6,7 @@
 //   syscalls loop N    N rounds of getpid, read(/dev/zero, 1), write(/dev/null, 1)
 //   syscalls copy N    N copies of a 4 KiB file in /dev/shm (tmpfs: no disk in the figure)
 //   syscalls opens N   N openat("") calls: each an open event, failing fast
+//   syscalls open-paths N   N openat() of a missing 48-byte path
 //
 // An optional third argument waits that many ms before the work (so that it
 // runs after the tracer's counting window). The work's own duration is
@@ -33,7 +34,7 @@ static int must_open(const char *path, int flags)
 int main(int argc, char **argv)
 {
 	if (argc != 3 && argc != 4) {
-		fprintf(stderr, "usage: %s loop|copy|opens N [wait_ms]\n", argv[0]);
+		fprintf(stderr, "usage: %s loop|copy|opens|open-paths N [wait_ms]\n", argv[0]);
 		return 2;
 	}
 	long n = atol(argv[2]);
@@ -68,6 +69,11 @@ int main(int argc, char **argv)
 	} else if (strcmp(argv[1], "opens") == 0) {
 		for (long i = 0; i < n; i++)
 			syscall(SYS_openat, AT_FDCWD, "", O_RDONLY);
+	} else if (strcmp(argv[1], "open-paths") == 0) {
+		// A path as long as a typical library's; /usr/lib has no such
+		// directory, so the lookup fails at its third component.
+		for (long i = 0; i < n; i++)
+			syscall(SYS_openat, AT_FDCWD, "/usr/lib/x86_64-linux-gnu/hyperbox/libbench.so.1", O_RDONLY);
 	} else {
 		fprintf(stderr, "unknown mode %s\n", argv[1]);
 		return 2;

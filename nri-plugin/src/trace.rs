@@ -35,6 +35,10 @@ const OPENED: usize = 4096;
 /// Opens do not wake the reader one by one (see the tracer's
 /// `hb_wakeup_above`); it drains the ring at least this often.
 const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+/// Events recorded per taking of the results' locks: enough to amortise
+/// them at a million events a second, few enough that `hb top`, a watch
+/// or a stop never waits long behind the reader.
+const DRAIN_BATCH: usize = 1024;
 
 /// One exec in a container.
 #[derive(Debug, Clone, Serialize)]
@@ -702,102 +706,100 @@ impl Tracing {
             .is_some_and(|t| t.lock().expect("tracer").syscall_hook_attached())
     }
 
-    fn record(&self, e: Event) {
+    /// Records one event of a watched container into its results, and
+    /// returns what `hb trace --follow` readers get when there are any.
+    fn record(
+        &self,
+        map: &mut HashMap<String, Traced>,
+        by_cgroup: &HashMap<u64, String>,
+        streaming: bool,
+        e: Event,
+    ) -> Option<Tagged> {
         let cgroup = match &e {
             Event::Exec { cgroup, .. }
             | Event::Open { cgroup, .. }
             | Event::Flow { cgroup, .. }
             | Event::OomKill { cgroup, .. } => *cgroup,
         };
-        let Some(id) = self
-            .by_cgroup
-            .lock()
-            .expect("by_cgroup")
-            .get(&cgroup)
-            .cloned()
-        else {
-            return;
-        };
-        let streamed = {
-            let mut map = self.containers.lock().expect("traced");
-            let Some(t) = map.get_mut(&id) else { return };
-            match e {
-                Event::Exec {
+        let id = by_cgroup.get(&cgroup)?;
+        let t = map.get_mut(id)?;
+        let event = match e {
+            Event::Exec {
+                pid,
+                time_ns,
+                path,
+                args,
+                ..
+            } => {
+                let exec = Exec {
                     pid,
                     time_ns,
                     path,
                     args,
-                    ..
-                } => {
-                    let exec = Exec {
-                        pid,
-                        time_ns,
-                        path,
-                        args,
-                    };
-                    if let Some(o) = &self.otlp {
-                        o.exec(&id, &exec);
-                    }
-                    if t.execs.len() == EXECS {
-                        t.execs.pop_front();
-                    }
-                    t.execs.push_back(exec.clone());
-                    t.exec_count += 1;
-                    Streamed::Exec(exec)
+                };
+                if let Some(o) = &self.otlp {
+                    o.exec(id, &exec);
                 }
-                Event::Open {
-                    pid, path, flags, ..
-                } => {
-                    t.open_count += 1;
-                    if t.opened.len() < OPENED && !path.is_empty() && t.seen.insert(path.clone()) {
-                        t.opened.push(path.clone());
-                    }
-                    Streamed::Open { pid, path, flags }
+                if t.execs.len() == EXECS {
+                    t.execs.pop_front();
                 }
-                Event::Flow {
+                t.execs.push_back(exec.clone());
+                t.exec_count += 1;
+                Streamed::Exec(exec)
+            }
+            Event::Open {
+                pid, path, flags, ..
+            } => {
+                t.open_count += 1;
+                if t.opened.len() < OPENED && !path.is_empty() && !t.seen.contains(&path) {
+                    t.seen.insert(path.clone());
+                    t.opened.push(path.clone());
+                }
+                Streamed::Open { pid, path, flags }
+            }
+            Event::Flow {
+                outbound,
+                local,
+                remote,
+                bytes_in,
+                bytes_out,
+                duration_ns,
+                time_ns,
+                ..
+            } => {
+                let flow = Flow {
                     outbound,
-                    local,
-                    remote,
+                    local: local.to_string(),
+                    remote: remote.to_string(),
                     bytes_in,
                     bytes_out,
-                    duration_ns,
-                    time_ns,
-                    ..
-                } => {
-                    let flow = Flow {
-                        outbound,
-                        local: local.to_string(),
-                        remote: remote.to_string(),
-                        bytes_in,
-                        bytes_out,
-                        duration_ms: duration_ns as f64 / 1e6,
-                        closed_ns: time_ns,
-                    };
-                    if let Some(o) = &self.otlp {
-                        o.flow(&id, &flow);
-                    }
-                    if t.flows.len() == EXECS {
-                        t.flows.pop_front();
-                    }
-                    t.flows.push_back(flow.clone());
-                    t.flow_count += 1;
-                    t.bytes_in += bytes_in;
-                    t.bytes_out += bytes_out;
-                    Streamed::Flow(flow)
+                    duration_ms: duration_ns as f64 / 1e6,
+                    closed_ns: time_ns,
+                };
+                if let Some(o) = &self.otlp {
+                    o.flow(id, &flow);
                 }
-                Event::OomKill { pid, time_ns, .. } => {
-                    if let Some(o) = &self.otlp {
-                        o.oom_kill(&id, pid, time_ns);
-                    }
-                    t.oom_killed.push(pid);
-                    Streamed::OomKill { pid }
+                if t.flows.len() == EXECS {
+                    t.flows.pop_front();
                 }
+                t.flows.push_back(flow.clone());
+                t.flow_count += 1;
+                t.bytes_in += bytes_in;
+                t.bytes_out += bytes_out;
+                Streamed::Flow(flow)
+            }
+            Event::OomKill { pid, time_ns, .. } => {
+                if let Some(o) = &self.otlp {
+                    o.oom_kill(id, pid, time_ns);
+                }
+                t.oom_killed.push(pid);
+                Streamed::OomKill { pid }
             }
         };
-        let _ = self.stream.send(Tagged {
-            container: id,
-            event: streamed,
-        });
+        streaming.then(|| Tagged {
+            container: id.clone(),
+            event,
+        })
     }
 
     /// Drains the ring buffer forever, waking when the kernel posts.
@@ -834,10 +836,32 @@ impl Tracing {
         }
     }
 
+    /// Records what the ring holds, taking the results' locks once per
+    /// [`DRAIN_BATCH`] events rather than per event.
     fn drain(&self, ring: &mut hyperbox_bpf::EventRing) {
-        while let Some(item) = ring.next() {
-            if let Some(e) = hyperbox_bpf::parse_event(&item) {
-                self.record(e);
+        let mut more = true;
+        while more {
+            let mut streamed = Vec::new();
+            {
+                // The order `forget` takes them in.
+                let mut map = self.containers.lock().expect("traced");
+                let by_cgroup = self.by_cgroup.lock().expect("by_cgroup");
+                let streaming = self.stream.receiver_count() > 0;
+                let mut n = 0;
+                while n < DRAIN_BATCH {
+                    let Some(item) = ring.next() else { break };
+                    n += 1;
+                    if let Some(tagged) = hyperbox_bpf::parse_event(&item)
+                        .and_then(|e| self.record(&mut map, &by_cgroup, streaming, e))
+                    {
+                        streamed.push(tagged);
+                    }
+                }
+                // A full batch: the ring may hold more.
+                more = n == DRAIN_BATCH;
+            }
+            for tagged in streamed {
+                let _ = self.stream.send(tagged);
             }
         }
     }

@@ -252,13 +252,16 @@ struct {
 } drops SEC(".maps");
 
 // Per CPU, for open events: how many were left out by sampling (read by
-// the agent), the 1-in-N sequence while sampling, how many were seen, and
-// the ring's unread bytes at the last look.
+// the agent), the 1-in-N sequence while sampling, how many were seen, the
+// ring's unread bytes at the last look, and the event being built.
 struct sample_state {
 	__u64 out;
 	__u64 seq;
 	__u64 seen;
 	__u64 unread;
+	// Where an open event is built before it is copied to the ring with
+	// only the path's used bytes (see emit_open).
+	struct open_event scratch;
 };
 
 struct {
@@ -279,12 +282,8 @@ static __always_inline void count_drop(void);
 // Whether to leave this open out: the ring is filling faster than the
 // agent reads, so keep one in hb_sample_one_in and count the rest. Sets
 // *wake when this open should wake the reader.
-static __always_inline int sample_out(int *wake)
+static __always_inline int sample_out(struct sample_state *st, int *wake)
 {
-	__u32 zero = 0;
-	struct sample_state *st = bpf_map_lookup_elem(&sampled, &zero);
-	if (!st)
-		return 0;
 	if (st->seen++ % LOOK_EVERY == 0) {
 		st->unread = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
 		*wake = st->unread >= hb_wakeup_above;
@@ -322,16 +321,20 @@ static __always_inline __u64 current_cgroup(void)
 // user's string, read before the kernel resolves it) and the flags.
 // `btf_regs`: regs is a BTF pointer the verifier lets the program load
 // from directly (tp_btf, fentry), not a raw tracepoint's plain address.
+// The event is built in per-CPU scratch and copied to the ring with only
+// the path's used bytes: a typical path is a fifth of PATH_LEN, so the
+// ring holds several times more opens and the agent reads that much less
+// memory written by another CPU.
 static __always_inline void emit_open(struct pt_regs *regs, __u64 cg, __u32 nr, int btf_regs)
 {
+	__u32 zero = 0;
+	struct sample_state *st = bpf_map_lookup_elem(&sampled, &zero);
+	if (!st)
+		return;
 	int wake = 0;
-	if (sample_out(&wake))
+	if (sample_out(st, &wake))
 		return;
-	struct open_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-	if (!e) {
-		count_drop();
-		return;
-	}
+	struct open_event *e = &st->scratch;
 	const char *path;
 	if (btf_regs) {
 		path = (const char *)(nr == NR_OPENAT ? regs->si : regs->di);
@@ -348,9 +351,17 @@ static __always_inline void emit_open(struct pt_regs *regs, __u64 cg, __u32 nr, 
 	e->head.cgroup = cg;
 	e->head.time_ns = bpf_ktime_get_ns();
 	e->pad = 0;
-	if (bpf_probe_read_user_str(e->path, sizeof(e->path), path) < 0)
+	// The length includes the NUL; an unreadable path is sent empty.
+	long len = bpf_probe_read_user_str(e->path, sizeof(e->path), path);
+	if (len < 1) {
 		e->path[0] = 0;
-	bpf_ringbuf_submit(e, wake ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
+		len = 1;
+	}
+	__u64 size = offsetof(struct open_event, path) + (__u64)len;
+	if (size > sizeof(*e))
+		size = sizeof(*e);
+	if (bpf_ringbuf_output(&events, e, size, wake ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP) != 0)
+		count_drop();
 }
 
 // Counts a syscall of a watched v2 cgroup in its local storage, in the
