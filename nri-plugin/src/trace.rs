@@ -28,8 +28,8 @@ pub const TRACE_ANNOTATION: &str = "trace.hyperbox.dev/enabled";
 /// The annotation that sets one container's syscall counting window,
 /// seconds (`0`: its whole life), over `tracing.syscall_window_secs`.
 pub const WINDOW_ANNOTATION: &str = "trace.hyperbox.dev/syscall-window-secs";
-/// Execs kept per container.
-const EXECS: usize = 1024;
+/// Execs, and closed connections, kept per container (the newest).
+const KEPT: usize = 1024;
 /// Distinct paths kept per container in first-access order.
 const OPENED: usize = 4096;
 /// Opens do not wake the reader one by one (see the tracer's
@@ -740,10 +740,7 @@ impl Tracing {
                 if let Some(o) = &self.otlp {
                     o.exec(id, &exec);
                 }
-                if t.execs.len() == EXECS {
-                    t.execs.pop_front();
-                }
-                t.execs.push_back(exec.clone());
+                keep_last(&mut t.execs, exec.clone());
                 t.exec_count += 1;
                 Streamed::Exec(exec)
             }
@@ -779,10 +776,7 @@ impl Tracing {
                 if let Some(o) = &self.otlp {
                     o.flow(id, &flow);
                 }
-                if t.flows.len() == EXECS {
-                    t.flows.pop_front();
-                }
-                t.flows.push_back(flow.clone());
+                keep_last(&mut t.flows, flow.clone());
                 t.flow_count += 1;
                 t.bytes_in += bytes_in;
                 t.bytes_out += bytes_out;
@@ -865,6 +859,14 @@ impl Tracing {
             }
         }
     }
+}
+
+/// Appends `item`, dropping the oldest once [`KEPT`] are held.
+fn keep_last<T>(q: &mut VecDeque<T>, item: T) {
+    if q.len() == KEPT {
+        q.pop_front();
+    }
+    q.push_back(item);
 }
 
 fn summary(t: &Traced, counts: Option<&BTreeMap<u32, u64>>) -> otlp::Summary {
