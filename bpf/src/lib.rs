@@ -91,6 +91,37 @@ struct SyscallKey {
 // pattern is valid.
 unsafe impl aya::Pod for SyscallKey {}
 
+/// `struct watch` of the C side: a traced container's entry.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct Watch {
+    counting: u32,
+    pad: u32,
+    dropped: u64,
+    sampled: u64,
+}
+
+// SAFETY: plain integers, explicit padding; any bit pattern is valid.
+unsafe impl aya::Pod for Watch {}
+
+/// A traced container's events the kernel could not send.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lost {
+    /// Events lost to a full ring buffer.
+    pub dropped: u64,
+    /// Opens left out by sampling while the ring was filling.
+    pub sampled: u64,
+}
+
+impl From<Watch> for Lost {
+    fn from(w: Watch) -> Lost {
+        Lost {
+            dropped: w.dropped,
+            sampled: w.sampled,
+        }
+    }
+}
+
 /// Syscall numbers counted per container (`NR_SYSCALLS` of the C side).
 const NR_SYSCALLS: usize = 512;
 
@@ -207,7 +238,7 @@ pub struct Tracer {
     hook: SyscallHook,
     // Keeps programs and links alive; dropped last.
     ebpf: Ebpf,
-    watched: HashMap<MapData, u64, u32>,
+    watched: HashMap<MapData, u64, Watch>,
     // Cgroups whose syscalls are counted (the syscall hook is attached
     // while there is one).
     counting: HashSet<u64>,
@@ -419,7 +450,7 @@ impl Tracer {
             dirs.insert(cgroup, f);
         }
         self.attach_syscall_hook()?;
-        map("watched", self.watched.insert(cgroup, 1, 0))?;
+        self.set_counting(cgroup, true)?;
         self.counting.insert(cgroup);
         Ok(())
     }
@@ -447,7 +478,7 @@ impl Tracer {
             return Ok(BTreeMap::new());
         }
         if matches!(self.counts, Counts::Hash(_)) && self.watched.get(&cgroup, 0).is_ok() {
-            map("watched", self.watched.insert(cgroup, 0, 0))?;
+            self.set_counting(cgroup, false)?;
         }
         let counts = self.syscalls(cgroup)?;
         match &mut self.counts {
@@ -514,6 +545,36 @@ impl Tracer {
     /// Whether `cgroup` is traced.
     pub fn is_watched(&self, cgroup: u64) -> bool {
         self.watched.get(&cgroup, 0).is_ok()
+    }
+
+    /// Watches `cgroup` (if it is not yet) and sets whether it is counted,
+    /// keeping what it lost so far: samples re-watch containers. (A loss
+    /// the kernel adds between the read and the write here is not kept;
+    /// losses happen only under pressure, and the node totals keep all.)
+    fn set_counting(&mut self, cgroup: u64, counting: bool) -> Result<()> {
+        let w = Watch {
+            counting: counting.into(),
+            ..self.watched.get(&cgroup, 0).unwrap_or_default()
+        };
+        map("watched", self.watched.insert(cgroup, w, 0))
+    }
+
+    /// What the kernel could not send of `cgroup`'s events while it was
+    /// watched (zero once unwatched: read it before).
+    pub fn lost(&self, cgroup: u64) -> Lost {
+        self.watched
+            .get(&cgroup, 0)
+            .map(Lost::from)
+            .unwrap_or_default()
+    }
+
+    /// [`Tracer::lost`] of every watched cgroup, in one pass.
+    pub fn all_lost(&self) -> std::collections::HashMap<u64, Lost> {
+        self.watched
+            .iter()
+            .filter_map(|kv| kv.ok())
+            .map(|(cgroup, w)| (cgroup, w.into()))
+            .collect()
     }
 
     /// Syscall number → times entered, for `cgroup` so far.

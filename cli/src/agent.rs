@@ -370,6 +370,8 @@ pub fn top(
                 "open_flows": c["open_flows"],
                 "bytes_in": c["bytes_in"],
                 "bytes_out": c["bytes_out"],
+                "ring_drops": c["ring_drops"],
+                "sampled_out": c["sampled_out"],
             }));
             rows.push((
                 sys,
@@ -469,14 +471,15 @@ pub fn trace(
         }
     );
     println!(
-        "syscalls   {} calls, {} distinct; execs {}; opens {} ({} paths); OOM kills {}; ring buffer drops {}",
+        "syscalls   {} calls, {} distinct; execs {}; opens {} ({} paths); OOM kills {}; lost to a full ring {}, opens sampled out {}",
         v["syscall_total"],
         v["syscalls"].as_object().map_or(0, |m| m.len()),
         v["exec_count"],
         v["open_count"],
         v["opened"].as_array().map_or(0, |a| a.len()),
         v["oom_killed"].as_array().map_or(0, |a| a.len()),
-        v["ring_drops"]
+        v["ring_drops"],
+        v["sampled_out"]
     );
     if let Some(r) = v["syscall_rate"].as_f64() {
         println!("           {r:.0} syscalls/s");

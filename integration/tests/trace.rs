@@ -150,6 +150,88 @@ fn opened_path(t: &Value, path: &str) -> bool {
         .is_some_and(|o| o.iter().any(|p| p == path))
 }
 
+/// Metric `name`'s value in a `/metrics` body: the line that starts with
+/// `name` and (for a per-container one) names container `id`.
+fn metric_of(metrics: &str, name: &str, id: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(id))
+        .find_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no {name} for {id:?} in {metrics}")) as u64
+}
+
+/// A burst of opens overflows the agent's small ring: the kernel samples
+/// (one in 16 past half full) and counts what it left out, for the node
+/// and for the container. Every open is processed, sampled out or dropped
+/// in the container's own figures, none unaccounted for; the `quiet`
+/// neighbour lost nothing. Returns the burst container.
+async fn opens_under_pressure_are_accounted_to_their_container(
+    cri: &Cri,
+    pod: &Pod,
+    image: &str,
+    agent: &AgentDaemon,
+    quiet: &str,
+) -> String {
+    const OPENS: u64 = 200_000;
+    let binary = hyperbox_integration::workload::syscalls_binary();
+    let mut spec = ContainerSpec::new(
+        "burst",
+        image,
+        &["/hb/syscalls", "opens", &OPENS.to_string()],
+    );
+    spec.mounts.push((binary, "/hb/syscalls".into()));
+    let burst = cri.create_container(pod, &spec).await.unwrap();
+    cri.start_container(&burst).await.unwrap();
+    cri.wait_exited(&burst, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let (opens, sampled, dropped) = loop {
+        let b = trace_of(agent, &burst).await;
+        let got = (
+            b["open_count"].as_u64().unwrap(),
+            b["sampled_out"].as_u64().unwrap(),
+            b["ring_drops"].as_u64().unwrap(),
+        );
+        if got.0 + got.1 + got.2 >= OPENS || start.elapsed() > Duration::from_secs(10) {
+            break got;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        sampled > 0,
+        "sampling never engaged: {opens} {sampled} {dropped}"
+    );
+    assert!(opens > 0 && opens < OPENS, "{opens} {sampled} {dropped}");
+    assert!(
+        opens + sampled + dropped >= OPENS,
+        "unaccounted opens: {opens} processed, {sampled} sampled, {dropped} dropped"
+    );
+    // The same figures on /metrics, within the node's totals.
+    let (_, metrics) = agent.http_get("/metrics").await.unwrap();
+    assert_eq!(
+        metric_of(&metrics, "hyperbox_container_trace_sampled_total{", &burst),
+        sampled
+    );
+    assert_eq!(
+        metric_of(
+            &metrics,
+            "hyperbox_container_trace_ring_drops_total{",
+            &burst
+        ),
+        dropped
+    );
+    assert!(metric_of(&metrics, "hyperbox_trace_sampled_total ", "") >= sampled);
+    assert!(metric_of(&metrics, "hyperbox_trace_ring_drops_total ", "") >= dropped);
+    let q = trace_of(agent, quiet).await;
+    assert_eq!(
+        (&q["sampled_out"], &q["ring_drops"]),
+        (&0.into(), &0.into()),
+        "{q}"
+    );
+    burst
+}
+
 async fn trace_of(agent: &AgentDaemon, id: &str) -> serde_json::Value {
     serde_json::from_str(&agent.hb(&["trace", id, "--json"])).expect("trace JSON")
 }
@@ -715,8 +797,8 @@ async fn on_v1_the_tracer_tells_containers_apart_by_memory_cgroup_and_samples_op
     require_tracer!();
     // This host is hybrid; `cgroup_hierarchy = "v1"` makes the tracer
     // identify containers as it does on a pure v1 host: by the v1 memory
-    // cgroup read from the task. A 16 KiB ring (about 55 open events)
-    // makes a burst of opens overflow it. Syscalls are counted for each
+    // cgroup read from the task. A 16 KiB ring (about 400 open events of
+    // an empty path) makes a burst of opens overflow it. Syscalls are counted for each
     // container's first 3 s only. The OTLP collector is down
     // (nothing listens on the discard port): export fails, is logged, and
     // nothing else is held up.
@@ -843,51 +925,9 @@ async fn on_v1_the_tracer_tells_containers_apart_by_memory_cgroup_and_samples_op
     let (hog, h) = oom_hog(&cri, &pod, &image, &agent).await;
     assert_eq!(h["oom_killed"].as_array().unwrap().len(), 1, "{h}");
 
-    // A burst of opens overflows the small ring: the kernel samples (one
-    // in 16 past half full) and counts what it left out; every open is
-    // processed, sampled out or dropped, none unaccounted for.
-    const OPENS: u64 = 200_000;
-    let binary = hyperbox_integration::workload::syscalls_binary();
-    let mut burst = ContainerSpec::new(
-        "burst",
-        &image,
-        &["/hb/syscalls", "opens", &OPENS.to_string()],
-    );
-    burst.mounts.push((binary, "/hb/syscalls".into()));
-    let burst = cri.create_container(&pod, &burst).await.unwrap();
-    cri.start_container(&burst).await.unwrap();
-    cri.wait_exited(&burst, Duration::from_secs(60))
-        .await
-        .unwrap();
-    let counter = |metrics: &str, name: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("no {name} in {metrics}")) as u64
-    };
-    let start = Instant::now();
-    let (opens, sampled, dropped) = loop {
-        let b = trace_of(&agent, &burst).await;
-        let (_, metrics) = agent.http_get("/metrics").await.unwrap();
-        let got = (
-            b["open_count"].as_u64().unwrap(),
-            counter(&metrics, "hyperbox_trace_sampled_total "),
-            counter(&metrics, "hyperbox_trace_ring_drops_total "),
-        );
-        if got.0 + got.1 + got.2 >= OPENS || start.elapsed() > Duration::from_secs(10) {
-            break got;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert!(
-        sampled > 0,
-        "sampling never engaged: {opens} {sampled} {dropped}"
-    );
-    assert!(opens > 0 && opens < OPENS, "{opens} {sampled} {dropped}");
-    assert!(
-        opens + sampled + dropped >= OPENS,
-        "unaccounted opens: {opens} processed, {sampled} sampled, {dropped} dropped"
-    );
+    let burst =
+        opens_under_pressure_are_accounted_to_their_container(&cri, &pod, &image, &agent, &quiet)
+            .await;
 
     for id in [&worker, &quiet, &hog, &burst, &late] {
         cri.remove_container(id).await.unwrap();
@@ -1041,6 +1081,35 @@ async fn after_its_window_a_container_is_counted_in_short_samples_that_keep_its_
             "hook left attached"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cri.remove_pod(&pod).await.unwrap();
+    assert!(agent.shutdown().is_empty());
+    tb.finish();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn under_pressure_each_container_is_told_which_of_its_opens_were_sampled_out_or_lost() {
+    require_tracer!();
+    // v2 (the opens come from the cgroup-storage path): a 16 KiB ring.
+    let tb = Testbed::start().await;
+    let agent = AgentDaemon::start(
+        &tb.containerd.nri_socket(),
+        "[tracing]\nring_buffer_bytes = 16384\nhook_linger_secs = 0\n",
+    )
+    .await;
+    agent.wait_connected(true, Duration::from_secs(20)).await;
+    let (image, cri, pod, quiet) = pod_with_quiet_neighbour(&tb, "pressure").await;
+    let burst =
+        opens_under_pressure_are_accounted_to_their_container(&cri, &pod, &image, &agent, &quiet)
+            .await;
+    // Frozen at stop: the figures outlive the kernel's entry.
+    let stopped = trace_of(&agent, &burst).await;
+    assert_eq!(stopped["live"], false, "{stopped}");
+    assert!(stopped["sampled_out"].as_u64().unwrap() > 0, "{stopped}");
+    let text = agent.hb(&["trace", &burst]);
+    assert!(text.contains("opens sampled out"), "{text}");
+    for id in [&burst, &quiet] {
+        cri.remove_container(id).await.unwrap();
     }
     cri.remove_pod(&pod).await.unwrap();
     assert!(agent.shutdown().is_empty());

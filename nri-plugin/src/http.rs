@@ -268,7 +268,10 @@ struct TraceView {
     flow_count: u64,
     bytes_in: u64,
     bytes_out: u64,
+    /// This container's events lost to a full ring buffer.
     ring_drops: u64,
+    /// This container's opens left out by sampling under pressure.
+    sampled_out: u64,
 }
 
 async fn trace(State(app): State<App>, Path(id): Path<String>) -> Response {
@@ -322,7 +325,8 @@ async fn trace(State(app): State<App>, Path(id): Path<String>) -> Response {
         flow_count: t.flow_count,
         bytes_in: t.bytes_in,
         bytes_out: t.bytes_out,
-        ring_drops: tr.drops(),
+        ring_drops: t.lost.dropped,
+        sampled_out: t.lost.sampled,
     })
     .into_response()
 }

@@ -261,6 +261,7 @@ impl prometheus_client::collector::Collector for StateCollector {
             let (mut sys, mut execs, mut opens, mut ooms) = (vec![], vec![], vec![], vec![]);
             let mut rates = vec![];
             let (mut flows, mut open_flows, mut bytes) = (vec![], vec![], vec![]);
+            let (mut drops, mut sampled) = (vec![], vec![]);
             // One pass over the kernel map for every container (as hb top).
             for row in tr.top() {
                 let labels = l(&[("container_id", &row.id), ("container", &row.name)]);
@@ -273,6 +274,8 @@ impl prometheus_client::collector::Collector for StateCollector {
                 ooms.push((labels.clone(), row.oom_kills as f64));
                 flows.push((labels.clone(), row.flows as f64));
                 open_flows.push((labels.clone(), row.open_flows as f64));
+                drops.push((labels.clone(), row.ring_drops as f64));
+                sampled.push((labels.clone(), row.sampled_out as f64));
                 for (dir, v) in [("in", row.bytes_in), ("out", row.bytes_out)] {
                     let mut b = labels.clone();
                     b.push(("direction".into(), dir.into()));
@@ -326,6 +329,18 @@ impl prometheus_client::collector::Collector for StateCollector {
                 "hyperbox_container_tcp_bytes",
                 "Bytes over the container's closed TCP connections (in: received, out: sent and acknowledged)",
                 &bytes,
+            )?;
+            counter(
+                &mut enc,
+                "hyperbox_container_trace_ring_drops",
+                "The container's tracer events lost to a full ring buffer",
+                &drops,
+            )?;
+            counter(
+                &mut enc,
+                "hyperbox_container_trace_sampled",
+                "The container's open events left out by in-kernel sampling under pressure",
+                &sampled,
             )?;
             counter(
                 &mut enc,

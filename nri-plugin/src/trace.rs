@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use hyperbox_bpf::{Event, Tracer};
+use hyperbox_bpf::{Event, Lost, Tracer};
 use hyperbox_config::CgroupHierarchy;
 
 use crate::agent::ContainerInfo;
@@ -114,6 +114,10 @@ pub struct Traced {
     pub bytes_in: u64,
     /// Bytes sent (acknowledged) over them.
     pub bytes_out: u64,
+    /// Its events the kernel could not send (full ring, sampled opens),
+    /// frozen when it stopped (live ones come from the kernel).
+    #[serde(skip)]
+    pub lost: Lost,
     #[serde(skip)]
     seen: std::collections::HashSet<String>,
     /// Its cgroup directory (to count it again in samples).
@@ -213,6 +217,10 @@ pub struct TopRow {
     pub bytes_out: u64,
     /// TCP connections open now.
     pub open_flows: u64,
+    /// Its events lost to a full ring buffer.
+    pub ring_drops: u64,
+    /// Its opens left out by sampling under pressure.
+    pub sampled_out: u64,
 }
 
 /// Errors of watching a container.
@@ -422,6 +430,7 @@ impl Tracing {
                 flow_count: 0,
                 bytes_in: 0,
                 bytes_out: 0,
+                lost: Lost::default(),
                 seen: Default::default(),
                 dir: dir.to_path_buf(),
                 counting_since: Some(std::time::Instant::now()),
@@ -508,7 +517,9 @@ impl Tracing {
         let Some(t) = map.get_mut(id).filter(|t| t.live) else {
             return;
         };
-        match tracer.lock().expect("tracer").unwatch(t.cgroup) {
+        let mut tracer = tracer.lock().expect("tracer");
+        t.lost = tracer.lost(t.cgroup);
+        match tracer.unwatch(t.cgroup) {
             // Counted until now (window or sample): added to what was
             // frozen; after the window and between samples, nothing.
             Ok(counts) => {
@@ -518,6 +529,7 @@ impl Tracing {
             }
             Err(e) => tracing::warn!(container = id, error = %crate::error_chain(&e), "unwatch"),
         }
+        drop(tracer);
         t.live = false;
         if let Some(o) = &self.otlp {
             o.stopped(id, &summary(t, t.final_syscalls.as_ref()));
@@ -559,6 +571,9 @@ impl Tracing {
     pub fn get(&self, id: &str) -> Option<(Traced, BTreeMap<u32, u64>)> {
         let mut t = self.containers.lock().expect("traced").get(id).cloned()?;
         let mut counts = t.final_syscalls.clone().unwrap_or_default();
+        if let (true, Some(tr)) = (t.live, &self.tracer) {
+            t.lost = tr.lock().expect("tracer").lost(t.cgroup);
+        }
         if let (true, Some(tr)) = (t.live && t.counting_since.is_some(), &self.tracer) {
             let live = tr
                 .lock()
@@ -626,14 +641,21 @@ impl Tracing {
     /// One line per traced container for `hb top`, with syscall totals
     /// read from the kernel in one pass.
     pub fn top(&self) -> Vec<TopRow> {
-        let (totals, open) = self
+        let (totals, open, lost) = self
             .tracer
             .as_ref()
             .map(|t| {
                 let t = t.lock().expect("tracer");
-                (t.totals().unwrap_or_default(), t.open_flows())
+                (t.totals().unwrap_or_default(), t.open_flows(), t.all_lost())
             })
             .unwrap_or_default();
+        let lost_of = |t: &Traced| {
+            if t.live {
+                lost.get(&t.cgroup).copied().unwrap_or_default()
+            } else {
+                t.lost
+            }
+        };
         let live = |t: &Traced| {
             if t.live && t.counting_since.is_some() {
                 totals.get(&t.cgroup).copied().unwrap_or(0)
@@ -669,6 +691,8 @@ impl Tracing {
                 bytes_in: t.bytes_in,
                 bytes_out: t.bytes_out,
                 open_flows: open.get(&t.cgroup).copied().unwrap_or(0),
+                ring_drops: lost_of(t).dropped,
+                sampled_out: lost_of(t).sampled,
             })
             .collect();
         rows.sort_by(|a, b| a.id.cmp(&b.id));

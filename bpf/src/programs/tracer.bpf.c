@@ -123,15 +123,25 @@ volatile const __u32 hb_sample_one_in = 16;
 // itself. Execs, connections and OOM kills wake it at once.
 volatile const __u64 hb_wakeup_above = 16 * 1024;
 
-// Containers being traced: cgroup id -> 1 while their syscalls are
-// counted (read on pure v1 hosts; on v2 the cgroup storage says it), 0
-// once counting stopped (tracing.syscall_window_secs) and only execs,
-// connections and OOM kills are followed.
+// A traced container. `counting`: 1 while its syscalls are counted (read
+// on pure v1 hosts; on v2 the cgroup storage says it), 0 once counting
+// stopped (tracing.syscall_window_secs) and only execs, connections and
+// OOM kills are followed. `dropped`: its events lost to a full ring;
+// `sampled`: its opens left out by sampling (the per-CPU node totals are
+// in `drops` and `sampled`). Both only grow under pressure, so the
+// atomic adds stay off the common path.
+struct watch {
+	__u32 counting;
+	__u32 pad;
+	__u64 dropped;
+	__u64 sampled;
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MAX_WATCHED);
 	__type(key, __u64);
-	__type(value, __u32);
+	__type(value, struct watch);
 } watched SEC(".maps");
 
 struct syscall_key {
@@ -277,7 +287,7 @@ struct {
 // costliest part of an open event in a perf profile of the copy workload.
 #define LOOK_EVERY 32
 
-static __always_inline void count_drop(void);
+static __always_inline void count_drop(__u64 cg);
 
 // Whether to leave this open out: the ring is filling faster than the
 // agent reads, so keep one in hb_sample_one_in and count the rest. Sets
@@ -332,8 +342,12 @@ static __always_inline void emit_open(struct pt_regs *regs, __u64 cg, __u32 nr, 
 	if (!st)
 		return;
 	int wake = 0;
-	if (sample_out(st, &wake))
+	if (sample_out(st, &wake)) {
+		struct watch *w = bpf_map_lookup_elem(&watched, &cg);
+		if (w)
+			__sync_fetch_and_add(&w->sampled, 1);
 		return;
+	}
 	struct open_event *e = &st->scratch;
 	const char *path;
 	if (btf_regs) {
@@ -361,7 +375,7 @@ static __always_inline void emit_open(struct pt_regs *regs, __u64 cg, __u32 nr, 
 	if (size > sizeof(*e))
 		size = sizeof(*e);
 	if (bpf_ringbuf_output(&events, e, size, wake ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP) != 0)
-		count_drop();
+		count_drop(cg);
 }
 
 // Counts a syscall of a watched v2 cgroup in its local storage, in the
@@ -386,8 +400,8 @@ static __always_inline int count_syscall(struct pt_regs *regs, __u32 nr)
 static __always_inline int count_syscall_v1(struct pt_regs *regs, __u32 nr)
 {
 	__u64 cg = current_cgroup();
-	__u32 *counting = bpf_map_lookup_elem(&watched, &cg);
-	if (!counting || !*counting)
+	struct watch *w = bpf_map_lookup_elem(&watched, &cg);
+	if (!w || !w->counting)
 		return 0;
 	struct syscall_key key = { .cgroup = cg, .nr = nr };
 	__u64 *count = bpf_map_lookup_elem(&syscalls, &key);
@@ -433,12 +447,17 @@ int hb_sys_enter_v1(struct bpf_raw_tracepoint_args *ctx)
 	return count_syscall_v1((struct pt_regs *)ctx->args[0], (__u32)ctx->args[1]);
 }
 
-static __always_inline void count_drop(void)
+// An event of cgroup `cg` lost to a full ring: counted for the node and,
+// while it is watched, for the container.
+static __always_inline void count_drop(__u64 cg)
 {
 	__u32 zero = 0;
 	__u64 *d = bpf_map_lookup_elem(&drops, &zero);
 	if (d)
 		*d += 1;
+	struct watch *w = bpf_map_lookup_elem(&watched, &cg);
+	if (w)
+		__sync_fetch_and_add(&w->dropped, 1);
 }
 
 // exec: after the new image is in place, so current's mm holds the new
@@ -452,7 +471,7 @@ int hb_exec(__u64 *ctx)
 		return 0;
 	struct exec_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
-		count_drop();
+		count_drop(cg);
 		return 0;
 	}
 	struct task_struct *task = (struct task_struct *)ctx[0];
@@ -501,7 +520,7 @@ int hb_oom(__u64 *ctx)
 		return 0;
 	struct event_head *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
-		count_drop();
+		count_drop(cg);
 		return 0;
 	}
 	e->kind = EVENT_OOM_KILL;
@@ -583,7 +602,7 @@ int hb_tcp(__u64 *ctx)
 		return 0;
 	struct flow_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
-		count_drop();
+		count_drop(f->cgroup);
 		bpf_map_delete_elem(&flows, &key);
 		return 0;
 	}
