@@ -36,7 +36,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use hyperbox_integration::agent::AgentDaemon;
+use hyperbox_integration::agent::{AgentDaemon, metric};
 use hyperbox_integration::bench::{
     full_run, machine, median_with_ci, percentile, rss_bytes, write_section,
 };
@@ -99,7 +99,7 @@ impl Bench<'_> {
         let processed = loop {
             tokio::time::sleep(Duration::from_millis(50)).await;
             let (_, body) = agent.http_get("/metrics").await.unwrap();
-            let opens = metric(&body, "hyperbox_container_opens_total", &id);
+            let opens = metric(&body, "hyperbox_container_opens_total", &id).unwrap_or(0.0);
             let (drops, sampled) = counters(agent).await;
             if opens + (drops - drops0) + (sampled - sampled0) >= n as f64 {
                 break opens;
@@ -138,18 +138,11 @@ struct Burst {
     produced_in: Duration,
 }
 
-fn metric(body: &str, name: &str, id: &str) -> f64 {
-    body.lines()
-        .filter(|l| l.starts_with(name) && (id.is_empty() || l.contains(id)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 async fn counters(agent: &AgentDaemon) -> (f64, f64) {
     let (_, body) = agent.http_get("/metrics").await.unwrap();
     (
-        metric(&body, "hyperbox_trace_ring_drops_total", ""),
-        metric(&body, "hyperbox_trace_sampled_total", ""),
+        metric(&body, "hyperbox_trace_ring_drops_total", "").unwrap_or(0.0),
+        metric(&body, "hyperbox_trace_sampled_total", "").unwrap_or(0.0),
     )
 }
 

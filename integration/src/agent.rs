@@ -14,6 +14,17 @@ use nix::unistd::Pid;
 use crate::containerd::NriPlugin;
 use crate::registry::tail;
 
+/// The sum of the samples in a `/metrics` body whose lines start with
+/// `name` (end it with `{` or a space to match one metric exactly) and,
+/// unless `id` is empty, name `id` (a container's); `None` when no line
+/// matches.
+pub fn metric(body: &str, name: &str, id: &str) -> Option<f64> {
+    body.lines()
+        .filter(|l| l.starts_with(name) && (id.is_empty() || l.contains(id)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .reduce(|a, b| a + b)
+}
+
 /// A free loopback TCP port.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -150,16 +150,6 @@ fn opened_path(t: &Value, path: &str) -> bool {
         .is_some_and(|o| o.iter().any(|p| p == path))
 }
 
-/// Metric `name`'s value in a `/metrics` body: the line that starts with
-/// `name` and (for a per-container one) names container `id`.
-fn metric_of(metrics: &str, name: &str, id: &str) -> u64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name) && l.contains(id))
-        .find_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .unwrap_or_else(|| panic!("no {name} for {id:?} in {metrics}")) as u64
-}
-
 /// A burst of opens overflows the agent's small ring: the kernel samples
 /// (one in 16 past half full) and counts what it left out, for the node
 /// and for the container. Every open is processed, sampled out or dropped
@@ -209,20 +199,20 @@ async fn opens_under_pressure_are_accounted_to_their_container(
     );
     // The same figures on /metrics, within the node's totals.
     let (_, metrics) = agent.http_get("/metrics").await.unwrap();
+    let metric_of = |name: &str, id: &str| {
+        hyperbox_integration::agent::metric(&metrics, name, id)
+            .unwrap_or_else(|| panic!("no {name} for {id:?} in {metrics}")) as u64
+    };
     assert_eq!(
-        metric_of(&metrics, "hyperbox_container_trace_sampled_total{", &burst),
+        metric_of("hyperbox_container_trace_sampled_total{", &burst),
         sampled
     );
     assert_eq!(
-        metric_of(
-            &metrics,
-            "hyperbox_container_trace_ring_drops_total{",
-            &burst
-        ),
+        metric_of("hyperbox_container_trace_ring_drops_total{", &burst),
         dropped
     );
-    assert!(metric_of(&metrics, "hyperbox_trace_sampled_total ", "") >= sampled);
-    assert!(metric_of(&metrics, "hyperbox_trace_ring_drops_total ", "") >= dropped);
+    assert!(metric_of("hyperbox_trace_sampled_total ", "") >= sampled);
+    assert!(metric_of("hyperbox_trace_ring_drops_total ", "") >= dropped);
     let q = trace_of(agent, quiet).await;
     assert_eq!(
         (&q["sampled_out"], &q["ring_drops"]),

@@ -572,17 +572,14 @@ impl Tracing {
         let mut t = self.containers.lock().expect("traced").get(id).cloned()?;
         let mut counts = t.final_syscalls.clone().unwrap_or_default();
         if let (true, Some(tr)) = (t.live, &self.tracer) {
-            t.lost = tr.lock().expect("tracer").lost(t.cgroup);
-        }
-        if let (true, Some(tr)) = (t.live && t.counting_since.is_some(), &self.tracer) {
-            let live = tr
-                .lock()
-                .expect("tracer")
-                .syscalls(t.cgroup)
-                .unwrap_or_default();
-            t.syscall_rate = t.rate_now(live.values().sum());
-            for (nr, c) in live {
-                *counts.entry(nr).or_default() += c;
+            let tr = tr.lock().expect("tracer");
+            t.lost = tr.lost(t.cgroup);
+            if t.counting_since.is_some() {
+                let live = tr.syscalls(t.cgroup).unwrap_or_default();
+                t.syscall_rate = t.rate_now(live.values().sum());
+                for (nr, c) in live {
+                    *counts.entry(nr).or_default() += c;
+                }
             }
         }
         Some((t, counts))
@@ -649,13 +646,6 @@ impl Tracing {
                 (t.totals().unwrap_or_default(), t.open_flows(), t.all_lost())
             })
             .unwrap_or_default();
-        let lost_of = |t: &Traced| {
-            if t.live {
-                lost.get(&t.cgroup).copied().unwrap_or_default()
-            } else {
-                t.lost
-            }
-        };
         let live = |t: &Traced| {
             if t.live && t.counting_since.is_some() {
                 totals.get(&t.cgroup).copied().unwrap_or(0)
@@ -668,31 +658,39 @@ impl Tracing {
             .lock()
             .expect("traced")
             .values()
-            .map(|t| TopRow {
-                id: t.id.clone(),
-                name: t.name.clone(),
-                live: t.live,
-                cgroup: t.cgroup,
-                syscalls: t
-                    .final_syscalls
-                    .as_ref()
-                    .map_or(0, |f| f.values().sum::<u64>())
-                    + live(t),
-                counting: t.live && t.counting_since.is_some(),
-                syscall_rate: if t.live && t.counting_since.is_some() {
-                    t.rate_now(live(t))
+            .map(|t| {
+                // Frozen at stop; the kernel's entry while it runs.
+                let lost = if t.live {
+                    lost.get(&t.cgroup).copied().unwrap_or_default()
                 } else {
-                    t.syscall_rate
-                },
-                execs: t.exec_count,
-                opens: t.open_count,
-                oom_kills: t.oom_killed.len() as u64,
-                flows: t.flow_count,
-                bytes_in: t.bytes_in,
-                bytes_out: t.bytes_out,
-                open_flows: open.get(&t.cgroup).copied().unwrap_or(0),
-                ring_drops: lost_of(t).dropped,
-                sampled_out: lost_of(t).sampled,
+                    t.lost
+                };
+                TopRow {
+                    id: t.id.clone(),
+                    name: t.name.clone(),
+                    live: t.live,
+                    cgroup: t.cgroup,
+                    syscalls: t
+                        .final_syscalls
+                        .as_ref()
+                        .map_or(0, |f| f.values().sum::<u64>())
+                        + live(t),
+                    counting: t.live && t.counting_since.is_some(),
+                    syscall_rate: if t.live && t.counting_since.is_some() {
+                        t.rate_now(live(t))
+                    } else {
+                        t.syscall_rate
+                    },
+                    execs: t.exec_count,
+                    opens: t.open_count,
+                    oom_kills: t.oom_killed.len() as u64,
+                    flows: t.flow_count,
+                    bytes_in: t.bytes_in,
+                    bytes_out: t.bytes_out,
+                    open_flows: open.get(&t.cgroup).copied().unwrap_or(0),
+                    ring_drops: lost.dropped,
+                    sampled_out: lost.sampled,
+                }
             })
             .collect();
         rows.sort_by(|a, b| a.id.cmp(&b.id));

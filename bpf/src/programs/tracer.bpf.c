@@ -270,7 +270,10 @@ struct sample_state {
 	__u64 seen;
 	__u64 unread;
 	// Where an open event is built before it is copied to the ring with
-	// only the path's used bytes (see emit_open).
+	// only the path's used bytes (see emit_open). No other open can
+	// overwrite it midway: the kernel never runs a program twice at once
+	// on one CPU (its per-program recursion guard), and only one syscall
+	// program is attached.
 	struct open_event scratch;
 };
 
