@@ -209,7 +209,13 @@ async fn main() {
         );
     }
 
-    let leaks = tb.hyperbox().list(&["kind==active"]).await.unwrap();
+    // containerd removes backend snapshots in its collector, after the
+    // calls that deleted them returned: collect, then wait for it.
+    client.gc().await.unwrap();
+    let leaks = tb
+        .hyperbox()
+        .wait_for_count(&["kind==active"], 0, Duration::from_secs(30))
+        .await;
     assert!(
         leaks.is_empty(),
         "benchmark left active snapshots: {leaks:?}"
