@@ -11,7 +11,7 @@ set -euo pipefail
 CONTAINERD_VERSION="1.7.24~ds1-6+deb13u1"
 
 # Packages from bookworm. Keep this list to what tests, benchmarks and the
-# demo really use; see DESIGN.md §6.
+# demo really use; see docs/design.md §6.
 BOOKWORM_PACKAGES=(
   runc
   docker-registry
@@ -108,6 +108,37 @@ else
   fi
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# cargo-deny, pinned, built once into a cache outside the clone (CI's
+# scripts/test.sh checks the dependency graph with it).
+CARGO_DENY_VERSION="0.20.2"
+TOOLS_ROOT="${HYPERBOX_TOOLS_ROOT:-/var/cache/hyperbox/tools}"
+if ! "$TOOLS_ROOT/bin/cargo-deny" --version 2>/dev/null | grep -qF "$CARGO_DENY_VERSION"; then
+  log "building cargo-deny $CARGO_DENY_VERSION into $TOOLS_ROOT (once)"
+  cargo install cargo-deny --locked --version "$CARGO_DENY_VERSION" \
+    --root "$TOOLS_ROOT" --target-dir "$TOOLS_ROOT/target" --quiet \
+    || { log "cargo install cargo-deny@$CARGO_DENY_VERSION failed"; exit 1; }
+fi
+
+# Go builds containerd's own snapshotter test suite
+# (integration/containerd-testsuite). These machines carry Go at
+# /usr/local/go; no distro package is new enough (containerd v2.4 needs
+# 1.26.6+), so a missing or older Go is an error here, not an install.
+GO_BIN="$(command -v go || echo /usr/local/go/bin/go)"
+GO_MIN="1.26.6"
+go_version=$("$GO_BIN" env GOVERSION 2>/dev/null | sed 's/^go//') || true
+if [ -z "$go_version" ] || [ "$(printf '%s\n%s\n' "$GO_MIN" "$go_version" | sort -V | head -1)" != "$GO_MIN" ]; then
+  log "Go $GO_MIN or newer is needed at /usr/local/go/bin/go or on PATH (found: ${go_version:-none})"
+  exit 1
+fi
+# Fetch the suite's modules into the shared cache once, so test runs need
+# no module proxy.
+(
+  cd "$(dirname "$0")/../integration/containerd-testsuite"
+  GOPATH=/var/cache/hyperbox/go GOMODCACHE=/var/cache/hyperbox/go/mod \
+    GOCACHE=/var/cache/hyperbox/go/cache GOTOOLCHAIN=local GOFLAGS=-mod=readonly \
+    "$GO_BIN" mod download
+) || { log "go mod download for integration/containerd-testsuite failed (containerd v2 modules)"; exit 1; }
 
 # Verify what the tests depend on, by running it.
 containerd --version | grep -q 'v\?1\.7\.24' || { log "containerd is not 1.7.24: $(containerd --version)"; exit 1; }

@@ -23,7 +23,12 @@ mkdir -p "$CARGO_TARGET_DIR"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+echo "== gofmt (integration/containerd-testsuite)"
+unformatted=$("$(command -v gofmt || echo /usr/local/go/bin/gofmt)" -l integration/containerd-testsuite)
+if [ -n "$unformatted" ]; then echo "gofmt: $unformatted" >&2; exit 1; fi
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo deny check bans licenses sources"
+"${HYPERBOX_TOOLS_ROOT:-/var/cache/hyperbox/tools}/bin/cargo-deny" --offline check bans licenses sources
 echo "== cargo test (HYPERBOX_REQUIRE_ALL=1)"
 cargo test --workspace --all-targets --locked --no-fail-fast

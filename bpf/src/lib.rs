@@ -16,9 +16,18 @@
 //!
 //! Dropping the [`Tracer`] detaches every program and frees every map:
 //! nothing is pinned, so nothing outlives the process.
+//!
+//! The records the programs share with this crate (map keys and values,
+//! ring records) are declared once in C, `src/programs/records.h`, and
+//! mirrored in `records`; both sides assert the same sizes and offsets.
+//! [`parse_event`] turns a ring record into an [`Event`].
+
+#![deny(missing_docs)]
+
+mod event;
+mod records;
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -28,6 +37,10 @@ use aya::programs::raw_trace_point::RawTracePointLinkId;
 use aya::programs::tp_btf::BtfTracePointLinkId;
 use aya::programs::{BtfTracePoint, FEntry, RawTracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
+use zerocopy::FromZeros;
+
+pub use crate::event::{Event, parse_event};
+use crate::records::{FlowStart, SampleState, SyscallCounts, SyscallKey, Watch};
 
 /// The compiled programs.
 static TRACER: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer.bpf.o"));
@@ -62,6 +75,9 @@ pub enum Error {
     /// A map the object must have is missing.
     #[error("eBPF object has no map {0}")]
     MissingMap(&'static str),
+    /// A program the object must have is missing.
+    #[error("eBPF object has no program {0}")]
+    MissingProgram(&'static str),
     /// A watched container's cgroup directory could not be opened.
     #[error("open cgroup {}", dir.display())]
     Cgroup {
@@ -77,32 +93,6 @@ type Result<T> = std::result::Result<T, Error>;
 
 /// The event ring buffer as the reader holds it.
 pub type EventRing = RingBuf<MapData>;
-
-/// `struct syscall_key` of the C side.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct SyscallKey {
-    cgroup: u64,
-    nr: u32,
-    pad: u32,
-}
-
-// SAFETY: plain integers, no padding beyond the explicit field, any bit
-// pattern is valid.
-unsafe impl aya::Pod for SyscallKey {}
-
-/// `struct watch` of the C side: a traced container's entry.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-struct Watch {
-    counting: u32,
-    pad: u32,
-    dropped: u64,
-    sampled: u64,
-}
-
-// SAFETY: plain integers, explicit padding; any bit pattern is valid.
-unsafe impl aya::Pod for Watch {}
 
 /// A traced container's events the kernel could not send.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -121,64 +111,6 @@ impl From<Watch> for Lost {
         }
     }
 }
-
-/// Syscall numbers counted per container (`NR_SYSCALLS` of the C side).
-const NR_SYSCALLS: usize = 512;
-
-/// `struct syscall_counts` of the C side: a v2 cgroup's local storage.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct SyscallCounts {
-    n: [u64; NR_SYSCALLS],
-}
-
-// SAFETY: an array of integers; any bit pattern is valid.
-unsafe impl aya::Pod for SyscallCounts {}
-
-/// `struct sample_state` of the C side: per CPU, open events left out by
-/// sampling (`out`) and the sampler's own state.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct SampleState {
-    out: u64,
-    seq: u64,
-    seen: u64,
-    unread: u64,
-    /// The kernel's scratch for building an open event (`OPEN_SIZE`).
-    scratch: [u8; OPEN_SIZE],
-}
-
-// SAFETY: integers and bytes only; any bit pattern is valid.
-unsafe impl aya::Pod for SampleState {}
-
-impl SyscallCounts {
-    fn to_map(self) -> BTreeMap<u32, u64> {
-        self.n
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| **c > 0)
-            .map(|(nr, c)| (nr as u32, *c))
-            .collect()
-    }
-}
-
-/// `struct flow_start` of the C side.
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct FlowStart {
-    time_ns: u64,
-    cgroup: u64,
-    outbound: u32,
-    established: u32,
-    sport: u16,
-    dport: u16,
-    pad: u32,
-    saddr: [u8; 16],
-    daddr: [u8; 16],
-}
-
-// SAFETY: as above.
-unsafe impl aya::Pod for FlowStart {}
 
 /// How the tracer loads.
 #[derive(Debug, Clone)]
@@ -300,27 +232,15 @@ impl Tracer {
                 }
             }
         };
-        let exec: &mut BtfTracePoint = ebpf
-            .program_mut("hb_exec")
-            .ok_or(Error::MissingMap("hb_exec"))?
-            .try_into()
-            .map_err(|e| prog("hb_exec", e))?;
+        let exec: &mut BtfTracePoint = program(&mut ebpf, "hb_exec")?;
         exec.load("sched_process_exec", &btf)
             .map_err(|e| prog("hb_exec", e))?;
         exec.attach().map_err(|e| prog("hb_exec", e))?;
-        let oom: &mut BtfTracePoint = ebpf
-            .program_mut("hb_oom")
-            .ok_or(Error::MissingMap("hb_oom"))?
-            .try_into()
-            .map_err(|e| prog("hb_oom", e))?;
+        let oom: &mut BtfTracePoint = program(&mut ebpf, "hb_oom")?;
         oom.load("mark_victim", &btf)
             .map_err(|e| prog("hb_oom", e))?;
         oom.attach().map_err(|e| prog("hb_oom", e))?;
-        let tcp: &mut BtfTracePoint = ebpf
-            .program_mut("hb_tcp")
-            .ok_or(Error::MissingMap("hb_tcp"))?
-            .try_into()
-            .map_err(|e| prog("hb_tcp", e))?;
+        let tcp: &mut BtfTracePoint = program(&mut ebpf, "hb_tcp")?;
         tcp.load("inet_sock_set_state", &btf)
             .map_err(|e| prog("hb_tcp", e))?;
         tcp.attach().map_err(|e| prog("hb_tcp", e))?;
@@ -437,16 +357,7 @@ impl Tracer {
                 dir: dir.into(),
                 source,
             })?;
-            map(
-                "counts",
-                m.insert(
-                    &f,
-                    SyscallCounts {
-                        n: [0; NR_SYSCALLS],
-                    },
-                    0,
-                ),
-            )?;
+            map("counts", m.insert(&f, SyscallCounts::new_zeroed(), 0))?;
             dirs.insert(cgroup, f);
         }
         self.attach_syscall_hook()?;
@@ -644,7 +555,7 @@ where
     &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
     ebpf.program_mut(name)
-        .ok_or(Error::MissingMap(name))?
+        .ok_or(Error::MissingProgram(name))?
         .try_into()
         .map_err(|source| Error::Program { name, source })
 }
@@ -663,232 +574,9 @@ fn load_fentry(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
     Ok(())
 }
 
-/// An event from the ring buffer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    /// A process in a traced container executed a new image.
-    Exec {
-        /// Its pid (host view).
-        pid: u32,
-        /// Its v2 cgroup id.
-        cgroup: u64,
-        /// Kernel monotonic time, ns.
-        time_ns: u64,
-        /// The executed path.
-        path: String,
-        /// The first arguments (up to 128 bytes of argv).
-        args: Vec<String>,
-    },
-    /// A process in a traced container called open/openat.
-    Open {
-        /// Its pid.
-        pid: u32,
-        /// Its v2 cgroup id.
-        cgroup: u64,
-        /// Kernel monotonic time, ns.
-        time_ns: u64,
-        /// The path as passed (relative paths are relative to the caller).
-        path: String,
-        /// The open flags (`O_*`).
-        flags: u32,
-    },
-    /// A TCP connection of a traced container closed.
-    Flow {
-        /// Its v2 cgroup id.
-        cgroup: u64,
-        /// Kernel monotonic time of the close, ns.
-        time_ns: u64,
-        /// The container connected (false: it accepted).
-        outbound: bool,
-        /// Local address and port (v4-mapped IPv6 shown as IPv4).
-        local: SocketAddr,
-        /// Remote address and port.
-        remote: SocketAddr,
-        /// Bytes received.
-        bytes_in: u64,
-        /// Bytes sent and acknowledged.
-        bytes_out: u64,
-        /// How long the connection lived, ns.
-        duration_ns: u64,
-    },
-    /// The OOM killer chose a process of a traced container.
-    OomKill {
-        /// The victim's pid.
-        pid: u32,
-        /// Its v2 cgroup id.
-        cgroup: u64,
-        /// Kernel monotonic time, ns.
-        time_ns: u64,
-    },
-}
-
-const EXEC: u32 = 1;
-const OPEN: u32 = 2;
-const OOM_KILL: u32 = 3;
-const FLOW: u32 = 4;
-const FLOW_SIZE: usize = HEAD_SIZE + 72;
-const OPEN_HEAD: usize = 32;
-const OPEN_SIZE: usize = OPEN_HEAD + PATH_LEN;
-const HEAD_SIZE: usize = 24;
-const PATH_LEN: usize = 256;
-const ARGS_LEN: usize = 128;
-const EXEC_SIZE: usize = 32 + PATH_LEN + ARGS_LEN;
-
-fn cstr(b: &[u8]) -> String {
-    let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
-    String::from_utf8_lossy(&b[..end]).into_owned()
-}
-
-/// Decodes one ring buffer record; `None` for unknown or short records.
-pub fn parse_event(b: &[u8]) -> Option<Event> {
-    let u32_at = |o: usize| Some(u32::from_ne_bytes(b.get(o..o + 4)?.try_into().ok()?));
-    let u64_at = |o: usize| Some(u64::from_ne_bytes(b.get(o..o + 8)?.try_into().ok()?));
-    match u32_at(0)? {
-        EXEC if b.len() >= EXEC_SIZE => {
-            let args_len = (u32_at(24)? as usize).min(ARGS_LEN);
-            let args = b[32 + PATH_LEN..32 + PATH_LEN + args_len]
-                .split(|c| *c == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            Some(Event::Exec {
-                pid: u32_at(4)?,
-                cgroup: u64_at(8)?,
-                time_ns: u64_at(16)?,
-                path: cstr(&b[32..32 + PATH_LEN]),
-                args,
-            })
-        }
-        // Opens carry only the path's used bytes (and its NUL).
-        OPEN if b.len() > OPEN_HEAD => Some(Event::Open {
-            pid: u32_at(4)?,
-            cgroup: u64_at(8)?,
-            time_ns: u64_at(16)?,
-            flags: u32_at(24)?,
-            path: cstr(&b[OPEN_HEAD..b.len().min(OPEN_SIZE)]),
-        }),
-        FLOW if b.len() >= FLOW_SIZE => {
-            let u16_at = |o: usize| Some(u16::from_ne_bytes(b.get(o..o + 2)?.try_into().ok()?));
-            let v4 = u16_at(28)? == 2;
-            // Addresses are in network order as the kernel keeps them.
-            let addr = |o: usize| -> Option<IpAddr> {
-                if v4 {
-                    let raw: [u8; 4] = b.get(o..o + 4)?.try_into().ok()?;
-                    return Some(Ipv4Addr::from(raw).into());
-                }
-                let raw: [u8; 16] = b.get(o..o + 16)?.try_into().ok()?;
-                let v6 = Ipv6Addr::from(raw);
-                Some(v6.to_ipv4_mapped().map_or(v6.into(), IpAddr::V4))
-            };
-            Some(Event::Flow {
-                cgroup: u64_at(8)?,
-                time_ns: u64_at(16)?,
-                outbound: u32_at(24)? != 0,
-                local: SocketAddr::new(addr(64)?, u16_at(30)?),
-                remote: SocketAddr::new(addr(80)?, u16_at(32)?),
-                bytes_in: u64_at(40)?,
-                bytes_out: u64_at(48)?,
-                duration_ns: u64_at(56)?,
-            })
-        }
-        OOM_KILL if b.len() >= HEAD_SIZE => Some(Event::OomKill {
-            pid: u32_at(4)?,
-            cgroup: u64_at(8)?,
-            time_ns: u64_at(16)?,
-        }),
-        _ => None,
-    }
-}
-
 /// The v2 cgroup id of the cgroup directory `dir` (what
 /// `bpf_get_current_cgroup_id()` returns for its tasks): the directory's
 /// inode number on cgroup2.
 pub fn cgroup_id(dir: &Path) -> std::io::Result<u64> {
     Ok(std::fs::metadata(dir)?.ino())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exec_records_decode_and_short_ones_are_refused() {
-        let mut b = vec![0u8; EXEC_SIZE];
-        b[0..4].copy_from_slice(&EXEC.to_ne_bytes());
-        b[4..8].copy_from_slice(&42u32.to_ne_bytes());
-        b[8..16].copy_from_slice(&7u64.to_ne_bytes());
-        b[24..28].copy_from_slice(&12u32.to_ne_bytes());
-        b[32..41].copy_from_slice(b"/bin/echo");
-        b[32 + PATH_LEN..32 + PATH_LEN + 12].copy_from_slice(b"echo\0hello\0\0");
-        assert_eq!(
-            parse_event(&b),
-            Some(Event::Exec {
-                pid: 42,
-                cgroup: 7,
-                time_ns: 0,
-                path: "/bin/echo".into(),
-                args: vec!["echo".into(), "hello".into()],
-            })
-        );
-        assert_eq!(parse_event(&b[..40]), None);
-        let mut o = vec![0u8; OPEN_SIZE];
-        o[0..4].copy_from_slice(&OPEN.to_ne_bytes());
-        o[24..28].copy_from_slice(&0o101u32.to_ne_bytes());
-        o[32..45].copy_from_slice(b"/etc/hostname");
-        assert!(matches!(
-            parse_event(&o),
-            Some(Event::Open { ref path, flags: 0o101, .. }) if path == "/etc/hostname"
-        ));
-        // As the kernel sends it: the path's bytes and NUL, padded to 8.
-        assert!(matches!(
-            parse_event(&o[..48]),
-            Some(Event::Open { ref path, .. }) if path == "/etc/hostname"
-        ));
-        // A path that fills the record to its end has no NUL to stop at.
-        o[32..].fill(b'a');
-        assert!(matches!(
-            parse_event(&o[..40]),
-            Some(Event::Open { ref path, .. }) if path == "aaaaaaaa"
-        ));
-        assert_eq!(parse_event(&o[..32]), None);
-        let mut f = vec![0u8; FLOW_SIZE];
-        f[0..4].copy_from_slice(&FLOW.to_ne_bytes());
-        f[24..28].copy_from_slice(&1u32.to_ne_bytes());
-        f[28..30].copy_from_slice(&2u16.to_ne_bytes());
-        f[30..32].copy_from_slice(&40000u16.to_ne_bytes());
-        f[32..34].copy_from_slice(&7777u16.to_ne_bytes());
-        f[40..48].copy_from_slice(&5u64.to_ne_bytes());
-        f[48..56].copy_from_slice(&6u64.to_ne_bytes());
-        f[64..68].copy_from_slice(&[127, 0, 0, 1]);
-        f[80..84].copy_from_slice(&[127, 0, 0, 2]);
-        let flow = |f: &[u8]| match parse_event(f) {
-            Some(Event::Flow {
-                outbound: true,
-                local,
-                remote,
-                bytes_in: 5,
-                bytes_out: 6,
-                ..
-            }) => (local.to_string(), remote.to_string()),
-            other => panic!("{other:?}"),
-        };
-        assert_eq!(
-            flow(&f),
-            ("127.0.0.1:40000".into(), "127.0.0.2:7777".into())
-        );
-        // IPv6, and v4-mapped IPv6 (a dual-stack listener's peer) as IPv4.
-        f[28..30].copy_from_slice(&10u16.to_ne_bytes());
-        f[64..80].copy_from_slice(&Ipv6Addr::LOCALHOST.octets());
-        f[80..96].copy_from_slice(&Ipv4Addr::new(10, 1, 2, 3).to_ipv6_mapped().octets());
-        assert_eq!(flow(&f), ("[::1]:40000".into(), "10.1.2.3:7777".into()));
-        let mut k = vec![0u8; HEAD_SIZE];
-        k[0..4].copy_from_slice(&OOM_KILL.to_ne_bytes());
-        k[4..8].copy_from_slice(&9u32.to_ne_bytes());
-        assert!(matches!(
-            parse_event(&k),
-            Some(Event::OomKill { pid: 9, .. })
-        ));
-        assert_eq!(parse_event(&[9, 0, 0, 0]), None);
-        assert_eq!(parse_event(&[]), None);
-    }
 }

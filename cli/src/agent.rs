@@ -1,101 +1,79 @@
-//! `hb psi` and `hb policy explain`: read the node agent's local API on
-//! `agent.address`.
+//! `hb psi`, `hb policy explain`, `hb trace` and `hb top`: read the node
+//! agent's local API on `agent.address` through `hyperbox_api::Client`,
+//! whose answers are the agent's own types.
 //!
-//! The API is HTTP/1.1 with JSON over a unix socket; one request per
-//! connection (`Connection: close`), so a blocking std client of a few
-//! lines does here what an HTTP client crate with a unix connector would.
+//! `--json` prints the answer with its keys sorted (through
+//! `serde_json::Value`), as `hb` always has, so scripts diffing the output
+//! see no change.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::Write;
 
 use anyhow::{Context, Result, bail};
-use serde_json::Value;
+use hyperbox_api::Client;
+use hyperbox_api::types::{EventLine, TopRow, TraceEvent};
+use serde::Serialize;
 
 use crate::table;
 
-/// GETs `path` from the agent; returns the JSON body of a 2xx reply.
-pub fn get(socket: &Path, path: &str) -> Result<Value> {
-    let mut s = UnixStream::connect(socket).with_context(|| {
-        format!(
-            "connect to the agent at {} (is hyperbox-nri running? agent.address in the config)",
-            socket.display()
-        )
-    })?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: hyperbox-agent\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).context("read the agent's reply")?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("malformed reply from the agent")?;
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("reply without a status")?;
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase()
-            .starts_with("transfer-encoding: chunked")
-    });
-    let body = if chunked {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    if !(200..300).contains(&status) {
-        bail!("agent answered {status}: {}", body.trim());
-    }
-    serde_json::from_str(&body).context("agent reply is not JSON")
+/// Runs one call of the (async) client on a runtime of this thread.
+fn block_on<F: Future>(f: F) -> Result<F::Output> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    Ok(rt.block_on(f))
 }
 
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
+fn client(config: &hyperbox_config::Config) -> Client {
+    Client::new(&config.agent.address)
 }
 
-fn pct(v: &Value) -> String {
-    v.as_f64().map_or("-".into(), |f| format!("{f:.2}%"))
+/// Prints `v` as pretty JSON with sorted keys.
+fn print_json<T: Serialize>(v: &T) -> Result<()> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::to_value(v)?)?
+    );
+    Ok(())
 }
 
-fn size(v: &Value) -> String {
-    v.as_u64().map_or("-".into(), |b| table::bytes(b as i64))
+fn pct(v: Option<f64>) -> String {
+    v.map_or("-".into(), |f| format!("{f:.2}%"))
+}
+
+fn size(v: Option<u64>) -> String {
+    v.map_or("-".into(), |b| table::bytes(b as i64))
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
 }
 
 /// `hb psi`.
 pub fn psi(config: &hyperbox_config::Config, json: bool) -> Result<()> {
-    let v = get(&config.agent.address, "/v1/psi")?;
+    let v = block_on(client(config).psi())??;
     if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        return print_json(&v);
     }
     println!(
         "node (cgroups {}, memory {}):",
-        v["cgroup_layout"].as_str().unwrap_or("?"),
-        size(&v["mem_total"])
+        v.cgroup_layout,
+        size(Some(v.mem_total))
     );
     let mut rows = Vec::new();
-    for r in ["memory", "cpu", "io"] {
-        let p = &v["node"][r];
+    for (r, p) in [
+        ("memory", v.node.memory),
+        ("cpu", v.node.cpu),
+        ("io", v.node.io),
+    ] {
         rows.push(vec![
             r.to_string(),
-            pct(&p["some"]["avg10"]),
-            pct(&p["some"]["avg60"]),
-            pct(&p["some"]["avg300"]),
-            pct(&p["full"]["avg10"]),
+            pct(Some(p.some.avg10)),
+            pct(Some(p.some.avg60)),
+            pct(Some(p.some.avg300)),
+            pct(p.full.map(|f| f.avg10)),
         ]);
     }
     print!(
@@ -107,22 +85,17 @@ pub fn psi(config: &hyperbox_config::Config, json: bool) -> Result<()> {
     );
     println!();
     let mut rows = Vec::new();
-    for c in v["containers"].as_array().into_iter().flatten() {
-        let id = c["id"].as_str().unwrap_or("");
+    for c in &v.containers {
         rows.push(vec![
-            id[..id.len().min(12)].to_string(),
-            format!(
-                "{}/{}",
-                c["namespace"].as_str().unwrap_or(""),
-                c["pod"].as_str().unwrap_or("")
-            ),
-            c["name"].as_str().unwrap_or("").to_string(),
-            c["policy"].as_str().unwrap_or("").to_string(),
-            size(&c["working_set"]),
-            size(&c["limit"]),
-            pct(&c["memory_some_avg10"]),
-            pct(&c["memory_full_avg10"]),
-            c["oom_kills"].to_string(),
+            short(&c.id).to_string(),
+            format!("{}/{}", c.namespace, c.pod),
+            c.name.clone(),
+            c.policy.as_str().to_string(),
+            size(c.working_set),
+            size(c.limit),
+            pct(c.memory_some_avg10),
+            pct(c.memory_full_avg10),
+            c.oom_kills.to_string(),
         ]);
     }
     print!(
@@ -150,50 +123,36 @@ pub fn explain(config: &hyperbox_config::Config, container: &str, json: bool) ->
     if container.is_empty() || container.contains(['/', '?', '#', ' ']) {
         bail!("{container:?} is not a container id, id prefix or name");
     }
-    let v = get(
-        &config.agent.address,
-        &format!("/v1/containers/{container}"),
-    )?;
+    let v = block_on(client(config).explain(container))??;
     if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        return print_json(&v);
     }
-    let c = &v["container"];
-    println!("container  {}", c["id"].as_str().unwrap_or(""));
-    println!(
-        "pod        {}/{}  name {}",
-        c["pod_namespace"].as_str().unwrap_or(""),
-        c["pod"].as_str().unwrap_or(""),
-        c["name"].as_str().unwrap_or("")
-    );
-    println!("workload   {}", c["workload"].as_str().unwrap_or(""));
+    let c = &v.container;
+    println!("container  {}", c.id);
+    println!("pod        {}/{}  name {}", c.pod_namespace, c.pod, c.name);
+    println!("workload   {}", c.workload);
     println!(
         "policy     {} (from {}), via {}",
-        c["policy"].as_str().unwrap_or(""),
-        c["policy_from"].as_str().unwrap_or(""),
-        c["source"].as_str().unwrap_or("")
+        c.policy.as_str(),
+        c.policy_from.as_str(),
+        c.source.as_str()
     );
     println!(
         "bounds     floor {}, ceiling {}",
-        size(&c["bounds"]["floor"]),
-        c["bounds"]["ceiling"]
-            .as_u64()
+        size(Some(c.bounds.floor)),
+        c.bounds
+            .ceiling
             .map_or("none (user set no limit)".into(), |b| table::bytes(
                 b as i64
             ))
     );
-    println!("limit now  {}", size(&c["limit"]));
-    let runs: Vec<String> = v["learned_runs"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(size)
-        .collect();
+    println!("limit now  {}", size(c.limit));
+    let runs: Vec<String> = v.learned_runs.iter().map(|r| size(Some(*r))).collect();
     println!(
         "learned    {} run(s): working set p95 {}, peak {}{}",
         runs.len(),
-        size(&v["learned_working_set"]),
-        size(&v["learned_peak"]),
+        size(v.learned_working_set),
+        size(v.learned_peak),
         if runs.is_empty() {
             String::new()
         } else {
@@ -202,21 +161,24 @@ pub fn explain(config: &hyperbox_config::Config, container: &str, json: bool) ->
     );
     println!(
         "headroom   {:.2} now (node memory pressure {})",
-        v["headroom_now"].as_f64().unwrap_or(0.0),
-        pct(&v["node_memory_some_avg10"])
+        v.headroom_now,
+        pct(Some(v.node_memory_some_avg10))
     );
     println!();
-    let mut rows = Vec::new();
-    for d in v["decisions"].as_array().into_iter().flatten() {
-        rows.push(vec![
-            d["at"].as_u64().map_or("-".into(), |t| t.to_string()),
-            d["action"].as_str().unwrap_or("").to_string(),
-            size(&d["from"]),
-            size(&d["to"]),
-            d["via"].as_str().unwrap_or("").to_string(),
-            d["reason"].as_str().unwrap_or("").to_string(),
-        ]);
-    }
+    let rows: Vec<Vec<String>> = v
+        .decisions
+        .iter()
+        .map(|d| {
+            vec![
+                d.at.to_string(),
+                d.action.as_str().to_string(),
+                size(d.from),
+                size(d.to),
+                d.via.as_str().to_string(),
+                d.reason.clone(),
+            ]
+        })
+        .collect();
     print!(
         "{}",
         table::render(&["AT", "ACTION", "FROM", "TO", "VIA", "WHY"], &rows)
@@ -224,93 +186,63 @@ pub fn explain(config: &hyperbox_config::Config, container: &str, json: bool) ->
     Ok(())
 }
 
+/// One streamed line for people; `None` for those shown as their JSON.
+fn event_text(line: &EventLine) -> Option<String> {
+    let EventLine::Event(e) = line else {
+        return None;
+    };
+    match &e.event {
+        TraceEvent::Exec(x) => Some(format!(
+            "exec  pid {} {} [{}]",
+            x.pid,
+            x.path,
+            x.args.join(" ")
+        )),
+        TraceEvent::Open { pid, path, flags } => {
+            Some(format!("open  pid {pid} {path} flags {flags:#o}"))
+        }
+        TraceEvent::OomKill { pid } => Some(format!("OOM   pid {pid} killed")),
+        TraceEvent::Flow(_) => None,
+    }
+}
+
 /// `hb trace <container> --follow`: prints the container's events as the
-/// agent streams them (chunked HTTP, one JSON object per line).
-fn follow(socket: &Path, container: &str, json: bool) -> Result<()> {
-    use std::io::BufRead;
-    let mut s = UnixStream::connect(socket)
-        .with_context(|| format!("connect to the agent at {}", socket.display()))?;
-    write!(
-        s,
-        "GET /v1/containers/{container}/events HTTP/1.1\r\nHost: hyperbox-agent\r\n\r\n"
-    )?;
-    let mut r = std::io::BufReader::new(s);
-    let mut status = String::new();
-    r.read_line(&mut status)?;
-    let code: u16 = status
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("reply without a status")?;
-    let mut chunked = false;
-    loop {
-        let mut h = String::new();
-        r.read_line(&mut h)?;
-        if h.trim().is_empty() {
-            break;
-        }
-        chunked |= h
-            .to_ascii_lowercase()
-            .starts_with("transfer-encoding: chunked");
-    }
-    if code != 200 {
-        let mut body = String::new();
-        let _ = r.read_to_string(&mut body);
-        bail!("agent answered {code}: {}", dechunk(&body).trim());
-    }
-    let mut out = std::io::stdout().lock();
-    loop {
-        let mut data = Vec::new();
-        if chunked {
-            let mut size = String::new();
-            if r.read_line(&mut size)? == 0 {
-                return Ok(());
-            }
-            let n = usize::from_str_radix(size.trim(), 16).context("bad chunk size")?;
-            if n == 0 {
-                return Ok(());
-            }
-            data.resize(n, 0);
-            r.read_exact(&mut data)?;
-            let mut crlf = [0u8; 2];
-            r.read_exact(&mut crlf)?;
-        } else if r.read_until(b'\n', &mut data)? == 0 {
-            return Ok(());
-        }
-        for line in String::from_utf8_lossy(&data).lines() {
-            if json {
-                writeln!(out, "{line}")?;
-                continue;
-            }
-            let v: Value = serde_json::from_str(line).unwrap_or_default();
-            let e = &v["event"];
-            let text = match e["kind"].as_str() {
-                Some("exec") => {
-                    let args: Vec<&str> = e["args"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|a| a.as_str())
-                        .collect();
-                    format!(
-                        "exec  pid {} {} [{}]",
-                        e["pid"],
-                        e["path"].as_str().unwrap_or(""),
-                        args.join(" ")
-                    )
-                }
-                Some("open") => format!(
-                    "open  pid {} {} flags {:#o}",
-                    e["pid"],
-                    e["path"].as_str().unwrap_or(""),
-                    e["flags"].as_u64().unwrap_or(0)
-                ),
-                Some("oom_kill") => format!("OOM   pid {} killed", e["pid"]),
-                _ => line.to_string(),
-            };
-            writeln!(out, "{text}")?;
-        }
+/// agent streams them.
+async fn follow(client: Client, container: &str, json: bool) -> Result<()> {
+    let mut events = client.events(container).await?;
+    while let Some(line) = events.next().await? {
+        let text = match event_text(&line) {
+            Some(text) if !json => text,
+            _ => serde_json::to_string(&line)?,
+        };
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{text}")?;
         out.flush()?;
+    }
+    Ok(())
+}
+
+/// What `hb top` shows of one container over an interval.
+struct Rates {
+    syscalls: f64,
+    execs: f64,
+}
+
+fn rates(now: &TopRow, before: Option<&TopRow>, secs: f64) -> Rates {
+    let delta = |f: fn(&TopRow) -> u64| {
+        let a = f(now);
+        let b = before.map_or(a, f);
+        a.saturating_sub(b) as f64 / secs.max(0.001)
+    };
+    // Between samples after the window nothing is counted: the rate is
+    // the one the agent measured last.
+    let syscalls = match (now.live, now.counting, now.syscall_rate) {
+        (true, false, Some(r)) => r,
+        _ => delta(|r| r.syscalls),
+    };
+    Rates {
+        syscalls,
+        execs: delta(|r| r.execs),
     }
 }
 
@@ -322,83 +254,60 @@ pub fn top(
     once: bool,
     json: bool,
 ) -> Result<()> {
-    let sock = &config.agent.address;
-    let mut prev = get(sock, "/v1/top")?;
+    let client = client(config);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    let mut prev = rt.block_on(client.top())?;
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
     loop {
         std::thread::sleep(interval);
-        let now = get(sock, "/v1/top")?;
-        let secs = (now["at_ms"].as_u64().unwrap_or(0) as f64
-            - prev["at_ms"].as_u64().unwrap_or(0) as f64)
-            / 1000.0;
-        let before: std::collections::HashMap<&str, &Value> = prev["containers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|c| Some((c["id"].as_str()?, c)))
-            .collect();
+        let now = rt.block_on(client.top())?;
+        let secs = (now.at_ms as f64 - prev.at_ms as f64) / 1000.0;
+        let before: HashMap<&str, &TopRow> =
+            prev.containers.iter().map(|c| (c.id.as_str(), c)).collect();
         let mut rows = Vec::new();
         let mut out = Vec::new();
-        for c in now["containers"].as_array().into_iter().flatten() {
-            let id = c["id"].as_str().unwrap_or("");
-            let delta = |k: &str| {
-                let a = c[k].as_u64().unwrap_or(0);
-                let b = before.get(id).and_then(|p| p[k].as_u64()).unwrap_or(a);
-                a.saturating_sub(b) as f64 / secs.max(0.001)
-            };
-            // Between samples after the window nothing is counted: the
-            // rate is the one the agent measured last.
-            let sys = match (
-                c["live"].as_bool(),
-                c["counting"].as_bool(),
-                c["syscall_rate"].as_f64(),
-            ) {
-                (Some(true), Some(false), Some(r)) => r,
-                _ => delta("syscalls"),
-            };
-            let execs = delta("execs");
+        for c in &now.containers {
+            let r = rates(c, before.get(c.id.as_str()).copied(), secs);
             out.push(serde_json::json!({
-                "id": id,
-                "name": c["name"],
-                "live": c["live"],
-                "syscalls_per_sec": sys,
-                "execs_per_sec": execs,
-                "syscalls": c["syscalls"],
-                "opens": c["opens"],
-                "oom_kills": c["oom_kills"],
-                "flows": c["flows"],
-                "open_flows": c["open_flows"],
-                "bytes_in": c["bytes_in"],
-                "bytes_out": c["bytes_out"],
-                "ring_drops": c["ring_drops"],
-                "sampled_out": c["sampled_out"],
+                "id": c.id,
+                "name": c.name,
+                "live": c.live,
+                "syscalls_per_sec": r.syscalls,
+                "execs_per_sec": r.execs,
+                "syscalls": c.syscalls,
+                "opens": c.opens,
+                "oom_kills": c.oom_kills,
+                "flows": c.flows,
+                "open_flows": c.open_flows,
+                "bytes_in": c.bytes_in,
+                "bytes_out": c.bytes_out,
+                "ring_drops": c.ring_drops,
+                "sampled_out": c.sampled_out,
             }));
             rows.push((
-                sys,
+                r.syscalls,
                 vec![
-                    id[..id.len().min(12)].to_string(),
-                    c["name"].as_str().unwrap_or("").to_string(),
-                    if c["live"] == true {
-                        "running"
-                    } else {
-                        "stopped"
-                    }
-                    .to_string(),
-                    format!("{sys:.0}"),
-                    format!("{execs:.1}"),
-                    c["syscalls"].to_string(),
-                    c["opens"].to_string(),
-                    c["flows"].to_string(),
-                    c["open_flows"].as_u64().unwrap_or(0).to_string(),
-                    format!("{}/{}", size(&c["bytes_in"]), size(&c["bytes_out"])),
-                    c["oom_kills"].to_string(),
+                    short(&c.id).to_string(),
+                    c.name.clone(),
+                    if c.live { "running" } else { "stopped" }.to_string(),
+                    format!("{:.0}", r.syscalls),
+                    format!("{:.1}", r.execs),
+                    c.syscalls.to_string(),
+                    c.opens.to_string(),
+                    c.flows.to_string(),
+                    c.open_flows.to_string(),
+                    format!("{}/{}", size(Some(c.bytes_in)), size(Some(c.bytes_out))),
+                    c.oom_kills.to_string(),
                 ],
             ));
         }
         if json {
             println!(
                 "{}",
-                serde_json::json!({"interval_secs": secs, "ring_drops": now["ring_drops"], "sampled": now["sampled"], "containers": out})
+                serde_json::json!({"interval_secs": secs, "ring_drops": now.ring_drops, "sampled": now.sampled, "containers": out})
             );
         } else {
             rows.sort_by(|a, b| b.0.total_cmp(&a.0));
@@ -408,8 +317,7 @@ pub fn top(
             }
             println!(
                 "hb top: every {secs:.1} s, ring buffer drops {}, opens sampled out {}",
-                now["ring_drops"],
-                now["sampled"].as_u64().unwrap_or(0)
+                now.ring_drops, now.sampled
             );
             let rows: Vec<Vec<String>> = rows.into_iter().map(|(_, r)| r).collect();
             print!(
@@ -449,56 +357,54 @@ pub fn trace(
     if container.is_empty() || container.contains(['/', '?', '#', ' ']) {
         bail!("{container:?} is not a container id or id prefix");
     }
+    let client = client(config);
     if follow_events {
-        return follow(&config.agent.address, container, json);
+        return block_on(follow(client, container, json))?;
     }
-    let v = get(
-        &config.agent.address,
-        &format!("/v1/containers/{container}/trace"),
-    )?;
+    let v = block_on(client.trace(container))??;
     if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        return print_json(&v);
     }
     println!(
         "container  {} ({}), {}",
-        v["id"].as_str().unwrap_or(""),
-        v["name"].as_str().unwrap_or(""),
-        if v["live"] == true {
-            "running"
-        } else {
-            "stopped"
-        }
+        v.id,
+        v.name,
+        if v.live { "running" } else { "stopped" }
     );
     println!(
         "syscalls   {} calls, {} distinct; execs {}; opens {} ({} paths); OOM kills {}; lost to a full ring {}, opens sampled out {}",
-        v["syscall_total"],
-        v["syscalls"].as_object().map_or(0, |m| m.len()),
-        v["exec_count"],
-        v["open_count"],
-        v["opened"].as_array().map_or(0, |a| a.len()),
-        v["oom_killed"].as_array().map_or(0, |a| a.len()),
-        v["ring_drops"],
-        v["sampled_out"]
+        v.syscall_total,
+        v.syscalls.len(),
+        v.exec_count,
+        v.open_count,
+        v.opened.len(),
+        v.oom_killed.len(),
+        v.ring_drops,
+        v.sampled_out
     );
-    if let Some(r) = v["syscall_rate"].as_f64() {
+    if let Some(r) = v.syscall_rate {
         println!("           {r:.0} syscalls/s");
     }
-    if v["syscall_window_closed"] == true {
+    if v.syscall_window_closed {
         println!(
             "           syscalls and opens counted over its first tracing.syscall_window_secs \
              and in {} sample(s) since",
-            v["syscall_samples"]
+            v.syscall_samples
         );
     }
     println!();
-    let mut rows: Vec<Vec<String>> = v["syscalls"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(nr, n)| vec![nr.clone(), n.to_string()])
+    let mut rows: Vec<(u64, String)> = v
+        .syscalls
+        .iter()
+        .map(|(nr, n)| (*n, nr.to_string()))
         .collect();
-    rows.sort_by_key(|r| std::cmp::Reverse(r[1].parse::<u64>().unwrap_or(0)));
+    // Busiest first; ties in the order of the numbers as text, as the
+    // JSON object lists them.
+    rows.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    let mut rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|(n, nr)| vec![nr, n.to_string()])
+        .collect();
     // The busiest fifteen for people; --json has them all.
     let more = rows.len().saturating_sub(15);
     rows.truncate(15);
@@ -507,34 +413,15 @@ pub fn trace(
         println!("... {more} more (--json lists all)");
     }
     println!();
-    let rows: Vec<Vec<String>> = v["execs"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|e| {
-            let args: Vec<&str> = e["args"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|a| a.as_str())
-                .collect();
-            vec![
-                e["pid"].to_string(),
-                e["path"].as_str().unwrap_or("").to_string(),
-                args.join(" "),
-            ]
-        })
+    let rows: Vec<Vec<String>> = v
+        .execs
+        .iter()
+        .map(|e| vec![e.pid.to_string(), e.path.clone(), e.args.join(" ")])
         .collect();
     print!("{}", table::render(&["PID", "EXEC", "ARGS"], &rows));
-    let opened: Vec<&str> = v["opened"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p.as_str())
-        .collect();
-    if !opened.is_empty() {
+    if !v.opened.is_empty() {
         println!("\nopened, in first-access order:");
-        for p in opened {
+        for p in &v.opened {
             println!("  {p}");
         }
     }
@@ -543,8 +430,75 @@ pub fn trace(
 
 #[cfg(test)]
 mod tests {
+    use hyperbox_api::types::{ContainerEvent, Exec, StreamNote};
+
+    use super::*;
+
+    fn row(syscalls: u64, execs: u64, live: bool, counting: bool) -> TopRow {
+        TopRow {
+            id: "c".into(),
+            name: "n".into(),
+            live,
+            cgroup: 1,
+            syscalls,
+            counting,
+            syscall_rate: Some(7.0),
+            execs,
+            opens: 0,
+            oom_kills: 0,
+            flows: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            open_flows: 0,
+            ring_drops: 0,
+            sampled_out: 0,
+        }
+    }
+
     #[test]
-    fn chunked_bodies_are_joined() {
-        assert_eq!(super::dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "abcde");
+    fn top_rates_are_deltas_or_the_agents_last_sample() {
+        let r = rates(
+            &row(300, 4, true, true),
+            Some(&row(100, 2, true, true)),
+            2.0,
+        );
+        assert_eq!((r.syscalls, r.execs), (100.0, 1.0));
+        // A container first seen now has no rate yet.
+        assert_eq!(rates(&row(300, 4, true, true), None, 2.0).syscalls, 0.0);
+        // Not counted between samples: the agent's measured rate.
+        let r = rates(
+            &row(300, 4, true, false),
+            Some(&row(300, 4, true, false)),
+            2.0,
+        );
+        assert_eq!(r.syscalls, 7.0);
+    }
+
+    #[test]
+    fn followed_events_read_for_people() {
+        let ev = |event| {
+            EventLine::Event(ContainerEvent {
+                container: "c".into(),
+                event,
+            })
+        };
+        let exec = ev(TraceEvent::Exec(Exec {
+            pid: 42,
+            time_ns: 1,
+            path: "/bin/sh".into(),
+            args: vec!["sh".into(), "-c".into()],
+        }));
+        assert_eq!(event_text(&exec).unwrap(), "exec  pid 42 /bin/sh [sh -c]");
+        let open = ev(TraceEvent::Open {
+            pid: 1,
+            path: "/etc/hosts".into(),
+            flags: 0o2000,
+        });
+        assert_eq!(
+            event_text(&open).unwrap(),
+            "open  pid 1 /etc/hosts flags 0o2000"
+        );
+        let lagged = EventLine::Note(StreamNote::Lagged { missed: 3 });
+        assert_eq!(event_text(&lagged), None);
     }
 }

@@ -16,12 +16,12 @@ pub fn run(config: &hyperbox_config::Config, json: bool) -> Result<()> {
         std::env::temp_dir()
     };
     let scratch = tempfile_in(&scratch)?;
-    let mut features = hyperbox_snapshotter::features::detect(&scratch);
+    let mut features = hyperbox_kernel::features::detect(&scratch);
     let _ = std::fs::remove_dir_all(&scratch);
     // What the snapshotter will mount fetched layers with, by the same rule
     // it applies at start-up.
     let wanted = config.snapshotter.erofs_backend;
-    let backend = hyperbox_snapshotter::server::choose_backend(wanted, &features);
+    let backend = hyperbox_kernel::features::choose_backend(wanted, &features);
     let (available, value, how) = match (&backend, config.snapshotter.remote) {
         (_, false) => (
             false,
@@ -43,7 +43,7 @@ pub fn run(config: &hyperbox_config::Config, json: bool) -> Result<()> {
         ),
         (Err(e), true) => (false, "error".to_string(), format!("{e:#}")),
     };
-    features.push(hyperbox_snapshotter::features::Feature {
+    features.push(hyperbox_kernel::features::Feature {
         name: "erofs_backend",
         available,
         value,

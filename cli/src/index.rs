@@ -51,10 +51,10 @@ pub async fn run(config: &hyperbox_config::Config, reference: &str, json: bool) 
         let devices = config.snapshotter.allow_device_nodes;
         let summary = tokio::task::spawn_blocking(move || {
             // The same policy as the node's own conversion.
-            let options = hyperbox_snapshotter::erofs::writer::Options {
+            let options = hyperbox_erofs::writer::Options {
                 allow_devices: devices,
             };
-            hyperbox_snapshotter::remote::convert(&b2, &t2, &o2, options)
+            hyperbox_erofs::convert::convert(&b2, &t2, &o2, options)
         })
         .await?
         .with_context(|| format!("convert layer {} to EROFS", l.digest))?;

@@ -22,9 +22,9 @@ use hyperbox_integration::bench::{full_run, machine, ms, percentile, rss_bytes, 
 use hyperbox_integration::cri::{ContainerSpec, Cri, Pod, PodNetwork};
 use hyperbox_integration::prereq::{self, Prereq};
 use hyperbox_integration::testbed::Testbed;
-use hyperbox_nri::nri::api;
-use hyperbox_nri::nri::mux::{self, encode_frame, read_frame};
-use hyperbox_nri::nri::ttrpc::{self, Decoded, Decoder};
+use hyperbox_nri_proto::api;
+use hyperbox_nri_proto::mux::{self, encode_frame, read_frame};
+use hyperbox_nri_proto::ttrpc::{self, Decoded, Decoder};
 use prost::Message;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
@@ -246,9 +246,14 @@ fn stall_total(rel: &str) -> Duration {
     let p = Path::new("/sys/fs/cgroup/unified")
         .join(rel.trim_start_matches('/'))
         .join("memory.pressure");
+    // The bench reads the kernel's `some ... total=US` itself rather than
+    // through the agent it measures.
     let text = std::fs::read_to_string(&p).unwrap_or_default();
-    let us = hyperbox_nri::psi::parse(&text)
-        .map(|p| p.some.total_us)
+    let us = text
+        .lines()
+        .find(|l| l.starts_with("some "))
+        .and_then(|l| l.split_whitespace().find_map(|f| f.strip_prefix("total=")))
+        .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     Duration::from_micros(us)
 }

@@ -14,9 +14,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use hyperbox_erofs::writer::convert;
 use hyperbox_integration::bench::{full_run, machine, percentile, write_section};
 use hyperbox_integration::image::{Compression, Layer};
-use hyperbox_snapshotter::erofs::writer::convert;
 
 fn timed(f: impl FnOnce()) -> Duration {
     let t = Instant::now();

@@ -3,13 +3,17 @@
 //! into a snapshotter), create containers, run tasks with their output
 //! captured, exec, kill and delete.
 //!
-//! Pulling is client-side in containerd 1.7, as in its Go client: the client
-//! resolves the image, writes blobs through the content service under a lease,
-//! and unpacks layer by layer with Snapshots.Prepare, Diff.Apply and
-//! Snapshots.Commit. With [`PullOptions::remote_labels`] every Prepare carries
-//! the `containerd.io/snapshot/cri.*` labels nerdctl and CRI send, and a
-//! snapshotter that answers `AlreadyExists` (a remote snapshotter that fetched
-//! the layer itself) makes the client skip that layer's download and unpack.
+//! Pulling is client-side in containerd 1.7, as in its Go client. The
+//! harness resolves images with its own registry client (plain HTTP,
+//! every digest verified: an independent reference to test
+//! hyperbox-registry against) and then runs the containerd side of the pull
+//! shared with `hb image pull` (`hyperbox-pull`): content under a lease,
+//! layers unpacked with Snapshots.Prepare, Diff.Apply and Snapshots.Commit.
+//! With [`PullOptions::remote_labels`] every Prepare carries the
+//! `containerd.io/snapshot/cri.*` labels nerdctl and CRI send, and a
+//! snapshotter that answers `AlreadyExists` (a remote snapshotter that
+//! fetched the layer itself) makes the client skip that layer's download and
+//! unpack.
 
 use std::collections::HashMap;
 use std::os::unix::fs::OpenOptionsExt;
@@ -17,20 +21,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
-use containerd_client::services::v1::snapshots::{
-    CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
-};
+use containerd_client::services::v1::snapshots::{PrepareSnapshotRequest, RemoveSnapshotRequest};
 use containerd_client::services::v1::{
-    AddResourceRequest, ApplyRequest, Container, CreateContainerRequest, CreateImageRequest,
-    CreateRequest as CreateLeaseRequest, CreateTaskRequest, DeleteContainerRequest,
-    DeleteProcessRequest, DeleteRequest as DeleteLeaseRequest, DeleteTaskRequest,
-    ExecProcessRequest, GetImageRequest, InfoRequest, KillRequest, Resource, StartRequest,
-    UpdateImageRequest, UpdateRequest as UpdateContentRequest, WaitRequest, WriteAction,
-    WriteContentRequest, container::Runtime, containers_client::ContainersClient,
-    content_client::ContentClient, diff_client::DiffClient, images_client::ImagesClient,
+    Container, CreateContainerRequest, CreateRequest as CreateLeaseRequest, CreateTaskRequest,
+    DeleteContainerRequest, DeleteProcessRequest, DeleteRequest as DeleteLeaseRequest,
+    DeleteTaskRequest, ExecProcessRequest, GetImageRequest, KillRequest, StartRequest, WaitRequest,
+    container::Runtime, containers_client::ContainersClient, images_client::ImagesClient,
     leases_client::LeasesClient, tasks_client::TasksClient, version_client::VersionClient,
 };
-use containerd_client::types::{Descriptor, Mount};
+use containerd_client::types::Descriptor;
 use futures::StreamExt;
 use prost_types::Any;
 use serde_json::Value;
@@ -38,14 +37,15 @@ use tokio::io::AsyncReadExt;
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 
-use crate::digest::{chain_ids, sha256};
+use hyperbox_registry::Resolved;
+
+use crate::digest::sha256;
 use crate::image::media;
 
 const SPEC_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
 const PROCESS_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
 /// The runtime containerd uses for runc.
 pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
-const WRITE_CHUNK: usize = 1 << 20;
 
 /// Errors of the containerd client.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +105,9 @@ pub enum Error {
         /// What is wrong.
         detail: String,
     },
+    /// A pull failed (containerd's calls, or a blob from the registry).
+    #[error(transparent)]
+    Pull(#[from] hyperbox_pull::Error),
     /// Local I/O (FIFOs) failed.
     #[error("{action}")]
     Io {
@@ -121,6 +124,7 @@ impl Error {
     pub fn code(&self) -> Option<Code> {
         match self {
             Error::Rpc { code, .. } => Some(*code),
+            Error::Pull(e) => e.code(),
             _ => None,
         }
     }
@@ -373,50 +377,46 @@ impl Client {
             reference: reference.into(),
             detail: "not of the form host[:port]/repo[:tag|@digest]".into(),
         })?;
-        let lease = format!("hb-pull-{:016x}", rand::random::<u64>());
-        let mut labels = HashMap::new();
-        labels.insert(
-            "containerd.io/gc.expire".to_string(),
-            "2100-01-01T00:00:00Z".to_string(),
-        );
-        LeasesClient::new(self.channel.clone())
-            .create(self.req(CreateLeaseRequest {
-                id: lease.clone(),
-                labels,
-            }))
-            .await
-            .map_err(rpc("Leases.Create", &lease))?;
-        let result = self.pull_leased(reference, &r, opts, &lease).await;
-        // Everything the image needs is referenced by then; the lease only
-        // protected the pull itself (and lets a failed pull be collected).
-        let _ = LeasesClient::new(self.channel.clone())
-            .delete(self.req(DeleteLeaseRequest {
-                id: lease.clone(),
-                sync: false,
-            }))
-            .await;
-        result
+        let (resolved, config) = self.resolve(reference, &r).await?;
+        let source = RegistrySource {
+            client: self,
+            r: &r,
+        };
+        let pull_opts = hyperbox_pull::Options {
+            snapshotter: opts.snapshotter.clone(),
+            remote_labels: opts.remote_labels,
+        };
+        let report = hyperbox_pull::pull(
+            &self.session(),
+            &resolved,
+            reference,
+            &pull_opts,
+            &source,
+            &mut |_| {},
+        )
+        .await?;
+        Ok(Image {
+            name: reference.into(),
+            target: pb_descriptor(&resolved.top),
+            manifest_digest: resolved.manifest.digest.clone(),
+            config,
+            layers_skipped: report.remote(),
+            chain_ids: report.chain_ids,
+            snapshotter: opts.snapshotter.clone(),
+            layer_digests: resolved.layers.iter().map(|l| l.digest.clone()).collect(),
+        })
     }
 
-    async fn pull_leased(
-        &self,
-        name: &str,
-        r: &Reference,
-        opts: &PullOptions,
-        lease: &str,
-    ) -> Result<Image> {
+    /// Resolves `r` to linux/amd64's manifest and config with the harness's
+    /// own registry client, verifying every digest.
+    async fn resolve(&self, name: &str, r: &Reference) -> Result<(Resolved, Value)> {
         let (top_bytes, top_type, top_digest) = self.fetch_manifest(r, &r.object).await?;
-        let top_desc = Descriptor {
-            media_type: top_type.clone(),
-            digest: top_digest.clone(),
-            size: top_bytes.len() as i64,
-            annotations: HashMap::new(),
-        };
+        let top_desc = registry_descriptor(&top_type, &top_digest, top_bytes.len());
         let top: Value = serde_json::from_slice(&top_bytes).map_err(|e| Error::Image {
             reference: name.into(),
             detail: format!("manifest is not JSON: {e}"),
         })?;
-        let (manifest_bytes, manifest_digest, index_labels) = if is_index(&top_type, &top) {
+        let (manifest_bytes, manifest_desc) = if is_index(&top_type, &top) {
             let chosen = top["manifests"]
                 .as_array()
                 .and_then(|ms| {
@@ -429,13 +429,12 @@ impl Client {
                     detail: "index has no linux/amd64 manifest".into(),
                 })?;
             let d = chosen["digest"].as_str().unwrap_or_default().to_string();
-            let (bytes, _, _) = self.fetch_manifest(r, &d).await?;
+            let (bytes, ctype, _) = self.fetch_manifest(r, &d).await?;
             verify(&bytes, &d, name)?;
-            let mut l = HashMap::new();
-            l.insert("containerd.io/gc.ref.content.m.0".to_string(), d.clone());
-            (bytes, d, Some(l))
+            let desc = registry_descriptor(&ctype, &d, bytes.len());
+            (bytes, desc)
         } else {
-            (top_bytes.clone(), top_digest.clone(), None)
+            (top_bytes.clone(), top_desc.clone())
         };
         let manifest: Value =
             serde_json::from_slice(&manifest_bytes).map_err(|e| Error::Image {
@@ -446,7 +445,7 @@ impl Client {
             reference: name.into(),
             detail: "manifest has no config".into(),
         })?;
-        let layers: Vec<Descriptor> = manifest["layers"]
+        let layers: Vec<hyperbox_registry::Descriptor> = manifest["layers"]
             .as_array()
             .map(|a| a.iter().filter_map(descriptor).collect())
             .unwrap_or_default();
@@ -463,359 +462,45 @@ impl Client {
                     .collect()
             })
             .unwrap_or_default();
-        if diff_ids.len() != layers.len() {
-            return Err(Error::Image {
-                reference: name.into(),
-                detail: format!("{} layers but {} diff_ids", layers.len(), diff_ids.len()),
-            });
-        }
-        let chains = chain_ids(&diff_ids);
-
-        // Content first, bottom up, so gc references always point at content
-        // that exists. Layer blobs are written only when unpacking needs them.
-        let gc_snapshot = format!("containerd.io/gc.ref.snapshot.{}", opts.snapshotter);
-        let mut config_labels = HashMap::new();
-        if let Some(top_chain) = chains.last() {
-            config_labels.insert(gc_snapshot.clone(), top_chain.clone());
-        }
-        self.write_content(&config_desc.digest, &config_bytes, HashMap::new(), lease)
-            .await?;
-        let mut manifest_labels = HashMap::new();
-        manifest_labels.insert(
-            "containerd.io/gc.ref.content.config".to_string(),
-            config_desc.digest.clone(),
-        );
-        for (i, l) in layers.iter().enumerate() {
-            manifest_labels.insert(
-                format!("containerd.io/gc.ref.content.l.{i}"),
-                l.digest.clone(),
-            );
-        }
-        self.write_content(&manifest_digest, &manifest_bytes, manifest_labels, lease)
-            .await?;
-        if let Some(l) = index_labels {
-            self.write_content(&top_digest, &top_bytes, l, lease)
-                .await?;
-        }
-
-        let mut skipped = Vec::new();
-        let mut parent = String::new();
-        for (i, layer) in layers.iter().enumerate() {
-            let chain = &chains[i];
-            self.lease_resource(lease, chain, &format!("snapshots/{}", opts.snapshotter))
-                .await?;
-            if self.stat_snapshot(&opts.snapshotter, chain).await? {
-                parent = chain.clone();
-                continue;
-            }
-            let key = format!("extract-{:016x}-{}", rand::random::<u64>(), chain);
-            let mut labels = HashMap::new();
-            labels.insert("containerd.io/snapshot.ref".to_string(), chain.clone());
-            if opts.remote_labels {
-                labels.extend(remote_labels(name, &manifest_digest, &layers[i..]));
-            }
-            let mut snaps = SnapshotsClient::new(self.channel.clone());
-            let prepared = snaps
-                .prepare(self.req_leased(
-                    PrepareSnapshotRequest {
-                        snapshotter: opts.snapshotter.clone(),
-                        key: key.clone(),
-                        parent: parent.clone(),
-                        labels,
-                    },
-                    Some(lease),
-                ))
-                .await;
-            let mounts = match prepared {
-                Ok(r) => r.into_inner().mounts,
-                Err(s) if s.code() == Code::AlreadyExists => {
-                    skipped.push(i);
-                    parent = chain.clone();
-                    continue;
-                }
-                Err(s) => return Err(rpc("Snapshots.Prepare", &key)(s)),
-            };
-            let unpacked = self
-                .apply_layer(r, layer, &mounts, &diff_ids[i], lease)
-                .await;
-            let committed = match unpacked {
-                Ok(()) => snaps
-                    .commit(self.req_leased(
-                        CommitSnapshotRequest {
-                            snapshotter: opts.snapshotter.clone(),
-                            name: chain.clone(),
-                            key: key.clone(),
-                            labels: HashMap::new(),
-                        },
-                        Some(lease),
-                    ))
-                    .await
-                    .map(|_| ())
-                    .or_else(|s| {
-                        if s.code() == Code::AlreadyExists {
-                            Ok(())
-                        } else {
-                            Err(s)
-                        }
-                    })
-                    .map_err(rpc("Snapshots.Commit", chain)),
-                Err(e) => Err(e),
-            };
-            if let Err(e) = committed {
-                let _ = snaps
-                    .remove(self.req(RemoveSnapshotRequest {
-                        snapshotter: opts.snapshotter.clone(),
-                        key,
-                    }))
-                    .await;
-                return Err(e);
-            }
-            parent = chain.clone();
-        }
-        // The config is what references the unpacked snapshot; label it last,
-        // once the snapshot exists.
-        self.label_content(&config_desc.digest, config_labels)
-            .await?;
-        self.put_image(name, &top_desc).await?;
-        Ok(Image {
-            name: name.into(),
-            target: top_desc,
-            manifest_digest,
-            config,
-            chain_ids: chains,
-            snapshotter: opts.snapshotter.clone(),
-            layers_skipped: skipped,
-            layer_digests: layers.iter().map(|l| l.digest.clone()).collect(),
-        })
+        let reference = hyperbox_registry::Reference::parse(name).map_err(|e| Error::Image {
+            reference: name.into(),
+            detail: e.to_string(),
+        })?;
+        let resolved = Resolved {
+            reference,
+            top: top_desc,
+            top_bytes,
+            manifest: manifest_desc,
+            manifest_bytes,
+            config: config_desc,
+            config_bytes,
+            layers,
+            diff_ids,
+        };
+        Ok((resolved, config))
     }
 
-    async fn apply_layer(
-        &self,
-        r: &Reference,
-        layer: &Descriptor,
-        mounts: &[Mount],
-        diff_id: &str,
-        lease: &str,
-    ) -> Result<()> {
-        self.lease_resource(lease, &layer.digest, "content").await?;
-        if !self.content_exists(&layer.digest).await? {
-            let bytes = self.fetch_blob(r, &layer.digest).await?;
-            let mut labels = HashMap::new();
-            labels.insert(
-                "containerd.io/uncompressed".to_string(),
-                diff_id.to_string(),
-            );
-            self.write_content(&layer.digest, &bytes, labels, lease)
-                .await?;
-        }
-        let applied = DiffClient::new(self.channel.clone())
-            .apply(self.req_leased(
-                ApplyRequest {
-                    diff: Some(layer.clone()),
-                    mounts: mounts.to_vec(),
-                    payloads: HashMap::new(),
-                    sync_fs: false,
-                },
-                Some(lease),
-            ))
-            .await
-            .map_err(rpc("Diff.Apply", &layer.digest))?
-            .into_inner()
-            .applied
-            .map(|d| d.digest)
-            .unwrap_or_default();
-        if applied != diff_id {
-            return Err(Error::Image {
-                reference: layer.digest.clone(),
-                detail: format!(
-                    "unpacked layer digest {applied} differs from config diff_id {diff_id}"
-                ),
-            });
-        }
-        Ok(())
-    }
-
-    async fn stat_snapshot(&self, snapshotter: &str, key: &str) -> Result<bool> {
-        match SnapshotsClient::new(self.channel.clone())
-            .stat(self.req(StatSnapshotRequest {
-                snapshotter: snapshotter.into(),
-                key: key.into(),
-            }))
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(s) if s.code() == Code::NotFound => Ok(false),
-            Err(s) => Err(rpc("Snapshots.Stat", key)(s)),
-        }
+    fn session(&self) -> hyperbox_pull::Session {
+        hyperbox_pull::Session::new(self.channel.clone(), &self.namespace)
     }
 
     /// Whether containerd's content store holds `digest`.
     pub async fn content_exists(&self, digest: &str) -> Result<bool> {
-        match ContentClient::new(self.channel.clone())
-            .info(self.req(InfoRequest {
-                digest: digest.into(),
-            }))
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(s) if s.code() == Code::NotFound => Ok(false),
-            Err(s) => Err(rpc("Content.Info", digest)(s)),
-        }
-    }
-
-    /// Puts an object that may already exist under the pull's lease, so the
-    /// garbage collector cannot take it between our check and its use (it may
-    /// be left over from a failed pull whose lease is gone).
-    async fn lease_resource(&self, lease: &str, id: &str, kind: &str) -> Result<()> {
-        LeasesClient::new(self.channel.clone())
-            .add_resource(self.req(AddResourceRequest {
-                id: lease.into(),
-                resource: Some(Resource {
-                    id: id.into(),
-                    r#type: kind.into(),
-                }),
-            }))
-            .await
-            .map(|_| ())
-            .map_err(rpc("Leases.AddResource", id))
-    }
-
-    /// Writes `data` as content `digest`; containerd checks the digest itself.
-    async fn write_content(
-        &self,
-        digest: &str,
-        data: &[u8],
-        labels: HashMap<String, String>,
-        lease: &str,
-    ) -> Result<()> {
-        self.lease_resource(lease, digest, "content").await?;
-        if self.content_exists(digest).await? {
-            return self.label_content(digest, labels).await;
-        }
-        let r#ref = format!(
-            "hb-{}-{:08x}",
-            digest.replace(':', "-"),
-            rand::random::<u32>()
-        );
-        let total = data.len() as i64;
-        let mut msgs: Vec<WriteContentRequest> = data
-            .chunks(WRITE_CHUNK)
-            .enumerate()
-            .map(|(i, c)| WriteContentRequest {
-                action: WriteAction::Write as i32,
-                r#ref: r#ref.clone(),
-                total,
-                expected: digest.into(),
-                offset: (i * WRITE_CHUNK) as i64,
-                data: c.to_vec(),
-                labels: HashMap::new(),
-            })
-            .collect();
-        msgs.push(WriteContentRequest {
-            action: WriteAction::Commit as i32,
-            r#ref: r#ref.clone(),
-            total,
-            expected: digest.into(),
-            offset: total,
-            data: Vec::new(),
-            labels,
-        });
-        let resp = ContentClient::new(self.channel.clone())
-            .write(self.req_leased(futures::stream::iter(msgs), Some(lease)))
-            .await;
-        let mut stream = match resp {
-            Ok(s) => s.into_inner(),
-            Err(s) if s.code() == Code::AlreadyExists => return Ok(()),
-            Err(s) => return Err(rpc("Content.Write", digest)(s)),
-        };
-        while let Some(m) = stream.next().await {
-            match m {
-                Ok(_) => {}
-                Err(s) if s.code() == Code::AlreadyExists => return Ok(()),
-                Err(s) => return Err(rpc("Content.Write", digest)(s)),
-            }
-        }
-        Ok(())
-    }
-
-    async fn label_content(&self, digest: &str, labels: HashMap<String, String>) -> Result<()> {
-        if labels.is_empty() {
-            return Ok(());
-        }
-        let paths = labels.keys().map(|k| format!("labels.{k}")).collect();
-        ContentClient::new(self.channel.clone())
-            .update(self.req(UpdateContentRequest {
-                info: Some(containerd_client::services::v1::Info {
-                    digest: digest.into(),
-                    labels,
-                    ..Default::default()
-                }),
-                update_mask: Some(prost_types::FieldMask { paths }),
-            }))
-            .await
-            .map_err(rpc("Content.Update", digest))?;
-        Ok(())
-    }
-
-    async fn put_image(&self, name: &str, target: &Descriptor) -> Result<()> {
-        let image = containerd_client::services::v1::Image {
-            name: name.into(),
-            target: Some(target.clone()),
-            ..Default::default()
-        };
-        let mut images = ImagesClient::new(self.channel.clone());
-        match images
-            .create(self.req(CreateImageRequest {
-                image: Some(image.clone()),
-                source_date_epoch: None,
-            }))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(s) if s.code() == Code::AlreadyExists => images
-                .update(self.req(UpdateImageRequest {
-                    image: Some(image),
-                    update_mask: None,
-                    source_date_epoch: None,
-                }))
-                .await
-                .map(|_| ())
-                .map_err(rpc("Images.Update", name)),
-            Err(s) => Err(rpc("Images.Create", name)(s)),
-        }
+        Ok(self.session().content_exists(digest).await?)
     }
 
     /// Creates a lease (expiring in an hour) for requests that must keep
     /// what they create from the garbage collector; returns its id.
     pub async fn create_lease(&self) -> Result<String> {
-        let id = format!("hb-lease-{:016x}", rand::random::<u64>());
-        let expire = std::time::SystemTime::now() + Duration::from_secs(3600);
-        let secs = expire
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        let mut labels = HashMap::new();
-        labels.insert("containerd.io/gc.expire".to_string(), rfc3339(secs));
-        LeasesClient::new(self.channel.clone())
-            .create(self.req(CreateLeaseRequest {
-                id: id.clone(),
-                labels,
-            }))
-            .await
-            .map_err(rpc("Leases.Create", &id))?;
-        Ok(id)
+        Ok(self
+            .session()
+            .create_lease("hb-lease", Duration::from_secs(3600))
+            .await?)
     }
 
     /// Deletes lease `id`; what only it referenced goes at the next collection.
     pub async fn delete_lease(&self, id: &str) -> Result<()> {
-        LeasesClient::new(self.channel.clone())
-            .delete(self.req(DeleteLeaseRequest {
-                id: id.into(),
-                sync: false,
-            }))
-            .await
-            .map(|_| ())
-            .map_err(rpc("Leases.Delete", id))
+        Ok(self.session().delete_lease(id).await?)
     }
 
     /// Runs containerd's garbage collector now and waits for it (deleting a
@@ -949,7 +634,7 @@ impl Client {
             .await
             .map_err(|e| Error::Registry {
                 url: url.into(),
-                detail: error_chain(&e),
+                detail: hyperbox_api::error_chain(&e),
             })?;
         let status = resp.status();
         let ctype = resp
@@ -967,7 +652,7 @@ impl Client {
         }
         let bytes = resp.bytes().await.map_err(|e| Error::Registry {
             url: url.into(),
-            detail: format!("reading body: {}", error_chain(&e)),
+            detail: format!("reading body: {}", hyperbox_api::error_chain(&e)),
         })?;
         Ok((bytes.to_vec(), ctype))
     }
@@ -1176,74 +861,60 @@ fn runtime_spec(
     v
 }
 
-fn remote_labels(
-    reference: &str,
-    manifest: &str,
-    layers_from_here: &[Descriptor],
-) -> HashMap<String, String> {
-    let mut l = HashMap::new();
-    l.insert(
-        "containerd.io/snapshot/cri.image-ref".into(),
-        reference.into(),
-    );
-    l.insert(
-        "containerd.io/snapshot/cri.manifest-digest".into(),
-        manifest.into(),
-    );
-    l.insert(
-        "containerd.io/snapshot/cri.layer-digest".into(),
-        layers_from_here[0].digest.clone(),
-    );
-    // containerd caps this label at 4 KiB, dropping layers that do not fit.
-    let mut all = String::new();
-    for d in layers_from_here {
-        if all.len() + d.digest.len() + 1 > 4096 {
-            break;
-        }
-        if !all.is_empty() {
-            all.push(',');
-        }
-        all.push_str(&d.digest);
-    }
-    l.insert("containerd.io/snapshot/cri.image-layers".into(), all);
-    l
-}
-
-/// `secs` since the epoch as an RFC 3339 UTC timestamp (for lease expiry).
-fn rfc3339(secs: u64) -> String {
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    // Civil-from-days (Howard Hinnant's algorithm) for the date part.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 fn is_index(media_type: &str, v: &Value) -> bool {
     media_type.contains("index")
         || media_type.contains("manifest.list")
         || v.get("manifests").is_some()
 }
 
-fn descriptor(v: &Value) -> Option<Descriptor> {
-    Some(Descriptor {
+fn descriptor(v: &Value) -> Option<hyperbox_registry::Descriptor> {
+    Some(hyperbox_registry::Descriptor {
         media_type: v["mediaType"].as_str().unwrap_or_default().into(),
         digest: v["digest"].as_str()?.into(),
         size: v["size"].as_i64()?,
         annotations: HashMap::new(),
     })
+}
+
+fn registry_descriptor(
+    media_type: &str,
+    digest: &str,
+    size: usize,
+) -> hyperbox_registry::Descriptor {
+    hyperbox_registry::Descriptor {
+        media_type: media_type.into(),
+        digest: digest.into(),
+        size: size as i64,
+        annotations: HashMap::new(),
+    }
+}
+
+fn pb_descriptor(d: &hyperbox_registry::Descriptor) -> Descriptor {
+    Descriptor {
+        media_type: d.media_type.clone(),
+        digest: d.digest.clone(),
+        size: d.size,
+        annotations: d.annotations.clone(),
+    }
+}
+
+/// Layer blobs for layers the snapshotter leaves to containerd, fetched
+/// and verified by the harness's own registry client.
+struct RegistrySource<'a> {
+    client: &'a Client,
+    r: &'a Reference,
+}
+
+#[async_trait::async_trait]
+impl hyperbox_pull::LayerSource for RegistrySource<'_> {
+    async fn fetch(
+        &self,
+        layer: &hyperbox_registry::Descriptor,
+    ) -> std::result::Result<hyperbox_pull::Blob, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(hyperbox_pull::Blob::Bytes(
+            self.client.fetch_blob(self.r, &layer.digest).await?,
+        ))
+    }
 }
 
 fn verify(bytes: &[u8], expected: &str, url: &str) -> Result<()> {
@@ -1256,17 +927,6 @@ fn verify(bytes: &[u8], expected: &str, url: &str) -> Result<()> {
         });
     }
     Ok(())
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// A created container.
@@ -1573,13 +1233,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rfc3339_dates() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
-    }
-
-    #[test]
     fn references_parse_with_port_tag_and_digest() {
         let r = Reference::parse("127.0.0.1:5000/a/b:v1").unwrap();
         assert_eq!(
@@ -1591,25 +1244,6 @@ mod tests {
         let r = Reference::parse("localhost/a").unwrap();
         assert_eq!(r.object, "latest");
         assert!(Reference::parse("noslash").is_none());
-    }
-
-    #[test]
-    fn image_layers_label_lists_this_and_later_layers_within_4k() {
-        let layers: Vec<Descriptor> = (0..100)
-            .map(|i| Descriptor {
-                digest: sha256(&[i as u8]),
-                ..Default::default()
-            })
-            .collect();
-        let l = remote_labels("r", "m", &layers[3..]);
-        assert_eq!(
-            l["containerd.io/snapshot/cri.layer-digest"],
-            layers[3].digest
-        );
-        let listed = &l["containerd.io/snapshot/cri.image-layers"];
-        assert!(listed.len() <= 4096);
-        assert!(listed.starts_with(&layers[3].digest));
-        assert_eq!(listed.split(',').count(), 4096 / 72);
     }
 
     #[test]

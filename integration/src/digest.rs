@@ -1,4 +1,5 @@
-//! OCI content digests and the chain ids containerd names layer snapshots by.
+//! OCI content digests, computed by the harness itself (chain ids come from
+//! `hyperbox_registry::digest::chain_ids`).
 
 use std::io::{self, Write};
 
@@ -7,20 +8,6 @@ use sha2::{Digest as _, Sha256};
 /// `sha256:<hex>` of `data`.
 pub fn sha256(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
-}
-
-/// The chain ids of a stack of layers, bottom first, from their diff ids
-/// (OCI image spec: `ChainID(L0|…|Ln) = Digest(ChainID(L0|…|Ln-1) + " " + DiffID(Ln))`).
-pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
-    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
-    for d in diff_ids {
-        let next = match out.last() {
-            None => d.clone(),
-            Some(prev) => sha256(format!("{prev} {d}").as_bytes()),
-        };
-        out.push(next);
-    }
-    out
 }
 
 /// A writer that hashes and counts what passes through it.
@@ -69,18 +56,6 @@ impl<W: Write> Write for HashingWriter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn chain_id_of_one_layer_is_its_diff_id_and_then_chains() {
-        let ids = vec![sha256(b"a"), sha256(b"b")];
-        let chain = chain_ids(&ids);
-        assert_eq!(chain[0], ids[0]);
-        assert_eq!(
-            chain[1],
-            sha256(format!("{} {}", ids[0], ids[1]).as_bytes())
-        );
-        assert_ne!(chain[1], ids[1]);
-    }
 
     #[test]
     fn hashing_writer_matches_one_shot_digest() {

@@ -18,6 +18,8 @@
 //! [`prereq::require`] skips with a printed reason where they are missing, and
 //! fails instead when `HYPERBOX_REQUIRE_ALL=1` (CI).
 
+#![deny(missing_docs)]
+
 pub mod agent;
 pub mod bench;
 pub mod binaries;

@@ -548,9 +548,9 @@ mod hostile {
     //! broken or hostile runtime might.
 
     use super::*;
-    use hyperbox_nri::nri::api;
-    use hyperbox_nri::nri::mux::{self, encode_frame, read_frame};
-    use hyperbox_nri::nri::ttrpc::{self, Decoded, Decoder};
+    use hyperbox_nri_proto::api;
+    use hyperbox_nri_proto::mux::{self, encode_frame, read_frame};
+    use hyperbox_nri_proto::ttrpc::{self, Decoded, Decoder};
     use prost::Message;
     use tokio::io::AsyncWriteExt;
     use tokio::net::{UnixListener, UnixStream};

@@ -8,12 +8,12 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use hyperbox_erofs::writer::{Error, convert};
 use hyperbox_integration::client::{ContainerOptions, PullOptions};
 use hyperbox_integration::image::{Compression, LayerBlob, media};
 use hyperbox_integration::prereq::Prereq;
 use hyperbox_integration::testbed::Testbed;
 use hyperbox_integration::{corpus, require, require_containers};
-use hyperbox_snapshotter::erofs::writer::{Error, convert};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
 /// The layer's uncompressed tar.

@@ -179,7 +179,7 @@ async fn mounts_work_in_the_kernel_and_errors_carry_containerds_codes() {
                 snapshotter: NAME.into(),
                 key: key.clone(),
                 parent: parent.clone(),
-                labels: labels(&[("containerd.io/snapshot.ref", &format!("layer{i}"))]),
+                labels: labels(&[(hyperbox_api::labels::SNAPSHOT_REF, &format!("layer{i}"))]),
             })
             .await
             .unwrap()
@@ -319,6 +319,17 @@ async fn mounts_work_in_the_kernel_and_errors_carry_containerds_codes() {
             .map(String::as_str),
         Some("yes")
     );
+    let stat = c
+        .stat(StatSnapshotRequest {
+            snapshotter: NAME.into(),
+            key: "layer1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .info
+        .unwrap();
+    assert_eq!(updated, stat, "Update replies what a Stat then returns");
     let team = sn.list(&["labels.team==storage"]).await.unwrap();
     assert_eq!(
         team.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),

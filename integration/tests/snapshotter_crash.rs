@@ -119,7 +119,7 @@ async fn check(sn: &SnapshotterDaemon, client: &Client, point: u32) {
         .iter()
         .filter(|i| {
             i.labels
-                .contains_key("containerd.io/snapshot/cri.layer-digest")
+                .contains_key(hyperbox_api::labels::CRI_LAYER_DIGEST)
                 && i.kind == containerd_client::services::v1::snapshots::Kind::Committed as i32
         })
         .count();

@@ -2,40 +2,20 @@
 //! the controller, and serve NRI until a signal (external plugin) or until
 //! containerd closes the socket it handed us (pre-registered plugin).
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
-use tokio::net::{TcpListener, UnixListener};
+use anyhow::{Context, Result};
+use hyperbox_api::daemon::bind_unix;
+use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::agent::Agent;
 use crate::cgroup::Layout;
 use crate::memory::store::Store;
-use crate::nri::plugin::{self, Endpoint, Identity, Link};
-
-/// Binds the local API socket: replaces a stale socket file, refuses one a
-/// running agent still answers on.
-pub fn bind_api(address: &Path, mode: u32) -> Result<UnixListener> {
-    if let Some(dir) = address.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    }
-    if address.exists() {
-        if std::os::unix::net::UnixStream::connect(address).is_ok() {
-            bail!("{} is in use by a running agent", address.display());
-        }
-        std::fs::remove_file(address)
-            .with_context(|| format!("remove stale socket {}", address.display()))?;
-    }
-    let l = UnixListener::bind(address).with_context(|| format!("bind {}", address.display()))?;
-    std::fs::set_permissions(address, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("chmod {mode:o} {}", address.display()))?;
-    Ok(l)
-}
+use hyperbox_nri_proto::plugin::{self, Endpoint, Identity, Link};
 
 async fn serve_endpoints(agent: &Arc<Agent>, cfg: &hyperbox_config::Config) -> Result<()> {
-    let api = bind_api(&cfg.agent.address, cfg.agent.socket_mode)?;
+    let api = bind_unix(&cfg.agent.address, cfg.agent.socket_mode)?;
     let router = crate::http::api_router(agent.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(api, router).await {
@@ -59,7 +39,7 @@ async fn serve_endpoints(agent: &Arc<Agent>, cfg: &hyperbox_config::Config) -> R
 /// Runs the agent until SIGTERM/SIGINT, or until a pre-registered plugin's
 /// socket closes.
 pub async fn run(cfg: &hyperbox_config::Config) -> Result<()> {
-    let layout = Layout::detect(Path::new("/sys/fs/cgroup"));
+    let layout = Layout::detect(std::path::Path::new("/sys/fs/cgroup"));
     let store = Store::open(&cfg.agent.state_dir, cfg.memory.history_runs)
         .with_context(|| format!("open agent.state_dir {}", cfg.agent.state_dir.display()))?;
     let link = Arc::new(Link::default());

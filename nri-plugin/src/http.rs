@@ -11,12 +11,15 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use hyperbox_api::types::{
+    Action, ContainerInfo, EventLine, Explain, Health, Psi, Registered, Source, StreamNote, Top,
+};
+use hyperbox_config::MemoryPolicy;
 use prometheus_client::registry::Registry;
-use serde::Serialize;
 
-use crate::agent::{Agent, ContainerInfo, Decision, Source, Tracked};
+use crate::agent::Agent;
 use crate::metrics::StateCollector;
-use crate::psi::history::Sample;
+use crate::state::Lookup;
 
 #[derive(Clone)]
 struct App {
@@ -70,168 +73,74 @@ async fn metrics(State(app): State<App>) -> Response {
         .into_response()
 }
 
-#[derive(Serialize)]
-struct Health {
-    status: &'static str,
-    tracing: bool,
-    tracing_syscall_hook: &'static str,
-    tracing_syscall_hook_attached: bool,
-    tracing_unavailable: String,
-    tracing_cgroup: &'static str,
-    tracing_otlp_endpoint: Option<String>,
-    nri_connected: bool,
-    runtime: Option<String>,
-    containers: usize,
-    cgroup_layout: &'static str,
-}
-
 async fn health(State(app): State<App>) -> Json<Health> {
     let a = &app.agent;
     Json(Health {
-        status: "ok",
+        status: "ok".into(),
         tracing: a.tracing.available(),
-        tracing_syscall_hook: a.tracing.syscall_hook(),
+        tracing_syscall_hook: a.tracing.syscall_hook().into(),
         tracing_syscall_hook_attached: a.tracing.syscall_hook_attached(),
-        tracing_unavailable: a.tracing.unavailable_reason().to_string(),
+        tracing_unavailable: a.tracing.unavailable_reason().into(),
         tracing_cgroup: if a.tracing.uses_v1() {
             "v1 memory"
         } else {
             "v2"
-        },
+        }
+        .into(),
         tracing_otlp_endpoint: a.tracing.otlp_target().map(str::to_string),
         nri_connected: a.link.is_connected(),
-        runtime: a.runtime.lock().expect("runtime").clone(),
-        containers: a.containers.lock().expect("containers").len(),
-        cgroup_layout: a.layout.name(),
+        runtime: a.state.runtime(),
+        containers: a.state.len() as u64,
+        cgroup_layout: a.layout.name().into(),
     })
 }
 
 /// `/metrics/memory/psi` and `hb psi`.
-#[derive(Serialize)]
-struct Psi {
-    cgroup_layout: &'static str,
-    mem_total: u64,
-    node: crate::agent::Node,
-    node_history: Vec<Sample>,
-    containers: Vec<ContainerPsi>,
-}
-
-#[derive(Serialize)]
-struct ContainerPsi {
-    id: String,
-    name: String,
-    namespace: String,
-    pod: String,
-    workload: String,
-    policy: &'static str,
-    limit: Option<u64>,
-    working_set: Option<u64>,
-    peak_working_set: u64,
-    memory_some_avg10: Option<f64>,
-    memory_full_avg10: Option<f64>,
-    oom_kills: u64,
-    history: Vec<Sample>,
-}
-
-fn container_psi(t: &Tracked) -> ContainerPsi {
-    let last = t.last_sample();
-    ContainerPsi {
-        id: t.id.clone(),
-        name: t.name.clone(),
-        namespace: t.pod_namespace.clone(),
-        pod: t.pod.clone(),
-        workload: t.workload.clone(),
-        policy: t.policy.as_str(),
-        limit: t.limit,
-        working_set: last.map(|s| s.usage),
-        peak_working_set: t.peak_working_set,
-        memory_some_avg10: last.map(|s| s.memory_some),
-        memory_full_avg10: last.map(|s| s.memory_full),
-        oom_kills: t.oom_kills,
-        history: t.history.iter().copied().collect(),
-    }
-}
-
 async fn psi(State(app): State<App>) -> Json<Psi> {
     let a = &app.agent;
-    let (node, hist) = a.node.lock().expect("node").clone();
-    let mut containers: Vec<ContainerPsi> = a
-        .containers
-        .lock()
-        .expect("containers")
-        .values()
-        .map(container_psi)
-        .collect();
-    containers
-        .sort_by(|x, y| (&x.namespace, &x.pod, &x.name).cmp(&(&y.namespace, &y.pod, &y.name)));
     Json(Psi {
-        cgroup_layout: a.layout.name(),
+        cgroup_layout: a.layout.name().into(),
         mem_total: a.mem_total,
-        node,
-        node_history: hist.iter().copied().collect(),
-        containers,
+        node: a.state.node(),
+        node_history: a.state.node_history(),
+        containers: a.state.psi_views(),
     })
 }
 
-async fn list(State(app): State<App>) -> Json<Vec<Tracked>> {
-    let mut v: Vec<Tracked> = app
-        .agent
-        .containers
-        .lock()
-        .expect("containers")
-        .values()
-        .cloned()
-        .collect();
-    v.sort_by(|x, y| x.id.cmp(&y.id));
-    Json(v)
+async fn list(State(app): State<App>) -> Json<Vec<hyperbox_api::types::Container>> {
+    Json(app.agent.state.views())
 }
 
 /// `hb policy explain`.
-#[derive(Serialize)]
-struct Explain {
-    container: Tracked,
-    learned_runs: Vec<u64>,
-    learned_working_set: Option<u64>,
-    learned_peak: Option<u64>,
-    headroom_now: f64,
-    node_memory_some_avg10: f64,
-    decisions: Vec<Decision>,
-}
-
 async fn explain(State(app): State<App>, Path(id): Path<String>) -> Response {
     let a = &app.agent;
-    let found = {
-        let map = a.containers.lock().expect("containers");
-        let matches: Vec<&Tracked> = map
-            .values()
-            .filter(|t| t.id == id || t.id.starts_with(&id) || t.name == id)
-            .collect();
-        match matches.as_slice() {
-            [one] => Ok((*one).clone()),
-            [] => Err((
+    let container = match a.state.find(&id) {
+        Ok(c) => c,
+        Err(Lookup::None) => {
+            return (
                 StatusCode::NOT_FOUND,
                 format!("no tracked container matches {id:?} (policy off, or not seen)"),
-            )),
-            many => Err((
+            )
+                .into_response();
+        }
+        Err(Lookup::Many(ids)) => {
+            return (
                 StatusCode::CONFLICT,
                 format!(
                     "{id:?} matches {} containers: {}",
-                    many.len(),
-                    many.iter()
-                        .map(|t| &t.id[..t.id.len().min(12)])
+                    ids.len(),
+                    ids.iter()
+                        .map(|i| &i[..i.len().min(12)])
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
-            )),
+            )
+                .into_response();
         }
     };
-    let t = match found {
-        Ok(t) => t,
-        Err(e) => return e.into_response(),
-    };
-    let learned = a.store.lock().expect("store").get(&t.workload);
-    let node_some = a.node_memory_some();
-    let cfg = a.memory_config();
+    let learned = a.state.learned(&container.workload);
+    let node_some = a.state.node_memory_some();
+    let cfg = a.state.memory_config();
     Json(Explain {
         learned_runs: learned
             .as_ref()
@@ -241,39 +150,13 @@ async fn explain(State(app): State<App>, Path(id): Path<String>) -> Response {
         learned_peak: learned.as_ref().and_then(|w| w.peak()),
         headroom_now: crate::memory::policy::headroom(&cfg, node_some),
         node_memory_some_avg10: node_some,
-        decisions: t.decisions.iter().cloned().collect(),
-        container: t,
+        decisions: container.decisions.clone(),
+        container,
     })
     .into_response()
 }
 
 /// `hb trace`: what the tracer saw of a container.
-#[derive(Serialize)]
-struct TraceView {
-    id: String,
-    name: String,
-    cgroup: u64,
-    live: bool,
-    syscalls: std::collections::BTreeMap<u32, u64>,
-    syscall_total: u64,
-    syscall_window_closed: bool,
-    syscall_rate: Option<f64>,
-    syscall_samples: u64,
-    execs: Vec<crate::trace::Exec>,
-    exec_count: u64,
-    opened: Vec<String>,
-    open_count: u64,
-    oom_killed: Vec<u32>,
-    flows: Vec<crate::trace::Flow>,
-    flow_count: u64,
-    bytes_in: u64,
-    bytes_out: u64,
-    /// This container's events lost to a full ring buffer.
-    ring_drops: u64,
-    /// This container's opens left out by sampling under pressure.
-    sampled_out: u64,
-}
-
 async fn trace(State(app): State<App>, Path(id): Path<String>) -> Response {
     let tr = &app.agent.tracing;
     if !tr.available() {
@@ -289,7 +172,7 @@ async fn trace(State(app): State<App>, Path(id): Path<String>) -> Response {
         .filter(|c| *c == id || c.starts_with(&id))
         .collect();
     let found = match ids.as_slice() {
-        [one] => tr.get(one),
+        [one] => tr.report(one),
         [] => None,
         _ => {
             return (
@@ -299,36 +182,14 @@ async fn trace(State(app): State<App>, Path(id): Path<String>) -> Response {
                 .into_response();
         }
     };
-    let Some((t, syscalls)) = found else {
-        return (
+    match found {
+        Some(report) => Json(report).into_response(),
+        None => (
             StatusCode::NOT_FOUND,
             format!("no traced container matches {id:?}"),
         )
-            .into_response();
-    };
-    Json(TraceView {
-        syscall_total: syscalls.values().sum(),
-        id: t.id,
-        name: t.name,
-        cgroup: t.cgroup,
-        live: t.live,
-        syscalls,
-        syscall_window_closed: t.syscall_window_closed,
-        syscall_rate: t.syscall_rate,
-        syscall_samples: t.syscall_samples,
-        execs: t.execs.into_iter().collect(),
-        exec_count: t.exec_count,
-        opened: t.opened,
-        open_count: t.open_count,
-        oom_killed: t.oom_killed,
-        flows: t.flows.into_iter().collect(),
-        flow_count: t.flow_count,
-        bytes_in: t.bytes_in,
-        bytes_out: t.bytes_out,
-        ring_drops: t.lost.dropped,
-        sampled_out: t.lost.sampled,
-    })
-    .into_response()
+            .into_response(),
+    }
 }
 
 /// `hb top`: every traced container's counters now.
@@ -341,22 +202,22 @@ async fn top(State(app): State<App>) -> Response {
         )
             .into_response();
     }
-    Json(serde_json::json!({
-        "at_ms": std::time::SystemTime::now()
+    Json(Top {
+        at_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0),
-        "ring_drops": tr.drops(),
-        "sampled": tr.sampled(),
-        "containers": tr.top(),
-    }))
+        ring_drops: tr.drops(),
+        sampled: tr.sampled(),
+        containers: tr.top(),
+    })
     .into_response()
 }
 
 /// `hb trace --follow`: the container's events as they happen, one JSON
 /// object per line, until the client goes away. A reader too slow for the
-/// event rate gets a `{"kind":"lagged","missed":N}` line instead of the
-/// events it missed.
+/// event rate gets a [`StreamNote::Lagged`] line instead of the events it
+/// missed.
 async fn events(State(app): State<App>, Path(id): Path<String>) -> Response {
     let tr = app.agent.tracing.clone();
     let ids: Vec<String> = tr
@@ -372,18 +233,21 @@ async fn events(State(app): State<App>, Path(id): Path<String>) -> Response {
             .into_response();
     };
     let id = id.clone();
-    let rx = tr.stream.subscribe();
+    let rx = tr.subscribe();
     let lines = futures::stream::unfold(rx, move |mut rx| {
         let id = id.clone();
         async move {
             use tokio::sync::broadcast::error::RecvError;
             loop {
                 let line = match rx.recv().await {
-                    Ok(ev) if ev.container == id => serde_json::to_string(&ev).ok()?,
+                    Ok(ev) if ev.container == id => EventLine::Event(ev),
                     Ok(_) => continue,
-                    Err(RecvError::Lagged(n)) => format!("{{\"kind\":\"lagged\",\"missed\":{n}}}"),
+                    Err(RecvError::Lagged(missed)) => {
+                        EventLine::Note(StreamNote::Lagged { missed })
+                    }
                     Err(RecvError::Closed) => return None,
                 };
+                let line = serde_json::to_string(&line).ok()?;
                 return Some((Ok::<_, std::convert::Infallible>(line + "\n"), rx));
             }
         }
@@ -409,14 +273,14 @@ async fn register(State(app): State<App>, Json(info): Json<ContainerInfo>) -> Re
     let a = &app.agent;
     a.trace_start(&info);
     let Some(mut t) = a.track(info, Source::Local) else {
-        return (StatusCode::OK, Json(serde_json::json!({"policy": "off"}))).into_response();
+        let off = Registered::Untracked {
+            policy: MemoryPolicy::Off,
+        };
+        return (StatusCode::OK, Json(off)).into_response();
     };
     let limit = a.size_new(&mut t);
     t.started = true;
-    a.containers
-        .lock()
-        .expect("containers")
-        .insert(t.id.clone(), t.clone());
+    a.state.insert(t.clone());
     if let (Some(l), Some(cg)) = (limit, t.cgroup.as_ref()) {
         let high = a.high_for(l, cg.v2);
         if let Err(e) = cg.set_limit(l, high) {
@@ -427,23 +291,252 @@ async fn register(State(app): State<App>, Json(info): Json<ContainerInfo>) -> Re
             )
                 .into_response();
         }
-        a.metrics.decision("create");
+        a.metrics.decision(Action::Create);
     }
-    a.wake.notify_one();
-    (StatusCode::CREATED, Json(t)).into_response()
+    a.state.wake();
+    let tracked = Registered::Tracked(Box::new(t.view()));
+    (StatusCode::CREATED, Json(tracked)).into_response()
 }
 
 async fn unregister(State(app): State<App>, Path(id): Path<String>) -> StatusCode {
-    let known = app
-        .agent
-        .containers
-        .lock()
-        .expect("containers")
-        .contains_key(&id);
-    app.agent.finish(&id, true);
+    let known = app.agent.state.contains(&id);
+    app.agent.state.finish(&id, true);
     if known {
         StatusCode::NO_CONTENT
     } else {
         StatusCode::NOT_FOUND
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path as FsPath;
+
+    use axum::body::Body;
+    use axum::http::Request;
+    use hyperbox_api::types::{Container, Route};
+    use hyperbox_config::Memory;
+    use hyperbox_nri_proto::plugin::Link;
+    use serde::de::DeserializeOwned;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::cgroup::Layout;
+    use crate::memory::store::Store;
+    use crate::trace::Tracing;
+
+    const MIB: u64 = 1 << 20;
+
+    /// An agent over a fake cgroup v2 tree and a store in `dir`, without
+    /// NRI or the tracer.
+    fn agent(dir: &FsPath) -> Arc<Agent> {
+        let cgroups = dir.join("cgroup");
+        std::fs::create_dir_all(cgroups.join("hb/app-1")).unwrap();
+        std::fs::write(cgroups.join("cgroup.controllers"), "memory\n").unwrap();
+        std::fs::write(cgroups.join("hb/app-1/memory.max"), "max\n").unwrap();
+        let store = Store::open(&dir.join("state"), 20).unwrap();
+        let (agent, _jobs) = Agent::new(
+            Memory::default(),
+            Layout::detect(&cgroups),
+            store,
+            Arc::new(Link::default()),
+            Tracing::unavailable("tracing.enabled = false"),
+        );
+        agent
+    }
+
+    async fn call(
+        agent: &Arc<Agent>,
+        method: &str,
+        uri: &str,
+        body: Option<serde_json::Value>,
+    ) -> (StatusCode, Vec<u8>) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if body.is_some() {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(body.map_or(Body::empty(), |b| Body::from(b.to_string())))
+            .unwrap();
+        let answer = api_router(agent.clone()).oneshot(req).await.unwrap();
+        let status = answer.status();
+        let bytes = axum::body::to_bytes(answer.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, bytes.to_vec())
+    }
+
+    async fn get<T: DeserializeOwned>(agent: &Arc<Agent>, uri: &str) -> T {
+        let (status, body) = call(agent, "GET", uri, None).await;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    fn registration(id: &str, cgroups_path: &str, policy: &str) -> serde_json::Value {
+        serde_json::json!({
+            "id": id,
+            "name": "app",
+            "cgroups_path": cgroups_path,
+            "annotations": {
+                "memory.hyperbox.dev/policy": policy,
+                "hyperbox.dev/workload": "direct"
+            },
+            "running": true
+        })
+    }
+
+    #[tokio::test]
+    async fn health_says_what_the_agent_runs_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = agent(dir.path());
+        let h: Health = get(&a, "/healthz").await;
+        assert_eq!(h.status, "ok");
+        assert!(!h.tracing && !h.nri_connected);
+        assert_eq!(h.tracing_unavailable, "tracing.enabled = false");
+        assert_eq!((h.containers, h.cgroup_layout.as_str()), (0, "v2"));
+    }
+
+    #[tokio::test]
+    async fn a_registered_container_is_sized_from_what_was_learned() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = agent(dir.path());
+        a.state.record_run("direct", 20 * MIB).unwrap();
+        let (status, body) = call(
+            &a,
+            "POST",
+            "/v1/containers",
+            Some(registration("app-1", "/hb/app-1", "adaptive")),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED);
+        let Registered::Tracked(c) = serde_json::from_slice(&body).unwrap() else {
+            panic!("not tracked: {}", String::from_utf8_lossy(&body));
+        };
+        assert_eq!((c.source, c.limit), (Source::Local, Some(30 * MIB)));
+        // The limit is in the cgroup, memory.high below it.
+        let cg = dir.path().join("cgroup/hb/app-1");
+        let read = |f: &str| std::fs::read_to_string(cg.join(f)).unwrap();
+        assert_eq!(read("memory.max"), (30 * MIB).to_string());
+        assert_eq!(
+            read("memory.high"),
+            ((30 * MIB) as f64 * 0.9).floor().to_string()
+        );
+
+        // hb policy explain, by id prefix or by name.
+        for query in ["app", "app-"] {
+            let e: Explain = get(&a, &format!("/v1/containers/{query}")).await;
+            assert_eq!(e.learned_runs, [20 * MIB]);
+            assert_eq!(e.decisions.len(), 1);
+            let d = &e.decisions[0];
+            assert_eq!((d.action, d.via), (Action::Create, Route::NriCreate));
+            assert_eq!((d.from, d.to), (None, Some(30 * MIB)));
+        }
+        let list: Vec<Container> = get(&a, "/v1/containers").await;
+        assert_eq!(list.len(), 1);
+        let psi: Psi = get(&a, "/v1/psi").await;
+        assert_eq!(psi.containers[0].policy, MemoryPolicy::Adaptive);
+        assert_eq!(psi.containers[0].limit, Some(30 * MIB));
+
+        let (status, _) = call(&a, "DELETE", "/v1/containers/app-1", None).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let (status, _) = call(&a, "DELETE", "/v1/containers/app-1", None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (status, _) = call(&a, "GET", "/v1/containers/app-1", None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn without_history_a_container_is_learned_not_limited() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = agent(dir.path());
+        let (status, _) = call(
+            &a,
+            "POST",
+            "/v1/containers",
+            Some(registration("app-1", "/hb/app-1", "adaptive")),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED);
+        let e: Explain = get(&a, "/v1/containers/app-1").await;
+        assert_eq!(
+            (e.decisions[0].action, e.decisions[0].via, e.container.limit),
+            (Action::Learn, Route::None, None)
+        );
+        let max = std::fs::read_to_string(dir.path().join("cgroup/hb/app-1/memory.max"));
+        assert_eq!(max.unwrap(), "max\n");
+    }
+
+    #[tokio::test]
+    async fn bad_or_opted_out_registrations_track_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = agent(dir.path());
+        let (status, body) = call(
+            &a,
+            "POST",
+            "/v1/containers",
+            Some(registration("x", "/a/../../etc", "adaptive")),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(String::from_utf8_lossy(&body).contains("not a cgroup path"));
+        let (status, _) = call(
+            &a,
+            "POST",
+            "/v1/containers",
+            Some(registration("", "/hb/app-1", "adaptive")),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let (status, body) = call(
+            &a,
+            "POST",
+            "/v1/containers",
+            Some(registration("app-1", "/hb/app-1", "off")),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            serde_json::from_slice::<Registered>(&body).unwrap(),
+            Registered::Untracked {
+                policy: MemoryPolicy::Off
+            }
+        );
+        assert!(a.state.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_ambiguous_prefix_is_a_conflict_naming_the_candidates() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = agent(dir.path());
+        for id in ["app-1", "app-2"] {
+            let (status, _) = call(
+                &a,
+                "POST",
+                "/v1/containers",
+                Some(registration(id, &format!("/hb/{id}"), "observe")),
+            )
+            .await;
+            assert_eq!(status, StatusCode::CREATED);
+        }
+        let (status, body) = call(&a, "GET", "/v1/containers/app-", None).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        let text = String::from_utf8_lossy(&body);
+        assert!(text.contains("app-1") && text.contains("app-2"), "{text}");
+        let e: Explain = get(&a, "/v1/containers/app-2").await;
+        assert_eq!(e.decisions[0].action, Action::Observe);
+    }
+
+    #[tokio::test]
+    async fn tracer_endpoints_say_why_tracing_is_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = agent(dir.path());
+        for uri in ["/v1/top", "/v1/containers/app-1/trace"] {
+            let (status, body) = call(&a, "GET", uri, None).await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{uri}");
+            let text = String::from_utf8_lossy(&body);
+            assert!(text.contains("tracing.enabled = false"), "{uri}: {text}");
+        }
+        let (status, _) = call(&a, "GET", "/v1/containers/app-1/events", None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
     }
 }

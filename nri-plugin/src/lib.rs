@@ -2,12 +2,16 @@
 //! container memory from pressure stall information, with Prometheus
 //! metrics and a local API for `hb` and the shim.
 //!
-//! Rooms: [`nri`] (the protocol), [`psi`] (pressure files and triggers),
-//! [`cgroup`] (where containers' memory lives), [`memory`] (the policy),
-//! [`agent`] (state and event handlers), [`trace`] (the eBPF tracer's
-//! per-container results), [`otlp`] (their OpenTelemetry export),
-//! [`metrics`], [`http`], and
-//! [`daemon`] (the life cycle).
+//! Rooms: the NRI protocol (`hyperbox-nri-proto`), [`psi`] (pressure files and triggers),
+//! [`cgroup`] (where containers' memory lives), [`memory`] (the policy:
+//! pure decisions and their applier), [`state`] (what the agent tracks,
+//! behind the only locks), [`agent`] (the NRI event handlers), [`trace`]
+//! (the eBPF tracer's per-container results), [`otlp`] (their
+//! OpenTelemetry export, fed by [`trace`]), [`metrics`] (rendered from a
+//! snapshot), [`http`] (the local API, whose types are
+//! `hyperbox_api::types`), and [`daemon`] (the life cycle).
+
+#![deny(missing_docs)]
 
 pub mod agent;
 pub mod cgroup;
@@ -15,19 +19,7 @@ pub mod daemon;
 pub mod http;
 pub mod memory;
 pub mod metrics;
-pub mod nri;
 pub mod otlp;
 pub mod psi;
+pub mod state;
 pub mod trace;
-
-/// `err: cause: cause` on one line, for logs.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}

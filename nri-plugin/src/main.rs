@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 /// hyperbox node agent: NRI plugin with PSI-driven memory limits.
 ///
@@ -24,13 +23,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&args.log_level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    hyperbox_api::daemon::init_logging(&args.log_level);
     let result = (|| -> anyhow::Result<()> {
         // containerd launches pre-registered plugins without arguments; the
         // environment (or a wrapper script) names the config then.

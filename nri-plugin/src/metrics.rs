@@ -1,6 +1,7 @@
 //! Prometheus metrics: counters and histograms the agent updates as things
-//! happen ([`Metrics`]), and a collector that reads node and container
-//! pressure from the agent's state at scrape time ([`StateCollector`]).
+//! happen ([`Metrics`]), and a collector that renders a [`Snapshot`] of
+//! node and container pressure and tracer counters, taken from whatever
+//! implements [`Snapshots`] at scrape time ([`StateCollector`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +14,8 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::agent::Agent;
+use hyperbox_api::types::{Action, NodePressure, Sample, TopRow};
+use hyperbox_config::MemoryPolicy;
 
 type Labels = Vec<(String, String)>;
 
@@ -66,9 +68,9 @@ impl Metrics {
     }
 
     /// Counts a policy decision.
-    pub fn decision(&self, action: &str) {
+    pub fn decision(&self, action: Action) {
         self.decisions
-            .get_or_create(&vec![("action".to_string(), action.to_string())])
+            .get_or_create(&vec![("action".to_string(), action.as_str().to_string())])
             .inc();
     }
 
@@ -112,9 +114,62 @@ impl Metrics {
     }
 }
 
-/// Reads pressure and usage from the agent at scrape time.
+/// One tracked container's memory, as scraped.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerGauges {
+    /// Container id.
+    pub id: String,
+    /// Pod namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub pod: String,
+    /// Container name.
+    pub name: String,
+    /// Workload key.
+    pub workload: String,
+    /// Memory policy.
+    pub policy: MemoryPolicy,
+    /// The newest sample.
+    pub last: Option<Sample>,
+    /// The limit in force.
+    pub limit: Option<u64>,
+    /// Its cgroup's memory `some` stall total, µs, read at scrape time.
+    pub stall_total_us: Option<u64>,
+    /// OOM kills in its cgroup.
+    pub oom_kills: u64,
+}
+
+/// The tracer's counters, as scraped.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceCounters {
+    /// One row per traced container.
+    pub rows: Vec<TopRow>,
+    /// Events lost to a full ring buffer, all containers.
+    pub ring_drops: u64,
+    /// Opens left out by sampling, all containers.
+    pub sampled: u64,
+}
+
+/// What one scrape shows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// The node's pressure.
+    pub node: NodePressure,
+    /// Tracked containers.
+    pub containers: Vec<ContainerGauges>,
+    /// The tracer's counters (`None`: the tracer is not loaded).
+    pub trace: Option<TraceCounters>,
+}
+
+/// Where a scrape's [`Snapshot`] comes from (the agent).
+pub trait Snapshots: Send + Sync + std::fmt::Debug {
+    /// The state now.
+    fn snapshot(&self) -> Snapshot;
+}
+
+/// Renders a [`Snapshot`] taken at scrape time.
 #[derive(Debug)]
-pub struct StateCollector(pub Arc<Agent>);
+pub struct StateCollector(pub Arc<dyn Snapshots>);
 
 fn gauge(
     enc: &mut DescriptorEncoder,
@@ -155,7 +210,8 @@ fn l(pairs: &[(&str, &str)]) -> Labels {
 
 impl prometheus_client::collector::Collector for StateCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let node = self.0.node.lock().expect("node").0.clone();
+        let snapshot = self.0.snapshot();
+        let node = snapshot.node;
         let mut avg = Vec::new();
         let mut total = Vec::new();
         for (res, p) in [("memory", node.memory), ("cpu", node.cpu), ("io", node.io)] {
@@ -182,20 +238,12 @@ impl prometheus_client::collector::Collector for StateCollector {
             &total,
         )?;
 
-        let containers: Vec<_> = self
-            .0
-            .containers
-            .lock()
-            .expect("containers")
-            .values()
-            .cloned()
-            .collect();
         let (mut ws, mut limit, mut stall, mut stall_total, mut ooms, mut info) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
-        for t in &containers {
+        for t in &snapshot.containers {
             let base = l(&[
                 ("container_id", &t.id),
-                ("namespace", &t.pod_namespace),
+                ("namespace", &t.namespace),
                 ("pod", &t.pod),
                 ("container", &t.name),
             ]);
@@ -203,20 +251,15 @@ impl prometheus_client::collector::Collector for StateCollector {
             i.push(("workload".into(), t.workload.clone()));
             i.push(("policy".into(), t.policy.as_str().into()));
             info.push((i, 1.0));
-            if let Some(s) = t.last_sample() {
+            if let Some(s) = t.last {
                 ws.push((base.clone(), s.usage as f64));
                 stall.push((base.clone(), s.memory_some));
             }
             if let Some(v) = t.limit {
                 limit.push((base.clone(), v as f64));
             }
-            if let Some(p) = t
-                .cgroup
-                .as_ref()
-                .and_then(|c| c.pressure())
-                .and_then(Result::ok)
-            {
-                stall_total.push((base.clone(), p.some.total_us as f64 / 1e6));
+            if let Some(us) = t.stall_total_us {
+                stall_total.push((base.clone(), us as f64 / 1e6));
             }
             ooms.push((base, t.oom_kills as f64));
         }
@@ -256,14 +299,13 @@ impl prometheus_client::collector::Collector for StateCollector {
             "OOM kills in the container's cgroup",
             &ooms,
         )?;
-        let tr = &self.0.tracing;
-        if tr.available() {
+        if let Some(tr) = &snapshot.trace {
             let (mut sys, mut execs, mut opens, mut ooms) = (vec![], vec![], vec![], vec![]);
             let mut rates = vec![];
             let (mut flows, mut open_flows, mut bytes) = (vec![], vec![], vec![]);
             let (mut drops, mut sampled) = (vec![], vec![]);
             // One pass over the kernel map for every container (as hb top).
-            for row in tr.top() {
+            for row in &tr.rows {
                 let labels = l(&[("container_id", &row.id), ("container", &row.name)]);
                 sys.push((labels.clone(), row.syscalls as f64));
                 if let Some(r) = row.syscall_rate.filter(|_| row.live) {
@@ -346,15 +388,162 @@ impl prometheus_client::collector::Collector for StateCollector {
                 &mut enc,
                 "hyperbox_trace_ring_drops",
                 "Tracer events lost to a full ring buffer",
-                &[(Labels::new(), tr.drops() as f64)],
+                &[(Labels::new(), tr.ring_drops as f64)],
             )?;
             counter(
                 &mut enc,
                 "hyperbox_trace_sampled",
                 "Open events left out by in-kernel sampling while the ring buffer was filling",
-                &[(Labels::new(), tr.sampled() as f64)],
+                &[(Labels::new(), tr.sampled as f64)],
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyperbox_api::types::{Pressure, PsiLine};
+
+    #[derive(Debug)]
+    struct Fixed(Snapshot);
+
+    impl Snapshots for Fixed {
+        fn snapshot(&self) -> Snapshot {
+            self.0.clone()
+        }
+    }
+
+    fn render(snapshot: Snapshot, metrics: &Metrics) -> String {
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        registry.register_collector(Box::new(StateCollector(Arc::new(Fixed(snapshot)))));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text
+    }
+
+    fn snapshot() -> Snapshot {
+        let line = |avg10, total_us| PsiLine {
+            avg10,
+            avg60: 0.0,
+            avg300: 0.0,
+            total_us,
+        };
+        Snapshot {
+            node: NodePressure {
+                memory: Pressure {
+                    some: line(2.5, 3_000_000),
+                    full: Some(line(1.0, 1_000_000)),
+                },
+                cpu: Pressure {
+                    some: line(0.5, 0),
+                    full: None,
+                },
+                io: Pressure::default(),
+                at: 1,
+            },
+            containers: vec![ContainerGauges {
+                id: "c1".into(),
+                namespace: "shop".into(),
+                pod: "web-0".into(),
+                name: "web".into(),
+                workload: "shop/web@web".into(),
+                policy: MemoryPolicy::Adaptive,
+                last: Some(Sample {
+                    at: 1,
+                    memory_some: 4.0,
+                    memory_full: 0.0,
+                    usage: 1 << 20,
+                }),
+                limit: Some(2 << 20),
+                stall_total_us: Some(500_000),
+                oom_kills: 2,
+            }],
+            trace: None,
+        }
+    }
+
+    #[test]
+    fn node_and_container_pressure_are_rendered_with_their_labels() {
+        let text = render(snapshot(), &Metrics::default());
+        let labels = r#"container_id="c1",namespace="shop",pod="web-0",container="web""#;
+        for want in [
+            r#"hyperbox_node_pressure_avg10_percent{resource="memory",kind="some"} 2.5"#
+                .to_string(),
+            r#"hyperbox_node_pressure_stall_seconds_total{resource="memory",kind="full"} 1.0"#
+                .into(),
+            format!("hyperbox_container_memory_working_set_bytes{{{labels}}} 1048576"),
+            format!("hyperbox_container_memory_limit_bytes{{{labels}}} 2097152"),
+            format!("hyperbox_container_memory_pressure_avg10_percent{{{labels}}} 4.0"),
+            format!("hyperbox_container_memory_stall_seconds_total{{{labels}}} 0.5"),
+            format!("hyperbox_container_oom_kills_total{{{labels}}} 2"),
+            format!(
+                "hyperbox_container_info{{{labels},workload=\"shop/web@web\",policy=\"adaptive\"}} 1"
+            ),
+        ] {
+            assert!(text.contains(&want), "no {want:?} in\n{text}");
+        }
+        // cpu has no `full` line on this node: no series for it.
+        assert!(!text.contains(r#"resource="cpu",kind="full""#), "{text}");
+        // No tracer, no tracer families.
+        assert!(!text.contains("hyperbox_container_syscalls"), "{text}");
+    }
+
+    #[test]
+    fn tracer_counters_appear_when_the_tracer_runs() {
+        let mut s = snapshot();
+        s.trace = Some(TraceCounters {
+            rows: vec![TopRow {
+                id: "c1".into(),
+                name: "web".into(),
+                live: true,
+                cgroup: 9,
+                syscalls: 1234,
+                counting: true,
+                syscall_rate: Some(10.0),
+                execs: 3,
+                opens: 4,
+                oom_kills: 0,
+                flows: 1,
+                bytes_in: 100,
+                bytes_out: 200,
+                open_flows: 0,
+                ring_drops: 5,
+                sampled_out: 6,
+            }],
+            ring_drops: 7,
+            sampled: 8,
+        });
+        let text = render(s, &Metrics::default());
+        let labels = r#"container_id="c1",container="web""#;
+        for want in [
+            format!("hyperbox_container_syscalls_total{{{labels}}} 1234"),
+            format!("hyperbox_container_syscall_rate{{{labels}}} 10.0"),
+            format!("hyperbox_container_tcp_bytes_total{{{labels},direction=\"out\"}} 200"),
+            format!("hyperbox_container_trace_ring_drops_total{{{labels}}} 5"),
+            "hyperbox_trace_ring_drops_total 7".into(),
+            "hyperbox_trace_sampled_total 8".into(),
+        ] {
+            assert!(text.contains(&want), "no {want:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn decisions_are_counted_by_action() {
+        let m = Metrics::default();
+        m.decision(Action::Raise);
+        m.decision(Action::Raise);
+        m.decision(Action::Create);
+        let text = render(snapshot(), &m);
+        assert!(
+            text.contains(r#"hyperbox_memory_decisions_total{action="raise"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"hyperbox_memory_decisions_total{action="create"} 1"#),
+            "{text}"
+        );
     }
 }

@@ -27,7 +27,7 @@ use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{SdkTracerProvider, Span, Tracer};
 
-use crate::trace::{Exec, Flow};
+use hyperbox_api::types::{Exec, Flow};
 
 /// Events kept on one container span (the SDK's default is 128).
 const EVENTS_PER_SPAN: u32 = 4096;

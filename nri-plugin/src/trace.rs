@@ -13,21 +13,15 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use hyperbox_api::annotations::TRACE_SYSCALL_WINDOW;
+use hyperbox_api::types::{ContainerEvent, ContainerInfo, Exec, Flow, TopRow, Trace, TraceEvent};
 use hyperbox_bpf::{Event, Lost, Tracer};
 use hyperbox_config::CgroupHierarchy;
-
-use crate::agent::ContainerInfo;
-use crate::cgroup::Layout;
-use crate::otlp;
-use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::broadcast;
 
-/// The annotation that turns tracing off (`false`) for one container.
-pub const TRACE_ANNOTATION: &str = "trace.hyperbox.dev/enabled";
-/// The annotation that sets one container's syscall counting window,
-/// seconds (`0`: its whole life), over `tracing.syscall_window_secs`.
-pub const WINDOW_ANNOTATION: &str = "trace.hyperbox.dev/syscall-window-secs";
+use crate::cgroup::Layout;
+use crate::otlp;
 /// Execs, and closed connections, kept per container (the newest).
 const KEPT: usize = 1024;
 /// Distinct paths kept per container in first-access order.
@@ -40,40 +34,8 @@ const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 /// or a stop never waits long behind the reader.
 const DRAIN_BATCH: usize = 1024;
 
-/// One exec in a container.
-#[derive(Debug, Clone, Serialize)]
-pub struct Exec {
-    /// Host pid.
-    pub pid: u32,
-    /// Kernel monotonic ns.
-    pub time_ns: u64,
-    /// Executed path.
-    pub path: String,
-    /// First arguments.
-    pub args: Vec<String>,
-}
-
-/// A closed TCP connection.
-#[derive(Debug, Clone, Serialize)]
-pub struct Flow {
-    /// The container connected (`false`: it accepted).
-    pub outbound: bool,
-    /// Local `ip:port` (IPv4; empty for IPv6).
-    pub local: String,
-    /// Remote `ip:port`.
-    pub remote: String,
-    /// Bytes received.
-    pub bytes_in: u64,
-    /// Bytes sent and acknowledged.
-    pub bytes_out: u64,
-    /// Lifetime, ms.
-    pub duration_ms: f64,
-    /// When it closed, kernel monotonic ns.
-    pub closed_ns: u64,
-}
-
 /// What the tracer saw of one container.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Traced {
     /// Container id.
     pub id: String,
@@ -116,15 +78,11 @@ pub struct Traced {
     pub bytes_out: u64,
     /// Its events the kernel could not send (full ring, sampled opens),
     /// frozen when it stopped (live ones come from the kernel).
-    #[serde(skip)]
     pub lost: Lost,
-    #[serde(skip)]
     seen: std::collections::HashSet<String>,
     /// Its cgroup directory (to count it again in samples).
-    #[serde(skip)]
     dir: std::path::PathBuf,
     /// When counting started: the watch, or the sample in progress.
-    #[serde(skip)]
     counting_since: Option<std::time::Instant>,
 }
 
@@ -150,77 +108,6 @@ impl Traced {
             *f.entry(nr).or_default() += c;
         }
     }
-}
-
-/// A streamed event, tagged with its container.
-#[derive(Debug, Clone, Serialize)]
-pub struct Tagged {
-    /// Container id.
-    pub container: String,
-    /// What happened.
-    pub event: Streamed,
-}
-
-/// The kinds of streamed events.
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Streamed {
-    /// An exec.
-    Exec(Exec),
-    /// An open.
-    Open {
-        /// Pid.
-        pid: u32,
-        /// Path as passed.
-        path: String,
-        /// Flags.
-        flags: u32,
-    },
-    /// A TCP connection closed.
-    Flow(Flow),
-    /// An OOM kill.
-    OomKill {
-        /// The victim.
-        pid: u32,
-    },
-}
-
-/// A line of `hb top`.
-#[derive(Debug, Clone, Serialize)]
-pub struct TopRow {
-    /// Container id.
-    pub id: String,
-    /// Name.
-    pub name: String,
-    /// Still running.
-    pub live: bool,
-    /// Its cgroup id.
-    pub cgroup: u64,
-    /// Syscalls counted so far.
-    pub syscalls: u64,
-    /// Whether its syscalls are being counted now (its window is open, or
-    /// a sample is in progress).
-    pub counting: bool,
-    /// Syscalls per second as last measured (see [`Traced::syscall_rate`]).
-    pub syscall_rate: Option<f64>,
-    /// Execs so far.
-    pub execs: u64,
-    /// Opens so far.
-    pub opens: u64,
-    /// OOM kills so far.
-    pub oom_kills: u64,
-    /// TCP connections closed so far.
-    pub flows: u64,
-    /// Bytes received over them.
-    pub bytes_in: u64,
-    /// Bytes sent over them.
-    pub bytes_out: u64,
-    /// TCP connections open now.
-    pub open_flows: u64,
-    /// Its events lost to a full ring buffer.
-    pub ring_drops: u64,
-    /// Its opens left out by sampling under pressure.
-    pub sampled_out: u64,
 }
 
 /// Errors of watching a container.
@@ -257,8 +144,8 @@ pub struct Tracing {
     otlp: Option<otlp::Exporter>,
     containers: Mutex<HashMap<String, Traced>>,
     by_cgroup: Mutex<HashMap<u64, String>>,
-    /// Live events for `hb trace`.
-    pub stream: broadcast::Sender<Tagged>,
+    /// Live events for `hb trace --follow`.
+    stream: broadcast::Sender<ContainerEvent>,
 }
 
 impl Tracing {
@@ -297,7 +184,7 @@ impl Tracing {
             match Tracer::load(&opts) {
                 Ok(t) => (Some(t), String::new()),
                 Err(e) => {
-                    let why = crate::error_chain(&e);
+                    let why = hyperbox_api::error_chain(&e);
                     tracing::error!(error = %why, "eBPF tracer did not load; tracing is off");
                     (None, why)
                 }
@@ -306,7 +193,7 @@ impl Tracing {
         let (stream, _) = broadcast::channel(1024);
         let otlp = if tracer.is_some() {
             otlp::Exporter::start(cfg).unwrap_or_else(|e| {
-                tracing::error!(error = %crate::error_chain(&e), "no OTLP export");
+                tracing::error!(error = %hyperbox_api::error_chain(&e), "no OTLP export");
                 None
             })
         } else {
@@ -355,6 +242,56 @@ impl Tracing {
             });
         }
         tracing
+    }
+
+    /// Tracing that is off for `reason`: no tracer, no exporter (and no
+    /// root needed, as in unit tests).
+    pub fn unavailable(reason: &str) -> Arc<Tracing> {
+        let (stream, _) = broadcast::channel(1);
+        Arc::new_cyclic(|me| Tracing {
+            tracer: None,
+            unavailable: reason.to_string(),
+            v1: false,
+            window: None,
+            linger: std::time::Duration::ZERO,
+            me: me.clone(),
+            otlp: None,
+            containers: Mutex::default(),
+            by_cgroup: Mutex::default(),
+            stream,
+        })
+    }
+
+    /// Live events of every watched container, from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<ContainerEvent> {
+        self.stream.subscribe()
+    }
+
+    /// What `hb trace` shows of container `id`.
+    pub fn report(&self, id: &str) -> Option<Trace> {
+        let (t, syscalls) = self.get(id)?;
+        Some(Trace {
+            syscall_total: syscalls.values().sum(),
+            id: t.id,
+            name: t.name,
+            cgroup: t.cgroup,
+            live: t.live,
+            syscalls,
+            syscall_window_closed: t.syscall_window_closed,
+            syscall_rate: t.syscall_rate,
+            syscall_samples: t.syscall_samples,
+            execs: t.execs.into_iter().collect(),
+            exec_count: t.exec_count,
+            opened: t.opened,
+            open_count: t.open_count,
+            oom_killed: t.oom_killed,
+            flows: t.flows.into_iter().collect(),
+            flow_count: t.flow_count,
+            bytes_in: t.bytes_in,
+            bytes_out: t.bytes_out,
+            ring_drops: t.lost.dropped,
+            sampled_out: t.lost.sampled,
+        })
     }
 
     /// Whether the tracer is loaded.
@@ -466,7 +403,7 @@ impl Tracing {
                 t.syscall_window_closed = true;
             }
             Err(e) => {
-                tracing::warn!(container = id, error = %crate::error_chain(&e), "stop counting")
+                tracing::warn!(container = id, error = %hyperbox_api::error_chain(&e), "stop counting")
             }
         }
         drop(map);
@@ -482,7 +419,7 @@ impl Tracing {
         }
         let detach = |t: &Mutex<Tracer>| {
             if let Err(e) = t.lock().expect("tracer").detach_if_idle() {
-                tracing::warn!(error = %crate::error_chain(&e), "detach the syscall hook");
+                tracing::warn!(error = %hyperbox_api::error_chain(&e), "detach the syscall hook");
             }
         };
         match (self.linger.is_zero(), tokio::runtime::Handle::try_current()) {
@@ -527,7 +464,9 @@ impl Tracing {
                     t.add_counted(counts)
                 }
             }
-            Err(e) => tracing::warn!(container = id, error = %crate::error_chain(&e), "unwatch"),
+            Err(e) => {
+                tracing::warn!(container = id, error = %hyperbox_api::error_chain(&e), "unwatch")
+            }
         }
         drop(tracer);
         t.live = false;
@@ -602,7 +541,7 @@ impl Tracing {
                     n += 1;
                 }
                 Err(e) => {
-                    tracing::warn!(container = %t.id, error = %crate::error_chain(&e), "sample syscalls")
+                    tracing::warn!(container = %t.id, error = %hyperbox_api::error_chain(&e), "sample syscalls")
                 }
             }
         }
@@ -626,12 +565,12 @@ impl Tracing {
                     t.syscall_samples += 1;
                 }
                 Err(e) => {
-                    tracing::warn!(container = %t.id, error = %crate::error_chain(&e), "end syscall sample")
+                    tracing::warn!(container = %t.id, error = %hyperbox_api::error_chain(&e), "end syscall sample")
                 }
             }
         }
         if let Err(e) = tracer.detach_if_idle() {
-            tracing::warn!(error = %crate::error_chain(&e), "detach the syscall hook");
+            tracing::warn!(error = %hyperbox_api::error_chain(&e), "detach the syscall hook");
         }
     }
 
@@ -736,7 +675,7 @@ impl Tracing {
         by_cgroup: &HashMap<u64, String>,
         streaming: bool,
         e: Event,
-    ) -> Option<Tagged> {
+    ) -> Option<ContainerEvent> {
         let cgroup = match &e {
             Event::Exec { cgroup, .. }
             | Event::Open { cgroup, .. }
@@ -764,7 +703,7 @@ impl Tracing {
                 }
                 keep_last(&mut t.execs, exec.clone());
                 t.exec_count += 1;
-                Streamed::Exec(exec)
+                TraceEvent::Exec(exec)
             }
             Event::Open {
                 pid, path, flags, ..
@@ -774,7 +713,7 @@ impl Tracing {
                     t.seen.insert(path.clone());
                     t.opened.push(path.clone());
                 }
-                Streamed::Open { pid, path, flags }
+                TraceEvent::Open { pid, path, flags }
             }
             Event::Flow {
                 outbound,
@@ -802,17 +741,17 @@ impl Tracing {
                 t.flow_count += 1;
                 t.bytes_in += bytes_in;
                 t.bytes_out += bytes_out;
-                Streamed::Flow(flow)
+                TraceEvent::Flow(flow)
             }
             Event::OomKill { pid, time_ns, .. } => {
                 if let Some(o) = &self.otlp {
                     o.oom_kill(id, pid, time_ns);
                 }
                 t.oom_killed.push(pid);
-                Streamed::OomKill { pid }
+                TraceEvent::OomKill { pid }
             }
         };
-        streaming.then(|| Tagged {
+        streaming.then(|| ContainerEvent {
             container: id.clone(),
             event,
         })
@@ -923,20 +862,20 @@ fn subsys_index(proc_cgroups: &str, name: &str) -> Option<u32> {
 }
 
 /// The counting window of one container: its annotation
-/// ([`WINDOW_ANNOTATION`], `0` for its whole life) over the node's
+/// ([`TRACE_SYSCALL_WINDOW`], `0` for its whole life) over the node's
 /// `tracing.syscall_window_secs`.
 fn window_of(
     info: &ContainerInfo,
     node: Option<std::time::Duration>,
 ) -> Option<std::time::Duration> {
-    let Some(v) = info.annotations.get(WINDOW_ANNOTATION) else {
+    let Some(v) = info.annotations.get(TRACE_SYSCALL_WINDOW) else {
         return node;
     };
     match v.trim().parse::<u64>() {
         Ok(0) => None,
         Ok(secs) => Some(std::time::Duration::from_secs(secs)),
         Err(_) => {
-            tracing::warn!(container = %info.id, value = %v, annotation = WINDOW_ANNOTATION,
+            tracing::warn!(container = %info.id, value = %v, annotation = TRACE_SYSCALL_WINDOW,
                 "not a number of seconds; the node's window applies");
             node
         }

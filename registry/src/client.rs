@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 
 use crate::auth::{Challenge, Credentials, DockerConfig, parse_challenges};
 use crate::digest::{Digest, Verifier};
-use crate::error::{Error, chain};
+use crate::error::Error;
 use crate::hosts::{self, Endpoint};
 use crate::reference::Reference;
 
@@ -190,7 +190,10 @@ impl Registry {
             })?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| Error::Config {
                 path: ca.clone(),
-                why: format!("not a PEM certificate bundle: {}", chain(&e)),
+                why: format!(
+                    "not a PEM certificate bundle: {}",
+                    hyperbox_api::error_chain(&e)
+                ),
             })?;
             for c in certs {
                 b = b.add_root_certificate(c);
@@ -198,7 +201,7 @@ impl Registry {
         }
         let c = b.build().map_err(|e| Error::Transport {
             url: ep.base.clone(),
-            detail: chain(&e),
+            detail: hyperbox_api::error_chain(&e),
         })?;
         clients.insert(key, c.clone());
         Ok(c)
@@ -321,7 +324,7 @@ impl Registry {
             }
             let resp = req.send().await.map_err(|e| Error::Transport {
                 url: url.clone(),
-                detail: chain(&e),
+                detail: hyperbox_api::error_chain(&e),
             })?;
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED && attempt == 0 {
@@ -388,7 +391,7 @@ impl Registry {
                 }
                 let resp = req.send().await.map_err(|e| Error::Transport {
                     url: realm.clone(),
-                    detail: chain(&e),
+                    detail: hyperbox_api::error_chain(&e),
                 })?;
                 if resp.status() == StatusCode::UNAUTHORIZED
                     || resp.status() == StatusCode::FORBIDDEN
@@ -401,7 +404,7 @@ impl Registry {
                 let resp = check(resp, realm).await?;
                 let reply: TokenReply = resp.json().await.map_err(|e| Error::Transport {
                     url: realm.clone(),
-                    detail: format!("token reply: {}", chain(&e)),
+                    detail: format!("token reply: {}", hyperbox_api::error_chain(&e)),
                 })?;
                 let token = reply.token.or(reply.access_token).ok_or_else(|| {
                     unauthorized(format!("token service {realm} returned no token"))
@@ -744,7 +747,11 @@ impl Registry {
                 Err(e) => {
                     result = Err(Error::Transport {
                         url: url.clone(),
-                        detail: format!("after {} bytes: {}", v.len(), chain(&e)),
+                        detail: format!(
+                            "after {} bytes: {}",
+                            v.len(),
+                            hyperbox_api::error_chain(&e)
+                        ),
                     });
                     break;
                 }
@@ -822,7 +829,7 @@ impl Registry {
             }
             let b = resp.bytes().await.map_err(|e| Error::Transport {
                 url: url.clone(),
-                detail: chain(&e),
+                detail: hyperbox_api::error_chain(&e),
             })?;
             if b.len() as u64 != len {
                 return Err(Error::Transport {
@@ -1035,7 +1042,7 @@ async fn read_capped(resp: reqwest::Response, cap: usize, url: &str) -> Result<V
     while let Some(c) = body.next().await {
         let c = c.map_err(|e| Error::Transport {
             url: url.into(),
-            detail: chain(&e),
+            detail: hyperbox_api::error_chain(&e),
         })?;
         if out.len() + c.len() > cap {
             return Err(Error::Status {

@@ -46,6 +46,21 @@ impl std::fmt::Display for Digest {
     }
 }
 
+/// The chain ids containerd names layer snapshots by, bottom first, from
+/// the layers' diff ids (OCI image spec: `ChainID(L0) = DiffID(L0)`,
+/// `ChainID(L0..Ln) = sha256(ChainID(L0..Ln-1) + " " + DiffID(Ln))`).
+pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
+    for d in diff_ids {
+        let next = match out.last() {
+            None => d.clone(),
+            Some(prev) => Digest::of(format!("{prev} {d}").as_bytes()).to_string(),
+        };
+        out.push(next);
+    }
+    out
+}
+
 /// Hashes bytes as they stream by.
 #[derive(Debug, Clone, Default)]
 pub struct Verifier {
@@ -87,6 +102,16 @@ impl Verifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chain_ids_follow_the_oci_rule() {
+        let a = format!("sha256:{}", "a".repeat(64));
+        let b = format!("sha256:{}", "b".repeat(64));
+        let c = chain_ids(&[a.clone(), b.clone()]);
+        assert_eq!(c[0], a);
+        assert_eq!(c[1], Digest::of(format!("{a} {b}").as_bytes()).to_string());
+        assert!(chain_ids(&[]).is_empty());
+    }
 
     #[test]
     fn parse_accepts_only_well_formed_sha256() {

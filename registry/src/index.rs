@@ -1,6 +1,6 @@
 //! The hyperbox index: a small OCI artifact next to an unmodified image
 //! that lets a node mount the image's layers at once and fetch their bytes
-//! on first access (DESIGN.md §3, "remote, lazy").
+//! on first access (docs/design.md §3, "remote, lazy").
 //!
 //! For each layer it names an EROFS image of that layer (pushed as a blob
 //! of the same repository) and the SHA-256 of every fixed-size chunk of it,

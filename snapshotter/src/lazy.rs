@@ -17,32 +17,25 @@
 //! anything is mounted, and the page cache is dropped once if such a file
 //! was mounted during the outage. docs/snapshotter.md explains the window.
 //!
-//! fanotify is used through libc: the nix and fanotify crates know neither
-//! `FAN_PRE_ACCESS` nor the range info record these events carry.
+//! fanotify is reached through hyperbox-kernel's [`PreContent`] seam, so
+//! the policy here (which reads wait for what, and what they are answered)
+//! is unit-tested with its fake.
 
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hyperbox_kernel::fanotify::{AccessEvent, FileId, PreContent, Verdict};
 use hyperbox_registry::digest::Digest;
 use hyperbox_registry::index::{Index, IndexLayer};
 use hyperbox_registry::{Reference, Registry};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-const FAN_PRE_ACCESS: u64 = 0x0010_0000;
-const FAN_EVENT_INFO_TYPE_RANGE: u8 = 6;
-const FAN_ALLOW: u32 = 0x01;
-const FAN_DENY: u32 = 0x02;
-/// `FAN_DENY_ERRNO(EIO)`: the reader gets EIO (kernel 6.14+).
-const FAN_DENY_EIO: u32 = FAN_DENY | ((libc::EIO as u32) << 24);
 /// Unlinked lazy layers younger than this survive Cleanup.
 const PRUNE_GRACE: Duration = Duration::from_secs(60);
 /// How long a looked-up index is trusted.
@@ -120,8 +113,8 @@ struct Blob {
     last_error: Mutex<Option<String>>,
     /// When it was registered: a Prepare may still be about to link it.
     registered: Instant,
-    /// `(st_dev, st_ino)` of the file, as events identify it.
-    inode: (u64, u64),
+    /// The file, as events identify it.
+    inode: FileId,
 }
 
 impl Blob {
@@ -147,10 +140,10 @@ type CachedIndex = (Instant, Option<Arc<Index>>);
 /// The lazy path's state; see the module comment.
 #[derive(Debug)]
 pub struct Lazy {
-    fan: Arc<OwnedFd>,
+    fan: Arc<dyn PreContent>,
     registry: Arc<Registry>,
     layers: PathBuf,
-    blobs: Mutex<HashMap<(u64, u64), Arc<Blob>>>,
+    blobs: Mutex<HashMap<FileId, Arc<Blob>>>,
     by_layer: Mutex<HashMap<String, Arc<Blob>>>,
     /// Looked-up indexes (or their absence) by image manifest digest.
     indexes: Mutex<HashMap<String, CachedIndex>>,
@@ -158,26 +151,17 @@ pub struct Lazy {
 }
 
 impl Lazy {
-    /// Starts the event loop and takes back every incomplete file under
-    /// `<root>/layers` (marked again, filling resumed); returns whether any
-    /// was found, which the caller uses to decide on dropping caches.
-    pub fn open(root: &Path, registry: Arc<Registry>) -> Result<(Arc<Lazy>, usize), Error> {
+    /// Starts the event loop on `fan` (a pre-content fanotify group) and
+    /// takes back every incomplete file under `<root>/layers` (marked
+    /// again, filling resumed); returns how many were found, which the
+    /// caller uses to decide on dropping caches.
+    pub fn open(
+        root: &Path,
+        registry: Arc<Registry>,
+        fan: Arc<dyn PreContent>,
+    ) -> Result<(Arc<Lazy>, usize), Error> {
         let layers = root.join("layers");
         fs::create_dir_all(&layers).map_err(io("create", &layers))?;
-        // SAFETY: fanotify_init takes flags only and returns a new fd or -1.
-        let fd = unsafe {
-            libc::fanotify_init(
-                libc::FAN_CLASS_PRE_CONTENT | libc::FAN_CLOEXEC | libc::FAN_UNLIMITED_QUEUE,
-                (libc::O_RDONLY | libc::O_LARGEFILE | libc::O_CLOEXEC) as u32,
-            )
-        };
-        if fd < 0 {
-            return Err(io("fanotify_init(FAN_CLASS_PRE_CONTENT) for", &layers)(
-                std::io::Error::last_os_error(),
-            ));
-        }
-        // SAFETY: `fd` was just returned by fanotify_init and is owned here.
-        let fan = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
         let lazy = Arc::new(Lazy {
             fan,
             registry,
@@ -294,7 +278,7 @@ impl Lazy {
         let found = match self.registry.fetch_index(&r, &d).await {
             Ok(ix) => ix.map(Arc::new),
             Err(e) => {
-                tracing::warn!(image, error = %crate::error_chain(&e), "cannot read the image's hyperbox index; fetching layers in full");
+                tracing::warn!(image, error = %hyperbox_api::error_chain(&e), "cannot read the image's hyperbox index; fetching layers in full");
                 None
             }
         };
@@ -388,7 +372,9 @@ impl Lazy {
             registered: Instant::now(),
             inode: (meta.dev(), meta.ino()),
         });
-        self.mark(&path, libc::FAN_MARK_ADD)?;
+        self.fan
+            .mark(&path)
+            .map_err(io("fanotify_mark(FAN_PRE_ACCESS)", &path))?;
         self.blobs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -403,31 +389,6 @@ impl Lazy {
         Ok(path)
     }
 
-    fn mark(&self, path: &Path, op: libc::c_uint) -> Result<(), Error> {
-        let c = CString::new(path.as_os_str().as_bytes()).map_err(|e| Error::Io {
-            action: "mark",
-            path: path.into(),
-            source: std::io::Error::other(e),
-        })?;
-        // SAFETY: the fanotify fd is open for the life of `self`; `c` is a
-        // NUL-terminated path that outlives the call.
-        let rc = unsafe {
-            libc::fanotify_mark(
-                self.fan.as_raw_fd(),
-                op,
-                FAN_PRE_ACCESS,
-                libc::AT_FDCWD,
-                c.as_ptr(),
-            )
-        };
-        if rc != 0 {
-            return Err(io("fanotify_mark(FAN_PRE_ACCESS)", path)(
-                std::io::Error::last_os_error(),
-            ));
-        }
-        Ok(())
-    }
-
     /// Fetches every missing chunk, in order, then lifts the mark.
     async fn fill(self: Arc<Self>, blob: Arc<Blob>) {
         let started = Instant::now();
@@ -437,7 +398,7 @@ impl Lazy {
                 return;
             }
             if let Err(e) = self.ensure_chunk(&blob, i).await {
-                tracing::warn!(layer = %blob.state.entry.layer, chunk = i, error = %crate::error_chain(&e), "background fill stopped; reads still fetch on demand");
+                tracing::warn!(layer = %blob.state.entry.layer, chunk = i, error = %hyperbox_api::error_chain(&e), "background fill stopped; reads still fetch on demand");
                 return;
             }
         }
@@ -451,8 +412,8 @@ impl Lazy {
             return;
         }
         let _ = blob.file.sync_all();
-        if let Err(e) = self.mark(&blob.path, libc::FAN_MARK_REMOVE) {
-            tracing::warn!(error = %crate::error_chain(&e), "cannot remove the mark of a complete layer");
+        if let Err(e) = self.fan.unmark(&blob.path) {
+            tracing::warn!(file = %blob.path.display(), error = %e, "cannot remove the mark of a complete layer");
         }
         let _ = fs::remove_file(&blob.state_path);
         let _ = fs::remove_file(&blob.have_path);
@@ -507,103 +468,59 @@ impl Lazy {
         Ok(())
     }
 
-    fn respond(&self, fd: RawFd, response: u32) {
-        let r = libc::fanotify_response { fd, response };
-        // SAFETY: writes one fanotify_response to our fanotify fd.
-        let n = unsafe {
-            libc::write(
-                self.fan.as_raw_fd(),
-                (&r as *const libc::fanotify_response).cast(),
-                std::mem::size_of::<libc::fanotify_response>(),
-            )
-        };
-        if n < 0 && response != FAN_ALLOW {
-            // Kernels without FAN_DENY_ERRNO: a plain deny (EPERM).
-            let r = libc::fanotify_response {
-                fd,
-                response: FAN_DENY,
-            };
-            // SAFETY: as above.
-            unsafe {
-                libc::write(
-                    self.fan.as_raw_fd(),
-                    (&r as *const libc::fanotify_response).cast(),
-                    std::mem::size_of::<libc::fanotify_response>(),
-                )
-            };
+    fn respond(&self, event: AccessEvent, verdict: Verdict) {
+        if let Err(e) = self.fan.respond(event, verdict) {
+            // The reader stays blocked only if the group itself broke,
+            // which the event loop reports.
+            tracing::warn!(?verdict, error = %e, "cannot answer a held read");
         }
-        // SAFETY: the event's fd is ours to close, once.
-        unsafe { libc::close(fd) };
     }
 
     fn event_loop(self: Arc<Self>) {
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut events = Vec::new();
         loop {
-            // SAFETY: reads into `buf`, which is valid for its length.
-            let n = unsafe { libc::read(self.fan.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
+            if let Err(e) = self.fan.read_events(&mut events) {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
                 tracing::error!(error = %e, "fanotify read failed; lazy reads are no longer served");
                 return;
             }
-            let mut at = 0usize;
-            let n = n as usize;
-            while at + std::mem::size_of::<libc::fanotify_event_metadata>() <= n {
-                // SAFETY: the kernel wrote whole events; the header fits in
-                // the bytes read, and read_unaligned copes with alignment.
-                let m: libc::fanotify_event_metadata =
-                    unsafe { std::ptr::read_unaligned(buf.as_ptr().add(at).cast()) };
-                let len = m.event_len as usize;
-                if len < std::mem::size_of::<libc::fanotify_event_metadata>()
-                    || at + len > n
-                    || m.metadata_len as usize > len
-                {
-                    break;
-                }
-                let (offset, count) = range_of(&buf[at + m.metadata_len as usize..at + len]);
-                at += len;
-                if m.fd < 0 {
-                    continue;
-                }
-                self.dispatch(m.fd, offset, count);
+            for event in events.drain(..) {
+                self.dispatch(event);
             }
         }
     }
 
-    fn dispatch(self: &Arc<Self>, fd: RawFd, offset: u64, count: u64) {
-        // SAFETY: `st` is plain data filled by fstat on the event's fd.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: `fd` is an open fd from the event; `st` is writable.
-        let blob = if unsafe { libc::fstat(fd, &mut st) } == 0 {
+    /// Answers a held read of a lazy file once its range is in; reads of
+    /// anything else (complete files, files this daemon does not know)
+    /// go on at once.
+    fn dispatch(self: &Arc<Self>, event: AccessEvent) {
+        let blob = event.file.and_then(|f| {
             self.blobs
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .get(&(st.st_dev, st.st_ino))
+                .get(&f)
                 .cloned()
-        } else {
-            None
-        };
+        });
         let Some(blob) = blob else {
-            self.respond(fd, FAN_ALLOW);
+            self.respond(event, Verdict::Allow);
             return;
         };
         if blob.complete.load(Ordering::SeqCst) {
-            self.respond(fd, FAN_ALLOW);
+            self.respond(event, Verdict::Allow);
             return;
         }
         let me = self.clone();
         self.rt.spawn(async move {
-            let r = me.ensure_range(&blob, offset, count).await;
-            match r {
-                Ok(()) => me.respond(fd, FAN_ALLOW),
+            let (offset, count) = (event.offset, event.count);
+            match me.ensure_range(&blob, offset, count).await {
+                Ok(()) => me.respond(event, Verdict::Allow),
                 Err(e) => {
-                    let msg = crate::error_chain(&e);
+                    let msg = hyperbox_api::error_chain(&e);
                     tracing::error!(layer = %blob.state.entry.layer, offset, count, error = %msg, "lazy read failed; the reader gets EIO");
                     *blob.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);
-                    me.respond(fd, FAN_DENY_EIO);
+                    me.respond(event, Verdict::DenyEio);
                 }
             }
         });
@@ -684,42 +601,222 @@ impl Lazy {
     }
 }
 
-/// The `(offset, count)` of a pre-content event's range record, if any.
-fn range_of(info: &[u8]) -> (u64, u64) {
-    let mut at = 0;
-    while at + 4 <= info.len() {
-        let kind = info[at];
-        let len = u16::from_ne_bytes([info[at + 2], info[at + 3]]) as usize;
-        if len < 4 || at + len > info.len() {
-            break;
-        }
-        // header (4) + pad (4) + offset (8) + count (8)
-        if kind == FAN_EVENT_INFO_TYPE_RANGE && len >= 24 {
-            let off = u64::from_ne_bytes(info[at + 8..at + 16].try_into().expect("8 bytes"));
-            let cnt = u64::from_ne_bytes(info[at + 16..at + 24].try_into().expect("8 bytes"));
-            return (off, cnt);
-        }
-        at += len;
-    }
-    (0, 0)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    use hyperbox_kernel::testing::FakeFanotify;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
 
-    #[test]
-    fn range_records_are_found_among_info_records() {
-        let mut info = vec![1u8, 0, 8, 0, 0, 0, 0, 0]; // some other record
-        info.extend_from_slice(&[FAN_EVENT_INFO_TYPE_RANGE, 0, 24, 0, 0, 0, 0, 0]);
-        info.extend_from_slice(&4096u64.to_ne_bytes());
-        info.extend_from_slice(&65536u64.to_ne_bytes());
-        assert_eq!(range_of(&info), (4096, 65536));
+    const CHUNK: u64 = 4096;
+    const WAIT: Duration = Duration::from_secs(20);
+
+    /// A registry that serves one blob over plain HTTP with Range
+    /// requests; with `corrupt`, every byte it sends is wrong.
+    struct Blobs {
+        addr: std::net::SocketAddr,
+        ranges: Arc<AtomicUsize>,
+    }
+
+    async fn serve(blob: Vec<u8>, corrupt: bool) -> Blobs {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let ranges = Arc::new(AtomicUsize::new(0));
+        let (blob, counted) = (Arc::new(blob), ranges.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let (blob, counted) = (blob.clone(), counted.clone());
+                tokio::spawn(async move {
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            // A TLS hello (0x16): the client tries HTTP next.
+                            Ok(n) if n > 0 && buf[0] != 0x16 => req.extend_from_slice(&buf[..n]),
+                            _ => return,
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&req).to_lowercase();
+                    let range = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("range: bytes="))
+                        .and_then(|r| r.trim().split_once('-'))
+                        .map(|(a, b)| (a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()));
+                    let Some((a, b)) = range else {
+                        let _ = conn
+                            .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                            .await;
+                        return;
+                    };
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let mut body = blob[a..=b].to_vec();
+                    if corrupt {
+                        body.iter_mut().for_each(|x| *x = !*x);
+                    }
+                    let head = format!(
+                        "HTTP/1.1 206 Partial Content\r\ncontent-range: bytes {a}-{b}/{}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        blob.len(),
+                        body.len()
+                    );
+                    let _ = conn.write_all(head.as_bytes()).await;
+                    let _ = conn.write_all(&body).await;
+                });
+            }
+        });
+        Blobs { addr, ranges }
+    }
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        lazy: Arc<Lazy>,
+        fan: Arc<FakeFanotify>,
+        blob: Vec<u8>,
+        path: PathBuf,
+        file: FileId,
+        layer: String,
+        server: Blobs,
+    }
+
+    impl Drop for Setup {
+        fn drop(&mut self) {
+            // Ends the event thread.
+            self.fan.close();
+        }
+    }
+
+    /// A lazy layer of four chunks, registered and marked, whose bytes
+    /// come from a local registry.
+    async fn setup(corrupt: bool) -> Setup {
+        let blob: Vec<u8> = (0..4 * CHUNK).map(|i| (i % 251) as u8).collect();
+        let server = serve(blob.clone(), corrupt).await;
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::new(&hyperbox_config::Registry {
+            config_path: dir.path().join("certs.d"),
+            docker_config: dir.path().join("config.json"),
+            max_concurrent_downloads: 1,
+            retries: 0,
+            timeout_secs: 5,
+        })
+        .unwrap();
+        let fan = Arc::new(FakeFanotify::new());
+        let (lazy, resumed) = Lazy::open(dir.path(), Arc::new(registry), fan.clone()).unwrap();
+        assert_eq!(resumed, 0);
+        let layer = format!("sha256:{}", "1".repeat(64));
+        let state = State {
+            image: format!("{}/test/lazy:v1", server.addr),
+            chunk_size: CHUNK,
+            entry: IndexLayer {
+                layer: layer.clone(),
+                erofs: Digest::of(&blob).to_string(),
+                size: blob.len() as u64,
+                data_end: 3 * CHUNK,
+                chunks: blob
+                    .chunks(CHUNK as usize)
+                    .map(|c| hex::encode(Sha256::digest(c)))
+                    .collect(),
+            },
+        };
+        let me = lazy.clone();
+        let path = tokio::task::spawn_blocking(move || me.register(state, true))
+            .await
+            .unwrap()
+            .unwrap();
+        let m = fs::metadata(&path).unwrap();
+        Setup {
+            _dir: dir,
+            lazy,
+            fan,
+            blob,
+            path,
+            file: (m.dev(), m.ino()),
+            layer,
+            server,
+        }
+    }
+
+    fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        File::open(path)
+            .unwrap()
+            .read_exact_at(&mut buf, offset)
+            .unwrap();
+        buf
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_held_read_is_allowed_once_its_range_is_in_and_verified() {
+        let s = setup(false).await;
         assert_eq!(
-            range_of(&[6, 0, 2, 0]),
-            (0, 0),
-            "malformed length stops the scan"
+            s.fan.marked(),
+            std::slice::from_ref(&s.path),
+            "marked before any mount"
         );
-        assert_eq!(range_of(&[]), (0, 0));
+        assert!(s.lazy.knows(&s.layer));
+        let offset = CHUNK + 100;
+        let id = s.fan.push(Some(s.file), offset, 16);
+        let answer = tokio::task::spawn_blocking({
+            let fan = s.fan.clone();
+            move || fan.answer(id, WAIT)
+        })
+        .await
+        .unwrap();
+        assert_eq!(answer, Some(Verdict::Allow));
+        assert_eq!(
+            read_at(&s.path, CHUNK, CHUNK as usize),
+            s.blob[CHUNK as usize..2 * CHUNK as usize],
+            "the chunk holding the range was written before the answer"
+        );
+        assert!(s.server.ranges.load(Ordering::SeqCst) >= 1);
+        // The background fill completes the file and lifts its mark.
+        let fan = s.fan.clone();
+        let unmarked = tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + WAIT;
+            while !fan.marked().is_empty() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            fan.marked().is_empty()
+        })
+        .await
+        .unwrap();
+        assert!(unmarked, "a complete layer is no longer marked");
+        assert_eq!(fs::read(&s.path).unwrap(), s.blob);
+        assert!(!s.lazy.knows(&s.layer));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_that_cannot_be_verified_fails_with_eio_and_says_why() {
+        let s = setup(true).await;
+        let id = s.fan.push(Some(s.file), 2 * CHUNK, CHUNK);
+        let fan = s.fan.clone();
+        let answer = tokio::task::spawn_blocking(move || fan.answer(id, WAIT))
+            .await
+            .unwrap();
+        assert_eq!(answer, Some(Verdict::DenyEio));
+        assert_eq!(
+            read_at(&s.path, 2 * CHUNK, CHUNK as usize),
+            vec![0u8; CHUNK as usize],
+            "nothing unverified was written"
+        );
+        let why = s.lazy.last_error(&s.layer).unwrap();
+        assert!(why.contains("does not match the index"), "{why}");
+        assert_eq!(s.fan.marked(), std::slice::from_ref(&s.path), "still held");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_of_files_it_does_not_serve_go_on_at_once() {
+        let s = setup(false).await;
+        let other = s.fan.push(Some((0, 1)), 0, 4096);
+        let unknown = s.fan.push(None, 0, 4096);
+        let fan = s.fan.clone();
+        let answers = tokio::task::spawn_blocking(move || {
+            (fan.answer(other, WAIT), fan.answer(unknown, WAIT))
+        })
+        .await
+        .unwrap();
+        assert_eq!(answers, (Some(Verdict::Allow), Some(Verdict::Allow)));
     }
 }

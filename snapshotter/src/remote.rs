@@ -15,7 +15,6 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -24,7 +23,8 @@ use futures::future::{BoxFuture, Shared};
 use hyperbox_registry::digest::Digest;
 use hyperbox_registry::{Reference, Registry};
 
-use crate::erofs::writer;
+use hyperbox_erofs::convert::{self, convert};
+use hyperbox_erofs::writer;
 
 /// Errors of fetching a layer.
 #[derive(Debug, thiserror::Error)]
@@ -199,7 +199,7 @@ impl Remote {
             let d = d.clone();
             tokio::spawn(async move {
                 if let Err(e) = me.ensure(&image, &d).await {
-                    tracing::warn!(layer = %d, error = %crate::error_chain(&*e), "prefetch failed; the layer's Prepare will try again");
+                    tracing::warn!(layer = %d, error = %hyperbox_api::error_chain(&*e), "prefetch failed; the layer's Prepare will try again");
                 }
             });
         }
@@ -231,12 +231,16 @@ impl Remote {
                 what: format!("conversion task failed: {e}"),
             })?
             .map_err(|e| match e {
-                ConvertError::Content(source) => Error::Content {
+                convert::Error::Content(source) => Error::Content {
                     digest: digest_s,
                     image: image_s,
                     source,
                 },
-                ConvertError::Io(action, path, source) => Error::Io {
+                convert::Error::Io {
+                    action,
+                    path,
+                    source,
+                } => Error::Io {
                     action,
                     path,
                     source,
@@ -292,64 +296,4 @@ impl Remote {
         }
         Ok(removed)
     }
-}
-
-/// Errors of [`convert`].
-#[derive(Debug, thiserror::Error)]
-pub enum ConvertError {
-    /// The layer's content is unacceptable.
-    #[error(transparent)]
-    Content(writer::Error),
-    /// A file operation failed.
-    #[error("{0} {1}")]
-    Io(&'static str, PathBuf, #[source] std::io::Error),
-}
-
-fn ioe(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ConvertError {
-    let path = path.to_path_buf();
-    move |e| ConvertError::Io(action, path, e)
-}
-
-/// Decompresses `blob` (gzip, zstd or plain tar, told apart by their magic
-/// numbers since Prepare's labels carry no media type) into an EROFS image
-/// at `tmp`, then publishes it as `out`.
-pub fn convert(
-    blob: &Path,
-    tmp: &Path,
-    out: &Path,
-    options: writer::Options,
-) -> Result<writer::Summary, ConvertError> {
-    let mut f = BufReader::with_capacity(1 << 20, fs::File::open(blob).map_err(ioe("open", blob))?);
-    let mut magic = [0u8; 4];
-    let n = {
-        use std::io::BufRead;
-        let buf = f.fill_buf().map_err(ioe("read", blob))?;
-        let n = buf.len().min(4);
-        magic[..n].copy_from_slice(&buf[..n]);
-        n
-    };
-    let tar: Box<dyn Read> = if n >= 2 && magic[..2] == [0x1f, 0x8b] {
-        Box::new(flate2::bufread::MultiGzDecoder::new(f))
-    } else if n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd] {
-        Box::new(zstd::stream::read::Decoder::with_buffer(f).map_err(ioe("read zstd", blob))?)
-    } else {
-        Box::new(f)
-    };
-    let file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(tmp)
-        .map_err(ioe("create", tmp))?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-    let summary = writer::convert_with(tar, &mut w, options).map_err(ConvertError::Content)?;
-    let file = w
-        .into_inner()
-        .map_err(|e| ConvertError::Io("write", tmp.into(), e.into_error()))?;
-    file.sync_all().map_err(ioe("sync", tmp))?;
-    fs::rename(tmp, out).map_err(ioe("rename", out))?;
-    if let Some(dir) = out.parent() {
-        let _ = fs::File::open(dir).and_then(|d| d.sync_all());
-    }
-    Ok(summary)
 }

@@ -1,7 +1,8 @@
-//! containerd's `Snapshots` gRPC service over [`Snapshotter`]: request and
-//! reply conversion, blocking work moved off the async threads, and the one
-//! mapping from domain errors to gRPC codes containerd turns back into its
-//! errdefs (NotFound, AlreadyExists, FailedPrecondition, InvalidArgument).
+//! containerd's `Snapshots` gRPC service over [`Snapshotter`] and the
+//! remote path ([`Puller`]): request and reply conversion, blocking work
+//! moved off the async threads, and the one mapping from domain errors to
+//! the gRPC codes containerd turns back into its errdefs (NotFound,
+//! AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable).
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
@@ -18,33 +19,63 @@ use containerd_client::types::Mount as PbMount;
 use futures::Stream;
 use tonic::{Code, Request, Response, Status};
 
-use crate::lazy::Lazy;
 use crate::mounts::Mount;
 use crate::proto::snapshots_server::Snapshots;
-use crate::remote::{Error as RemoteError, Remote};
-use crate::snapshots::{Error, Info, Snapshotter};
+use crate::pull::{self, LayerLabels, Pulled, Puller};
+use crate::remote;
+use crate::snapshots::{self, Info, Snapshotter};
 use crate::store::Kind;
 
 /// Infos per List reply message (containerd streams them in batches).
 const LIST_BATCH: usize = 100;
 
+/// What a call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A snapshot operation failed (or the request was malformed).
+    #[error(transparent)]
+    Snapshot(#[from] snapshots::Error),
+    /// Serving a layer from its registry failed.
+    #[error(transparent)]
+    Pull(#[from] pull::Error),
+    /// A blocking snapshot operation died.
+    #[error("snapshot operation did not finish")]
+    Task {
+        /// The cause (a panic).
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}
+
+/// The one mapping from domain errors to gRPC codes.
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
+        use snapshots::Error as S;
+        let snapshot = |s: &S| match s {
+            S::NotFound { .. } => Code::NotFound,
+            S::AlreadyExists { .. } => Code::AlreadyExists,
+            S::FailedPrecondition { .. } => Code::FailedPrecondition,
+            S::InvalidArgument { .. } | S::Filter(_) => Code::InvalidArgument,
+            S::Store { .. } | S::Io { .. } => Code::Internal,
+        };
         let code = match &e {
-            Error::NotFound { .. } => Code::NotFound,
-            Error::AlreadyExists { .. } => Code::AlreadyExists,
-            Error::FailedPrecondition { .. } => Code::FailedPrecondition,
-            Error::InvalidArgument { .. } | Error::Filter(_) => Code::InvalidArgument,
-            Error::Store { .. } | Error::Io { .. } => Code::Internal,
+            Error::Snapshot(s) | Error::Pull(pull::Error::Snapshot(s)) => snapshot(s),
+            // The kernel could not read the layer: the layer, not the call,
+            // is at fault, and a retry after the cause is fixed can work.
+            Error::Pull(pull::Error::LazyRead { .. }) => Code::FailedPrecondition,
+            Error::Pull(pull::Error::Fetch(f)) => match &**f {
+                remote::Error::Registry { source, .. } if source.is_unreachable() => {
+                    Code::Unavailable
+                }
+                remote::Error::Io { .. } => Code::Internal,
+                // Bad content, refused credentials, malformed labels.
+                _ => Code::FailedPrecondition,
+            },
+            Error::Pull(pull::Error::Prune { .. } | pull::Error::Task { .. })
+            | Error::Task { .. } => Code::Internal,
         };
         // The whole chain: containerd shows only this message to the user.
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            src = s.source();
-        }
+        let msg = hyperbox_api::error_chain(&e);
         if code == Code::Internal {
             tracing::error!(error = %msg, "snapshot operation failed");
         }
@@ -52,183 +83,28 @@ impl From<Error> for Status {
     }
 }
 
-/// The target name of a Prepare made to unpack a layer.
-const SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
-/// The image a layer belongs to (CRI and nerdctl send these).
-const CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
-/// The layer's blob digest.
-const CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
-/// The image's manifest digest (finds its hyperbox index).
-const CRI_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
-/// This and the image's upper layers, comma-separated (capped at 4 KiB).
-const CRI_IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
-/// Converted layers younger than this survive Cleanup: a prefetch may have
-/// made one for a Prepare still on its way.
-const PREFETCH_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
-
-/// How the remote path behaves.
-#[derive(Debug, Clone)]
-pub struct RemoteOptions {
-    /// The fetcher.
-    pub remote: Arc<Remote>,
-    /// Hand registry failures back to containerd (local unpack).
-    pub fallback_to_local: bool,
-    /// Fetch `cri.image-layers` ahead.
-    pub prefetch: bool,
-    /// The lazy path, where the kernel allows it.
-    pub lazy: Option<Arc<Lazy>>,
-    /// Whether new layers may take the lazy path (`snapshotter.lazy`);
-    /// layers already on it are served either way.
-    pub lazy_new: bool,
-}
-
 /// The gRPC service.
 #[derive(Debug, Clone)]
 pub struct Service {
     sn: Arc<Snapshotter>,
-    remote: Option<RemoteOptions>,
-}
-
-/// What the remote path made of a labelled Prepare.
-enum Served {
-    /// The target exists now: answer AlreadyExists.
-    Target(String),
-    /// Let containerd fetch and unpack (registry trouble, fallback on).
-    Local,
+    puller: Option<Arc<Puller>>,
 }
 
 impl Service {
-    /// Serves `sn`; labelled Prepares go through `remote` when given.
-    pub fn new(sn: Arc<Snapshotter>, remote: Option<RemoteOptions>) -> Self {
-        Service { sn, remote }
-    }
-
-    async fn prepare_remote(
-        &self,
-        opts: &RemoteOptions,
-        r: &PrepareSnapshotRequest,
-        target: &str,
-        image: &str,
-        layer: &str,
-    ) -> Result<Served, Status> {
-        let t = target.to_string();
-        if self
-            .run(move |s| match s.stat(&t) {
-                Ok(_) => Ok(true),
-                Err(Error::NotFound { .. }) => Ok(false),
-                Err(e) => Err(e),
-            })
-            .await?
-        {
-            return Ok(Served::Target(target.into()));
-        }
-        let started = std::time::Instant::now();
-        if let (Some(lazy), Some(manifest)) = (&opts.lazy, r.labels.get(CRI_MANIFEST_DIGEST))
-            && (opts.lazy_new || lazy.knows(layer))
-        {
-            match lazy.prepare(image, manifest, layer).await {
-                Ok(Some(path)) => {
-                    let (t, parent, digest) =
-                        (target.to_string(), r.parent.clone(), layer.to_string());
-                    let labels = labels(r.labels.clone());
-                    match self
-                        .run(move |s| s.commit_layer(&t, &parent, labels, &path, &digest))
-                        .await
-                    {
-                        Ok(()) => {}
-                        Err(s) if s.code() == Code::AlreadyExists => {}
-                        Err(s) => {
-                            // The kernel saw EIO; say why.
-                            let why = lazy.last_error(layer);
-                            lazy.forget(layer);
-                            return Err(match why {
-                                Some(w) => Status::new(
-                                    Code::FailedPrecondition,
-                                    format!("{}: lazy fetch: {w}", s.message()),
-                                ),
-                                None => s,
-                            });
-                        }
-                    }
-                    tracing::info!(
-                        target,
-                        layer,
-                        ms = started.elapsed().as_millis() as u64,
-                        "layer mounted lazily from the image's hyperbox index"
-                    );
-                    return Ok(Served::Target(target.into()));
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    // Nothing of it was served; the whole layer, verified
-                    // against the image's own digest, replaces it.
-                    tracing::warn!(layer, error = %crate::error_chain(&e), "lazy path failed; fetching the layer whole");
-                    lazy.forget(layer);
-                }
-            }
-        }
-        if opts.prefetch
-            && let Some(all) = r.labels.get(CRI_IMAGE_LAYERS)
-        {
-            let others: Vec<String> = all
-                .split(',')
-                .map(str::trim)
-                .filter(|d| !d.is_empty() && *d != layer)
-                .map(String::from)
-                .collect();
-            opts.remote.prefetch(image, &others);
-        }
-        let path = match opts.remote.ensure(image, layer).await {
-            Ok(p) => p,
-            Err(e) if opts.fallback_to_local && e.may_fall_back() => {
-                tracing::warn!(
-                    layer, image, error = %crate::error_chain(&*e),
-                    "cannot fetch the layer; containerd will fetch and unpack it"
-                );
-                return Ok(Served::Local);
-            }
-            Err(e) => {
-                let code = match &*e {
-                    RemoteError::Registry { source, .. } if source.is_unreachable() => {
-                        Code::Unavailable
-                    }
-                    RemoteError::Io { .. } => Code::Internal,
-                    _ => Code::FailedPrecondition,
-                };
-                let msg = crate::error_chain(&*e);
-                tracing::error!(layer, image, error = %msg, "layer refused");
-                return Err(Status::new(code, msg));
-            }
-        };
-        let (t, parent, digest) = (target.to_string(), r.parent.clone(), layer.to_string());
-        let labels = labels(r.labels.clone());
-        let committed = self
-            .run(move |s| s.commit_layer(&t, &parent, labels, &path, &digest))
-            .await;
-        match committed {
-            Ok(()) => {}
-            // Another pull of an image with this layer got there first.
-            Err(s) if s.code() == Code::AlreadyExists => {}
-            Err(s) => return Err(s),
-        }
-        tracing::info!(
-            target,
-            layer,
-            ms = started.elapsed().as_millis() as u64,
-            "layer served from the registry as EROFS"
-        );
-        Ok(Served::Target(target.into()))
+    /// Serves `sn`; labelled Prepares go through `puller` when given.
+    pub fn new(sn: Arc<Snapshotter>, puller: Option<Arc<Puller>>) -> Self {
+        Service { sn, puller }
     }
 
     async fn run<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Snapshotter) -> Result<T, Error> + Send + 'static,
+        f: impl FnOnce(&Snapshotter) -> Result<T, snapshots::Error> + Send + 'static,
     ) -> Result<T, Status> {
         let sn = self.sn.clone();
-        tokio::task::spawn_blocking(move || f(&sn))
+        let r = tokio::task::spawn_blocking(move || f(&sn))
             .await
-            .map_err(|e| Status::internal(format!("snapshot operation panicked: {e}")))?
-            .map_err(Status::from)
+            .map_err(|source| Error::Task { source })?;
+        Ok(r.map_err(Error::from)?)
     }
 }
 
@@ -279,26 +155,25 @@ impl Snapshots for Service {
         req: Request<PrepareSnapshotRequest>,
     ) -> Result<Response<PrepareSnapshotResponse>, Status> {
         let r = req.into_inner();
-        if let Some(opts) = &self.remote
-            && let (Some(target), Some(image), Some(layer)) = (
-                r.labels.get(SNAPSHOT_REF),
-                r.labels.get(CRI_IMAGE_REF),
-                r.labels.get(CRI_LAYER_DIGEST),
-            )
+        let labels = labels(r.labels);
+        if let Some(puller) = &self.puller
+            && let Some(layer) = LayerLabels::parse(&labels)
         {
-            match self.prepare_remote(opts, &r, target, image, layer).await? {
+            match puller
+                .prepare(&layer, &r.parent, labels.clone())
+                .await
+                .map_err(Error::from)?
+            {
                 // containerd's metadata layer then Stats the target and
                 // records it; its unpacker skips download and apply.
-                Served::Target(t) => {
-                    return Err(Status::already_exists(format!(
-                        "target snapshot {t:?} already exists"
-                    )));
+                Pulled::Target(key) => {
+                    return Err(Error::from(snapshots::Error::AlreadyExists { key }).into());
                 }
-                Served::Local => {}
+                Pulled::Local => {}
             }
         }
         let mounts = self
-            .run(move |s| s.prepare(&r.key, &r.parent, labels(r.labels)))
+            .run(move |s| s.prepare(&r.key, &r.parent, labels))
             .await?;
         Ok(Response::new(PrepareSnapshotResponse {
             mounts: pb_mounts(mounts),
@@ -361,9 +236,11 @@ impl Snapshots for Service {
         req: Request<UpdateSnapshotRequest>,
     ) -> Result<Response<UpdateSnapshotResponse>, Status> {
         let r = req.into_inner();
-        let info = r
-            .info
-            .ok_or_else(|| Status::invalid_argument("update without info"))?;
+        let info = r.info.ok_or_else(|| {
+            Error::from(snapshots::Error::InvalidArgument {
+                what: "update without info".into(),
+            })
+        })?;
         let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
         let wanted = Info {
             name: info.name,
@@ -410,27 +287,8 @@ impl Snapshots for Service {
     #[tracing::instrument(skip_all)]
     async fn cleanup(&self, _req: Request<CleanupRequest>) -> Result<Response<()>, Status> {
         let report = self.run(|s| s.cleanup()).await?;
-        if let Some(opts) = &self.remote {
-            if let Some(lazy) = &opts.lazy {
-                let lazy = lazy.clone();
-                let pruned = tokio::task::spawn_blocking(move || lazy.prune())
-                    .await
-                    .map_err(|e| Status::internal(format!("prune panicked: {e}")))?;
-                if !pruned.is_empty() {
-                    tracing::info!(removed = pruned.len(), "cleanup removed unused lazy layers");
-                }
-            }
-            let remote = opts.remote.clone();
-            let pruned = tokio::task::spawn_blocking(move || remote.prune(PREFETCH_GRACE))
-                .await
-                .map_err(|e| Status::internal(format!("prune panicked: {e}")))?
-                .map_err(|e| Status::internal(crate::error_chain(&e)))?;
-            if !pruned.is_empty() {
-                tracing::info!(
-                    removed = pruned.len(),
-                    "cleanup removed unused layer images"
-                );
-            }
+        if let Some(puller) = &self.puller {
+            puller.cleanup().await.map_err(Error::from)?;
         }
         if !report.removed.is_empty() {
             tracing::info!(
@@ -439,5 +297,133 @@ impl Snapshots for Service {
             );
         }
         Ok(Response::new(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service() -> (tempfile::TempDir, Service) {
+        let d = tempfile::tempdir().unwrap();
+        let sn = Snapshotter::open(d.path()).unwrap();
+        (d, Service::new(Arc::new(sn), None))
+    }
+
+    async fn stat(svc: &Service, key: &str) -> PbInfo {
+        svc.stat(Request::new(StatSnapshotRequest {
+            snapshotter: "hyperbox".into(),
+            key: key.into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .info
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn update_reply_is_what_stat_returns_on_the_wire() {
+        let (_d, svc) = service();
+        svc.prepare(Request::new(PrepareSnapshotRequest {
+            snapshotter: "hyperbox".into(),
+            key: "k".into(),
+            parent: String::new(),
+            labels: HashMap::from([("a".into(), "1".into())]),
+        }))
+        .await
+        .unwrap();
+        let before = stat(&svc, "k").await;
+        let replied = svc
+            .update(Request::new(UpdateSnapshotRequest {
+                snapshotter: "hyperbox".into(),
+                info: Some(PbInfo {
+                    name: "k".into(),
+                    labels: HashMap::from([("b".into(), "2".into())]),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["labels.b".into()],
+                }),
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .info
+            .unwrap();
+        assert_eq!(replied, stat(&svc, "k").await);
+        assert_eq!(replied.labels.len(), 2, "{replied:?}");
+        assert_eq!(replied.created_at, before.created_at);
+        let missing = svc
+            .update(Request::new(UpdateSnapshotRequest {
+                snapshotter: "hyperbox".into(),
+                info: None,
+                update_mask: None,
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(missing.code(), Code::InvalidArgument);
+    }
+
+    #[test]
+    fn domain_errors_map_to_containerd_codes_with_their_whole_chain() {
+        let io = || std::io::Error::from_raw_os_error(libc::EIO);
+        let status = |e: Error| Status::from(e);
+        let s = status(Error::Snapshot(snapshots::Error::AlreadyExists {
+            key: "sha256:chain".into(),
+        }));
+        assert_eq!(s.code(), Code::AlreadyExists);
+        let s = status(Error::Pull(pull::Error::Snapshot(
+            snapshots::Error::NotFound {
+                key: "parent".into(),
+            },
+        )));
+        assert_eq!(s.code(), Code::NotFound);
+        let s = status(Error::Pull(pull::Error::LazyRead {
+            layer: "sha256:l".into(),
+            why: "chunk 3 of sha256:e: content does not match the index".into(),
+            source: snapshots::Error::Io {
+                action: "mount EROFS image",
+                path: "/x/layer.erofs".into(),
+                source: io(),
+            },
+        }));
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        for part in [
+            "sha256:l",
+            "does not match the index",
+            "/x/layer.erofs",
+            "Input/output error",
+        ] {
+            assert!(s.message().contains(part), "{part}: {}", s.message());
+        }
+        let fetch = |e: remote::Error| status(Error::Pull(pull::Error::Fetch(Arc::new(e))));
+        let unreachable = fetch(remote::Error::Registry {
+            digest: "sha256:l".into(),
+            image: "127.0.0.1:9/x:1".into(),
+            source: hyperbox_registry::Error::Transport {
+                url: "http://127.0.0.1:9/v2/x/blobs/sha256:l".into(),
+                detail: "connection refused".into(),
+            },
+        });
+        assert_eq!(unreachable.code(), Code::Unavailable);
+        assert!(
+            unreachable
+                .message()
+                .starts_with("fetch layer sha256:l of 127.0.0.1:9/x:1: ")
+                && unreachable.message().contains("connection refused"),
+            "the fetch error is passed on whole: {}",
+            unreachable.message()
+        );
+        let disk = fetch(remote::Error::Io {
+            action: "create",
+            path: "/root/layers".into(),
+            source: io(),
+        });
+        assert_eq!(disk.code(), Code::Internal);
+        let label = fetch(remote::Error::Label {
+            what: "label cri.layer-digest: bad".into(),
+        });
+        assert_eq!(label.code(), Code::FailedPrecondition);
     }
 }

@@ -22,9 +22,11 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::erofs::mount::{self as kmount, Backend};
+use hyperbox_kernel::mount::{Backend, HostMounter, Mounter};
+
 use crate::filter::{self, Fields, Filters};
 use crate::mounts::{self, Mount};
 use crate::store::{self, Kind, Reader, Record, Store, Usage, Writer};
@@ -149,6 +151,8 @@ pub struct Snapshotter {
     /// How fetched layer images are mounted; `None` until the remote path
     /// is enabled.
     erofs: Option<Backend>,
+    /// Every mount and unmount goes through here.
+    mounter: Arc<dyn Mounter>,
 }
 
 fn now() -> i128 {
@@ -177,6 +181,11 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<()> {
 impl Snapshotter {
     /// Opens the snapshotter rooted at `root`, creating it if needed.
     pub fn open(root: &Path) -> Result<Snapshotter> {
+        Snapshotter::open_with(root, Arc::new(HostMounter))
+    }
+
+    /// [`Snapshotter::open`] with the mounts made through `mounter`.
+    pub fn open_with(root: &Path, mounter: Arc<dyn Mounter>) -> Result<Snapshotter> {
         let snaps = root.join("snapshots");
         fs::DirBuilder::new()
             .recursive(true)
@@ -188,6 +197,7 @@ impl Snapshotter {
             root: root.into(),
             store,
             erofs: None,
+            mounter,
         })
     }
 
@@ -248,7 +258,9 @@ impl Snapshotter {
             let link = tmp.join("layer.erofs");
             fs::hard_link(image, &link).map_err(io("link", image))?;
             let meta = fs::metadata(&link).map_err(io("stat", &link))?;
-            kmount::mount(&link, &fs_dir, backend).map_err(io("mount EROFS image", &link))?;
+            self.mounter
+                .mount_erofs(&link, &fs_dir, backend)
+                .map_err(io("mount EROFS image", &link))?;
             let tx = self.store.write().map_err(st(name))?;
             if tx.get(name).map_err(st(name))?.is_some() {
                 return Err(Error::AlreadyExists { key: name.into() });
@@ -295,7 +307,7 @@ impl Snapshotter {
             Ok(())
         })();
         if made.is_err() {
-            let _ = kmount::unmount_all_under(&tmp);
+            let _ = self.mounter.unmount_all_under(&tmp);
             let _ = fs::remove_dir_all(&tmp);
         }
         made
@@ -316,15 +328,21 @@ impl Snapshotter {
                 continue;
             }
             let fs_dir = self.fs_dir(r.id);
-            if kmount::is_mountpoint(&fs_dir).map_err(io("stat", &fs_dir))? {
+            if self
+                .mounter
+                .is_mountpoint(&fs_dir)
+                .map_err(io("stat", &fs_dir))?
+            {
                 continue;
             }
             let image = self.dir(r.id).join("layer.erofs");
-            kmount::mount(&image, &fs_dir, backend).map_err(|source| Error::Io {
-                action: "mount EROFS image of",
-                path: PathBuf::from(&name),
-                source,
-            })?;
+            self.mounter
+                .mount_erofs(&image, &fs_dir, backend)
+                .map_err(|source| Error::Io {
+                    action: "mount EROFS image of",
+                    path: PathBuf::from(&name),
+                    source,
+                })?;
             n += 1;
         }
         Ok(n)
@@ -527,10 +545,15 @@ impl Snapshotter {
         if tx.get(name).map_err(st(name))?.is_some() {
             return Err(Error::AlreadyExists { key: name.into() });
         }
+        // A committed snapshot is a new object to containerd: its Created
+        // and Updated are both the commit's time, as containerd's own
+        // snapshotters record them (its snapshotter test suite checks).
+        let t = now();
         let committed = Record {
             kind: Kind::Committed,
             labels,
-            updated: now(),
+            created: t,
+            updated: t,
             usage: Some(usage),
             ..current
         };
@@ -577,7 +600,9 @@ impl Snapshotter {
         let dir = self.dir(r.id);
         if r.layer.is_some() {
             let fs_dir = self.fs_dir(r.id);
-            kmount::unmount(&fs_dir).map_err(io("unmount", &fs_dir))?;
+            self.mounter
+                .unmount(&fs_dir)
+                .map_err(io("unmount", &fs_dir))?;
         }
         let doomed = self.root.join("snapshots").join(format!("rm-{}", r.id));
         match fs::rename(&dir, &doomed) {
@@ -703,7 +728,9 @@ impl Snapshotter {
             };
             if orphan {
                 let p = e.path();
-                kmount::unmount_all_under(&p).map_err(io("unmount", &p))?;
+                self.mounter
+                    .unmount_all_under(&p)
+                    .map_err(io("unmount", &p))?;
                 fs::remove_dir_all(&p).map_err(io("remove", &p))?;
                 report.removed.push(p);
             }
@@ -722,7 +749,9 @@ impl Snapshotter {
             let e = e.map_err(io("read", &snaps))?;
             if e.file_name().to_string_lossy().starts_with("new-") {
                 let p = e.path();
-                kmount::unmount_all_under(&p).map_err(io("unmount", &p))?;
+                self.mounter
+                    .unmount_all_under(&p)
+                    .map_err(io("unmount", &p))?;
                 fs::remove_dir_all(&p).map_err(io("remove", &p))?;
                 report.removed.push(p);
             }
@@ -733,6 +762,8 @@ impl Snapshotter {
 
 #[cfg(test)]
 mod tests {
+    use hyperbox_kernel::testing::{FakeMounts, MountCall};
+
     use super::*;
 
     fn sn() -> (tempfile::TempDir, Snapshotter) {
@@ -902,6 +933,18 @@ mod tests {
     }
 
     #[test]
+    fn a_committed_snapshot_is_created_and_updated_at_its_commit() {
+        let (_d, s) = sn();
+        s.prepare("k", "", l(&[])).unwrap();
+        let active = s.stat("k").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        s.commit("c", "k", l(&[])).unwrap();
+        let c = s.stat("c").unwrap();
+        assert_eq!(c.created, c.updated, "{c:?}");
+        assert!(c.created > active.created, "{c:?} vs {active:?}");
+    }
+
+    #[test]
     fn update_changes_only_labels_as_the_mask_says() {
         let (_d, s) = sn();
         s.prepare("k", "", l(&[("a", "1"), ("b", "2")])).unwrap();
@@ -1013,6 +1056,203 @@ mod tests {
         assert_eq!(after.created, before.created);
         assert!(after.updated > before.updated);
         assert_eq!((after.kind, after.parent.as_str()), (Kind::Active, "base"));
+    }
+
+    #[test]
+    fn update_replies_exactly_what_stat_then_returns() {
+        let (d, s) = sn();
+        layer(&s, "base", "", "f");
+        s.prepare("a", "base", l(&[("x", "1"), ("y", "2")]))
+            .unwrap();
+        let mut want = s.stat("a").unwrap();
+        for (labels, mask) in [
+            (
+                l(&[("x", "9")]),
+                vec!["labels.x".to_string(), "labels.y".into()],
+            ),
+            (l(&[("z", "3")]), vec!["labels".into()]),
+            (l(&[("w", "4")]), vec![]),
+        ] {
+            want.labels = labels;
+            let replied = s.update(&want, &mask).unwrap();
+            assert_eq!(replied, s.stat("a").unwrap(), "mask {mask:?}");
+            assert_eq!(replied, s.walk(&["name==a".into()]).unwrap()[0]);
+        }
+        let committed = s.update(&s.stat("base").unwrap(), &[]).unwrap();
+        assert_eq!(committed, s.stat("base").unwrap());
+        // What was replied is what is on disk, not a copy kept in memory.
+        let replied = s.update(&want, &[]).unwrap();
+        drop(s);
+        let reopened = Snapshotter::open(d.path()).unwrap();
+        assert_eq!(reopened.stat("a").unwrap(), replied);
+    }
+
+    /// A snapshotter on the fake mounter with the remote path on, and an
+    /// image file to commit as a layer.
+    fn sn_fake() -> (tempfile::TempDir, Snapshotter, Arc<FakeMounts>, PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let fake = Arc::new(FakeMounts::new());
+        let mut s = Snapshotter::open_with(d.path(), fake.clone()).unwrap();
+        s.set_erofs_backend(Backend::File);
+        let image = d.path().join("layer.img");
+        fs::write(&image, b"not really erofs").unwrap();
+        (d, s, fake, image)
+    }
+
+    fn snapshot_dirs(s: &Snapshotter) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(s.root().join("snapshots"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn fetched_layer_is_mounted_once_at_commit_and_unmounted_at_remove() {
+        let (_d, s, fake, image) = sn_fake();
+        s.commit_layer("l1", "", l(&[("k", "v")]), &image, "sha256:aa")
+            .unwrap();
+        let calls = fake.take_calls();
+        let [
+            MountCall::Mount {
+                image: linked,
+                target,
+                backend,
+            },
+        ] = calls.as_slice()
+        else {
+            panic!("one mount: {calls:?}");
+        };
+        // Mounted in the new directory before its record exists.
+        assert_eq!(*backend, Backend::File);
+        assert_eq!(linked.file_name().unwrap(), "layer.erofs");
+        assert_eq!(linked.parent(), target.parent());
+        assert!(
+            target
+                .parent()
+                .unwrap()
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("new-"),
+            "{target:?}"
+        );
+        let info = s.stat("l1").unwrap();
+        assert_eq!(
+            (info.kind, info.labels),
+            (Kind::Committed, l(&[("k", "v")]))
+        );
+        let id = snapshot_dirs(&s);
+        assert_eq!(id.len(), 1);
+        let fs_dir = s.root().join("snapshots").join(&id[0]).join("fs");
+
+        // Children see it as an ordinary lower dir; containerd mounts them.
+        let m = s.prepare("ctr", "l1", BTreeMap::new()).unwrap();
+        assert_eq!(m[0].kind, "overlay");
+        assert!(
+            m[0].options
+                .contains(&format!("lowerdir={}", fs_dir.display())),
+            "{m:?}"
+        );
+        s.remove("ctr").unwrap();
+        assert_eq!(fake.take_calls(), [], "local snapshots mount nothing");
+
+        s.remove("l1").unwrap();
+        assert_eq!(fake.take_calls(), [MountCall::Unmount(fs_dir)]);
+        assert_eq!(snapshot_dirs(&s), Vec::<String>::new());
+    }
+
+    #[test]
+    fn failed_layer_commit_unmounts_and_leaves_nothing() {
+        let (_d, s, fake, image) = sn_fake();
+        let e = s
+            .commit_layer("l2", "missing", BTreeMap::new(), &image, "sha256:bb")
+            .unwrap_err();
+        assert_eq!(code(e), "NotFound");
+        let calls = fake.take_calls();
+        let [
+            MountCall::Mount { target, .. },
+            MountCall::Unmount(unmounted),
+        ] = calls.as_slice()
+        else {
+            panic!("mount then unmount: {calls:?}");
+        };
+        assert_eq!(unmounted, target);
+        assert_eq!(fake.mounted(), Vec::<PathBuf>::new());
+        assert_eq!(snapshot_dirs(&s), Vec::<String>::new());
+
+        fake.fail_mounts(true);
+        let e = s
+            .commit_layer("l3", "", BTreeMap::new(), &image, "sha256:cc")
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::Io { action, .. } if action.contains("mount")),
+            "{e:?}"
+        );
+        assert_eq!(code(s.stat("l3").unwrap_err()), "NotFound");
+        assert_eq!(snapshot_dirs(&s), Vec::<String>::new());
+    }
+
+    #[test]
+    fn layers_are_mounted_again_after_a_reboot_and_only_then() {
+        let (_d, s, fake, image) = sn_fake();
+        s.commit_layer("l1", "", BTreeMap::new(), &image, "sha256:aa")
+            .unwrap();
+        layer(&s, "local", "", "f");
+        fake.take_calls();
+        fake.reboot();
+        assert_eq!(s.mount_layers().unwrap(), 1);
+        let dir = s.root().join("snapshots").join(&snapshot_dirs(&s)[0]);
+        assert_eq!(
+            fake.take_calls(),
+            [MountCall::Mount {
+                image: dir.join("layer.erofs"),
+                target: dir.join("fs"),
+                backend: Backend::File,
+            }],
+            "the fetched layer only, from its own link"
+        );
+        assert_eq!(s.mount_layers().unwrap(), 0, "mounted already");
+        assert_eq!(fake.take_calls(), []);
+    }
+
+    #[test]
+    fn cleanup_unmounts_what_orphans_left_mounted() {
+        let (_d, s, fake, _image) = sn_fake();
+        let snaps = s.root().join("snapshots");
+        for orphan in ["999", "new-00ff"] {
+            fs::create_dir_all(snaps.join(orphan).join("fs")).unwrap();
+            fake.add_mounted(&snaps.join(orphan).join("fs"));
+        }
+        s.cleanup().unwrap();
+        assert_eq!(
+            fake.take_calls(),
+            [MountCall::Unmount(snaps.join("999/fs"))],
+            "a create in flight keeps its new-* mount"
+        );
+        s.cleanup_on_start().unwrap();
+        assert_eq!(
+            fake.take_calls(),
+            [MountCall::Unmount(snaps.join("new-00ff/fs"))]
+        );
+        assert_eq!(fake.mounted(), Vec::<PathBuf>::new());
+        assert_eq!(snapshot_dirs(&s), Vec::<String>::new());
+    }
+
+    #[test]
+    fn layer_commits_need_the_remote_path() {
+        let (_d, s) = sn();
+        let e = s
+            .commit_layer(
+                "l",
+                "",
+                BTreeMap::new(),
+                Path::new("/nonexistent"),
+                "sha256:aa",
+            )
+            .unwrap_err();
+        assert_eq!(code(e), "FailedPrecondition");
     }
 
     #[test]

@@ -11,18 +11,11 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
 
+#include "records.h"
+
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 #define MAX_WATCHED 4096
-#define PATH_LEN 256
-#define ARGS_LEN 128
-
-enum event_kind {
-	EVENT_EXEC = 1,
-	EVENT_OPEN = 2,
-	EVENT_OOM_KILL = 3,
-	EVENT_FLOW = 4,
-};
 
 #define TCP_ESTABLISHED 1
 #define TCP_SYN_SENT 2
@@ -123,32 +116,13 @@ volatile const __u32 hb_sample_one_in = 16;
 // itself. Execs, connections and OOM kills wake it at once.
 volatile const __u64 hb_wakeup_above = 16 * 1024;
 
-// A traced container. `counting`: 1 while its syscalls are counted (read
-// on pure v1 hosts; on v2 the cgroup storage says it), 0 once counting
-// stopped (tracing.syscall_window_secs) and only execs, connections and
-// OOM kills are followed. `dropped`: its events lost to a full ring;
-// `sampled`: its opens left out by sampling (the per-CPU node totals are
-// in `drops` and `sampled`). Both only grow under pressure, so the
-// atomic adds stay off the common path.
-struct watch {
-	__u32 counting;
-	__u32 pad;
-	__u64 dropped;
-	__u64 sampled;
-};
-
+// The traced containers, by cgroup id (struct watch in records.h).
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MAX_WATCHED);
 	__type(key, __u64);
 	__type(value, struct watch);
 } watched SEC(".maps");
-
-struct syscall_key {
-	__u64 cgroup;
-	__u32 nr;
-	__u32 pad;
-};
 
 // Pure v1 hosts: per container and syscall number, how many times it was
 // entered (sized to 1 entry by the loader on hosts with v2).
@@ -159,14 +133,9 @@ struct {
 	__type(value, __u64);
 } syscalls SEC(".maps");
 
-#define NR_SYSCALLS 512
 // UAPI value of BPF_MAP_TYPE_CGRP_STORAGE (kernel 6.2); Debian 12's
 // linux-libc-dev headers are 6.1 and lack the name.
 #define HB_MAP_TYPE_CGRP_STORAGE 32
-
-struct syscall_counts {
-	__u64 n[NR_SYSCALLS];
-};
 
 // v2 (hybrid included): the counts live in the watched cgroup's own local
 // storage, created by the agent at watch. One lookup, no hashing, finds
@@ -179,67 +148,12 @@ struct {
 	__type(value, struct syscall_counts);
 } counts SEC(".maps");
 
-struct exec_event {
-	__u32 kind;
-	__u32 pid;
-	__u64 cgroup;
-	__u64 time_ns;
-	__u32 args_len;
-	__u32 pad;
-	char path[PATH_LEN];
-	char args[ARGS_LEN];
-};
-
-// Every event starts like this; exec and open then carry a path.
-struct event_head {
-	__u32 kind;
-	__u32 pid;
-	__u64 cgroup;
-	__u64 time_ns;
-};
-
-struct open_event {
-	struct event_head head;
-	__u32 flags;
-	__u32 pad;
-	char path[PATH_LEN];
-};
-
-// A TCP connection of a watched container, reported when it closes.
-// IPv4 addresses are in the first 4 bytes of saddr/daddr.
-struct flow_event {
-	struct event_head head;
-	__u32 outbound;
-	__u16 family;
-	__u16 sport;
-	__u16 dport;
-	__u16 pad;
-	__u32 pad2;
-	__u64 bytes_in;
-	__u64 bytes_out;
-	__u64 duration_ns;
-	__u8 saddr[16];
-	__u8 daddr[16];
-};
-
-// A connection of a watched container, from connect/accept to close. The
-// close is reported even when the container was unwatched meanwhile (its
-// processes are killed at stop, and the sockets close after).
-// The addresses are taken at ESTABLISHED: at SYN_SENT the local port is
-// not chosen yet, and at CLOSE the kernel has already released it.
-struct flow_start {
-	__u64 time_ns;
-	__u64 cgroup;
-	__u32 outbound;
-	__u32 established;
-	__u16 sport;
-	__u16 dport;
-	__u32 pad;
-	__u8 saddr[16];
-	__u8 daddr[16];
-};
-
-// Open connections of watched containers, by socket address.
+// Open connections of watched containers, by socket address, from
+// connect/accept to close (struct flow_start in records.h). The close is
+// reported even when the container was unwatched meanwhile (its processes
+// are killed at stop, and the sockets close after). The addresses are
+// taken at ESTABLISHED: at SYN_SENT the local port is not chosen yet, and
+// at CLOSE the kernel has already released it.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
@@ -261,22 +175,7 @@ struct {
 	__type(value, __u64);
 } drops SEC(".maps");
 
-// Per CPU, for open events: how many were left out by sampling (read by
-// the agent), the 1-in-N sequence while sampling, how many were seen, the
-// ring's unread bytes at the last look, and the event being built.
-struct sample_state {
-	__u64 out;
-	__u64 seq;
-	__u64 seen;
-	__u64 unread;
-	// Where an open event is built before it is copied to the ring with
-	// only the path's used bytes (see emit_open). No other open can
-	// overwrite it midway: the kernel never runs a program twice at once
-	// on one CPU (its per-program recursion guard), and only one syscall
-	// program is attached.
-	struct open_event scratch;
-};
-
+// Per CPU, the sampler of open events (struct sample_state in records.h).
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
@@ -355,26 +254,26 @@ static __always_inline void emit_open(struct pt_regs *regs, __u64 cg, __u32 nr, 
 	const char *path;
 	if (btf_regs) {
 		path = (const char *)(nr == NR_OPENAT ? regs->si : regs->di);
-		e->flags = (__u32)(nr == NR_OPENAT ? regs->dx : regs->si);
+		e->open.flags = (__u32)(nr == NR_OPENAT ? regs->dx : regs->si);
 	} else if (nr == NR_OPENAT) {
 		path = (const char *)BPF_CORE_READ(regs, si);
-		e->flags = (__u32)BPF_CORE_READ(regs, dx);
+		e->open.flags = (__u32)BPF_CORE_READ(regs, dx);
 	} else {
 		path = (const char *)BPF_CORE_READ(regs, di);
-		e->flags = (__u32)BPF_CORE_READ(regs, si);
+		e->open.flags = (__u32)BPF_CORE_READ(regs, si);
 	}
-	e->head.kind = EVENT_OPEN;
-	e->head.pid = bpf_get_current_pid_tgid() >> 32;
-	e->head.cgroup = cg;
-	e->head.time_ns = bpf_ktime_get_ns();
-	e->pad = 0;
+	e->open.head.kind = EVENT_OPEN;
+	e->open.head.pid = bpf_get_current_pid_tgid() >> 32;
+	e->open.head.cgroup = cg;
+	e->open.head.time_ns = bpf_ktime_get_ns();
+	e->open.pad = 0;
 	// The length includes the NUL; an unreadable path is sent empty.
 	long len = bpf_probe_read_user_str(e->path, sizeof(e->path), path);
 	if (len < 1) {
 		e->path[0] = 0;
 		len = 1;
 	}
-	__u64 size = offsetof(struct open_event, path) + (__u64)len;
+	__u64 size = sizeof(struct open_head) + (__u64)len;
 	if (size > sizeof(*e))
 		size = sizeof(*e);
 	if (bpf_ringbuf_output(&events, e, size, wake ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP) != 0)
@@ -479,10 +378,10 @@ int hb_exec(__u64 *ctx)
 	}
 	struct task_struct *task = (struct task_struct *)ctx[0];
 	struct linux_binprm *bprm = (struct linux_binprm *)ctx[2];
-	e->kind = EVENT_EXEC;
-	e->pid = BPF_CORE_READ(task, tgid);
-	e->cgroup = cg;
-	e->time_ns = bpf_ktime_get_ns();
+	e->head.kind = EVENT_EXEC;
+	e->head.pid = BPF_CORE_READ(task, tgid);
+	e->head.cgroup = cg;
+	e->head.time_ns = bpf_ktime_get_ns();
 	e->pad = 0;
 	const char *filename = BPF_CORE_READ(bprm, filename);
 	if (bpf_probe_read_kernel_str(e->path, sizeof(e->path), filename) < 0)
@@ -521,15 +420,15 @@ int hb_oom(__u64 *ctx)
 				      : task_cgroup_v1(task);
 	if (!bpf_map_lookup_elem(&watched, &cg))
 		return 0;
-	struct event_head *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	struct oom_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		count_drop(cg);
 		return 0;
 	}
-	e->kind = EVENT_OOM_KILL;
-	e->pid = BPF_CORE_READ(task, tgid);
-	e->cgroup = cg;
-	e->time_ns = bpf_ktime_get_ns();
+	e->head.kind = EVENT_OOM_KILL;
+	e->head.pid = BPF_CORE_READ(task, tgid);
+	e->head.cgroup = cg;
+	e->head.time_ns = bpf_ktime_get_ns();
 	bpf_ringbuf_submit(e, 0);
 	return 0;
 }

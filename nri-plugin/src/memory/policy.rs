@@ -5,10 +5,9 @@
 use std::time::Duration;
 
 use hyperbox_config::Memory;
-use serde::Serialize;
 
 /// The limits a decision must stay within.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bounds {
     /// Never below: `memory.floor_bytes`, or the container's request.
     pub floor: u64,
@@ -34,6 +33,15 @@ impl Bounds {
     }
 }
 
+impl From<Bounds> for hyperbox_api::types::Bounds {
+    fn from(b: Bounds) -> Self {
+        hyperbox_api::types::Bounds {
+            floor: b.floor,
+            ceiling: b.ceiling,
+        }
+    }
+}
+
 /// Headroom multiplier for node memory pressure `node_some` (avg10, %):
 /// `headroom` on a calm node, shrinking linearly to `min_headroom` at
 /// `node_pressure_high`, so limits get tighter as memory gets scarce.
@@ -56,7 +64,7 @@ pub fn p95(peaks: &[u64]) -> Option<u64> {
 }
 
 /// What to do at creation.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Initial {
     /// The limit to set (`None`: leave the container's own).
     pub limit: Option<u64>,
@@ -124,8 +132,7 @@ pub struct Running {
 }
 
 /// The controller's decision.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "action", rename_all = "lowercase")]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Raise to `to`.
     Raise {

@@ -4,20 +4,7 @@
 
 use std::collections::VecDeque;
 
-use serde::Serialize;
-
-/// One sample of a source (the node or a container).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
-pub struct Sample {
-    /// Unix time, seconds.
-    pub at: u64,
-    /// Memory `some avg10`, %.
-    pub memory_some: f64,
-    /// Memory `full avg10`, %.
-    pub memory_full: f64,
-    /// Memory in use, bytes (working set for containers; 0 for the node).
-    pub usage: u64,
-}
+pub use hyperbox_api::types::Sample;
 
 /// The last `capacity` samples, oldest first.
 #[derive(Debug, Clone)]

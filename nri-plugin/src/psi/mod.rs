@@ -5,29 +5,8 @@
 pub mod history;
 pub mod trigger;
 
-use serde::Serialize;
-
-/// One line of a PSI file (`some` or `full`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
-pub struct Line {
-    /// Share of the last 10 s some (or all) tasks stalled, in %.
-    pub avg10: f64,
-    /// Over 60 s.
-    pub avg60: f64,
-    /// Over 300 s.
-    pub avg300: f64,
-    /// Total stall time in µs since boot (or cgroup creation).
-    pub total_us: u64,
-}
-
-/// A whole PSI file.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
-pub struct Pressure {
-    /// Some tasks stalled.
-    pub some: Line,
-    /// All non-idle tasks stalled (absent for system-wide cpu on old kernels).
-    pub full: Option<Line>,
-}
+// The types are the local API's: `hb psi` reads what this parses.
+pub use hyperbox_api::types::{Pressure, PsiLine as Line};
 
 /// Errors of parsing a PSI file.
 #[derive(Debug, thiserror::Error, PartialEq)]

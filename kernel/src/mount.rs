@@ -1,11 +1,18 @@
 //! Mounting EROFS layer images read-only, and finding and removing mounts
 //! under a directory (crash leftovers).
+//!
+//! [`Mounter`] is the seam: [`HostMounter`] makes the real calls (and
+//! attaches loop devices for [`Backend::Loop`]), `testing::FakeMounts`
+//! (feature `fake`) records them so snapshot logic is testable without
+//! root.
 
+use std::fmt;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags};
 
-use super::loopdev;
+use crate::loopdev;
 
 /// How a layer image reaches the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,24 +33,68 @@ impl Backend {
     }
 }
 
+/// The mounts the snapshotter makes and removes.
+pub trait Mounter: fmt::Debug + Send + Sync {
+    /// Mounts EROFS `image` read-only (nodev, nosuid) at `target`.
+    fn mount_erofs(&self, image: &Path, target: &Path, backend: Backend) -> io::Result<()>;
+    /// Detaches the mount at `target` (lazily: a container still reading
+    /// from it keeps it alive until it lets go); nothing mounted there is
+    /// not an error.
+    fn unmount(&self, target: &Path) -> io::Result<()>;
+    /// Whether `path` is the root of a mount.
+    fn is_mountpoint(&self, path: &Path) -> io::Result<bool>;
+    /// Mount points at or below `dir`, deepest first (the order to unmount).
+    fn mounts_under(&self, dir: &Path) -> io::Result<Vec<PathBuf>>;
+    /// Unmounts everything at or below `dir`; returns what was mounted.
+    fn unmount_all_under(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
+        let ms = self.mounts_under(dir)?;
+        for m in &ms {
+            self.unmount(m)?;
+        }
+        Ok(ms)
+    }
+}
+
+/// The real mounts of this mount namespace.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HostMounter;
+
+impl Mounter for HostMounter {
+    fn mount_erofs(&self, image: &Path, target: &Path, backend: Backend) -> io::Result<()> {
+        mount(image, target, backend)
+    }
+
+    fn unmount(&self, target: &Path) -> io::Result<()> {
+        unmount(target)
+    }
+
+    fn is_mountpoint(&self, path: &Path) -> io::Result<bool> {
+        is_mountpoint(path)
+    }
+
+    fn mounts_under(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
+        mounts_under(dir)
+    }
+}
+
 /// Mounts EROFS `image` read-only at `target`.
-pub fn mount(image: &Path, target: &Path, backend: Backend) -> std::io::Result<()> {
+fn mount(image: &Path, target: &Path, backend: Backend) -> io::Result<()> {
     let flags = MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
     match backend {
         Backend::File => nix::mount::mount(Some(image), target, Some("erofs"), flags, None::<&str>)
-            .map_err(std::io::Error::from),
+            .map_err(io::Error::from),
         Backend::Loop => {
             let dev = loopdev::attach(image)?;
             // The device auto-clears once unmounted; `dev` closes on return.
             nix::mount::mount(Some(dev.path()), target, Some("erofs"), flags, None::<&str>)
-                .map_err(std::io::Error::from)
+                .map_err(io::Error::from)
         }
     }
 }
 
 /// Whether `path` is the root of a mount (its device differs from its
 /// parent's).
-pub fn is_mountpoint(path: &Path) -> std::io::Result<bool> {
+fn is_mountpoint(path: &Path) -> io::Result<bool> {
     use std::os::unix::fs::MetadataExt;
     let me = std::fs::symlink_metadata(path)?;
     let parent = std::fs::symlink_metadata(path.join(".."))?;
@@ -52,7 +103,7 @@ pub fn is_mountpoint(path: &Path) -> std::io::Result<bool> {
 
 /// Detaches the mount at `target` (lazily: a container still reading from
 /// it keeps it alive until it lets go).
-pub fn unmount(target: &Path) -> std::io::Result<()> {
+fn unmount(target: &Path) -> io::Result<()> {
     match nix::mount::umount2(target, MntFlags::MNT_DETACH) {
         Ok(()) => Ok(()),
         Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => Ok(()),
@@ -61,7 +112,7 @@ pub fn unmount(target: &Path) -> std::io::Result<()> {
 }
 
 /// Mount points at or below `dir`, deepest first (the order to unmount).
-pub fn mounts_under(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+fn mounts_under(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     let mut out: Vec<PathBuf> = info
         .lines()
@@ -92,15 +143,6 @@ fn unescape(s: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Unmounts everything at or below `dir`.
-pub fn unmount_all_under(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let ms = mounts_under(dir)?;
-    for m in &ms {
-        unmount(m)?;
-    }
-    Ok(ms)
 }
 
 #[cfg(test)]

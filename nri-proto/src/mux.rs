@@ -17,7 +17,7 @@ pub const RUNTIME_CONN: u32 = 2;
 /// The largest frame payload accepted: a whole ttrpc message at most. The
 /// runtime writes each ttrpc message as one frame; anything larger is a
 /// broken or hostile peer, and the trunk cannot be resynchronised after it.
-pub const MAX_PAYLOAD: usize = super::ttrpc::MAX_MESSAGE + super::ttrpc::HEADER_LEN;
+pub const MAX_PAYLOAD: usize = crate::ttrpc::MAX_MESSAGE + crate::ttrpc::HEADER_LEN;
 
 /// Errors of reading the trunk.
 #[derive(Debug, thiserror::Error)]

@@ -6,12 +6,14 @@
 //! The snapshotter logs the same results at start-up; the image backends
 //! choose from them.
 
-use std::ffi::CString;
 use std::fs;
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use hyperbox_config::ErofsBackend;
 use serde::Serialize;
+
+use crate::fanotify::{Fanotify, PreContent};
+use crate::mount::{Backend, HostMounter, Mounter};
 
 /// One detected feature.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -140,17 +142,13 @@ fn erofs_file_backed(scratch: &Path, erofs: bool) -> Feature {
         let tar = tar.into_inner().map_err(|e| e.to_string())?;
         let img = dir.join("probe.erofs");
         let out = fs::File::create(&img).map_err(|e| e.to_string())?;
-        crate::erofs::writer::convert(&tar[..], out).map_err(|e| e.to_string())?;
-        nix::mount::mount(
-            Some(img.as_path()),
-            &dir.join("mnt"),
-            Some("erofs"),
-            nix::mount::MsFlags::MS_RDONLY,
-            None::<&str>,
-        )
-        .map_err(|e| format!("mount -t erofs <file>: {e}"))?;
-        let read = fs::read(dir.join("mnt/probe"));
-        let _ = nix::mount::umount2(&dir.join("mnt"), nix::mount::MntFlags::MNT_DETACH);
+        hyperbox_erofs::writer::convert(&tar[..], out).map_err(|e| e.to_string())?;
+        let mnt = dir.join("mnt");
+        HostMounter
+            .mount_erofs(&img, &mnt, Backend::File)
+            .map_err(|e| format!("mount -t erofs <file>: {e}"))?;
+        let read = fs::read(mnt.join("probe"));
+        let _ = HostMounter.unmount(&mnt);
         match read {
             Ok(b) if b == b"hyperbox" => Ok(()),
             Ok(_) => Err("mounted image read back wrong".into()),
@@ -173,7 +171,6 @@ fn erofs_file_backed(scratch: &Path, erofs: bool) -> Feature {
 /// filesystem.
 fn fanotify_pre_content(scratch: &Path) -> Feature {
     const NAME: &str = "fanotify_pre_content";
-    const FAN_PRE_ACCESS: u64 = 0x0010_0000;
     let file = scratch.join(format!("probe-{:08x}", rand::random::<u32>()));
     if let Err(e) = fs::write(&file, b"x") {
         return feature(
@@ -183,40 +180,13 @@ fn fanotify_pre_content(scratch: &Path) -> Feature {
             format!("cannot create a probe file: {e}"),
         );
     }
-    let result = (|| -> Result<(), String> {
-        // SAFETY: fanotify_init takes flags only and returns a new fd or -1.
-        let fd = unsafe {
-            libc::fanotify_init(
-                libc::FAN_CLASS_PRE_CONTENT | libc::FAN_CLOEXEC | libc::FAN_NONBLOCK,
-                (libc::O_RDONLY | libc::O_LARGEFILE) as u32,
-            )
-        };
-        if fd < 0 {
-            return Err(format!(
-                "fanotify_init(FAN_CLASS_PRE_CONTENT): {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        let path = CString::new(file.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
-        // SAFETY: `fd` is the fanotify fd just created and `path` a valid
-        // NUL-terminated string that outlives the call.
-        let rc = unsafe {
-            libc::fanotify_mark(
-                fd,
-                libc::FAN_MARK_ADD,
-                FAN_PRE_ACCESS,
-                libc::AT_FDCWD,
-                path.as_ptr(),
-            )
-        };
-        let err = std::io::Error::last_os_error();
-        // SAFETY: `fd` is ours and closed once.
-        unsafe { libc::close(fd) };
-        if rc != 0 {
-            return Err(format!("fanotify_mark(FAN_PRE_ACCESS): {err}"));
-        }
-        Ok(())
-    })();
+    let result = Fanotify::open()
+        .map_err(|e| format!("fanotify_init(FAN_CLASS_PRE_CONTENT): {e}"))
+        .and_then(|group| {
+            group
+                .mark(&file)
+                .map_err(|e| format!("fanotify_mark(FAN_PRE_ACCESS): {e}"))
+        });
     let _ = fs::remove_file(&file);
     match result {
         Ok(()) => feature(
@@ -246,4 +216,38 @@ fn cgroup_mode() -> (String, String) {
         );
     }
     ("v1".into(), "no cgroup2 hierarchy mounted".into())
+}
+
+/// Why [`choose_backend`] cannot honour the configured backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// `erofs_backend = "file"` on a kernel without file-backed EROFS.
+    #[error(
+        "snapshotter.erofs_backend = \"file\" but this kernel cannot mount EROFS from a file \
+         (needs 6.12+ with EROFS_FS_BACKED_BY_FILE); use \"auto\" or \"loop\""
+    )]
+    NoFileBacked,
+    /// `erofs_backend = "loop"` without EROFS or loop devices.
+    #[error("snapshotter.erofs_backend = \"loop\" but EROFS or /dev/loop-control is missing")]
+    NoLoop,
+}
+
+/// The EROFS backend `wanted` resolves to on this kernel, given the
+/// detected features; `None` when `auto` finds no backend that can work.
+pub fn choose_backend(
+    wanted: ErofsBackend,
+    features: &[Feature],
+) -> Result<Option<Backend>, BackendError> {
+    let has = |n: &str| features.iter().any(|f| f.name == n && f.available);
+    let file = has("erofs_file_backed");
+    let lo = has("erofs") && has("loop");
+    Ok(match wanted {
+        ErofsBackend::Auto if file => Some(Backend::File),
+        ErofsBackend::Auto if lo => Some(Backend::Loop),
+        ErofsBackend::Auto => None,
+        ErofsBackend::File if file => Some(Backend::File),
+        ErofsBackend::File => return Err(BackendError::NoFileBacked),
+        ErofsBackend::Loop if lo => Some(Backend::Loop),
+        ErofsBackend::Loop => return Err(BackendError::NoLoop),
+    })
 }

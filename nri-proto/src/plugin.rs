@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use prost::Message;
 
-use super::api::{self, Event};
-use super::session::{self, Client, Handler, Session};
-use super::ttrpc::{Status, code};
+use crate::api::{self, Event};
+use crate::session::{self, Client, Handler, Session};
+use crate::ttrpc::{Status, code};
 
 /// How long registration may take before we give up on this connection.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -201,7 +201,7 @@ pub async fn run<E: Events>(
                                 tracing::warn!(socket = %path.display(), "NRI runtime closed the connection; reconnecting")
                             }
                             Err(e) => {
-                                tracing::warn!(socket = %path.display(), error = %crate::error_chain(&e), "NRI connection failed; reconnecting")
+                                tracing::warn!(socket = %path.display(), error = %hyperbox_api::ErrorChain(&e), "NRI connection failed; reconnecting")
                             }
                         }
                         events.connected(None);

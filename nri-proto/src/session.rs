@@ -18,8 +18,8 @@ use prost::Message;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
-use super::mux;
-use super::ttrpc::{self, Decoded, Decoder, Status};
+use crate::mux;
+use crate::ttrpc::{self, Decoded, Decoder, Status};
 
 /// Errors of a session.
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +96,7 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         self.pending.lock().expect("pending").insert(stream, tx);
         let msg = ttrpc::Request {
-            service: super::api::RUNTIME_SERVICE.into(),
+            service: crate::api::RUNTIME_SERVICE.into(),
             method: method.into(),
             payload: req.encode_to_vec(),
             timeout_nano: timeout.as_nanos() as i64,
@@ -329,7 +329,7 @@ fn complete(d: Decoded, pending: &Pending) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nri::mux::{encode_frame, read_frame};
+    use crate::mux::{encode_frame, read_frame};
     use tokio::io::AsyncWriteExt;
 
     struct Echo;

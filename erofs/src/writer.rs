@@ -22,7 +22,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 
 use zerocopy::IntoBytes;
 
-use super::layout::{
+use crate::layout::{
     self, BLKSZ, BLKSZ_BITS, Dirent, InodeExtended, MAGIC, NID_SLOT, SUPER_OFFSET, SuperBlock,
     XattrEntry, XattrIbodyHeader, datalayout, ft, xattr_index,
 };

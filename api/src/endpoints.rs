@@ -1,0 +1,101 @@
+//! The local API's calls by name: each [`Client`] method knows its path
+//! and its [`crate::types`], so callers never spell either.
+
+use crate::client::{Client, Error, Lines};
+use crate::types::{ContainerInfo, EventLine, Explain, Health, Psi, Registered, Top, Trace};
+
+type Result<T> = std::result::Result<T, Error>;
+
+/// A path segment with everything but unreserved characters
+/// percent-encoded, so an id cannot reach another endpoint.
+fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl Client {
+    /// `GET /healthz`.
+    pub async fn health(&self) -> Result<Health> {
+        self.get("/healthz").await
+    }
+
+    /// `GET /v1/psi`: node and container pressure.
+    pub async fn psi(&self) -> Result<Psi> {
+        self.get("/v1/psi").await
+    }
+
+    /// `GET /v1/containers`: the tracked containers.
+    pub async fn containers(&self) -> Result<Vec<crate::types::Container>> {
+        self.get("/v1/containers").await
+    }
+
+    /// `POST /v1/containers`: registers a container the agent cannot see
+    /// through NRI.
+    pub async fn register(&self, info: &ContainerInfo) -> Result<Registered> {
+        self.post("/v1/containers", info).await
+    }
+
+    /// `DELETE /v1/containers/{id}`: its run ended.
+    pub async fn unregister(&self, id: &str) -> Result<()> {
+        self.delete(&format!("/v1/containers/{}", segment(id)))
+            .await
+    }
+
+    /// `GET /v1/containers/{query}`: a container (id, id prefix or name),
+    /// what was learned and what was decided.
+    pub async fn explain(&self, query: &str) -> Result<Explain> {
+        self.get(&format!("/v1/containers/{}", segment(query)))
+            .await
+    }
+
+    /// `GET /v1/containers/{query}/trace`: what the tracer saw of a
+    /// container (id or id prefix).
+    pub async fn trace(&self, query: &str) -> Result<Trace> {
+        self.get(&format!("/v1/containers/{}/trace", segment(query)))
+            .await
+    }
+
+    /// `GET /v1/containers/{query}/events`: the container's events as they
+    /// happen.
+    pub async fn events(&self, query: &str) -> Result<Events> {
+        let lines = self
+            .lines(&format!("/v1/containers/{}/events", segment(query)))
+            .await?;
+        Ok(Events(lines))
+    }
+
+    /// `GET /v1/top`: every traced container's counters now.
+    pub async fn top(&self) -> Result<Top> {
+        self.get("/v1/top").await
+    }
+}
+
+/// The stream of [`Client::events`].
+#[derive(Debug)]
+pub struct Events(Lines);
+
+impl Events {
+    /// The next line; `None` when the agent ends the stream.
+    pub async fn next(&mut self) -> Result<Option<EventLine>> {
+        self.0.next().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::segment;
+
+    #[test]
+    fn ids_cannot_escape_their_path_segment() {
+        assert_eq!(segment("abc-1.2_x"), "abc-1.2_x");
+        assert_eq!(segment("../healthz?x"), "..%2Fhealthz%3Fx");
+        assert_eq!(segment("a b"), "a%20b");
+    }
+}
