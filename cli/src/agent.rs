@@ -47,8 +47,10 @@ fn size(v: Option<u64>) -> String {
     v.map_or("-".into(), |b| table::bytes(b as i64))
 }
 
+/// The first 12 bytes of an id, cut back to a character boundary (ids
+/// come from the agent as sent by its callers, not always ASCII).
 fn short(id: &str) -> &str {
-    &id[..id.len().min(12)]
+    &id[..id.floor_char_boundary(12)]
 }
 
 /// `hb psi`.
@@ -433,6 +435,17 @@ mod tests {
     use hyperbox_api::types::{ContainerEvent, Exec, StreamNote};
 
     use super::*;
+
+    #[test]
+    fn ids_are_shortened_on_character_boundaries() {
+        assert_eq!(short("0123456789abcdef"), "0123456789ab");
+        assert_eq!(short("abc"), "abc");
+        // Byte 12 falls inside the sixth 'é'.
+        assert_eq!(
+            short("a\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}x"),
+            "a\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}"
+        );
+    }
 
     fn row(syscalls: u64, execs: u64, live: bool, counting: bool) -> TopRow {
         TopRow {

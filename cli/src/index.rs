@@ -49,10 +49,12 @@ pub async fn run(config: &hyperbox_config::Config, reference: &str, json: bool) 
         let tmp = work.path().join(format!("{i}.erofs.tmp"));
         let (b2, t2, o2) = (blob.clone(), tmp.clone(), out.clone());
         let devices = config.snapshotter.allow_device_nodes;
+        let max_layer_bytes = config.snapshotter.max_layer_bytes;
         let summary = tokio::task::spawn_blocking(move || {
             // The same policy as the node's own conversion.
             let options = hyperbox_erofs::writer::Options {
                 allow_devices: devices,
+                max_layer_bytes,
             };
             hyperbox_erofs::convert::convert(&b2, &t2, &o2, options)
         })

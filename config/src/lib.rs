@@ -204,6 +204,9 @@ pub struct Agent {
     pub metrics_address: String,
     /// Where the agent keeps what it learned (workloads' working sets).
     pub state_dir: PathBuf,
+    /// A group whose members may use the local API besides root (checked
+    /// on each connection's peer credentials); empty: root only.
+    pub api_group: String,
 }
 
 impl Default for Agent {
@@ -216,6 +219,7 @@ impl Default for Agent {
             plugin_index: "10".into(),
             metrics_address: "127.0.0.1:9464".into(),
             state_dir: PathBuf::from("/var/lib/hyperbox/agent"),
+            api_group: String::new(),
         }
     }
 }
@@ -353,6 +357,10 @@ pub struct Snapshotter {
     /// default: images rarely need them and a layer carrying one is refused
     /// with an error naming it.
     pub allow_device_nodes: bool,
+    /// The most bytes a fetched layer's files may hold once expanded
+    /// (sparse files at their full size); a layer past it is refused. A few
+    /// KiB of gzip or zstd can expand to fill a node's disk.
+    pub max_layer_bytes: u64,
 }
 
 /// `snapshotter.erofs_backend`.
@@ -411,6 +419,9 @@ impl Default for Snapshotter {
             erofs_backend: ErofsBackend::Auto,
             lazy: true,
             allow_device_nodes: false,
+            // Above the largest real layers (CUDA and model images reach
+            // 10-30 GiB expanded), far below EROFS' 16 TiB.
+            max_layer_bytes: 64 << 30,
         }
     }
 }
@@ -486,6 +497,12 @@ impl Config {
             return Err(invalid(
                 "snapshotter.socket_mode",
                 "must be permission bits (at most 0o777)",
+            ));
+        }
+        if !(1 << 20..=16 << 40).contains(&s.max_layer_bytes) {
+            return Err(invalid(
+                "snapshotter.max_layer_bytes",
+                "must be between 1 MiB and 16 TiB (what EROFS' 32-bit block addresses reach)",
             ));
         }
         let r = &self.registry;
@@ -584,6 +601,19 @@ impl Config {
         }
         if !a.state_dir.is_absolute() {
             return Err(invalid("agent.state_dir", "must be an absolute path"));
+        }
+        if !a.api_group.is_empty()
+            && (a.api_group.len() > 32
+                || a.api_group.starts_with('-')
+                || !a
+                    .api_group
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+        {
+            return Err(invalid(
+                "agent.api_group",
+                "must be a group name (letters, digits, '_', '-', '.'; at most 32) or empty",
+            ));
         }
         if a.socket_mode > 0o777 {
             return Err(invalid(
@@ -786,6 +816,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("agent.plugin_index"), "{e}");
+        let e = parse("[snapshotter]\nmax_layer_bytes = 4096\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("snapshotter.max_layer_bytes"), "{e}");
+        let c = parse("[snapshotter]\nmax_layer_bytes = 1099511627776\n").unwrap();
+        assert_eq!(c.snapshotter.max_layer_bytes, 1 << 40);
+        let e = parse("[agent]\napi_group = \"ops; rm\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("agent.api_group"), "{e}");
+        let c = parse("[agent]\napi_group = \"hyperbox-ops\"\n").unwrap();
+        assert_eq!(c.agent.api_group, "hyperbox-ops");
         let e = parse("[tracing]\nsyscall_sample_every_secs = 2\nsyscall_sample_ms = 2000\n")
             .unwrap_err()
             .to_string();

@@ -1,10 +1,16 @@
 //! A layer blob on disk to an EROFS image file: detect the compression,
 //! stream the tar through [`crate::writer`], fsync and publish by rename, so
 //! a crash leaves either the old state or the whole image, never a torn one.
+//!
+//! The decompressed stream is hashed as it is converted (every byte, the
+//! tar's trailing blocks included), giving the layer's diff_id: what the
+//! image config promises for it, and what containerd names snapshots by.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
+
+use sha2::{Digest as _, Sha256};
 
 use crate::writer;
 
@@ -62,6 +68,30 @@ impl Compression {
     }
 }
 
+/// What [`convert_hashed`] made of a blob.
+#[derive(Debug)]
+pub struct Converted {
+    /// The writer's summary.
+    pub summary: writer::Summary,
+    /// The digest of the decompressed tar (`sha256:<hex>`), the layer's
+    /// diff_id as the blob's bytes actually give it.
+    pub diff_id: String,
+}
+
+/// Hashes what is read through it.
+struct Hashing<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
 /// Decompresses `blob` into an EROFS image at `tmp`, then publishes it as
 /// `out` (rename, then fsync of the directory).
 pub fn convert(
@@ -70,6 +100,17 @@ pub fn convert(
     out: &Path,
     options: writer::Options,
 ) -> Result<writer::Summary, Error> {
+    convert_hashed(blob, tmp, out, options).map(|c| c.summary)
+}
+
+/// [`convert`], which also gives the diff_id of the blob's decompressed
+/// stream, hashed while it was converted.
+pub fn convert_hashed(
+    blob: &Path,
+    tmp: &Path,
+    out: &Path,
+    options: writer::Options,
+) -> Result<Converted, Error> {
     let mut f = BufReader::with_capacity(1 << 20, fs::File::open(blob).map_err(io("open", blob))?);
     let compression = Compression::sniff(f.fill_buf().map_err(io("read", blob))?);
     let tar: Box<dyn Read> = match compression {
@@ -79,6 +120,10 @@ pub fn convert(
         }
         Compression::None => Box::new(f),
     };
+    let mut tar = Hashing {
+        inner: tar,
+        hasher: Sha256::new(),
+    };
     let file = fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -86,7 +131,11 @@ pub fn convert(
         .open(tmp)
         .map_err(io("create", tmp))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-    let summary = writer::convert_with(tar, &mut w, options).map_err(Error::Content)?;
+    let summary = writer::convert_with(&mut tar, &mut w, options).map_err(Error::Content)?;
+    // The writer stops at the end-of-archive blocks; the diff_id covers
+    // whatever follows them too.
+    std::io::copy(&mut tar, &mut std::io::sink()).map_err(io("read", blob))?;
+    let diff_id = format!("sha256:{}", hex(&tar.hasher.finalize()));
     let file = w
         .into_inner()
         .map_err(|e| io("write", tmp)(e.into_error()))?;
@@ -95,12 +144,85 @@ pub fn convert(
     if let Some(dir) = out.parent() {
         let _ = fs::File::open(dir).and_then(|d| d.sync_all());
     }
-    Ok(summary)
+    Ok(Converted { summary, diff_id })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sha256(bytes: &[u8]) -> String {
+        format!("sha256:{}", hex(&Sha256::digest(bytes)))
+    }
+
+    fn a_tar() -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(5);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        b.append_data(&mut h, "msg", &b"hello"[..]).unwrap();
+        let mut t = b.into_inner().unwrap();
+        // Padding after the end-of-archive blocks, as some tools write.
+        t.extend_from_slice(&[0u8; 4096]);
+        t
+    }
+
+    #[test]
+    fn diff_id_is_the_digest_of_the_whole_decompressed_stream() {
+        let tar = a_tar();
+        let want = sha256(&tar);
+        let gz = {
+            use std::io::Write;
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(&tar).unwrap();
+            e.finish().unwrap()
+        };
+        let zst = zstd::encode_all(&tar[..], 1).unwrap();
+        let dir = std::env::temp_dir().join(format!("hb-convert-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        for (name, blob) in [("plain", tar.clone()), ("gzip", gz), ("zstd", zst)] {
+            let (b, t, o) = (
+                dir.join(format!("{name}.blob")),
+                dir.join(format!("{name}.tmp")),
+                dir.join(format!("{name}.erofs")),
+            );
+            fs::write(&b, &blob).unwrap();
+            let c = convert_hashed(&b, &t, &o, writer::Options::default()).unwrap();
+            assert_eq!(
+                c.diff_id, want,
+                "{name}: the digest of the tar, trailing blocks included"
+            );
+            assert!(o.exists() && !t.exists(), "{name}: published");
+        }
+        // Other content, other diff_id: one changed byte of the file.
+        let mut other = tar.clone();
+        let at = other.windows(5).position(|w| w == b"hello").unwrap();
+        other[at] = b'j';
+        let b = dir.join("other.blob");
+        fs::write(&b, &other).unwrap();
+        let c = convert_hashed(
+            &b,
+            &dir.join("o.tmp"),
+            &dir.join("o.erofs"),
+            writer::Options::default(),
+        )
+        .unwrap();
+        assert_ne!(c.diff_id, want);
+        assert_eq!(c.diff_id, sha256(&other));
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn compression_is_told_by_magic_numbers() {

@@ -114,7 +114,7 @@ async fn nri_round_trips(n: usize) -> Vec<Duration> {
     let mut agent = AgentDaemon::new(&sock, "[memory]\ndefault_policy = \"adaptive\"\n");
     std::fs::write(
         agent.state_dir().join("workloads.json"),
-        br#"{"version":1,"workloads":{"bench":{"runs":[104857600],"updated":0}}}"#,
+        br#"{"version":1,"workloads":{"shop/bench":{"runs":[104857600],"updated":0}}}"#,
     )
     .unwrap();
     agent.start_again().await;

@@ -253,6 +253,12 @@ pub enum Entry {
         /// The directory made opaque.
         dir: String,
     },
+    /// Tar bytes (headers and data, whole 512-byte blocks) written as they
+    /// are: records the tar crate does not write, or a hostile layer's.
+    Verbatim {
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
     /// A header written byte for byte, past the tar crate's own path checks,
     /// as a hostile layer would carry it.
     Raw {
@@ -436,6 +442,14 @@ impl Layer {
         self
     }
 
+    /// Appends `bytes` to the layer's tar as they are (whole 512-byte
+    /// blocks, e.g. GNU tar's output without its end blocks): PAX sparse
+    /// files, header bombs, anything the tar crate will not write.
+    pub fn raw_tar(mut self, bytes: Vec<u8>) -> Self {
+        self.entries.push(Entry::Verbatim { bytes });
+        self
+    }
+
     /// Writes the layer blob into `dir` and returns its descriptor.
     pub fn write_blob(&self, dir: &Path) -> Result<LayerBlob> {
         let tmp = dir.join(format!("layer-{}.tmp", rand::random::<u64>()));
@@ -598,6 +612,10 @@ fn append_entry<W: Write>(tar: &mut tar::Builder<W>, entry: &Entry) -> Result<()
             tar.append_data(&mut h, format!("{dir}/.wh..wh..opq"), io::empty())
                 .map_err(what(dir))
         }
+        Entry::Verbatim { bytes } => tar
+            .get_mut()
+            .write_all(bytes)
+            .map_err(what("verbatim tar bytes")),
     }
 }
 
@@ -697,12 +715,30 @@ impl ImageSpec {
 
     /// Writes every blob into `dir`.
     pub fn build(&self, dir: &Path) -> Result<BuiltImage> {
+        self.build_claiming(dir, &[])
+    }
+
+    /// [`ImageSpec::build`] for a hostile image: the config's diff_ids say
+    /// `claims` (bottom first; `None` or a missing entry keeps the layer's
+    /// true diff_id), so the image promises other content than its layers
+    /// hold. [`BuiltImage::diff_ids`] gives the claimed ones.
+    pub fn build_claiming(&self, dir: &Path, claims: &[Option<String>]) -> Result<BuiltImage> {
         std::fs::create_dir_all(dir).map_err(io_err(format!("create {}", dir.display())))?;
         let layers = self
             .layers
             .iter()
             .map(|l| l.write_blob(dir))
             .collect::<Result<Vec<_>>>()?;
+        let layers: Vec<LayerBlob> = layers
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut l)| {
+                if let Some(Some(claim)) = claims.get(i) {
+                    l.diff_id = claim.clone();
+                }
+                l
+            })
+            .collect();
         let diff_ids: Vec<&str> = layers.iter().map(|l| l.diff_id.as_str()).collect();
         let config = json!({
             "architecture": "amd64",

@@ -47,6 +47,12 @@ pub enum Fault {
     TruncateAfter(u64),
     /// Flip every bit of the body byte at this offset.
     CorruptAt(u64),
+    /// Answer 401 with a Basic challenge (a registry that wants its own
+    /// credentials), whatever the request carries.
+    Challenge,
+    /// Answer with this status and a chunked body that never ends (until
+    /// the client hangs up).
+    Endless(u16),
 }
 
 /// A fault for requests whose path contains `path_contains`.
@@ -84,7 +90,11 @@ struct State {
     bytes_served: AtomicU64,
     faults_fired: AtomicU64,
     log: Mutex<Vec<String>>,
+    headers: Mutex<Vec<SeenHeaders>>,
 }
+
+/// `METHOD path` of a request and its headers (lower-case names).
+pub type SeenHeaders = (String, Vec<(String, String)>);
 
 /// The running proxy; stops on drop.
 #[derive(Debug)]
@@ -112,6 +122,7 @@ impl FaultProxy {
             bytes_served: AtomicU64::new(0),
             faults_fired: AtomicU64::new(0),
             log: Mutex::new(Vec::new()),
+            headers: Mutex::new(Vec::new()),
         });
         let st = state.clone();
         let task = tokio::spawn(async move {
@@ -155,6 +166,12 @@ impl FaultProxy {
     /// How many requests a fault rule hit.
     pub fn faults_fired(&self) -> u64 {
         self.state.faults_fired.load(Ordering::Relaxed)
+    }
+
+    /// `METHOD path` and the headers (lower-case names) of every request so
+    /// far: what a client disclosed to this host.
+    pub fn request_headers(&self) -> Vec<SeenHeaders> {
+        self.state.headers.lock().unwrap().clone()
     }
 
     /// `METHOD path [range=…] -> status` of every request so far.
@@ -272,7 +289,46 @@ async fn serve(mut conn: TcpStream, state: &State) -> std::io::Result<()> {
         if !shaping.latency.is_zero() {
             tokio::time::sleep(shaping.latency).await;
         }
+        state.headers.lock().unwrap().push((
+            format!("{} {}", req.method, req.path),
+            req.headers
+                .iter()
+                .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
+                .collect(),
+        ));
         let fault = take_fault(state, &req);
+        if let Some(Fault::Challenge) = fault {
+            log(state, &req, 401, "injected challenge");
+            let body = r#"{"errors":[{"code":"UNAUTHORIZED","message":"injected challenge"}]}"#;
+            let head = format!(
+                "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\n\
+                 www-authenticate: Basic realm=\"fault-proxy\"\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            conn.write_all(head.as_bytes()).await?;
+            conn.write_all(body.as_bytes()).await?;
+            continue;
+        }
+        if let Some(Fault::Endless(code)) = fault {
+            log(state, &req, code, "injected endless body");
+            let head = format!(
+                "HTTP/1.1 {code} {}\r\ncontent-type: application/vnd.oci.image.manifest.v1+json\r\n\
+                 transfer-encoding: chunked\r\n\r\n",
+                reason(code)
+            );
+            conn.write_all(head.as_bytes()).await?;
+            let chunk = vec![b' '; CHUNK];
+            let mut frame = format!("{:x}\r\n", chunk.len()).into_bytes();
+            frame.extend_from_slice(&chunk);
+            frame.extend_from_slice(b"\r\n");
+            // Until the client hangs up: the write fails then.
+            loop {
+                conn.write_all(&frame).await?;
+                state
+                    .bytes_served
+                    .fetch_add(CHUNK as u64, Ordering::Relaxed);
+            }
+        }
         if let Some(Fault::Status(code)) = fault {
             log(state, &req, code, "injected");
             let body = format!(

@@ -352,7 +352,7 @@ async fn agent_and_containerd_restarts_keep_what_was_learned_and_decided() {
     let mut tb = Testbed::start().await;
     let mut agent = AgentDaemon::start(&tb.containerd.nri_socket(), ADAPTIVE).await;
     agent.kill(Signal::SIGKILL);
-    seed_history(&agent, "keep", &[24 * MIB]);
+    seed_history(&agent, "default/keep", &[24 * MIB]);
     agent.start_again().await;
     agent.wait_connected(true, Duration::from_secs(20)).await;
     let image = tb.push_sleeper().await;
@@ -483,7 +483,7 @@ async fn adaptive_limit_rises_under_real_memory_pressure() {
     .await;
     // The workload was small before (20 MiB): it starts at 30 MiB.
     agent.kill(Signal::SIGKILL);
-    seed_history(&agent, "grower", &[20 * MIB]);
+    seed_history(&agent, "default/grower", &[20 * MIB]);
     agent.start_again().await;
     agent.wait_connected(true, Duration::from_secs(20)).await;
     let image = tb.push_sleeper().await;
@@ -831,7 +831,7 @@ async fn containers_outside_nri_are_sized_through_the_local_api() {
     use hyperbox_integration::client::{ContainerOptions, PullOptions};
     let tb = Testbed::start().await;
     let mut agent = AgentDaemon::new(&tb.containerd.nri_socket(), ADAPTIVE);
-    seed_history(&agent, "direct", &[20 * MIB]);
+    seed_history(&agent, "containerd:default/direct", &[20 * MIB]);
     agent.start_again().await;
     // A ctr/nerdctl-style container: containerd's API, no CRI, no NRI.
     let client = tb.containerd.client().await.unwrap();
@@ -874,17 +874,100 @@ async fn containers_outside_nri_are_sized_through_the_local_api() {
     );
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("not a cgroup path"), "{body}");
+    // Another container's cgroup under another id, the runtime's own
+    // service, and the hierarchy's top: refused, the limit untouched.
+    for (id, path, why) in [
+        ("other", cgroups_path.as_str(), "does not end in"),
+        (
+            "containerd.service",
+            "/system.slice/containerd.service",
+            "the host's",
+        ),
+        ("x", "/x", "not under a runtime"),
+    ] {
+        let info = serde_json::json!({
+            "id": id, "name": id, "cgroups_path": path,
+            "annotations": {"memory.hyperbox.dev/policy": "adaptive"}, "running": true
+        });
+        let (status, body) = api_call(&agent.address(), "POST", "/v1/containers", Some(info));
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(body.contains(why), "{path}: {body}");
+    }
+    assert_sized(&agent.explain("api-app"), 20 * MIB, &cgroups_path);
 
     // The run ends: its peak joins the history.
     let (status, _) = api_call(&agent.address(), "DELETE", "/v1/containers/api-app", None);
     assert_eq!(status, 204);
-    assert_eq!(wait_learned(&agent, "direct", 2).await.len(), 2);
+    assert_eq!(
+        wait_learned(&agent, "containerd:default/direct", 2)
+            .await
+            .len(),
+        2
+    );
     let (status, _) = api_call(&agent.address(), "DELETE", "/v1/containers/api-app", None);
     assert_eq!(status, 404);
 
     task.kill(9).await.unwrap();
     task.wait_output().await.unwrap();
     c.delete().await.unwrap();
+    assert!(agent.shutdown().is_empty());
+    tb.finish();
+}
+
+/// `hb psi` run as uid 65534 with primary group `gid` (no other groups).
+fn hb_as(agent: &AgentDaemon, gid: u32) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    agent
+        .hb_command(&["psi", "--json"])
+        .uid(65534)
+        .gid(gid)
+        .output()
+        .expect("run hb as nobody")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_local_api_serves_root_and_its_group_only() {
+    require_agent!();
+    let tb = Testbed::start().await;
+    // The socket's mode lets anyone connect: the peer's credentials are
+    // what is checked. Group 1 (daemon) stands for the operators' group.
+    let group = nix::unistd::Group::from_gid(1.into())
+        .unwrap()
+        .expect("group 1");
+    let conf = format!(
+        "socket_mode = 0o666\napi_group = \"{}\"\n{ADAPTIVE}",
+        group.name
+    );
+    let agent = AgentDaemon::start(&tb.containerd.nri_socket(), &conf).await;
+    agent.wait_connected(true, Duration::from_secs(20)).await;
+    // nobody reaches the config and the socket in the agent's directory.
+    let dir = agent.address().parent().unwrap().to_path_buf();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
+    // Root is served.
+    let root = agent.hb_output(&["psi", "--json"]);
+    assert!(
+        root.status.success(),
+        "{}",
+        String::from_utf8_lossy(&root.stderr)
+    );
+    // A member of the group (as its gid) is served.
+    let member = hb_as(&agent, 1);
+    assert!(
+        member.status.success(),
+        "{}",
+        String::from_utf8_lossy(&member.stderr)
+    );
+    // nobody is refused, and told why.
+    let nobody = hb_as(&agent, 65534);
+    let err = String::from_utf8_lossy(&nobody.stderr);
+    assert!(!nobody.status.success(), "nobody was served");
+    assert!(err.contains("403") && err.contains("uid 65534"), "{err}");
+    assert!(
+        agent.log().contains("local API peer refused"),
+        "{}",
+        agent.log()
+    );
     assert!(agent.shutdown().is_empty());
     tb.finish();
 }

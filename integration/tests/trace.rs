@@ -1026,24 +1026,19 @@ async fn after_its_window_a_container_is_counted_in_short_samples_that_keep_its_
     assert!(after > before + 100, "{before} -> {after}");
     let rate = sampled["syscall_rate"].as_f64().unwrap();
     assert!(rate > 100.0 && rate != window_rate, "{sampled}");
-    // Samples are aligned: the sleeper was sampled in the same windows as
-    // the busy container (read between two equal readings of the busy one,
-    // since another sample may start while a loaded machine answers).
-    let start = Instant::now();
-    loop {
-        let b1 = trace_of(&agent, &busy).await["syscall_samples"].as_u64();
-        let q = trace_of(&agent, &quiet).await["syscall_samples"].as_u64();
-        let b2 = trace_of(&agent, &busy).await["syscall_samples"].as_u64();
-        if b1 == b2 {
-            assert_eq!(q, b1, "the sleeper and the busy container share samples");
-            assert!(q >= Some(1));
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "samples never settled"
-        );
-    }
+    // The sleeper is sampled too (samples cover every past-window
+    // container). Its count may differ from the busy one's by the sample
+    // that was running when either window closed, and a loaded machine can
+    // start the next sample between two reads: check its presence and the
+    // spread, not equality.
+    let b = trace_of(&agent, &busy).await["syscall_samples"]
+        .as_u64()
+        .unwrap();
+    let q = trace_of(&agent, &quiet).await["syscall_samples"]
+        .as_u64()
+        .unwrap();
+    assert!(q >= 1, "the sleeper was never sampled");
+    assert!(q.abs_diff(b) <= 1, "sleeper {q} vs busy {b} samples");
     let (_, metrics) = agent.http_get("/metrics").await.unwrap();
     assert!(
         metrics

@@ -93,7 +93,7 @@ impl Agent {
         }
         let cfg = self.state.memory_config();
         let t = Tracked {
-            workload: workload_key(&info),
+            workload: workload_key(&info, source),
             id: info.id,
             name: info.name,
             pod_namespace: info.pod_namespace,
@@ -263,21 +263,38 @@ pub fn info_from_nri(pod: &api::PodSandbox, c: &api::Container) -> ContainerInfo
     }
 }
 
-/// The workload key: the annotation, else `namespace/container@repository`.
-pub fn workload_key(info: &ContainerInfo) -> String {
+/// The namespace part of a workload key: the pod namespace for CRI
+/// containers (NRI), `containerd:<namespace>` for containers registered
+/// through the local API (the shim sends the containerd namespace in
+/// `pod_namespace`; `default` when absent). Neither a Kubernetes namespace
+/// (a DNS label) nor a containerd namespace holds `/` or `:`, so no two
+/// namespaces share a key prefix, and the NRI and local spaces never meet.
+pub fn workload_namespace(info: &ContainerInfo, source: Source) -> String {
+    match source {
+        Source::Local => {
+            let ns = info.pod_namespace.trim();
+            format!("containerd:{}", if ns.is_empty() { "default" } else { ns })
+        }
+        _ => info.pod_namespace.clone(),
+    }
+}
+
+/// The workload key, always prefixed by the container's namespace (see
+/// [`workload_namespace`]): `<namespace>/<annotation>` when the
+/// `hyperbox.dev/workload` annotation names the workload, else
+/// `<namespace>/<container>@<repository>`. A tenant's annotation therefore
+/// only ever names a workload of its own namespace: it cannot read or
+/// poison another namespace's history.
+pub fn workload_key(info: &ContainerInfo, source: Source) -> String {
+    let ns = workload_namespace(info, source);
     if let Some(k) = info
         .annotations
         .get(WORKLOAD)
         .filter(|k| !k.trim().is_empty())
     {
-        return k.trim().to_string();
+        return format!("{ns}/{}", k.trim());
     }
-    format!(
-        "{}/{}@{}",
-        info.pod_namespace,
-        info.name,
-        image_repository(&info.image)
-    )
+    format!("{ns}/{}@{}", info.name, image_repository(&info.image))
 }
 
 /// `registry/repo:tag@sha256:...` → `registry/repo`.
@@ -455,10 +472,104 @@ mod tests {
             image: "reg.local:5000/team/web:v2@sha256:abcd".into(),
             ..Default::default()
         };
-        assert_eq!(workload_key(&info), "shop/web@reg.local:5000/team/web");
+        // The default key is what it was before namespacing (old records
+        // are still found).
+        assert_eq!(
+            workload_key(&info, Source::Nri),
+            "shop/web@reg.local:5000/team/web"
+        );
         info.annotations.insert(WORKLOAD.into(), "frontend".into());
-        assert_eq!(workload_key(&info), "frontend");
+        assert_eq!(workload_key(&info, Source::Nri), "shop/frontend");
         assert_eq!(image_repository("busybox"), "busybox");
         assert_eq!(image_repository("localhost:5000/x"), "localhost:5000/x");
+    }
+
+    #[test]
+    fn a_tenant_cannot_name_another_namespaces_workload() {
+        // The victim: namespace shop, its default key.
+        let victim = ContainerInfo {
+            name: "web".into(),
+            pod_namespace: "shop".into(),
+            image: "reg/team/web:v1".into(),
+            ..Default::default()
+        };
+        let victim_key = workload_key(&victim, Source::Nri);
+        // The attacker, in namespace evil, names the victim's key (and its
+        // annotated form) in the workload annotation.
+        for claimed in [victim_key.as_str(), "web@reg/team/web", "frontend"] {
+            let mut evil = victim.clone();
+            evil.pod_namespace = "evil".into();
+            evil.annotations.insert(WORKLOAD.into(), claimed.into());
+            let k = workload_key(&evil, Source::Nri);
+            assert!(k.starts_with("evil/"), "{k}");
+            assert_ne!(k, victim_key);
+            let mut shop = victim.clone();
+            shop.annotations.insert(WORKLOAD.into(), "frontend".into());
+            assert_ne!(k, workload_key(&shop, Source::Nri));
+        }
+        // A container registered through the local API (containerd
+        // namespace) never shares a key with a pod namespace of that name.
+        assert_eq!(
+            workload_key(&victim, Source::Local),
+            "containerd:shop/web@reg/team/web"
+        );
+        let mut none = victim.clone();
+        none.pod_namespace.clear();
+        assert!(workload_key(&none, Source::Local).starts_with("containerd:default/"));
+    }
+
+    /// An agent over a fake cgroup v2 tree, without NRI or the tracer.
+    fn test_agent(dir: &std::path::Path) -> Arc<Agent> {
+        let cgroups = dir.join("cgroup");
+        std::fs::create_dir_all(&cgroups).unwrap();
+        std::fs::write(cgroups.join("cgroup.controllers"), "memory\n").unwrap();
+        let mem = Memory {
+            default_policy: MemoryPolicy::Adaptive,
+            ..Memory::default()
+        };
+        let (agent, _jobs) = Agent::new(
+            mem,
+            Layout::detect(&cgroups),
+            Store::open(&dir.join("state"), 20).unwrap(),
+            Arc::new(Link::default()),
+            Tracing::unavailable("tracing.enabled = false"),
+        );
+        agent
+    }
+
+    #[test]
+    fn a_panicking_handler_leaves_container_creation_working() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = test_agent(dir.path());
+        let pod = api::PodSandbox {
+            namespace: "shop".into(),
+            name: "web-0".into(),
+            ..Default::default()
+        };
+        let c = api::Container {
+            id: "c1".into(),
+            name: "web".into(),
+            ..Default::default()
+        };
+        let key = workload_key(&info_from_nri(&pod, &c), Source::Nri);
+        a.state.record_run(&key, 100 << 20).unwrap();
+        // A request handler panicked while holding every lock.
+        a.state.poison();
+        a.tracing.poison();
+
+        let r = a.create_container(&pod, &c);
+        let res = r.adjust.and_then(|adj| adj.linux).and_then(|l| l.resources);
+        let limit = res.and_then(|r| r.memory_limit());
+        assert_eq!(limit, Some(150 << 20));
+        a.container_event(Event::StartContainer, &pod, &c);
+        a.container_event(Event::StopContainer, &pod, &c);
+        a.container_event(Event::RemoveContainer, &pod, &c);
+        assert!(a.state.is_empty());
+        // The next container is sized too.
+        let c2 = api::Container {
+            id: "c2".into(),
+            ..c.clone()
+        };
+        assert!(a.create_container(&pod, &c2).adjust.is_some());
     }
 }

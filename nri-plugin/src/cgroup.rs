@@ -80,6 +80,131 @@ impl Layout {
     }
 }
 
+/// Why the local API refuses to register a container's cgroup.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// Neither `/a/b/id` nor `slice:prefix:name`, or it leaves the
+    /// hierarchy (`..`, `.`, a root).
+    #[error("cgroups_path {0:?} is not a cgroup path")]
+    NotACgroupPath(String),
+    /// The top of a hierarchy or a direct child of it: no runtime puts a
+    /// container there.
+    #[error("cgroups_path {0:?} is not under a runtime's cgroup parent")]
+    TooShallow(String),
+    /// Under the host's own units (`init.scope`, `user.slice`, a service).
+    #[error("cgroups_path {path:?} is the host's ({component:?}), not a container's")]
+    Host {
+        /// The path asked for.
+        path: String,
+        /// The component that belongs to the host.
+        component: String,
+    },
+    /// The last component does not name the container.
+    #[error("cgroups_path {path:?} does not end in the cgroup of container {id:?}")]
+    NotTheContainer {
+        /// The path asked for.
+        path: String,
+        /// The container id registered.
+        id: String,
+    },
+    /// The directory is missing or unreadable.
+    #[error("look up the cgroup {0}")]
+    Missing(PathBuf, #[source] std::io::Error),
+    /// A symlink (or mount) leads elsewhere than the hierarchy.
+    #[error("cgroup {0} resolves to {1}, outside its hierarchy")]
+    Escapes(PathBuf, PathBuf),
+}
+
+/// systemd unit kinds that are never a container's cgroup or parent.
+const HOST_UNIT_SUFFIXES: &[&str] = &[
+    ".service",
+    ".socket",
+    ".mount",
+    ".swap",
+    ".target",
+    ".timer",
+    ".path",
+    ".device",
+    ".automount",
+];
+
+/// `dir` must exist and be exactly `root/rel` once every symlink is
+/// resolved.
+fn check_real(root: &Path, rel: &Path) -> Result<(), Refused> {
+    let dir = root.join(rel);
+    let real = dir
+        .canonicalize()
+        .map_err(|e| Refused::Missing(dir.clone(), e))?;
+    let real_root = root
+        .canonicalize()
+        .map_err(|e| Refused::Missing(root.into(), e))?;
+    if real != real_root.join(rel) || !real.is_dir() {
+        return Err(Refused::Escapes(dir, real));
+    }
+    Ok(())
+}
+
+impl Layout {
+    /// The cgroup a local API registration of container `id` may touch
+    /// (the agent writes limits there as root). Accepted: a path that
+    /// stays inside the hierarchy, sits at least two levels down (under a
+    /// runtime's parent: `/default/<id>`, `kubepods…`, `system.slice:nerdctl:<id>`),
+    /// crosses none of the host's own units (`init.scope`, `user.slice`,
+    /// `*.service`…), ends in the container's own cgroup (`<id>`,
+    /// `<id>.scope` or `<prefix>-<id>.scope`), and exists as a real
+    /// directory of the hierarchy (of each hierarchy on hybrid nodes)
+    /// with no symlink leading out.
+    pub fn container_cgroup(&self, cgroups_path: &str, id: &str) -> Result<Cgroup, Refused> {
+        let rel = relative_path(cgroups_path)
+            .ok_or_else(|| Refused::NotACgroupPath(cgroups_path.into()))?;
+        let names: Vec<&str> = rel
+            .components()
+            .filter_map(|c| c.as_os_str().to_str())
+            .collect();
+        if names.len() != rel.components().count() {
+            return Err(Refused::NotACgroupPath(cgroups_path.into()));
+        }
+        if names.len() < 2 {
+            return Err(Refused::TooShallow(cgroups_path.into()));
+        }
+        for (i, n) in names.iter().enumerate() {
+            let host = (i == 0 && matches!(*n, "init.scope" | "user.slice"))
+                || HOST_UNIT_SUFFIXES.iter().any(|s| n.ends_with(s));
+            if host {
+                return Err(Refused::Host {
+                    path: cgroups_path.into(),
+                    component: n.to_string(),
+                });
+            }
+        }
+        let leaf = names[names.len() - 1];
+        let names_it = leaf == id
+            || leaf
+                .strip_suffix(".scope")
+                .and_then(|s| s.strip_suffix(id))
+                .is_some_and(|p| p.is_empty() || p.ends_with('-'));
+        if id.is_empty() || !names_it {
+            return Err(Refused::NotTheContainer {
+                path: cgroups_path.into(),
+                id: id.into(),
+            });
+        }
+        match self {
+            Layout::Unified { root } => check_real(root, &rel)?,
+            Layout::Hybrid { memory, unified } => {
+                check_real(memory, &rel)?;
+                // runc makes the v2 twin too; if it is there, it is real.
+                if unified.join(&rel).symlink_metadata().is_ok() {
+                    check_real(unified, &rel)?;
+                }
+            }
+            Layout::Legacy { memory } => check_real(memory, &rel)?,
+        }
+        self.locate(cgroups_path)
+            .ok_or_else(|| Refused::NotACgroupPath(cgroups_path.into()))
+    }
+}
+
 /// The OCI `cgroupsPath` as a path relative to the hierarchy root. Handles
 /// the cgroupfs form (`/a/b/id`) and systemd's `slice:prefix:name`
 /// (`kubepods-burstable-podX.slice:cri-containerd:ID` is
@@ -333,6 +458,60 @@ mod tests {
             .unwrap()
             .psi
             .is_none()
+        );
+    }
+
+    #[test]
+    fn registrations_touch_only_a_containers_own_cgroup() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("cgroup");
+        for d in [
+            "default/app",
+            "kubepods.slice/kubepods-pod1.slice/cri-containerd-abc.scope",
+            "system.slice/sshd.service",
+            "user.slice/user-0.slice/session-3.scope",
+            "init.scope",
+        ] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        // A symlink out of the hierarchy, where a container's cgroup would be.
+        let outside = dir.path().join("elsewhere");
+        std::fs::create_dir_all(outside.join("evil")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("linked")).unwrap();
+        let v2 = Layout::Unified { root: root.clone() };
+
+        let ok = v2.container_cgroup("/default/app", "app").unwrap();
+        assert_eq!(ok.memory, root.join("default/app"));
+        v2.container_cgroup("kubepods-pod1.slice:cri-containerd:abc", "abc")
+            .unwrap();
+
+        let refused = |path: &str, id: &str| {
+            let e = v2.container_cgroup(path, id).unwrap_err();
+            e.to_string()
+        };
+        assert!(refused("/default/../../etc", "etc").contains("not a cgroup path"));
+        assert!(refused("/app", "app").contains("not under a runtime"));
+        assert!(refused("/", "x").contains("not under a runtime"));
+        assert!(refused("/system.slice/sshd.service", "sshd.service").contains("the host's"));
+        assert!(refused("user.slice:session:3", "3").contains("the host's"));
+        assert!(refused("/init.scope/x", "x").contains("the host's"));
+        // Another container's (or any) cgroup under a different id.
+        assert!(refused("/default/app", "other").contains("does not end in"));
+        assert!(refused("/default/app", "").contains("does not end in"));
+        assert!(refused("/default/nope", "nope").contains("look up the cgroup"));
+        let e = refused("/linked/evil", "evil");
+        assert!(e.contains("outside its hierarchy"), "{e}");
+        // Hybrid: the v1 memory directory is checked as well.
+        let hybrid = Layout::Hybrid {
+            memory: dir.path().join("memory"),
+            unified: root.clone(),
+        };
+        assert!(
+            hybrid
+                .container_cgroup("/default/app", "app")
+                .unwrap_err()
+                .to_string()
+                .contains("look up")
         );
     }
 

@@ -9,14 +9,29 @@ use hyperbox_api::daemon::bind_unix;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::access::{Access, Peer};
 use crate::agent::Agent;
 use crate::cgroup::Layout;
 use crate::memory::store::Store;
 use hyperbox_nri_proto::plugin::{self, Endpoint, Identity, Link};
 
 async fn serve_endpoints(agent: &Arc<Agent>, cfg: &hyperbox_config::Config) -> Result<()> {
+    let access = Access::for_group(&cfg.agent.api_group)?;
     let api = bind_unix(&cfg.agent.address, cfg.agent.socket_mode)?;
-    let router = crate::http::api_router(agent.clone());
+    if let Some(gid) = access.gid() {
+        // The group's members reach the socket through its group bits.
+        std::os::unix::fs::chown(&cfg.agent.address, None, Some(gid.as_raw())).with_context(
+            || {
+                format!(
+                    "give agent.address {} to agent.api_group",
+                    cfg.agent.address.display()
+                )
+            },
+        )?;
+    }
+    // Each connection's peer credentials (SO_PEERCRED) decide what it may do.
+    let router = crate::http::api_router(agent.clone(), Arc::new(access))
+        .into_make_service_with_connect_info::<Peer>();
     tokio::spawn(async move {
         if let Err(e) = axum::serve(api, router).await {
             tracing::error!(error = %e, "local API server stopped");

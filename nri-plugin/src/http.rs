@@ -17,6 +17,7 @@ use hyperbox_api::types::{
 use hyperbox_config::MemoryPolicy;
 use prometheus_client::registry::Registry;
 
+use crate::access::Access;
 use crate::agent::Agent;
 use crate::metrics::StateCollector;
 use crate::state::Lookup;
@@ -42,8 +43,10 @@ pub fn metrics_router(agent: Arc<Agent>) -> Router {
         })
 }
 
-/// The router of the local API socket.
-pub fn api_router(agent: Arc<Agent>) -> Router {
+/// The router of the local API socket; `access` says which peers it
+/// serves (serve it with [`Router::into_make_service_with_connect_info`]
+/// over [`crate::access::Peer`], or every request is refused).
+pub fn api_router(agent: Arc<Agent>, access: Arc<Access>) -> Router {
     Router::new()
         .route("/healthz", get(health))
         .route("/v1/psi", get(psi))
@@ -56,6 +59,16 @@ pub fn api_router(agent: Arc<Agent>) -> Router {
             agent,
             registry: Arc::new(Registry::default()),
         })
+        .layer(axum::middleware::from_fn_with_state(
+            access,
+            crate::access::check,
+        ))
+}
+
+/// The first 12 bytes of `id` as `hb` shows ids, cut back to a character
+/// boundary (an id is whatever the caller sent, not necessarily ASCII).
+pub fn short_id(id: &str) -> &str {
+    &id[..id.floor_char_boundary(12)]
 }
 
 async fn metrics(State(app): State<App>) -> Response {
@@ -130,7 +143,7 @@ async fn explain(State(app): State<App>, Path(id): Path<String>) -> Response {
                     "{id:?} matches {} containers: {}",
                     ids.len(),
                     ids.iter()
-                        .map(|i| &i[..i.len().min(12)])
+                        .map(|i| short_id(i))
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
@@ -263,12 +276,22 @@ async fn register(State(app): State<App>, Json(info): Json<ContainerInfo>) -> Re
     if info.id.is_empty() || info.cgroups_path.is_empty() {
         return (StatusCode::BAD_REQUEST, "id and cgroups_path are required").into_response();
     }
-    if crate::cgroup::relative_path(&info.cgroups_path).is_none() {
+    let ns = &info.pod_namespace;
+    if ns.contains(['/', ':']) || ns.chars().any(char::is_control) {
         return (
             StatusCode::BAD_REQUEST,
-            format!("cgroups_path {:?} is not a cgroup path", info.cgroups_path),
+            format!("pod_namespace {ns:?} is not a containerd namespace"),
         )
             .into_response();
+    }
+    // Only the container's own cgroup under the runtime's hierarchy: the
+    // agent writes limits there as root.
+    if let Err(e) = app
+        .agent
+        .layout
+        .container_cgroup(&info.cgroups_path, &info.id)
+    {
+        return (StatusCode::BAD_REQUEST, hyperbox_api::error_chain(&e)).into_response();
     }
     let a = &app.agent;
     a.trace_start(&info);
@@ -326,12 +349,17 @@ mod tests {
     use crate::trace::Tracing;
 
     const MIB: u64 = 1 << 20;
+    /// Ids of 'a' then 2-byte characters: byte 12 falls inside one.
+    const MB1: &str = "a\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}x1";
+    const MB2: &str = "a\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}x2";
 
     /// An agent over a fake cgroup v2 tree and a store in `dir`, without
     /// NRI or the tracer.
     fn agent(dir: &FsPath) -> Arc<Agent> {
         let cgroups = dir.join("cgroup");
-        std::fs::create_dir_all(cgroups.join("hb/app-1")).unwrap();
+        for id in ["app-1", "app-2", MB1, MB2] {
+            std::fs::create_dir_all(cgroups.join("hb").join(id)).unwrap();
+        }
         std::fs::write(cgroups.join("cgroup.controllers"), "memory\n").unwrap();
         std::fs::write(cgroups.join("hb/app-1/memory.max"), "max\n").unwrap();
         let store = Store::open(&dir.join("state"), 20).unwrap();
@@ -345,8 +373,20 @@ mod tests {
         agent
     }
 
+    /// A request from root, as the shim makes it.
     async fn call(
         agent: &Arc<Agent>,
+        method: &str,
+        uri: &str,
+        body: Option<serde_json::Value>,
+    ) -> (StatusCode, Vec<u8>) {
+        call_as(agent, (0, 0), method, uri, body).await
+    }
+
+    /// A request from a peer with `uid` and `gid`.
+    async fn call_as(
+        agent: &Arc<Agent>,
+        (uid, gid): (u32, u32),
         method: &str,
         uri: &str,
         body: Option<serde_json::Value>,
@@ -355,10 +395,18 @@ mod tests {
         if body.is_some() {
             req = req.header(header::CONTENT_TYPE, "application/json");
         }
-        let req = req
+        let mut req = req
             .body(body.map_or(Body::empty(), |b| Body::from(b.to_string())))
             .unwrap();
-        let answer = api_router(agent.clone()).oneshot(req).await.unwrap();
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(crate::access::Peer {
+                cred: Some((uid, gid, None)),
+            }));
+        let access = Arc::new(Access::with_gid("ops", nix::unistd::Gid::from_raw(4242)));
+        let answer = api_router(agent.clone(), access)
+            .oneshot(req)
+            .await
+            .unwrap();
         let status = answer.status();
         let bytes = axum::body::to_bytes(answer.into_body(), 1 << 20)
             .await
@@ -400,7 +448,9 @@ mod tests {
     async fn a_registered_container_is_sized_from_what_was_learned() {
         let dir = tempfile::tempdir().unwrap();
         let a = agent(dir.path());
-        a.state.record_run("direct", 20 * MIB).unwrap();
+        a.state
+            .record_run("containerd:default/direct", 20 * MIB)
+            .unwrap();
         let (status, body) = call(
             &a,
             "POST",
@@ -538,5 +588,82 @@ mod tests {
         }
         let (status, _) = call(&a, "GET", "/v1/containers/app-1/events", None).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn peers_other_than_root_or_the_group_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = agent(dir.path());
+        let body = || Some(registration("app-1", "/hb/app-1", "adaptive"));
+        let nobody = (65534, 65534);
+        let (status, text) = call_as(&a, nobody, "POST", "/v1/containers", body()).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let text = String::from_utf8_lossy(&text);
+        assert!(
+            text.contains("uid 65534") && text.contains("\"ops\""),
+            "{text}"
+        );
+        let (status, _) = call_as(&a, nobody, "GET", "/v1/containers", None).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(a.state.is_empty());
+        // A member of the group (by its gid) is served.
+        let (status, _) = call_as(&a, (65534, 4242), "POST", "/v1/containers", body()).await;
+        assert_eq!(status, StatusCode::CREATED);
+        // No credentials at all: refused.
+        let req = Request::builder()
+            .uri("/healthz")
+            .body(Body::empty())
+            .unwrap();
+        let access = Arc::new(Access::root_only());
+        let answer = api_router(a.clone(), access).oneshot(req).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::FORBIDDEN);
+    }
+
+    #[tokio::test]
+    async fn registrations_reach_only_the_containers_own_cgroup() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = agent(dir.path());
+        let cases = [
+            // Another container's cgroup, under this id.
+            ("app-9", "/hb/app-1", "does not end in"),
+            // The hierarchy's top.
+            ("hb", "/hb", "not under a runtime"),
+            ("x", "/hb/../x", "not a cgroup path"),
+            ("sshd.service", "/system.slice/sshd.service", "the host's"),
+            ("app-3", "/hb/app-3", "look up the cgroup"),
+        ];
+        for (id, path, why) in cases {
+            let reg = registration(id, path, "adaptive");
+            let (status, body) = call(&a, "POST", "/v1/containers", Some(reg)).await;
+            let text = String::from_utf8_lossy(&body);
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {text}");
+            assert!(text.contains(why), "{path}: {text}");
+        }
+        let mut bad_ns = registration("app-1", "/hb/app-1", "adaptive");
+        bad_ns["pod_namespace"] = "a/b".into();
+        let (status, _) = call(&a, "POST", "/v1/containers", Some(bad_ns)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(a.state.is_empty());
+        let max = std::fs::read_to_string(dir.path().join("cgroup/hb/app-1/memory.max"));
+        assert_eq!(max.unwrap(), "max\n");
+    }
+
+    #[tokio::test]
+    async fn multibyte_ids_are_listed_whole_characters() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = agent(dir.path());
+        for id in [MB1, MB2] {
+            let reg = registration(id, &format!("/hb/{id}"), "observe");
+            let (status, body) = call(&a, "POST", "/v1/containers", Some(reg)).await;
+            let text = String::from_utf8_lossy(&body);
+            assert_eq!(status, StatusCode::CREATED, "{text}");
+        }
+        let (status, body) = call(&a, "GET", "/v1/containers/a", None).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        let text = String::from_utf8(body).unwrap();
+        assert!(text.contains(&MB1[..11]), "{text}");
+        assert_eq!(short_id(MB1), &MB1[..11]);
+        assert_eq!(short_id("0123456789abcdef"), "0123456789ab");
+        assert_eq!(short_id("abc"), "abc");
     }
 }

@@ -13,6 +13,7 @@
 
 #![deny(missing_docs)]
 
+pub mod access;
 pub mod agent;
 pub mod cgroup;
 pub mod daemon;

@@ -16,7 +16,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use opentelemetry::trace::{
@@ -149,6 +149,23 @@ pub struct Exporter {
     pub target: String,
 }
 
+/// `url` without user info, query or fragment (`https://user:token@h/p?k=v`
+/// → `https://h/p`).
+fn redact(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if scheme.is_empty() {
+        format!("{host}{path}")
+    } else {
+        format!("{scheme}://{host}{path}")
+    }
+}
+
 /// Kernel monotonic ns (what `bpf_ktime_get_ns` reports) to wall time.
 fn wall(mono_ns: u64) -> SystemTime {
     let now = SystemTime::now();
@@ -184,8 +201,11 @@ impl Exporter {
         if !cfg.otlp_headers.is_empty() {
             builder = builder.with_headers(cfg.otlp_headers.clone().into_iter().collect());
         }
+        // Shown in /healthz and logs: never the endpoint's user info or
+        // query, where collectors' credentials sometimes travel.
         let target = endpoint
-            .clone()
+            .as_deref()
+            .map(redact)
             .unwrap_or_else(|| "OTEL_EXPORTER_OTLP_* from the environment".into());
         let exporter = builder.build().map_err(|source| Error::Build {
             endpoint: target.clone(),
@@ -241,7 +261,7 @@ impl Exporter {
             .start(&self.tracer);
         self.live
             .lock()
-            .expect("otlp live")
+            .unwrap_or_else(PoisonError::into_inner)
             .insert(c.id.clone(), span);
     }
 
@@ -275,7 +295,12 @@ impl Exporter {
     }
 
     fn event(&self, id: &str, name: &'static str, time_ns: u64, attrs: Vec<KeyValue>) {
-        if let Some(span) = self.live.lock().expect("otlp live").get_mut(id) {
+        if let Some(span) = self
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(id)
+        {
             span.add_event_with_timestamp(Cow::Borrowed(name), wall(time_ns), attrs);
         }
     }
@@ -283,10 +308,15 @@ impl Exporter {
     /// A closed TCP connection, as a child span of the container's.
     pub fn flow(&self, id: &str, f: &Flow) {
         let parent = {
-            let live = self.live.lock().expect("otlp live");
+            let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
             match live.get(id) {
                 Some(s) => s.span_context().clone(),
-                None => match self.ended.lock().expect("otlp ended").get(id) {
+                None => match self
+                    .ended
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(id)
+                {
                     Some(c) => c.clone(),
                     None => return,
                 },
@@ -328,26 +358,39 @@ impl Exporter {
 
     /// Ends the container's span with what the tracer counted.
     pub fn stopped(&self, id: &str, s: &Summary) {
-        let Some(mut span) = self.live.lock().expect("otlp live").remove(id) else {
+        let Some(mut span) = self
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id)
+        else {
             return;
         };
         summarize(&mut span, s);
         self.ended
             .lock()
-            .expect("otlp ended")
+            .unwrap_or_else(PoisonError::into_inner)
             .insert(id.to_string(), span.span_context().clone());
         span.end();
     }
 
     /// The container was removed: late connections are no longer its.
     pub fn forget(&self, id: &str) {
-        self.ended.lock().expect("otlp ended").remove(id);
+        self.ended
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
     }
 
     /// Ends the spans of containers still running (marked as cut short by
     /// the agent's exit) and sends everything buffered.
     pub fn shutdown(&self, summaries: impl Fn(&str) -> Summary) {
-        let live: Vec<(String, Span)> = self.live.lock().expect("otlp live").drain().collect();
+        let live: Vec<(String, Span)> = self
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain()
+            .collect();
         for (id, mut span) in live {
             summarize(&mut span, &summaries(&id));
             span.set_attribute(KeyValue::new("hyperbox.agent_stopped", true));
@@ -381,6 +424,19 @@ fn summarize(span: &mut Span, s: &Summary) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_endpoint_shown_never_carries_credentials() {
+        assert_eq!(
+            redact("https://user:s3cret@collector.example:4318/v1/traces?api-key=k#x"),
+            "https://collector.example:4318/v1/traces"
+        );
+        assert_eq!(redact("http://127.0.0.1:4318"), "http://127.0.0.1:4318");
+        assert_eq!(
+            redact("collector:4318/v1/traces"),
+            "collector:4318/v1/traces"
+        );
+    }
 
     #[test]
     fn endpoint_gets_the_traces_path_only_when_it_has_none() {

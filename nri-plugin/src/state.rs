@@ -223,6 +223,25 @@ impl State {
         (state, rx)
     }
 
+    /// Test hook: a thread panics while holding every lock of the state,
+    /// as a panicking request handler would.
+    #[cfg(test)]
+    pub(crate) fn poison(&self) {
+        std::thread::scope(|s| {
+            let _ = s
+                .spawn(|| {
+                    let _m = self.memory.write();
+                    let _c = self.containers.lock();
+                    let _s = self.store.lock();
+                    let _n = self.node.lock();
+                    let _r = self.runtime.lock();
+                    panic!("a handler panics holding the state locks");
+                })
+                .join();
+        });
+        assert!(self.containers.is_poisoned() && self.store.is_poisoned());
+    }
+
     /// The memory knobs now.
     pub fn memory_config(&self) -> Memory {
         self.memory

@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use hyperbox_api::annotations::TRACE_SYSCALL_WINDOW;
 use hyperbox_api::types::{ContainerEvent, ContainerInfo, Exec, Flow, TopRow, Trace, TraceEvent};
@@ -132,7 +132,9 @@ pub enum Error {
     Bpf(#[from] hyperbox_bpf::Error),
 }
 
-/// The agent's tracing state.
+/// The agent's tracing state. Its locks are taken even when poisoned (as
+/// the state's): NRI handlers start and stop tracing, and a panic in a
+/// local API handler must not stop container creation.
 #[derive(Debug)]
 pub struct Tracing {
     tracer: Option<Mutex<Tracer>>,
@@ -262,6 +264,22 @@ impl Tracing {
         })
     }
 
+    /// Test hook: a thread panics while holding every lock of the tracing
+    /// state, as a panicking request handler would.
+    #[cfg(test)]
+    pub(crate) fn poison(&self) {
+        std::thread::scope(|s| {
+            let _ = s
+                .spawn(|| {
+                    let _c = self.containers.lock();
+                    let _b = self.by_cgroup.lock();
+                    panic!("a handler panics holding the tracing locks");
+                })
+                .join();
+        });
+        assert!(self.containers.is_poisoned() && self.by_cgroup.is_poisoned());
+    }
+
     /// Live events of every watched container, from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<ContainerEvent> {
         self.stream.subscribe()
@@ -302,9 +320,11 @@ impl Tracing {
     /// Where syscalls are counted (`fentry/x64_sys_call` or the
     /// tracepoint fallback); empty when the tracer is not loaded.
     pub fn syscall_hook(&self) -> &'static str {
-        self.tracer
-            .as_ref()
-            .map_or("", |t| t.lock().expect("tracer").syscall_hook())
+        self.tracer.as_ref().map_or("", |t| {
+            t.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .syscall_hook()
+        })
     }
 
     /// Why it is not, when it is not.
@@ -332,7 +352,10 @@ impl Tracing {
         };
         let cgroup = hyperbox_bpf::cgroup_id(dir)
             .map_err(|e| Error::CgroupId(dir.display().to_string(), e))?;
-        tracer.lock().expect("tracer").watch(cgroup, dir)?;
+        tracer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .watch(cgroup, dir)?;
         if let Some(o) = &self.otlp {
             o.started(&otlp::Container {
                 id: id.into(),
@@ -345,34 +368,37 @@ impl Tracing {
         }
         self.by_cgroup
             .lock()
-            .expect("by_cgroup")
+            .unwrap_or_else(PoisonError::into_inner)
             .insert(cgroup, id.to_string());
-        self.containers.lock().expect("traced").insert(
-            id.to_string(),
-            Traced {
-                id: id.into(),
-                name: name.into(),
-                cgroup,
-                live: true,
-                final_syscalls: None,
-                syscall_window_closed: false,
-                syscall_rate: None,
-                syscall_samples: 0,
-                execs: VecDeque::new(),
-                exec_count: 0,
-                opened: Vec::new(),
-                open_count: 0,
-                oom_killed: Vec::new(),
-                flows: VecDeque::new(),
-                flow_count: 0,
-                bytes_in: 0,
-                bytes_out: 0,
-                lost: Lost::default(),
-                seen: Default::default(),
-                dir: dir.to_path_buf(),
-                counting_since: Some(std::time::Instant::now()),
-            },
-        );
+        self.containers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                id.to_string(),
+                Traced {
+                    id: id.into(),
+                    name: name.into(),
+                    cgroup,
+                    live: true,
+                    final_syscalls: None,
+                    syscall_window_closed: false,
+                    syscall_rate: None,
+                    syscall_samples: 0,
+                    execs: VecDeque::new(),
+                    exec_count: 0,
+                    opened: Vec::new(),
+                    open_count: 0,
+                    oom_killed: Vec::new(),
+                    flows: VecDeque::new(),
+                    flow_count: 0,
+                    bytes_in: 0,
+                    bytes_out: 0,
+                    lost: Lost::default(),
+                    seen: Default::default(),
+                    dir: dir.to_path_buf(),
+                    counting_since: Some(std::time::Instant::now()),
+                },
+            );
         if let (Some(window), Ok(rt)) = (
             window_of(info, self.window),
             tokio::runtime::Handle::try_current(),
@@ -392,12 +418,19 @@ impl Tracing {
     /// and stop counting (the hook detaches if nobody else is counted).
     fn close_window(&self, id: &str, cgroup: u64) {
         let Some(tracer) = &self.tracer else { return };
-        let mut map = self.containers.lock().expect("traced");
+        let mut map = self
+            .containers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         // Same container, still running (an id can be reused after removal).
         let Some(t) = map.get_mut(id).filter(|t| t.live && t.cgroup == cgroup) else {
             return;
         };
-        match tracer.lock().expect("tracer").stop_counting(cgroup) {
+        match tracer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .stop_counting(cgroup)
+        {
             Ok(counts) => {
                 t.add_counted(counts);
                 t.syscall_window_closed = true;
@@ -414,11 +447,19 @@ impl Tracing {
     /// `tracing.hook_linger_secs`.
     fn detach_later(&self) {
         let Some(tracer) = &self.tracer else { return };
-        if tracer.lock().expect("tracer").is_counting() {
+        if tracer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_counting()
+        {
             return;
         }
         let detach = |t: &Mutex<Tracer>| {
-            if let Err(e) = t.lock().expect("tracer").detach_if_idle() {
+            if let Err(e) = t
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .detach_if_idle()
+            {
                 tracing::warn!(error = %hyperbox_api::error_chain(&e), "detach the syscall hook");
             }
         };
@@ -442,7 +483,7 @@ impl Tracing {
     pub fn is_watching(&self, id: &str) -> bool {
         self.containers
             .lock()
-            .expect("traced")
+            .unwrap_or_else(PoisonError::into_inner)
             .get(id)
             .is_some_and(|t| t.live)
     }
@@ -450,11 +491,14 @@ impl Tracing {
     /// Stops watching; the results stay until [`Tracing::forget`].
     pub fn stop(&self, id: &str) {
         let Some(tracer) = &self.tracer else { return };
-        let mut map = self.containers.lock().expect("traced");
+        let mut map = self
+            .containers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let Some(t) = map.get_mut(id).filter(|t| t.live) else {
             return;
         };
-        let mut tracer = tracer.lock().expect("tracer");
+        let mut tracer = tracer.lock().unwrap_or_else(PoisonError::into_inner);
         t.lost = tracer.lost(t.cgroup);
         match tracer.unwatch(t.cgroup) {
             // Counted until now (window or sample): added to what was
@@ -481,10 +525,21 @@ impl Tracing {
     /// its connections still open.
     pub fn forget(&self, id: &str) {
         self.stop(id);
-        if let Some(t) = self.containers.lock().expect("traced").remove(id) {
-            self.by_cgroup.lock().expect("by_cgroup").remove(&t.cgroup);
+        if let Some(t) = self
+            .containers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id)
+        {
+            self.by_cgroup
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&t.cgroup);
             if let Some(tracer) = &self.tracer {
-                let open = tracer.lock().expect("tracer").forget_flows(t.cgroup);
+                let open = tracer
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .forget_flows(t.cgroup);
                 if open > 0 {
                     tracing::debug!(container = id, open, "connections open at removal");
                 }
@@ -508,10 +563,15 @@ impl Tracing {
 
     /// A container's results, with live syscall counts while it runs.
     pub fn get(&self, id: &str) -> Option<(Traced, BTreeMap<u32, u64>)> {
-        let mut t = self.containers.lock().expect("traced").get(id).cloned()?;
+        let mut t = self
+            .containers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned()?;
         let mut counts = t.final_syscalls.clone().unwrap_or_default();
         if let (true, Some(tr)) = (t.live, &self.tracer) {
-            let tr = tr.lock().expect("tracer");
+            let tr = tr.lock().unwrap_or_else(PoisonError::into_inner);
             t.lost = tr.lost(t.cgroup);
             if t.counting_since.is_some() {
                 let live = tr.syscalls(t.cgroup).unwrap_or_default();
@@ -528,8 +588,11 @@ impl Tracing {
     /// window has closed again; returns how many.
     fn start_sample(&self) -> usize {
         let Some(tracer) = &self.tracer else { return 0 };
-        let mut map = self.containers.lock().expect("traced");
-        let mut tracer = tracer.lock().expect("tracer");
+        let mut map = self
+            .containers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut tracer = tracer.lock().unwrap_or_else(PoisonError::into_inner);
         let mut n = 0;
         for t in map
             .values_mut()
@@ -553,8 +616,11 @@ impl Tracing {
     /// the cost of every sample).
     fn end_sample(&self) {
         let Some(tracer) = &self.tracer else { return };
-        let mut map = self.containers.lock().expect("traced");
-        let mut tracer = tracer.lock().expect("tracer");
+        let mut map = self
+            .containers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut tracer = tracer.lock().unwrap_or_else(PoisonError::into_inner);
         for t in map
             .values_mut()
             .filter(|t| t.live && t.syscall_window_closed && t.counting_since.is_some())
@@ -581,7 +647,7 @@ impl Tracing {
             .tracer
             .as_ref()
             .map(|t| {
-                let t = t.lock().expect("tracer");
+                let t = t.lock().unwrap_or_else(PoisonError::into_inner);
                 (t.totals().unwrap_or_default(), t.open_flows(), t.all_lost())
             })
             .unwrap_or_default();
@@ -595,7 +661,7 @@ impl Tracing {
         let mut rows: Vec<TopRow> = self
             .containers
             .lock()
-            .expect("traced")
+            .unwrap_or_else(PoisonError::into_inner)
             .values()
             .map(|t| {
                 // Frozen at stop; the kernel's entry while it runs.
@@ -640,7 +706,7 @@ impl Tracing {
     pub fn ids(&self) -> Vec<String> {
         self.containers
             .lock()
-            .expect("traced")
+            .unwrap_or_else(PoisonError::into_inner)
             .keys()
             .cloned()
             .collect()
@@ -648,23 +714,25 @@ impl Tracing {
 
     /// Events lost to a full ring buffer.
     pub fn drops(&self) -> u64 {
-        self.tracer
-            .as_ref()
-            .map_or(0, |t| t.lock().expect("tracer").drops())
+        self.tracer.as_ref().map_or(0, |t| {
+            t.lock().unwrap_or_else(PoisonError::into_inner).drops()
+        })
     }
 
     /// Opens left out by in-kernel sampling under pressure.
     pub fn sampled(&self) -> u64 {
-        self.tracer
-            .as_ref()
-            .map_or(0, |t| t.lock().expect("tracer").sampled())
+        self.tracer.as_ref().map_or(0, |t| {
+            t.lock().unwrap_or_else(PoisonError::into_inner).sampled()
+        })
     }
 
     /// Whether the syscall hook is attached now.
     pub fn syscall_hook_attached(&self) -> bool {
-        self.tracer
-            .as_ref()
-            .is_some_and(|t| t.lock().expect("tracer").syscall_hook_attached())
+        self.tracer.as_ref().is_some_and(|t| {
+            t.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .syscall_hook_attached()
+        })
     }
 
     /// Records one event of a watched container into its results, and
@@ -759,11 +827,11 @@ impl Tracing {
 
     /// Drains the ring buffer forever, waking when the kernel posts.
     pub async fn read_events(self: Arc<Self>) {
-        let Some(ring) = self
-            .tracer
-            .as_ref()
-            .and_then(|t| t.lock().expect("tracer").take_events())
-        else {
+        let Some(ring) = self.tracer.as_ref().and_then(|t| {
+            t.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take_events()
+        }) else {
             return;
         };
         // SAFETY: the ring buffer owns its map fd and keeps it open for as
@@ -799,8 +867,14 @@ impl Tracing {
             let mut streamed = Vec::new();
             {
                 // The order `forget` takes them in.
-                let mut map = self.containers.lock().expect("traced");
-                let by_cgroup = self.by_cgroup.lock().expect("by_cgroup");
+                let mut map = self
+                    .containers
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                let by_cgroup = self
+                    .by_cgroup
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
                 let streaming = self.stream.receiver_count() > 0;
                 let mut n = 0;
                 while n < DRAIN_BATCH {

@@ -10,9 +10,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use futures::StreamExt;
 use reqwest::StatusCode;
-use reqwest::header::{
-    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, HeaderMap, RANGE, WWW_AUTHENTICATE,
-};
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_RANGE, HeaderMap, RANGE, WWW_AUTHENTICATE};
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
@@ -23,8 +21,17 @@ use crate::error::Error;
 use crate::hosts::{self, Endpoint};
 use crate::reference::Reference;
 
-/// Manifests and indexes larger than this are refused (real ones are a few KiB).
+/// Manifests and indexes larger than this are refused (real ones are a few
+/// KiB; containerd refuses manifests past 4 MiB too).
 const MAX_MANIFEST: usize = 4 << 20;
+/// How much of an error reply is read for its message; the rest is dropped
+/// unread, so a registry that streams an endless error costs nothing.
+const MAX_ERROR_BODY: usize = 4 << 10;
+/// Token service replies larger than this are refused (real ones hold one
+/// token of a few KiB).
+const MAX_TOKEN_REPLY: usize = 1 << 20;
+/// Redirects followed per request, as Go's HTTP client (containerd's) does.
+const MAX_REDIRECTS: usize = 10;
 /// Image configs larger than this are refused.
 const MAX_CONFIG: usize = 8 << 20;
 /// Backoff before the first retry; doubled per retry up to [`MAX_BACKOFF`].
@@ -133,7 +140,6 @@ pub fn host_arch() -> &'static str {
 pub type Progress<'a> = &'a (dyn Fn(u64, Option<u64>) + Send + Sync);
 
 /// A registry client for every host, configured like containerd.
-#[derive(Debug)]
 pub struct Registry {
     config_path: PathBuf,
     docker_config: PathBuf,
@@ -149,6 +155,18 @@ pub struct Registry {
     /// time, so a dead mirror or HTTPS on a plain-HTTP loopback registry
     /// costs one failure, not one per request.
     preferred: Mutex<HashMap<String, String>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the cached Authorization values: they are credentials.
+        f.debug_struct("Registry")
+            .field("config_path", &self.config_path)
+            .field("docker_config", &self.docker_config)
+            .field("retries", &self.retries)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Registry {
@@ -178,6 +196,9 @@ impl Registry {
             return Ok(c.clone());
         }
         let mut b = reqwest::Client::builder()
+            // Redirects are followed by `send_following`, which decides per
+            // hop which headers may go there.
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(self.timeout)
             .read_timeout(self.timeout)
             .user_agent(concat!("hyperbox/", env!("CARGO_PKG_VERSION")))
@@ -268,11 +289,14 @@ impl Registry {
             .insert(r.host.clone(), ep.base.clone());
     }
 
-    /// Credentials for `ep`, else for the image's registry. The file is read
-    /// at each challenge, so `docker login` takes effect without a restart.
-    fn credentials(&self, ep: &Endpoint, r: &Reference) -> Result<Option<Credentials>, Error> {
+    /// Credentials for the host `ep` points at, and for no other: a mirror
+    /// gets the mirror's own credentials, never the upstream registry's,
+    /// as containerd looks credentials up by the host a request goes to.
+    /// The file is read at each challenge, so `docker login` takes effect
+    /// without a restart.
+    fn credentials(&self, ep: &Endpoint) -> Result<Option<Credentials>, Error> {
         let creds = DockerConfig::load(&self.docker_config)?;
-        Ok(creds.get(&ep.host).or_else(|| creds.get(&r.host)).cloned())
+        Ok(creds.get(&ep.host).cloned())
     }
 
     /// One request with auth: a cached `Authorization` is sent up front; a
@@ -309,23 +333,42 @@ impl Registry {
             .unwrap_or_else(|p| p.into_inner())
             .get(&key)
             .cloned();
+        // hosts.toml headers may carry secrets too: like Authorization, they
+        // go only to the endpoint's own origin, never to a redirect target.
+        let mut private = HeaderMap::new();
+        for (k, v) in &ep.headers {
+            let name = reqwest::header::HeaderName::from_bytes(k.as_bytes());
+            let value = reqwest::header::HeaderValue::from_str(v);
+            match (name, value) {
+                (Ok(n), Ok(v)) => {
+                    private.append(n, v);
+                }
+                _ => {
+                    return Err(Error::Config {
+                        path: self.config_path.join(&r.host).join("hosts.toml"),
+                        why: format!("header {k:?} of {} is not a valid HTTP header", ep.base),
+                    });
+                }
+            }
+        }
         for attempt in 0..2 {
-            let mut req = client
-                .request(method.clone(), &url)
-                .headers(headers.clone());
-            if let Some(b) = &body {
-                req = req.body(b.clone());
-            }
-            for (k, v) in &ep.headers {
-                req = req.header(k, v);
-            }
+            let mut private = private.clone();
             if let Some(a) = &authorization {
-                req = req.header(AUTHORIZATION, a);
+                let v = a.parse().map_err(|_| Error::Unauthorized {
+                    url: url.clone(),
+                    why: "the token service returned a token that is not a header value".into(),
+                })?;
+                private.insert(AUTHORIZATION, v);
             }
-            let resp = req.send().await.map_err(|e| Error::Transport {
-                url: url.clone(),
-                detail: hyperbox_api::error_chain(&e),
-            })?;
+            let resp = send_following(
+                &client,
+                method.clone(),
+                &url,
+                &headers,
+                &private,
+                body.clone(),
+            )
+            .await?;
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED && attempt == 0 {
                 let challenges = resp
@@ -355,7 +398,7 @@ impl Registry {
         url: &str,
         challenges: &[Challenge],
     ) -> Result<String, Error> {
-        let creds = self.credentials(ep, r)?;
+        let creds = self.credentials(ep)?;
         let creds = creds.as_ref();
         let unauthorized = |why: String| Error::Unauthorized {
             url: url.into(),
@@ -385,14 +428,25 @@ impl Registry {
                 if let Some(s) = service {
                     q.push(("service", s));
                 }
-                let mut req = client.get(realm).query(&q);
+                let token_url = reqwest::Url::parse_with_params(realm, &q)
+                    .map_err(|e| unauthorized(format!("token service realm {realm:?}: {e}")))?;
+                let mut private = HeaderMap::new();
                 if let Some(c) = creds {
-                    req = req.basic_auth(&c.username, Some(&c.password));
+                    let raw = format!("{}:{}", c.username, c.password);
+                    let v = format!("Basic {}", STANDARD.encode(raw))
+                        .parse()
+                        .map_err(|_| unauthorized("credentials are not a header value".into()))?;
+                    private.insert(AUTHORIZATION, v);
                 }
-                let resp = req.send().await.map_err(|e| Error::Transport {
-                    url: realm.clone(),
-                    detail: hyperbox_api::error_chain(&e),
-                })?;
+                let resp = send_following(
+                    &client,
+                    reqwest::Method::GET,
+                    token_url.as_str(),
+                    &HeaderMap::new(),
+                    &private,
+                    None,
+                )
+                .await?;
                 if resp.status() == StatusCode::UNAUTHORIZED
                     || resp.status() == StatusCode::FORBIDDEN
                 {
@@ -402,10 +456,12 @@ impl Registry {
                     )));
                 }
                 let resp = check(resp, realm).await?;
-                let reply: TokenReply = resp.json().await.map_err(|e| Error::Transport {
-                    url: realm.clone(),
-                    detail: format!("token reply: {}", hyperbox_api::error_chain(&e)),
-                })?;
+                let bytes = read_capped(resp, MAX_TOKEN_REPLY, realm, "token reply").await?;
+                let reply: TokenReply =
+                    serde_json::from_slice(&bytes).map_err(|e| Error::Transport {
+                        url: realm.clone(),
+                        detail: format!("token reply is not JSON: {e}"),
+                    })?;
                 let token = reply.token.or(reply.access_token).ok_or_else(|| {
                     unauthorized(format!("token service {realm} returned no token"))
                 })?;
@@ -483,8 +539,8 @@ impl Registry {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or_default()
                     .to_string();
-                let url = resp.url().to_string();
-                let bytes = read_capped(resp, MAX_MANIFEST, &url).await?;
+                let url = shown(resp.url());
+                let bytes = read_capped(resp, MAX_MANIFEST, &url, "manifest").await?;
                 let digest = match expected {
                     Some(d) => {
                         let mut v = Verifier::default();
@@ -506,8 +562,8 @@ impl Registry {
             let resp = self
                 .send(&ep, r, &format!("blobs/{digest}"), HeaderMap::new())
                 .await?;
-            let url = resp.url().to_string();
-            let bytes = read_capped(resp, MAX_CONFIG, &url).await?;
+            let url = shown(resp.url());
+            let bytes = read_capped(resp, MAX_CONFIG, &url, "blob").await?;
             let mut v = Verifier::default();
             v.update(&bytes);
             v.finish(digest, &format!("blob {digest} of {r}"))?;
@@ -695,22 +751,36 @@ impl Registry {
             Err(Error::Status { status: 416, .. }) if have > 0 => return Ok(()),
             other => other?,
         };
-        let url = resp.url().to_string();
+        let url = shown(resp.url());
         let resumed = resp.status() == StatusCode::PARTIAL_CONTENT;
-        if have > 0 && resumed {
-            let starts_at = resp
-                .headers()
-                .get(CONTENT_RANGE)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|s| s.strip_prefix("bytes "))
-                .and_then(|s| s.split('-').next())
-                .and_then(|s| s.parse::<u64>().ok());
-            if starts_at != Some(have) {
+        // The most body bytes this reply may carry: what it announced.
+        let mut announced = resp.content_length();
+        if resumed {
+            let span = content_range(&resp);
+            if span.map(|(start, _)| start) != Some(have) {
                 return Err(Error::Status {
                     url,
                     status: 206,
-                    body: format!("range reply starts at {starts_at:?}, asked for {have}"),
+                    body: format!(
+                        "range reply covers {}, asked for bytes {have}-",
+                        describe_range(&resp)
+                    ),
                 });
+            }
+            if let Some((start, end)) = span {
+                let n = end - start + 1;
+                if announced.is_some_and(|a| a != n) {
+                    return Err(Error::Status {
+                        url,
+                        status: 206,
+                        body: format!(
+                            "range reply announces {} bytes for {}",
+                            announced.unwrap_or_default(),
+                            describe_range(&resp)
+                        ),
+                    });
+                }
+                announced = Some(n);
             }
         }
         let mut file = if have > 0 && resumed {
@@ -726,17 +796,22 @@ impl Registry {
                 .await
                 .map_err(|e| io("create", e))?
         };
-        let total = resp
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.parse::<u64>().ok())
-            .map(|n| n + v.len());
+        let total = announced.map(|n| n + v.len());
         let mut body = resp.bytes_stream();
         let mut result = Ok(());
         while let Some(chunk) = body.next().await {
             match chunk {
                 Ok(c) => {
+                    if let Some(t) = total
+                        && v.len() + c.len() as u64 > t
+                    {
+                        result = Err(Error::TooLarge {
+                            url: url.clone(),
+                            what: "blob reply",
+                            limit: announced.unwrap_or_default(),
+                        });
+                        break;
+                    }
                     if let Err(e) = file.write_all(&c).await {
                         result = Err(io("write", e));
                         break;
@@ -818,7 +893,7 @@ impl Registry {
                     .expect("ascii"),
             );
             let resp = self.send(&ep, r, &format!("blobs/{digest}"), h).await?;
-            let url = resp.url().to_string();
+            let url = shown(resp.url());
             if resp.status() != StatusCode::PARTIAL_CONTENT {
                 return Err(Error::Status {
                     url,
@@ -827,17 +902,32 @@ impl Registry {
                         .into(),
                 });
             }
-            let b = resp.bytes().await.map_err(|e| Error::Transport {
-                url: url.clone(),
-                detail: hyperbox_api::error_chain(&e),
-            })?;
+            // Exactly the bytes asked for, announced as such; the body is
+            // never read past them.
+            if content_range(&resp) != Some((start, start + len - 1))
+                || resp.content_length().is_some_and(|n| n != len)
+            {
+                return Err(Error::Status {
+                    url,
+                    status: 206,
+                    body: format!(
+                        "range reply covers {} ({} bytes announced), asked for bytes {start}-{}",
+                        describe_range(&resp),
+                        resp.content_length()
+                            .map_or_else(|| "no length".to_string(), |n| n.to_string()),
+                        start + len - 1
+                    ),
+                });
+            }
+            let cap = usize::try_from(len).unwrap_or(usize::MAX);
+            let b = read_capped(resp, cap, &url, "range reply").await?;
             if b.len() as u64 != len {
                 return Err(Error::Transport {
                     url,
                     detail: format!("range reply of {} bytes, asked for {len}", b.len()),
                 });
             }
-            Ok(b)
+            Ok(bytes::Bytes::from(b))
         })
         .await
     }
@@ -1013,8 +1103,8 @@ async fn check(resp: reqwest::Response, url: &str) -> Result<reqwest::Response, 
     if status.is_success() {
         return Ok(resp);
     }
-    let body = resp.text().await.unwrap_or_default();
-    let body: String = body.chars().take(300).collect();
+    let body = read_prefix(resp, MAX_ERROR_BODY).await;
+    let body: String = String::from_utf8_lossy(&body).chars().take(300).collect();
     Err(match status {
         StatusCode::NOT_FOUND => Error::NotFound { url: url.into() },
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::Unauthorized {
@@ -1029,13 +1119,22 @@ async fn check(resp: reqwest::Response, url: &str) -> Result<reqwest::Response, 
     })
 }
 
-async fn read_capped(resp: reqwest::Response, cap: usize, url: &str) -> Result<Vec<u8>, Error> {
-    if resp.content_length().is_some_and(|n| n as usize > cap) {
-        return Err(Error::Status {
-            url: url.into(),
-            status: 200,
-            body: format!("object larger than the {cap}-byte limit"),
-        });
+/// The body of `resp`, at most `cap` bytes: a longer body (announced or
+/// streamed) is a [`Error::TooLarge`], and its rest is never read. hyper
+/// itself never reads past an announced Content-Length.
+async fn read_capped(
+    resp: reqwest::Response,
+    cap: usize,
+    url: &str,
+    what: &'static str,
+) -> Result<Vec<u8>, Error> {
+    let too_large = || Error::TooLarge {
+        url: url.into(),
+        what,
+        limit: cap as u64,
+    };
+    if resp.content_length().is_some_and(|n| n > cap as u64) {
+        return Err(too_large());
     }
     let mut out = Vec::new();
     let mut body = resp.bytes_stream();
@@ -1045,15 +1144,134 @@ async fn read_capped(resp: reqwest::Response, cap: usize, url: &str) -> Result<V
             detail: hyperbox_api::error_chain(&e),
         })?;
         if out.len() + c.len() > cap {
-            return Err(Error::Status {
-                url: url.into(),
-                status: 200,
-                body: format!("object larger than the {cap}-byte limit"),
-            });
+            return Err(too_large());
         }
         out.extend_from_slice(&c);
     }
     Ok(out)
+}
+
+/// Up to `cap` bytes of the body of `resp` (an error reply, read for its
+/// message); the rest is dropped unread, and so is a body that breaks.
+async fn read_prefix(resp: reqwest::Response, cap: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut body = resp.bytes_stream();
+    while out.len() < cap {
+        match body.next().await {
+            Some(Ok(c)) => {
+                let room = cap - out.len();
+                out.extend_from_slice(&c[..c.len().min(room)]);
+            }
+            Some(Err(_)) | None => break,
+        }
+    }
+    out
+}
+
+/// `(first, last)` of a reply's `Content-Range: bytes first-last/total`.
+fn content_range(resp: &reqwest::Response) -> Option<(u64, u64)> {
+    let v = resp.headers().get(CONTENT_RANGE)?.to_str().ok()?;
+    let span = v.strip_prefix("bytes ")?.split('/').next()?;
+    let (a, b) = span.split_once('-')?;
+    let (a, b) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+    (a <= b).then_some((a, b))
+}
+
+/// A reply's Content-Range for messages.
+fn describe_range(resp: &reqwest::Response) -> String {
+    match resp.headers().get(CONTENT_RANGE) {
+        None => "no Content-Range".into(),
+        Some(v) => format!("{:?}", String::from_utf8_lossy(v.as_bytes())),
+    }
+}
+
+/// `url` for messages and logs: without user info or query, where
+/// redirect targets (pre-signed storage URLs) carry their credentials.
+fn shown(url: &reqwest::Url) -> String {
+    let mut u = url.clone();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    if u.query().is_none() {
+        return u.to_string();
+    }
+    u.set_query(None);
+    format!("{u}?…")
+}
+
+/// Whether `a` and `b` are the same origin (scheme, host, port).
+fn same_origin(a: &reqwest::Url, b: &reqwest::Url) -> bool {
+    a.scheme() == b.scheme()
+        && a.host_str() == b.host_str()
+        && a.port_or_known_default() == b.port_or_known_default()
+}
+
+/// Sends one request and follows its redirects (up to [`MAX_REDIRECTS`]).
+/// `public` headers (Accept, Range) go to every hop; `private` ones
+/// (Authorization, hosts.toml `header`) only to hops on the origin of
+/// `url`: a registry that redirects a blob to storage on another host
+/// never hands that host our credentials.
+async fn send_following(
+    client: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    public: &HeaderMap,
+    private: &HeaderMap,
+    body: Option<bytes::Bytes>,
+) -> Result<reqwest::Response, Error> {
+    let home = reqwest::Url::parse(url).map_err(|e| Error::Transport {
+        url: url.into(),
+        detail: format!("invalid URL: {e}"),
+    })?;
+    let (mut method, mut body, mut at) = (method, body, home.clone());
+    for _ in 0..=MAX_REDIRECTS {
+        let mut req = client.request(method.clone(), at.clone());
+        req = req.headers(public.clone());
+        if same_origin(&home, &at) {
+            req = req.headers(private.clone());
+        }
+        if let Some(b) = &body {
+            req = req.body(b.clone());
+        }
+        let resp = req.send().await.map_err(|e| Error::Transport {
+            url: shown(&at),
+            detail: hyperbox_api::error_chain(&e).replace(at.as_str(), &shown(&at)),
+        })?;
+        let status = resp.status();
+        if !matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308) {
+            return Ok(resp);
+        }
+        let refused = |why: String| Error::Redirect {
+            url: shown(&at),
+            why,
+        };
+        let location = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| refused(format!("HTTP {} without a Location", status.as_u16())))?;
+        let next = at
+            .join(location)
+            .map_err(|e| refused(format!("Location {location:?}: {e}")))?;
+        if !matches!(next.scheme(), "http" | "https") {
+            return Err(refused(format!("Location {location:?} is not HTTP")));
+        }
+        // As browsers and Go do: 303, and 301/302 after anything but GET
+        // or HEAD, continue as a GET without a body.
+        if status == StatusCode::SEE_OTHER
+            || (matches!(status.as_u16(), 301 | 302)
+                && method != reqwest::Method::GET
+                && method != reqwest::Method::HEAD)
+        {
+            method = reqwest::Method::GET;
+            body = None;
+        }
+        tracing::debug!(from = %shown(&at), to = %shown(&next), "following a redirect");
+        at = next;
+    }
+    Err(Error::Redirect {
+        url: url.into(),
+        why: format!("more than {MAX_REDIRECTS} redirects"),
+    })
 }
 
 #[cfg(test)]

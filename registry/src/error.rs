@@ -79,6 +79,26 @@ pub enum Error {
         /// What is wrong.
         why: String,
     },
+    /// A reply body went past its bound: the length the registry announced
+    /// (Content-Length, Content-Range) or the most such an object may hold.
+    /// The rest of the body is never read.
+    #[error("{url}: {what} longer than {limit} bytes; stopped reading")]
+    TooLarge {
+        /// The request.
+        url: String,
+        /// Which body (`manifest`, `error body`, `token reply`, `range reply`).
+        what: &'static str,
+        /// The bound it went past.
+        limit: u64,
+    },
+    /// The registry redirected in a way we do not follow.
+    #[error("{url}: redirect refused: {why}")]
+    Redirect {
+        /// The request that was redirected.
+        url: String,
+        /// What is wrong (no Location, too many hops, another scheme).
+        why: String,
+    },
     /// Every endpoint of a host failed; each one's error, in order tried.
     #[error("every endpoint failed: {}", .errors.join("; "))]
     AllEndpoints {
@@ -120,6 +140,7 @@ impl Error {
                 | Error::Unauthorized { .. }
                 | Error::NotFound { .. }
                 | Error::AllEndpoints { .. }
+                | Error::Redirect { .. }
         )
     }
 }

@@ -29,6 +29,11 @@ pub mod hosts;
 pub mod index;
 pub mod reference;
 
+#[cfg(test)]
+mod hostile_tests;
+#[cfg(test)]
+mod test_server;
+
 pub use client::{Descriptor, Registry, Resolved};
 pub use error::Error;
 pub use reference::Reference;

@@ -10,6 +10,15 @@
 //! `fallback_to_local` is on, containerd gets the layer to unpack itself.
 //! A layer served either way is committed as the target snapshot, and the
 //! answer tells containerd to skip download and unpack.
+//!
+//! A wholly fetched layer is committed only if the chain id containerd
+//! asked for (`snapshot.ref`, computed from the image config's diff_ids) is
+//! the one the layer's verified diff_id gives on the Prepare's parent
+//! snapshot (whose name is the parent's chain id): `diff_id` without a
+//! parent, else `sha256(parent + " " + diff_id)`. Otherwise an image whose
+//! config claims another image's diff_id would get its own bytes committed
+//! under the other image's chain id, and containerd would hand them to
+//! every later pull of that image.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,6 +28,7 @@ use hyperbox_api::error_chain;
 use hyperbox_api::labels::{
     CRI_IMAGE_LAYERS, CRI_IMAGE_REF, CRI_LAYER_DIGEST, CRI_MANIFEST_DIGEST, SNAPSHOT_REF,
 };
+use hyperbox_registry::digest::Digest;
 
 use crate::lazy::Lazy;
 use crate::remote::{self, Remote};
@@ -69,6 +79,16 @@ pub enum Error {
 }
 
 type Result<T> = std::result::Result<T, Error>;
+
+/// The chain id of a layer with `diff_id` on the snapshot `parent` (a
+/// chain id; empty for none).
+pub fn chain_id(parent: &str, diff_id: &str) -> String {
+    if parent.is_empty() {
+        diff_id.to_string()
+    } else {
+        Digest::of(format!("{parent} {diff_id}").as_bytes()).to_string()
+    }
+}
 
 /// The remote labels of a Prepare that unpacks a layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,8 +213,8 @@ impl Puller {
         if self.options.prefetch && !l.following.is_empty() {
             self.remote.prefetch(&l.image, &l.following);
         }
-        let path = match self.remote.ensure(&l.image, &l.layer).await {
-            Ok(p) => p,
+        let layer = match self.remote.ensure(&l.image, &l.layer).await {
+            Ok(c) => c,
             Err(e) if self.options.fallback_to_local && e.may_fall_back() => {
                 tracing::warn!(
                     layer = %l.layer, image = %l.image, error = %error_chain(&*e),
@@ -207,7 +227,29 @@ impl Puller {
                 return Err(Error::Fetch(e));
             }
         };
-        self.commit(l, parent, labels, path).await?;
+        if chain_id(parent, &layer.diff_id) != l.target {
+            let promised = if parent.is_empty() {
+                Some(l.target.clone())
+            } else {
+                // Only a diff_id that gives the asked chain id is the one
+                // containerd computed it from.
+                self.remote
+                    .promised_diff_id(&l.image, &l.layer)
+                    .await
+                    .filter(|p| chain_id(parent, p) == l.target)
+            };
+            let e = remote::Error::DiffId(Box::new(remote::Mismatch {
+                layer: l.layer.clone(),
+                image: l.image.clone(),
+                promised,
+                diff_id: layer.diff_id,
+                target: l.target.clone(),
+                parent: parent.to_string(),
+            }));
+            tracing::error!(error = %e, "layer refused");
+            return Err(Error::Fetch(Arc::new(e)));
+        }
+        self.commit(l, parent, labels, layer.path).await?;
         tracing::info!(
             target = %l.target,
             layer = %l.layer,
@@ -334,6 +376,19 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn chain_ids_of_served_layers_follow_containerds_rule() {
+        let a = Digest::of(b"a").to_string();
+        let b = Digest::of(b"b").to_string();
+        let c = Digest::of(b"c").to_string();
+        let want = hyperbox_registry::digest::chain_ids(&[a.clone(), b.clone(), c.clone()]);
+        assert_eq!(chain_id("", &a), want[0]);
+        assert_eq!(chain_id(&want[0], &b), want[1]);
+        assert_eq!(chain_id(&want[1], &c), want[2]);
+        // Another diff_id on the same parent never gives the same chain.
+        assert_ne!(chain_id(&want[0], &c), want[1]);
     }
 
     #[test]

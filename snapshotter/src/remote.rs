@@ -12,6 +12,15 @@
 //! `<root>/staging/<hex>.blob` (kept across retries and restarts so a
 //! download resumes with a Range request), is verified against its digest,
 //! and only then is converted; nothing is served from unverified bytes.
+//!
+//! Conversion hashes the decompressed stream: the layer's diff_id as its
+//! bytes give it. It is recorded next to the image, in `<hex>.diffid`
+//! (written, fsynced, then renamed in), together with the identity of the
+//! image file it vouches for (inode, size, mtime), so a file replaced or
+//! rewritten since is never taken for verified. Every Prepare served from
+//! the file checks its chain id against that diff_id ([`crate::pull`]);
+//! a file without a valid record (one converted before records existed,
+//! or left by the lazy path) is fetched and converted again.
 
 use std::collections::HashMap;
 use std::fs;
@@ -23,7 +32,7 @@ use futures::future::{BoxFuture, Shared};
 use hyperbox_registry::digest::Digest;
 use hyperbox_registry::{Reference, Registry};
 
-use hyperbox_erofs::convert::{self, convert};
+use hyperbox_erofs::convert::{self, convert_hashed};
 use hyperbox_erofs::writer;
 
 /// Errors of fetching a layer.
@@ -51,6 +60,10 @@ pub enum Error {
         #[source]
         source: writer::Error,
     },
+    /// The layer's content is not what the image promises: the chain id
+    /// containerd asked for is not the one its verified diff_id gives.
+    #[error("layer {} of {} does not have the content its image promises: {}", .0.layer, .0.image, .0)]
+    DiffId(Box<Mismatch>),
     /// A label is malformed.
     #[error("{what}")]
     Label {
@@ -70,6 +83,50 @@ pub enum Error {
     },
 }
 
+/// A layer whose verified diff_id does not give the chain id asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatch {
+    /// Layer digest.
+    pub layer: String,
+    /// Image reference.
+    pub image: String,
+    /// The diff_id the image config gives the layer, when known.
+    pub promised: Option<String>,
+    /// The diff_id the layer's bytes have.
+    pub diff_id: String,
+    /// The chain id containerd asked for.
+    pub target: String,
+    /// The parent snapshot (its chain id), empty for a bottom layer.
+    pub parent: String,
+}
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Mismatch {
+            promised,
+            diff_id,
+            target,
+            parent,
+            ..
+        } = self;
+        let on = if parent.is_empty() {
+            String::new()
+        } else {
+            format!(" on parent {parent}")
+        };
+        match promised {
+            Some(p) => write!(
+                f,
+                "the image config says diff_id {p}, its uncompressed content has diff_id {diff_id} (chain id {target} asked for{on})"
+            ),
+            None => write!(
+                f,
+                "its uncompressed content has diff_id {diff_id}, which does not give the chain id {target} asked for{on}"
+            ),
+        }
+    }
+}
+
 impl Error {
     /// Whether containerd could do better itself (it has its own network
     /// path and, for CRI, the kubelet's pull secrets): registry failures,
@@ -82,7 +139,40 @@ impl Error {
     }
 }
 
-type Fetch = Shared<BoxFuture<'static, Result<PathBuf, Arc<Error>>>>;
+/// A converted layer image and the diff_id its content was verified to
+/// have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Converted {
+    /// The EROFS image file.
+    pub path: PathBuf,
+    /// The digest of the layer's decompressed tar (`sha256:<hex>`).
+    pub diff_id: String,
+}
+
+/// What `<hex>.diffid` holds: the diff_id, and which file it was measured
+/// for.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Record {
+    diff_id: String,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+}
+
+impl Record {
+    fn of(path: &Path, diff_id: &str) -> std::io::Result<Record> {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(path)?;
+        Ok(Record {
+            diff_id: diff_id.into(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        })
+    }
+}
+
+type Fetch = Shared<BoxFuture<'static, Result<Converted, Arc<Error>>>>;
 
 /// Fetches and converts layers; see the module comment.
 #[derive(Debug)]
@@ -122,7 +212,7 @@ impl Remote {
             let converted = name
                 .strip_suffix(".blob")
                 .is_some_and(|hex| layers.join(format!("{hex}.erofs")).exists());
-            if name.ends_with(".erofs.tmp") || converted {
+            if name.ends_with(".erofs.tmp") || name.ends_with(".diffid.tmp") || converted {
                 let _ = fs::remove_file(e.path());
             }
         }
@@ -140,13 +230,45 @@ impl Remote {
         self.layers.join(format!("{}.erofs", d.hex()))
     }
 
-    /// The EROFS image of layer `digest` of `image`, fetching and
-    /// converting it unless it is on disk or already on its way.
+    fn record_path(&self, d: &Digest) -> PathBuf {
+        self.layers.join(format!("{}.diffid", d.hex()))
+    }
+
+    /// The diff_id recorded for the image file of layer `d`, if the record
+    /// is valid and vouches for the file there now.
+    fn recorded(&self, d: &Digest) -> Option<String> {
+        let text = fs::read(self.record_path(d)).ok()?;
+        let rec: Record = serde_json::from_slice(&text).ok()?;
+        Digest::parse(&rec.diff_id).ok()?;
+        let now = Record::of(&self.layer_path(d), &rec.diff_id).ok()?;
+        (now == rec).then_some(rec.diff_id)
+    }
+
+    /// Records `diff_id` for the image file of layer `d` durably: written
+    /// and fsynced aside, renamed in, the directory fsynced.
+    fn record(&self, d: &Digest, diff_id: &str) -> Result<(), Error> {
+        use std::io::Write;
+        let out = self.layer_path(d);
+        let rec = Record::of(&out, diff_id).map_err(io("stat", &out))?;
+        let tmp = self.staging.join(format!("{}.diffid.tmp", d.hex()));
+        let dst = self.record_path(d);
+        let mut f = fs::File::create(&tmp).map_err(io("create", &tmp))?;
+        f.write_all(&serde_json::to_vec(&rec).expect("record serializes"))
+            .map_err(io("write", &tmp))?;
+        f.sync_all().map_err(io("sync", &tmp))?;
+        fs::rename(&tmp, &dst).map_err(io("rename", &dst))?;
+        let _ = fs::File::open(&self.layers).and_then(|d| d.sync_all());
+        Ok(())
+    }
+
+    /// The EROFS image of layer `digest` of `image` and its verified
+    /// diff_id, fetching and converting it unless it is on disk with a
+    /// valid record or already on its way.
     pub async fn ensure(
         self: &Arc<Self>,
         image: &str,
         digest: &str,
-    ) -> Result<PathBuf, Arc<Error>> {
+    ) -> Result<Converted, Arc<Error>> {
         let d = Digest::parse(digest).map_err(|e| {
             Arc::new(Error::Label {
                 what: format!("label cri.layer-digest: {e}"),
@@ -156,7 +278,18 @@ impl Remote {
         // A sibling `.lazy` means the file there is sparse: fetch whole.
         let lazy = self.layers.join(format!("{}.lazy", d.hex()));
         if done.exists() && !lazy.exists() {
-            return Ok(done);
+            match self.recorded(&d) {
+                Some(diff_id) => {
+                    return Ok(Converted {
+                        path: done,
+                        diff_id,
+                    });
+                }
+                None => tracing::info!(
+                    layer = %d,
+                    "layer image without a valid diff_id record; fetching and converting it again"
+                ),
+            }
         }
         let fetch = {
             let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
@@ -205,7 +338,7 @@ impl Remote {
         }
     }
 
-    async fn fetch(&self, image: &str, d: &Digest) -> Result<PathBuf, Error> {
+    async fn fetch(&self, image: &str, d: &Digest) -> Result<Converted, Error> {
         let registry_err = |source| Error::Registry {
             digest: d.to_string(),
             image: image.into(),
@@ -225,38 +358,54 @@ impl Remote {
         let (image_s, digest_s) = (image.to_string(), d.to_string());
         let (blob2, tmp2, out2) = (blob.clone(), tmp.clone(), out.clone());
         let options = self.options;
-        let summary = tokio::task::spawn_blocking(move || convert(&blob2, &tmp2, &out2, options))
-            .await
-            .map_err(|e| Error::Label {
-                what: format!("conversion task failed: {e}"),
-            })?
-            .map_err(|e| match e {
-                convert::Error::Content(source) => Error::Content {
-                    digest: digest_s,
-                    image: image_s,
-                    source,
-                },
-                convert::Error::Io {
-                    action,
-                    path,
-                    source,
-                } => Error::Io {
-                    action,
-                    path,
-                    source,
-                },
-            });
+        let converted =
+            tokio::task::spawn_blocking(move || convert_hashed(&blob2, &tmp2, &out2, options))
+                .await
+                .map_err(|e| Error::Label {
+                    what: format!("conversion task failed: {e}"),
+                })?
+                .map_err(|e| match e {
+                    convert::Error::Content(source) => Error::Content {
+                        digest: digest_s,
+                        image: image_s,
+                        source,
+                    },
+                    convert::Error::Io {
+                        action,
+                        path,
+                        source,
+                    } => Error::Io {
+                        action,
+                        path,
+                        source,
+                    },
+                });
         // The blob was verified; whether or not it converted, it is done.
         let _ = fs::remove_file(&blob);
         let _ = fs::remove_file(&tmp);
-        let s = summary?;
+        let c = converted?;
+        self.record(d, &c.diff_id)?;
+        let s = c.summary;
         tracing::info!(
-            layer = %d, image, compressed = size, inodes = s.inodes, image_bytes = s.image_bytes,
+            layer = %d, image, diff_id = %c.diff_id, compressed = size, inodes = s.inodes, image_bytes = s.image_bytes,
             fetch_ms = fetched.as_millis() as u64,
             convert_ms = (started.elapsed() - fetched).as_millis() as u64,
             "layer fetched and converted"
         );
-        Ok(out)
+        Ok(Converted {
+            path: out,
+            diff_id: c.diff_id,
+        })
+    }
+
+    /// The diff_id the config of `image` (as the registry serves it now)
+    /// gives layer `layer`, for error messages; `None` when it cannot be
+    /// told.
+    pub async fn promised_diff_id(&self, image: &str, layer: &str) -> Option<String> {
+        let r = Reference::parse(image).ok()?;
+        let resolved = self.registry.resolve(&r).await.ok()?;
+        let i = resolved.layers.iter().position(|l| l.digest == layer)?;
+        resolved.diff_ids.get(i).cloned()
     }
 
     /// Removes converted layers no snapshot links to any more and that are
@@ -290,10 +439,67 @@ impl Remote {
                 .and_then(|t| t.elapsed().ok())
                 .is_some_and(|a| a >= min_age);
             if m.nlink() == 1 && old {
+                // The record first: a record without its file is harmless,
+                // a file without its record is converted again.
+                let _ = fs::remove_file(p.with_extension("diffid"));
                 fs::remove_file(&p).map_err(io("remove", &p))?;
                 removed.push(p);
             }
         }
         Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn remote(root: &Path) -> Remote {
+        let cfg = hyperbox_config::Registry {
+            config_path: root.join("certs.d"),
+            docker_config: root.join("none.json"),
+            ..Default::default()
+        };
+        let registry = Arc::new(Registry::new(&cfg).unwrap());
+        Remote::open(root, registry, writer::Options::default()).unwrap()
+    }
+
+    #[test]
+    fn a_diff_id_record_vouches_only_for_the_file_it_was_made_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = remote(dir.path());
+        let d = Digest::of(b"layer blob");
+        let diff_id = Digest::of(b"layer tar").to_string();
+        let path = r.layer_path(&d);
+        fs::write(&path, b"erofs image").unwrap();
+        assert_eq!(r.recorded(&d), None, "a file from before records");
+        r.record(&d, &diff_id).unwrap();
+        assert_eq!(r.recorded(&d), Some(diff_id.clone()));
+        assert!(
+            fs::read_dir(dir.path().join("staging"))
+                .unwrap()
+                .next()
+                .is_none(),
+            "nothing left aside"
+        );
+
+        // Replaced (a new file renamed in): the record no longer holds.
+        let other = dir.path().join("other");
+        fs::write(&other, b"other image").unwrap();
+        fs::rename(&other, &path).unwrap();
+        assert_eq!(r.recorded(&d), None, "replaced file");
+
+        // Rewritten in place, same inode and size.
+        r.record(&d, &diff_id).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(&path, b"evil  image").unwrap();
+        assert_eq!(r.recorded(&d), None, "rewritten file");
+
+        // Corrupt or malformed records are no records.
+        r.record(&d, &diff_id).unwrap();
+        fs::write(r.record_path(&d), b"{not json").unwrap();
+        assert_eq!(r.recorded(&d), None, "corrupt record");
+        r.record(&d, "sha256:nothex").unwrap();
+        assert_eq!(r.recorded(&d), None, "malformed diff_id");
     }
 }

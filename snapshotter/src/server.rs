@@ -54,6 +54,7 @@ pub async fn run(full: &hyperbox_config::Config) -> Result<()> {
                     Arc::new(Registry::new(&full.registry).context("registry settings")?);
                 let options = hyperbox_erofs::writer::Options {
                     allow_devices: config.allow_device_nodes,
+                    max_layer_bytes: config.max_layer_bytes,
                 };
                 let remote = Remote::open(&config.root, registry.clone(), options)
                     .context("prepare the layer cache")?;

@@ -6,6 +6,15 @@
 //! a database: it holds one small record per workload, operators can read
 //! it, and a torn write cannot happen. A corrupt file is moved aside (named
 //! in the log) and learning starts over, rather than blocking the agent.
+//!
+//! Keys are namespaced (`agent::workload_key`). Version 1 files, written
+//! before that, are read as they are: their default keys
+//! (`<pod namespace>/<container>@<repository>`) are spelled as today and
+//! keep sizing their workloads; their annotation keys (a bare
+//! `hyperbox.dev/workload` value) cannot be told apart by namespace, so no
+//! new key reaches them. They stay in the file, unread, and each annotated
+//! workload learns again from its next run. The file is written as version
+//! 2 from the first save on.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
@@ -44,6 +53,9 @@ impl Workload {
     }
 }
 
+/// The file's format: 2 since keys are namespaced.
+const VERSION: u32 = 2;
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct File {
     version: u32,
@@ -72,7 +84,13 @@ impl Store {
         let path = dir.join("workloads.json");
         let workloads = match std::fs::read(&path) {
             Ok(bytes) => match serde_json::from_slice::<File>(&bytes) {
-                Ok(f) => f.workloads,
+                Ok(f) => {
+                    if f.version < VERSION {
+                        tracing::info!(file = %path.display(), version = f.version,
+                            "workload store predates namespaced keys: annotated workloads learn again");
+                    }
+                    f.workloads
+                }
                 Err(e) => {
                     let aside = dir.join(format!("workloads.json.corrupt-{}", now()));
                     std::fs::rename(&path, &aside)?;
@@ -118,7 +136,7 @@ impl Store {
             source,
         };
         let body = serde_json::to_vec_pretty(&File {
-            version: 1,
+            version: VERSION,
             workloads: self.workloads.clone(),
         })
         .map_err(|e| err(e.into()))?;
@@ -168,5 +186,23 @@ mod tests {
             .collect();
         assert_eq!(aside.len(), 1);
         assert_eq!(std::fs::read(aside[0].path()).unwrap(), b"{not json");
+    }
+
+    #[test]
+    fn version_1_default_keys_are_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let v1 = r#"{"version":1,"workloads":{
+            "shop/web@reg/team/web":{"runs":[100],"updated":1},
+            "frontend":{"runs":[999],"updated":1}}}"#;
+        std::fs::write(dir.path().join("workloads.json"), v1).unwrap();
+        let mut s = Store::open(dir.path(), 3).unwrap();
+        assert_eq!(s.get("shop/web@reg/team/web").unwrap().runs, [100]);
+        // The namespaced annotation key starts afresh.
+        assert!(s.get("shop/frontend").is_none());
+        s.record_run("shop/frontend", 7).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("workloads.json")).unwrap();
+        let f: File = serde_json::from_str(&text).unwrap();
+        assert_eq!(f.version, 2);
+        assert_eq!(f.workloads.len(), 3);
     }
 }

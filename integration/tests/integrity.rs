@@ -1,0 +1,249 @@
+//! Integrity of the full-fetch remote path against an attacker who can push
+//! to one repository: an image whose config claims another image's
+//! diff_id over different content must not get its bytes committed under
+//! the other image's chain id, whether the layer is fetched fresh or
+//! reused from hyperbox's layer cache, and a later pull of the genuine
+//! image must see genuine bytes.
+
+use std::time::Duration;
+
+use hyperbox_integration::client::{ContainerOptions, PullOptions};
+use hyperbox_integration::cri::{ContainerSpec, PodNetwork};
+use hyperbox_integration::image::{BuiltImage, Compression, ImageSpec, Layer};
+use hyperbox_integration::require_containers;
+use hyperbox_integration::snapshotter::NAME;
+use hyperbox_integration::testbed::Testbed;
+
+fn remote() -> PullOptions {
+    PullOptions {
+        snapshotter: NAME.into(),
+        remote_labels: true,
+    }
+}
+
+/// busybox with `/msg` holding `msg` in a layer of its own.
+fn with_msg(msg: &str) -> ImageSpec {
+    let mut s = ImageSpec::busybox(&["cat", "/msg"]).unwrap();
+    s.layers
+        .push(Layer::new(Compression::Gzip).file("msg", msg, 0o644));
+    s
+}
+
+/// Builds `spec` with its config claiming `claims` and pushes it as
+/// `repo:v1`; returns the reference and the built image (whose diff_ids
+/// are the claimed ones).
+async fn push_claiming(
+    tb: &Testbed,
+    spec: &ImageSpec,
+    claims: &[Option<String>],
+    repo: &str,
+) -> (String, BuiltImage) {
+    let dir = tb.work_dir().join(repo.replace('/', "_"));
+    let built = spec.build_claiming(&dir, claims).unwrap();
+    let reference = built.push(&tb.registry.host(), repo, "v1").await.unwrap();
+    (reference, built)
+}
+
+/// The true diff_id of `spec`'s layer `i`.
+fn true_diff_id(tb: &Testbed, spec: &ImageSpec, i: usize) -> String {
+    let dir = tb.work_dir().join(format!("truth-{}", rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    spec.layers[i].write_blob(&dir).unwrap().diff_id
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+fn assert_names(e: &str, layer: &str, promised: &str, actual: &str) {
+    assert!(
+        e.contains(layer) && e.contains(promised) && e.contains(actual),
+        "the error names the layer {layer}, the promised diff_id {promised} and the content's {actual}: {e}"
+    );
+}
+
+/// Through the containerd API with the remote labels: a top layer (with a
+/// parent) and a bottom layer (without one) that claim the genuine image's
+/// diff_ids are refused, and the genuine image then runs genuine bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claimed_diff_ids_fail_the_pull_and_the_genuine_image_stays_genuine() {
+    require_containers!();
+    let tb = Testbed::start_hyperbox(|b| b.without_cri()).await;
+    let client = tb.containerd.client().await.unwrap();
+    let genuine_spec = with_msg("genuine");
+    let genuine = tb.push(&genuine_spec, "test/genuine", "v1").await;
+    let base_diff = true_diff_id(&tb, &genuine_spec, 0);
+    let top_diff = true_diff_id(&tb, &genuine_spec, 1);
+
+    // A one-layer image whose only layer claims the genuine base's diff_id
+    // (first: once the base's chain is committed, containerd would not
+    // Prepare it again).
+    let mut bottom = ImageSpec::busybox(&["true"]).unwrap();
+    bottom.layers[0] = bottom.layers[0].clone().file("evil", "evil", 0o644);
+    let bottom_diff = true_diff_id(&tb, &bottom, 0);
+    let (reference, built) =
+        push_claiming(&tb, &bottom, &[Some(base_diff.clone())], "evil/bottom").await;
+    let e = client
+        .pull(&reference, &remote())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert_names(&e, &built.layers[0].blob.digest, &base_diff, &bottom_diff);
+    assert!(!client.image_exists(&reference).await.unwrap());
+
+    // The top layer claims the genuine top layer's diff_id.
+    let evil = with_msg("evil");
+    let evil_diff = true_diff_id(&tb, &evil, 1);
+    let (reference, built) =
+        push_claiming(&tb, &evil, &[None, Some(top_diff.clone())], "evil/top").await;
+    let e = client
+        .pull(&reference, &remote())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert_names(&e, &built.layers[1].blob.digest, &top_diff, &evil_diff);
+    assert!(!client.image_exists(&reference).await.unwrap());
+
+    let image = client.pull(&genuine, &remote()).await.unwrap();
+    assert!(image.layers_skipped.contains(&1), "served by hyperbox");
+    let out = client
+        .run(
+            "genuine",
+            &image,
+            &ContainerOptions::args(&["sh", "-c", "cat /msg; [ -e /evil ] && echo EVIL; true"]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_str(), "genuine");
+    tb.finish();
+}
+
+/// The attack through CRI: the hostile image is pulled first and
+/// fails; a container of the genuine image then reads the genuine file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_pull_claiming_another_images_diff_id_fails_and_the_genuine_container_reads_genuine_bytes()
+ {
+    require_containers!();
+    let tb = Testbed::start_hyperbox(|b| b).await;
+    let genuine_spec = with_msg("genuine");
+    let genuine = tb.push(&genuine_spec, "test/genuine", "v1").await;
+    let top_diff = true_diff_id(&tb, &genuine_spec, 1);
+    let evil = with_msg("evil");
+    let evil_diff = true_diff_id(&tb, &evil, 1);
+    let (reference, built) =
+        push_claiming(&tb, &evil, &[None, Some(top_diff.clone())], "evil/top").await;
+
+    let cri = tb.containerd.cri().await.unwrap();
+    let e = cri.pull_image(&reference).await.unwrap_err();
+    let e = hyperbox_api::error_chain(&e);
+    assert_names(&e, &built.layers[1].blob.digest, &top_diff, &evil_diff);
+    assert!(!cri.image_present(&reference).await.unwrap());
+
+    cri.pull_image(&genuine).await.unwrap();
+    let pod = cri.run_pod("genuine", PodNetwork::Host).await.unwrap();
+    let spec = ContainerSpec::new("c", &genuine, &["cat", "/msg"]);
+    let c = cri.create_container(&pod, &spec).await.unwrap();
+    cri.start_container(&c).await.unwrap();
+    assert_eq!(
+        cri.wait_exited(&c, Duration::from_secs(30)).await.unwrap(),
+        0
+    );
+    let logs = cri.logs(&pod, "c").await.unwrap();
+    assert!(logs.contains("genuine") && !logs.contains("evil"), "{logs}");
+    cri.remove_pod(&pod).await.unwrap();
+    tb.finish();
+}
+
+/// The layer cache (`layers/<hex>.erofs`) is keyed by the compressed
+/// digest: a layer an honest image brought in is checked again when a
+/// hostile image reuses it under a claimed diff_id, and a cache file
+/// without a valid diff_id record (as left by a version before records,
+/// or replaced behind hyperbox's back) is fetched and converted again,
+/// never trusted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_layers_are_checked_on_every_reuse_and_unrecorded_ones_are_converted_again() {
+    require_containers!();
+    let mut tb = Testbed::start_hyperbox(|b| b.without_cri()).await;
+    let client = tb.containerd.client().await.unwrap();
+    let genuine_spec = with_msg("genuine");
+    let genuine = tb.push(&genuine_spec, "test/genuine", "v1").await;
+    let top_diff = true_diff_id(&tb, &genuine_spec, 1);
+    let evil = with_msg("evil");
+    let evil_diff = true_diff_id(&tb, &evil, 1);
+
+    // An honest image brings the evil layer into the cache.
+    let honest = tb.push(&evil, "evil/honest", "v1").await;
+    client.pull(&honest, &remote()).await.unwrap();
+    let (hostile, built) =
+        push_claiming(&tb, &evil, &[None, Some(top_diff.clone())], "evil/claims").await;
+    let layer = built.layers[1].blob.digest.clone();
+    let hex = layer.strip_prefix("sha256:").unwrap().to_string();
+    let root = tb.hyperbox().root();
+    let cached = root.join("layers").join(format!("{hex}.erofs"));
+    let record = root.join("layers").join(format!("{hex}.diffid"));
+    assert!(cached.exists() && record.exists(), "cached with its record");
+
+    // Reused from the cache: checked all the same, nothing fetched.
+    let hostile = tb.via_proxy(&hostile);
+    let e = client
+        .pull(&hostile, &remote())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert_names(&e, &layer, &top_diff, &evil_diff);
+    let gets = |tb: &Testbed| {
+        tb.proxy
+            .requests()
+            .into_iter()
+            .filter(|r| r.starts_with("GET") && r.contains(&format!("/blobs/{layer}")))
+            .count()
+    };
+    assert_eq!(gets(&tb), 0, "the cached layer was reused");
+
+    // A cache file without a record is fetched and converted again (and
+    // still refused), then recorded.
+    std::fs::remove_file(&record).unwrap();
+    let e = client
+        .pull(&hostile, &remote())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert_names(&e, &layer, &top_diff, &evil_diff);
+    assert!(gets(&tb) >= 1, "the unrecorded layer was fetched again");
+    assert!(record.exists(), "recorded once verified");
+
+    // A file replaced under its record does not inherit it: put the evil
+    // layer's image in place of the genuine top layer's, whose record stays.
+    let genuine_built = genuine_spec
+        .build(&tb.work_dir().join("genuine-again"))
+        .unwrap();
+    let ghex = genuine_built.layers[1]
+        .blob
+        .digest
+        .strip_prefix("sha256:")
+        .unwrap()
+        .to_string();
+    let gcached = root.join("layers").join(format!("{ghex}.erofs"));
+    // Bring the genuine top layer into the cache through a pull under
+    // another chain (an image whose base differs), then swap its file.
+    let mut other_base = genuine_spec.clone();
+    other_base.layers[0] = Layer::new(Compression::Gzip).file("base", "other", 0o644);
+    let other = tb.push(&other_base, "test/other-base", "v1").await;
+    client.pull(&other, &remote()).await.unwrap();
+    assert!(gcached.exists());
+    let swap = root.join("layers").join("swap.tmp");
+    std::fs::copy(&cached, &swap).unwrap();
+    std::fs::rename(&swap, &gcached).unwrap();
+
+    // The genuine image, pulled now, reads genuine bytes.
+    let image = client.pull(&genuine, &remote()).await.unwrap();
+    assert!(image.layers_skipped.contains(&1), "served by hyperbox");
+    let out = client
+        .run("genuine", &image, &ContainerOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_str(), "genuine");
+    tb.finish();
+}
