@@ -46,16 +46,23 @@ impl std::fmt::Display for Digest {
     }
 }
 
-/// The chain ids containerd names layer snapshots by, bottom first, from
-/// the layers' diff ids (OCI image spec: `ChainID(L0) = DiffID(L0)`,
+/// The chain id of a layer with `diff_id` stacked on the snapshot whose
+/// chain id is `parent` (empty for the bottom layer), as containerd names
+/// layer snapshots (OCI image spec: `ChainID(L0) = DiffID(L0)`,
 /// `ChainID(L0..Ln) = sha256(ChainID(L0..Ln-1) + " " + DiffID(Ln))`).
+pub fn chain_id(parent: &str, diff_id: &str) -> String {
+    if parent.is_empty() {
+        diff_id.to_string()
+    } else {
+        Digest::of(format!("{parent} {diff_id}").as_bytes()).to_string()
+    }
+}
+
+/// The chain ids of a stack of layers, bottom first, from their diff ids.
 pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
     for d in diff_ids {
-        let next = match out.last() {
-            None => d.clone(),
-            Some(prev) => Digest::of(format!("{prev} {d}").as_bytes()).to_string(),
-        };
+        let next = chain_id(out.last().map_or("", String::as_str), d);
         out.push(next);
     }
     out

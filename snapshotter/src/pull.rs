@@ -28,7 +28,7 @@ use hyperbox_api::error_chain;
 use hyperbox_api::labels::{
     CRI_IMAGE_LAYERS, CRI_IMAGE_REF, CRI_LAYER_DIGEST, CRI_MANIFEST_DIGEST, SNAPSHOT_REF,
 };
-use hyperbox_registry::digest::Digest;
+use hyperbox_registry::digest::chain_id;
 
 use crate::lazy::Lazy;
 use crate::remote::{self, Remote};
@@ -79,16 +79,6 @@ pub enum Error {
 }
 
 type Result<T> = std::result::Result<T, Error>;
-
-/// The chain id of a layer with `diff_id` on the snapshot `parent` (a
-/// chain id; empty for none).
-pub fn chain_id(parent: &str, diff_id: &str) -> String {
-    if parent.is_empty() {
-        diff_id.to_string()
-    } else {
-        Digest::of(format!("{parent} {diff_id}").as_bytes()).to_string()
-    }
-}
 
 /// The remote labels of a Prepare that unpacks a layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -370,6 +360,7 @@ impl Puller {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyperbox_registry::digest::Digest;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
