@@ -10,6 +10,13 @@ set -euo pipefail
 
 CONTAINERD_VERSION="1.7.24~ds1-6+deb13u1"
 
+# Go-built tools, pinned; each goes into its own directory
+# $GO_BIN_ROOT/<name>-v<version> (integration/src/gobin.rs and
+# integration/src/tools.rs carry the same pins).
+CONTAINERD2_VERSION="2.4.2"   # github.com/containerd/containerd/v2
+CRI_TOOLS_VERSION="1.37.0"    # sigs.k8s.io/cri-tools: crictl, critest
+GO_BIN_ROOT="${HYPERBOX_GO_BIN:-/var/cache/hyperbox/go-bin}"
+
 # Packages from bookworm. Keep this list to what tests, benchmarks and the
 # demo really use; see docs/design.md §6.
 BOOKWORM_PACKAGES=(
@@ -131,18 +138,101 @@ if [ -z "$go_version" ] || [ "$(printf '%s\n%s\n' "$GO_MIN" "$go_version" | sort
   log "Go $GO_MIN or newer is needed at /usr/local/go/bin/go or on PATH (found: ${go_version:-none})"
   exit 1
 fi
+# One module and build cache for every Go build here and in the tests.
+go_env() {
+  env GOPATH=/var/cache/hyperbox/go GOMODCACHE=/var/cache/hyperbox/go/mod \
+    GOCACHE=/var/cache/hyperbox/go/cache GOTOOLCHAIN=local "$@"
+}
 # Fetch the suite's modules into the shared cache once, so test runs need
 # no module proxy.
 (
   cd "$(dirname "$0")/../integration/containerd-testsuite"
-  GOPATH=/var/cache/hyperbox/go GOMODCACHE=/var/cache/hyperbox/go/mod \
-    GOCACHE=/var/cache/hyperbox/go/cache GOTOOLCHAIN=local GOFLAGS=-mod=readonly \
-    "$GO_BIN" mod download
+  go_env GOFLAGS=-mod=readonly "$GO_BIN" mod download
 ) || { log "go mod download for integration/containerd-testsuite failed (containerd v2 modules)"; exit 1; }
+
+# True when every "binary|version-flag" in $2.. runs and prints version $1
+# (as a whole version: 2.4.2 is not 2.4.20).
+built_at() {
+  local want=$1 spec bin flag out
+  shift
+  for spec in "$@"; do
+    bin=${spec%%|*} flag=${spec#*|}
+    out=$("$bin" "$flag" 2>/dev/null) || return 1
+    grep -qE "(^|[^0-9.])v?${want//./\\.}([^0-9.]|\$)" <<<"$out" || return 1
+  done
+}
+# Builds into a fresh directory and swaps it in whole, so an interrupted or
+# failed build never leaves a mix of versions behind. $1: final dir, $2: what
+# (module@version, for the error), $3..: the build command, run with $out set
+# to the new directory.
+build_into() {
+  local dir=$1 what=$2
+  shift 2
+  local out="$dir.new.$$"
+  rm -rf "$out" && mkdir -p "$out"
+  if ! out="$out" "$@"; then
+    rm -rf "$out"
+    log "building $what failed (see the go output above)"
+    exit 1
+  fi
+  rm -rf "$dir" && mv "$out" "$dir"
+}
+# The source directory of module $1 at version $2 in the module cache.
+module_dir() {
+  local json
+  # -json reports a failure in the JSON on stdout, not on stderr.
+  json=$(cd / && go_env "$GO_BIN" mod download -json "$1@$2") || { printf '%s\n' "$json" >&2; return 1; }
+  sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p' <<<"$json"
+}
+
+# containerd 2.x and its runc shim, next to Debian's 1.7: the tests run
+# either line (HYPERBOX_CONTAINERD_LINE). btrfs is left out (it needs
+# libbtrfs headers; the tests disable the plugin anyway).
+ctd2_dir="$GO_BIN_ROOT/containerd-v$CONTAINERD2_VERSION"
+if ! built_at "$CONTAINERD2_VERSION" "$ctd2_dir/containerd|--version" \
+  "$ctd2_dir/containerd-shim-runc-v2|-v" "$ctd2_dir/ctr|--version"; then
+  log "building containerd v$CONTAINERD2_VERSION into $ctd2_dir (once; a few minutes)"
+  build_ctd2() {
+    local m=github.com/containerd/containerd/v2/cmd
+    go_env GOBIN="$out" CGO_ENABLED=1 GOFLAGS=-buildvcs=false nice "$GO_BIN" install -tags no_btrfs \
+      "$m/containerd@v$CONTAINERD2_VERSION" "$m/containerd-shim-runc-v2@v$CONTAINERD2_VERSION" \
+      "$m/ctr@v$CONTAINERD2_VERSION"
+  }
+  build_into "$ctd2_dir" "github.com/containerd/containerd/v2@v$CONTAINERD2_VERSION" build_ctd2
+fi
+
+# crictl and critest. critest is a compiled Go test (cmd/critest holds only
+# _test.go files), so `go install` cannot build it: both are built in the
+# module's own directory with its go.sum, stamped with the version as the
+# project's Makefile does.
+cri_dir="$GO_BIN_ROOT/cri-tools-v$CRI_TOOLS_VERSION"
+if ! built_at "$CRI_TOOLS_VERSION" "$cri_dir/crictl|--version" "$cri_dir/critest|-version"; then
+  log "building cri-tools v$CRI_TOOLS_VERSION (crictl, critest) into $cri_dir (once)"
+  build_cri_tools() {
+    local src
+    src=$(module_dir sigs.k8s.io/cri-tools "v$CRI_TOOLS_VERSION") && [ -d "$src" ] || return 1
+    local ld="-X sigs.k8s.io/cri-tools/pkg/version.Version=$CRI_TOOLS_VERSION"
+    (cd "$src" && go_env CGO_ENABLED=0 GOFLAGS="-buildvcs=false -mod=readonly" \
+      nice "$GO_BIN" build -trimpath -ldflags "$ld" -o "$out/crictl" ./cmd/crictl) || return 1
+    (cd "$src" && go_env CGO_ENABLED=0 GOFLAGS="-buildvcs=false -mod=readonly" \
+      nice "$GO_BIN" test -c -trimpath -ldflags "$ld" -o "$out/critest" ./cmd/critest)
+  }
+  build_into "$cri_dir" "sigs.k8s.io/cri-tools@v$CRI_TOOLS_VERSION" build_cri_tools
+fi
+# nerdctl is not built: github.com/containerd/nerdctl/v2 (v2.2.0) carries a
+# replace directive to its in-repo module mod/tigron, which its module zip
+# does not contain and the module proxy does not serve, so neither
+# `go install` nor a build in the module directory can produce it. The
+# harness's own client (integration/src/client.rs) stays the nerdctl-like
+# reference.
 
 # Verify what the tests depend on, by running it.
 containerd --version | grep -q 'v\?1\.7\.24' || { log "containerd is not 1.7.24: $(containerd --version)"; exit 1; }
+built_at "$CONTAINERD2_VERSION" "$ctd2_dir/containerd|--version" "$ctd2_dir/containerd-shim-runc-v2|-v" \
+  || { log "containerd $CONTAINERD2_VERSION in $ctd2_dir does not run"; exit 1; }
+built_at "$CRI_TOOLS_VERSION" "$cri_dir/crictl|--version" "$cri_dir/critest|-version" \
+  || { log "cri-tools $CRI_TOOLS_VERSION in $cri_dir does not run"; exit 1; }
 runc --version >/dev/null
 docker-registry --version >/dev/null 2>&1 || test -x /usr/bin/docker-registry
 test -x /bin/busybox
-log "ok: $(containerd --version | awk '{print $1, $3}'), $(runc --version | head -1), registry $(dpkg-query -W -f='${Version}' docker-registry)"
+log "ok: $(containerd --version | awk '{print $1, $3}'), containerd $("$ctd2_dir/containerd" --version | awk '{print $3}') in $ctd2_dir, $("$cri_dir/crictl" --version 2>/dev/null), $(runc --version | head -1), registry $(dpkg-query -W -f='${Version}' docker-registry)"

@@ -17,7 +17,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use hyperbox_pull::{Blob, LayerReport, LayerSource, Session};
 use hyperbox_registry::digest::Digest;
-use hyperbox_registry::{Descriptor, Reference, Registry, Resolved};
+use hyperbox_registry::{BlobSize, Descriptor, Reference, Registry, Resolved};
 use serde::Serialize;
 
 /// Options of `hb image pull`.
@@ -76,8 +76,10 @@ impl LayerSource for RegistrySource<'_> {
         let d = Digest::parse(&layer.digest)?;
         let tmp = tempfile::Builder::new().prefix("hb-layer-").tempdir()?;
         let path = tmp.path().join("blob");
+        // The manifest's size for it: never read past what it promised.
+        let size = BlobSize::Exact(u64::try_from(layer.size)?);
         self.registry
-            .fetch_blob_to_file(self.reference, &d, &path, &|_, _| {})
+            .fetch_blob_to_file(self.reference, &d, size, &path, &|_, _| {})
             .await?;
         Ok(Blob::File {
             path,

@@ -12,7 +12,7 @@ use std::io::Read;
 use anyhow::{Context, Result};
 use hyperbox_registry::digest::Digest;
 use hyperbox_registry::index::{self, Index, IndexLayer};
-use hyperbox_registry::{Reference, Registry};
+use hyperbox_registry::{BlobSize, Reference, Registry};
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
@@ -42,7 +42,7 @@ pub async fn run(config: &hyperbox_config::Config, reference: &str, json: bool) 
         let d = Digest::parse(&l.digest)?;
         let blob = work.path().join(format!("{i}.blob"));
         registry
-            .fetch_blob_to_file(&r, &d, &blob, &|_, _| {})
+            .fetch_blob_to_file(&r, &d, BlobSize::Exact(l.size as u64), &blob, &|_, _| {})
             .await
             .with_context(|| format!("download layer {}", l.digest))?;
         let out = work.path().join(format!("{i}.erofs"));
@@ -50,16 +50,33 @@ pub async fn run(config: &hyperbox_config::Config, reference: &str, json: bool) 
         let (b2, t2, o2) = (blob.clone(), tmp.clone(), out.clone());
         let devices = config.snapshotter.allow_device_nodes;
         let max_layer_bytes = config.snapshotter.max_layer_bytes;
-        let summary = tokio::task::spawn_blocking(move || {
+        let max_layer_entries = config.snapshotter.max_layer_entries;
+        let converted = tokio::task::spawn_blocking(move || {
             // The same policy as the node's own conversion.
             let options = hyperbox_erofs::writer::Options {
                 allow_devices: devices,
                 max_layer_bytes,
+                max_layer_entries,
             };
-            hyperbox_erofs::convert::convert(&b2, &t2, &o2, options)
+            hyperbox_erofs::convert::convert_hashed(&b2, &t2, &o2, options)
         })
         .await?
         .with_context(|| format!("convert layer {} to EROFS", l.digest))?;
+        // The node serves the EROFS image only under the chain id of this
+        // diff_id and checks it again once complete: an index of bytes
+        // other than the config's would be refused there anyway.
+        let promised = img
+            .diff_ids
+            .get(i)
+            .with_context(|| format!("no diff_id for layer {} in the image config", l.digest))?;
+        if &converted.diff_id != promised {
+            anyhow::bail!(
+                "layer {} decompresses to {} but the image config says {promised}; not indexing a mismatched image",
+                l.digest,
+                converted.diff_id
+            );
+        }
+        let summary = converted.summary;
         let _ = std::fs::remove_file(&blob);
         let (chunks, whole, size) = chunk_digests(&out)?;
         let data = bytes::Bytes::from(std::fs::read(&out).context("read EROFS image")?);
@@ -76,6 +93,7 @@ pub async fn run(config: &hyperbox_config::Config, reference: &str, json: bool) 
         });
         layers.push(IndexLayer {
             layer: l.digest.clone(),
+            diff_id: promised.clone(),
             erofs: whole.to_string(),
             size,
             data_end: summary.data_end,
@@ -83,7 +101,7 @@ pub async fn run(config: &hyperbox_config::Config, reference: &str, json: bool) 
         });
     }
     let doc = Index {
-        version: 1,
+        version: index::VERSION,
         chunk_size: index::CHUNK_SIZE,
         layers,
     };

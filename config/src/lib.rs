@@ -207,6 +207,12 @@ pub struct Agent {
     /// A group whose members may use the local API besides root (checked
     /// on each connection's peer credentials); empty: root only.
     pub api_group: String,
+    /// The cgroup parents container runtimes put containers under (the
+    /// cgroupfs form `/kubepods`, `/default`, or a systemd slice such as
+    /// `kubepods.slice`): a local API registration is accepted only for a
+    /// cgroup below one of them. Empty: below any parent that passes the
+    /// other checks (two levels deep, none of the host's units).
+    pub cgroup_parents: Vec<String>,
 }
 
 impl Default for Agent {
@@ -220,6 +226,7 @@ impl Default for Agent {
             metrics_address: "127.0.0.1:9464".into(),
             state_dir: PathBuf::from("/var/lib/hyperbox/agent"),
             api_group: String::new(),
+            cgroup_parents: Vec::new(),
         }
     }
 }
@@ -353,6 +360,17 @@ pub struct Snapshotter {
     /// once and fetch their bytes on first access (needs file-backed EROFS
     /// and fanotify pre-content events, kernel 6.14+).
     pub lazy: bool,
+    /// Once a lazily served layer is complete, fetch the layer whole and
+    /// check that it gives the index's diff_id and EROFS bytes; a layer
+    /// that does not is no longer served (docs/security.md). Costs one more
+    /// download of each lazily pulled layer, in the background.
+    pub lazy_verify: bool,
+    /// Range requests of lazy layers in flight at once, on-demand reads and
+    /// background fills together.
+    pub lazy_max_chunk_fetches: u32,
+    /// `host:port` to serve `/metrics` on (Prometheus text format); empty
+    /// for none.
+    pub metrics_address: String,
     /// Accept character and block device nodes in fetched layers. Off by
     /// default: images rarely need them and a layer carrying one is refused
     /// with an error naming it.
@@ -361,6 +379,11 @@ pub struct Snapshotter {
     /// (sparse files at their full size); a layer past it is refused. A few
     /// KiB of gzip or zstd can expand to fill a node's disk.
     pub max_layer_bytes: u64,
+    /// The most entries (files, directories, links, whiteouts) a fetched
+    /// layer may hold; a layer past it is refused. Each costs about 200
+    /// bytes of memory while the layer is converted, and a tar of a million
+    /// empty files is a few MiB of gzip.
+    pub max_layer_entries: u64,
 }
 
 /// `snapshotter.erofs_backend`.
@@ -418,10 +441,16 @@ impl Default for Snapshotter {
             prefetch: true,
             erofs_backend: ErofsBackend::Auto,
             lazy: true,
+            lazy_verify: true,
+            lazy_max_chunk_fetches: 16,
+            metrics_address: String::new(),
             allow_device_nodes: false,
             // Above the largest real layers (CUDA and model images reach
             // 10-30 GiB expanded), far below EROFS' 16 TiB.
             max_layer_bytes: 64 << 30,
+            // 2-4x the largest real layers (a few hundred thousand
+            // entries); about 200 MiB of memory while one converts.
+            max_layer_entries: 1 << 20,
         }
     }
 }
@@ -503,6 +532,18 @@ impl Config {
             return Err(invalid(
                 "snapshotter.max_layer_bytes",
                 "must be between 1 MiB and 16 TiB (what EROFS' 32-bit block addresses reach)",
+            ));
+        }
+        if !(1024..=1 << 26).contains(&s.max_layer_entries) {
+            return Err(invalid(
+                "snapshotter.max_layer_entries",
+                "must be between 1024 and 67108864",
+            ));
+        }
+        if !(1..=256).contains(&s.lazy_max_chunk_fetches) {
+            return Err(invalid(
+                "snapshotter.lazy_max_chunk_fetches",
+                "must be between 1 and 256",
             ));
         }
         let r = &self.registry;
@@ -614,6 +655,25 @@ impl Config {
                 "agent.api_group",
                 "must be a group name (letters, digits, '_', '-', '.'; at most 32) or empty",
             ));
+        }
+        for p in &a.cgroup_parents {
+            let slice = !p.contains('/')
+                && p.strip_suffix(".slice").is_some_and(|stem| {
+                    !stem.is_empty() && stem.split('-').all(|part| !part.is_empty())
+                });
+            let absolute = p.len() > 1
+                && p.starts_with('/')
+                && p[1..]
+                    .split('/')
+                    .all(|c| !c.is_empty() && c != "." && c != "..");
+            if !(slice || absolute) || p.chars().any(char::is_control) {
+                return Err(invalid(
+                    "agent.cgroup_parents",
+                    &format!(
+                        "{p:?} is neither a cgroup path below the root (\"/kubepods\") nor a systemd slice (\"kubepods.slice\")"
+                    ),
+                ));
+            }
         }
         if a.socket_mode > 0o777 {
             return Err(invalid(
@@ -828,6 +888,32 @@ mod tests {
         assert!(e.contains("agent.api_group"), "{e}");
         let c = parse("[agent]\napi_group = \"hyperbox-ops\"\n").unwrap();
         assert_eq!(c.agent.api_group, "hyperbox-ops");
+        for bad in [
+            "/",
+            "kubepods",
+            "/a/../b",
+            "a/b.slice",
+            "-.slice",
+            "a--b.slice",
+            "",
+        ] {
+            let e = parse(&format!("[agent]\ncgroup_parents = [{bad:?}]\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("agent.cgroup_parents"), "{bad:?}: {e}");
+        }
+        let c = parse("[agent]\ncgroup_parents = [\"/kubepods\", \"kubepods-besteffort.slice\"]\n")
+            .unwrap();
+        assert_eq!(
+            c.agent.cgroup_parents,
+            ["/kubepods", "kubepods-besteffort.slice"]
+        );
+        for bad in [1000, 1 << 27] {
+            let e = parse(&format!("[snapshotter]\nmax_layer_entries = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("snapshotter.max_layer_entries"), "{e}");
+        }
         let e = parse("[tracing]\nsyscall_sample_every_secs = 2\nsyscall_sample_ms = 2000\n")
             .unwrap_err()
             .to_string();

@@ -5,6 +5,9 @@
 //! The decompressed stream is hashed as it is converted (every byte, the
 //! tar's trailing blocks included), giving the layer's diff_id: what the
 //! image config promises for it, and what containerd names snapshots by.
+//! What follows the end-of-archive blocks is hashed too, but only up to
+//! [`writer::MAX_TRAILING_BYTES`] (and never past `max_layer_bytes`): a
+//! few KiB of gzip can carry gigabytes of zeros there.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
@@ -133,8 +136,13 @@ pub fn convert_hashed(
     let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
     let summary = writer::convert_with(&mut tar, &mut w, options).map_err(Error::Content)?;
     // The writer stops at the end-of-archive blocks; the diff_id covers
-    // whatever follows them too.
-    std::io::copy(&mut tar, &mut std::io::sink()).map_err(io("read", blob))?;
+    // whatever follows them too, up to a bound.
+    let limit = writer::MAX_TRAILING_BYTES.min(options.max_layer_bytes);
+    let trailing = std::io::copy(&mut (&mut tar).take(limit + 1), &mut std::io::sink())
+        .map_err(io("read", blob))?;
+    if trailing > limit {
+        return Err(Error::Content(writer::Error::TrailingData { limit }));
+    }
     let diff_id = format!("sha256:{}", hex(&tar.hasher.finalize()));
     let file = w
         .into_inner()
@@ -221,6 +229,67 @@ mod tests {
         .unwrap();
         assert_ne!(c.diff_id, want);
         assert_eq!(c.diff_id, sha256(&other));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// gzip of `tar` followed by `trailing` zero bytes.
+    fn gzip_with_trailing(tar: &[u8], trailing: u64) -> Vec<u8> {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(tar).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        let mut left = trailing;
+        while left > 0 {
+            let n = left.min(zeros.len() as u64);
+            e.write_all(&zeros[..n as usize]).unwrap();
+            left -= n;
+        }
+        e.finish().unwrap()
+    }
+
+    #[test]
+    fn bytes_after_the_end_of_the_archive_are_bounded() {
+        let dir = std::env::temp_dir().join(format!("hb-trailing-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let run = |blob: &[u8], options: writer::Options| {
+            let (b, t, o) = (dir.join("blob"), dir.join("tmp"), dir.join("out"));
+            fs::write(&b, blob).unwrap();
+            convert_hashed(&b, &t, &o, options)
+        };
+        // A record's padding, and then some, is part of the diff_id.
+        let tar = a_tar();
+        let padded = gzip_with_trailing(&tar, 1 << 20);
+        let c = run(&padded, writer::Options::default()).unwrap();
+        let mut whole = tar.clone();
+        whole.resize(tar.len() + (1 << 20), 0);
+        assert_eq!(c.diff_id, sha256(&whole));
+
+        // Past the cap: a small gzip carrying 64 MiB and one block.
+        let bomb = gzip_with_trailing(&tar, writer::MAX_TRAILING_BYTES + 512);
+        assert!(bomb.len() < 1 << 20, "{} bytes", bomb.len());
+        let e = run(&bomb, writer::Options::default()).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Content(writer::Error::TrailingData {
+                    limit: writer::MAX_TRAILING_BYTES
+                })
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("after its end-of-archive"), "{e}");
+
+        // Never past max_layer_bytes either.
+        let small = writer::Options {
+            max_layer_bytes: 1 << 20,
+            ..Default::default()
+        };
+        let two = gzip_with_trailing(&tar, 2 << 20);
+        let e = run(&two, small).unwrap_err();
+        assert!(
+            matches!(e, Error::Content(writer::Error::TrailingData { limit }) if limit == 1 << 20),
+            "{e}"
+        );
         let _ = fs::remove_dir_all(&dir);
     }
 

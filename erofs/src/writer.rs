@@ -29,7 +29,7 @@
 //! the kernel's `fs/erofs/erofs_fs.h`, the tar facts from POSIX pax and GNU
 //! tar's documentation of its sparse formats.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
 use zerocopy::IntoBytes;
@@ -139,6 +139,26 @@ pub enum Error {
         /// [`Options::max_layer_bytes`].
         limit: u64,
     },
+    /// The layer has more entries than the writer keeps in memory.
+    #[error(
+        "layer entry {path:?}: the layer has more than {limit} entries (snapshotter.max_layer_entries)"
+    )]
+    TooManyEntries {
+        /// The entry that crossed the limit.
+        path: String,
+        /// [`Options::max_layer_entries`].
+        limit: u64,
+    },
+    /// More bytes follow the tar's end-of-archive blocks than any tar
+    /// writer pads with.
+    #[error(
+        "layer tar: more than {limit} bytes after its end-of-archive blocks; real tars pad to a record (10 KiB by default), so the rest is refused unread"
+    )]
+    TrailingData {
+        /// The most accepted ([`MAX_TRAILING_BYTES`], or less under a
+        /// smaller `max_layer_bytes`).
+        limit: u64,
+    },
     /// A sparse entry whose map is malformed.
     #[error("layer entry {path:?}: sparse file: {why}")]
     Sparse {
@@ -183,6 +203,19 @@ pub const MAX_LAYER_XATTR_BYTES: u64 = 32 << 20;
 /// layers (CUDA and model images reach 10–30 GiB expanded) and far below
 /// the 16 TiB the image's 32-bit block addresses reach.
 pub const DEFAULT_MAX_LAYER_BYTES: u64 = 64 << 30;
+
+/// [`Options::max_layer_entries`] by default. Each entry costs the writer
+/// about 200 bytes until the image is laid out (`examples/entry_memory.rs`
+/// measures it), so this bounds a conversion near 200 MiB; the largest
+/// real layers hold a few hundred thousand entries.
+pub const DEFAULT_MAX_LAYER_ENTRIES: u64 = 1 << 20;
+
+/// The most bytes accepted after a tar's end-of-archive blocks. They are
+/// part of the diff_id, so they are read and hashed, but a few KiB of gzip
+/// can carry gigabytes of zeros there. Tar writers pad the archive to a
+/// whole record: 10 KiB for GNU tar and bsdtar by default, nothing for Go's
+/// `archive/tar`; 64 MiB leaves room for any blocking factor in use.
+pub const MAX_TRAILING_BYTES: u64 = 64 << 20;
 
 fn pad512(n: u64) -> u64 {
     (TAR_BLOCK - n % TAR_BLOCK) % TAR_BLOCK
@@ -538,6 +571,11 @@ pub struct Options {
     /// expand to fill the node's disk, so conversion stops at the entry
     /// that crosses this.
     pub max_layer_bytes: u64,
+    /// The most entries (directory entries: files, directories made
+    /// explicitly or as parents, links, whiteouts) the layer may hold:
+    /// each costs memory until the image is laid out, and a tar of empty
+    /// files compresses to almost nothing.
+    pub max_layer_entries: u64,
 }
 
 impl Default for Options {
@@ -545,6 +583,7 @@ impl Default for Options {
         Options {
             allow_devices: true,
             max_layer_bytes: DEFAULT_MAX_LAYER_BYTES,
+            max_layer_entries: DEFAULT_MAX_LAYER_ENTRIES,
         }
     }
 }
@@ -573,6 +612,8 @@ struct Builder<W> {
     expanded: u64,
     /// xattr bytes read, against [`MAX_LAYER_XATTR_BYTES`].
     xattr_budget: u64,
+    /// Directory entries made, against `max_layer_entries`.
+    entries: u64,
 }
 
 fn path_text(p: &[u8]) -> String {
@@ -631,6 +672,7 @@ impl<W: Write + Seek> Builder<W> {
             data_bytes: 0,
             expanded: 0,
             xattr_budget: 0,
+            entries: 0,
         })
     }
 
@@ -660,7 +702,7 @@ impl<W: Write + Seek> Builder<W> {
                 None => {
                     let i = self.nodes.len();
                     self.nodes.push(Node::dir(0o755));
-                    self.link(cur, p.clone(), i);
+                    self.link(cur, p.clone(), i, path)?;
                     i
                 }
             };
@@ -669,7 +711,17 @@ impl<W: Write + Seek> Builder<W> {
     }
 
     /// Points `name` in `dir` at node `child`, replacing what was there.
-    fn link(&mut self, dir: usize, name: Vec<u8>, child: usize) {
+    /// Every entry the writer keeps passes here (parents made on the way
+    /// too: one long path can make thousands), so this is where entries
+    /// are counted against [`Options::max_layer_entries`].
+    fn link(&mut self, dir: usize, name: Vec<u8>, child: usize, path: &[u8]) -> Result<()> {
+        self.entries += 1;
+        if self.entries > self.options.max_layer_entries {
+            return Err(Error::TooManyEntries {
+                path: path_text(path),
+                limit: self.options.max_layer_entries,
+            });
+        }
         let old = match &mut self.nodes[dir].kind {
             Kind::Dir(children) => children.insert(name, child),
             _ => unreachable!("links are made in directories"),
@@ -680,6 +732,7 @@ impl<W: Write + Seek> Builder<W> {
         if old != Some(child) {
             self.nodes[child].links = self.nodes[child].links.max(1);
         }
+        Ok(())
     }
 
     fn lookup(&self, parts: &[Vec<u8>]) -> Option<usize> {
@@ -1000,7 +1053,7 @@ impl<W: Write + Seek> Builder<W> {
                 xattrs: Vec::new(),
                 links: 0,
             });
-            self.link(parent, hidden.to_vec(), i);
+            self.link(parent, hidden.to_vec(), i, raw_path)?;
             return Ok(());
         }
         let kind = match kind {
@@ -1041,7 +1094,7 @@ impl<W: Write + Seek> Builder<W> {
                     .filter(|i| !matches!(self.nodes[*i].kind, Kind::Dir(_)))
                     .ok_or_else(outside)?;
                 self.nodes[i].links += 1;
-                self.link(parent, name.clone(), i);
+                self.link(parent, name.clone(), i, raw_path)?;
                 return Ok(());
             }
             tar::EntryType::Char | tar::EntryType::Block => {
@@ -1085,7 +1138,7 @@ impl<W: Write + Seek> Builder<W> {
             xattrs,
             links: 0,
         });
-        self.link(parent, name.clone(), i);
+        self.link(parent, name.clone(), i, raw_path)?;
         Ok(())
     }
 
@@ -1209,27 +1262,37 @@ impl<W: Write + Seek> Builder<W> {
             size: real_size,
         })
     }
+    /// Lays out the metadata. Per-inode tables here are as narrow as the
+    /// format allows (32-bit node indexes and block addresses, a bit per
+    /// node for "seen") and the metadata area is streamed out inode by
+    /// inode, not built in memory: a layer of a million empty files is
+    /// what the entry limit allows, and this is its peak.
     fn finish(mut self) -> Result<Summary> {
         let data_end = self.next_block * BLKSZ;
+        let count = u32::try_from(self.nodes.len()).map_err(|_| Error::TooLarge {
+            what: "more than 2^32 inodes",
+        })?;
         // Reachable inodes, root first, each once (hard links share).
-        let mut order = Vec::new();
-        let mut seen = HashSet::new();
-        let mut queue = VecDeque::from([0usize]);
-        let mut parent_of = vec![0usize; self.nodes.len()];
+        let mut order: Vec<u32> = Vec::new();
+        let mut seen = vec![false; count as usize];
+        let mut queue = VecDeque::from([0u32]);
+        let mut parent_of = vec![0u32; count as usize];
         while let Some(i) = queue.pop_front() {
-            if !seen.insert(i) {
+            if std::mem::replace(&mut seen[i as usize], true) {
                 continue;
             }
             order.push(i);
-            if let Kind::Dir(children) = &self.nodes[i].kind {
+            if let Kind::Dir(children) = &self.nodes[i as usize].kind {
                 for &c in children.values() {
                     if matches!(self.nodes[c].kind, Kind::Dir(_)) {
                         parent_of[c] = i;
                     }
-                    queue.push_back(c);
+                    queue.push_back(c as u32);
                 }
             }
         }
+        drop(seen);
+        drop(queue);
 
         // Sizes first (they depend on names only), then positions, then bytes.
         let data_size: Vec<u64> = self
@@ -1242,12 +1305,20 @@ impl<W: Write + Seek> Builder<W> {
                 _ => 0,
             })
             .collect();
+        // The last partial block of a directory or symlink goes inline,
+        // after its inode and xattrs, when all of them fit one block (the
+        // kernel refuses inline data that crosses a block boundary: a
+        // symlink of 4033..4095 bytes, or a directory whose last block is
+        // almost full, never fits); otherwise it gets a block of its own.
         let inline = |n: &Node, size: u64| {
-            matches!(n.kind, Kind::Dir(_) | Kind::Symlink(_)) && !size.is_multiple_of(BLKSZ)
+            matches!(n.kind, Kind::Dir(_) | Kind::Symlink(_))
+                && !size.is_multiple_of(BLKSZ)
+                && 64 + xattr_size(&n.xattrs) + size % BLKSZ <= BLKSZ
         };
         let mut offset = vec![0u64; self.nodes.len()];
         let mut cursor = 0u64;
         for &i in &order {
+            let i = i as usize;
             let n = &self.nodes[i];
             let head = 64 + xattr_size(&n.xattrs);
             let tail = if inline(n, data_size[i]) {
@@ -1265,9 +1336,11 @@ impl<W: Write + Seek> Builder<W> {
         let nid = |i: usize| offset[i] / NID_SLOT;
 
         // Full blocks of directories and symlinks go to the data area.
-        let mut tails: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
-        let mut start_block = vec![0u64; self.nodes.len()];
+        let zeros = [0u8; BLKSZ as usize];
+        let mut tails: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+        let mut start_block = vec![0u32; self.nodes.len()];
         for &i in &order {
+            let (at, i) = (i, i as usize);
             let bytes = match &self.nodes[i].kind {
                 Kind::Dir(children) => {
                     let mut entries: Vec<(&[u8], u64, u8)> = children
@@ -1275,7 +1348,7 @@ impl<W: Write + Seek> Builder<W> {
                         .map(|(name, &c)| (name.as_slice(), nid(c), self.nodes[c].file_type()))
                         .collect();
                     entries.push((b".", nid(i), ft::DIR));
-                    entries.push((b"..", nid(parent_of[i]), ft::DIR));
+                    entries.push((b"..", nid(parent_of[i] as usize), ft::DIR));
                     entries.sort_by(|a, b| a.0.cmp(b.0));
                     dir_blocks(&entries)
                 }
@@ -1283,29 +1356,49 @@ impl<W: Write + Seek> Builder<W> {
                 _ => continue,
             };
             debug_assert_eq!(bytes.len() as u64, data_size[i]);
-            let full = bytes.len() as u64 / BLKSZ * BLKSZ;
+            let size = bytes.len() as u64;
+            let full = if inline(&self.nodes[i], size) {
+                size / BLKSZ * BLKSZ
+            } else {
+                size
+            };
             if full > 0 {
-                start_block[i] = self.next_block;
+                // Checked against 32 bits as the data area grew.
+                start_block[i] = self.next_block as u32;
                 self.out
                     .write_all(&bytes[..full as usize])
                     .map_err(io_err("write directory blocks"))?;
-                self.next_block += full / BLKSZ;
+                let pad = full.div_ceil(BLKSZ) * BLKSZ - full;
+                self.out
+                    .write_all(&zeros[..pad as usize])
+                    .map_err(io_err("write directory blocks"))?;
+                self.next_block += full.div_ceil(BLKSZ);
+                if self.next_block > u32::MAX as u64 {
+                    return Err(Error::TooLarge {
+                        what: "directory blocks beyond 16 TiB",
+                    });
+                }
             }
-            tails.insert(i, bytes[full as usize..].to_vec());
+            if full < size {
+                tails.insert(at, bytes[full as usize..].to_vec());
+            }
         }
+        drop(parent_of);
 
-        // The metadata area.
+        // The metadata area, in `order`, whose offsets only grow: each
+        // inode is written after the zeros that pad up to it.
         let meta_blkaddr = self.next_block;
-        let mut meta = vec![0u8; cursor as usize];
-        for (ino, &i) in order.iter().enumerate() {
+        let mut written = 0u64;
+        for (ino, &at) in order.iter().enumerate() {
+            let i = at as usize;
             let n = &self.nodes[i];
-            let tail = tails.get(&i).map(Vec::as_slice).unwrap_or(&[]);
+            let tail = tails.get(&at).map(Vec::as_slice).unwrap_or(&[]);
             let (layout, i_u) = match &n.kind {
                 Kind::File { start_block, .. } => (datalayout::FLAT_PLAIN, *start_block),
                 Kind::Dir(_) | Kind::Symlink(_) if !tail.is_empty() => {
-                    (datalayout::FLAT_INLINE, start_block[i])
+                    (datalayout::FLAT_INLINE, start_block[i] as u64)
                 }
-                Kind::Dir(_) | Kind::Symlink(_) => (datalayout::FLAT_PLAIN, start_block[i]),
+                Kind::Dir(_) | Kind::Symlink(_) => (datalayout::FLAT_PLAIN, start_block[i] as u64),
                 Kind::Char(rdev) | Kind::Block(rdev) => (datalayout::FLAT_PLAIN, *rdev as u64),
                 Kind::Fifo => (datalayout::FLAT_PLAIN, 0),
             };
@@ -1336,16 +1429,19 @@ impl<W: Write + Seek> Builder<W> {
                 i_nlink: links.into(),
                 ..Default::default()
             };
-            let at = offset[i] as usize;
-            meta[at..at + 64].copy_from_slice(inode.as_bytes());
+            let gap = offset[i] - written;
+            debug_assert!(gap < BLKSZ, "a gap is slot or block padding");
             let x = xattr_bytes(&n.xattrs);
-            meta[at + 64..at + 64 + x.len()].copy_from_slice(&x);
-            meta[at + 64 + x.len()..at + 64 + x.len() + tail.len()].copy_from_slice(tail);
+            for part in [&zeros[..gap as usize], inode.as_bytes(), &x, tail] {
+                self.out.write_all(part).map_err(io_err("write metadata"))?;
+            }
+            written = offset[i] + 64 + x.len() as u64 + tail.len() as u64;
         }
+        let pad = cursor - written;
         self.out
-            .write_all(&meta)
+            .write_all(&zeros[..pad as usize])
             .map_err(io_err("write metadata"))?;
-        let end = meta_blkaddr * BLKSZ + meta.len() as u64;
+        let end = meta_blkaddr * BLKSZ + cursor;
         let blocks = end.div_ceil(BLKSZ);
         let pad = blocks * BLKSZ - end;
         self.out
@@ -2030,6 +2126,136 @@ mod tests {
                 matches!(&e, Error::UnsafePath { path, .. } if path == name),
                 "{name}: {e}"
             );
+        }
+    }
+
+    #[test]
+    fn layers_past_max_layer_entries_are_refused() {
+        let mut b = tar::Builder::new(Vec::new());
+        for i in 0..100 {
+            let mut h = header(tar::EntryType::Regular, 0);
+            b.append_data(&mut h, format!("f{i:03}"), io::empty())
+                .unwrap();
+        }
+        let tar = b.into_inner().unwrap();
+        let at = |max_layer_entries| Options {
+            max_layer_entries,
+            ..Options::default()
+        };
+        convert_with(&tar[..], io::Cursor::new(Vec::new()), at(100)).unwrap();
+        let e = convert_with(&tar[..], io::Cursor::new(Vec::new()), at(50)).unwrap_err();
+        assert!(
+            matches!(&e, Error::TooManyEntries { path, limit: 50 } if path == "f050"),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("snapshotter.max_layer_entries"),
+            "{e}"
+        );
+
+        // Parents made on the way count: one entry 40 directories deep.
+        let deep = vec!["d"; 40].join("/") + "/file";
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = header(tar::EntryType::Regular, 0);
+        b.append_data(&mut h, &deep, io::empty()).unwrap();
+        let tar = b.into_inner().unwrap();
+        convert_with(&tar[..], io::Cursor::new(Vec::new()), at(41)).unwrap();
+        let e = convert_with(&tar[..], io::Cursor::new(Vec::new()), at(40)).unwrap_err();
+        assert!(
+            matches!(&e, Error::TooManyEntries { path, .. } if *path == deep),
+            "{e}"
+        );
+    }
+
+    /// Directories and symlinks whose last partial block cannot follow
+    /// their inode in one block (a symlink of 4063 bytes, a directory
+    /// whose last block is almost full, with or without xattrs) get a
+    /// block of their own; every inline tail ends in the block where its
+    /// inode ends, and everything reads back. The kernel refuses inline
+    /// data that crosses a block (`inline data across blocks`: EIO).
+    #[test]
+    fn inline_data_never_crosses_a_block_boundary() {
+        let mut b = tar::Builder::new(Vec::new());
+        let targets: Vec<String> = [1, 4000, 4031, 4032, 4033, 4063, 4095]
+            .iter()
+            .map(|n| "t/".repeat(n / 2) + &"x".repeat(n % 2))
+            .collect();
+        for (i, t) in targets.iter().enumerate() {
+            let mut h = header(tar::EntryType::Symlink, 0);
+            b.append_link(&mut h, format!("links/l{i}"), t).unwrap();
+        }
+        // 127 names of 20 bytes, plus "." and "..": 4091 bytes.
+        let names: Vec<String> = (0..127).map(|i| format!("entry-{i:014}")).collect();
+        // "labelled" carries an xattr, which moves its tail further on.
+        b.append_pax_extensions([("SCHILY.xattr.user.label", &b"yes"[..])])
+            .unwrap();
+        let mut h = header(tar::EntryType::Directory, 0);
+        h.set_mode(0o755);
+        b.append_data(&mut h, "labelled/", io::empty()).unwrap();
+        for dir in ["full", "labelled"] {
+            for n in &names {
+                let mut h = header(tar::EntryType::Regular, 0);
+                b.append_data(&mut h, format!("{dir}/{n}"), io::empty())
+                    .unwrap();
+            }
+        }
+        let tar = b.into_inner().unwrap();
+        let img = image(&tar);
+
+        let meta = u32::from_le_bytes(img[1064..1068].try_into().unwrap()) as u64 * BLKSZ;
+        let check = |path: &str| -> Vec<u8> {
+            let nid = read::lookup(&img, path).unwrap_or_else(|| panic!("{path} is missing"));
+            let at = (meta + nid * 32) as usize;
+            let format = u16::from_le_bytes(img[at..at + 2].try_into().unwrap());
+            let (_, size, icount, data) = read::inode(&img, nid);
+            let xsize = if icount == 0 {
+                0
+            } else {
+                12 + 4 * (icount as u64 - 1)
+            };
+            let inline = (format >> 1) & 7 == 2;
+            let tail = size % BLKSZ;
+            if inline {
+                // Where the kernel looks for it: right after the inode
+                // and its xattrs, in the block they end in.
+                assert!(
+                    (at as u64 + 64 + xsize) % BLKSZ + tail <= BLKSZ,
+                    "{path}: inline tail of {tail} bytes crosses a block"
+                );
+            } else {
+                assert!(
+                    tail == 0 || 64 + xsize + tail > BLKSZ,
+                    "{path}: a tail that fits is inline"
+                );
+            }
+            assert_eq!(data.len() as u64, size, "{path}");
+            data
+        };
+        for (i, t) in targets.iter().enumerate() {
+            assert_eq!(check(&format!("links/l{i}")), t.as_bytes(), "symlink {i}");
+        }
+        for dir in ["full", "labelled"] {
+            let data = check(dir);
+            assert_eq!(data.len(), 4091, "{dir}");
+            let got: Vec<Vec<u8>> = read::entries(&data).into_iter().map(|e| e.0).collect();
+            assert_eq!(got.len(), 129, "{dir}");
+            for n in &names {
+                assert!(got.contains(&n.as_bytes().to_vec()), "{dir}/{n}");
+            }
+        }
+        let dir = scratch("inline");
+        std::fs::write(dir.join("img"), &img).unwrap();
+        let out = std::process::Command::new("fsck.erofs")
+            .arg(dir.join("img"))
+            .output();
+        let _ = std::fs::remove_dir_all(&dir);
+        match out {
+            Ok(out) => assert!(
+                out.status.success(),
+                "fsck.erofs: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(_) => eprintln!("SKIPPED: fsck.erofs (erofs-utils) is not installed"),
         }
     }
 

@@ -1,6 +1,16 @@
 //! A private containerd per test: its own root, state, gRPC and NRI sockets,
 //! runc root and cgroup prefix, with a config generated for the test.
 //!
+//! Two release lines are supported ([`Line`]): 1.7 (Debian's
+//! `/usr/bin/containerd`, config version 2) and 2.x (built by
+//! `scripts/install-deps.sh` into [`crate::gobin`], config version 3, where
+//! CRI is split into the `io.containerd.cri.v1.images`,
+//! `io.containerd.cri.v1.runtime` and `io.containerd.grpc.v1.cri` plugins).
+//! `HYPERBOX_CONTAINERD_LINE` (`1.7`, the default, or `2`) picks the line for
+//! every instance of a test run, so the same tests run on both. On 2.x the
+//! transfer service (`ctr image pull`) is also told to unpack into the proxy
+//! snapshotters, with their remote-snapshot labels.
+//!
 //! The config enables NRI on the instance's own socket and plugin dirs, and
 //! CRI with `disable_snapshot_annotations = false` (so CRI sends the snapshot
 //! labels a remote snapshotter needs) and `restrict_oom_score_adj = true` (the
@@ -29,6 +39,88 @@ use crate::registry::tail;
 pub const API_NAMESPACE: &str = "default";
 /// The namespace CRI uses.
 pub const CRI_NAMESPACE: &str = "k8s.io";
+
+/// Selects the containerd line of a test run: `1.7` (default) or `2`.
+pub const LINE_ENV: &str = "HYPERBOX_CONTAINERD_LINE";
+
+/// Debian's containerd 1.7 (package `containerd`, see `scripts/install-deps.sh`).
+pub const CONTAINERD_1_7: &str = "/usr/bin/containerd";
+
+/// A containerd release line, with what differs between them: the binary, its
+/// shim, and the config schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Line {
+    /// containerd 1.7.x: config version 2, CRI in one plugin.
+    V1_7,
+    /// containerd 2.x: config version 3, CRI split in three plugins.
+    V2,
+}
+
+impl Line {
+    /// Both lines, oldest first.
+    pub const ALL: [Line; 2] = [Line::V1_7, Line::V2];
+
+    /// The line `HYPERBOX_CONTAINERD_LINE` names, or why its value is not one.
+    pub fn from_env() -> std::result::Result<Line, String> {
+        match std::env::var(LINE_ENV) {
+            Err(std::env::VarError::NotPresent) => Ok(Line::V1_7),
+            Ok(v) => match v.trim() {
+                "" | "1.7" => Ok(Line::V1_7),
+                "2" | "2.x" => Ok(Line::V2),
+                other => Err(format!("{LINE_ENV}={other:?}: expected \"1.7\" or \"2\"")),
+            },
+            Err(e) => Err(format!("{LINE_ENV}: {e}")),
+        }
+    }
+
+    /// The line of this test run. A value of `HYPERBOX_CONTAINERD_LINE` that
+    /// names no line panics: a typo must not quietly test the other line.
+    pub fn selected() -> Line {
+        Line::from_env().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The containerd daemon of this line.
+    pub fn binary(self) -> PathBuf {
+        match self {
+            Line::V1_7 => PathBuf::from(CONTAINERD_1_7),
+            Line::V2 => crate::gobin::containerd(),
+        }
+    }
+
+    /// A directory to put first on the daemon's `PATH` so that it starts its
+    /// own line's `containerd-shim-runc-v2`, not the one in `/usr/bin`.
+    pub fn bin_dir(self) -> Option<PathBuf> {
+        match self {
+            Line::V1_7 => None,
+            Line::V2 => Some(crate::gobin::containerd_dir()),
+        }
+    }
+
+    /// The config `version` the harness writes for this line.
+    pub fn config_version(self) -> u32 {
+        match self {
+            Line::V1_7 => 2,
+            Line::V2 => 3,
+        }
+    }
+
+    /// What `containerd --version` prints for this line's release.
+    pub fn release(self) -> &'static str {
+        match self {
+            Line::V1_7 => "1.7",
+            Line::V2 => crate::gobin::CONTAINERD_VERSION,
+        }
+    }
+}
+
+impl std::fmt::Display for Line {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Line::V1_7 => "containerd 1.7",
+            Line::V2 => "containerd 2.x",
+        })
+    }
+}
 
 /// Errors of starting or stopping containerd.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +207,7 @@ pub struct Builder {
     no_cri: bool,
     no_nri: bool,
     nri_plugins: Vec<NriPlugin>,
+    line: Option<Line>,
 }
 
 /// A pre-registered NRI plugin: an executable containerd launches from its
@@ -178,8 +271,16 @@ impl Builder {
         self
     }
 
+    /// Runs this line instead of the one `HYPERBOX_CONTAINERD_LINE` selects.
+    pub fn line(mut self, line: Line) -> Self {
+        self.line = Some(line);
+        self
+    }
+
     /// Starts containerd and waits until it answers.
-    pub async fn start(self) -> Result<Containerd> {
+    pub async fn start(mut self) -> Result<Containerd> {
+        // Fixed once, so a restart runs the same line whatever the env says.
+        self.line = Some(self.line.unwrap_or_else(Line::selected));
         crate::procs::become_subreaper();
         sweep_once();
         let dir = tempfile::Builder::new()
@@ -226,6 +327,11 @@ impl Containerd {
     /// A builder with NRI and CRI on and no extra plugins.
     pub fn builder() -> Builder {
         Builder::default()
+    }
+
+    /// The release line this instance runs, so a test can state what differs.
+    pub fn line(&self) -> Line {
+        self.builder.line.unwrap_or_else(Line::selected)
     }
 
     /// The instance's private directory.
@@ -305,6 +411,7 @@ impl Containerd {
             "opt",
             "io",
             "runc",
+            "cdi",
         ] {
             fs::create_dir_all(d.join(sub)).map_err(io(format!("create {sub}")))?;
         }
@@ -360,21 +467,28 @@ impl Containerd {
     fn config_toml(&self) -> String {
         let d = self.dir().display().to_string();
         let b = &self.builder;
+        let line = self.line();
         let mut disabled = vec![
             "io.containerd.snapshotter.v1.btrfs",
             "io.containerd.snapshotter.v1.zfs",
-            "io.containerd.snapshotter.v1.aufs",
             "io.containerd.snapshotter.v1.devmapper",
             "io.containerd.tracing.processor.v1.otlp",
             "io.containerd.internal.v1.tracing",
         ];
+        // 2.x has no aufs plugin; it would ignore the id silently, but the
+        // config should name only what exists.
+        if line == Line::V1_7 {
+            disabled.push("io.containerd.snapshotter.v1.aufs");
+        }
         if b.no_cri {
             disabled.push("io.containerd.grpc.v1.cri");
         }
         let mut s = String::new();
-        let _ = writeln!(s, "version = 2");
+        let _ = writeln!(s, "version = {}", line.config_version());
         let _ = writeln!(s, "root = \"{d}/root\"\nstate = \"{d}/state\"");
         let _ = writeln!(s, "disabled_plugins = {disabled:?}");
+        // 2.4 reads these from the server plugins of config version 4 and
+        // migrates a version 3 file's top-level sections (with a warning).
         let _ = writeln!(s, "\n[grpc]\n  address = \"{d}/containerd.sock\"");
         let _ = writeln!(s, "\n[ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"");
         let _ = writeln!(s, "\n[debug]\n  level = \"info\"");
@@ -387,40 +501,12 @@ impl Containerd {
             "\n[plugins.\"io.containerd.nri.v1.nri\"]\n  disable = {}\n  disable_connections = false\n  socket_path = \"{d}/nri/nri.sock\"\n  plugin_path = \"{d}/nri/plugins\"\n  plugin_config_path = \"{d}/nri/conf.d\"\n  plugin_registration_timeout = \"5s\"\n  plugin_request_timeout = \"2s\"",
             b.no_nri
         );
-        if !b.no_cri {
-            let snap = b.cri_snapshotter.as_deref().unwrap_or("overlayfs");
-            let cri = "plugins.\"io.containerd.grpc.v1.cri\"";
-            let _ = writeln!(s, "\n[{cri}]");
-            if let Some(img) = &b.sandbox_image {
-                let _ = writeln!(s, "  sandbox_image = \"{img}\"");
-            }
-            let _ = writeln!(
-                s,
-                "  restrict_oom_score_adj = true\n  stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n  enable_cdi = false"
-            );
-            let _ = writeln!(
-                s,
-                "\n[{cri}.containerd]\n  snapshotter = \"{snap}\"\n  default_runtime_name = \"runc\"\n  disable_snapshot_annotations = false"
-            );
-            let _ = writeln!(
-                s,
-                "\n[{cri}.containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n  [{cri}.containerd.runtimes.runc.options]\n    Root = \"{d}/runc\"\n    SystemdCgroup = false"
-            );
-            for r in &b.runtimes {
-                let _ = writeln!(
-                    s,
-                    "\n[{cri}.containerd.runtimes.{}]\n  runtime_type = \"{}\"",
-                    r.name, r.runtime_type
-                );
-                if let Some(p) = &r.path {
-                    let _ = writeln!(s, "  runtime_path = \"{}\"", p.display());
-                }
-            }
-            let _ = writeln!(
-                s,
-                "\n[{cri}.cni]\n  bin_dir = \"/usr/lib/cni\"\n  conf_dir = \"{d}/cni/net.d\""
-            );
-            let _ = writeln!(s, "\n[{cri}.registry]\n  config_path = \"{d}/certs.d\"");
+        match line {
+            Line::V1_7 if !b.no_cri => self.cri_config_v2(&mut s),
+            Line::V1_7 => {}
+            // The images and runtime plugins load even with the CRI service
+            // disabled, so they always get the instance's own paths.
+            Line::V2 => self.cri_config_v3(&mut s),
         }
         for p in &b.proxy_plugins {
             let _ = writeln!(
@@ -430,16 +516,132 @@ impl Containerd {
                 p.kind,
                 p.address.display()
             );
+            // 2.x's transfer service (`ctr image pull`) sends a snapshotter
+            // the remote-snapshot labels only when its exports ask for them.
+            let remote_labels = line == Line::V2 && p.kind == "snapshot";
+            if p.root.is_some() || remote_labels {
+                let _ = writeln!(s, "  [proxy_plugins.{}.exports]", p.name);
+            }
             if let Some(root) = &p.root {
-                let _ = writeln!(
-                    s,
-                    "  [proxy_plugins.{}.exports]\n    root = \"{}\"",
-                    p.name,
-                    root.display()
-                );
+                let _ = writeln!(s, "    root = \"{}\"", root.display());
+            }
+            if remote_labels {
+                let _ = writeln!(s, "    enable_remote_snapshot_annotations = \"true\"");
             }
         }
+        if line == Line::V2 {
+            self.transfer_unpack_config(&mut s);
+        }
         s
+    }
+
+    /// 2.x's transfer service unpacks only into the snapshotters listed in
+    /// its `unpack_config` (overlayfs, and erofs where it loads, by
+    /// default); `ctr image pull --snapshotter X` fails with "no unpack
+    /// platforms defined" for any other. The list replaces the default, so
+    /// overlayfs is listed again next to the proxy snapshotters.
+    fn transfer_unpack_config(&self, s: &mut String) {
+        let snapshotters = std::iter::once("overlayfs").chain(
+            self.builder
+                .proxy_plugins
+                .iter()
+                .filter(|p| p.kind == "snapshot")
+                .map(|p| p.name.as_str()),
+        );
+        for name in snapshotters {
+            let _ = writeln!(
+                s,
+                "\n[[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]\n  platform = \"linux\"\n  snapshotter = \"{name}\"\n  differ = \"walking\""
+            );
+        }
+    }
+
+    /// The extra runtimes, as entries under `{table}.runtimes`.
+    fn runtime_entries(&self, s: &mut String, table: &str) {
+        let d = self.dir().display().to_string();
+        let _ = writeln!(
+            s,
+            "\n[{table}.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n  [{table}.runtimes.runc.options]\n    Root = \"{d}/runc\"\n    SystemdCgroup = false"
+        );
+        for r in &self.builder.runtimes {
+            let _ = writeln!(
+                s,
+                "\n[{table}.runtimes.{}]\n  runtime_type = \"{}\"",
+                r.name, r.runtime_type
+            );
+            if let Some(p) = &r.path {
+                let _ = writeln!(s, "  runtime_path = \"{}\"", p.display());
+            }
+        }
+    }
+
+    /// CRI in config version 2 (1.7): one plugin, `io.containerd.grpc.v1.cri`.
+    fn cri_config_v2(&self, s: &mut String) {
+        let d = self.dir().display().to_string();
+        let b = &self.builder;
+        let snap = b.cri_snapshotter.as_deref().unwrap_or("overlayfs");
+        let cri = "plugins.\"io.containerd.grpc.v1.cri\"";
+        let _ = writeln!(s, "\n[{cri}]");
+        if let Some(img) = &b.sandbox_image {
+            let _ = writeln!(s, "  sandbox_image = \"{img}\"");
+        }
+        let _ = writeln!(
+            s,
+            "  restrict_oom_score_adj = true\n  stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n  enable_cdi = false"
+        );
+        let _ = writeln!(
+            s,
+            "\n[{cri}.containerd]\n  snapshotter = \"{snap}\"\n  default_runtime_name = \"runc\"\n  disable_snapshot_annotations = false"
+        );
+        self.runtime_entries(s, &format!("{cri}.containerd"));
+        let _ = writeln!(
+            s,
+            "\n[{cri}.cni]\n  bin_dir = \"/usr/lib/cni\"\n  conf_dir = \"{d}/cni/net.d\""
+        );
+        let _ = writeln!(s, "\n[{cri}.registry]\n  config_path = \"{d}/certs.d\"");
+    }
+
+    /// CRI in config version 3 (2.x): image service, runtime service and the
+    /// gRPC/streaming server are separate plugins.
+    fn cri_config_v3(&self, s: &mut String) {
+        let d = self.dir().display().to_string();
+        let b = &self.builder;
+        let snap = b.cri_snapshotter.as_deref().unwrap_or("overlayfs");
+        let images = "plugins.\"io.containerd.cri.v1.images\"";
+        let _ = writeln!(
+            s,
+            "\n[{images}]\n  snapshotter = \"{snap}\"\n  disable_snapshot_annotations = false"
+        );
+        if let Some(img) = &b.sandbox_image {
+            let _ = writeln!(s, "\n[{images}.pinned_images]\n  sandbox = \"{img}\"");
+        }
+        let _ = writeln!(s, "\n[{images}.registry]\n  config_path = \"{d}/certs.d\"");
+        // CDI cannot be turned off in 2.x; point it at an empty dir of the
+        // instance so host CDI specs do not leak into tests.
+        let runtime = "plugins.\"io.containerd.cri.v1.runtime\"";
+        let _ = writeln!(
+            s,
+            "\n[{runtime}]\n  restrict_oom_score_adj = true\n  cdi_spec_dirs = [\"{d}/cdi\"]"
+        );
+        let _ = writeln!(
+            s,
+            "\n[{runtime}.containerd]\n  default_runtime_name = \"runc\""
+        );
+        self.runtime_entries(s, &format!("{runtime}.containerd"));
+        let _ = writeln!(
+            s,
+            "\n[{runtime}.cni]\n  bin_dirs = [\"/usr/lib/cni\"]\n  conf_dir = \"{d}/cni/net.d\""
+        );
+        let _ = writeln!(
+            s,
+            "\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\""
+        );
+        // The transfer service (`ctr image pull`) reads registry hosts from
+        // its own config_path in 2.x.
+        let _ = writeln!(
+            s,
+            "\n[plugins.\"io.containerd.transfer.v1.local\"]\n  config_path = \"{d}/certs.d\""
+        );
     }
 
     fn spawn(&mut self) -> Result<()> {
@@ -448,14 +650,27 @@ impl Containerd {
             .append(true)
             .open(self.dir().join("containerd.log"))
             .map_err(io("open containerd.log"))?;
-        let child = Command::new("containerd")
+        let line = self.line();
+        let binary = line.binary();
+        let mut cmd = Command::new(&binary);
+        if let Some(bin_dir) = line.bin_dir() {
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            let path =
+                std::env::join_paths(std::iter::once(bin_dir).chain(std::env::split_paths(&path)))
+                    .map_err(|e| Error::Io {
+                        action: "build PATH for containerd".into(),
+                        source: std::io::Error::other(e),
+                    })?;
+            cmd.env("PATH", path);
+        }
+        let child = cmd
             .arg("--config")
             .arg(self.dir().join("config.toml"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(io("dup log"))?)
             .stderr(log)
             .spawn()
-            .map_err(io("spawn containerd"))?;
+            .map_err(io(format!("spawn {} ({line})", binary.display())))?;
         self.child = Some(child);
         Ok(())
     }

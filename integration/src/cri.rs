@@ -371,6 +371,24 @@ impl Cri {
         Ok(())
     }
 
+    /// Sets a running container's memory limit, as the kubelet resizes a
+    /// container in place (UpdateContainerResources).
+    pub async fn update_memory_limit(&self, id: &str, limit: i64) -> Result<()> {
+        self.runtime
+            .clone()
+            .update_container_resources(UpdateContainerResourcesRequest {
+                container_id: id.into(),
+                linux: Some(LinuxContainerResources {
+                    memory_limit_in_bytes: limit,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .map_err(rpc("UpdateContainerResources", id))?;
+        Ok(())
+    }
+
     /// Runs `cmd` in a running container and waits (kubelet probes, `kubectl exec`).
     pub async fn exec_sync(
         &self,

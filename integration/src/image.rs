@@ -684,6 +684,8 @@ pub struct RunConfig {
     pub env: Vec<String>,
     /// `WorkingDir`.
     pub working_dir: String,
+    /// `User` (`uid`, `name`, `uid:gid`, `name:group`); root when empty.
+    pub user: String,
 }
 
 /// A whole image: layers bottom first, run config, and whether to wrap the
@@ -752,6 +754,10 @@ impl ImageSpec {
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
             "history": layers.iter().map(|_| json!({"created_by": "hyperbox-integration"})).collect::<Vec<_>>(),
         });
+        let mut config = config;
+        if !self.run.user.is_empty() {
+            config["config"]["User"] = json!(self.run.user);
+        }
         let config = Blob::from_bytes(dir, media::CONFIG, &serde_json::to_vec(&config).unwrap())?;
         let manifest = json!({
             "schemaVersion": 2,

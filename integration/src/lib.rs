@@ -1,10 +1,12 @@
 //! The harness behind hyperbox's end-to-end tests and benchmarks.
 //!
 //! Every test here runs against the real parts a node runs: a private
-//! containerd 1.7 ([`containerd::Containerd`]) with its own root, state, gRPC
-//! socket, NRI socket and cgroup prefix; Debian's docker-registry on a loopback
-//! port ([`registry::Registry`]); OCI images built from a description and pushed
-//! through the distribution API ([`image`]); a fault-injecting, shaping proxy in
+//! containerd 1.7 or 2.x ([`containerd::Containerd`], the line chosen by
+//! `HYPERBOX_CONTAINERD_LINE`, see [`containerd::Line`]) with its own root,
+//! state, gRPC socket, NRI socket and cgroup prefix; Debian's docker-registry
+//! on a loopback port ([`registry::Registry`]); OCI images built from a
+//! description and pushed through the distribution API ([`image`]); a
+//! fault-injecting, shaping proxy in
 //! front of the registry ([`proxy::FaultProxy`]); and two clients, one for
 //! containerd's own API the way `ctr`/nerdctl use it ([`client::Client`]) and
 //! one for CRI the way the kubelet uses it ([`cri::Cri`]).
@@ -27,8 +29,11 @@ pub mod client;
 pub mod containerd;
 pub mod corpus;
 pub mod cri;
+pub mod critest;
 pub mod digest;
+pub mod fdstore;
 pub mod footprint;
+pub mod gobin;
 pub mod image;
 pub mod mount;
 pub mod otlp;
@@ -40,6 +45,7 @@ pub mod registry;
 pub mod snapshotter;
 pub mod testbed;
 pub mod token;
+pub mod tools;
 pub mod workload;
 
 /// Installs a `tracing` subscriber for test output once; `RUST_LOG` filters it.

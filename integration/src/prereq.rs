@@ -7,13 +7,25 @@
 use std::path::Path;
 use std::process::Command;
 
+use crate::containerd::Line;
+use crate::gobin;
+
 /// Something a test needs from the machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Prereq {
     /// Effective uid 0 (mounts, cgroups, containerd).
     Root,
-    /// containerd 1.7.x on `PATH`.
+    /// The containerd of the line this run tests (`HYPERBOX_CONTAINERD_LINE`,
+    /// see [`crate::containerd::Line`]): [`Prereq::Containerd1_7`] or
+    /// [`Prereq::Containerd2`].
     Containerd,
+    /// Debian's containerd 1.7.x at `/usr/bin/containerd`, whatever the line.
+    Containerd1_7,
+    /// containerd 2.x built by `scripts/install-deps.sh`: `containerd`,
+    /// `containerd-shim-runc-v2` and `ctr` of the pinned release in
+    /// [`crate::gobin::containerd_dir`], whatever the line.
+    Containerd2,
+
     /// runc on `PATH`.
     Runc,
     /// Debian's docker-registry.
@@ -48,11 +60,58 @@ impl Prereq {
         match self {
             Prereq::Root => (!nix::unistd::geteuid().is_root())
                 .then(|| "needs root (mounts, cgroups, containerd)".to_string()),
-            Prereq::Containerd => match command_output("containerd", &["--version"]) {
-                Some(v) if v.contains(" v1.7.") || v.contains(" 1.7.") => None,
-                Some(v) => Some(format!("needs containerd 1.7, found: {}", v.trim())),
-                None => Some("containerd not found (scripts/install-deps.sh)".into()),
+            Prereq::Containerd => match Line::from_env() {
+                Ok(Line::V1_7) => Prereq::Containerd1_7.missing(),
+                Ok(Line::V2) => Prereq::Containerd2.missing(),
+                Err(e) => Some(e),
             },
+            Prereq::Containerd1_7 => {
+                match command_output(crate::containerd::CONTAINERD_1_7, &["--version"]) {
+                    Some(v) if v.contains(" v1.7.") || v.contains(" 1.7.") => None,
+                    Some(v) => Some(format!("needs containerd 1.7, found: {}", v.trim())),
+                    None => Some(format!(
+                        "{} not found (scripts/install-deps.sh)",
+                        crate::containerd::CONTAINERD_1_7
+                    )),
+                }
+            }
+            Prereq::Containerd2 => {
+                let want = gobin::CONTAINERD_VERSION;
+                let tools = [
+                    (gobin::containerd(), "--version"),
+                    (gobin::containerd_shim(), "-v"),
+                    (gobin::ctr(), "--version"),
+                ];
+                let wrong: Vec<String> = tools
+                    .iter()
+                    .filter_map(|(bin, arg)| {
+                        let v = command_output(&bin.to_string_lossy(), &[arg])?;
+                        // Module builds print `2.4.2+unknown`; releases `v2.4.2`.
+                        let found = v.split_whitespace().any(|w| {
+                            w.trim_start_matches('v')
+                                .split('+')
+                                .next()
+                                .is_some_and(|r| r == want)
+                        });
+                        (!found).then(|| format!("{} is not {want}: {}", bin.display(), v.trim()))
+                    })
+                    .collect();
+                let absent: Vec<String> = tools
+                    .iter()
+                    .filter(|(bin, _)| !bin.exists())
+                    .map(|(bin, _)| bin.display().to_string())
+                    .collect();
+                if !absent.is_empty() {
+                    Some(format!(
+                        "containerd {want} not built: missing {} (scripts/install-deps.sh)",
+                        absent.join(", ")
+                    ))
+                } else if !wrong.is_empty() {
+                    Some(wrong.join("; "))
+                } else {
+                    None
+                }
+            }
             Prereq::Runc => command_output("runc", &["--version"])
                 .is_none()
                 .then(|| "runc not found (scripts/install-deps.sh)".into()),

@@ -53,6 +53,9 @@ pub enum Fault {
     /// Answer with this status and a chunked body that never ends (until
     /// the client hangs up).
     Endless(u16),
+    /// Forward the upstream body chunked (no Content-Length), with this
+    /// many more bytes after it: a blob longer than its descriptor says.
+    Longer(u64),
 }
 
 /// A fault for requests whose path contains `path_contains`.
@@ -405,6 +408,34 @@ async fn serve(mut conn: TcpStream, state: &State) -> std::io::Result<()> {
                 )
             }
         };
+        if let Some(Fault::Longer(extra)) = fault {
+            head.push_str("transfer-encoding: chunked\r\n\r\n");
+            conn.write_all(head.as_bytes()).await?;
+            let frame = |piece: &[u8]| {
+                let mut f = format!("{:x}\r\n", piece.len()).into_bytes();
+                f.extend_from_slice(piece);
+                f.extend_from_slice(b"\r\n");
+                f
+            };
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(std::io::Error::other)?;
+                conn.write_all(&frame(&chunk)).await?;
+                state
+                    .bytes_served
+                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+            let junk = vec![b'x'; CHUNK];
+            let mut left = extra;
+            while left > 0 {
+                let n = left.min(CHUNK as u64) as usize;
+                // Fails once the client hangs up.
+                conn.write_all(&frame(&junk[..n])).await?;
+                state.bytes_served.fetch_add(n as u64, Ordering::Relaxed);
+                left -= n as u64;
+            }
+            conn.write_all(b"0\r\n\r\n").await?;
+            continue;
+        }
         head.push_str(&format!("content-length: {len}\r\n\r\n"));
         conn.write_all(head.as_bytes()).await?;
         let mut offset = 0u64;

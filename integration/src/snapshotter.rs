@@ -26,6 +26,8 @@ pub struct SnapshotterDaemon {
     dir: PathBuf,
     child: Option<Child>,
     bin: PathBuf,
+    /// A service manager's fd store the daemon hands fds to, if enabled.
+    fd_store: Option<crate::fdstore::FdStore>,
 }
 
 impl SnapshotterDaemon {
@@ -66,6 +68,7 @@ impl SnapshotterDaemon {
             bin: crate::binaries::path("hyperbox-snapshotter"),
             dir,
             child: None,
+            fd_store: None,
         };
         d.spawn().await;
         d
@@ -96,6 +99,23 @@ impl SnapshotterDaemon {
         }
     }
 
+    /// Runs `hb image index --json REFERENCE` with this daemon's config
+    /// (its registry settings) and returns what it printed.
+    pub fn hb_index(&self, reference: &str) -> serde_json::Value {
+        let out = Command::new(crate::binaries::path("hb"))
+            .arg("--config")
+            .arg(self.config_path())
+            .args(["image", "index", "--json", reference])
+            .output()
+            .expect("run hb");
+        assert!(
+            out.status.success(),
+            "hb image index: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("hb image index --json")
+    }
+
     /// What it has logged.
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.join("snapshotter.log")).unwrap_or_default()
@@ -106,13 +126,65 @@ impl SnapshotterDaemon {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// From the next start on, runs the daemon as systemd runs a unit with
+    /// `FileDescriptorStoreMax=`: with a `NOTIFY_SOCKET` whose fd store
+    /// keeps what it hands over, passed back at each start (`LISTEN_FDS`).
+    pub fn use_fd_store(&mut self) {
+        self.fd_store = Some(
+            crate::fdstore::FdStore::bind(&self.dir.join("notify.sock")).expect("notify socket"),
+        );
+    }
+
+    /// The names of the fds the daemon has handed to the fd store.
+    pub fn stored_fds(&mut self) -> Vec<String> {
+        match &mut self.fd_store {
+            Some(s) => {
+                s.receive();
+                s.names()
+            }
+            None => Vec::new(),
+        }
+    }
+
     async fn spawn(&mut self) {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join("snapshotter.log"))
             .expect("open log");
-        let child = Command::new(&self.bin)
+        let mut cmd = Command::new(&self.bin);
+        if let Some(store) = &mut self.fd_store {
+            store.receive();
+            let fds = store.fds();
+            let names = store.names().join(":");
+            cmd = Command::new("/bin/sh");
+            // LISTEN_PID must be the daemon's own pid: the shell's, which
+            // exec keeps.
+            cmd.arg("-c")
+                .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
+                .arg(&self.bin)
+                .env("NOTIFY_SOCKET", store.notify_socket());
+            if !fds.is_empty() {
+                cmd.env("LISTEN_FDS", fds.len().to_string())
+                    .env("LISTEN_FDNAMES", names);
+                // SAFETY: between fork and exec only dup2 and fcntl run, which are
+                // async-signal-safe; the source fds stay open in the parent
+                // (the store) for the whole spawn.
+                unsafe {
+                    use std::os::unix::process::CommandExt as _;
+                    cmd.pre_exec(move || {
+                        for (i, fd) in fds.iter().enumerate() {
+                            let to = 3 + i as i32;
+                            if libc::dup2(*fd, to) < 0 || libc::fcntl(to, libc::F_SETFD, 0) < 0 {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                        }
+                        Ok(())
+                    });
+                }
+            }
+        }
+        let child = cmd
             .arg("--config")
             .arg(self.config_path())
             .arg("--log-level")

@@ -1,13 +1,17 @@
-//! The node agent (`hyperbox-nri`) against real containerd 1.7.24 with NRI
-//! enabled, driven through CRI as the kubelet drives it: registration in
-//! both modes, limits read back from cgroupfs, learning across runs, the
-//! adaptive raise under real memory pressure, restarts of either side, a
-//! hung agent, hostile NRI peers, and a real Prometheus scraping it.
+//! The node agent (`hyperbox-nri`) against real containerd with NRI enabled,
+//! on the line `HYPERBOX_CONTAINERD_LINE` selects (1.7.24, NRI v0.6.1; or
+//! 2.4.2, NRI v0.12.3), driven through CRI as the kubelet drives it:
+//! registration in both modes, limits read back from cgroupfs, learning
+//! across runs, the adaptive raise under real memory pressure, restarts of
+//! either side, a hung agent, hostile NRI peers, and a real Prometheus
+//! scraping it. Where the lines differ (how the events arrive, what the
+//! runtime says about itself) the tests assert each line's behaviour.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hyperbox_integration::agent::AgentDaemon;
+use hyperbox_integration::containerd::Line;
 use hyperbox_integration::cri::{ContainerSpec, Cri, Pod, PodNetwork};
 use hyperbox_integration::image::ImageSpec;
 use hyperbox_integration::prereq::Prereq;
@@ -115,10 +119,22 @@ async fn external_agent_learns_a_workload_and_sizes_its_next_run_in_the_cgroup()
     let agent = AgentDaemon::start(&tb.containerd.nri_socket(), ADAPTIVE).await;
     agent.wait_connected(true, Duration::from_secs(20)).await;
     let health = agent.health().await.unwrap();
-    assert!(
-        health["runtime"].as_str().unwrap().contains("1.7.24"),
-        "{health}"
-    );
+    let runtime = health["runtime"].as_str().unwrap();
+    // What the runtime tells the plugin in Configure: 1.7 names only
+    // itself; 2.x also the NRI module it was built with.
+    match tb.containerd.line() {
+        Line::V1_7 => assert!(
+            runtime.starts_with("containerd 1.7.24") && !runtime.contains("NRI"),
+            "{health}"
+        ),
+        Line::V2 => assert!(
+            runtime.starts_with(&format!(
+                "containerd {}",
+                hyperbox_integration::gobin::CONTAINERD_VERSION
+            )) && runtime.ends_with("(NRI v0.12.3)"),
+            "{health}"
+        ),
+    }
     let image = tb
         .push(
             &ImageSpec::busybox(&["sleep", "3600"]).unwrap(),
@@ -136,6 +152,13 @@ async fn external_agent_learns_a_workload_and_sizes_its_next_run_in_the_cgroup()
     let path = e["container"]["cgroups_path"].as_str().unwrap().to_string();
     assert_eq!(cgroup_limit(&path), None, "first run got a limit");
     assert_eq!(e["decisions"][0]["action"], "learn", "{e}");
+    // The workload is keyed by pod namespace, container name and the image
+    // repository the runtime reports (both lines name it).
+    assert_eq!(
+        workload_of(&e),
+        format!("default/hog@{}/test/hog", tb.registry.host()),
+        "{e}"
+    );
     assert_eq!(
         cri.wait_exited(&first, Duration::from_secs(60))
             .await
@@ -238,6 +261,7 @@ async fn external_agent_learns_a_workload_and_sizes_its_next_run_in_the_cgroup()
     );
     assert!(creates >= 5.0, "{metrics}");
     assert_eq!(metric_value(&metrics, "hyperbox_nri_connected"), 1.0);
+    assert_event_delivery(&tb, &metrics);
 
     cri.remove_container(&observed).await.unwrap();
     cri.remove_container(&off).await.unwrap();
@@ -264,6 +288,43 @@ fn assert_sized(e: &serde_json::Value, ws: u64, cgroups_path: &str) -> u64 {
         "cgroup has {in_cgroup}, agent set {set}"
     );
     set
+}
+
+/// How start and remove reached the agent: containerd 1.7 (NRI v0.6.1)
+/// funnels them through `StateChange`; 2.x calls the dedicated methods,
+/// and would fall back to `StateChange`, warning about it, only for a
+/// plugin that did not implement them.
+fn assert_event_delivery(tb: &Testbed, metrics: &str) {
+    let count = |method: &str| {
+        hyperbox_integration::agent::metric(
+            metrics,
+            &format!("hyperbox_nri_request_duration_seconds_count{{method=\"{method}\"}}"),
+            "",
+        )
+        .unwrap_or(0.0)
+    };
+    let (dedicated, state_change) = (
+        count("StartContainer") + count("RemoveContainer"),
+        count("StateChange"),
+    );
+    match tb.containerd.line() {
+        Line::V1_7 => assert!(
+            state_change >= 2.0 && dedicated == 0.0,
+            "1.7 should deliver start/remove through StateChange:\n{metrics}"
+        ),
+        Line::V2 => {
+            assert!(
+                dedicated >= 2.0 && state_change == 0.0,
+                "2.x should call StartContainer/RemoveContainer:\n{metrics}"
+            );
+            let log = tb.containerd.log();
+            assert!(!log.contains("deprecated StateChange"), "{log}");
+            assert!(
+                log.contains("with NRI version v0.12.3"),
+                "2.x logs the plugin's NRI version at registration"
+            );
+        }
+    }
 }
 
 fn workload_of(explain: &serde_json::Value) -> String {
@@ -543,6 +604,54 @@ async fn adaptive_limit_rises_under_real_memory_pressure() {
     tb.finish();
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kubelet_resize_through_cri_becomes_the_agents_ceiling() {
+    require_agent!();
+    let tb = Testbed::start().await;
+    let mut agent = AgentDaemon::new(
+        &tb.containerd.nri_socket(),
+        "[memory]\ndefault_policy = \"adaptive\"\nsample_interval_secs = 1\ncooldown_secs = 600\n",
+    );
+    seed_history(&agent, "default/resized", &[20 * MIB]);
+    agent.start_again().await;
+    agent.wait_connected(true, Duration::from_secs(20)).await;
+    let image = tb.push_sleeper().await;
+    let cri = tb.containerd.cri().await.unwrap();
+    cri.pull_image(&image).await.unwrap();
+    let pod = cri.run_pod("resize", PodNetwork::Host).await.unwrap();
+    let id = run(
+        &cri,
+        &pod,
+        &with_workload(ContainerSpec::new("app", &image, &[]), "resized"),
+    )
+    .await;
+    let e = agent.explain(&id);
+    let path = e["container"]["cgroups_path"].as_str().unwrap().to_string();
+    assert_sized(&e, 20 * MIB, &path);
+    assert!(e["container"]["bounds"]["ceiling"].is_null(), "{e}");
+
+    // In-place resize: containerd asks the agent (NRI UpdateContainer)
+    // before it writes the cgroup, so the agent knows when CRI returns.
+    cri.update_memory_limit(&id, 96 * MIB as i64).await.unwrap();
+    assert_eq!(cgroup_limit(&path), Some(96 * MIB));
+    let e = agent.explain(&id);
+    assert_eq!(e["container"]["bounds"]["ceiling"], 96 * MIB, "{e}");
+    assert_eq!(e["container"]["limit"], 96 * MIB, "{e}");
+    let (_, metrics) = agent.http_get("/metrics").await.unwrap();
+    assert!(
+        metric_value(
+            &metrics,
+            "hyperbox_nri_request_duration_seconds_count{method=\"UpdateContainer\"}"
+        ) >= 1.0,
+        "{metrics}"
+    );
+
+    cri.remove_container(&id).await.unwrap();
+    cri.remove_pod(&pod).await.unwrap();
+    assert!(agent.shutdown().is_empty());
+    tb.finish();
+}
+
 mod hostile {
     //! The test plays containerd's side of the NRI socket and sends what a
     //! broken or hostile runtime might.
@@ -634,8 +743,12 @@ mod hostile {
         // again.
         let (mut s, reg) = accept_registration(&l).await;
         assert_eq!(
-            (reg.plugin_name.as_str(), reg.plugin_idx.as_str()),
-            ("hyperbox", "10")
+            (
+                reg.plugin_name.as_str(),
+                reg.plugin_idx.as_str(),
+                reg.nri_version.as_str()
+            ),
+            ("hyperbox", "10", api::NRI_VERSION)
         );
         s.write_all(&[0, 0, 0, 1, 0x7f, 0xff, 0xff, 0xff])
             .await
@@ -967,6 +1080,97 @@ async fn the_local_api_serves_root_and_its_group_only() {
         agent.log().contains("local API peer refused"),
         "{}",
         agent.log()
+    );
+    assert!(agent.shutdown().is_empty());
+    tb.finish();
+}
+
+/// `agent.cgroup_parents` bounds what the local API registers: with the
+/// runtime's parent configured, a real container under it is sized, and
+/// a real cgroup outside it that passes every other rule (two levels deep,
+/// no host unit, named after the container it claims to be) is refused,
+/// its limit untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn registrations_outside_the_configured_cgroup_parents_are_refused() {
+    require_agent!();
+    use hyperbox_integration::client::{ContainerOptions, PullOptions};
+    let tb = Testbed::start().await;
+    let parent = tb.containerd.cgroup_prefix().to_string();
+    let conf = format!("cgroup_parents = [{parent:?}]\n{ADAPTIVE}");
+    let mut agent = AgentDaemon::new(&tb.containerd.nri_socket(), &conf);
+    seed_history(&agent, "containerd:default/bounded", &[20 * MIB]);
+    agent.start_again().await;
+    let client = tb.containerd.client().await.unwrap();
+    let reference = tb.push_sleeper().await;
+    let image = client
+        .pull(&reference, &PullOptions::local("overlayfs"))
+        .await
+        .unwrap();
+    let c = client
+        .create_container("parented-app", &image, &ContainerOptions::default())
+        .await
+        .unwrap();
+    let task = c.start().await.unwrap();
+    let inside = format!("{parent}/parented-app");
+    let outside_top = format!("/hb-outside-{}", std::process::id());
+    let outside = format!("{outside_top}/stray-app");
+    /// Removes the stray cgroup, innermost first, however the test ends.
+    struct Stray(Vec<PathBuf>);
+    impl Drop for Stray {
+        fn drop(&mut self) {
+            for d in &self.0 {
+                let _ = std::fs::remove_dir(d);
+            }
+        }
+    }
+    std::fs::create_dir_all(memory_dir(&outside)).unwrap();
+    let stray = Stray(vec![memory_dir(&outside), memory_dir(&outside_top)]);
+    let register = |id: &str, path: &str| {
+        let info = serde_json::json!({
+            "id": id, "name": id, "cgroups_path": path,
+            "annotations": {
+                "memory.hyperbox.dev/policy": "adaptive",
+                "hyperbox.dev/workload": "bounded"
+            },
+            "running": true
+        });
+        api_call(&agent.address(), "POST", "/v1/containers", Some(info))
+    };
+
+    let (status, body) = register("stray-app", &outside);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("under none of the runtimes' cgroup parents")
+            && body.contains("agent.cgroup_parents")
+            && body.contains(&parent),
+        "{body}"
+    );
+    assert_eq!(
+        cgroup_limit(&outside),
+        None,
+        "the stray cgroup is untouched"
+    );
+    let (status, _) = api_call(&agent.address(), "GET", "/v1/containers/stray-app", None);
+    assert_eq!(status, 404, "nothing was registered");
+
+    let (status, body) = register("parented-app", &inside);
+    assert_eq!(status, 201, "{body}");
+    assert_sized(&agent.explain("parented-app"), 20 * MIB, &inside);
+
+    let (status, _) = api_call(
+        &agent.address(),
+        "DELETE",
+        "/v1/containers/parented-app",
+        None,
+    );
+    assert_eq!(status, 204);
+    task.kill(9).await.unwrap();
+    task.wait_output().await.unwrap();
+    c.delete().await.unwrap();
+    drop(stray);
+    assert!(
+        !memory_dir(&outside_top).exists(),
+        "the stray cgroup is gone"
     );
     assert!(agent.shutdown().is_empty());
     tb.finish();

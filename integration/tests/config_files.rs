@@ -1,9 +1,13 @@
 //! The files in `config/` are what operators copy: they must be accepted by
-//! the real programs that read them.
+//! the real programs that read them. The 1.7 snippets are loaded by Debian's
+//! containerd 1.7, the 2.x snippets by the containerd 2.x release the tests
+//! run (whatever `HYPERBOX_CONTAINERD_LINE` says: both are checked).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use hyperbox_integration::containerd::CONTAINERD_1_7;
+use hyperbox_integration::gobin;
 use hyperbox_integration::prereq::Prereq;
 use hyperbox_integration::require;
 
@@ -11,27 +15,72 @@ fn config_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config")
 }
 
-#[test]
-fn containerd_1_7_accepts_the_snapshotter_snippet() {
-    require!(Prereq::Containerd);
-    let snippet = config_dir().join("containerd/1.7/hyperbox-snapshotter.toml");
-    let out = Command::new("containerd")
+/// `containerd --config <snippet> config dump`: the merged config as the
+/// daemon would run it, with TOML quotes made uniform (1.7 prints `"`, 2.x
+/// `'`).
+fn dump(containerd: &Path, snippet: &str) -> String {
+    let out = Command::new(containerd)
         .arg("--config")
-        .arg(&snippet)
+        .arg(config_dir().join(snippet))
         .args(["config", "dump"])
         .output()
         .unwrap();
-    let dump = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        "{} rejects {snippet}: {stderr}",
+        containerd.display()
     );
-    assert!(dump.contains("[proxy_plugins.hyperbox]"), "{dump}");
-    assert!(dump.contains("address = \"/run/hyperbox/snapshotter.sock\""));
-    assert!(dump.contains("root = \"/var/lib/hyperbox/snapshotter\""));
-    assert!(dump.contains("snapshotter = \"hyperbox\""));
-    assert!(dump.contains("disable_snapshot_annotations = false"));
+    // containerd logs a key it does not know and goes on: that is a snippet
+    // that silently does nothing.
+    assert!(
+        !stderr.contains("unknown key") && !stderr.contains("level=error"),
+        "{snippet}: {stderr}"
+    );
+    String::from_utf8_lossy(&out.stdout).replace('\'', "\"")
+}
+
+/// The body of table `[header]` in a dump, up to the next table that is not
+/// one of its own sub-tables (or arrays of tables).
+fn section(dump: &str, header: &str) -> String {
+    let open = format!("[{header}]");
+    let start = dump
+        .find(&open)
+        .unwrap_or_else(|| panic!("no {open} in:\n{dump}"));
+    let own = format!("{header}.");
+    dump[start + open.len()..]
+        .lines()
+        .take_while(|l| {
+            let t = l.trim_start();
+            !t.starts_with('[') || t.trim_start_matches('[').starts_with(&own)
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn containerd_1_7_accepts_the_snapshotter_snippet() {
+    require!(Prereq::Containerd1_7);
+    let dump = dump(
+        Path::new(CONTAINERD_1_7),
+        "containerd/1.7/hyperbox-snapshotter.toml",
+    );
+    let proxy = section(&dump, "proxy_plugins.hyperbox");
+    assert!(proxy.contains("type = \"snapshot\""), "{proxy}");
+    assert!(
+        proxy.contains("address = \"/run/hyperbox/snapshotter.sock\""),
+        "{proxy}"
+    );
+    assert!(
+        proxy.contains("root = \"/var/lib/hyperbox/snapshotter\""),
+        "{proxy}"
+    );
+    let cri = section(&dump, "plugins.\"io.containerd.grpc.v1.cri\".containerd");
+    assert!(cri.contains("snapshotter = \"hyperbox\""), "{cri}");
+    assert!(
+        cri.contains("disable_snapshot_annotations = false"),
+        "{cri}"
+    );
 }
 
 #[test]
@@ -43,32 +92,90 @@ fn shipped_hyperbox_toml_states_exactly_the_built_in_defaults() {
 
 #[test]
 fn containerd_1_7_accepts_the_nri_snippet() {
-    require!(Prereq::Containerd);
-    let snippet = config_dir().join("containerd/1.7/hyperbox-nri.toml");
-    let out = Command::new("containerd")
-        .arg("--config")
-        .arg(&snippet)
-        .args(["config", "dump"])
-        .output()
-        .unwrap();
-    let dump = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    require!(Prereq::Containerd1_7);
+    let dump = dump(
+        Path::new(CONTAINERD_1_7),
+        "containerd/1.7/hyperbox-nri.toml",
     );
-    let nri = dump
-        .split("[plugins.\"io.containerd.nri.v1.nri\"]")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no NRI section in:\n{dump}"));
-    let section: String = nri
+    let nri = section(&dump, "plugins.\"io.containerd.nri.v1.nri\"");
+    assert!(nri.contains("disable = false"), "{nri}");
+    assert!(
+        nri.contains("socket_path = \"/var/run/nri/nri.sock\""),
+        "{nri}"
+    );
+}
+
+#[test]
+fn containerd_2_accepts_the_snapshotter_snippet() {
+    require!(Prereq::Containerd2);
+    let dump = dump(
+        &gobin::containerd(),
+        "containerd/2.x/hyperbox-snapshotter.toml",
+    );
+    let proxy = section(&dump, "proxy_plugins.hyperbox");
+    assert!(proxy.contains("type = \"snapshot\""), "{proxy}");
+    assert!(
+        proxy.contains("address = \"/run/hyperbox/snapshotter.sock\""),
+        "{proxy}"
+    );
+    assert!(
+        proxy.contains("root = \"/var/lib/hyperbox/snapshotter\""),
+        "{proxy}"
+    );
+    // 2.x moved the CRI image settings to their own plugin; a 1.7-style
+    // `grpc.v1.cri.containerd.snapshotter` would be dropped on the floor.
+    let images = section(&dump, "plugins.\"io.containerd.cri.v1.images\"");
+    assert!(images.contains("snapshotter = \"hyperbox\""), "{images}");
+    assert!(
+        images.contains("disable_snapshot_annotations = false"),
+        "{images}"
+    );
+    // The transfer service (`ctr image pull`) unpacks into hyperbox, with
+    // the remote-snapshot labels, and still into overlayfs.
+    assert!(
+        proxy.contains("enable_remote_snapshot_annotations = \"true\""),
+        "{proxy}"
+    );
+    let transfer = section(&dump, "plugins.\"io.containerd.transfer.v1.local\"");
+    let unpacks: Vec<&str> = transfer
+        .split("[[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]")
+        .skip(1)
+        .collect();
+    for name in ["overlayfs", "hyperbox"] {
+        assert!(
+            unpacks
+                .iter()
+                .any(|u| u.contains(&format!("snapshotter = \"{name}\""))
+                    && u.contains("platform = \"linux\"")),
+            "no unpack_config for {name}: {transfer}"
+        );
+    }
+}
+
+#[test]
+fn containerd_2_accepts_the_nri_snippet() {
+    require!(Prereq::Containerd2);
+    let dump = dump(&gobin::containerd(), "containerd/2.x/hyperbox-nri.toml");
+    let nri = section(&dump, "plugins.\"io.containerd.nri.v1.nri\"");
+    assert!(nri.contains("disable = false"), "{nri}");
+    assert!(nri.contains("disable_connections = false"), "{nri}");
+    assert!(
+        nri.contains("socket_path = \"/var/run/nri/nri.sock\""),
+        "{nri}"
+    );
+    assert!(nri.contains("plugin_path = \"/opt/nri/plugins\""), "{nri}");
+}
+
+/// The harness runs the containerd 2.x release the install script builds:
+/// a bump in one place only would test a binary that is never installed.
+#[test]
+fn install_script_builds_the_containerd_2_release_the_harness_runs() {
+    let script = std::fs::read_to_string(config_dir().join("../scripts/install-deps.sh")).unwrap();
+    let pinned = script
         .lines()
-        .take_while(|l| !l.trim_start().starts_with("[plugins"))
-        .collect::<Vec<_>>()
-        .join("\n");
-    assert!(section.contains("disable = false"), "{section}");
-    assert!(
-        section.contains("socket_path = \"/var/run/nri/nri.sock\""),
-        "{section}"
-    );
+        .find_map(|l| l.strip_prefix("CONTAINERD2_VERSION="))
+        .and_then(|v| v.split_whitespace().next())
+        .map(|v| v.trim_matches('"').to_string())
+        .expect("CONTAINERD2_VERSION= in scripts/install-deps.sh");
+    assert_eq!(pinned, gobin::CONTAINERD_VERSION);
 }

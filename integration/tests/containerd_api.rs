@@ -1,6 +1,7 @@
-//! The harness against real containerd 1.7 through its gRPC API, with the
-//! built-in overlayfs snapshotter: pull from a real registry, run, exec, and
-//! read back what a multi-layer image looks like inside a container.
+//! The harness against real containerd (1.7 or 2.x, `HYPERBOX_CONTAINERD_LINE`)
+//! through its gRPC API, with the built-in overlayfs snapshotter: pull from a
+//! real registry, run, exec, and read back what a multi-layer image looks like
+//! inside a container.
 
 use hyperbox_integration::client::{ContainerOptions, PullOptions};
 use hyperbox_integration::corpus;
@@ -20,7 +21,12 @@ async fn pull_and_run_prints_the_containers_output() {
     let reference = tb.push(&spec, "test/hello", "v1").await;
 
     let client = tb.containerd.client().await.unwrap();
-    assert!(client.version().await.unwrap().starts_with("1.7"));
+    let version = client.version().await.unwrap();
+    let line = tb.containerd.line();
+    assert!(
+        version.starts_with(line.release()),
+        "{line} reports version {version}"
+    );
     let image = client
         .pull(&reference, &PullOptions::local("overlayfs"))
         .await

@@ -4,6 +4,8 @@
 //! PAX sparse format, which a naive reader turns into a `GNUSparseFile.0/`
 //! directory), and a header bomb of a few KiB must fail the pull with an
 //! error naming the entry, leave nothing behind, and keep the daemon small.
+//! So must a flood of empty entries past `snapshotter.max_layer_entries`
+//! and a small blob carrying hundreds of MiB after its tar's end.
 
 use std::process::Command;
 
@@ -159,6 +161,115 @@ async fn sparse_files_read_as_on_overlayfs_and_header_bombs_fail_cleanly() {
     assert!(staging.is_empty(), "no partial files: {staging:?}");
     client.delete_image(&theirs_ref).await.unwrap();
     client.delete_image(&sparse_ref).await.unwrap();
+    client.gc().await.unwrap();
+    tb.finish();
+}
+
+/// `n` empty files in directories of 1000, as tar headers only (the
+/// layer's own end follows).
+fn empty_files(n: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n * 512);
+    for i in 0..n {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(format!("many/d{:03}/f{i:07}", i / 1000))
+            .unwrap();
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(0);
+        h.set_cksum();
+        out.extend_from_slice(h.as_bytes());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entry_floods_and_data_after_the_archive_fail_cleanly() {
+    require_containers!();
+    let mut tb =
+        Testbed::start_hyperbox_configured("max_layer_entries = 20000", |b| b.without_cri()).await;
+    let client = tb.containerd.client().await.unwrap();
+    let pid = tb.hyperbox().pid().expect("the snapshotter runs");
+    let scratch = tempfile::tempdir().unwrap();
+
+    // Under the limit: 15000 files (and their 15 directories) are served.
+    let mut spec = ImageSpec::busybox(&["true"]).unwrap();
+    spec.layers
+        .push(Layer::new(Compression::Gzip).raw_tar(empty_files(15_000)));
+    let fine = tb.push(&spec, "hostile/entries-ok", "v1").await;
+    let image = client.pull(&fine, &remote()).await.unwrap();
+    assert!(
+        !image.layers_skipped.is_empty(),
+        "hyperbox served the layers"
+    );
+    let args = ContainerOptions::args(&["sh", "-c", "find /many -type f | wc -l"]);
+    let out = client.run("entries-ok", &image, &args).await.unwrap();
+    assert_eq!(out.stdout_str().trim(), "15000", "{}", out.stderr_str());
+
+    // 200000 empty files: a few MiB of gzip, refused at the limit.
+    let mut spec = ImageSpec::busybox(&["true"]).unwrap();
+    spec.layers
+        .push(Layer::new(Compression::Gzip).raw_tar(empty_files(200_000)));
+    let built = spec.build(scratch.path()).expect("build the flood");
+    assert!(
+        built.top().size < 8 << 20,
+        "a small blob: {} bytes",
+        built.top().size
+    );
+    let flood = tb.push(&spec, "hostile/entries", "v1").await;
+    let e = client
+        .pull(&flood, &remote())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("the layer has more than 20000 entries (snapshotter.max_layer_entries)"),
+        "a clear error naming the key: {e}"
+    );
+    assert!(!client.image_exists(&flood).await.unwrap());
+
+    // 512 MiB of zeros after the end-of-archive blocks, in a small blob.
+    let mut spec = ImageSpec::busybox(&["true"]).unwrap();
+    spec.layers.push(
+        Layer::new(Compression::Zstd)
+            .file("data/f", "x", 0o644)
+            .raw_tar(vec![0u8; 512 << 20]),
+    );
+    let built = spec.build(scratch.path()).expect("build the padding");
+    assert!(
+        built.top().size < 1 << 20,
+        "a small blob: {} bytes",
+        built.top().size
+    );
+    let trailing = tb.push(&spec, "hostile/trailing", "v1").await;
+    let started = std::time::Instant::now();
+    let e = client
+        .pull(&trailing, &remote())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("more than 67108864 bytes after its end-of-archive blocks"),
+        "a clear error: {e}"
+    );
+    assert!(!client.image_exists(&trailing).await.unwrap());
+    tracing::info!(
+        ms = started.elapsed().as_millis() as u64,
+        "trailing data refused"
+    );
+
+    let peak = peak_rss(pid);
+    assert!(
+        peak < 100 << 20,
+        "the snapshotter peaked at {} MiB",
+        peak >> 20
+    );
+    let staging: Vec<_> = std::fs::read_dir(tb.hyperbox().root().join("staging"))
+        .unwrap()
+        .collect();
+    assert!(staging.is_empty(), "no partial files: {staging:?}");
+    client.delete_image(&fine).await.unwrap();
     client.gc().await.unwrap();
     tb.finish();
 }

@@ -247,3 +247,183 @@ async fn cached_layers_are_checked_on_every_reuse_and_unrecorded_ones_are_conver
     assert_eq!(out.stdout_str(), "genuine");
     tb.finish();
 }
+
+/// The lazy path against an attacker with push rights to one repository,
+/// who pushes an image whose config claims the genuine image's diff_id over
+/// their own layer, and an index for it (made from an honest twin, then
+/// edited to claim the genuine diff_id too, which `hb` refuses to do).
+///
+/// The index is used (its diff_id gives the chain containerd asked for),
+/// so the hostile image is served at once; once complete, the layer is
+/// fetched whole, its true diff_id differs, and the layer is refused: it is
+/// counted in /metrics, no new container starts on it (neither the hostile
+/// image's nor the genuine image's, which containerd puts on the same
+/// chain), and once both images are removed the genuine image pulls and
+/// reads genuine bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_index_that_lies_about_diff_ids_is_caught_and_never_shared() {
+    require_containers!();
+    let mut tb = Testbed::start_hyperbox_configured("metrics_address = \"127.0.0.1:0\"", |b| {
+        b.without_cri()
+    })
+    .await;
+    let client = tb.containerd.client().await.unwrap();
+    let genuine_spec = with_msg("genuine");
+    let genuine = tb.push(&genuine_spec, "test/genuine", "v1").await;
+    let top_diff = true_diff_id(&tb, &genuine_spec, 1);
+
+    let evil = with_msg("evil");
+    let evil_diff = true_diff_id(&tb, &evil, 1);
+    let (hostile, built) =
+        push_claiming(&tb, &evil, &[None, Some(top_diff.clone())], "evil/top").await;
+    // The honest twin, same layers, in the same repository: its index
+    // names the same layer blobs and their EROFS images.
+    let twin_built = {
+        let dir = tb.work_dir().join("twin");
+        evil.build(&dir).unwrap()
+    };
+    let twin = twin_built
+        .push(&tb.registry.host(), "evil/top", "twin")
+        .await
+        .unwrap();
+    assert_eq!(
+        twin_built.layers[1].blob.digest,
+        built.layers[1].blob.digest
+    );
+    tb.hyperbox().hb_index(&twin);
+
+    // The forged index: the twin's, claiming the genuine diff_id, found by
+    // the hostile image's manifest digest.
+    let registry = hyperbox_registry::Registry::new(&hyperbox_config::Registry {
+        config_path: tb.work_dir().join("no-certs.d"),
+        docker_config: tb.work_dir().join("no-docker.json"),
+        max_concurrent_downloads: 1,
+        retries: 0,
+        timeout_secs: 10,
+    })
+    .unwrap();
+    let r = hyperbox_registry::Reference::parse(&twin).unwrap();
+    let twin_manifest =
+        hyperbox_registry::digest::Digest::parse(&twin_built.manifest.digest).unwrap();
+    let mut forged = registry
+        .fetch_index(&r, &twin_manifest)
+        .await
+        .unwrap()
+        .expect("the twin's index");
+    assert_eq!(forged.layers[1].diff_id, evil_diff);
+    forged.layers[1].diff_id = top_diff.clone();
+    let doc = serde_json::to_vec(&forged).unwrap();
+    let doc_digest = hyperbox_registry::digest::Digest::of(&doc);
+    registry
+        .push_blob(&r, &doc_digest, bytes::Bytes::from(doc.clone()))
+        .await
+        .unwrap();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": hyperbox_registry::index::CONFIG_TYPE,
+        "config": {
+            "mediaType": hyperbox_registry::index::CONFIG_TYPE,
+            "digest": doc_digest.to_string(),
+            "size": doc.len(),
+        },
+        "layers": forged.layers.iter().map(|l| serde_json::json!({
+            "mediaType": hyperbox_registry::index::EROFS_TYPE,
+            "digest": l.erofs,
+            "size": l.size,
+        })).collect::<Vec<_>>(),
+        "subject": {
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": built.manifest.digest,
+            "size": built.manifest.size,
+        },
+    });
+    let hostile_manifest =
+        hyperbox_registry::digest::Digest::parse(&built.manifest.digest).unwrap();
+    registry
+        .push_manifest(
+            &r,
+            &hyperbox_registry::index::tag_for(&hostile_manifest),
+            "application/vnd.oci.image.manifest.v1+json",
+            bytes::Bytes::from(serde_json::to_vec(&manifest).unwrap()),
+        )
+        .await
+        .unwrap();
+
+    // Served lazily under the claimed chain (the window), then caught.
+    let image = client.pull(&hostile, &remote()).await.unwrap();
+    assert_eq!(image.layers_skipped, [0, 1], "served by hyperbox");
+    let start = std::time::Instant::now();
+    while !tb.hyperbox().log().contains("does not match its image") {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the lie was never caught:\n{}",
+            tb.hyperbox().log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = tb.hyperbox().log();
+    assert!(log.contains(&evil_diff) && log.contains(&top_diff), "{log}");
+    // Counted where an operator graphs it.
+    let address = log
+        .lines()
+        .find(|l| l.contains("metrics served"))
+        .and_then(|l| l.split("address=").nth(1))
+        .map(|a| a.split_whitespace().next().unwrap().to_string())
+        .expect("the metrics address is logged");
+    let metrics = reqwest::get(format!("http://{address}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("hyperbox_snapshotter_lazy_rejected_total 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("hyperbox_snapshotter_lazy_layers{phase=\"refused\"} 1\n"),
+        "{metrics}"
+    );
+
+    // No new container starts on the refused layer.
+    let e = client
+        .run("hostile", &image, &ContainerOptions::args(&["cat", "/msg"]))
+        .await
+        .unwrap_err();
+    let e = format!("{e:#}");
+    assert!(e.contains("refused"), "{e}");
+
+    // containerd reuses a committed chain without asking the snapshotter,
+    // so the genuine image's pull succeeds on the refused snapshot; but no
+    // container of it starts there either: nothing reads those bytes.
+    let image = client.pull(&genuine, &remote()).await.unwrap();
+    let e = client
+        .run(
+            "genuine-refused",
+            &image,
+            &ContainerOptions::args(&["cat", "/msg"]),
+        )
+        .await
+        .unwrap_err();
+    let e = format!("{e:#}");
+    assert!(e.contains("refused"), "{e}");
+
+    // Once the images on it are gone, the genuine one pulls (whole: the
+    // forged entry is never used again) and reads genuine bytes.
+    client.delete_image(&hostile).await.unwrap();
+    client.delete_image(&genuine).await.unwrap();
+    client.delete_image(&twin).await.ok();
+    client.gc().await.unwrap();
+    let image = client.pull(&genuine, &remote()).await.unwrap();
+    let out = client
+        .run(
+            "genuine",
+            &image,
+            &ContainerOptions::args(&["sh", "-c", "cat /msg; [ -e /evil ] && echo EVIL; true"]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_str(), "genuine");
+    tb.finish();
+}

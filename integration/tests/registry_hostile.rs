@@ -68,8 +68,10 @@ fn write_hosts_toml(tb: &mut Testbed, host: &str, text: &str) {
 /// containerd's behaviour for hosts.toml mirrors: credentials are looked up
 /// by the host a request goes to, so a mirror that asks for credentials
 /// gets its own or none, never those of the registry it mirrors. Both the
-/// resolve (`hb`) and the layer fetches (the snapshotter) go to the mirror
-/// first.
+/// resolve (`hb`) and the snapshotter's first request (the manifest read
+/// that bounds its layer downloads by their sizes) go to the mirror first;
+/// once the upstream answered, the snapshotter's blob fetches go there
+/// directly (the endpoint that last worked is tried first).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mirror_never_sees_the_upstream_credentials() {
     require_containers!();
@@ -112,8 +114,12 @@ async fn a_mirror_never_sees_the_upstream_credentials() {
         seen.iter().any(|(r, _)| r.contains("/manifests/")),
         "hb tried the mirror first: {seen:?}"
     );
+    let manifest_reads = seen
+        .iter()
+        .filter(|(r, _)| r.ends_with("/manifests/v1"))
+        .count();
     assert!(
-        seen.iter().any(|(r, _)| r.contains("/blobs/")),
+        manifest_reads >= 2 || seen.iter().any(|(r, _)| r.contains("/blobs/")),
         "the snapshotter tried the mirror first: {seen:?}"
     );
     for (request, headers) in &seen {
@@ -170,5 +176,69 @@ async fn endless_replies_fail_the_pull_with_a_clear_error() {
             proxy.bytes_served()
         );
     }
+    tb.finish();
+}
+
+/// A layer blob sent without a length (chunked) and longer than the size
+/// its manifest gives it, as a registry that wants to fill the node's
+/// disk would send it: the snapshotter stops reading at the promised size
+/// and the pull fails saying so; once the registry behaves, the same
+/// image pulls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_blob_longer_than_its_manifest_says_is_not_read_past_it() {
+    require_containers!();
+    let mut tb =
+        Testbed::start_hyperbox_configured("fallback_to_local = false", |b| b.without_cri()).await;
+    let plain_ref = tb.push_sleeper().await;
+    let (layer, size) = {
+        let empty = tempfile::tempdir().unwrap();
+        let cfg = hyperbox_config::Registry {
+            config_path: empty.path().into(),
+            docker_config: empty.path().join("none.json"),
+            ..Default::default()
+        };
+        let reg = hyperbox_registry::Registry::new(&cfg).unwrap();
+        let r = hyperbox_registry::Reference::parse(&plain_ref).unwrap();
+        let l = reg.resolve(&r).await.unwrap().layers[0].clone();
+        (l.digest, l.size as u64)
+    };
+    let proxy = FaultProxy::start(tb.registry.addr()).await.unwrap();
+    let extra = 512u64 << 20;
+    proxy.inject(FaultRule {
+        path_contains: layer.clone(),
+        method: Some("GET".into()),
+        fault: Fault::Longer(extra),
+        times: None,
+    });
+    write_hosts_toml(
+        &mut tb,
+        &proxy.host(),
+        &format!("server = \"http://{}\"\n", proxy.host()),
+    );
+    let reference = plain_ref.replacen(&tb.registry.host(), &proxy.host(), 1);
+    let (ok, err) = hb_pull(&mut tb, &reference);
+    assert!(!ok, "the pull must fail");
+    assert!(
+        err.contains(&format!(
+            "blob longer than {size} bytes, the size its manifest gives it"
+        )),
+        "{err}"
+    );
+    assert!(proxy.faults_fired() > 0);
+    // The blob plus what socket buffers held when the snapshotter hung up.
+    assert!(
+        proxy.bytes_served() < size + (64 << 20),
+        "{} bytes read of a {size}-byte blob sent with {extra} more",
+        proxy.bytes_served()
+    );
+    let staging = tb.hyperbox().root().join("staging");
+    for e in std::fs::read_dir(&staging).unwrap() {
+        let len = e.unwrap().metadata().unwrap().len();
+        assert!(len <= size, "{len} bytes of a {size}-byte blob on disk");
+    }
+
+    proxy.clear_faults();
+    let (ok, err) = hb_pull(&mut tb, &reference);
+    assert!(ok, "the genuine blob pulls: {err}");
     tb.finish();
 }

@@ -607,23 +607,11 @@ async fn https_registry_with_private_ca_and_basic_auth() {
 }
 
 fn hb_index(tb: &mut Testbed, reference: &str) -> serde_json::Value {
-    let cfg = tb.hyperbox().config_path();
-    let out = std::process::Command::new(hyperbox_integration::binaries::path("hb"))
-        .arg("--config")
-        .arg(&cfg)
-        .args(["image", "index", "--json", reference])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "hb image index: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    tb.hyperbox().hb_index(reference)
 }
 
 fn lazy_files_left(tb: &mut Testbed) -> usize {
-    let layers = tb.hyperbox().root().join("layers");
+    let layers = tb.hyperbox().root().join("lazy");
     std::fs::read_dir(layers)
         .unwrap()
         .flatten()
@@ -832,5 +820,150 @@ async fn bearer_token_auth_with_docker_credentials() {
     );
     drop(guarded);
     drop(tokens);
+    tb.finish();
+}
+
+/// With the fanotify group in a service manager's fd store (as the shipped
+/// systemd unit keeps it), a read of unfetched lazy data made while the
+/// snapshotter is down waits for the next instance and gets the real
+/// bytes, instead of zeros.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_reads_wait_across_a_restart_when_the_fd_store_keeps_the_group() {
+    require_containers!();
+    let mut tb = Testbed::start_hyperbox(|b| b.without_cri()).await;
+    tb.hyperbox().use_fd_store();
+    tb.hyperbox().restart().await;
+    assert_eq!(
+        tb.hyperbox().stored_fds(),
+        ["hyperbox-fanotify"],
+        "the group was handed to the store"
+    );
+    let big = 16u64 << 20;
+    let mut spec = ImageSpec::busybox(&["true"]).unwrap();
+    spec.layers
+        .push(Layer::new(Compression::Gzip).large_file("data/big", big, 7));
+    let reference = tb.via_proxy(&tb.push(&spec, "test/lazystore", "v1").await);
+    hb_index(&mut tb, &reference);
+    // 20 Mbit/s: the fill takes several seconds.
+    tb.proxy.set_shaping(hyperbox_integration::proxy::Shaping {
+        latency: Duration::from_millis(5),
+        bits_per_sec: Some(20_000_000),
+    });
+    let client = tb.containerd.client().await.unwrap();
+    let image = client.pull(&reference, &remote()).await.unwrap();
+    assert_eq!(image.layers_skipped, [0, 1]);
+    let file = std::fs::read_dir(tb.hyperbox().root().join("snapshots"))
+        .unwrap()
+        .flatten()
+        .map(|d| d.path().join("fs/data/big"))
+        .find(|p| p.exists())
+        .expect("the lazy layer is mounted");
+    assert!(lazy_files_left(&mut tb) > 0, "still filling");
+
+    tb.hyperbox().kill(nix::sys::signal::Signal::SIGKILL);
+    // The kernel reads the mounted layer as a container would.
+    let reader = std::thread::spawn(move || std::fs::read(&file));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !reader.is_finished(),
+        "with the daemon down, the read waits (it does not see zeros)"
+    );
+    tb.hyperbox().start_again().await;
+    assert!(
+        tb.hyperbox()
+            .log()
+            .contains("taken back from the service manager"),
+        "{}",
+        tb.hyperbox().log()
+    );
+    let got = tokio::task::spawn_blocking(move || reader.join().unwrap())
+        .await
+        .unwrap()
+        .expect("the held read completes after the restart");
+    let mut want = vec![0u8; big as usize];
+    std::io::Read::read_exact(
+        &mut hyperbox_integration::image::PatternReader::new(7),
+        &mut want,
+    )
+    .unwrap();
+    if let Some(at) = got.iter().zip(&want).position(|(a, b)| a != b) {
+        let zeros = got[at..].iter().take_while(|b| **b == 0).count();
+        panic!(
+            "byte {at} of {} differs ({zeros} zero bytes from there); log:\n{}",
+            got.len(),
+            tb.hyperbox().log()
+        );
+    }
+    assert_eq!(got.len(), want.len());
+    tb.proxy
+        .set_shaping(hyperbox_integration::proxy::Shaping::default());
+    wait_complete(&mut tb).await;
+    client.delete_image(&reference).await.unwrap();
+    client.gc().await.unwrap();
+    tb.finish();
+}
+
+/// A node that can no longer serve lazy layers (here `erofs_backend =
+/// "loop"` after a restart) never mounts an incomplete one unmarked: its
+/// snapshots stay unmounted and no container starts on them, with an
+/// error that says why, instead of reading zeros.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incomplete_lazy_layers_are_refused_when_the_lazy_path_is_unavailable() {
+    require_containers!();
+    let mut tb = Testbed::start_hyperbox(|b| b.without_cri()).await;
+    let mut spec = ImageSpec::busybox(&["true"]).unwrap();
+    spec.layers
+        .push(Layer::new(Compression::Gzip).large_file("data/big", 16 << 20, 9));
+    let reference = tb.via_proxy(&tb.push(&spec, "test/lazyloop", "v1").await);
+    hb_index(&mut tb, &reference);
+    tb.proxy.set_shaping(hyperbox_integration::proxy::Shaping {
+        latency: Duration::from_millis(5),
+        bits_per_sec: Some(8_000_000),
+    });
+    let client = tb.containerd.client().await.unwrap();
+    let image = client.pull(&reference, &remote()).await.unwrap();
+    assert_eq!(image.layers_skipped, [0, 1]);
+    assert!(lazy_files_left(&mut tb) > 0, "still filling");
+    tb.hyperbox().kill(nix::sys::signal::Signal::SIGKILL);
+    // Unmount what the dead daemon mounted, as a reboot would.
+    for m in hyperbox_integration::footprint::mounts_under(&tb.hyperbox().root()) {
+        nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH).unwrap();
+    }
+    let cfg = tb.hyperbox().config_path();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replacen(
+            "[snapshotter]\n",
+            "[snapshotter]\nerofs_backend = \"loop\"\n",
+            1,
+        ),
+    )
+    .unwrap();
+    tb.hyperbox().start_again().await;
+    client
+        .wait_snapshotter(NAME, image.top_chain_id(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let log = tb.hyperbox().log();
+    assert!(
+        log.contains("cannot be served without the lazy path"),
+        "{log}"
+    );
+    assert!(log.contains("layer not mounted"), "{log}");
+    let e = client
+        .run(
+            "lazy-loop",
+            &image,
+            &ContainerOptions::args(&["cat", "/data/big"]),
+        )
+        .await
+        .unwrap_err();
+    let e = format!("{e:#}");
+    assert!(e.contains("cannot serve lazy layers now"), "{e}");
+    tb.proxy
+        .set_shaping(hyperbox_integration::proxy::Shaping::default());
+    client.delete_image(&reference).await.unwrap();
+    client.gc().await.unwrap();
     tb.finish();
 }

@@ -3,6 +3,11 @@
 //! syscalls, execs, opens, TCP flows and OOM kills to the right container
 //! and nothing else, exporting a span per container over OTLP, and leaving
 //! no BPF program or link behind when the agent stops.
+//!
+//! They run on the containerd line `HYPERBOX_CONTAINERD_LINE` selects: 1.7
+//! announces the start through `StateChange`, 2.x through the dedicated
+//! `StartContainer` call; both before `runc start`, so the same
+//! expectations hold on both.
 
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -53,6 +53,8 @@ pub struct AccessEvent {
     pub offset: u64,
     /// Length of the range (0 when the event carried no range record).
     pub count: u64,
+    /// The process that read (or wrote), when known.
+    pub pid: Option<u32>,
     pub(crate) held: Held,
 }
 
@@ -99,7 +101,7 @@ struct EventMetadata {
     metadata_len: u16,
     _mask: u64,
     fd: i32,
-    _pid: i32,
+    pid: i32,
 }
 
 const _: () = assert!(std::mem::size_of::<EventMetadata>() == 24);
@@ -131,6 +133,38 @@ impl Fanotify {
         })
     }
 
+    /// Takes over a group an earlier process made (kept by a service
+    /// manager's fd store while it was down). Its marks are intact, and
+    /// reads that waited meanwhile are queued for the new reader.
+    pub fn from_fd(fd: OwnedFd) -> io::Result<Fanotify> {
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+        if link.as_os_str() != "anon_inode:[fanotify]" {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "fd {} is {}, not a fanotify group",
+                    fd.as_raw_fd(),
+                    link.display()
+                ),
+            ));
+        }
+        Ok(Fanotify {
+            group: File::from(fd),
+            buf: Mutex::new(vec![0; READ_BUF]),
+        })
+    }
+
+    /// Fails, with EIO, reads the previous owner of a taken-over group had
+    /// read but not answered when it died: the kernel finds a held read by
+    /// the number of the fd its event carried, which died with that process,
+    /// so each number it may have used is answered once. Returns how many
+    /// were. Call before reading any event.
+    pub fn deny_orphaned(&self, max_fd: i32) -> usize {
+        (0..max_fd)
+            .filter(|fd| self.write_response(*fd, FAN_DENY_EIO).is_ok())
+            .count()
+    }
+
     fn mark_op(&self, path: &Path, op: libc::c_uint) -> io::Result<()> {
         let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
         // SAFETY: the group fd is open for the life of `self`; `c` is a
@@ -156,6 +190,12 @@ impl Fanotify {
         r[..4].copy_from_slice(&fd.to_ne_bytes());
         r[4..].copy_from_slice(&response.to_ne_bytes());
         (&self.group).write_all(&r)
+    }
+}
+
+impl std::os::fd::AsFd for Fanotify {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.group.as_fd()
     }
 }
 
@@ -197,6 +237,7 @@ impl PreContent for Fanotify {
                 file: id,
                 offset,
                 count,
+                pid: u32::try_from(m.pid).ok().filter(|p| *p > 0),
                 held: Held::Fd(file.into()),
             });
         }

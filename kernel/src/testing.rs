@@ -155,6 +155,7 @@ impl FakeFanotify {
             file,
             offset,
             count,
+            pid: None,
             held: Held::Fake(id),
         });
         self.changed.notify_all();

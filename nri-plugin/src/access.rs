@@ -1,7 +1,9 @@
 //! Who may use the local API: the peer's credentials, read from the unix
 //! socket (`SO_PEERCRED`) when it connects, must be root's or those of a
 //! member of `agent.api_group`. The socket's mode is a first fence; this
-//! is the one that holds when the mode is loosened.
+//! is the one that holds when the mode is loosened. What a peer let in
+//! may register is bounded too: only cgroups below the runtimes' cgroup
+//! parents (`agent.cgroup_parents`), which requests carry from here.
 
 use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, Request, State};
@@ -11,6 +13,8 @@ use axum::response::{IntoResponse, Response};
 use axum::serve::IncomingStream;
 use nix::unistd::{Gid, Group, User};
 use tokio::net::UnixListener;
+
+use crate::cgroup::Parents;
 
 /// Errors of setting up access control.
 #[derive(Debug, thiserror::Error)]
@@ -48,11 +52,14 @@ impl Connected<IncomingStream<'_, UnixListener>> for Peer {
     }
 }
 
-/// Who is let in.
+/// Who is let in, and below which cgroup parents they may register
+/// containers.
 #[derive(Debug, Clone, Default)]
 pub struct Access {
     /// The group whose members are let in besides root: name and gid.
     group: Option<(String, Gid)>,
+    /// `agent.cgroup_parents`.
+    parents: Parents,
 }
 
 impl Access {
@@ -79,7 +86,18 @@ impl Access {
     pub fn with_gid(name: &str, gid: Gid) -> Access {
         Access {
             group: Some((name.into(), gid)),
+            parents: Parents::default(),
         }
+    }
+
+    /// The same, with registrations bounded to below `parents`.
+    pub fn with_cgroup_parents(self, parents: Parents) -> Access {
+        Access { parents, ..self }
+    }
+
+    /// The cgroup parents registrations must lie below.
+    pub fn cgroup_parents(&self) -> &Parents {
+        &self.parents
     }
 
     /// The group's gid, if one is configured.
@@ -125,10 +143,11 @@ impl Access {
 }
 
 /// Middleware of the local API: refuses (403) a peer [`Access`] does not
-/// let in, and any request without peer credentials.
+/// let in, and any request without peer credentials; hands the rest on
+/// with the [`Access`] in their extensions, for the handlers' own bounds.
 pub async fn check(
     State(access): State<std::sync::Arc<Access>>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Response {
     let peer = req
@@ -136,6 +155,7 @@ pub async fn check(
         .get::<ConnectInfo<Peer>>()
         .map_or(Peer { cred: None }, |ConnectInfo(p)| *p);
     if access.allows(&peer) {
+        req.extensions_mut().insert(access.clone());
         return next.run(req).await;
     }
     tracing::warn!(peer = ?peer.cred, path = %req.uri().path(), "local API peer refused");

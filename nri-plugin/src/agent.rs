@@ -241,10 +241,13 @@ pub fn info_from_nri(pod: &api::PodSandbox, c: &api::Container) -> ContainerInfo
         name: c.name.clone(),
         pod_namespace: pod.namespace.clone(),
         pod: pod.name.clone(),
+        // CRI's annotation on both lines; NRI's own image field where the
+        // runtime sends it (containerd 2.x) and the annotation is missing.
         image: c
             .annotations
             .get("io.kubernetes.cri.image-name")
             .cloned()
+            .or_else(|| c.image.as_ref().map(|i| i.name.clone()))
             .unwrap_or_default(),
         annotations,
         cgroups_path: c
@@ -309,7 +312,7 @@ pub fn image_repository(image: &str) -> &str {
 
 impl Events for Agent {
     fn configure(&self, req: &api::ConfigureRequest) -> Result<i32, String> {
-        tracing::info!(runtime = %req.runtime_name, version = %req.runtime_version, "configured by the NRI runtime");
+        tracing::info!(runtime = %req.runtime_name, version = %req.runtime_version, nri = %req.nri_version, "configured by the NRI runtime");
         if !req.config.trim().is_empty() {
             // A pre-registered plugin's conf.d file: a hyperbox config
             // whose [memory] section replaces ours.
@@ -320,10 +323,19 @@ impl Events for Agent {
             .map_err(|e| e.to_string())?;
             self.state.set_memory_config(c.memory);
         }
+        // containerd 1.7 does not say which NRI it speaks; 2.x does.
+        let nri = if req.nri_version.is_empty() {
+            String::new()
+        } else {
+            format!(" (NRI {})", req.nri_version)
+        };
         self.state.set_runtime(Some(format!(
-            "{} {}",
+            "{} {}{nri}",
             req.runtime_name, req.runtime_version
         )));
+        // Explicit, and only events NRI v0.6.1 knows: an empty mask would
+        // subscribe a v0.12 runtime's validation call too (every creation
+        // waiting on us), and a later bit makes 1.7 drop the plugin.
         Ok([
             Event::CreateContainer,
             Event::StartContainer,

@@ -99,6 +99,16 @@ pub enum Refused {
         /// The component that belongs to the host.
         component: String,
     },
+    /// Under none of the configured runtime cgroup parents.
+    #[error(
+        "cgroups_path {path:?} is under none of the runtimes' cgroup parents {parents} (agent.cgroup_parents)"
+    )]
+    OutsideParents {
+        /// The path asked for.
+        path: String,
+        /// The parents, as configured.
+        parents: String,
+    },
     /// The last component does not name the container.
     #[error("cgroups_path {path:?} does not end in the cgroup of container {id:?}")]
     NotTheContainer {
@@ -113,6 +123,61 @@ pub enum Refused {
     /// A symlink (or mount) leads elsewhere than the hierarchy.
     #[error("cgroup {0} resolves to {1}, outside its hierarchy")]
     Escapes(PathBuf, PathBuf),
+}
+
+/// `agent.cgroup_parents` names something that is no cgroup parent.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "agent.cgroup_parents: {0:?} is neither a cgroup path below the root (\"/kubepods\") nor a systemd slice (\"kubepods.slice\")"
+)]
+pub struct BadParent(pub String);
+
+/// The cgroup parents container runtimes put containers under
+/// (`agent.cgroup_parents`), as paths below the hierarchy's root; a
+/// registration's cgroup must lie strictly below one of them. None
+/// configured: any parent (the other rules still hold).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Parents {
+    /// As configured, for messages.
+    configured: Vec<String>,
+    /// Each one relative to the hierarchy root.
+    paths: Vec<PathBuf>,
+}
+
+impl Parents {
+    /// The parents `configured` names: cgroupfs paths (`/kubepods`) or
+    /// systemd slices (`kubepods-besteffort.slice`, which lives at
+    /// `kubepods.slice/kubepods-besteffort.slice`).
+    pub fn new(configured: &[String]) -> Result<Parents, BadParent> {
+        let bad = |p: &String| BadParent(p.clone());
+        let paths = configured
+            .iter()
+            .map(|p| {
+                let rel = match p.strip_prefix('/') {
+                    Some(rest) => PathBuf::from(rest),
+                    None if !p.contains('/') => expand_slice(p).ok_or_else(|| bad(p))?,
+                    None => return Err(bad(p)),
+                };
+                let normal = rel
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)));
+                if rel.as_os_str().is_empty() || !normal {
+                    return Err(bad(p));
+                }
+                Ok(rel)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Parents {
+            configured: configured.to_vec(),
+            paths,
+        })
+    }
+
+    /// Whether `rel` (relative to the hierarchy root) lies strictly below
+    /// one of the parents; always, when none is configured.
+    fn contain(&self, rel: &Path) -> bool {
+        self.paths.is_empty() || self.paths.iter().any(|p| rel != p && rel.starts_with(p))
+    }
 }
 
 /// systemd unit kinds that are never a container's cgroup or parent.
@@ -150,11 +215,17 @@ impl Layout {
     /// stays inside the hierarchy, sits at least two levels down (under a
     /// runtime's parent: `/default/<id>`, `kubepods…`, `system.slice:nerdctl:<id>`),
     /// crosses none of the host's own units (`init.scope`, `user.slice`,
-    /// `*.service`…), ends in the container's own cgroup (`<id>`,
-    /// `<id>.scope` or `<prefix>-<id>.scope`), and exists as a real
-    /// directory of the hierarchy (of each hierarchy on hybrid nodes)
-    /// with no symlink leading out.
-    pub fn container_cgroup(&self, cgroups_path: &str, id: &str) -> Result<Cgroup, Refused> {
+    /// `*.service`…), lies below one of `parents` when any is configured,
+    /// ends in the container's own cgroup (`<id>`, `<id>.scope` or
+    /// `<prefix>-<id>.scope`), and exists as a real directory of the
+    /// hierarchy (of each hierarchy on hybrid nodes) with no symlink
+    /// leading out.
+    pub fn container_cgroup(
+        &self,
+        cgroups_path: &str,
+        id: &str,
+        parents: &Parents,
+    ) -> Result<Cgroup, Refused> {
         let rel = relative_path(cgroups_path)
             .ok_or_else(|| Refused::NotACgroupPath(cgroups_path.into()))?;
         let names: Vec<&str> = rel
@@ -176,6 +247,12 @@ impl Layout {
                     component: n.to_string(),
                 });
             }
+        }
+        if !parents.contain(&rel) {
+            return Err(Refused::OutsideParents {
+                path: cgroups_path.into(),
+                parents: format!("{:?}", parents.configured),
+            });
         }
         let leaf = names[names.len() - 1];
         let names_it = leaf == id
@@ -479,14 +556,15 @@ mod tests {
         std::fs::create_dir_all(outside.join("evil")).unwrap();
         std::os::unix::fs::symlink(&outside, root.join("linked")).unwrap();
         let v2 = Layout::Unified { root: root.clone() };
+        let any = Parents::default();
 
-        let ok = v2.container_cgroup("/default/app", "app").unwrap();
+        let ok = v2.container_cgroup("/default/app", "app", &any).unwrap();
         assert_eq!(ok.memory, root.join("default/app"));
-        v2.container_cgroup("kubepods-pod1.slice:cri-containerd:abc", "abc")
+        v2.container_cgroup("kubepods-pod1.slice:cri-containerd:abc", "abc", &any)
             .unwrap();
 
         let refused = |path: &str, id: &str| {
-            let e = v2.container_cgroup(path, id).unwrap_err();
+            let e = v2.container_cgroup(path, id, &any).unwrap_err();
             e.to_string()
         };
         assert!(refused("/default/../../etc", "etc").contains("not a cgroup path"));
@@ -508,10 +586,61 @@ mod tests {
         };
         assert!(
             hybrid
-                .container_cgroup("/default/app", "app")
+                .container_cgroup("/default/app", "app", &any)
                 .unwrap_err()
                 .to_string()
                 .contains("look up")
+        );
+    }
+
+    #[test]
+    fn configured_parents_bound_registrations() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("cgroup");
+        for d in [
+            "default/app",
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice/cri-containerd-abc.scope",
+            "kubepods.slice/kubepods-pod2.slice/cri-containerd-def.scope",
+            "transient/evil",
+        ] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        let v2 = Layout::Unified { root };
+        let parents =
+            Parents::new(&["/default".into(), "kubepods-besteffort.slice".into()]).unwrap();
+        v2.container_cgroup("/default/app", "app", &parents)
+            .unwrap();
+        v2.container_cgroup(
+            "kubepods-besteffort-pod1.slice:cri-containerd:abc",
+            "abc",
+            &parents,
+        )
+        .unwrap();
+        for (path, id) in [
+            ("/transient/evil", "evil"),
+            // kubepods.slice itself is not configured, only its besteffort child.
+            ("kubepods-pod2.slice:cri-containerd:def", "def"),
+        ] {
+            let e = v2.container_cgroup(path, id, &parents).unwrap_err();
+            assert!(matches!(e, Refused::OutsideParents { .. }), "{path}: {e}");
+            assert!(e.to_string().contains("agent.cgroup_parents"), "{e}");
+        }
+        // The parent itself is no container's cgroup.
+        let e = v2
+            .container_cgroup("/default", "default", &parents)
+            .unwrap_err();
+        assert!(matches!(e, Refused::TooShallow(_)), "{e}");
+        // Without parents configured, any parent passes the other rules.
+        v2.container_cgroup("/transient/evil", "evil", &Parents::default())
+            .unwrap();
+        for bad in ["kubepods", "/", "/a/../b", "a/b.slice", "-.slice"] {
+            assert!(Parents::new(&[bad.into()]).is_err(), "{bad}");
+        }
+        assert_eq!(
+            Parents::new(&["kubepods-burstable.slice".into()])
+                .unwrap()
+                .paths,
+            [PathBuf::from("kubepods.slice/kubepods-burstable.slice")]
         );
     }
 

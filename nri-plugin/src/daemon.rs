@@ -11,12 +11,13 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::access::{Access, Peer};
 use crate::agent::Agent;
-use crate::cgroup::Layout;
+use crate::cgroup::{Layout, Parents};
 use crate::memory::store::Store;
 use hyperbox_nri_proto::plugin::{self, Endpoint, Identity, Link};
 
 async fn serve_endpoints(agent: &Arc<Agent>, cfg: &hyperbox_config::Config) -> Result<()> {
-    let access = Access::for_group(&cfg.agent.api_group)?;
+    let access = Access::for_group(&cfg.agent.api_group)?
+        .with_cgroup_parents(Parents::new(&cfg.agent.cgroup_parents)?);
     let api = bind_unix(&cfg.agent.address, cfg.agent.socket_mode)?;
     if let Some(gid) = access.gid() {
         // The group's members reach the socket through its group bits.

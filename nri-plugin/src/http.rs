@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -272,7 +272,11 @@ async fn events(State(app): State<App>, Path(id): Path<String>) -> Response {
         .into_response()
 }
 
-async fn register(State(app): State<App>, Json(info): Json<ContainerInfo>) -> Response {
+async fn register(
+    State(app): State<App>,
+    Extension(access): Extension<Arc<Access>>,
+    Json(info): Json<ContainerInfo>,
+) -> Response {
     if info.id.is_empty() || info.cgroups_path.is_empty() {
         return (StatusCode::BAD_REQUEST, "id and cgroups_path are required").into_response();
     }
@@ -286,10 +290,10 @@ async fn register(State(app): State<App>, Json(info): Json<ContainerInfo>) -> Re
     }
     // Only the container's own cgroup under the runtime's hierarchy: the
     // agent writes limits there as root.
-    if let Err(e) = app
-        .agent
-        .layout
-        .container_cgroup(&info.cgroups_path, &info.id)
+    if let Err(e) =
+        app.agent
+            .layout
+            .container_cgroup(&info.cgroups_path, &info.id, access.cgroup_parents())
     {
         return (StatusCode::BAD_REQUEST, hyperbox_api::error_chain(&e)).into_response();
     }

@@ -3,9 +3,11 @@
 //!
 //! Written as prost structs rather than generated: the API has about sixty
 //! messages and we touch twenty, and prost skips the fields we leave out, so
-//! one set of structs decodes what containerd 1.7 (NRI v0.6.1) and newer
-//! runtimes send. Fields added after v0.6.1 (`more`, the timeouts, the
-//! version strings) are zero when an older runtime sends nothing.
+//! one set of structs decodes what containerd 1.7 (NRI v0.6.1) and
+//! containerd 2.x (NRI v0.12.3 in 2.4) send. Fields added after v0.6.1
+//! (`more`, the timeouts, the version strings, the container's image) are
+//! zero or absent when an older runtime sends nothing; the package name and
+//! every field number we use are the same in both.
 
 use std::collections::HashMap;
 
@@ -13,6 +15,10 @@ use std::collections::HashMap;
 pub const RUNTIME_SERVICE: &str = "nri.pkg.api.v1alpha1.Runtime";
 /// The plugin's ttrpc service (conn 1).
 pub const PLUGIN_SERVICE: &str = "nri.pkg.api.v1alpha1.Plugin";
+/// The NRI release whose API definition these messages follow, sent in
+/// `RegisterPlugin`. Runtimes only log it (v0.12.3 prints it when the
+/// plugin registers; v0.6.1 does not know the field).
+pub const NRI_VERSION: &str = "v0.12.3";
 
 /// `RegisterPluginRequest`.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -23,7 +29,8 @@ pub struct RegisterPluginRequest {
     /// Its two-digit index.
     #[prost(string, tag = "2")]
     pub plugin_idx: String,
-    /// The NRI version the plugin speaks (newer runtimes log it).
+    /// The NRI version the plugin speaks ([`NRI_VERSION`]; newer runtimes
+    /// log it).
     #[prost(string, tag = "3")]
     pub nri_version: String,
 }
@@ -69,12 +76,19 @@ pub struct ConfigureRequest {
     /// Request timeout in ms (newer runtimes).
     #[prost(int64, tag = "5")]
     pub request_timeout: i64,
+    /// The NRI module version the runtime was built with, e.g. `v0.12.3`
+    /// (after v0.6.1; empty from containerd 1.7).
+    #[prost(string, tag = "6")]
+    pub nri_version: String,
 }
 
 /// `ConfigureResponse`.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ConfigureResponse {
-    /// The event mask: bit `1 << (event - 1)` per [`Event`].
+    /// The event mask: bit `1 << (event - 1)` per [`Event`]. Zero means
+    /// every event the runtime knows, which on NRI v0.12 includes
+    /// [`Event::ValidateContainerAdjustment`] and so makes the plugin a
+    /// validator every creation waits for: always send an explicit mask.
     #[prost(int32, tag = "2")]
     pub events: i32,
 }
@@ -88,7 +102,9 @@ pub struct SynchronizeRequest {
     /// Existing containers.
     #[prost(message, repeated, tag = "2")]
     pub containers: Vec<Container>,
-    /// More batches follow (newer runtimes split large states).
+    /// More batches follow: NRI v0.12 splits a state too large for one
+    /// ttrpc message, and closes a plugin that answers a batch with
+    /// updates or with a `more` different from the request's.
     #[prost(bool, tag = "3")]
     pub more: bool,
 }
@@ -146,7 +162,9 @@ pub struct UpdateContainerResponse {
 }
 
 /// `StateChangeEvent`: how NRI v0.6.1 delivers the events without a
-/// dedicated call (start, remove, pod events).
+/// dedicated call (start, remove, pod events). NRI v0.12 calls a method per
+/// event and falls back to this only for a plugin that answers the
+/// dedicated method `UNIMPLEMENTED` (logging a deprecation warning).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct StateChangeEvent {
     /// Which event.
@@ -188,12 +206,28 @@ pub enum Event {
     StopContainer = 10,
     /// RemoveContainer.
     RemoveContainer = 11,
+    /// UpdatePodSandbox (after v0.6.1; in v0.12.3): a pod's resources
+    /// change. containerd 1.7 refuses a mask with this bit or a later one
+    /// (`invalid plugin events`) and drops the plugin.
+    UpdatePodSandbox = 12,
+    /// PostUpdatePodSandbox (after v0.6.1; in v0.12.3).
+    PostUpdatePodSandbox = 13,
+    /// ValidateContainerAdjustment (after v0.6.1; in v0.12.3): the plugin vets every
+    /// creation's combined adjustment; creation fails if it rejects or
+    /// errs.
+    ValidateContainerAdjustment = 14,
 }
 
 impl Event {
     /// This event's bit in the Configure mask.
     pub fn mask(self) -> i32 {
         1 << (self as i32 - 1)
+    }
+
+    /// Whether NRI v0.6 (containerd 1.7) knows this event, i.e. whether a
+    /// mask holding it is accepted there.
+    pub fn known_to_v0_6(self) -> bool {
+        (self as i32) <= Event::RemoveContainer as i32
     }
 }
 
@@ -267,6 +301,24 @@ pub struct Container {
     /// The init pid, once it exists.
     #[prost(uint32, tag = "12")]
     pub pid: u32,
+    /// The image (after v0.6.1; containerd 2.4 sends it, 1.7 does not,
+    /// where only CRI's `io.kubernetes.cri.image-name` annotation names it).
+    #[prost(message, optional, tag = "22")]
+    pub image: Option<Image>,
+}
+
+/// `Image`: what a container runs.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Image {
+    /// The normalized reference, e.g. `docker.io/library/busybox:1.36`.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// The index or manifest digest.
+    #[prost(string, tag = "2")]
+    pub digest: String,
+    /// The config digest.
+    #[prost(string, tag = "3")]
+    pub config_digest: String,
 }
 
 /// `ContainerState::CONTAINER_RUNNING`.
@@ -359,6 +411,18 @@ pub struct LinuxContainerUpdate {
     pub resources: Option<LinuxResources>,
 }
 
+/// `ValidateContainerAdjustmentResponse`: the verdict of a validator (a
+/// plugin subscribed to [`Event::ValidateContainerAdjustment`]).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ValidateContainerAdjustmentResponse {
+    /// Refuse the creation.
+    #[prost(bool, tag = "1")]
+    pub reject: bool,
+    /// Why.
+    #[prost(string, tag = "2")]
+    pub reason: String,
+}
+
 /// `ContainerEviction`.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ContainerEviction {
@@ -437,6 +501,20 @@ mod tests {
         bytes.extend_from_slice(&[0x6a, 0x02, 0x0a, 0x00]);
         let c = Container::decode(bytes.as_slice()).unwrap();
         assert_eq!(c.id, "c1");
+    }
+
+    #[test]
+    fn the_image_field_of_newer_runtimes_is_read() {
+        // Container field 22 (Image), name field 1: as containerd 2.4 sends.
+        let mut bytes = Container {
+            id: "c1".into(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        bytes.extend_from_slice(&[0xb2, 0x01, 0x05, 0x0a, 0x03]);
+        bytes.extend_from_slice(b"app");
+        let c = Container::decode(bytes.as_slice()).unwrap();
+        assert_eq!(c.image.map(|i| i.name).as_deref(), Some("app"));
     }
 
     #[test]

@@ -4,9 +4,13 @@
 //! runtime goes away.
 //!
 //! Both generations of the API are served: containerd 1.7 (NRI v0.6.1)
-//! delivers start, remove and pod events through `StateChange`; newer
-//! runtimes call `StartContainer`, `RemoveContainer`, ... directly. Either
-//! way [`Events::container_event`] sees the same thing.
+//! delivers start, remove and pod events through `StateChange`; containerd
+//! 2.x (NRI v0.12.3 in 2.4) calls `StartContainer`, `RemoveContainer`, ...
+//! directly, and would fall back to `StateChange` (with a deprecation
+//! warning per event) only if we answered those `UNIMPLEMENTED`. Either way
+//! [`Events::container_event`] sees the same thing. An `UNIMPLEMENTED`
+//! answer never costs the connection; a missed deadline does (v0.12.3
+//! closes the plugin), which is why every answer comes from memory.
 
 use std::os::fd::FromRawFd;
 use std::path::PathBuf;
@@ -174,6 +178,7 @@ pub async fn run<E: Events>(
 ) -> Result<(), Error> {
     let handler = Arc::new(Dispatch {
         events: events.clone(),
+        sync_updates: Mutex::default(),
     });
     match endpoint {
         Endpoint::Preconnected(fd) => {
@@ -231,11 +236,13 @@ async fn serve<E: Events>(
     events: &Arc<E>,
     link: &Arc<Link>,
 ) -> Result<(), session::Error> {
+    // A split Synchronize cut short by the last connection is void.
+    handler.sync_updates.lock().expect("sync updates").clear();
     let session = Session::start(stream, handler.clone());
     let req = api::RegisterPluginRequest {
         plugin_name: id.name.clone(),
         plugin_idx: id.index.clone(),
-        nri_version: String::new(),
+        nri_version: api::NRI_VERSION.into(),
     };
     let _: api::Empty = session
         .client
@@ -252,6 +259,9 @@ async fn serve<E: Events>(
 /// Routes ttrpc calls to [`Events`], timing each.
 struct Dispatch<E> {
     events: Arc<E>,
+    /// Updates asked for in the batches of a split Synchronize so far: the
+    /// runtime accepts them only with the last batch.
+    sync_updates: Mutex<Vec<api::ContainerUpdate>>,
 }
 
 fn decode<M: Message + Default>(payload: &[u8]) -> Result<M, Status> {
@@ -281,7 +291,14 @@ impl<E: Events> Dispatch<E> {
             }
             "Synchronize" => {
                 let req: api::SynchronizeRequest = decode(payload)?;
-                let update = ev.synchronize(&req);
+                let mut pending = self.sync_updates.lock().expect("sync updates");
+                pending.extend(ev.synchronize(&req));
+                // Echoing `more` tells the runtime we take split states.
+                let update = if req.more {
+                    Vec::new()
+                } else {
+                    std::mem::take(&mut *pending)
+                };
                 Ok(api::SynchronizeResponse {
                     update,
                     more: req.more,
@@ -321,6 +338,12 @@ impl<E: Events> Dispatch<E> {
                 }
                 Ok(empty())
             }
+            // We never subscribe to it (see `ConfigureResponse::events`),
+            // but a runtime that asks anyway gets a valid "no objection".
+            "ValidateContainerAdjustment" => {
+                Ok(api::ValidateContainerAdjustmentResponse::default().encode_to_vec())
+            }
+            // Pod events: every *PodSandboxResponse is an empty message.
             "RunPodSandbox"
             | "StopPodSandbox"
             | "RemovePodSandbox"
@@ -381,8 +404,15 @@ mod tests {
         fn configure(&self, _: &api::ConfigureRequest) -> Result<i32, String> {
             Ok(Event::CreateContainer.mask())
         }
-        fn synchronize(&self, _: &api::SynchronizeRequest) -> Vec<api::ContainerUpdate> {
-            Vec::new()
+        /// Asks to update every container it is told about.
+        fn synchronize(&self, req: &api::SynchronizeRequest) -> Vec<api::ContainerUpdate> {
+            req.containers
+                .iter()
+                .map(|c| api::ContainerUpdate {
+                    container_id: c.id.clone(),
+                    ..Default::default()
+                })
+                .collect()
         }
         fn create_container(
             &self,
@@ -422,6 +452,7 @@ mod tests {
         let seen = Arc::new(Seen::default());
         let d = Dispatch {
             events: seen.clone(),
+            sync_updates: Mutex::default(),
         };
         let call = |method: &str, payload: Vec<u8>| {
             d.call(api::PLUGIN_SERVICE.into(), method.into(), payload.into())
@@ -462,5 +493,67 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.code, code::UNIMPLEMENTED);
+    }
+
+    #[tokio::test]
+    async fn a_split_synchronize_gets_its_updates_with_the_last_batch_only() {
+        let d = Dispatch {
+            events: Arc::new(Seen::default()),
+            sync_updates: Mutex::default(),
+        };
+        let sync = |more: bool, ids: &[&str]| {
+            let req = api::SynchronizeRequest {
+                pods: Vec::new(),
+                containers: ids.iter().map(|i| container(i)).collect(),
+                more,
+            };
+            d.call(
+                api::PLUGIN_SERVICE.into(),
+                "Synchronize".into(),
+                req.encode_to_vec().into(),
+            )
+        };
+        let ids = |r: &api::SynchronizeResponse| -> Vec<String> {
+            r.update.iter().map(|u| u.container_id.clone()).collect()
+        };
+        // NRI v0.12.3 closes a plugin that answers a non-final batch with
+        // updates or with another `more`.
+        let first =
+            api::SynchronizeResponse::decode(sync(true, &["a", "b"]).await.unwrap().as_slice())
+                .unwrap();
+        assert!(first.more && first.update.is_empty(), "{first:?}");
+        let last = api::SynchronizeResponse::decode(sync(false, &["c"]).await.unwrap().as_slice())
+            .unwrap();
+        assert!(!last.more);
+        assert_eq!(ids(&last), ["a", "b", "c"]);
+        // An unsplit state (containerd 1.7 always) answers at once.
+        let whole = api::SynchronizeResponse::decode(sync(false, &["d"]).await.unwrap().as_slice())
+            .unwrap();
+        assert_eq!(ids(&whole), ["d"]);
+    }
+
+    #[tokio::test]
+    async fn methods_newer_than_v0_6_are_answered_with_their_reply_types() {
+        let d = Dispatch {
+            events: Arc::new(Seen::default()),
+            sync_updates: Mutex::default(),
+        };
+        let call = |method: &str| {
+            d.call(
+                api::PLUGIN_SERVICE.into(),
+                method.into(),
+                bytes::Bytes::new(),
+            )
+        };
+        let v = call("ValidateContainerAdjustment").await.unwrap();
+        let v = api::ValidateContainerAdjustmentResponse::decode(v.as_slice()).unwrap();
+        assert!(!v.reject);
+        for m in ["UpdatePodSandbox", "PostUpdatePodSandbox", "StopPodSandbox"] {
+            assert!(call(m).await.unwrap().is_empty(), "{m}");
+        }
+        // Events v0.6.1 does not know must stay out of a 1.7 mask.
+        assert!(Event::RemoveContainer.known_to_v0_6());
+        assert!(!Event::UpdatePodSandbox.known_to_v0_6());
+        assert_eq!(Event::ValidateContainerAdjustment.mask(), 1 << 13);
     }
 }

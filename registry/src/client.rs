@@ -136,6 +136,32 @@ pub fn host_arch() -> &'static str {
     }
 }
 
+/// How long a blob may be: a download never reads past it, and a reply
+/// that announces or streams more is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobSize {
+    /// The size the blob's descriptor gives (a manifest's layer entry).
+    /// Bytes beyond it cannot be the blob's, whatever the transfer says.
+    Exact(u64),
+    /// At most this many bytes, when no descriptor is at hand.
+    AtMost(u64),
+}
+
+impl BlobSize {
+    fn limit(self) -> u64 {
+        match self {
+            BlobSize::Exact(n) | BlobSize::AtMost(n) => n,
+        }
+    }
+
+    fn why(self) -> &'static str {
+        match self {
+            BlobSize::Exact(_) => "the size its manifest gives it",
+            BlobSize::AtMost(_) => "the most a layer may hold (snapshotter.max_layer_bytes)",
+        }
+    }
+}
+
 /// Progress of one download: bytes so far, total if known.
 pub type Progress<'a> = &'a (dyn Fn(u64, Option<u64>) + Send + Sync);
 
@@ -572,9 +598,52 @@ impl Registry {
         .await
     }
 
+    /// The layer descriptors of `r` on this machine's platform, from its
+    /// verified manifest (the config is not fetched): what each layer blob's
+    /// size must be.
+    pub async fn layer_descriptors(&self, r: &Reference) -> Result<Vec<Descriptor>, Error> {
+        let (_, _, _, _, m) = self.resolve_manifest(r).await?;
+        Ok(m.layers)
+    }
+
     /// Resolves `r` to this machine's platform: the manifest, the config
     /// and the layer list, all verified.
     pub async fn resolve(&self, r: &Reference) -> Result<Resolved, Error> {
+        let bad = |why: String| Error::Manifest {
+            reference: r.to_string(),
+            why,
+        };
+        let (top, top_bytes, manifest, manifest_bytes, m) = self.resolve_manifest(r).await?;
+        let config_digest = Digest::parse(&m.config.digest)?;
+        let config_bytes = self.fetch_blob_bytes(r, &config_digest).await?;
+        let c: ImageConfig =
+            serde_json::from_slice(&config_bytes).map_err(|e| bad(format!("config: {e}")))?;
+        if c.rootfs.diff_ids.len() != m.layers.len() {
+            return Err(bad(format!(
+                "{} layers but {} diff_ids in the config",
+                m.layers.len(),
+                c.rootfs.diff_ids.len()
+            )));
+        }
+        Ok(Resolved {
+            reference: r.clone(),
+            top,
+            top_bytes,
+            manifest,
+            manifest_bytes,
+            config: m.config,
+            config_bytes,
+            layers: m.layers,
+            diff_ids: c.rootfs.diff_ids,
+        })
+    }
+
+    /// `r`'s top object and this platform's manifest, fetched and
+    /// verified, with the manifest parsed and its layer digests checked.
+    async fn resolve_manifest(
+        &self,
+        r: &Reference,
+    ) -> Result<(Descriptor, Vec<u8>, Descriptor, Vec<u8>, Manifest), Error> {
         let bad = |why: String| Error::Manifest {
             reference: r.to_string(),
             why,
@@ -624,40 +693,26 @@ impl Registry {
         };
         let m: Manifest =
             serde_json::from_slice(&manifest_bytes).map_err(|e| bad(format!("manifest: {e}")))?;
-        let config_digest = Digest::parse(&m.config.digest)?;
-        let config_bytes = self.fetch_blob_bytes(r, &config_digest).await?;
-        let c: ImageConfig =
-            serde_json::from_slice(&config_bytes).map_err(|e| bad(format!("config: {e}")))?;
-        if c.rootfs.diff_ids.len() != m.layers.len() {
-            return Err(bad(format!(
-                "{} layers but {} diff_ids in the config",
-                m.layers.len(),
-                c.rootfs.diff_ids.len()
-            )));
-        }
         for l in &m.layers {
             Digest::parse(&l.digest)?;
+            if l.size < 0 {
+                return Err(bad(format!("layer {} has a negative size", l.digest)));
+            }
         }
-        Ok(Resolved {
-            reference: r.clone(),
-            top,
-            top_bytes,
-            manifest,
-            manifest_bytes,
-            config: m.config,
-            config_bytes,
-            layers: m.layers,
-            diff_ids: c.rootfs.diff_ids,
-        })
+        Ok((top, top_bytes, manifest, manifest_bytes, m))
     }
 
     /// Downloads blob `digest` of `r` into `path`, resuming a partial file
     /// left there, and verifies it; on a mismatch the file is removed.
-    /// Waits for a download slot first (`max_concurrent_downloads`).
+    /// Never reads past `size`: a reply that announces more is refused
+    /// before its body is read, one that streams more (chunked, no
+    /// length) when it crosses it. Waits for a download slot first
+    /// (`max_concurrent_downloads`).
     pub async fn fetch_blob_to_file(
         &self,
         r: &Reference,
         digest: &Digest,
+        size: BlobSize,
         path: &Path,
         progress: Progress<'_>,
     ) -> Result<u64, Error> {
@@ -673,8 +728,15 @@ impl Registry {
                 remove(path)?;
             }
             let mut v = prefix_verifier(path).await?;
-            self.download_across(r, digest, path, &mut v, progress)
-                .await?;
+            if v.len() > size.limit() {
+                // Left by an earlier run without this bound: not the blob.
+                remove(path)?;
+                v = Verifier::default();
+            }
+            if !(matches!(size, BlobSize::Exact(n) if n == v.len() && n > 0)) {
+                self.download_across(r, digest, size, path, &mut v, progress)
+                    .await?;
+            }
             let len = v.len();
             match v.finish(digest, &format!("blob {digest} of {r}")) {
                 Ok(()) => return Ok(len),
@@ -696,6 +758,7 @@ impl Registry {
         &self,
         r: &Reference,
         digest: &Digest,
+        size: BlobSize,
         path: &Path,
         v: &mut Verifier,
         progress: Progress<'_>,
@@ -705,7 +768,7 @@ impl Registry {
             let retries = if retry { self.retries } else { 0 };
             let mut backoff = FIRST_BACKOFF;
             for attempt in 0..=retries {
-                match self.download(&ep, r, digest, path, v, progress).await {
+                match self.download(&ep, r, digest, size, path, v, progress).await {
                     Ok(()) => {
                         self.worked(r, &ep);
                         return Ok(());
@@ -726,11 +789,13 @@ impl Registry {
         Err(combine(failed, r, "the pull capability"))
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn download(
         &self,
         ep: &Endpoint,
         r: &Reference,
         digest: &Digest,
+        size: BlobSize,
         path: &Path,
         v: &mut Verifier,
         progress: Progress<'_>,
@@ -783,7 +848,16 @@ impl Registry {
                 announced = Some(n);
             }
         }
-        let mut file = if have > 0 && resumed {
+        let too_long = || Error::BlobTooLong {
+            url: url.clone(),
+            limit: size.limit(),
+            why: size.why(),
+        };
+        let keep = if have > 0 && resumed { have } else { 0 };
+        if announced.is_some_and(|n| n.saturating_add(keep) > size.limit()) {
+            return Err(too_long());
+        }
+        let mut file = if keep > 0 {
             tokio::fs::OpenOptions::new()
                 .append(true)
                 .open(path)
@@ -796,12 +870,19 @@ impl Registry {
                 .await
                 .map_err(|e| io("create", e))?
         };
-        let total = announced.map(|n| n + v.len());
+        let total = announced.map(|n| n + v.len()).or(match size {
+            BlobSize::Exact(n) => Some(n),
+            BlobSize::AtMost(_) => None,
+        });
         let mut body = resp.bytes_stream();
         let mut result = Ok(());
         while let Some(chunk) = body.next().await {
             match chunk {
                 Ok(c) => {
+                    if v.len() + c.len() as u64 > size.limit() {
+                        result = Err(too_long());
+                        break;
+                    }
                     if let Some(t) = total
                         && v.len() + c.len() as u64 > t
                     {

@@ -91,6 +91,19 @@ pub enum Error {
         /// The bound it went past.
         limit: u64,
     },
+    /// A blob reply went past the size the blob may have: the size its
+    /// descriptor gives, or without one a cap. Announced (Content-Length,
+    /// Content-Range) or streamed (chunked), the bytes past it are never
+    /// read or written.
+    #[error("{url}: blob longer than {limit} bytes, {why}; stopped reading")]
+    BlobTooLong {
+        /// The request.
+        url: String,
+        /// The most bytes the blob may have.
+        limit: u64,
+        /// Where that bound comes from.
+        why: &'static str,
+    },
     /// The registry redirected in a way we do not follow.
     #[error("{url}: redirect refused: {why}")]
     Redirect {

@@ -228,6 +228,102 @@ async fn an_endless_manifest_is_refused_past_4_mib() {
     );
 }
 
+/// Serves `blob` as a registry should, or with `extra` more bytes than its
+/// manifest gives it (`usize::MAX`: without end), with or without a
+/// length.
+fn blob_server(
+    blob: Vec<u8>,
+    extra: usize,
+    chunked: bool,
+) -> impl Fn(&Seen) -> Reply + Send + Sync + 'static {
+    move |_: &Seen| {
+        if extra == usize::MAX {
+            return Reply::Endless {
+                status: 200,
+                headers: vec![],
+            };
+        }
+        let mut body = blob.clone();
+        body.resize(blob.len() + extra, b'x');
+        if chunked {
+            Reply::Chunked {
+                status: 200,
+                headers: vec![],
+                body,
+            }
+        } else {
+            Reply::ok(body)
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_blob_is_never_read_past_the_size_its_manifest_gives() {
+    let blob: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    let digest = Digest::of(&blob);
+    let size = crate::BlobSize::Exact(blob.len() as u64);
+    for (extra, chunked) in [
+        (0, true),
+        (0, false),
+        (4096, true),
+        (8 << 20, false),
+        (usize::MAX, true),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::start(blob_server(blob.clone(), extra, chunked)).await;
+        hosts_toml(
+            dir.path(),
+            &server.host(),
+            &format!("server = \"http://{}\"\n", server.host()),
+        );
+        let reg = registry(dir.path());
+        let r = Reference::parse(&format!("{}/app:v1", server.host())).unwrap();
+        let path = dir.path().join("blob");
+        let got = within(reg.fetch_blob_to_file(&r, &digest, size, &path, &|_, _| {})).await;
+        let case = format!("{extra} more bytes, chunked: {chunked}");
+        if extra == 0 {
+            assert_eq!(got.unwrap(), blob.len() as u64, "{case}");
+            assert_eq!(std::fs::read(&path).unwrap(), blob, "{case}");
+            continue;
+        }
+        let e = got.unwrap_err();
+        assert!(
+            matches!(e, Error::BlobTooLong { limit, .. } if limit == blob.len() as u64),
+            "{case}: {e}"
+        );
+        assert!(
+            e.to_string()
+                .contains("blob longer than 1048576 bytes, the size its manifest gives it"),
+            "{case}: {e}"
+        );
+        // Nothing past the promised size was written (a partial file
+        // stays for a resumed download).
+        let kept = std::fs::metadata(&path).map_or(0, |m| m.len());
+        assert!(kept <= blob.len() as u64, "{case}: {kept} bytes kept");
+    }
+
+    // Without a manifest's size, the cap holds the same way.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(blob_server(blob.clone(), usize::MAX, true)).await;
+    hosts_toml(
+        dir.path(),
+        &server.host(),
+        &format!("server = \"http://{}\"\n", server.host()),
+    );
+    let reg = registry(dir.path());
+    let r = Reference::parse(&format!("{}/app:v1", server.host())).unwrap();
+    let path = dir.path().join("blob");
+    let cap = crate::BlobSize::AtMost(4 << 20);
+    let e = within(reg.fetch_blob_to_file(&r, &digest, cap, &path, &|_, _| {}))
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("blob longer than 4194304 bytes, the most a layer may hold"),
+        "{e}"
+    );
+}
+
 #[tokio::test]
 async fn an_endless_token_reply_is_refused() {
     let dir = tempfile::tempdir().unwrap();

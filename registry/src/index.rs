@@ -21,6 +21,8 @@ use crate::error::Error;
 pub const CONFIG_TYPE: &str = "application/vnd.hyperbox.index.v1+json";
 /// Media type of an EROFS layer image blob.
 pub const EROFS_TYPE: &str = "application/vnd.hyperbox.erofs.layer.v1";
+/// The index format version this build reads and writes.
+pub const VERSION: u32 = 2;
 /// Bytes per verified chunk.
 pub const CHUNK_SIZE: u64 = 1 << 20;
 
@@ -28,7 +30,8 @@ pub const CHUNK_SIZE: u64 = 1 << 20;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Index {
-    /// Format version (1).
+    /// Format version: 2. Version 1 had no diff_ids and is refused, so
+    /// its layers are fetched whole (`hb image index` writes version 2).
     pub version: u32,
     /// Bytes per chunk.
     pub chunk_size: u64,
@@ -42,6 +45,11 @@ pub struct Index {
 pub struct IndexLayer {
     /// The image layer's blob digest (as in the image manifest).
     pub layer: String,
+    /// The layer's diff_id (the digest of its uncompressed tar), as the
+    /// image config lists it: a node serves the EROFS image only under the
+    /// chain id this diff_id gives, and checks it against the layer's own
+    /// bytes once the image is complete.
+    pub diff_id: String,
     /// The EROFS image blob's digest.
     pub erofs: String,
     /// Its size.
@@ -68,9 +76,9 @@ impl Index {
         };
         let ix: Index =
             serde_json::from_slice(bytes).map_err(|e| bad(format!("hyperbox index: {e}")))?;
-        if ix.version != 1 {
+        if ix.version != VERSION {
             return Err(bad(format!(
-                "hyperbox index version {} is not 1",
+                "hyperbox index version {} is not {VERSION} (run `hb image index` again)",
                 ix.version
             )));
         }
@@ -83,6 +91,7 @@ impl Index {
         for l in &ix.layers {
             Digest::parse(&l.layer)?;
             Digest::parse(&l.erofs)?;
+            Digest::parse(&l.diff_id)?;
             if l.data_end < 4096 || l.data_end > l.size {
                 return Err(bad(format!(
                     "layer {}: data_end {} outside [4096, {}]",
@@ -122,7 +131,7 @@ mod tests {
     fn ix(size: u64, chunks: usize) -> String {
         let c = format!("\"{}\"", "0".repeat(64));
         format!(
-            r#"{{"version":1,"chunk_size":1048576,"layers":[{{"layer":"sha256:{a}","erofs":"sha256:{a}","size":{size},"data_end":4096,"chunks":[{}]}}]}}"#,
+            r#"{{"version":2,"chunk_size":1048576,"layers":[{{"layer":"sha256:{a}","diff_id":"sha256:{a}","erofs":"sha256:{a}","size":{size},"data_end":4096,"chunks":[{}]}}]}}"#,
             vec![c; chunks].join(","),
             a = "a".repeat(64)
         )
@@ -134,7 +143,7 @@ mod tests {
         assert!(Index::parse(ix((3 << 20) + 1, 4).as_bytes(), "x").is_ok());
         let e = Index::parse(ix(3 << 20, 2).as_bytes(), "x").unwrap_err();
         assert!(e.to_string().contains("2 chunk digests"), "{e}");
-        assert!(Index::parse(b"{\"version\":2,\"chunk_size\":4096,\"layers\":[]}", "x").is_err());
+        assert!(Index::parse(b"{\"version\":1,\"chunk_size\":4096,\"layers\":[]}", "x").is_err());
     }
 
     #[test]

@@ -34,6 +34,6 @@ mod hostile_tests;
 #[cfg(test)]
 mod test_server;
 
-pub use client::{Descriptor, Registry, Resolved};
+pub use client::{BlobSize, Descriptor, Registry, Resolved};
 pub use error::Error;
 pub use reference::Reference;

@@ -36,6 +36,13 @@ pub(crate) enum Reply {
         headers: Vec<(String, String)>,
         body: Vec<u8>,
     },
+    /// A status and headers, then `body` chunked (no Content-Length): the
+    /// client learns its length only when it ends.
+    Chunked {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
     /// A status and headers, then a chunked body that never ends (until
     /// the client goes away).
     Endless {
@@ -161,6 +168,25 @@ async fn serve(
                 if req.method != "HEAD" {
                     conn.write_all(&body).await?;
                 }
+            }
+            Reply::Chunked {
+                status,
+                headers,
+                body,
+            } => {
+                let mut out = format!("HTTP/1.1 {status} X\r\ntransfer-encoding: chunked\r\n");
+                for (k, v) in headers {
+                    out.push_str(&format!("{k}: {v}\r\n"));
+                }
+                out.push_str("\r\n");
+                conn.write_all(out.as_bytes()).await?;
+                for piece in body.chunks(64 << 10) {
+                    let mut frame = format!("{:x}\r\n", piece.len()).into_bytes();
+                    frame.extend_from_slice(piece);
+                    frame.extend_from_slice(b"\r\n");
+                    conn.write_all(&frame).await?;
+                }
+                conn.write_all(b"0\r\n\r\n").await?;
             }
             Reply::Endless { status, headers } => {
                 let mut out = format!("HTTP/1.1 {status} X\r\ntransfer-encoding: chunked\r\n");

@@ -3,38 +3,70 @@
 //! not yet fetched are held by fanotify pre-content events
 //! (`FAN_PRE_ACCESS`, kernel 6.14+) until the chunk holding them has been
 //! fetched with a Range request, checked against its SHA-256 from the index
-//! and written into the file. A background task fills the rest; once a file
-//! is complete its mark is removed and the kernel reads it at native speed.
+//! and written into the file. A background task fills the rest (retrying
+//! with backoff when the registry fails); once a file is complete its mark
+//! is removed and the kernel reads it at native speed.
 //!
 //! The writes themselves raise no events: each file is opened for writing
 //! before its mark is placed, and the kernel decides at open time whether
-//! an open file reports pre-content events.
+//! an open file reports pre-content events. (A group kept across a restart
+//! keeps its marks, so a file reopened then does raise events for our own
+//! writes: those are recognised by pid and allowed at once.)
 //!
 //! A chunk that cannot be fetched or does not verify is denied with EIO:
 //! the reading process gets an I/O error, never unverified or missing
-//! bytes. While the daemon is down the marks are gone and unfetched ranges
-//! read as zeros; at start-up every incomplete file is marked again before
-//! anything is mounted, and the page cache is dropped once if such a file
-//! was mounted during the outage. docs/snapshotter.md explains the window.
+//! bytes. docs/security.md states what an index can make a container read.
+//!
+//! **Binding to the image.** An index is found by a mutable tag, so it is
+//! trusted only as far as it is checked:
+//! - its entry is used only when the diff_id it names gives the chain id
+//!   containerd asked for (computed from the image config);
+//! - lazy files live apart from the whole-fetch cache, in
+//!   `<root>/lazy/<layer>.<erofs>.erofs`, keyed by the layer *and* the EROFS
+//!   image the index names: another index never writes, replaces or serves
+//!   a file made from a different one, and a file a snapshot links is never
+//!   rewritten;
+//! - once complete, the layer is fetched whole (verified against its
+//!   compressed digest), converted, and must give the index's diff_id and
+//!   the same EROFS bytes ([`Verifier`]). On mismatch the file is marked
+//!   again and every further read of it fails with EIO, new mounts on it
+//!   are refused, and its index entry is never used again on this node (the
+//!   next pull fetches the layer whole). Until then its bytes are served:
+//!   containerd reuses a committed chain without asking us, so that window
+//!   is bounded by the fill and the check, not closed. When containerd does
+//!   ask (a Prepare for the existing target), a pull whose own index does
+//!   not name the same bytes waits for the verdict ([`Lazy::wait_trusted`]).
+//!
+//! **Restarts.** State is written durably (fsync, rename, fsync of the
+//! directory). While the daemon is down its fanotify group survives only if
+//! a service manager holds its fd (see `crate::fdstore`); otherwise the
+//! marks are gone and unfetched ranges of mounted layers read as zeros until
+//! the next start, which marks every incomplete file again before anything
+//! is mounted and drops the page cache once. A state file that cannot be
+//! read is set aside (`.corrupt`), and its file refused, not a crash loop.
 //!
 //! fanotify is reached through hyperbox-kernel's [`PreContent`] seam, so
 //! the policy here (which reads wait for what, and what they are answered)
 //! is unit-tested with its fake.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::fs::{self, File, OpenOptions};
+use std::io::Write as _;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use hyperbox_kernel::fanotify::{AccessEvent, FileId, PreContent, Verdict};
-use hyperbox_registry::digest::Digest;
+use hyperbox_registry::digest::{Digest, chain_id};
 use hyperbox_registry::index::{Index, IndexLayer};
 use hyperbox_registry::{Reference, Registry};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+use tokio::sync::{Semaphore, watch};
 
 /// Unlinked lazy layers younger than this survive Cleanup.
 const PRUNE_GRACE: Duration = Duration::from_secs(60);
@@ -44,6 +76,8 @@ const INDEX_TTL: Duration = Duration::from_secs(60);
 /// is picked up soon, long enough to spare the registry one lookup per
 /// layer of every pull.
 const NO_INDEX_TTL: Duration = Duration::from_secs(10);
+/// The longest pause between retries of a failed background fetch.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// Errors of the lazy path.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +98,12 @@ pub enum Error {
         erofs: String,
         /// Chunk number.
         chunk: usize,
+    },
+    /// A file snapshots still link would have been rewritten.
+    #[error("{path} is linked by snapshots; it is never rewritten")]
+    Linked {
+        /// The file.
+        path: PathBuf,
     },
     /// A file or fanotify operation failed.
     #[error("{action} {path}")]
@@ -86,17 +126,74 @@ fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
     }
 }
 
-/// What survives a restart about an incomplete file (`<hex>.lazy`).
+/// Checks a completed lazy layer against the image's own digests.
+pub trait Verifier: fmt::Debug + Send + Sync {
+    /// Layer `layer` of `image`, fetched whole (verified against its
+    /// compressed digest) and converted: the EROFS image's path and the
+    /// diff_id its decompressed bytes give.
+    fn whole<'a>(
+        &'a self,
+        image: &'a str,
+        layer: &'a str,
+    ) -> BoxFuture<'a, Result<(PathBuf, String), String>>;
+}
+
+/// `[snapshotter]` settings of the lazy path.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Range requests in flight at once, demand and background together
+    /// (`snapshotter.lazy_max_chunk_fetches`).
+    pub max_chunk_fetches: usize,
+    /// Verify completed layers against the image (`snapshotter.lazy_verify`).
+    pub verify: bool,
+}
+
+/// What the lazy path has done, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Completed layers that matched the image.
+    pub verified: AtomicU64,
+    /// Completed layers that did not: no longer served.
+    pub rejected: AtomicU64,
+    /// Index entries not used because their diff_id does not give the
+    /// chain id containerd asked for.
+    pub chain_mismatch: AtomicU64,
+    /// Chunk fetches that failed (or did not verify).
+    pub chunk_failures: AtomicU64,
+    /// Reads answered with EIO.
+    pub denied_reads: AtomicU64,
+}
+
+/// What survives a restart about a lazy file (`<key>.lazy`): present until
+/// the file is complete and verified; with `rejected`, why it is refused.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct State {
     image: String,
     chunk_size: u64,
     entry: IndexLayer,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rejected: Option<String>,
+}
+
+/// Where a lazy file is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Chunks are missing; reads are held until theirs are in.
+    Filling,
+    /// Complete, being checked against the image.
+    Verifying,
+    /// Complete and checked (or checks are off).
+    Verified,
+    /// Did not match the image: reads fail with EIO.
+    Rejected(String),
+    /// Removed (its snapshots were removed, or its mount failed).
+    Discarded,
 }
 
 /// One sparse EROFS image being filled.
 #[derive(Debug)]
 struct Blob {
+    key: String,
     path: PathBuf,
     state_path: PathBuf,
     have_path: PathBuf,
@@ -108,7 +205,7 @@ struct Blob {
     state: State,
     present: Mutex<Vec<bool>>,
     locks: Vec<tokio::sync::Mutex<()>>,
-    complete: AtomicBool,
+    phase: watch::Sender<Phase>,
     /// The last failure to serve a read, for error messages.
     last_error: Mutex<Option<String>>,
     /// When it was registered: a Prepare may still be about to link it.
@@ -125,128 +222,378 @@ impl Blob {
     }
 
     fn missing(&self) -> usize {
-        self.present
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|p| !**p)
-            .count()
+        lock(&self.present).iter().filter(|p| !**p).count()
     }
+
+    fn phase(&self) -> Phase {
+        self.phase.borrow().clone()
+    }
+}
+
+/// A file whose reads fail and on which nothing new is mounted.
+#[derive(Debug, Clone)]
+struct Refusal {
+    path: PathBuf,
+    why: String,
 }
 
 /// When an index was looked up, and what was found.
 type CachedIndex = (Instant, Option<Arc<Index>>);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The file name stem of an index entry: layer and EROFS image together,
+/// so files made from different indexes never meet.
+fn key_of(entry: &IndexLayer) -> Result<String, Error> {
+    let parse = |d: &str| {
+        Digest::parse(d).map_err(|source| Error::Registry {
+            what: d.to_string(),
+            source,
+        })
+    };
+    Ok(format!(
+        "{}.{}",
+        parse(&entry.layer)?.hex(),
+        parse(&entry.erofs)?.hex()
+    ))
+}
+
+/// Writes `state` to `path` so a crash leaves the old or the new one:
+/// temporary file, fsync, rename, fsync of the directory.
+fn write_durably(path: &Path, state: &State) -> Result<(), Error> {
+    let tmp = path.with_extension("lazy.tmp");
+    let mut f = File::create(&tmp).map_err(io("create", &tmp))?;
+    f.write_all(&serde_json::to_vec(state).expect("state serializes"))
+        .map_err(io("write", &tmp))?;
+    f.sync_all().map_err(io("fsync", &tmp))?;
+    fs::rename(&tmp, path).map_err(io("rename", path))?;
+    sync_dir(path);
+    Ok(())
+}
+
+fn sync_dir(path: &Path) {
+    if let Some(dir) = path.parent() {
+        let _ = File::open(dir).and_then(|d| d.sync_all());
+    }
+}
+
+fn file_id(path: &Path) -> Option<(FileId, u64)> {
+    fs::metadata(path)
+        .ok()
+        .map(|m| ((m.dev(), m.ino()), m.nlink()))
+}
+
+/// Lazy files a node cannot serve without the lazy path (another EROFS
+/// backend, no pre-content events, a failed probe): every file that is not
+/// complete and verified. Snapshots on them are not mounted and no new
+/// mount is made on them.
+#[derive(Debug, Default)]
+pub struct Unservable {
+    files: HashMap<FileId, String>,
+}
+
+impl Unservable {
+    /// The lazy files under `root` that are incomplete, unverified or
+    /// refused.
+    pub fn scan(root: &Path) -> Unservable {
+        let mut files = HashMap::new();
+        for (dir, why) in [
+            (
+                root.join("lazy"),
+                "its lazy layer is incomplete or unverified and this node cannot serve lazy layers now (erofs_backend or kernel); remove the image and pull it again to fetch it whole",
+            ),
+            (
+                root.join("layers"),
+                "its lazy layer was left incomplete by an older hyperbox; remove the image and pull it again",
+            ),
+        ] {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(stem) = name
+                    .strip_suffix(".lazy")
+                    .or_else(|| name.strip_suffix(".lazy.corrupt"))
+                else {
+                    continue;
+                };
+                if let Some((id, _)) = file_id(&dir.join(format!("{stem}.erofs"))) {
+                    files.insert(id, why.to_string());
+                }
+            }
+        }
+        Unservable { files }
+    }
+
+    /// How many files are refused.
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+}
+
+impl crate::snapshots::LayerGate for Unservable {
+    fn refuse(&self, layer_file: &Path) -> Option<String> {
+        let (id, _) = file_id(layer_file)?;
+        self.files.get(&id).cloned()
+    }
+}
 
 /// The lazy path's state; see the module comment.
 #[derive(Debug)]
 pub struct Lazy {
     fan: Arc<dyn PreContent>,
     registry: Arc<Registry>,
-    layers: PathBuf,
+    verifier: Option<Arc<dyn Verifier>>,
+    dir: PathBuf,
     blobs: Mutex<HashMap<FileId, Arc<Blob>>>,
-    by_layer: Mutex<HashMap<String, Arc<Blob>>>,
+    by_key: Mutex<HashMap<String, Arc<Blob>>>,
+    refused: Mutex<HashMap<FileId, Refusal>>,
+    /// Index entries (by key) whose bytes did not match their image.
+    rejected: Mutex<HashMap<String, String>>,
     /// Looked-up indexes (or their absence) by image manifest digest.
     indexes: Mutex<HashMap<String, CachedIndex>>,
+    fetches: Semaphore,
+    counters: Counters,
+    /// Reads of files not (yet) known, held while `open` takes back the
+    /// files of an earlier run: with a group kept across a restart, reads
+    /// made during the outage are queued and arrive before the files they
+    /// are for are registered again.
+    starting: Mutex<Option<Vec<AccessEvent>>>,
     rt: tokio::runtime::Handle,
 }
 
 impl Lazy {
     /// Starts the event loop on `fan` (a pre-content fanotify group) and
-    /// takes back every incomplete file under `<root>/layers` (marked
-    /// again, filling resumed); returns how many were found, which the
-    /// caller uses to decide on dropping caches.
+    /// takes back every lazy file under `<root>/lazy` (marked again,
+    /// filling or verification resumed; refused ones marked to fail);
+    /// returns how many incomplete ones were found, which the caller uses to
+    /// decide on dropping caches. Unreadable state never stops the start.
     pub fn open(
         root: &Path,
         registry: Arc<Registry>,
         fan: Arc<dyn PreContent>,
+        verifier: Option<Arc<dyn Verifier>>,
+        options: Options,
     ) -> Result<(Arc<Lazy>, usize), Error> {
-        let layers = root.join("layers");
-        fs::create_dir_all(&layers).map_err(io("create", &layers))?;
+        let dir = root.join("lazy");
+        fs::create_dir_all(&dir).map_err(io("create", &dir))?;
         let lazy = Arc::new(Lazy {
             fan,
             registry,
-            layers: layers.clone(),
+            verifier: if options.verify { verifier } else { None },
+            dir: dir.clone(),
             blobs: Mutex::new(HashMap::new()),
-            by_layer: Mutex::new(HashMap::new()),
+            by_key: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashMap::new()),
+            rejected: Mutex::new(HashMap::new()),
             indexes: Mutex::new(HashMap::new()),
+            fetches: Semaphore::new(options.max_chunk_fetches.max(1)),
+            counters: Counters::default(),
+            starting: Mutex::new(Some(Vec::new())),
             rt: tokio::runtime::Handle::current(),
         });
         let me = lazy.clone();
         std::thread::Builder::new()
             .name("lazy-events".into())
             .spawn(move || me.event_loop())
-            .map_err(io("spawn event thread for", &layers))?;
+            .map_err(io("spawn event thread for", &dir))?;
+        // Files an older hyperbox left in the whole-fetch cache: never
+        // served again.
+        let layers = root.join("layers");
+        for (stem, state) in lazy.states(&layers) {
+            let why = "its lazy layer was left incomplete by an older hyperbox; remove the image and pull it again".to_string();
+            let _ = fs::rename(
+                layers.join(format!("{stem}.lazy")),
+                layers.join(format!("{stem}.lazy.corrupt")),
+            );
+            drop(state);
+            lazy.refuse_file(&layers.join(format!("{stem}.erofs")), why);
+        }
         let mut resumed = 0;
-        for e in fs::read_dir(&layers).map_err(io("read", &layers))? {
-            let e = e.map_err(io("read", &layers))?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(hex) = name.strip_suffix(".lazy") else {
-                continue;
-            };
-            let text = fs::read(e.path()).map_err(io("read", &e.path()))?;
-            let state: State = match serde_json::from_slice(&text) {
+        for (stem, state) in lazy.states(&dir) {
+            let file = dir.join(format!("{stem}.erofs"));
+            let state_path = dir.join(format!("{stem}.lazy"));
+            let state = match state {
                 Ok(s) => s,
-                Err(err) => {
-                    tracing::error!(file = %e.path().display(), error = %err, "unreadable lazy state; the layer will be fetched again");
-                    let _ = fs::remove_file(e.path());
-                    let _ = fs::remove_file(layers.join(format!("{hex}.erofs")));
+                Err(why) => {
+                    tracing::error!(file = %state_path.display(), error = %why, "unreadable lazy state set aside; its layer is refused and will be fetched again");
+                    let _ = fs::rename(&state_path, dir.join(format!("{stem}.lazy.corrupt")));
+                    lazy.refuse_file(&file, format!("its lazy state was unreadable ({why})"));
                     continue;
                 }
             };
-            lazy.register(state, false)?;
-            resumed += 1;
+            if let Some(why) = state.rejected.clone() {
+                lock(&lazy.rejected).insert(stem.clone(), why.clone());
+                lazy.refuse_file(&file, why);
+                continue;
+            }
+            match lazy.register(state, false) {
+                Ok(_) => resumed += 1,
+                Err(e) => {
+                    let why = hyperbox_api::error_chain(&e);
+                    tracing::error!(file = %file.display(), error = %why, "cannot take back a lazy layer; it is refused");
+                    let _ = fs::rename(&state_path, dir.join(format!("{stem}.lazy.corrupt")));
+                    lazy.refuse_file(
+                        &file,
+                        format!("it could not be taken back after a restart ({why})"),
+                    );
+                }
+            }
+        }
+        let held = lock(&lazy.starting).take().unwrap_or_default();
+        for event in held {
+            lazy.dispatch(event);
         }
         Ok((lazy, resumed))
     }
 
+    /// The `.lazy` states in `dir`, by stem, parsed or with why not.
+    fn states(&self, dir: &Path) -> Vec<(String, Result<State, String>)> {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(stem) = name.strip_suffix(".lazy") else {
+                continue;
+            };
+            let parsed = fs::read(e.path())
+                .map_err(|e| e.to_string())
+                .and_then(|t| serde_json::from_slice::<State>(&t).map_err(|e| e.to_string()));
+            out.push((stem.to_string(), parsed));
+        }
+        out
+    }
+
+    /// Makes every read of `path` fail and refuses new mounts on it; a
+    /// file no snapshot links is simply removed.
+    fn refuse_file(&self, path: &Path, why: String) {
+        let Some((id, nlink)) = file_id(path) else {
+            return;
+        };
+        if nlink <= 1 {
+            let _ = fs::remove_file(path);
+            let _ = fs::remove_file(path.with_extension("have"));
+            return;
+        }
+        if let Err(e) = self.fan.mark(path) {
+            tracing::error!(file = %path.display(), error = %e, "cannot hold reads of a refused lazy layer");
+        }
+        tracing::warn!(file = %path.display(), why, "lazy layer refused: its reads fail with EIO and nothing new is mounted on it");
+        lock(&self.refused).insert(
+            id,
+            Refusal {
+                path: path.into(),
+                why,
+            },
+        );
+    }
+
+    /// What the lazy path has done.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// How many lazy layers are in each phase now (`filling`, `verifying`,
+    /// `refused`).
+    pub fn phases(&self) -> [(&'static str, usize); 3] {
+        let (mut filling, mut verifying) = (0, 0);
+        for b in lock(&self.blobs).values() {
+            match b.phase() {
+                Phase::Filling => filling += 1,
+                Phase::Verifying => verifying += 1,
+                _ => {}
+            }
+        }
+        [
+            ("filling", filling),
+            ("verifying", verifying),
+            ("refused", lock(&self.refused).len()),
+        ]
+    }
+
     /// The sparse EROFS image of layer `layer` of `image` when the image
-    /// (manifest `manifest`) has a hyperbox index listing it; `None` sends
-    /// the caller to the full fetch.
+    /// (manifest `manifest`) has a hyperbox index listing it under a
+    /// diff_id that gives `target` on `parent`; `None` sends the caller to
+    /// the full fetch.
     pub async fn prepare(
         self: &Arc<Self>,
         image: &str,
         manifest: &str,
         layer: &str,
+        parent: &str,
+        target: &str,
     ) -> Result<Option<PathBuf>, Error> {
-        let known = self
-            .by_layer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(layer)
-            .cloned();
-        if let Some(b) = known {
-            self.fetch_metadata(&b).await?;
-            return Ok(Some(b.path.clone()));
-        }
-        let Some(index) = self.index(image, manifest).await else {
+        let Some(entry) = self.entry(image, manifest, layer).await else {
             return Ok(None);
         };
-        let Some(entry) = index.layer(layer) else {
+        if chain_id(parent, &entry.diff_id) != target {
+            self.counters.chain_mismatch.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                image, layer, diff_id = %entry.diff_id, target,
+                "the index's diff_id for this layer does not give the chain id containerd asked for; fetching the layer whole"
+            );
             return Ok(None);
-        };
-        let state = State {
-            image: image.into(),
-            chunk_size: index.chunk_size,
-            entry: entry.clone(),
-        };
-        let me = self.clone();
-        let path = tokio::task::spawn_blocking(move || me.register(state, true))
-            .await
-            .map_err(|e| Error::Io {
-                action: "register",
-                path: PathBuf::from(layer),
-                source: std::io::Error::other(e.to_string()),
-            })??;
-        let blob = self
-            .by_layer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(layer)
-            .cloned();
-        if let Some(b) = blob {
-            self.fetch_metadata(&b).await?;
         }
-        Ok(Some(path))
+        let key = key_of(&entry)?;
+        if let Some(why) = lock(&self.rejected).get(&key) {
+            tracing::info!(
+                image,
+                layer,
+                why,
+                "this index entry did not match its image before; fetching the layer whole"
+            );
+            return Ok(None);
+        }
+        let known = lock(&self.by_key).get(&key).cloned();
+        let blob = match known {
+            Some(b) if b.phase() != Phase::Discarded => b,
+            _ => {
+                let Some(index) = self.cached_index(manifest) else {
+                    return Ok(None);
+                };
+                let state = State {
+                    image: image.into(),
+                    chunk_size: index.chunk_size,
+                    entry,
+                    rejected: None,
+                };
+                let me = self.clone();
+                tokio::task::spawn_blocking(move || me.register(state, true))
+                    .await
+                    .map_err(|e| Error::Io {
+                        action: "register",
+                        path: PathBuf::from(layer),
+                        source: std::io::Error::other(e.to_string()),
+                    })??
+            }
+        };
+        if let Err(e) = self.fetch_metadata(&blob).await {
+            // Nothing was mounted from it yet: start over next time.
+            self.discard(&blob);
+            return Err(e);
+        }
+        Ok(Some(blob.path.clone()))
+    }
+
+    /// The index entry of `layer` in the index of `image`, if it has one.
+    async fn entry(&self, image: &str, manifest: &str, layer: &str) -> Option<IndexLayer> {
+        self.index(image, manifest).await?.layer(layer).cloned()
+    }
+
+    fn cached_index(&self, manifest: &str) -> Option<Arc<Index>> {
+        lock(&self.indexes)
+            .get(manifest)
+            .and_then(|(_, ix)| ix.clone())
     }
 
     /// The ranges the kernel reads without events (superblock block,
@@ -259,11 +606,7 @@ impl Lazy {
     }
 
     async fn index(&self, image: &str, manifest: &str) -> Option<Arc<Index>> {
-        if let Some((at, ix)) = self
-            .indexes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(manifest)
+        if let Some((at, ix)) = lock(&self.indexes).get(manifest)
             && at.elapsed()
                 < if ix.is_some() {
                     INDEX_TTL
@@ -282,20 +625,14 @@ impl Lazy {
                 None
             }
         };
-        self.indexes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(manifest.into(), (Instant::now(), found.clone()));
+        lock(&self.indexes).insert(manifest.into(), (Instant::now(), found.clone()));
         found
     }
 
     /// Creates (or, after a restart, reopens) the sparse file of `state`,
     /// marks it and starts filling it.
-    fn register(self: &Arc<Self>, state: State, fresh: bool) -> Result<PathBuf, Error> {
-        let layer = Digest::parse(&state.entry.layer).map_err(|source| Error::Registry {
-            what: state.entry.layer.clone(),
-            source,
-        })?;
+    fn register(self: &Arc<Self>, state: State, fresh: bool) -> Result<Arc<Blob>, Error> {
+        let key = key_of(&state.entry)?;
         let erofs = Digest::parse(&state.entry.erofs).map_err(|source| Error::Registry {
             what: state.entry.erofs.clone(),
             source,
@@ -304,28 +641,34 @@ impl Lazy {
             what: state.image.clone(),
             source,
         })?;
-        let hex = layer.hex();
-        let path = self.layers.join(format!("{hex}.erofs"));
-        let state_path = self.layers.join(format!("{hex}.lazy"));
-        let have_path = self.layers.join(format!("{hex}.have"));
+        let path = self.dir.join(format!("{key}.erofs"));
+        let state_path = self.dir.join(format!("{key}.lazy"));
+        let have_path = self.dir.join(format!("{key}.have"));
         let n = state.entry.chunks.len();
         if fresh {
+            // A file left behind is reused only if nothing links it; one a
+            // snapshot links is never rewritten.
+            if let Some((_, nlink)) = file_id(&path) {
+                if nlink > 1 {
+                    return Err(Error::Linked { path });
+                }
+                fs::remove_file(&path).map_err(io("remove", &path))?;
+            }
+            let _ = fs::remove_file(&have_path);
             // The state file first: a crash after it leaves a file the
             // next start takes back, never an unmarked sparse file.
-            let tmp = self.layers.join(format!("{hex}.lazy.tmp"));
-            fs::write(&tmp, serde_json::to_vec(&state).expect("state serializes"))
-                .map_err(io("write", &tmp))?;
-            fs::rename(&tmp, &state_path).map_err(io("rename", &state_path))?;
-            let _ = fs::remove_file(&have_path);
+            write_durably(&state_path, &state)?;
         }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
+            .create(fresh)
             .truncate(false)
             .open(&path)
             .map_err(io("open", &path))?;
-        file.set_len(state.entry.size).map_err(io("size", &path))?;
+        if file.metadata().map_err(io("stat", &path))?.len() != state.entry.size {
+            file.set_len(state.entry.size).map_err(io("size", &path))?;
+        }
         let have_file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -357,6 +700,7 @@ impl Lazy {
         }
         let meta = file.metadata().map_err(io("stat", &path))?;
         let blob = Arc::new(Blob {
+            key: key.clone(),
             path: path.clone(),
             state_path,
             have_path,
@@ -367,7 +711,7 @@ impl Lazy {
             state,
             present: Mutex::new(present),
             locks: (0..n).map(|_| tokio::sync::Mutex::new(())).collect(),
-            complete: AtomicBool::new(false),
+            phase: watch::Sender::new(Phase::Filling),
             last_error: Mutex::new(None),
             registered: Instant::now(),
             inode: (meta.dev(), meta.ino()),
@@ -375,69 +719,154 @@ impl Lazy {
         self.fan
             .mark(&path)
             .map_err(io("fanotify_mark(FAN_PRE_ACCESS)", &path))?;
-        self.blobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(blob.inode, blob.clone());
-        self.by_layer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(blob.state.entry.layer.clone(), blob.clone());
-        tracing::info!(layer = %blob.state.entry.layer, size = blob.state.entry.size, missing = blob.missing(), "lazy layer registered");
+        lock(&self.blobs).insert(blob.inode, blob.clone());
+        lock(&self.by_key).insert(key, blob.clone());
+        tracing::info!(layer = %blob.state.entry.layer, erofs = %blob.erofs, size = blob.state.entry.size, missing = blob.missing(), "lazy layer registered");
         let me = self.clone();
-        self.rt.spawn(async move { me.fill(blob).await });
-        Ok(path)
+        let b = blob.clone();
+        self.rt.spawn(async move { me.fill(b).await });
+        Ok(blob)
     }
 
-    /// Fetches every missing chunk, in order, then lifts the mark.
+    /// Fetches every missing chunk, in order, retrying with backoff, then
+    /// lifts the mark and has the layer verified.
     async fn fill(self: Arc<Self>, blob: Arc<Blob>) {
         let started = Instant::now();
         for i in 0..blob.locks.len() {
-            // Forgotten (its snapshots were removed): stop fetching.
-            if blob.complete.load(Ordering::SeqCst) {
-                return;
-            }
-            if let Err(e) = self.ensure_chunk(&blob, i).await {
-                tracing::warn!(layer = %blob.state.entry.layer, chunk = i, error = %hyperbox_api::error_chain(&e), "background fill stopped; reads still fetch on demand");
-                return;
+            let mut delay = Duration::from_secs(1);
+            loop {
+                if blob.phase() != Phase::Filling {
+                    return;
+                }
+                match self.ensure_chunk(&blob, i).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(layer = %blob.state.entry.layer, chunk = i, retry_in_s = delay.as_secs(), error = %hyperbox_api::error_chain(&e), "background fill failed; retrying (reads still fetch on demand)");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(MAX_BACKOFF);
+                    }
+                }
             }
         }
-        self.finish(&blob);
-        tracing::info!(layer = %blob.state.entry.layer, ms = started.elapsed().as_millis() as u64, "lazy layer complete");
-    }
-
-    /// Every chunk is in: no more events for this file.
-    fn finish(&self, blob: &Blob) {
-        if blob.complete.swap(true, Ordering::SeqCst) {
+        if blob.phase() != Phase::Filling {
             return;
         }
         let _ = blob.file.sync_all();
         if let Err(e) = self.fan.unmark(&blob.path) {
             tracing::warn!(file = %blob.path.display(), error = %e, "cannot remove the mark of a complete layer");
         }
-        let _ = fs::remove_file(&blob.state_path);
         let _ = fs::remove_file(&blob.have_path);
-        self.by_layer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&blob.state.entry.layer);
+        blob.phase.send_replace(Phase::Verifying);
+        tracing::info!(layer = %blob.state.entry.layer, ms = started.elapsed().as_millis() as u64, "lazy layer complete");
+        self.verify(&blob).await;
+    }
+
+    /// Checks a complete layer against the image's own digests, retrying
+    /// while the registry fails; see the module comment.
+    async fn verify(&self, blob: &Blob) {
+        let Some(verifier) = &self.verifier else {
+            self.accept(blob);
+            return;
+        };
+        let e = &blob.state.entry;
+        let mut delay = Duration::from_secs(1);
+        let (path, diff_id) = loop {
+            if blob.phase() != Phase::Verifying {
+                return;
+            }
+            match verifier.whole(&blob.state.image, &e.layer).await {
+                Ok(got) => break got,
+                Err(why) => {
+                    tracing::warn!(layer = %e.layer, retry_in_s = delay.as_secs(), error = %why, "cannot fetch the layer whole to verify its lazy copy; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_BACKOFF);
+                }
+            }
+        };
+        if diff_id != e.diff_id {
+            self.reject(
+                blob,
+                format!(
+                    "layer {} decompresses to {diff_id}, not the diff_id {} its index and image config claim",
+                    e.layer, e.diff_id
+                ),
+            );
+            return;
+        }
+        let digest = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+            let mut f = File::open(&path)?;
+            let mut h = Sha256::new();
+            std::io::copy(&mut f, &mut h)?;
+            Ok(format!("sha256:{}", hex::encode(h.finalize())))
+        })
+        .await;
+        match digest {
+            Ok(Ok(d)) if d == e.erofs => self.accept(blob),
+            Ok(Ok(d)) => self.reject(
+                blob,
+                format!(
+                    "the index's EROFS image {} is not what layer {} converts to ({d})",
+                    e.erofs, e.layer
+                ),
+            ),
+            Ok(Err(err)) => self.reject(
+                blob,
+                format!("cannot read the converted layer to compare: {err}"),
+            ),
+            Err(err) => self.reject(blob, format!("verification task failed: {err}")),
+        }
+    }
+
+    /// The layer matched its image: nothing more to keep about it.
+    fn accept(&self, blob: &Blob) {
+        let _ = fs::remove_file(&blob.state_path);
+        sync_dir(&blob.state_path);
+        lock(&self.blobs).remove(&blob.inode);
+        lock(&self.by_key).remove(&blob.key);
+        blob.phase.send_replace(Phase::Verified);
+        self.counters.verified.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(layer = %blob.state.entry.layer, erofs = %blob.erofs, "lazy layer verified against its image");
+    }
+
+    /// The layer did not match its image: no container reads it again.
+    fn reject(&self, blob: &Blob, why: String) {
+        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(layer = %blob.state.entry.layer, image = %blob.state.image, why, "lazily served layer does not match its image: its reads now fail, nothing new is mounted on it, and the next pull fetches it whole");
+        let mut state = blob.state.clone();
+        state.rejected = Some(why.clone());
+        if let Err(e) = write_durably(&blob.state_path, &state) {
+            tracing::error!(error = %hyperbox_api::error_chain(&e), "cannot record the rejection; it holds until the next restart");
+        }
+        lock(&self.rejected).insert(blob.key.clone(), why.clone());
+        lock(&self.by_key).remove(&blob.key);
+        lock(&self.blobs).remove(&blob.inode);
+        blob.phase.send_replace(Phase::Rejected(why.clone()));
+        self.refuse_file(&blob.path, why);
+        // Pages read before the verdict must not outlive it.
+        let _ = fs::write("/proc/sys/vm/drop_caches", "1");
     }
 
     async fn ensure_chunk(&self, blob: &Blob, i: usize) -> Result<(), Error> {
         let _guard = blob.locks[i].lock().await;
-        if blob.present.lock().unwrap_or_else(|p| p.into_inner())[i] {
+        if lock(&blob.present)[i] {
             return Ok(());
         }
         let (start, len) = blob.chunk_range(i);
-        let data = self
-            .registry
-            .fetch_range(&blob.reference, &blob.erofs, start, len)
-            .await
-            .map_err(|source| Error::Registry {
+        let data = {
+            let _permit = self.fetches.acquire().await.expect("never closed");
+            self.registry
+                .fetch_range(&blob.reference, &blob.erofs, start, len)
+                .await
+        };
+        let data = data.map_err(|source| {
+            self.counters.chunk_failures.fetch_add(1, Ordering::Relaxed);
+            Error::Registry {
                 what: format!("{} chunk {i}", blob.erofs),
                 source,
-            })?;
+            }
+        })?;
         if hex::encode(Sha256::digest(&data)) != blob.state.entry.chunks[i] {
+            self.counters.chunk_failures.fetch_add(1, Ordering::Relaxed);
             return Err(Error::Chunk {
                 erofs: blob.erofs.to_string(),
                 chunk: i,
@@ -449,7 +878,7 @@ impl Lazy {
         blob.have_file
             .write_all_at(&[1], i as u64)
             .map_err(io("write", &blob.have_path))?;
-        blob.present.lock().unwrap_or_else(|p| p.into_inner())[i] = true;
+        lock(&blob.present)[i] = true;
         Ok(())
     }
 
@@ -469,6 +898,9 @@ impl Lazy {
     }
 
     fn respond(&self, event: AccessEvent, verdict: Verdict) {
+        if verdict == Verdict::DenyEio {
+            self.counters.denied_reads.fetch_add(1, Ordering::Relaxed);
+        }
         if let Err(e) = self.fan.respond(event, verdict) {
             // The reader stays blocked only if the group itself broke,
             // which the event loop reports.
@@ -493,23 +925,47 @@ impl Lazy {
     }
 
     /// Answers a held read of a lazy file once its range is in; reads of
-    /// anything else (complete files, files this daemon does not know)
-    /// go on at once.
+    /// refused files fail; reads of anything else (complete files, files
+    /// this daemon does not know) go on at once.
     fn dispatch(self: &Arc<Self>, event: AccessEvent) {
-        let blob = event.file.and_then(|f| {
-            self.blobs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&f)
-                .cloned()
-        });
-        let Some(blob) = blob else {
+        // Our own writes and re-checks: a file opened while it was marked
+        // (a group kept across a restart keeps its marks) raises events
+        // for them too, and holding them would wait on ourselves.
+        if event.pid == Some(std::process::id()) {
             self.respond(event, Verdict::Allow);
             return;
+        }
+        if event
+            .file
+            .is_some_and(|f| lock(&self.refused).contains_key(&f))
+        {
+            self.respond(event, Verdict::DenyEio);
+            return;
+        }
+        let find = || event.file.and_then(|f| lock(&self.blobs).get(&f).cloned());
+        let blob = match find() {
+            Some(b) => b,
+            None => {
+                let mut starting = lock(&self.starting);
+                if let Some(held) = starting.as_mut() {
+                    held.push(event);
+                    return;
+                }
+                drop(starting);
+                // Registration is over: a second look is the final word.
+                match find() {
+                    Some(b) => b,
+                    None => {
+                        self.respond(event, Verdict::Allow);
+                        return;
+                    }
+                }
+            }
         };
-        if blob.complete.load(Ordering::SeqCst) {
-            self.respond(event, Verdict::Allow);
-            return;
+        match blob.phase() {
+            Phase::Filling => {}
+            Phase::Rejected(_) => return self.respond(event, Verdict::DenyEio),
+            _ => return self.respond(event, Verdict::Allow),
         }
         let me = self.clone();
         self.rt.spawn(async move {
@@ -519,85 +975,164 @@ impl Lazy {
                 Err(e) => {
                     let msg = hyperbox_api::error_chain(&e);
                     tracing::error!(layer = %blob.state.entry.layer, offset, count, error = %msg, "lazy read failed; the reader gets EIO");
-                    *blob.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);
+                    *lock(&blob.last_error) = Some(msg);
                     me.respond(event, Verdict::DenyEio);
                 }
             }
         });
     }
 
-    /// Whether layer `layer` is being filled lazily.
+    /// Whether layer `layer` is being filled lazily (from any index).
     pub fn knows(&self, layer: &str) -> bool {
-        self.by_layer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(layer)
+        lock(&self.by_key)
+            .values()
+            .any(|b| b.state.entry.layer == layer && b.phase() == Phase::Filling)
     }
 
-    /// Why the last read of layer `layer` failed, if one did.
-    pub fn last_error(&self, layer: &str) -> Option<String> {
-        self.by_layer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(layer)
-            .and_then(|b| {
-                b.last_error
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone()
-            })
+    /// Why the last read of the lazy file at `path` failed, if one did.
+    pub fn last_error(&self, path: &Path) -> Option<String> {
+        let (id, _) = file_id(path)?;
+        if let Some(r) = lock(&self.refused).get(&id) {
+            return Some(r.why.clone());
+        }
+        let b = lock(&self.blobs).get(&id).cloned()?;
+        lock(&b.last_error).clone()
     }
 
-    /// Forgets a layer whose mount failed, and its files, so the next
-    /// Prepare starts over (or fetches whole).
-    pub fn forget(&self, layer: &str) {
-        let b = self
-            .by_layer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(layer)
-            .cloned();
+    /// Waits until the snapshot layer file `layer_file` may be shared with
+    /// a pull of `layer` of `image` (manifest `manifest`): at once if it is
+    /// not an unverified lazy file, or if the pull's own index names the
+    /// same bytes; otherwise until its verification ends (up to `timeout`).
+    pub async fn wait_trusted(
+        &self,
+        layer_file: &Path,
+        image: &str,
+        manifest: Option<&str>,
+        layer: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let Some((id, _)) = file_id(layer_file) else {
+            return Ok(());
+        };
+        if let Some(r) = lock(&self.refused).get(&id) {
+            return Err(r.why.clone());
+        }
+        let Some(blob) = lock(&self.blobs).get(&id).cloned() else {
+            return Ok(());
+        };
+        let own = match manifest {
+            Some(m) => self.entry(image, m, layer).await,
+            None => None,
+        };
+        if own
+            .is_some_and(|o| o.layer == blob.state.entry.layer && o.erofs == blob.state.entry.erofs)
+        {
+            return Ok(());
+        }
+        tracing::info!(layer, image, from = %blob.state.image, "a lazily served layer made from another image's index is shared only once verified; waiting");
+        let mut rx = blob.phase.subscribe();
+        let wait =
+            rx.wait_for(|p| matches!(p, Phase::Verified | Phase::Rejected(_) | Phase::Discarded));
+        match tokio::time::timeout(timeout, wait).await {
+            Err(_) => Err(format!(
+                "layer {} was served lazily from the index of {} and is not verified after {timeout:?}",
+                blob.state.entry.layer, blob.state.image
+            )),
+            Ok(Err(_)) => Err("the lazy layer went away".into()),
+            Ok(Ok(p)) => match &*p {
+                Phase::Verified => Ok(()),
+                Phase::Rejected(why) => Err(why.clone()),
+                _ => Err(format!(
+                    "layer {} was served lazily and removed before it was verified",
+                    blob.state.entry.layer
+                )),
+            },
+        }
+    }
+
+    /// Forgets the lazy file at `path` after a mount of it failed, so the
+    /// next Prepare starts over (or fetches whole); a file snapshots link
+    /// is kept.
+    pub fn forget(&self, path: &Path) {
+        let Some((id, _)) = file_id(path) else {
+            return;
+        };
+        let b = lock(&self.blobs).get(&id).cloned();
         if let Some(b) = b {
             self.discard(&b);
         }
     }
 
-    /// Forgets lazy files no snapshot links to any more (and removes them).
+    /// Removes lazy files no snapshot links any more.
     pub fn prune(&self) -> Vec<PathBuf> {
-        let all: Vec<Arc<Blob>> = self
-            .by_layer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let all: Vec<Arc<Blob>> = lock(&self.blobs).values().cloned().collect();
         let mut removed = Vec::new();
         for b in all {
-            // Only our own link, none from a snapshot, and not a layer a
-            // Prepare registered a moment ago and is about to link.
-            let unlinked = fs::metadata(&b.path).is_ok_and(|m| m.nlink() == 1);
-            if unlinked && b.registered.elapsed() > PRUNE_GRACE {
-                self.discard(&b);
+            // Not a layer a Prepare registered a moment ago and is about
+            // to link.
+            if b.registered.elapsed() > PRUNE_GRACE && self.discard(&b) {
                 removed.push(b.path.clone());
+            }
+        }
+        // Verified and refused files are no longer tracked by inode.
+        let refused: Vec<(FileId, Refusal)> = lock(&self.refused)
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        for (id, r) in refused {
+            if file_id(&r.path).is_some_and(|(_, n)| n <= 1) {
+                let _ = fs::remove_file(&r.path);
+                lock(&self.refused).remove(&id);
+                removed.push(r.path);
+            }
+        }
+        if let Ok(entries) = fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.extension().is_none_or(|x| x != "erofs")
+                    || p.with_extension("lazy").exists()
+                    || p.with_extension("lazy.corrupt").exists()
+                {
+                    continue;
+                }
+                let old = e
+                    .metadata()
+                    .ok()
+                    .and_then(|m| m.modified().ok())
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > PRUNE_GRACE);
+                if old && file_id(&p).is_some_and(|(_, n)| n <= 1) {
+                    let _ = fs::remove_file(&p);
+                    removed.push(p);
+                }
             }
         }
         removed
     }
 
-    /// Stops serving and filling `b` and removes its files.
-    fn discard(&self, b: &Blob) {
-        self.by_layer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&b.state.entry.layer);
-        self.blobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&b.inode);
-        b.complete.store(true, Ordering::SeqCst);
+    /// Stops serving and filling `b` and removes its files, unless a
+    /// snapshot links the file (then nothing changes); returns whether it
+    /// was removed.
+    fn discard(&self, b: &Blob) -> bool {
+        if file_id(&b.path).is_some_and(|(_, n)| n > 1) {
+            tracing::debug!(file = %b.path.display(), "lazy file still linked by a snapshot; kept");
+            return false;
+        }
+        lock(&self.by_key).remove(&b.key);
+        lock(&self.blobs).remove(&b.inode);
+        b.phase.send_replace(Phase::Discarded);
         let _ = fs::remove_file(&b.state_path);
         let _ = fs::remove_file(&b.have_path);
         let _ = fs::remove_file(&b.path);
+        sync_dir(&b.path);
+        true
+    }
+}
+
+impl crate::snapshots::LayerGate for Lazy {
+    fn refuse(&self, layer_file: &Path) -> Option<String> {
+        let (id, _) = file_id(layer_file)?;
+        lock(&self.refused).get(&id).map(|r| r.why.clone())
     }
 }
 
@@ -621,15 +1156,16 @@ mod tests {
         ranges: Arc<AtomicUsize>,
     }
 
-    async fn serve(blob: Vec<u8>, corrupt: bool) -> Blobs {
+    async fn serve(blob: Vec<u8>, corrupt: bool, fail_first: usize) -> Blobs {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let ranges = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(AtomicUsize::new(fail_first));
         let (blob, counted) = (Arc::new(blob), ranges.clone());
         tokio::spawn(async move {
             loop {
                 let (mut conn, _) = listener.accept().await.unwrap();
-                let (blob, counted) = (blob.clone(), counted.clone());
+                let (blob, counted, failures) = (blob.clone(), counted.clone(), failures.clone());
                 tokio::spawn(async move {
                     let mut req = Vec::new();
                     let mut buf = [0u8; 4096];
@@ -652,6 +1188,15 @@ mod tests {
                             .await;
                         return;
                     };
+                    if failures
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok()
+                    {
+                        let _ = conn
+                            .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                            .await;
+                        return;
+                    }
                     counted.fetch_add(1, Ordering::SeqCst);
                     let mut body = blob[a..=b].to_vec();
                     if corrupt {
@@ -688,22 +1233,70 @@ mod tests {
         }
     }
 
+    /// Gives back, as "the layer fetched whole", `bytes` with `diff_id`.
+    #[derive(Debug)]
+    struct Whole {
+        path: PathBuf,
+        diff_id: String,
+    }
+
+    impl Verifier for Whole {
+        fn whole<'a>(
+            &'a self,
+            _image: &'a str,
+            _layer: &'a str,
+        ) -> BoxFuture<'a, Result<(PathBuf, String), String>> {
+            Box::pin(async move { Ok((self.path.clone(), self.diff_id.clone())) })
+        }
+    }
+
+    const DIFF_ID: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+    fn registry(dir: &Path) -> Arc<Registry> {
+        Arc::new(
+            Registry::new(&hyperbox_config::Registry {
+                config_path: dir.join("certs.d"),
+                docker_config: dir.join("config.json"),
+                max_concurrent_downloads: 1,
+                retries: 0,
+                timeout_secs: 5,
+            })
+            .unwrap(),
+        )
+    }
+
+    /// How a test's layer is set up.
+    #[derive(Default)]
+    struct Case {
+        /// The registry flips every byte it sends.
+        corrupt: bool,
+        /// The registry fails this many range requests first.
+        fail_first: usize,
+        /// What "the layer fetched whole" converts to, if not the blob.
+        whole: Option<Vec<u8>>,
+    }
+
     /// A lazy layer of four chunks, registered and marked, whose bytes
-    /// come from a local registry.
-    async fn setup(corrupt: bool) -> Setup {
+    /// come from a local registry; verified against a whole copy.
+    async fn setup(case: Case) -> Setup {
         let blob: Vec<u8> = (0..4 * CHUNK).map(|i| (i % 251) as u8).collect();
-        let server = serve(blob.clone(), corrupt).await;
+        let server = serve(blob.clone(), case.corrupt, case.fail_first).await;
         let dir = tempfile::tempdir().unwrap();
-        let registry = Registry::new(&hyperbox_config::Registry {
-            config_path: dir.path().join("certs.d"),
-            docker_config: dir.path().join("config.json"),
-            max_concurrent_downloads: 1,
-            retries: 0,
-            timeout_secs: 5,
-        })
-        .unwrap();
+        let whole = dir.path().join("whole.erofs");
+        fs::write(&whole, case.whole.as_deref().unwrap_or(&blob)).unwrap();
+        let verifier: Arc<dyn Verifier> = Arc::new(Whole {
+            path: whole,
+            diff_id: DIFF_ID.into(),
+        });
         let fan = Arc::new(FakeFanotify::new());
-        let (lazy, resumed) = Lazy::open(dir.path(), Arc::new(registry), fan.clone()).unwrap();
+        let (lazy, resumed) = Lazy::open(
+            dir.path(),
+            registry(dir.path()),
+            fan.clone(),
+            Some(verifier),
+            OPTIONS,
+        )
+        .unwrap();
         assert_eq!(resumed, 0);
         let layer = format!("sha256:{}", "1".repeat(64));
         let state = State {
@@ -711,6 +1304,7 @@ mod tests {
             chunk_size: CHUNK,
             entry: IndexLayer {
                 layer: layer.clone(),
+                diff_id: DIFF_ID.into(),
                 erofs: Digest::of(&blob).to_string(),
                 size: blob.len() as u64,
                 data_end: 3 * CHUNK,
@@ -719,12 +1313,15 @@ mod tests {
                     .map(|c| hex::encode(Sha256::digest(c)))
                     .collect(),
             },
+            rejected: None,
         };
         let me = lazy.clone();
         let path = tokio::task::spawn_blocking(move || me.register(state, true))
             .await
             .unwrap()
-            .unwrap();
+            .unwrap()
+            .path
+            .clone();
         let m = fs::metadata(&path).unwrap();
         Setup {
             _dir: dir,
@@ -738,6 +1335,32 @@ mod tests {
         }
     }
 
+    const OPTIONS: Options = Options {
+        max_chunk_fetches: 4,
+        verify: true,
+    };
+
+    /// Polls `f` until it holds or WAIT passes.
+    async fn eventually(mut f: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if f() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        f()
+    }
+
+    /// A read of `offset` as the kernel would hold it, and its answer.
+    async fn read_event(s: &Setup, offset: u64) -> Option<Verdict> {
+        let id = s.fan.push(Some(s.file), offset, 16);
+        let fan = s.fan.clone();
+        tokio::task::spawn_blocking(move || fan.answer(id, WAIT))
+            .await
+            .unwrap()
+    }
+
     fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
         let mut buf = vec![0u8; len];
         File::open(path)
@@ -749,7 +1372,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_held_read_is_allowed_once_its_range_is_in_and_verified() {
-        let s = setup(false).await;
+        let s = setup(Case::default()).await;
         assert_eq!(
             s.fan.marked(),
             std::slice::from_ref(&s.path),
@@ -785,11 +1408,120 @@ mod tests {
         assert!(unmarked, "a complete layer is no longer marked");
         assert_eq!(fs::read(&s.path).unwrap(), s.blob);
         assert!(!s.lazy.knows(&s.layer));
+        // Checked against the whole layer: nothing more is kept about it.
+        let lazy = s.lazy.clone();
+        assert!(eventually(|| lazy.counters().verified.load(Ordering::SeqCst) == 1).await);
+        assert!(!s.path.with_extension("lazy").exists());
+        assert_eq!(s.lazy.counters().rejected.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_complete_layer_that_does_not_match_its_image_is_refused_for_good() {
+        let mut other: Vec<u8> = (0..4 * CHUNK).map(|i| (i % 251) as u8).collect();
+        other[5000] ^= 0xff;
+        let s = setup(Case {
+            whole: Some(other),
+            ..Case::default()
+        })
+        .await;
+        // A snapshot links it, as commit_layer does.
+        let link = s._dir.path().join("snapshot-layer.erofs");
+        fs::hard_link(&s.path, &link).unwrap();
+        let lazy = s.lazy.clone();
+        assert!(eventually(|| lazy.counters().rejected.load(Ordering::SeqCst) == 1).await);
+        let why = crate::snapshots::LayerGate::refuse(&*s.lazy, &link)
+            .expect("new mounts on it are refused");
+        assert!(why.contains("is not what layer"), "{why}");
+        assert_eq!(
+            s.fan.marked(),
+            std::slice::from_ref(&s.path),
+            "marked again"
+        );
+        assert_eq!(read_event(&s, 0).await, Some(Verdict::DenyEio));
+        let state = fs::read_to_string(s.path.with_extension("lazy")).unwrap();
+        assert!(state.contains("rejected"), "{state}");
+        // A restart keeps refusing it, and never fills it again.
+        let fan = Arc::new(FakeFanotify::new());
+        let (again, resumed) = Lazy::open(
+            s._dir.path(),
+            registry(s._dir.path()),
+            fan.clone(),
+            None,
+            OPTIONS,
+        )
+        .unwrap();
+        assert_eq!(resumed, 0);
+        assert!(crate::snapshots::LayerGate::refuse(&*again, &link).is_some());
+        assert_eq!(fan.marked(), std::slice::from_ref(&s.path));
+        fan.close();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_background_fill_retries_after_registry_errors() {
+        let s = setup(Case {
+            fail_first: 3,
+            ..Case::default()
+        })
+        .await;
+        let fan = s.fan.clone();
+        assert!(
+            eventually(|| fan.marked().is_empty()).await,
+            "completed despite the first failures"
+        );
+        assert_eq!(fs::read(&s.path).unwrap(), s.blob);
+        assert!(s.lazy.counters().chunk_failures.load(Ordering::SeqCst) >= 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_linked_file_is_never_discarded_or_rewritten() {
+        let s = setup(Case {
+            corrupt: true,
+            ..Case::default()
+        })
+        .await;
+        let link = s._dir.path().join("snapshot-layer.erofs");
+        fs::hard_link(&s.path, &link).unwrap();
+        s.lazy.forget(&s.path);
+        assert!(s.path.exists(), "a snapshot links it: kept");
+        assert!(s.lazy.knows(&s.layer), "and still served");
+        let state: State =
+            serde_json::from_slice(&fs::read(s.path.with_extension("lazy")).unwrap()).unwrap();
+        let me = s.lazy.clone();
+        let again = tokio::task::spawn_blocking(move || me.register(state, true))
+            .await
+            .unwrap();
+        assert!(matches!(again, Err(Error::Linked { .. })), "{again:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreadable_state_is_set_aside_and_its_file_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let lazy_dir = dir.path().join("lazy");
+        fs::create_dir_all(&lazy_dir).unwrap();
+        let stem = format!("{}.{}", "1".repeat(64), "3".repeat(64));
+        let file = lazy_dir.join(format!("{stem}.erofs"));
+        fs::write(&file, vec![0u8; 8192]).unwrap();
+        let link = dir.path().join("snapshot-layer.erofs");
+        fs::hard_link(&file, &link).unwrap();
+        fs::write(lazy_dir.join(format!("{stem}.lazy")), b"{\"image\": tru").unwrap();
+        let fan = Arc::new(FakeFanotify::new());
+        let (lazy, resumed) =
+            Lazy::open(dir.path(), registry(dir.path()), fan.clone(), None, OPTIONS)
+                .expect("a bad state file does not stop the start");
+        assert_eq!(resumed, 0);
+        assert!(lazy_dir.join(format!("{stem}.lazy.corrupt")).exists());
+        assert!(crate::snapshots::LayerGate::refuse(&*lazy, &link).is_some());
+        assert_eq!(fan.marked(), vec![file]);
+        fan.close();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_read_that_cannot_be_verified_fails_with_eio_and_says_why() {
-        let s = setup(true).await;
+        let s = setup(Case {
+            corrupt: true,
+            ..Case::default()
+        })
+        .await;
         let id = s.fan.push(Some(s.file), 2 * CHUNK, CHUNK);
         let fan = s.fan.clone();
         let answer = tokio::task::spawn_blocking(move || fan.answer(id, WAIT))
@@ -801,14 +1533,14 @@ mod tests {
             vec![0u8; CHUNK as usize],
             "nothing unverified was written"
         );
-        let why = s.lazy.last_error(&s.layer).unwrap();
+        let why = s.lazy.last_error(&s.path).unwrap();
         assert!(why.contains("does not match the index"), "{why}");
         assert_eq!(s.fan.marked(), std::slice::from_ref(&s.path), "still held");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reads_of_files_it_does_not_serve_go_on_at_once() {
-        let s = setup(false).await;
+        let s = setup(Case::default()).await;
         let other = s.fan.push(Some((0, 1)), 0, 4096);
         let unknown = s.fan.push(None, 0, 4096);
         let fan = s.fan.clone();

@@ -20,12 +20,16 @@
 //! Mounts and fanotify calls go through hyperbox-kernel's seams
 //! ([`hyperbox_kernel::mount::Mounter`], [`hyperbox_kernel::fanotify::PreContent`]),
 //! whose fakes the unit tests use.
-//! - [`server`]: the unix socket and the daemon's life cycle.
+//! - [`server`]: the unix socket and the daemon's life cycle;
+//!   [`fdstore`] keeps the fanotify group across restarts; [`metrics`]
+//!   serves `/metrics`.
 
 #![deny(missing_docs)]
 
+pub mod fdstore;
 pub mod filter;
 pub mod lazy;
+pub mod metrics;
 pub mod mounts;
 pub mod pull;
 pub mod remote;

@@ -34,6 +34,9 @@ use crate::lazy::Lazy;
 use crate::remote::{self, Remote};
 use crate::snapshots::{self, Snapshotter};
 
+/// How long a pull waits for the verification of a lazily served layer
+/// another image's index made before it may share it.
+const SHARE_WAIT: Duration = Duration::from_secs(300);
 /// Converted layers younger than this survive Cleanup: a prefetch may have
 /// made one for a Prepare still on its way.
 const PREFETCH_GRACE: Duration = Duration::from_secs(600);
@@ -60,6 +63,15 @@ pub enum Error {
     /// containerd user's only clue, so it is passed on whole.
     #[error(transparent)]
     Fetch(Arc<remote::Error>),
+    /// The target exists but was served lazily from another image's index
+    /// and did not pass (or has not yet passed) verification.
+    #[error("snapshot {target} cannot be shared with this pull: {why}")]
+    Unverified {
+        /// The target snapshot.
+        target: String,
+        /// Why.
+        why: String,
+    },
     /// Removing unused layer images failed.
     #[error("remove unused layer images")]
     Prune {
@@ -188,6 +200,7 @@ impl Puller {
             })
             .await?;
         if exists {
+            self.check_shared(l).await?;
             return Ok(Pulled::Target(l.target.clone()));
         }
         let started = Instant::now();
@@ -263,23 +276,25 @@ impl Puller {
         if !self.options.lazy_new && !lazy.knows(&l.layer) {
             return Ok(None);
         }
-        let path = match lazy.prepare(&l.image, manifest, &l.layer).await {
+        let path = match lazy
+            .prepare(&l.image, manifest, &l.layer, parent, &l.target)
+            .await
+        {
             Ok(Some(path)) => path,
             Ok(None) => return Ok(None),
             Err(e) => {
                 // Nothing of it was served; the whole layer, verified
                 // against the image's own digest, replaces it.
                 tracing::warn!(layer = %l.layer, error = %error_chain(&e), "lazy path failed; fetching the layer whole");
-                lazy.forget(&l.layer);
                 return Ok(None);
             }
         };
-        match self.commit(l, parent, labels.clone(), path).await {
+        match self.commit(l, parent, labels.clone(), path.clone()).await {
             Ok(()) => Ok(Some(Pulled::Target(l.target.clone()))),
             Err(Error::Snapshot(source)) => {
                 // The mount read through the lazy path and got EIO: say why.
-                let why = lazy.last_error(&l.layer);
-                lazy.forget(&l.layer);
+                let why = lazy.last_error(&path);
+                lazy.forget(&path);
                 Err(match why {
                     Some(why) => Error::LazyRead {
                         layer: l.layer.clone(),
@@ -291,6 +306,27 @@ impl Puller {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// A target that exists may have been served lazily from another
+    /// image's index and not be verified yet: it is shared with this pull
+    /// only once it is (see [`Lazy::wait_trusted`]).
+    async fn check_shared(&self, l: &LayerLabels) -> Result<()> {
+        let Some(lazy) = &self.lazy else {
+            return Ok(());
+        };
+        let target = l.target.clone();
+        let file = match self.blocking("stat", move |s| s.layer_file(&target)).await {
+            Ok(Some(f)) => f,
+            Ok(None) | Err(Error::Snapshot(snapshots::Error::NotFound { .. })) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        lazy.wait_trusted(&file, &l.image, l.manifest.as_deref(), &l.layer, SHARE_WAIT)
+            .await
+            .map_err(|why| Error::Unverified {
+                target: l.target.clone(),
+                why,
+            })
     }
 
     /// Commits the image at `path` as the target; a target committed by

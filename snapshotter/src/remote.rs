@@ -12,6 +12,11 @@
 //! `<root>/staging/<hex>.blob` (kept across retries and restarts so a
 //! download resumes with a Range request), is verified against its digest,
 //! and only then is converted; nothing is served from unverified bytes.
+//! The download never reads past the size the image's manifest gives the
+//! layer (looked up once per image and kept a minute, for the layers of
+//! one pull), or, when no manifest of the image names it, past
+//! `max_layer_bytes` and a margin: a blob sent without a length
+//! (chunked) would otherwise be read until the disk is full.
 //!
 //! Conversion hashes the decompressed stream: the layer's diff_id as its
 //! bytes give it. It is recorded next to the image, in `<hex>.diffid`
@@ -30,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use hyperbox_registry::digest::Digest;
-use hyperbox_registry::{Reference, Registry};
+use hyperbox_registry::{BlobSize, Reference, Registry};
 
 use hyperbox_erofs::convert::{self, convert_hashed};
 use hyperbox_erofs::writer;
@@ -174,6 +179,18 @@ impl Record {
 
 type Fetch = Shared<BoxFuture<'static, Result<Converted, Arc<Error>>>>;
 
+/// How long the layer sizes of an image's manifest are kept: the layers of
+/// one pull (Prepares and prefetches) share one manifest request.
+const SIZES_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The layer sizes of one image's manifest, looked up once for all its
+/// layers; `None` when the manifest could not be had.
+#[derive(Debug)]
+struct Sizes {
+    at: std::time::Instant,
+    sizes: tokio::sync::OnceCell<Option<HashMap<String, u64>>>,
+}
+
 /// Fetches and converts layers; see the module comment.
 #[derive(Debug)]
 pub struct Remote {
@@ -182,6 +199,8 @@ pub struct Remote {
     staging: PathBuf,
     inflight: Mutex<HashMap<String, Fetch>>,
     options: writer::Options,
+    /// Layer sizes by image reference.
+    sizes: Mutex<HashMap<String, Arc<Sizes>>>,
 }
 
 fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
@@ -222,6 +241,7 @@ impl Remote {
             staging,
             inflight: Mutex::new(HashMap::new()),
             options,
+            sizes: Mutex::new(HashMap::new()),
         })
     }
 
@@ -347,9 +367,10 @@ impl Remote {
         let r = Reference::parse(image).map_err(registry_err)?;
         let blob = self.staging.join(format!("{}.blob", d.hex()));
         let started = std::time::Instant::now();
+        let bound = self.blob_size(image, &r, d).await;
         let size = self
             .registry
-            .fetch_blob_to_file(&r, d, &blob, &|_, _| {})
+            .fetch_blob_to_file(&r, d, bound, &blob, &|_, _| {})
             .await
             .map_err(registry_err)?;
         let fetched = started.elapsed();
@@ -396,6 +417,49 @@ impl Remote {
             path: out,
             diff_id: c.diff_id,
         })
+    }
+
+    /// How long layer `d` of `image` may be: the size the image's manifest
+    /// gives it, else (the manifest cannot be had, or names no such layer:
+    /// its tag moved) `max_layer_bytes` plus 1/64 for tar headers and
+    /// compression framing on incompressible files.
+    async fn blob_size(&self, image: &str, r: &Reference, d: &Digest) -> BlobSize {
+        let entry = {
+            let mut all = self.sizes.lock().unwrap_or_else(|p| p.into_inner());
+            all.retain(|_, s| s.at.elapsed() < SIZES_TTL);
+            all.entry(image.to_string())
+                .or_insert_with(|| {
+                    Arc::new(Sizes {
+                        at: std::time::Instant::now(),
+                        sizes: tokio::sync::OnceCell::new(),
+                    })
+                })
+                .clone()
+        };
+        let sizes = entry
+            .sizes
+            .get_or_init(|| async {
+                match self.registry.layer_descriptors(r).await {
+                    Ok(layers) => Some(
+                        layers
+                            .into_iter()
+                            .map(|l| (l.digest, l.size.max(0) as u64))
+                            .collect(),
+                    ),
+                    Err(e) => {
+                        tracing::warn!(image, error = %hyperbox_api::error_chain(&e), "cannot read the image's manifest for its layer sizes; downloads are bounded by max_layer_bytes");
+                        None
+                    }
+                }
+            })
+            .await;
+        match sizes.as_ref().and_then(|s| s.get(&d.to_string())) {
+            Some(n) => BlobSize::Exact(*n),
+            None => {
+                let most = self.options.max_layer_bytes;
+                BlobSize::AtMost(most.saturating_add(most / 64))
+            }
+        }
     }
 
     /// The diff_id the config of `image` (as the registry serves it now)
@@ -447,6 +511,29 @@ impl Remote {
             }
         }
         Ok(removed)
+    }
+}
+
+/// Checks completed lazy layers against the whole layer as this path
+/// fetches it: verified compressed digest, diff_id hashed while converting.
+/// Fetches join those of Prepares and prefetches of the same layer.
+#[derive(Debug)]
+pub struct WholeLayers(pub Arc<Remote>);
+
+impl crate::lazy::Verifier for WholeLayers {
+    fn whole<'a>(
+        &'a self,
+        image: &'a str,
+        layer: &'a str,
+    ) -> BoxFuture<'a, Result<(PathBuf, String), String>> {
+        async move {
+            self.0
+                .ensure(image, layer)
+                .await
+                .map(|c| (c.path, c.diff_id))
+                .map_err(|e| hyperbox_api::error_chain(&*e))
+        }
+        .boxed()
     }
 }
 

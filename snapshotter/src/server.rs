@@ -8,15 +8,15 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::UnixListenerStream;
 
 use hyperbox_api::daemon::{self, bind_unix, ensure_free};
-use hyperbox_kernel::fanotify::Fanotify;
 use hyperbox_kernel::features::{self, choose_backend};
 use hyperbox_kernel::mount::Backend;
 use hyperbox_registry::Registry;
 
-use crate::lazy::Lazy;
+use crate::fdstore;
+use crate::lazy::{self, Lazy};
 use crate::proto::snapshots_server::SnapshotsServer;
 use crate::pull::{self, Puller};
-use crate::remote::Remote;
+use crate::remote::{Remote, WholeLayers};
 use crate::service::Service;
 use crate::snapshots::Snapshotter;
 
@@ -55,20 +55,33 @@ pub async fn run(full: &hyperbox_config::Config) -> Result<()> {
                 let options = hyperbox_erofs::writer::Options {
                     allow_devices: config.allow_device_nodes,
                     max_layer_bytes: config.max_layer_bytes,
+                    max_layer_entries: config.max_layer_entries,
                 };
-                let remote = Remote::open(&config.root, registry.clone(), options)
-                    .context("prepare the layer cache")?;
+                let remote = Arc::new(
+                    Remote::open(&config.root, registry.clone(), options)
+                        .context("prepare the layer cache")?,
+                );
                 let pre_content = features
                     .iter()
                     .any(|f| f.name == "fanotify_pre_content" && f.available);
                 // Opened whenever the kernel allows, even with lazy = false:
                 // incomplete layers from before must still be served.
                 let lazy = if b == Backend::File && pre_content {
-                    let group = Fanotify::open()
+                    let group = fdstore::fanotify_group()
                         .context("create the fanotify group (FAN_CLASS_PRE_CONTENT)")?;
-                    let (lazy, resumed) = Lazy::open(&config.root, registry, Arc::new(group))
-                        .context("start the lazy path")?;
-                    if resumed > 0 {
+                    let (lazy, resumed) = Lazy::open(
+                        &config.root,
+                        registry,
+                        Arc::new(group.group),
+                        Some(Arc::new(WholeLayers(remote.clone()))),
+                        lazy::Options {
+                            max_chunk_fetches: config.lazy_max_chunk_fetches as usize,
+                            verify: config.lazy_verify,
+                        },
+                    )
+                    .context("start the lazy path")?;
+                    sn.set_layer_gate(lazy.clone());
+                    if resumed > 0 && !group.kept {
                         // While we were down, unfetched ranges of these
                         // layers read as zeros; do not let cached zeros
                         // outlive the outage.
@@ -83,6 +96,16 @@ pub async fn run(full: &hyperbox_config::Config) -> Result<()> {
                     );
                     Some(lazy)
                 } else {
+                    // Lazy files from before cannot be served now: their
+                    // snapshots are not mounted and nothing is built on them.
+                    let unservable = lazy::Unservable::scan(&config.root);
+                    if !unservable.is_empty() {
+                        tracing::error!(
+                            files = unservable.len(),
+                            "incomplete lazy layers cannot be served without the lazy path; images using them must be pulled again"
+                        );
+                    }
+                    sn.set_layer_gate(Arc::new(unservable));
                     if config.lazy {
                         tracing::info!(
                             pre_content,
@@ -97,7 +120,7 @@ pub async fn run(full: &hyperbox_config::Config) -> Result<()> {
                     "remote path enabled: labelled layers are fetched and served as EROFS"
                 );
                 Some((
-                    Arc::new(remote),
+                    remote,
                     lazy,
                     pull::Options {
                         fallback_to_local: config.fallback_to_local,
@@ -126,6 +149,10 @@ pub async fn run(full: &hyperbox_config::Config) -> Result<()> {
         tracing::info!(mounted, "mounted fetched layers");
     }
     let sn = Arc::new(sn);
+    if !config.metrics_address.is_empty() {
+        let lazy = remote.as_ref().and_then(|(_, lazy, _)| lazy.clone());
+        crate::metrics::serve(&config.metrics_address, lazy).await?;
+    }
     let puller = remote
         .map(|(remote, lazy, options)| Arc::new(Puller::new(sn.clone(), remote, lazy, options)));
     let listener = bind_unix(&config.address, config.socket_mode)?;

@@ -62,7 +62,9 @@ impl From<Error> for Status {
             Error::Snapshot(s) | Error::Pull(pull::Error::Snapshot(s)) => snapshot(s),
             // The kernel could not read the layer: the layer, not the call,
             // is at fault, and a retry after the cause is fixed can work.
-            Error::Pull(pull::Error::LazyRead { .. }) => Code::FailedPrecondition,
+            Error::Pull(pull::Error::LazyRead { .. } | pull::Error::Unverified { .. }) => {
+                Code::FailedPrecondition
+            }
             Error::Pull(pull::Error::Fetch(f)) => match &**f {
                 remote::Error::Registry { source, .. } if source.is_unreachable() => {
                     Code::Unavailable

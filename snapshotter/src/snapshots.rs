@@ -153,6 +153,16 @@ pub struct Snapshotter {
     erofs: Option<Backend>,
     /// Every mount and unmount goes through here.
     mounter: Arc<dyn Mounter>,
+    /// Layer images that must not be mounted or built on.
+    gate: Option<Arc<dyn LayerGate>>,
+}
+
+/// Says which fetched layer images must not be served: a lazy layer that
+/// did not match its image, or one this node cannot serve now. Snapshots
+/// on them are not mounted at start, and no new snapshot is made on them.
+pub trait LayerGate: std::fmt::Debug + Send + Sync {
+    /// Why the layer image at `layer_file` is refused, if it is.
+    fn refuse(&self, layer_file: &Path) -> Option<String>;
 }
 
 fn now() -> i128 {
@@ -198,7 +208,51 @@ impl Snapshotter {
             store,
             erofs: None,
             mounter,
+            gate: None,
         })
+    }
+
+    /// Refuses layers `gate` refuses (see [`LayerGate`]).
+    pub fn set_layer_gate(&mut self, gate: Arc<dyn LayerGate>) {
+        self.gate = Some(gate);
+    }
+
+    /// The layer image of committed snapshot `name`, if the remote path
+    /// made it.
+    pub fn layer_file(&self, name: &str) -> Result<Option<PathBuf>> {
+        let tx = self.store.read().map_err(st(name))?;
+        let r = tx
+            .get(name)
+            .map_err(st(name))?
+            .ok_or_else(|| Error::NotFound { key: name.into() })?;
+        Ok(r.layer
+            .is_some()
+            .then(|| self.dir(r.id).join("layer.erofs")))
+    }
+
+    /// Refuses building on `parent`'s chain when one of its layer images is
+    /// refused.
+    fn check_chain<R: Reader>(&self, tx: &R, key: &str, parent: &str) -> Result<()> {
+        let Some(gate) = &self.gate else {
+            return Ok(());
+        };
+        let mut cur = (!parent.is_empty()).then(|| parent.to_string());
+        while let Some(n) = cur {
+            let r = tx
+                .get(&n)
+                .map_err(st(&n))?
+                .ok_or_else(|| Error::NotFound { key: n.clone() })?;
+            if r.layer.is_some()
+                && let Some(why) = gate.refuse(&self.dir(r.id).join("layer.erofs"))
+            {
+                return Err(Error::FailedPrecondition {
+                    key: key.into(),
+                    why: format!("layer snapshot {n} is refused: {why}"),
+                });
+            }
+            cur = r.parent;
+        }
+        Ok(())
     }
 
     /// The root directory.
@@ -275,6 +329,7 @@ impl Snapshotter {
                         what: format!("parent {parent} is not a committed snapshot"),
                     });
                 }
+                self.check_chain(&tx, name, parent)?;
             }
             let id = tx.next_id().map_err(st(name))?;
             let t = now();
@@ -336,6 +391,10 @@ impl Snapshotter {
                 continue;
             }
             let image = self.dir(r.id).join("layer.erofs");
+            if let Some(why) = self.gate.as_ref().and_then(|g| g.refuse(&image)) {
+                tracing::error!(snapshot = %name, why, "layer not mounted");
+                continue;
+            }
             self.mounter
                 .mount_erofs(&image, &fs_dir, backend)
                 .map_err(|source| Error::Io {
@@ -422,6 +481,7 @@ impl Snapshotter {
                         what: format!("parent {parent} is not a committed snapshot"),
                     });
                 }
+                self.check_chain(&tx, key, parent)?;
                 self.lower_ids(&tx, parent)?
             };
             let id = tx.next_id().map_err(st(key))?;
@@ -498,7 +558,10 @@ impl Snapshotter {
             });
         }
         let lowers = match &r.parent {
-            Some(p) => self.lower_ids(&tx, p)?,
+            Some(p) => {
+                self.check_chain(&tx, key, p)?;
+                self.lower_ids(&tx, p)?
+            }
             None => Vec::new(),
         };
         Ok(self.mounts_of(&r, &lowers))

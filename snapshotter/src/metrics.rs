@@ -1,0 +1,83 @@
+//! `/metrics` in Prometheus' text format, on `snapshotter.metrics_address`
+//! (off when empty): what the lazy path has done, so an operator can graph
+//! and alert on layers that did not match their image.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use anyhow::{Context, Result};
+use axum::Router;
+use axum::routing::get;
+
+use crate::lazy::Lazy;
+
+/// Renders the counters of `lazy` (none when the lazy path is off).
+pub fn render(lazy: Option<&Lazy>) -> String {
+    let mut s = String::new();
+    let Some(lazy) = lazy else {
+        return s;
+    };
+    let c = lazy.counters();
+    for (name, help, v) in [
+        (
+            "hyperbox_snapshotter_lazy_verified_total",
+            "Lazily served layers that matched their image once complete.",
+            &c.verified,
+        ),
+        (
+            "hyperbox_snapshotter_lazy_rejected_total",
+            "Lazily served layers that did not match their image and are no longer served.",
+            &c.rejected,
+        ),
+        (
+            "hyperbox_snapshotter_lazy_chain_mismatch_total",
+            "Index entries not used because their diff_id does not give the chain id containerd asked for.",
+            &c.chain_mismatch,
+        ),
+        (
+            "hyperbox_snapshotter_lazy_chunk_failures_total",
+            "Chunk fetches that failed or did not match the index.",
+            &c.chunk_failures,
+        ),
+        (
+            "hyperbox_snapshotter_lazy_denied_reads_total",
+            "Reads of lazy layers answered with EIO.",
+            &c.denied_reads,
+        ),
+    ] {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
+        let _ = writeln!(s, "{name} {}", v.load(Ordering::Relaxed));
+    }
+    let name = "hyperbox_snapshotter_lazy_layers";
+    let _ = writeln!(
+        s,
+        "# HELP {name} Lazy layers by phase.\n# TYPE {name} gauge"
+    );
+    for (phase, n) in lazy.phases() {
+        let _ = writeln!(s, "{name}{{phase=\"{phase}\"}} {n}");
+    }
+    s
+}
+
+/// Serves `/metrics` on `address` in the background.
+pub async fn serve(address: &str, lazy: Option<Arc<Lazy>>) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("bind snapshotter.metrics_address {address}"))?;
+    let bound = listener.local_addr().context("metrics address")?;
+    tracing::info!(address = %bound, "metrics served");
+    let router = Router::new().route(
+        "/metrics",
+        get(move || {
+            let lazy = lazy.clone();
+            async move { render(lazy.as_deref()) }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok(())
+}
