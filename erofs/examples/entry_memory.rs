@@ -63,8 +63,9 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(1_000_000);
     let before = status_kib("VmRSS:");
-    let out = tempfile_in_tmp();
-    let file = std::fs::File::create(&out).expect("create the image file");
+    // Removed on drop, also when the conversion panics.
+    let out = tempfile::NamedTempFile::new().expect("create the image file");
+    let file = out.reopen().expect("open the image file");
     let tar = Entries {
         n,
         next: 0,
@@ -80,7 +81,7 @@ fn main() {
     let summary = hyperbox_erofs::writer::convert_with(tar, io::BufWriter::new(file), options)
         .expect("convert");
     let peak = status_kib("VmHWM:");
-    let _ = std::fs::remove_file(&out);
+    drop(out);
     println!(
         "{n} entries, {} inodes, image {} bytes, {:.2} s: peak RSS {} KiB (start {} KiB), {:.0} bytes per entry",
         summary.inodes,
@@ -90,8 +91,4 @@ fn main() {
         before,
         (peak.saturating_sub(before) * 1024) as f64 / n as f64
     );
-}
-
-fn tempfile_in_tmp() -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("hb-entry-memory-{}.erofs", std::process::id()))
 }

@@ -198,8 +198,8 @@ mod tests {
             e.finish().unwrap()
         };
         let zst = zstd::encode_all(&tar[..], 1).unwrap();
-        let dir = std::env::temp_dir().join(format!("hb-convert-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         for (name, blob) in [("plain", tar.clone()), ("gzip", gz), ("zstd", zst)] {
             let (b, t, o) = (
                 dir.join(format!("{name}.blob")),
@@ -229,7 +229,6 @@ mod tests {
         .unwrap();
         assert_ne!(c.diff_id, want);
         assert_eq!(c.diff_id, sha256(&other));
-        let _ = fs::remove_dir_all(&dir);
     }
 
     /// gzip of `tar` followed by `trailing` zero bytes.
@@ -249,8 +248,8 @@ mod tests {
 
     #[test]
     fn bytes_after_the_end_of_the_archive_are_bounded() {
-        let dir = std::env::temp_dir().join(format!("hb-trailing-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let run = |blob: &[u8], options: writer::Options| {
             let (b, t, o) = (dir.join("blob"), dir.join("tmp"), dir.join("out"));
             fs::write(&b, blob).unwrap();
@@ -290,7 +289,6 @@ mod tests {
             matches!(e, Error::Content(writer::Error::TrailingData { limit }) if limit == 1 << 20),
             "{e}"
         );
-        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]

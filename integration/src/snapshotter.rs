@@ -262,10 +262,20 @@ impl SnapshotterDaemon {
         }
     }
 
-    /// Sends `signal` and waits for the daemon to exit.
+    /// Sends `signal` and waits for the daemon to exit; one that has not
+    /// exited after 15 s (stuck, say, on a read its own lazy path holds) is
+    /// killed, so no test leaves it behind.
     pub fn kill(&mut self, signal: Signal) {
         if let Some(mut c) = self.child.take() {
             let _ = kill(Pid::from_raw(c.id() as i32), signal);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if matches!(c.try_wait(), Ok(None)) {
+                eprintln!("hyperbox-snapshotter ignored {signal}; killing it");
+                let _ = c.kill();
+            }
             let _ = c.wait();
         }
     }

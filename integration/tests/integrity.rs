@@ -57,6 +57,22 @@ fn rand_suffix() -> u64 {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
+/// A container of `image` reads the genuine `/msg` and sees no `/evil`.
+async fn assert_reads_genuine(
+    client: &hyperbox_integration::client::Client,
+    image: &hyperbox_integration::client::Image,
+) {
+    let out = client
+        .run(
+            "genuine",
+            image,
+            &ContainerOptions::args(&["sh", "-c", "cat /msg; [ -e /evil ] && echo EVIL; true"]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_str(), "genuine");
+}
+
 fn assert_names(e: &str, layer: &str, promised: &str, actual: &str) {
     assert!(
         e.contains(layer) && e.contains(promised) && e.contains(actual),
@@ -108,15 +124,7 @@ async fn claimed_diff_ids_fail_the_pull_and_the_genuine_image_stays_genuine() {
 
     let image = client.pull(&genuine, &remote()).await.unwrap();
     assert!(image.layers_skipped.contains(&1), "served by hyperbox");
-    let out = client
-        .run(
-            "genuine",
-            &image,
-            &ContainerOptions::args(&["sh", "-c", "cat /msg; [ -e /evil ] && echo EVIL; true"]),
-        )
-        .await
-        .unwrap();
-    assert_eq!(out.stdout_str(), "genuine");
+    assert_reads_genuine(&client, &image).await;
     tb.finish();
 }
 
@@ -416,14 +424,6 @@ async fn a_lazy_index_that_lies_about_diff_ids_is_caught_and_never_shared() {
     client.delete_image(&twin).await.ok();
     client.gc().await.unwrap();
     let image = client.pull(&genuine, &remote()).await.unwrap();
-    let out = client
-        .run(
-            "genuine",
-            &image,
-            &ContainerOptions::args(&["sh", "-c", "cat /msg; [ -e /evil ] && echo EVIL; true"]),
-        )
-        .await
-        .unwrap();
-    assert_eq!(out.stdout_str(), "genuine");
+    assert_reads_genuine(&client, &image).await;
     tb.finish();
 }

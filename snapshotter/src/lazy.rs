@@ -76,6 +76,10 @@ const INDEX_TTL: Duration = Duration::from_secs(60);
 /// is picked up soon, long enough to spare the registry one lookup per
 /// layer of every pull.
 const NO_INDEX_TTL: Duration = Duration::from_secs(10);
+/// Why a lazy file an older hyperbox left in the whole-fetch cache is
+/// refused.
+const LEGACY: &str =
+    "its lazy layer was left incomplete by an older hyperbox; remove the image and pull it again";
 /// The longest pause between retries of a failed background fetch.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -304,10 +308,7 @@ impl Unservable {
                 root.join("lazy"),
                 "its lazy layer is incomplete or unverified and this node cannot serve lazy layers now (erofs_backend or kernel); remove the image and pull it again to fetch it whole",
             ),
-            (
-                root.join("layers"),
-                "its lazy layer was left incomplete by an older hyperbox; remove the image and pull it again",
-            ),
+            (root.join("layers"), LEGACY),
         ] {
             let Ok(entries) = fs::read_dir(&dir) else {
                 continue;
@@ -408,14 +409,12 @@ impl Lazy {
         // Files an older hyperbox left in the whole-fetch cache: never
         // served again.
         let layers = root.join("layers");
-        for (stem, state) in lazy.states(&layers) {
-            let why = "its lazy layer was left incomplete by an older hyperbox; remove the image and pull it again".to_string();
+        for (stem, _) in lazy.states(&layers) {
             let _ = fs::rename(
                 layers.join(format!("{stem}.lazy")),
                 layers.join(format!("{stem}.lazy.corrupt")),
             );
-            drop(state);
-            lazy.refuse_file(&layers.join(format!("{stem}.erofs")), why);
+            lazy.refuse_file(&layers.join(format!("{stem}.erofs")), LEGACY.into());
         }
         let mut resumed = 0;
         for (stem, state) in lazy.states(&dir) {
@@ -752,11 +751,13 @@ impl Lazy {
             return;
         }
         let _ = blob.file.sync_all();
+        // Complete before the mark goes: whoever sees it unmarked sees the
+        // layer past filling.
+        blob.phase.send_replace(Phase::Verifying);
         if let Err(e) = self.fan.unmark(&blob.path) {
             tracing::warn!(file = %blob.path.display(), error = %e, "cannot remove the mark of a complete layer");
         }
         let _ = fs::remove_file(&blob.have_path);
-        blob.phase.send_replace(Phase::Verifying);
         tracing::info!(layer = %blob.state.entry.layer, ms = started.elapsed().as_millis() as u64, "lazy layer complete");
         self.verify(&blob).await;
     }
