@@ -15,6 +15,9 @@ CONTAINERD_VERSION="1.7.24~ds1-6+deb13u1"
 # integration/src/tools.rs carry the same pins).
 CONTAINERD2_VERSION="2.4.2"   # github.com/containerd/containerd/v2
 CRI_TOOLS_VERSION="1.37.0"    # sigs.k8s.io/cri-tools: crictl, critest
+SOCI_VERSION="0.16.1"         # github.com/awslabs/soci-snapshotter: soci, soci-snapshotter-grpc
+NERDCTL_VERSION="2.2.1"       # github.com/containerd/nerdctl/v2
+NERDCTL_REVISION="0d1089396f01"  # the commit of that tag, as its Makefile stamps it
 GO_BIN_ROOT="${HYPERBOX_GO_BIN:-/var/cache/hyperbox/go-bin}"
 
 # Packages from bookworm. Keep this list to what tests, benchmarks and the
@@ -44,6 +47,7 @@ BOOKWORM_PACKAGES=(
   apache2-utils
   prometheus
   bpftool
+  debootstrap
 )
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
@@ -115,6 +119,45 @@ else
   fi
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# erofs-utils for containerd 2.x's erofs differ, which needs `mkfs.erofs
+# --tar` (erofs-utils 1.7+; bookworm has 1.5, bookworm-backports none).
+# trixie's binary package needs libc6 2.38, so Debian 13's own source package
+# is built here against bookworm (about 40 s, once) and unpacked into a
+# directory of its own: the system keeps bookworm's 1.5, and the harness puts
+# this directory on the PATH of containerds started with the erofs snapshotter
+# (integration/src/containerd.rs carries the same pin).
+EROFS_UTILS_VERSION="1.8.6-1"
+EROFS_UTILS_DIR="${HYPERBOX_EROFS_UTILS:-/var/cache/hyperbox/erofs-utils-${EROFS_UTILS_VERSION%-*}}"
+erofs_version=$("$EROFS_UTILS_DIR/usr/bin/mkfs.erofs" --version 2>/dev/null || true)
+if ! grep -qxF "mkfs.erofs (erofs-utils) ${EROFS_UTILS_VERSION%-*}" <<<"$erofs_version"; then
+  log "building erofs-utils $EROFS_UTILS_VERSION from Debian 13's source package into $EROFS_UTILS_DIR (once)"
+  apt-get install -y -qq --no-install-recommends dpkg-dev debhelper fakeroot libdeflate-dev \
+    liblz4-dev liblzma-dev libselinux1-dev libxxhash-dev libzstd-dev pkgconf uuid-dev \
+    zlib1g-dev libfuse3-dev >/dev/null
+  work=$(mktemp -d /tmp/hyperbox-erofs-utils.XXXXXX)
+  trap 'rm -rf "$work"' EXIT
+  # A private source list and index, so the system's apt state gains no
+  # deb-src entry; downloads into this root-only directory run as root.
+  mkdir -p "$work/lists/partial" "$work/cache/archives/partial"
+  echo "deb-src http://deb.debian.org/debian trixie main" >"$work/sources.list"
+  apt_src=(-o Dir::Etc::sourcelist="$work/sources.list" -o Dir::Etc::sourceparts=-
+    -o Dir::State::Lists="$work/lists" -o Dir::Cache="$work/cache" -o APT::Sandbox::User=root)
+  apt-get "${apt_src[@]}" update -qq
+  (cd "$work" && apt-get "${apt_src[@]}" source -qq "erofs-utils=$EROFS_UTILS_VERSION" >/dev/null \
+    && cd "erofs-utils-${EROFS_UTILS_VERSION%-*}" \
+    && nice dpkg-buildpackage -b -uc -us -j"$(nproc)" >"$work/build.log" 2>&1) \
+    || { tail -30 "$work/build.log" >&2 || true; log "building erofs-utils $EROFS_UTILS_VERSION failed"; exit 1; }
+  rm -rf "$EROFS_UTILS_DIR.new" && mkdir -p "$EROFS_UTILS_DIR.new"
+  dpkg-deb -x "$work/erofs-utils_${EROFS_UTILS_VERSION}_amd64.deb" "$EROFS_UTILS_DIR.new"
+  rm -rf "$EROFS_UTILS_DIR" && mv "$EROFS_UTILS_DIR.new" "$EROFS_UTILS_DIR"
+  rm -rf "$work"
+  trap - EXIT
+fi
+# (captured first: grep -q closing the pipe early would fail it under pipefail)
+erofs_help=$("$EROFS_UTILS_DIR/usr/bin/mkfs.erofs" --help 2>&1 || true)
+grep -qF -- '--tar=' <<<"$erofs_help" \
+  || { log "$EROFS_UTILS_DIR/usr/bin/mkfs.erofs does not run or has no --tar"; exit 1; }
 
 # cargo-deny, pinned, built once into a cache outside the clone (CI's
 # scripts/test.sh checks the dependency graph with it).
@@ -219,12 +262,67 @@ if ! built_at "$CRI_TOOLS_VERSION" "$cri_dir/crictl|--version" "$cri_dir/critest
   }
   build_into "$cri_dir" "sigs.k8s.io/cri-tools@v$CRI_TOOLS_VERSION" build_cri_tools
 fi
-# nerdctl is not built: github.com/containerd/nerdctl/v2 (v2.2.0) carries a
-# replace directive to its in-repo module mod/tigron, which its module zip
-# does not contain and the module proxy does not serve, so neither
-# `go install` nor a build in the module directory can produce it. The
-# harness's own client (integration/src/client.rs) stays the nerdctl-like
-# reference.
+# The SOCI snapshotter (soci-snapshotter-grpc, the `soci` CLI), a lazy-loading
+# peer for the benchmarks (integration/src/soci.rs). Both commands live in the
+# nested module github.com/awslabs/soci-snapshotter/cmd, which has no release
+# tags of its own (the proxy serves it only as a pseudo-version, pinned here
+# to the commit of the v$SOCI_VERSION tag) and reaches the root module through
+# `replace => ../`, a path its module zip lacks. So the cmd module is copied
+# out of the module cache, its replace swapped for a require of the root
+# module at the tag, and built there, stamped as the Makefile does. The zTOC
+# code is cgo and links zlib statically (`-l:libz.a`): zlib1g-dev.
+SOCI_CMD_MODULE="github.com/awslabs/soci-snapshotter/cmd@v0.0.0-20260930233240-61147fe7c929"
+SOCI_REVISION="61147fe7c929"
+soci_dir="$GO_BIN_ROOT/soci-snapshotter-v$SOCI_VERSION"
+if ! built_at "$SOCI_VERSION" "$soci_dir/soci-snapshotter-grpc|--version" "$soci_dir/soci|--version"; then
+  log "building soci-snapshotter v$SOCI_VERSION (soci, soci-snapshotter-grpc) into $soci_dir (once; a few minutes)"
+  if ! dpkg-query -W -f='${Status}' zlib1g-dev 2>/dev/null | grep -q "install ok installed"; then
+    apt-get install -y -qq --no-install-recommends zlib1g-dev >/dev/null
+  fi
+  build_soci() {
+    local src work rc=0
+    src=$(module_dir "${SOCI_CMD_MODULE%@*}" "${SOCI_CMD_MODULE#*@}") && [ -d "$src" ] || return 1
+    work=$(mktemp -d) || return 1
+    cp -r "$src/." "$work/" && chmod -R u+w "$work" || rc=1
+    local m=github.com/awslabs/soci-snapshotter
+    local ld="-X $m/version.Version=v$SOCI_VERSION -X $m/version.Revision=$SOCI_REVISION"
+    [ "$rc" -ne 0 ] || (cd "$work" \
+      && go_env "$GO_BIN" mod edit -dropreplace "$m@v0.0.0" -dropreplace "$m@v0.0.0-local" \
+        -require "$m@v$SOCI_VERSION" \
+      && go_env CGO_ENABLED=1 GOFLAGS="-buildvcs=false -mod=mod" nice "$GO_BIN" build -trimpath \
+        -ldflags "$ld" -o "$out/" ./soci ./soci-snapshotter-grpc) || rc=1
+    rm -rf "$work"
+    return "$rc"
+  }
+  build_into "$soci_dir" "$SOCI_CMD_MODULE (soci-snapshotter v$SOCI_VERSION)" build_soci
+fi
+
+# nerdctl. Its go.mod requires the in-repository module mod/tigron (a test
+# framework) through `replace => ./mod/tigron`, a directory its module zip
+# lacks and the proxy does not serve. The nerdctl binary reaches it only
+# through cmd/nerdctl/helpers/testing_linux.go (helpers for nerdctl's own
+# tests), so the module is copied out of the cache, that file and the
+# tigron requirement dropped, and the binary built there with the module's
+# go.sum, stamped with the version as its Makefile does.
+nerdctl_dir="$GO_BIN_ROOT/nerdctl-v$NERDCTL_VERSION"
+if ! built_at "$NERDCTL_VERSION" "$nerdctl_dir/nerdctl|--version"; then
+  log "building nerdctl v$NERDCTL_VERSION into $nerdctl_dir (once; a few minutes)"
+  build_nerdctl() {
+    local src work rc=0 m=github.com/containerd/nerdctl/v2
+    src=$(module_dir "$m" "v$NERDCTL_VERSION") && [ -d "$src" ] || return 1
+    work=$(mktemp -d) || return 1
+    cp -r "$src/." "$work/" && chmod -R u+w "$work" || rc=1
+    local ld="-X $m/pkg/version.Version=v$NERDCTL_VERSION -X $m/pkg/version.Revision=$NERDCTL_REVISION"
+    [ "$rc" -ne 0 ] || (cd "$work" \
+      && rm cmd/nerdctl/helpers/testing_linux.go \
+      && go_env "$GO_BIN" mod edit -droprequire "$m/mod/tigron" -dropreplace "$m/mod/tigron@v0.0.0" \
+      && go_env CGO_ENABLED=0 GOFLAGS="-buildvcs=false -mod=mod" nice "$GO_BIN" build -trimpath \
+        -ldflags "$ld" -o "$out/nerdctl" ./cmd/nerdctl) || rc=1
+    rm -rf "$work"
+    return "$rc"
+  }
+  build_into "$nerdctl_dir" "github.com/containerd/nerdctl/v2@v$NERDCTL_VERSION" build_nerdctl
+fi
 
 # Verify what the tests depend on, by running it.
 containerd --version | grep -q 'v\?1\.7\.24' || { log "containerd is not 1.7.24: $(containerd --version)"; exit 1; }
@@ -232,6 +330,10 @@ built_at "$CONTAINERD2_VERSION" "$ctd2_dir/containerd|--version" "$ctd2_dir/cont
   || { log "containerd $CONTAINERD2_VERSION in $ctd2_dir does not run"; exit 1; }
 built_at "$CRI_TOOLS_VERSION" "$cri_dir/crictl|--version" "$cri_dir/critest|-version" \
   || { log "cri-tools $CRI_TOOLS_VERSION in $cri_dir does not run"; exit 1; }
+built_at "$SOCI_VERSION" "$soci_dir/soci-snapshotter-grpc|--version" "$soci_dir/soci|--version" \
+  || { log "soci-snapshotter $SOCI_VERSION in $soci_dir does not run"; exit 1; }
+built_at "$NERDCTL_VERSION" "$nerdctl_dir/nerdctl|--version" \
+  || { log "nerdctl $NERDCTL_VERSION in $nerdctl_dir does not run"; exit 1; }
 runc --version >/dev/null
 docker-registry --version >/dev/null 2>&1 || test -x /usr/bin/docker-registry
 test -x /bin/busybox

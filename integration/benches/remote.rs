@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use hyperbox_integration::bench::{full_run, machine, percentile, write_section};
-use hyperbox_integration::client::{Client, ContainerOptions, Image, PullOptions};
+use hyperbox_integration::client::{ContainerOptions, Image, PullOptions};
 use hyperbox_integration::image::{Compression, ImageSpec, Layer};
 use hyperbox_integration::prereq::{self, Prereq};
 use hyperbox_integration::proxy::Shaping;
@@ -58,35 +58,6 @@ fn opts(mode: &str) -> PullOptions {
         },
         _ => PullOptions::local("overlayfs"),
     }
-}
-
-/// Everything of an earlier pull gone: image, content, snapshots and the
-/// snapshotter's converted layers.
-async fn forget(tb: &mut Testbed, client: &Client, reference: &str) {
-    client.delete_image(reference).await.unwrap();
-    // CRI records the image under its tag, digest and id: remove them all.
-    let cri = tb.containerd.cri().await.unwrap();
-    cri.remove_image(reference).await.unwrap();
-    let k8s = client.with_namespace("k8s.io");
-    let _ = k8s.delete_image(reference).await;
-    k8s.gc().await.unwrap();
-    client.gc().await.unwrap();
-    let left = tb
-        .hyperbox()
-        .wait_for_count(&[], 0, Duration::from_secs(60))
-        .await;
-    assert!(left.is_empty(), "{left:#?}");
-    // Converted and lazy layers outlive their snapshots for a grace period
-    // (a Prepare may be about to use them): stop the daemon, clear them,
-    // start it again, so every run starts cold.
-    tb.hyperbox().kill(nix::sys::signal::Signal::SIGTERM);
-    let layers = tb.hyperbox().root().join("layers");
-    for e in std::fs::read_dir(&layers).into_iter().flatten().flatten() {
-        std::fs::remove_file(e.path()).unwrap();
-    }
-    tb.hyperbox().start_again().await;
-    // containerd reconnects to a restarted proxy plugin after about 1 s.
-    tokio::time::sleep(Duration::from_secs(2)).await;
 }
 
 fn hb_index(tb: &mut Testbed, reference: &str) {
@@ -142,7 +113,7 @@ async fn main() {
             [MODES[1], MODES[0]]
         };
         for mode in order {
-            forget(&mut tb, &client, &reference).await;
+            tb.forget_image(&reference).await;
             let start = Instant::now();
             let img = client.pull(&reference, &opts(mode)).await.unwrap();
             let out = client
@@ -168,7 +139,7 @@ async fn main() {
     let cri = tb.containerd.cri().await.unwrap();
     let k8s = client.with_namespace("k8s.io");
     for n in 0..iterations {
-        forget(&mut tb, &client, &reference).await;
+        tb.forget_image(&reference).await;
         let start = Instant::now();
         cri.pull_image(&reference).await.unwrap();
         let img = k8s
@@ -196,7 +167,7 @@ async fn main() {
         bits_per_sec: Some(100_000_000),
     });
     for n in 0..iterations {
-        forget(&mut tb, &client, &reference).await;
+        tb.forget_image(&reference).await;
         let start = Instant::now();
         let img = client.pull(&reference, &opts(LAZY)).await.unwrap();
         let out = client
@@ -216,7 +187,7 @@ async fn main() {
     // 2. Whole-rootfs read, page cache dropped, both images present (the
     // hyperbox one complete: fetched whole, no index involved).
     tb.proxy.set_shaping(Shaping::default());
-    forget(&mut tb, &client, &reference).await;
+    tb.forget_image(&reference).await;
     let mut images: HashMap<&str, Image> = HashMap::new();
     for mode in MODES {
         // One image record, but each snapshotter holds its own layers.
@@ -224,19 +195,12 @@ async fn main() {
     }
     // The index makes hyperbox's pull lazy: read once every layer is in
     // and its mark is gone, so both sides read local files.
-    let layers_dir = tb.hyperbox().root().join("layers");
-    let waiting = Instant::now();
-    while std::fs::read_dir(&layers_dir)
-        .unwrap()
-        .flatten()
-        .any(|e| e.file_name().to_string_lossy().ends_with(".lazy"))
-    {
-        assert!(
-            waiting.elapsed() < Duration::from_secs(300),
-            "lazy fill never finished"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    assert!(
+        tb.hyperbox()
+            .wait_lazy_complete(Duration::from_secs(300))
+            .await,
+        "lazy fill never finished"
+    );
     let script = "find / -xdev -type f -exec cat {} + | wc -c";
     let mut read: HashMap<&str, Vec<Duration>> = HashMap::new();
     let mut bytes = 0u64;

@@ -46,16 +46,7 @@ pub struct AgentDaemon {
 
 impl AgentDaemon {
     fn prepare(nri_socket: &Path, extra: &str) -> AgentDaemon {
-        let dir = tempfile::Builder::new()
-            .prefix("hb-agent-")
-            .tempdir()
-            .expect("temp dir")
-            .keep();
-        fs::write(
-            dir.join(crate::footprint::OWNER_FILE),
-            std::process::id().to_string(),
-        )
-        .expect("record owner");
+        let dir = crate::footprint::owned_temp_dir("hb-agent-").expect("instance dir");
         let metrics = format!("127.0.0.1:{}", free_port());
         fs::write(
             dir.join("config.toml"),

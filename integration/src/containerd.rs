@@ -185,6 +185,18 @@ pub struct ProxyPlugin {
     pub root: Option<PathBuf>,
 }
 
+impl ProxyPlugin {
+    /// A proxy snapshotter `name` at `address`, exporting `root`.
+    pub fn snapshotter(name: &str, address: PathBuf, root: PathBuf) -> Self {
+        ProxyPlugin {
+            name: name.into(),
+            kind: "snapshot".into(),
+            address,
+            root: Some(root),
+        }
+    }
+}
+
 /// An extra runtime, for the API path and as a CRI runtime handler.
 #[derive(Debug, Clone)]
 pub struct RuntimeEntry {
@@ -208,6 +220,7 @@ pub struct Builder {
     no_nri: bool,
     nri_plugins: Vec<NriPlugin>,
     line: Option<Line>,
+    erofs: bool,
 }
 
 /// A pre-registered NRI plugin: an executable containerd launches from its
@@ -277,22 +290,33 @@ impl Builder {
         self
     }
 
+    /// Unpacks into containerd 2.x's own `erofs` snapshotter too, as a peer
+    /// to compare hyperbox with: the transfer service (`ctr image pull`)
+    /// may unpack into it, containerd runs [`erofs_utils_bin`]'s
+    /// `mkfs.erofs` where installed, and where that can read a tar
+    /// ([`erofs_differ_available`]) the `erofs` differ comes first in the
+    /// diff service, so CRI's and the API's pulls convert each layer tar
+    /// straight into an EROFS blob. Without it the walking differ unpacks
+    /// into the snapshot's directory and the snapshotter converts that with
+    /// `mkfs.erofs` at Commit. Combine with `cri_snapshotter("erofs")` for
+    /// CRI. Starting 1.7 with it panics: 1.7 has no such snapshotter.
+    pub fn erofs_snapshotter(mut self) -> Self {
+        self.erofs = true;
+        self
+    }
+
     /// Starts containerd and waits until it answers.
     pub async fn start(mut self) -> Result<Containerd> {
         // Fixed once, so a restart runs the same line whatever the env says.
         self.line = Some(self.line.unwrap_or_else(Line::selected));
+        assert!(
+            !(self.erofs && self.line == Some(Line::V1_7)),
+            "erofs_snapshotter needs containerd 2.x (Builder::line(Line::V2) or {LINE_ENV}=2): \
+             containerd 1.7 has no erofs snapshotter"
+        );
         crate::procs::become_subreaper();
         sweep_once();
-        let dir = tempfile::Builder::new()
-            .prefix("hb-ctd-")
-            .tempdir()
-            .map_err(io("create temp dir"))?
-            .keep();
-        fs::write(
-            dir.join(crate::footprint::OWNER_FILE),
-            std::process::id().to_string(),
-        )
-        .map_err(io("record owner"))?;
+        let dir = crate::footprint::owned_temp_dir("hb-ctd-").map_err(io("create instance dir"))?;
         let id = format!("{:08x}", rand::random::<u32>());
         let c = Containerd {
             footprint: Footprint {
@@ -531,6 +555,9 @@ impl Containerd {
         }
         if line == Line::V2 {
             self.transfer_unpack_config(&mut s);
+            if b.erofs {
+                erofs_config(&mut s);
+            }
         }
         s
     }
@@ -539,19 +566,29 @@ impl Containerd {
     /// its `unpack_config` (overlayfs, and erofs where it loads, by
     /// default); `ctr image pull --snapshotter X` fails with "no unpack
     /// platforms defined" for any other. The list replaces the default, so
-    /// overlayfs is listed again next to the proxy snapshotters.
+    /// overlayfs is listed again next to the proxy snapshotters (and erofs,
+    /// see [`Builder::erofs_snapshotter`]).
     fn transfer_unpack_config(&self, s: &mut String) {
-        let snapshotters = std::iter::once("overlayfs").chain(
+        let snapshotters = std::iter::once(("overlayfs", "walking")).chain(
             self.builder
                 .proxy_plugins
                 .iter()
                 .filter(|p| p.kind == "snapshot")
-                .map(|p| p.name.as_str()),
+                .map(|p| (p.name.as_str(), "walking")),
         );
-        for name in snapshotters {
+        // Naming a differ that did not load fails the transfer plugin.
+        let erofs = self.builder.erofs.then(|| {
+            let differ = if erofs_differ_available() {
+                "erofs"
+            } else {
+                "walking"
+            };
+            ("erofs", differ)
+        });
+        for (name, differ) in snapshotters.chain(erofs) {
             let _ = writeln!(
                 s,
-                "\n[[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]\n  platform = \"linux\"\n  snapshotter = \"{name}\"\n  differ = \"walking\""
+                "\n[[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]\n  platform = \"linux\"\n  snapshotter = \"{name}\"\n  differ = \"{differ}\""
             );
         }
     }
@@ -653,14 +690,18 @@ impl Containerd {
         let line = self.line();
         let binary = line.binary();
         let mut cmd = Command::new(&binary);
-        if let Some(bin_dir) = line.bin_dir() {
+        let first: Vec<PathBuf> = line
+            .bin_dir()
+            .into_iter()
+            .chain(self.builder.erofs.then(erofs_utils_bin).flatten())
+            .collect();
+        if !first.is_empty() {
             let path = std::env::var_os("PATH").unwrap_or_default();
-            let path =
-                std::env::join_paths(std::iter::once(bin_dir).chain(std::env::split_paths(&path)))
-                    .map_err(|e| Error::Io {
-                        action: "build PATH for containerd".into(),
-                        source: std::io::Error::other(e),
-                    })?;
+            let path = std::env::join_paths(first.into_iter().chain(std::env::split_paths(&path)))
+                .map_err(|e| Error::Io {
+                    action: "build PATH for containerd".into(),
+                    source: std::io::Error::other(e),
+                })?;
             cmd.env("PATH", path);
         }
         let child = cmd
@@ -761,6 +802,75 @@ impl Containerd {
         // orphaned to us when it exits.
         self.footprint.kill_shims();
         self.footprint.remove_all();
+    }
+}
+
+/// The erofs-utils release `scripts/install-deps.sh` builds from Debian 13's
+/// source package for containerd's erofs differ (Debian 12's 1.5 cannot read
+/// a tar; Debian 13's binary needs its newer libc).
+pub const EROFS_UTILS_VERSION: &str = "1.8.6";
+/// Moves that build (default `/var/cache/hyperbox/erofs-utils-<version>`).
+pub const EROFS_UTILS_ENV: &str = "HYPERBOX_EROFS_UTILS";
+
+/// The directory holding that build's `mkfs.erofs`, when it is installed.
+/// [`Builder::erofs_snapshotter`] puts it first on containerd's `PATH`; the
+/// rest of the machine keeps the system's erofs-utils.
+pub fn erofs_utils_bin() -> Option<PathBuf> {
+    let root = std::env::var_os(EROFS_UTILS_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(format!(
+                "/var/cache/hyperbox/erofs-utils-{EROFS_UTILS_VERSION}"
+            ))
+        });
+    let bin = root.join("usr/bin");
+    bin.join("mkfs.erofs").is_file().then_some(bin)
+}
+
+/// `mkfs.erofs --help` of the `mkfs.erofs` an erofs-enabled containerd runs:
+/// [`erofs_utils_bin`]'s, else the system's. Empty when there is none.
+fn mkfs_erofs_help() -> String {
+    let mkfs =
+        erofs_utils_bin().map_or_else(|| PathBuf::from("mkfs.erofs"), |d| d.join("mkfs.erofs"));
+    Command::new(mkfs)
+        .arg("--help")
+        .output()
+        .map(|o| String::from_utf8_lossy(&[o.stdout, o.stderr].concat()).into_owned())
+        .unwrap_or_default()
+}
+
+/// Whether containerd 2.x's `erofs` differ loads in an instance with
+/// [`Builder::erofs_snapshotter`]: it needs `mkfs.erofs` with tar input
+/// (erofs-utils 1.7 or newer; Debian 12 has 1.5), and containerd decides by
+/// whether `mkfs.erofs --help` lists `--tar=`, as asked here.
+pub fn erofs_differ_available() -> bool {
+    mkfs_erofs_help().contains("--tar=")
+}
+
+/// The config of [`Builder::erofs_snapshotter`] beyond the transfer
+/// service's unpack list. The snapshotter itself needs none: it is built into
+/// 2.x, loads wherever the kernel has EROFS, and keeps its blobs under the
+/// instance's root.
+fn erofs_config(s: &mut String) {
+    let help = mkfs_erofs_help();
+    if !help.contains("--tar=") {
+        return;
+    }
+    // The diff service tries its differs in this order; the erofs differ
+    // answers "not implemented" for any snapshot the erofs snapshotter did
+    // not prepare, so other snapshotters still get the walking differ.
+    let _ = writeln!(
+        s,
+        "\n[plugins.\"io.containerd.service.v1.diff-service\"]\n  default = [\"erofs\", \"walking\"]"
+    );
+    // containerd's erofs docs recommend `--sort=none` (erofs-utils 1.8.2+):
+    // it keeps the tar's data order instead of sorting it, which is faster.
+    if help.contains("--sort=") {
+        let _ = writeln!(
+            s,
+            "\n[plugins.\"io.containerd.differ.v1.erofs\"]\n  mkfs_options = [\"--sort=none\"]"
+        );
     }
 }
 

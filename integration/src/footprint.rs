@@ -280,6 +280,15 @@ pub fn shim_socket_path(address: &Path, cmdline: &[String]) -> Option<PathBuf> {
 /// process owning it.
 pub const OWNER_FILE: &str = "owner.pid";
 
+/// A new instance directory `prefix*` in the temp dir, kept (its owner
+/// tears it down) and marked with this process as [`OWNER_FILE`], so
+/// [`sweep_dead_owners`] can find it if this process dies first.
+pub fn owned_temp_dir(prefix: &str) -> std::io::Result<PathBuf> {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir()?.keep();
+    fs::write(dir.join(OWNER_FILE), std::process::id().to_string())?;
+    Ok(dir)
+}
+
 /// Tears down instances left by test processes that died without running
 /// their teardown (killed by a timeout or SIGKILL): directories named
 /// `prefix*` in the temp dir whose owner process is gone. Instances of live

@@ -122,3 +122,21 @@ pub fn reap_zombie_children(prefix: &str) {
         }
     }
 }
+
+/// Sends `signal` to a daemon the harness started and waits for it to
+/// exit; one still running after 15 s (stuck, say, on a read its own lazy
+/// path holds) is killed, so no test leaves it behind.
+pub fn stop_child(child: &mut Option<std::process::Child>, signal: Signal, name: &str) {
+    if let Some(mut c) = child.take() {
+        let _ = kill(Pid::from_raw(c.id() as i32), signal);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if matches!(c.try_wait(), Ok(None)) {
+            eprintln!("{name} ignored {signal}; killing it");
+            let _ = c.kill();
+        }
+        let _ = c.wait();
+    }
+}

@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 use containerd_client::services::v1::snapshots::ListSnapshotsRequest;
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use futures::StreamExt;
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use tonic::transport::Channel;
 
 use crate::containerd::ProxyPlugin;
@@ -41,16 +40,7 @@ impl SnapshotterDaemon {
     /// point into the daemon's own directory (`certs.d/`,
     /// `docker-config.json`) so tests never read the host's.
     pub async fn start_configured(snapshotter_keys: &str, rest: &str) -> SnapshotterDaemon {
-        let dir = tempfile::Builder::new()
-            .prefix("hb-snap-")
-            .tempdir()
-            .expect("temp dir")
-            .keep();
-        fs::write(
-            dir.join(crate::footprint::OWNER_FILE),
-            std::process::id().to_string(),
-        )
-        .expect("record owner");
+        let dir = crate::footprint::owned_temp_dir("hb-snap-").expect("instance dir");
         fs::write(
             dir.join("config.toml"),
             format!(
@@ -91,12 +81,7 @@ impl SnapshotterDaemon {
 
     /// The `[proxy_plugins]` entry for containerd.
     pub fn proxy_plugin(&self) -> ProxyPlugin {
-        ProxyPlugin {
-            name: NAME.into(),
-            kind: "snapshot".into(),
-            address: self.address(),
-            root: Some(self.root()),
-        }
+        ProxyPlugin::snapshotter(NAME, self.address(), self.root())
     }
 
     /// Runs `hb image index --json REFERENCE` with this daemon's config
@@ -262,22 +247,32 @@ impl SnapshotterDaemon {
         }
     }
 
-    /// Sends `signal` and waits for the daemon to exit; one that has not
-    /// exited after 15 s (stuck, say, on a read its own lazy path holds) is
-    /// killed, so no test leaves it behind.
-    pub fn kill(&mut self, signal: Signal) {
-        if let Some(mut c) = self.child.take() {
-            let _ = kill(Pid::from_raw(c.id() as i32), signal);
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
+    /// Waits until no lazily served layer is still filling or being
+    /// verified (no `<root>/lazy/*.lazy` state file), so reads after it
+    /// touch only local bytes; false after `timeout`.
+    pub async fn wait_lazy_complete(&self, timeout: Duration) -> bool {
+        let dir = self.root().join("lazy");
+        let start = Instant::now();
+        loop {
+            let pending = std::fs::read_dir(&dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with(".lazy"));
+            if !pending {
+                return true;
             }
-            if matches!(c.try_wait(), Ok(None)) {
-                eprintln!("hyperbox-snapshotter ignored {signal}; killing it");
-                let _ = c.kill();
+            if start.elapsed() > timeout {
+                return false;
             }
-            let _ = c.wait();
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Sends `signal` and waits for the daemon to exit (killed after 15 s;
+    /// see [`crate::procs::stop_child`]).
+    pub fn kill(&mut self, signal: Signal) {
+        crate::procs::stop_child(&mut self.child, signal, "hyperbox-snapshotter");
     }
 
     /// Starts the daemon again over the same root and socket.

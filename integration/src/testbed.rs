@@ -152,6 +152,48 @@ impl Testbed {
         assert!(leaks.is_empty(), "left behind: {leaks:#?}");
     }
 
+    /// Forgets every trace of an earlier pull of `reference`, so the next
+    /// one is cold: the image in the default and `k8s.io` namespaces and in
+    /// CRI, its content and snapshots (garbage-collected), and, with
+    /// hyperbox, its converted and lazy layers. Those outlive their
+    /// snapshots for a grace period (a Prepare may be about to use them), so
+    /// the daemon is stopped, they are removed and it is started again.
+    pub async fn forget_image(&mut self, reference: &str) {
+        self.forget_images(&[reference]).await
+    }
+
+    /// [`Testbed::forget_image`] for several images at once: images of the
+    /// same layers share their snapshots, which go only with the last.
+    pub async fn forget_images(&mut self, references: &[&str]) {
+        let client = self.containerd.client().await.expect("client");
+        let cri = self.containerd.cri().await.expect("cri");
+        let k8s = client.with_namespace("k8s.io");
+        for reference in references {
+            let _ = client.delete_image(reference).await;
+            let _ = cri.remove_image(reference).await;
+            let _ = k8s.delete_image(reference).await;
+        }
+        k8s.gc().await.expect("gc k8s.io");
+        client.gc().await.expect("gc");
+        let Some(sn) = self.snapshotter.as_mut() else {
+            return;
+        };
+        let left = sn
+            .wait_for_count(&[], 0, std::time::Duration::from_secs(60))
+            .await;
+        assert!(left.is_empty(), "snapshots left after gc: {left:#?}");
+        sn.kill(nix::sys::signal::Signal::SIGTERM);
+        for dir in ["layers", "lazy"] {
+            let dir = sn.root().join(dir);
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                std::fs::remove_file(e.path()).expect("remove a cached layer");
+            }
+        }
+        sn.start_again().await;
+        // containerd reconnects to a restarted proxy plugin after about 1 s.
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
+
     /// The snapshotter; panics when the testbed was started without it.
     pub fn hyperbox(&mut self) -> &mut SnapshotterDaemon {
         self.snapshotter

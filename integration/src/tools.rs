@@ -19,7 +19,7 @@ use crate::containerd::Containerd;
 /// The cri-tools release (crictl and critest).
 pub const CRI_TOOLS_VERSION: &str = "v1.37.0";
 /// The nerdctl release.
-pub const NERDCTL_VERSION: &str = "v2.2.0";
+pub const NERDCTL_VERSION: &str = "v2.2.1";
 
 /// `crictl` of [`CRI_TOOLS_VERSION`].
 pub fn crictl_bin() -> PathBuf {
@@ -91,7 +91,8 @@ fn io(action: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { action, source }
 }
 
-fn describe(cmd: &Command) -> String {
+/// A command line as a user would type it, for errors.
+pub(crate) fn describe(cmd: &Command) -> String {
     std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|a| a.to_string_lossy().into_owned())

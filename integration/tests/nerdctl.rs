@@ -4,13 +4,9 @@
 //! instance's `certs.d` as hosts dir and no network (`--net none`), so
 //! nothing reaches the host's nerdctl state or CNI.
 //!
-//! nerdctl is built from its Go module by `scripts/install-deps.sh` when the
-//! Go module proxy serves it. It does not at the time of writing (the proxy
-//! answers 403 for github.com/containerd/nerdctl/v2's version list, has no
-//! checksum for v2.2.0, and does not serve the in-repo module
-//! `mod/tigron` that v2.2.1's binary imports), so these tests are ignored
-//! and fail when run without the binary (`--ignored`); the harness's own
-//! nerdctl-like client (`tests/remote.rs`) covers the same path meanwhile.
+//! nerdctl is built from its Go module by `scripts/install-deps.sh`
+//! (v2.2.1, without the in-repository test framework `mod/tigron` that the
+//! Go module proxy does not serve; see docs/testing.md).
 //!
 //! What nerdctl sends decides the path a layer takes: its client-side pull
 //! adds the `containerd.io/snapshot/cri.*` labels only for snapshotters it
@@ -34,16 +30,12 @@ macro_rules! require_nerdctl {
     () => {
         require_containers!();
         if let Some(why) = tools::missing(&[tools::nerdctl_bin()]) {
-            panic!(
-                "{}: {why}; the Go module proxy does not serve nerdctl",
-                module_path!()
-            );
+            panic!("{}: {why}", module_path!());
         }
     };
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "nerdctl cannot be built from the Go module proxy yet; see the module comment"]
 async fn nerdctl_pulls_and_runs_on_hyperbox() {
     require_nerdctl!();
     let mut tb = Testbed::start_hyperbox(|b| b.without_cri()).await;

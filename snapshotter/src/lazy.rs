@@ -248,6 +248,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Where an index is looked up: the image's repository (the index is
+/// found there by a tag made from the manifest digest) and the manifest.
+fn index_key(image: &str, manifest: &str) -> String {
+    match Reference::parse(image) {
+        Ok(r) => format!("{}/{}@{manifest}", r.host, r.repository),
+        Err(_) => format!("{image}@{manifest}"),
+    }
+}
+
 /// The file name stem of an index entry: layer and EROFS image together,
 /// so files made from different indexes never meet.
 fn key_of(entry: &IndexLayer) -> Result<String, Error> {
@@ -359,7 +368,9 @@ pub struct Lazy {
     refused: Mutex<HashMap<FileId, Refusal>>,
     /// Index entries (by key) whose bytes did not match their image.
     rejected: Mutex<HashMap<String, String>>,
-    /// Looked-up indexes (or their absence) by image manifest digest.
+    /// Looked-up indexes (or their absence) by repository and manifest
+    /// digest ([`index_key`]): the same manifest pushed to two repositories
+    /// has two indexes, or one and none.
     indexes: Mutex<HashMap<String, CachedIndex>>,
     fetches: Semaphore,
     counters: Counters,
@@ -557,7 +568,7 @@ impl Lazy {
         let blob = match known {
             Some(b) if b.phase() != Phase::Discarded => b,
             _ => {
-                let Some(index) = self.cached_index(manifest) else {
+                let Some(index) = self.cached_index(image, manifest) else {
                     return Ok(None);
                 };
                 let state = State {
@@ -589,9 +600,9 @@ impl Lazy {
         self.index(image, manifest).await?.layer(layer).cloned()
     }
 
-    fn cached_index(&self, manifest: &str) -> Option<Arc<Index>> {
+    fn cached_index(&self, image: &str, manifest: &str) -> Option<Arc<Index>> {
         lock(&self.indexes)
-            .get(manifest)
+            .get(&index_key(image, manifest))
             .and_then(|(_, ix)| ix.clone())
     }
 
@@ -605,7 +616,8 @@ impl Lazy {
     }
 
     async fn index(&self, image: &str, manifest: &str) -> Option<Arc<Index>> {
-        if let Some((at, ix)) = lock(&self.indexes).get(manifest)
+        let cache_key = index_key(image, manifest);
+        if let Some((at, ix)) = lock(&self.indexes).get(&cache_key)
             && at.elapsed()
                 < if ix.is_some() {
                     INDEX_TTL
@@ -624,7 +636,7 @@ impl Lazy {
                 None
             }
         };
-        lock(&self.indexes).insert(manifest.into(), (Instant::now(), found.clone()));
+        lock(&self.indexes).insert(cache_key, (Instant::now(), found.clone()));
         found
     }
 
@@ -831,8 +843,6 @@ impl Lazy {
 
     /// The layer did not match its image: no container reads it again.
     fn reject(&self, blob: &Blob, why: String) {
-        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
-        tracing::error!(layer = %blob.state.entry.layer, image = %blob.state.image, why, "lazily served layer does not match its image: its reads now fail, nothing new is mounted on it, and the next pull fetches it whole");
         let mut state = blob.state.clone();
         state.rejected = Some(why.clone());
         if let Err(e) = write_durably(&blob.state_path, &state) {
@@ -842,9 +852,13 @@ impl Lazy {
         lock(&self.by_key).remove(&blob.key);
         lock(&self.blobs).remove(&blob.inode);
         blob.phase.send_replace(Phase::Rejected(why.clone()));
-        self.refuse_file(&blob.path, why);
+        self.refuse_file(&blob.path, why.clone());
         // Pages read before the verdict must not outlive it.
         let _ = fs::write("/proc/sys/vm/drop_caches", "1");
+        // Counted and logged last: whoever sees either (a scrape, an
+        // operator, a test) finds the refusal already in force.
+        self.counters.rejected.fetch_add(1, Ordering::Release);
+        tracing::error!(layer = %blob.state.entry.layer, image = %blob.state.image, why, "lazily served layer does not match its image: its reads now fail, nothing new is mounted on it, and the next pull fetches it whole");
     }
 
     async fn ensure_chunk(&self, blob: &Blob, i: usize) -> Result<(), Error> {
@@ -1455,6 +1469,25 @@ mod tests {
         assert!(crate::snapshots::LayerGate::refuse(&*again, &link).is_some());
         assert_eq!(fan.marked(), std::slice::from_ref(&s.path));
         fan.close();
+    }
+
+    #[test]
+    fn an_index_is_looked_up_in_the_repository_of_the_image() {
+        let m = "sha256:5b0bcabd1ed22e9fb1310cf6c2dec7cdef19f0ad69efa1f392e94a4333501270";
+        // Mirrored into another repository, the same manifest has none of
+        // the first repository's index blobs: never reuse its index there.
+        assert_ne!(
+            index_key("127.0.0.1:5000/team-a/app:v1", m),
+            index_key("127.0.0.1:5000/team-b/app:v1", m)
+        );
+        assert_ne!(
+            index_key("registry-a:5000/app:v1", m),
+            index_key("registry-b:5000/app:v1", m)
+        );
+        assert_eq!(
+            index_key("127.0.0.1:5000/team-a/app:v1", m),
+            index_key("127.0.0.1:5000/team-a/app:latest", m)
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

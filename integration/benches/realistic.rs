@@ -1,0 +1,453 @@
+//! A realistic image through every snapshotter we compete with, in one run:
+//! Debian 12 slim with Python 3, requests, Jinja2 and PyYAML from Debian's
+//! packages and a small app that imports them (thousands of small files,
+//! gzip layers; see `hyperbox_integration::distro`).
+//!
+//! Each side is a private containerd 2.4.2 pulling through CRI, as the
+//! kubelet does, from its own registry behind the harness proxy shaped to
+//! 100 Mbit/s with 20 ms per request:
+//!
+//! - overlayfs (the baseline);
+//! - containerd's own erofs snapshotter, with its erofs differ (erofs-utils
+//!   1.8.6, see scripts/install-deps.sh);
+//! - the SOCI snapshotter v0.16.1, the image converted by `soci convert`
+//!   with its defaults (lazy);
+//! - hyperbox, full fetch, and with the image's hyperbox index pushed
+//!   (lazy).
+//!
+//! containerd 2.x, because that is what new nodes run and because Debian's
+//! containerd 1.7.24 does not pass the namespace to proxy snapshotters,
+//! which SOCI needs (see `hyperbox_integration::soci`).
+//!
+//! Measured: pull to container exit, cold (image, content, snapshots and
+//! every snapshotter's cache removed first; sides in rotating order), with
+//! the bytes each side fetched; then, with every image complete and local
+//! (each read through once first, so lazy sides hold every byte), the app's
+//! start and a read of the whole rootfs with the page cache dropped.
+//!
+//! `cargo bench -p hyperbox-integration --bench realistic` (as root) runs
+//! it on the Debian image and rewrites its section of docs/benchmarks.md;
+//! under `cargo test` it runs every side once on a small busybox image as
+//! a smoke test.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use hyperbox_integration::bench::{full_run, machine, percentile, write_section};
+use hyperbox_integration::client::{Client, ContainerOptions, PullOptions};
+use hyperbox_integration::containerd::{self, Line};
+use hyperbox_integration::distro;
+use hyperbox_integration::image::{BuiltImage, Compression, ImageSpec, Layer};
+use hyperbox_integration::prereq::{self, Prereq};
+use hyperbox_integration::proxy::Shaping;
+use hyperbox_integration::snapshotter::NAME;
+use hyperbox_integration::soci::{self, ConvertOptions, Soci};
+use hyperbox_integration::testbed::Testbed;
+
+/// One way of running the image.
+struct Side {
+    name: &'static str,
+    what: &'static str,
+    /// Index into the testbeds.
+    bed: usize,
+    reference: String,
+    pull: PullOptions,
+}
+
+/// Reads every file of the rootfs, printing the bytes read.
+const SCRIPT: &str = "find / -xdev -type f -exec cat {} + | wc -c";
+
+fn shaping() -> Shaping {
+    Shaping {
+        latency: Duration::from_millis(20),
+        bits_per_sec: Some(100_000_000),
+    }
+}
+
+/// A small stand-in for the smoke run: busybox, a few hundred small files
+/// and a file of 2 MiB, gzip'd.
+fn small_image() -> ImageSpec {
+    let mut spec = ImageSpec::busybox(&["sh", "-c", "cat /app/ready"]).unwrap();
+    spec.layers.push(
+        Layer::new(Compression::GzipDefault)
+            .many_small_files("usr/lib/app", 300, 2048)
+            .large_file("usr/lib/app/blob", 2 << 20, 7),
+    );
+    spec.layers
+        .push(Layer::new(Compression::GzipDefault).dir("app", 0o755).file(
+            "app/ready",
+            "ready\n",
+            0o644,
+        ));
+    spec
+}
+
+/// Everything of earlier pulls on `side`'s testbed gone, SOCI's cache too:
+/// images of the same layers share snapshots, so all of the testbed's
+/// images go together.
+async fn forget(beds: &mut [Testbed], sides: &[Side], side: &Side, soci: &mut Soci) {
+    let on_bed: Vec<&str> = sides
+        .iter()
+        .filter(|s| s.bed == side.bed)
+        .map(|s| s.reference.as_str())
+        .collect();
+    let tb = &mut beds[side.bed];
+    tb.forget_images(&on_bed).await;
+    if side.name == "soci" {
+        soci.forget_image(&tb.containerd, &side.reference)
+            .await
+            .expect("forget the SOCI image");
+    }
+}
+
+/// The testbed's containerd client in CRI's namespace.
+async fn k8s(tb: &Testbed) -> Client {
+    tb.containerd
+        .client()
+        .await
+        .expect("containerd client")
+        .with_namespace("k8s.io")
+}
+
+fn drop_caches() {
+    nix::unistd::sync();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").expect("drop caches (root)");
+}
+
+fn secs(samples: &[Duration]) -> Vec<f64> {
+    samples
+        .iter()
+        .map(|d| (d.as_secs_f64() * 100.0).round() / 100.0)
+        .collect()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if !prereq::require(
+        "bench realistic",
+        &[Prereq::CONTAINERS, &[Prereq::Containerd2]].concat(),
+    ) || !soci::require("bench realistic")
+    {
+        return;
+    }
+    if !containerd::erofs_differ_available() {
+        assert!(
+            !prereq::require_all(),
+            "bench realistic: no mkfs.erofs with --tar for containerd's erofs differ \
+             (scripts/install-deps.sh builds it)"
+        );
+        eprintln!("skipping bench realistic: no mkfs.erofs with --tar");
+        return;
+    }
+    let full = full_run();
+    let (iterations, reads) = if full { (5, 5) } else { (1, 1) };
+    let spec = if full {
+        distro::python_trees()
+            .expect("build the Debian + Python image (debootstrap, apt-get)")
+            .image()
+    } else {
+        small_image()
+    };
+    let expected = "ready\n";
+
+    // The testbeds, all containerd 2.4.2: overlayfs, hyperbox, SOCI, erofs.
+    let mut soci_daemon = Soci::start().await.expect("start soci-snapshotter-grpc");
+    let soci_plugin = soci_daemon.proxy_plugin();
+    let mut beds = vec![
+        Testbed::start_with(|b| b.line(Line::V2)).await,
+        Testbed::start_hyperbox(|b| b.line(Line::V2)).await,
+        Testbed::start_with(|b| {
+            b.line(Line::V2)
+                .proxy_plugin(soci_plugin)
+                .cri_snapshotter(soci::NAME)
+        })
+        .await,
+        Testbed::start_with(|b| {
+            b.line(Line::V2)
+                .erofs_snapshotter()
+                .cri_snapshotter("erofs")
+        })
+        .await,
+    ];
+    soci_daemon
+        .attach(&beds[2].containerd)
+        .expect("point soci at containerd");
+    let work = tempfile::tempdir().unwrap();
+    let built: BuiltImage = spec.build(work.path()).expect("build image");
+    let blob_bytes: u64 = built.layers.iter().map(|l| l.blob.size).sum();
+    let mut refs = Vec::new();
+    for tb in &beds {
+        let r = built
+            .push(&tb.registry.host(), "bench/python", "v1")
+            .await
+            .expect("push image");
+        refs.push(tb.via_proxy(&r));
+    }
+    // hyperbox lazy: the same image in another repository, with its index.
+    let lazy = built
+        .push(&beds[1].registry.host(), "bench/python-indexed", "v1")
+        .await
+        .unwrap();
+    beds[1].hyperbox().hb_index(&lazy);
+    let lazy = beds[1].via_proxy(&lazy);
+    // SOCI: the converted image (the conversion is a registry-side step,
+    // like hyperbox's index; not timed), with SOCI's default zTOC threshold
+    // and span size; the smoke image's layers are smaller than 10 MiB.
+    let convert = if full {
+        ConvertOptions::min_layer_size(10 << 20)
+    } else {
+        ConvertOptions::min_layer_size(1 << 20)
+    };
+    let soci_ref = soci::convert(
+        &beds[2].containerd,
+        &refs[2].replacen(&beds[2].proxy.host(), &beds[2].registry.host(), 1),
+        &format!("{}/bench/python-soci:v1", beds[2].registry.host()),
+        &convert,
+    )
+    .await
+    .expect("soci convert")
+    .reference;
+    let soci_ref = beds[2].via_proxy(&soci_ref);
+    for tb in &beds {
+        tb.proxy.set_shaping(shaping());
+    }
+
+    let labels = |s: &str| PullOptions {
+        snapshotter: s.into(),
+        remote_labels: true,
+    };
+    let sides = vec![
+        Side {
+            name: "overlayfs",
+            what: "overlayfs",
+            bed: 0,
+            reference: refs[0].clone(),
+            pull: PullOptions::local("overlayfs"),
+        },
+        Side {
+            name: "erofs",
+            what: "containerd's erofs snapshotter (erofs differ, mkfs.erofs 1.8.6)",
+            bed: 3,
+            reference: refs[3].clone(),
+            pull: PullOptions::local("erofs"),
+        },
+        Side {
+            name: "soci",
+            what: "SOCI v0.16.1, lazy (`soci convert` defaults: zTOC for layers over 10 MiB, 4 MiB spans)",
+            bed: 2,
+            reference: soci_ref,
+            pull: labels(soci::NAME),
+        },
+        Side {
+            name: "hyperbox",
+            what: "hyperbox, full fetch (EROFS, file-backed)",
+            bed: 1,
+            reference: refs[1].clone(),
+            pull: labels(NAME),
+        },
+        Side {
+            name: "hyperbox-lazy",
+            what: "hyperbox, lazy (the image has a hyperbox index; 1 MiB chunks)",
+            bed: 1,
+            reference: lazy,
+            pull: labels(NAME),
+        },
+    ];
+
+    // 1. Pull to exit, cold, through CRI.
+    let mut pull: HashMap<&str, Vec<Duration>> = HashMap::new();
+    let mut fetched: HashMap<&str, Vec<u64>> = HashMap::new();
+    for n in 0..iterations {
+        for k in 0..sides.len() {
+            let side = &sides[(n + k) % sides.len()];
+            forget(&mut beds, &sides, side, &mut soci_daemon).await;
+            let tb = &beds[side.bed];
+            let k8s = k8s(tb).await;
+            let cri = tb.containerd.cri().await.unwrap();
+            let before = tb.proxy.bytes_served();
+            let start = Instant::now();
+            cri.pull_image(&side.reference).await.unwrap();
+            let img = k8s.pull(&side.reference, &side.pull).await.unwrap();
+            let out = k8s
+                .run(
+                    &format!("pull-{}-{n}", side.name),
+                    &img,
+                    &ContainerOptions::default(),
+                )
+                .await
+                .unwrap();
+            let took = start.elapsed();
+            let bytes = tb.proxy.bytes_served() - before;
+            assert_eq!(out.stdout_str(), expected, "{}", out.stderr_str());
+            eprintln!(
+                "pull to exit {} #{n}: {took:?}, {:.1} MiB fetched",
+                side.name,
+                bytes as f64 / 1048576.0
+            );
+            pull.entry(side.name).or_default().push(took);
+            fetched.entry(side.name).or_default().push(bytes);
+        }
+    }
+
+    // 2. Every image complete and local, page cache dropped: the app's
+    // start, then the whole rootfs read.
+    for tb in &beds {
+        tb.proxy.set_shaping(Shaping::default());
+    }
+    let readers: Vec<&Side> = sides.iter().filter(|s| s.name != "hyperbox-lazy").collect();
+    let mut images = HashMap::new();
+    for side in &readers {
+        forget(&mut beds, &sides, side, &mut soci_daemon).await;
+        let tb = &beds[side.bed];
+        let cri = tb.containerd.cri().await.unwrap();
+        cri.pull_image(&side.reference).await.unwrap();
+        let k8s = k8s(tb).await;
+        let img = k8s.pull(&side.reference, &side.pull).await.unwrap();
+        // Read through once, so lazy sides hold every byte before timing.
+        let out = k8s
+            .run(
+                &format!("warm-{}", side.name),
+                &img,
+                &ContainerOptions::args(&["sh", "-c", SCRIPT]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(out.status, 0, "{}", out.stderr_str());
+        images.insert(side.name, img);
+    }
+    let mut app: HashMap<&str, Vec<Duration>> = HashMap::new();
+    let mut read: HashMap<&str, Vec<Duration>> = HashMap::new();
+    let mut rootfs_bytes = 0u64;
+    for n in 0..reads {
+        for k in 0..readers.len() {
+            let side = readers[(n + k) % readers.len()];
+            let k8s = k8s(&beds[side.bed]).await;
+            drop_caches();
+            let start = Instant::now();
+            let out = k8s
+                .run(
+                    &format!("app-{}-{n}", side.name),
+                    &images[side.name],
+                    &ContainerOptions::default(),
+                )
+                .await
+                .unwrap();
+            let took = start.elapsed();
+            assert_eq!(out.stdout_str(), expected, "{}", out.stderr_str());
+            app.entry(side.name).or_default().push(took);
+            drop_caches();
+            let start = Instant::now();
+            let out = k8s
+                .run(
+                    &format!("read-{}-{n}", side.name),
+                    &images[side.name],
+                    &ContainerOptions::args(&["sh", "-c", SCRIPT]),
+                )
+                .await
+                .unwrap();
+            let took = start.elapsed();
+            assert_eq!(out.status, 0, "{}", out.stderr_str());
+            let b: u64 = out.stdout_str().trim().parse().unwrap();
+            assert!(
+                rootfs_bytes == 0 || b == rootfs_bytes,
+                "{} read {b} bytes, others {rootfs_bytes}",
+                side.name
+            );
+            rootfs_bytes = b;
+            read.entry(side.name).or_default().push(took);
+            eprintln!(
+                "{} #{n}: app {:?}, rootfs read {took:?}",
+                side.name,
+                app[side.name].last().unwrap()
+            );
+        }
+    }
+    let mut leaks = Vec::new();
+    for tb in beds {
+        leaks.extend(tb.shutdown());
+    }
+    leaks.extend(soci_daemon.shutdown());
+    drop(work);
+    assert!(leaks.is_empty(), "left behind: {leaks:#?}");
+    if !full {
+        return;
+    }
+
+    let med = |m: &HashMap<&str, Vec<Duration>>, k: &str| percentile(&m[k], 50.0);
+    let s2 = |d: Duration| format!("{:.2} s", d.as_secs_f64());
+    let mut body = String::new();
+    body.push_str(
+        "## A realistic image: Debian + Python, hyperbox against overlayfs, erofs and SOCI\n\n",
+    );
+    body.push_str(&format!(
+        "Command: `cargo bench -p hyperbox-integration --bench realistic` (as root). Machine: {}. \
+         Image: Debian 12 minbase slimmed as the `-slim` images are, with {} from Debian's \
+         packages, and an app that imports requests, Jinja2, PyYAML and a good part of the \
+         standard library, renders a template and prints `ready` \
+         (`integration/src/distro.rs`); {} layers, {:.1} MiB of gzip blobs, {:.0} MiB of \
+         files. Every side is a private containerd 2.4.2 and pulls through CRI from its own registry behind the harness proxy \
+         shaped to 100 Mbit/s with 20 ms per request; image, content, snapshots and the \
+         snapshotter's caches removed before each pull; sides in rotating order, {iterations} \
+         runs each. The hyperbox index and the SOCI index were made and pushed beforehand \
+         (not timed), as eStargz or SOCI conversion is.\n\n",
+        machine(),
+        distro::PACKAGES.join(", "),
+        built.layers.len(),
+        blob_bytes as f64 / 1048576.0,
+        rootfs_bytes as f64 / 1048576.0,
+    ));
+    body.push_str(
+        "| side | pull to exit, median | vs overlayfs | fetched from the registry, median |\n|---|---|---|---|\n",
+    );
+    let base = med(&pull, "overlayfs");
+    for side in &sides {
+        let m = med(&pull, side.name);
+        let mut f = fetched[side.name].clone();
+        f.sort();
+        body.push_str(&format!(
+            "| {} | {} | {:.2}× |  {:.1} MiB |\n",
+            side.what,
+            s2(m),
+            base.as_secs_f64() / m.as_secs_f64(),
+            f[f.len() / 2] as f64 / 1048576.0
+        ));
+    }
+    body.push_str(&format!(
+        "\nWith the image complete and local, page cache dropped before each, median of {reads} \
+         (the lazy hyperbox side, once filled, is the same EROFS files as the full fetch):\n\n\
+         | side | app start to exit | vs overlayfs | read the whole rootfs ({:.0} MiB) | throughput | vs overlayfs |\n|---|---|---|---|---|---|\n",
+        rootfs_bytes as f64 / 1048576.0
+    ));
+    let (app_base, read_base) = (med(&app, "overlayfs"), med(&read, "overlayfs"));
+    for side in &readers {
+        let (a, r) = (med(&app, side.name), med(&read, side.name));
+        body.push_str(&format!(
+            "| {} | {} | {:.2}× | {} | {:.0} MiB/s | {:.2}× |\n",
+            side.what,
+            s2(a),
+            app_base.as_secs_f64() / a.as_secs_f64(),
+            s2(r),
+            rootfs_bytes as f64 / 1048576.0 / r.as_secs_f64(),
+            read_base.as_secs_f64() / r.as_secs_f64(),
+        ));
+    }
+    body.push_str("\nRatios above 1 are faster than overlayfs.\n\nAll samples (s):");
+    for side in &sides {
+        body.push_str(&format!(
+            " {} pull {:?};",
+            side.name,
+            secs(&pull[side.name])
+        ));
+    }
+    for side in &readers {
+        body.push_str(&format!(
+            " {} app {:?}, read {:?};",
+            side.name,
+            secs(&app[side.name]),
+            secs(&read[side.name])
+        ));
+    }
+    body.push('\n');
+    let path = write_section("realistic", &body).unwrap();
+    println!("{body}\nwritten to {}", path.display());
+}
