@@ -7,6 +7,10 @@
 //! 2. reading the whole rootfs inside a container with the page cache
 //!    dropped first: EROFS layers under overlay vs overlayfs directories.
 //!
+//! containerd 2.4.2's own erofs snapshotter (with its erofs differ) runs
+//! beside them on a containerd of its own, pulling through CRI from its own
+//! registry behind the same shaping.
+//!
 //! `cargo bench -p hyperbox-integration --bench remote` (as root) runs it and
 //! rewrites its section of docs/benchmarks.md; under `cargo test` it runs
 //! one small iteration as a smoke test.
@@ -16,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use hyperbox_integration::bench::{full_run, machine, percentile, write_section};
 use hyperbox_integration::client::{ContainerOptions, Image, PullOptions};
+use hyperbox_integration::containerd::{self, Line};
 use hyperbox_integration::image::{Compression, ImageSpec, Layer};
 use hyperbox_integration::prereq::{self, Prereq};
 use hyperbox_integration::proxy::Shaping;
@@ -29,6 +34,8 @@ const CRI: &str = "overlayfs-cri";
 /// hyperbox with the image's hyperbox index pushed: layers mounted at once,
 /// bytes fetched on first access.
 const LAZY: &str = "hyperbox-lazy";
+/// containerd 2.4.2's erofs snapshotter through CRI.
+const EROFS: &str = "erofs";
 
 fn image(full: bool) -> ImageSpec {
     let mut spec = ImageSpec::busybox(&["sh", "-c", "cat /etc/ready"]).unwrap();
@@ -82,7 +89,19 @@ fn drop_caches() {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    if !prereq::require("bench remote", Prereq::CONTAINERS) {
+    if !prereq::require(
+        "bench remote",
+        &[Prereq::CONTAINERS, &[Prereq::Containerd2]].concat(),
+    ) {
+        return;
+    }
+    if !containerd::erofs_differ_available() {
+        assert!(
+            !prereq::require_all(),
+            "bench remote: no mkfs.erofs with --tar for containerd's erofs differ \
+             (scripts/install-deps.sh builds it)"
+        );
+        eprintln!("skipping bench remote: no mkfs.erofs with --tar");
         return;
     }
     let full = full_run();
@@ -156,6 +175,42 @@ async fn main() {
         eprintln!("pull to exit {CRI} #{n}: {took:?}");
     }
 
+    // 1c. containerd 2.4.2's erofs snapshotter, through CRI as well.
+    let mut etb =
+        Testbed::start_with(|b| b.line(Line::V2).erofs_snapshotter().cri_snapshotter(EROFS)).await;
+    let eref = etb.via_proxy(&etb.push(&image(full), "bench/remote", "v1").await);
+    etb.proxy.set_shaping(Shaping {
+        latency: Duration::from_millis(20),
+        bits_per_sec: Some(100_000_000),
+    });
+    let ecri = etb.containerd.cri().await.unwrap();
+    let ek8s = etb
+        .containerd
+        .client()
+        .await
+        .unwrap()
+        .with_namespace("k8s.io");
+    for n in 0..iterations {
+        etb.forget_image(&eref).await;
+        let start = Instant::now();
+        ecri.pull_image(&eref).await.unwrap();
+        let img = ek8s.pull(&eref, &PullOptions::local(EROFS)).await.unwrap();
+        let out = ek8s
+            .run(
+                &format!("pull-erofs-{n}"),
+                &img,
+                &ContainerOptions::default(),
+            )
+            .await
+            .unwrap();
+        let took = start.elapsed();
+        assert_eq!(out.stdout_str(), "ready\n");
+        pull.entry(EROFS).or_default().push(took);
+        eprintln!("pull to exit {EROFS} #{n}: {took:?}");
+    }
+    etb.proxy.set_shaping(Shaping::default());
+    let erofs_image = ek8s.pull(&eref, &PullOptions::local(EROFS)).await.unwrap();
+
     // 1b. The same with the hyperbox index pushed (made outside the timing,
     // as a registry-side step like eStargz or SOCI conversion).
     tb.proxy.set_shaping(Shaping::default());
@@ -210,13 +265,18 @@ async fn main() {
         } else {
             [MODES[1], MODES[0]]
         };
-        for mode in order {
+        for mode in order.into_iter().chain([EROFS]) {
+            let (c, img) = if mode == EROFS {
+                (&ek8s, &erofs_image)
+            } else {
+                (&client, &images[mode])
+            };
             drop_caches();
             let start = Instant::now();
-            let out = client
+            let out = c
                 .run(
                     &format!("read-{mode}-{n}"),
-                    &images[mode],
+                    img,
                     &ContainerOptions::args(&["sh", "-c", script]),
                 )
                 .await
@@ -230,7 +290,8 @@ async fn main() {
             eprintln!("read rootfs {mode} #{n}: {took:?}");
         }
     }
-    let left = tb.shutdown();
+    let mut left = tb.shutdown();
+    left.extend(etb.shutdown());
     assert!(left.is_empty(), "left behind: {left:#?}");
     if !full {
         return;
@@ -243,7 +304,7 @@ async fn main() {
     body.push_str("## Remote path: registry to EROFS vs containerd's overlayfs\n\n");
     body.push_str(&format!(
         "Command: `cargo bench -p hyperbox-integration --bench remote` (as root). Machine: {}. \
-         containerd 1.7.24; image of {} layers, {:.0} MiB of blobs (3 × 100 MiB incompressible \
+         containerd 1.7.24 (the erofs side: containerd 2.4.2); image of {} layers, {:.0} MiB of blobs (3 × 100 MiB incompressible \
          files gzip'd, 6000 × 4 KiB files zstd'd, busybox), pulled through the harness proxy \
          shaped to 100 Mbit/s with 20 ms per request. hyperbox: every Prepare carries the CRI labels, hyperbox fetches all layers at once \
          (`max_concurrent_downloads` = 3), converts them to EROFS and mounts them \
@@ -273,6 +334,10 @@ async fn main() {
             "hyperbox, full fetch: all layers fetched by hyperbox in parallel, served as EROFS",
         ),
         (LAZY, "hyperbox, lazy: the image has a hyperbox index"),
+        (
+            EROFS,
+            "containerd 2.4.2's erofs snapshotter through CRI (erofs differ, mkfs.erofs 1.8.6)",
+        ),
     ] {
         let m = med(&pull, mode);
         body.push_str(&format!(
@@ -282,28 +347,35 @@ async fn main() {
             base.as_secs_f64() / m.as_secs_f64()
         ));
     }
-    body.push_str(
-        "\nRead throughput:\n\n| measure | overlayfs | hyperbox | hyperbox vs overlayfs |\n|---|---|---|---|\n",
-    );
-    let (ro, rh) = (med(&read, "overlayfs"), med(&read, "hyperbox"));
     body.push_str(&format!(
-        "| read the whole rootfs ({:.0} MiB) in a container, caches dropped, median of {reads} | \
-         {} ({:.0} MiB/s) | {} ({:.0} MiB/s) | {:.2}× the throughput |\n",
-        bytes as f64 / 1048576.0,
-        secs(ro),
-        mbps(ro),
-        secs(rh),
-        mbps(rh),
-        ro.as_secs_f64() / rh.as_secs_f64()
+        "\nRead the whole rootfs ({:.0} MiB) in a container, caches dropped, median of {reads}:\n\n\
+         | side | time | throughput | vs overlayfs |\n|---|---|---|---|\n",
+        bytes as f64 / 1048576.0
     ));
+    let ro = med(&read, "overlayfs");
+    for (mode, what) in [
+        ("overlayfs", "overlayfs"),
+        ("hyperbox", "hyperbox (EROFS, file-backed)"),
+        (EROFS, "containerd 2.4.2's erofs snapshotter"),
+    ] {
+        let r = med(&read, mode);
+        body.push_str(&format!(
+            "| {what} | {} | {:.0} MiB/s | {:.2}× the throughput |\n",
+            secs(r),
+            mbps(r),
+            ro.as_secs_f64() / r.as_secs_f64()
+        ));
+    }
     body.push_str(&format!(
-        "\nAll pull samples (s): CRI {:?}; overlayfs {:?}; hyperbox {:?}; hyperbox lazy {:?}. Read samples (s): overlayfs {:?}; hyperbox {:?}.\n",
+        "\nAll pull samples (s): CRI {:?}; overlayfs {:?}; hyperbox {:?}; hyperbox lazy {:?}; erofs {:?}. Read samples (s): overlayfs {:?}; hyperbox {:?}; erofs {:?}.\n",
         pull[CRI].iter().map(|d| (d.as_secs_f64() * 100.0).round() / 100.0).collect::<Vec<_>>(),
         pull["overlayfs"].iter().map(|d| (d.as_secs_f64() * 100.0).round() / 100.0).collect::<Vec<_>>(),
         pull["hyperbox"].iter().map(|d| (d.as_secs_f64() * 100.0).round() / 100.0).collect::<Vec<_>>(),
         pull[LAZY].iter().map(|d| (d.as_secs_f64() * 100.0).round() / 100.0).collect::<Vec<_>>(),
+        pull[EROFS].iter().map(|d| (d.as_secs_f64() * 100.0).round() / 100.0).collect::<Vec<_>>(),
         read["overlayfs"].iter().map(|d| (d.as_secs_f64() * 100.0).round() / 100.0).collect::<Vec<_>>(),
         read["hyperbox"].iter().map(|d| (d.as_secs_f64() * 100.0).round() / 100.0).collect::<Vec<_>>(),
+        read[EROFS].iter().map(|d| (d.as_secs_f64() * 100.0).round() / 100.0).collect::<Vec<_>>(),
     ));
     let path = write_section("remote", &body).unwrap();
     println!("{body}\nwritten to {}", path.display());
