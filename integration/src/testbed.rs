@@ -155,7 +155,7 @@ impl Testbed {
     /// Forgets every trace of an earlier pull of `reference`, so the next
     /// one is cold: the image in the default and `k8s.io` namespaces and in
     /// CRI, its content and snapshots (garbage-collected), and, with
-    /// hyperbox, its converted and lazy layers. Those outlive their
+    /// hyperbox, its converted, lazy and partly downloaded layers. Those outlive their
     /// snapshots for a grace period (a Prepare may be about to use them), so
     /// the daemon is stopped, they are removed and it is started again.
     pub async fn forget_image(&mut self, reference: &str) {
@@ -183,10 +183,18 @@ impl Testbed {
             .await;
         assert!(left.is_empty(), "snapshots left after gc: {left:#?}");
         sn.kill(nix::sys::signal::Signal::SIGTERM);
-        for dir in ["layers", "lazy"] {
+        // `staging` too: a download cut short by the kill stays there to
+        // be resumed, and the next pull would fetch only the rest.
+        for dir in ["layers", "lazy", "staging"] {
             let dir = sn.root().join(dir);
             for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                std::fs::remove_file(e.path()).expect("remove a cached layer");
+                let path = e.path();
+                if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                }
+                .expect("remove a cached layer");
             }
         }
         sn.start_again().await;
