@@ -33,7 +33,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use hyperbox_integration::bench::{full_run, machine, percentile, write_section};
+use hyperbox_integration::bench::{LINK, full_run, machine, percentile, write_section};
 use hyperbox_integration::client::{Client, ContainerOptions, PullOptions};
 use hyperbox_integration::containerd::{self, Line};
 use hyperbox_integration::distro;
@@ -56,13 +56,6 @@ struct Side {
 
 /// Reads every file of the rootfs, printing the bytes read.
 const SCRIPT: &str = "find / -xdev -type f -exec cat {} + | wc -c";
-
-fn shaping() -> Shaping {
-    Shaping {
-        latency: Duration::from_millis(20),
-        bits_per_sec: Some(100_000_000),
-    }
-}
 
 /// A small stand-in for the smoke run: busybox, a few hundred small files
 /// and a file of 2 MiB, gzip'd.
@@ -209,7 +202,7 @@ async fn main() {
     .reference;
     let soci_ref = beds[2].via_proxy(&soci_ref);
     for tb in &beds {
-        tb.proxy.set_shaping(shaping());
+        tb.proxy.set_shaping(LINK);
     }
 
     let labels = |s: &str| PullOptions {

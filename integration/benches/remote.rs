@@ -18,9 +18,10 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use hyperbox_integration::bench::{full_run, machine, percentile, write_section};
-use hyperbox_integration::client::{ContainerOptions, Image, PullOptions};
+use hyperbox_integration::bench::{LINK, full_run, machine, percentile, write_section};
+use hyperbox_integration::client::{Client, ContainerOptions, Image, PullOptions};
 use hyperbox_integration::containerd::{self, Line};
+use hyperbox_integration::cri::Cri;
 use hyperbox_integration::image::{Compression, ImageSpec, Layer};
 use hyperbox_integration::prereq::{self, Prereq};
 use hyperbox_integration::proxy::Shaping;
@@ -67,19 +68,28 @@ fn opts(mode: &str) -> PullOptions {
     }
 }
 
-fn hb_index(tb: &mut Testbed, reference: &str) {
-    let cfg = tb.hyperbox().config_path();
-    let out = std::process::Command::new(hyperbox_integration::binaries::path("hb"))
-        .arg("--config")
-        .arg(&cfg)
-        .args(["image", "index", reference])
-        .output()
+/// Pulls `reference` (through CRI first when `cri` is given, as the
+/// kubelet does) and runs the image's command to exit; how long that took.
+async fn pull_to_exit(
+    client: &Client,
+    cri: Option<&Cri>,
+    reference: &str,
+    opts: &PullOptions,
+    id: &str,
+) -> (Duration, Image) {
+    let start = Instant::now();
+    if let Some(cri) = cri {
+        cri.pull_image(reference).await.unwrap();
+    }
+    let img = client.pull(reference, opts).await.unwrap();
+    let out = client
+        .run(id, &img, &ContainerOptions::default())
+        .await
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let took = start.elapsed();
+    assert_eq!(out.stdout_str(), "ready\n");
+    eprintln!("pull to exit {id}: {took:?}");
+    (took, img)
 }
 
 fn drop_caches() {
@@ -118,10 +128,7 @@ async fn main() {
         .filter(|m| m.len() > 4096)
         .map(|m| m.len())
         .sum();
-    tb.proxy.set_shaping(Shaping {
-        latency: Duration::from_millis(20),
-        bits_per_sec: Some(100_000_000),
-    });
+    tb.proxy.set_shaping(LINK);
 
     // 1. Pull to exit, cold.
     let mut pull: HashMap<&str, Vec<Duration>> = HashMap::new();
@@ -133,23 +140,12 @@ async fn main() {
         };
         for mode in order {
             tb.forget_image(&reference).await;
-            let start = Instant::now();
-            let img = client.pull(&reference, &opts(mode)).await.unwrap();
-            let out = client
-                .run(
-                    &format!("pull-{mode}-{n}"),
-                    &img,
-                    &ContainerOptions::default(),
-                )
-                .await
-                .unwrap();
-            let took = start.elapsed();
-            assert_eq!(out.stdout_str(), "ready\n");
+            let id = format!("pull-{mode}-{n}");
+            let (took, img) = pull_to_exit(&client, None, &reference, &opts(mode), &id).await;
             if mode == "hyperbox" {
                 assert_eq!(img.layers_skipped.len(), img.chain_ids.len());
             }
             pull.entry(mode).or_default().push(took);
-            eprintln!("pull to exit {mode} #{n}: {took:?}");
         }
     }
 
@@ -159,30 +155,17 @@ async fn main() {
     let k8s = client.with_namespace("k8s.io");
     for n in 0..iterations {
         tb.forget_image(&reference).await;
-        let start = Instant::now();
-        cri.pull_image(&reference).await.unwrap();
-        let img = k8s
-            .pull(&reference, &PullOptions::local("overlayfs"))
-            .await
-            .unwrap();
-        let out = k8s
-            .run(&format!("pull-cri-{n}"), &img, &ContainerOptions::default())
-            .await
-            .unwrap();
-        let took = start.elapsed();
-        assert_eq!(out.stdout_str(), "ready\n");
+        let local = PullOptions::local("overlayfs");
+        let id = format!("pull-cri-{n}");
+        let (took, _) = pull_to_exit(&k8s, Some(&cri), &reference, &local, &id).await;
         pull.entry(CRI).or_default().push(took);
-        eprintln!("pull to exit {CRI} #{n}: {took:?}");
     }
 
     // 1c. containerd 2.4.2's erofs snapshotter, through CRI as well.
     let mut etb =
         Testbed::start_with(|b| b.line(Line::V2).erofs_snapshotter().cri_snapshotter(EROFS)).await;
     let eref = etb.via_proxy(&etb.push(&image(full), "bench/remote", "v1").await);
-    etb.proxy.set_shaping(Shaping {
-        latency: Duration::from_millis(20),
-        bits_per_sec: Some(100_000_000),
-    });
+    etb.proxy.set_shaping(LINK);
     let ecri = etb.containerd.cri().await.unwrap();
     let ek8s = etb
         .containerd
@@ -192,21 +175,10 @@ async fn main() {
         .with_namespace("k8s.io");
     for n in 0..iterations {
         etb.forget_image(&eref).await;
-        let start = Instant::now();
-        ecri.pull_image(&eref).await.unwrap();
-        let img = ek8s.pull(&eref, &PullOptions::local(EROFS)).await.unwrap();
-        let out = ek8s
-            .run(
-                &format!("pull-erofs-{n}"),
-                &img,
-                &ContainerOptions::default(),
-            )
-            .await
-            .unwrap();
-        let took = start.elapsed();
-        assert_eq!(out.stdout_str(), "ready\n");
+        let local = PullOptions::local(EROFS);
+        let id = format!("pull-erofs-{n}");
+        let (took, _) = pull_to_exit(&ek8s, Some(&ecri), &eref, &local, &id).await;
         pull.entry(EROFS).or_default().push(took);
-        eprintln!("pull to exit {EROFS} #{n}: {took:?}");
     }
     etb.proxy.set_shaping(Shaping::default());
     let erofs_image = ek8s.pull(&eref, &PullOptions::local(EROFS)).await.unwrap();
@@ -214,29 +186,15 @@ async fn main() {
     // 1b. The same with the hyperbox index pushed (made outside the timing,
     // as a registry-side step like eStargz or SOCI conversion).
     tb.proxy.set_shaping(Shaping::default());
-    hb_index(&mut tb, &reference);
+    tb.hyperbox().hb_index(&reference);
     // The snapshotter remembers for 10 s that the image had no index.
     tokio::time::sleep(Duration::from_secs(11)).await;
-    tb.proxy.set_shaping(Shaping {
-        latency: Duration::from_millis(20),
-        bits_per_sec: Some(100_000_000),
-    });
+    tb.proxy.set_shaping(LINK);
     for n in 0..iterations {
         tb.forget_image(&reference).await;
-        let start = Instant::now();
-        let img = client.pull(&reference, &opts(LAZY)).await.unwrap();
-        let out = client
-            .run(
-                &format!("pull-lazy-{n}"),
-                &img,
-                &ContainerOptions::default(),
-            )
-            .await
-            .unwrap();
-        let took = start.elapsed();
-        assert_eq!(out.stdout_str(), "ready\n");
+        let id = format!("pull-lazy-{n}");
+        let (took, _) = pull_to_exit(&client, None, &reference, &opts(LAZY), &id).await;
         pull.entry(LAZY).or_default().push(took);
-        eprintln!("pull to exit {LAZY} #{n}: {took:?}");
     }
 
     // 2. Whole-rootfs read, page cache dropped, both images present (the

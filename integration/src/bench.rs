@@ -4,6 +4,13 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The link the pull benchmarks shape the harness proxy to: 100 Mbit/s
+/// with 20 ms per request, a node pulling from a registry in its region.
+pub const LINK: crate::proxy::Shaping = crate::proxy::Shaping {
+    latency: Duration::from_millis(20),
+    bits_per_sec: Some(100_000_000),
+};
+
 /// True when run by `cargo bench` (which passes `--bench`); under
 /// `cargo test` a benchmark runs a one-iteration smoke instead.
 pub fn full_run() -> bool {

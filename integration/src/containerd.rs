@@ -829,15 +829,19 @@ pub fn erofs_utils_bin() -> Option<PathBuf> {
 }
 
 /// `mkfs.erofs --help` of the `mkfs.erofs` an erofs-enabled containerd runs:
-/// [`erofs_utils_bin`]'s, else the system's. Empty when there is none.
-fn mkfs_erofs_help() -> String {
-    let mkfs =
-        erofs_utils_bin().map_or_else(|| PathBuf::from("mkfs.erofs"), |d| d.join("mkfs.erofs"));
-    Command::new(mkfs)
-        .arg("--help")
-        .output()
-        .map(|o| String::from_utf8_lossy(&[o.stdout, o.stderr].concat()).into_owned())
-        .unwrap_or_default()
+/// [`erofs_utils_bin`]'s, else the system's. Empty when there is none. Asked
+/// once per process: every config render needs it.
+fn mkfs_erofs_help() -> &'static str {
+    static HELP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HELP.get_or_init(|| {
+        let mkfs =
+            erofs_utils_bin().map_or_else(|| PathBuf::from("mkfs.erofs"), |d| d.join("mkfs.erofs"));
+        Command::new(mkfs)
+            .arg("--help")
+            .output()
+            .map(|o| String::from_utf8_lossy(&[o.stdout, o.stderr].concat()).into_owned())
+            .unwrap_or_default()
+    })
 }
 
 /// Whether containerd 2.x's `erofs` differ loads in an instance with

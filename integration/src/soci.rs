@@ -221,12 +221,6 @@ pub struct Options {
     /// as SOCI ships; a test that counts fetched bytes turns it off so the
     /// count cannot depend on timing.
     pub background_fetch: bool,
-    /// Logged at `debug` (every layer's lazy/normal decision is logged
-    /// there) rather than `info`.
-    pub debug_log: bool,
-    /// More TOML appended to the generated config (top-level keys must not
-    /// repeat the generated ones).
-    pub extra_toml: String,
     /// Puts a [`NamespaceForwarder`] between containerd and the daemon that
     /// adds this containerd namespace to every call which lacks one. SOCI
     /// refuses a remote Prepare without a namespace, and Debian's
@@ -243,8 +237,6 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             background_fetch: true,
-            debug_log: true,
-            extra_toml: String::new(),
             inject_namespace: (Line::selected() == Line::V1_7)
                 .then(|| crate::containerd::API_NAMESPACE.to_string()),
         }
@@ -314,15 +306,13 @@ impl Soci {
         // in our directory, pointed at the instance by `attach` (containerd
         // is started after us, with our socket in its config).
         format!(
-            "metrics_address = \"\"\n\
-             {extra}\n\
+            "metrics_address = \"\"\n\n\
              [content_store]\n  type = \"soci\"\n  containerd_address = \"{containerd}\"\n\n\
              [pull_modes.soci_v2]\n  enable = true\n\n\
              [background_fetch]\n  disable = {no_bg}\n\n\
              [snapshotter]\n  min_layer_size = 0\n",
             no_bg = !self.options.background_fetch,
             containerd = self.containerd_link().display(),
-            extra = self.options.extra_toml,
         )
     }
 
@@ -431,12 +421,9 @@ impl Soci {
             .arg(self.root())
             .arg("--address")
             .arg(self.daemon_address())
-            .arg("--log-level")
-            .arg(if self.options.debug_log {
-                "debug"
-            } else {
-                "info"
-            })
+            // Each layer's lazy-or-not decision is logged at debug, which
+            // `remote_prepares` reads.
+            .args(["--log-level", "debug"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(io("dup log"))?)
             .stderr(log)
@@ -555,7 +542,7 @@ impl Soci {
 
     /// Stops the daemon, removes its whole root (span cache, content store,
     /// metadata) and starts it again; containerd reconnects to it.
-    pub async fn restart_empty(&mut self) -> Result<()> {
+    async fn restart_empty(&mut self) -> Result<()> {
         self.stop();
         let root = self.root();
         if root.exists() {

@@ -250,11 +250,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Where an index is looked up: the image's repository (the index is
 /// found there by a tag made from the manifest digest) and the manifest.
-fn index_key(image: &str, manifest: &str) -> String {
-    match Reference::parse(image) {
-        Ok(r) => format!("{}/{}@{manifest}", r.host, r.repository),
-        Err(_) => format!("{image}@{manifest}"),
-    }
+fn index_key(image: &Reference, manifest: &str) -> String {
+    format!("{}/{}@{manifest}", image.host, image.repository)
 }
 
 /// The file name stem of an index entry: layer and EROFS image together,
@@ -601,8 +598,9 @@ impl Lazy {
     }
 
     fn cached_index(&self, image: &str, manifest: &str) -> Option<Arc<Index>> {
+        let r = Reference::parse(image).ok()?;
         lock(&self.indexes)
-            .get(&index_key(image, manifest))
+            .get(&index_key(&r, manifest))
             .and_then(|(_, ix)| ix.clone())
     }
 
@@ -616,7 +614,8 @@ impl Lazy {
     }
 
     async fn index(&self, image: &str, manifest: &str) -> Option<Arc<Index>> {
-        let cache_key = index_key(image, manifest);
+        let r = Reference::parse(image).ok()?;
+        let cache_key = index_key(&r, manifest);
         if let Some((at, ix)) = lock(&self.indexes).get(&cache_key)
             && at.elapsed()
                 < if ix.is_some() {
@@ -627,7 +626,6 @@ impl Lazy {
         {
             return ix.clone();
         }
-        let r = Reference::parse(image).ok()?;
         let d = Digest::parse(manifest).ok()?;
         let found = match self.registry.fetch_index(&r, &d).await {
             Ok(ix) => ix.map(Arc::new),
@@ -1474,19 +1472,17 @@ mod tests {
     #[test]
     fn an_index_is_looked_up_in_the_repository_of_the_image() {
         let m = "sha256:5b0bcabd1ed22e9fb1310cf6c2dec7cdef19f0ad69efa1f392e94a4333501270";
+        let key = |image: &str| index_key(&Reference::parse(image).unwrap(), m);
         // Mirrored into another repository, the same manifest has none of
         // the first repository's index blobs: never reuse its index there.
         assert_ne!(
-            index_key("127.0.0.1:5000/team-a/app:v1", m),
-            index_key("127.0.0.1:5000/team-b/app:v1", m)
+            key("127.0.0.1:5000/team-a/app:v1"),
+            key("127.0.0.1:5000/team-b/app:v1")
         );
-        assert_ne!(
-            index_key("registry-a:5000/app:v1", m),
-            index_key("registry-b:5000/app:v1", m)
-        );
+        assert_ne!(key("registry-a:5000/app:v1"), key("registry-b:5000/app:v1"));
         assert_eq!(
-            index_key("127.0.0.1:5000/team-a/app:v1", m),
-            index_key("127.0.0.1:5000/team-a/app:latest", m)
+            key("127.0.0.1:5000/team-a/app:v1"),
+            key("127.0.0.1:5000/team-a/app:latest")
         );
     }
 
