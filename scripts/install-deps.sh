@@ -170,6 +170,22 @@ if ! "$TOOLS_ROOT/bin/cargo-deny" --version 2>/dev/null | grep -qF "$CARGO_DENY_
     || { log "cargo install cargo-deny@$CARGO_DENY_VERSION failed"; exit 1; }
 fi
 
+# The Rust runc shim of rust-extensions (crate containerd-runc-shim, binary
+# containerd-shim-runc-v2-rs), which benches/shim.rs compares hyperbox's
+# shim with. 0.2 answers containerd's `start` with task API v3, which only
+# containerd 2.x takes (1.7 refuses it: "unsupported shim version (3)"), so
+# the 1.7 comparison runs 0.1.1, the newest that 1.7 can start. Each goes
+# into its own root, $TOOLS_ROOT/containerd-runc-shim-<version>.
+for RUNC_SHIM_RS_VERSION in 0.1.1 0.2.0; do
+  rs_root="$TOOLS_ROOT/containerd-runc-shim-$RUNC_SHIM_RS_VERSION"
+  if [ ! -x "$rs_root/bin/containerd-shim-runc-v2-rs" ]; then
+    log "building containerd-runc-shim $RUNC_SHIM_RS_VERSION into $rs_root (once)"
+    cargo install containerd-runc-shim --locked --version "$RUNC_SHIM_RS_VERSION" \
+      --root "$rs_root" --target-dir "$TOOLS_ROOT/target" --quiet \
+      || { log "cargo install containerd-runc-shim@$RUNC_SHIM_RS_VERSION failed"; exit 1; }
+  fi
+done
+
 # Go builds containerd's own snapshotter test suite
 # (integration/containerd-testsuite). These machines carry Go at
 # /usr/local/go; no distro package is new enough (containerd v2.4 needs

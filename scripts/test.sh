@@ -3,8 +3,9 @@
 # tests need (scripts/install-deps.sh), then fmt, clippy and every test as
 # root with HYPERBOX_REQUIRE_ALL=1, so a missing prerequisite fails instead
 # of skipping; then the end-to-end tests (crate hyperbox-integration) once
-# more on containerd 2.x (HYPERBOX_CONTAINERD_LINE=2). Both passes always
-# run; the script fails if either did.
+# more on containerd 2.x (HYPERBOX_CONTAINERD_LINE=2), and the suites that
+# start containers on hyperbox's shim on both lines. Every pass always
+# runs; the script fails if any did.
 #
 # Builds go to CARGO_TARGET_DIR (default outside the clone), so repeated runs
 # on the same machine reuse them.
@@ -47,4 +48,17 @@ for f in integration/tests/*.rs; do
 done
 HYPERBOX_CONTAINERD_LINE=2 cargo test -p hyperbox-integration --lib --bins --examples --benches \
   "${line2_tests[@]}" --locked --no-fail-fast || status=$?
+
+# The suites that start containers, once more on hyperbox's shim on both
+# lines: every container the harness creates through containerd's API gets
+# runtime io.containerd.hyperbox.v1, CRI's default handler is hyperbox and
+# nerdctl runs with --runtime io.containerd.hyperbox.v1
+# (HYPERBOX_TEST_SHIM, integration/src/shim.rs). tests/shim.rs and the
+# critest comparison of the two shims ran in both passes above.
+shim_tests=(--test containerd_api --test cri --test crictl --test nerdctl --test agent --test trace --test hb)
+for line in 1.7 2; do
+  echo "== cargo test -p hyperbox-integration (HYPERBOX_TEST_SHIM=hyperbox, containerd $line)"
+  HYPERBOX_TEST_SHIM=hyperbox HYPERBOX_CONTAINERD_LINE=$line cargo test -p hyperbox-integration \
+    "${shim_tests[@]}" --locked --no-fail-fast || status=$?
+done
 exit "$status"

@@ -2,7 +2,9 @@
 //! and its [`crate::types`], so callers never spell either.
 
 use crate::client::{Client, Error, Lines};
-use crate::types::{ContainerInfo, EventLine, Explain, Health, Psi, Registered, Top, Trace};
+use crate::types::{
+    ContainerInfo, EventLine, Explain, Health, Policy, Psi, Registered, Top, Trace,
+};
 
 type Result<T> = std::result::Result<T, Error>;
 
@@ -36,8 +38,19 @@ impl Client {
         self.get("/v1/containers").await
     }
 
-    /// `POST /v1/containers`: registers a container the agent cannot see
-    /// through NRI.
+    /// `POST /v1/policies`: the memory settings of a container about to be
+    /// created (the shim, before `runc create`). The agent tracks it from
+    /// then on, unless [`Policy::decided_by`] says NRI did already or its
+    /// policy is off.
+    pub async fn policy(&self, info: &ContainerInfo) -> Result<Policy> {
+        self.post("/v1/policies", info).await
+    }
+
+    /// `POST /v1/containers`: registers a container (the shim, after
+    /// `runc create` with `running: false` and after `runc start` with
+    /// `running: true`). A container the agent tracks already (through
+    /// [`Client::policy`] or NRI) is not sized again: tracing starts if it
+    /// has not, and `running` marks it started.
     pub async fn register(&self, info: &ContainerInfo) -> Result<Registered> {
         self.post("/v1/containers", info).await
     }

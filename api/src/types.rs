@@ -10,6 +10,7 @@
 //! | `GET /healthz` | [`Health`] |
 //! | `GET /v1/psi` (and `/metrics/memory/psi`) | [`Psi`] |
 //! | `GET /v1/containers` | `Vec<`[`Container`]`>` |
+//! | `POST /v1/policies` | body [`ContainerInfo`], answer [`Policy`] |
 //! | `POST /v1/containers` | body [`ContainerInfo`], answer [`Registered`] |
 //! | `GET /v1/containers/{id}` | [`Explain`] |
 //! | `DELETE /v1/containers/{id}` | no body (204, or 404) |
@@ -260,6 +261,10 @@ pub enum Route {
     /// Written to the container's cgroup.
     #[serde(rename = "cgroup")]
     Cgroup,
+    /// Written into the OCI spec before `runc create`, by the shim
+    /// (`POST /v1/policies`).
+    #[serde(rename = "spec")]
+    Spec,
     /// Nothing was applied (learning, observing, or a failed change).
     #[default]
     #[serde(rename = "")]
@@ -273,6 +278,7 @@ impl Route {
             Route::NriCreate => "nri-create",
             Route::NriUpdate => "nri-update",
             Route::Cgroup => "cgroup",
+            Route::Spec => "spec",
             Route::None => "",
         }
     }
@@ -332,9 +338,16 @@ pub struct Container {
     pub decisions: Vec<Decision>,
 }
 
-/// `POST /v1/containers`: a container the agent did not see through NRI
-/// (the shim sends this after `runc create`). Also what the agent knows of
-/// a container it saw through NRI.
+/// `POST /v1/policies` (the shim, before `runc create`, from the bundle's
+/// `config.json`) and `POST /v1/containers` (the shim, after `runc create`
+/// and again after `runc start`): a container as its runtime sees it. Also
+/// what the agent knows of a container it saw through NRI.
+///
+/// `pod_namespace` is the containerd namespace for containers created
+/// through containerd's API (`ctr`, nerdctl), and the pod's namespace for
+/// CRI containers (`cri`), whose `pod`, `name` and `image` come from the
+/// CRI annotations (`io.kubernetes.cri.sandbox-namespace`,
+/// `…sandbox-name`, `…container-name`, `…image-name`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ContainerInfo {
     /// Id.
@@ -368,16 +381,72 @@ pub struct ContainerInfo {
     /// Swap was set alongside the limit.
     #[serde(default)]
     pub had_swap: bool,
-    /// Already running.
+    /// Already running (the workload was started). The shim registers
+    /// with `false` after `runc create` and `true` after `runc start`:
+    /// only a started container is sampled, adjusted and learned from.
     #[serde(default)]
     pub running: bool,
+    /// A CRI (Kubernetes) container, created by containerd's CRI in
+    /// namespace `k8s.io`: its workload key is the one NRI gives it
+    /// (`<pod namespace>/…`), so the shim and NRI learn into the same
+    /// workload. `false`: keyed `containerd:<namespace>/…`.
+    #[serde(default)]
+    pub cri: bool,
+}
+
+/// Who decided a [`Policy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecidedBy {
+    /// The agent, for this answer: the caller writes it into the spec.
+    Agent,
+    /// NRI's CreateContainer already did (CRI with NRI): the spec holds the
+    /// decision; change nothing.
+    Nri,
+    /// The container's memory policy is `off`: change nothing.
+    Off,
+}
+
+impl DecidedBy {
+    /// The wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecidedBy::Agent => "agent",
+            DecidedBy::Nri => "nri",
+            DecidedBy::Off => "off",
+        }
+    }
+}
+
+/// The answer to `POST /v1/policies`: what to write into a container's OCI
+/// spec before `runc create`. Each `None` leaves the spec's value alone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Policy {
+    /// `linux.resources.memory.limit`, bytes.
+    pub memory_limit: Option<u64>,
+    /// `linux.resources.unified["memory.high"]`, bytes (cgroup v2 nodes
+    /// only; runc refuses `unified` on v1).
+    pub memory_high: Option<u64>,
+    /// `linux.resources.memory.swap`, bytes: the new limit, when the spec
+    /// had swap set (memory + swap stays equal to the limit, no swap).
+    pub memory_swap: Option<u64>,
+    /// Annotations to add to the spec (`memory.hyperbox.dev/decision`,
+    /// `memory.hyperbox.dev/user-limit`), as NRI's CreateContainer answer
+    /// adds them.
+    pub annotations: BTreeMap<String, String>,
+    /// Who decided.
+    pub decided_by: DecidedBy,
+    /// Why, for people and logs.
+    pub reason: String,
 }
 
 /// The answer to `POST /v1/containers`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Registered {
-    /// Tracked (201), with the decision taken at registration.
+    /// Tracked: 201 with the decision taken at registration, or 200 when
+    /// it was tracked already (through `POST /v1/policies` or NRI; nothing
+    /// was sized or written again).
     Tracked(Box<Container>),
     /// Not tracked (200): its policy is `off`.
     Untracked {
@@ -662,6 +731,32 @@ mod tests {
             serde_json::from_str::<Registered>(&text).unwrap(),
             Registered::Tracked(Box::new(c))
         );
+    }
+
+    #[test]
+    fn a_policy_answer_keeps_its_wire_shape() {
+        let p = Policy {
+            memory_limit: Some(30),
+            memory_high: Some(27),
+            memory_swap: None,
+            annotations: BTreeMap::from([("k".to_string(), "v".to_string())]),
+            decided_by: DecidedBy::Agent,
+            reason: "r".into(),
+        };
+        let text = serde_json::to_string(&p).unwrap();
+        assert_eq!(
+            text,
+            r#"{"memory_limit":30,"memory_high":27,"memory_swap":null,"annotations":{"k":"v"},"decided_by":"agent","reason":"r"}"#
+        );
+        assert_eq!(serde_json::from_str::<Policy>(&text).unwrap(), p);
+        for d in [DecidedBy::Agent, DecidedBy::Nri, DecidedBy::Off] {
+            assert_eq!(serde_json::to_value(d).unwrap(), d.as_str());
+        }
+        // A registration from before `cri` existed is not a CRI one.
+        let info: ContainerInfo =
+            serde_json::from_str(r#"{"id":"c","name":"n","cgroups_path":"/d/c"}"#).unwrap();
+        assert!(!info.cri && !info.running);
+        assert_eq!(serde_json::to_value(Route::Spec).unwrap(), "spec");
     }
 
     #[test]

@@ -82,6 +82,48 @@ pub struct Config {
     pub memory: Memory,
     /// `[tracing]`: the agent's per-container eBPF tracer.
     pub tracing: Tracing,
+    /// `[shim]`: the containerd shim `containerd-shim-hyperbox-v1`.
+    pub shim: Shim,
+}
+
+/// `[shim]`: the containerd shim, which asks the agent for a container's
+/// memory settings before `runc create` and registers it after, so its
+/// limit and tracing are in place before the workload runs.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Shim {
+    /// Time allowed for each call to the agent (`agent.address`), ms;
+    /// 1 to 10000. Every container creation waits for it when the agent
+    /// hangs.
+    pub agent_timeout_ms: u64,
+    /// When the agent cannot be reached or does not answer in time, fail
+    /// the container's creation. `false`: create it without the agent
+    /// (no sizing, no tracing), so the agent being away never blocks a
+    /// container.
+    pub fail_closed: bool,
+    /// Ask the agent for each container's memory settings before
+    /// `runc create` (`POST /v1/policies`). `false`: only register it
+    /// after (the agent then writes its limit to the cgroup).
+    pub policies: bool,
+    /// The runc binary, a name looked up in `PATH` or an absolute path,
+    /// when containerd's runtime options give no `BinaryName`.
+    pub runc: String,
+    /// runc's state directory (`runc --root`) before the containerd
+    /// namespace is appended, as containerd's runc shim does:
+    /// `/run/containerd/runc/<namespace>`.
+    pub root: PathBuf,
+}
+
+impl Default for Shim {
+    fn default() -> Self {
+        Shim {
+            agent_timeout_ms: 200,
+            fail_closed: false,
+            policies: true,
+            runc: "runc".into(),
+            root: PathBuf::from("/run/containerd/runc"),
+        }
+    }
 }
 
 /// `[tracing]`: per-container eBPF tracing in the agent.
@@ -179,6 +221,7 @@ impl Default for Config {
             agent: Agent::default(),
             memory: Memory::default(),
             tracing: Tracing::default(),
+            shim: Shim::default(),
         }
     }
 }
@@ -572,6 +615,7 @@ impl Config {
             ));
         }
         self.validate_agent(path)?;
+        self.validate_shim(path)?;
         self.memory.validate(path)?;
         let t = &self.tracing;
         let rb = t.ring_buffer_bytes;
@@ -615,6 +659,37 @@ impl Config {
                 "tracing.syscall_sample_ms",
                 "must be above 0 and shorter than tracing.syscall_sample_every_secs",
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_shim(&self, path: &Path) -> Result<()> {
+        let invalid = |key, problem: &str| Error::Invalid {
+            path: path.into(),
+            key,
+            problem: problem.into(),
+        };
+        let s = &self.shim;
+        if !(1..=10_000).contains(&s.agent_timeout_ms) {
+            return Err(invalid(
+                "shim.agent_timeout_ms",
+                "must be between 1 and 10000",
+            ));
+        }
+        // A relative path with a '/' would depend on the shim's working
+        // directory (the bundle), which is no place for a binary.
+        let r = &s.runc;
+        if r.trim().is_empty()
+            || r.chars().any(char::is_control)
+            || (r.contains('/') && !Path::new(r).is_absolute())
+        {
+            return Err(invalid(
+                "shim.runc",
+                "must be a binary name looked up in PATH (\"runc\") or an absolute path",
+            ));
+        }
+        if !s.root.is_absolute() {
+            return Err(invalid("shim.root", "must be an absolute path"));
         }
         Ok(())
     }
@@ -926,6 +1001,47 @@ mod tests {
         parse("[tracing]\nsyscall_window_secs = 0\n").unwrap();
         let e = parse("version = 2\n").unwrap_err().to_string();
         assert!(e.contains("version"), "{e}");
+    }
+
+    #[test]
+    fn the_shim_section_is_checked_key_by_key() {
+        let c = parse("").unwrap();
+        assert_eq!(
+            (c.shim.agent_timeout_ms, c.shim.fail_closed, c.shim.policies),
+            (200, false, true)
+        );
+        assert_eq!(c.shim.runc, "runc");
+        assert_eq!(c.shim.root, PathBuf::from("/run/containerd/runc"));
+        let c = parse(
+            "[shim]\nagent_timeout_ms = 1000\nfail_closed = true\npolicies = false\nrunc = \"/usr/sbin/runc\"\nroot = \"/run/runc\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.shim,
+            Shim {
+                agent_timeout_ms: 1000,
+                fail_closed: true,
+                policies: false,
+                runc: "/usr/sbin/runc".into(),
+                root: PathBuf::from("/run/runc"),
+            }
+        );
+        for (text, key) in [
+            ("agent_timeout_ms = 0", "shim.agent_timeout_ms"),
+            ("agent_timeout_ms = 10001", "shim.agent_timeout_ms"),
+            ("runc = \"\"", "shim.runc"),
+            ("runc = \"bin/runc\"", "shim.runc"),
+            ("root = \"run/runc\"", "shim.root"),
+        ] {
+            let e = parse(&format!("[shim]\n{text}\n")).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        let e = parse("[shim]\ntimeout_ms = 5\n").unwrap_err().to_string();
+        assert!(e.contains("timeout_ms"), "{e}");
+        let e = parse("[shim]\nfail_closed = \"yes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fail_closed"), "{e}");
     }
 
     #[test]

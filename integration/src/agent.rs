@@ -119,6 +119,31 @@ impl AgentDaemon {
         self.dir.join("state")
     }
 
+    /// Writes a learned history for `workload` into its state dir, as an
+    /// earlier run of the agent leaves it (start it afterwards).
+    pub fn seed_history(&self, workload: &str, runs: &[u64]) {
+        fs::create_dir_all(self.state_dir()).expect("create the agent's state dir");
+        let body = serde_json::json!({
+            "version": 1,
+            "workloads": { workload: { "runs": runs, "updated": 0 } }
+        });
+        fs::write(
+            self.state_dir().join("workloads.json"),
+            serde_json::to_vec(&body).expect("history serializes"),
+        )
+        .expect("write the agent's history");
+    }
+
+    /// The runs it has learned for `workload` (from its state file).
+    pub fn learned_runs(&self, workload: &str) -> Vec<u64> {
+        let text = fs::read_to_string(self.state_dir().join("workloads.json")).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        v["workloads"][workload]["runs"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|r| r.as_u64()).collect())
+            .unwrap_or_default()
+    }
+
     /// What it has logged.
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
@@ -273,5 +298,32 @@ impl Drop for AgentDaemon {
             eprintln!("hyperbox-nri log tail:\n{}", tail(&self.log(), 4000));
         }
         self.teardown();
+    }
+}
+
+/// The v1 memory (hybrid nodes) or v2 directory of a cgroup path.
+pub fn memory_dir(cgroups_path: &str) -> PathBuf {
+    let rel = cgroups_path.trim_start_matches('/');
+    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        Path::new("/sys/fs/cgroup").join(rel)
+    } else {
+        Path::new("/sys/fs/cgroup/memory").join(rel)
+    }
+}
+
+/// The hard memory limit in force in a cgroup, from cgroupfs (`None`:
+/// unlimited).
+pub fn memory_limit(cgroups_path: &str) -> Option<u64> {
+    let d = memory_dir(cgroups_path);
+    let (file, unlimited) = if d.join("memory.max").exists() {
+        ("memory.max", u64::MAX)
+    } else {
+        ("memory.limit_in_bytes", 0x7fff_ffff_ffff_f000)
+    };
+    let s = fs::read_to_string(d.join(file))
+        .unwrap_or_else(|e| panic!("read {}: {e}", d.join(file).display()));
+    match s.trim() {
+        "max" => None,
+        v => Some(v.parse::<u64>().expect("a limit is a number")).filter(|v| *v < unlimited),
     }
 }

@@ -731,7 +731,10 @@ impl Client {
                 id: id.into(),
                 image: image.name.clone(),
                 runtime: Some(Runtime {
-                    name: opts.runtime.clone().unwrap_or_else(|| RUNC_RUNTIME.into()),
+                    name: opts
+                        .runtime
+                        .clone()
+                        .unwrap_or_else(|| crate::shim::Shim::selected().runtime_type().into()),
                     options: Some(Any {
                         type_url: RUNC_OPTIONS_TYPE.into(),
                         value: prost::Message::encode_to_vec(&RuncOptions {
@@ -813,7 +816,8 @@ pub struct ContainerOptions {
     pub env: Vec<String>,
     /// Snapshotter; the image's when `None`.
     pub snapshotter: Option<String>,
-    /// Runtime type; `io.containerd.runc.v2` when `None`.
+    /// Runtime type; the shim `HYPERBOX_TEST_SHIM` selects when `None`
+    /// (`io.containerd.runc.v2` by default).
     pub runtime: Option<String>,
     /// Share the host's network namespace.
     pub host_network: bool,

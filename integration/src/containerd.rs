@@ -485,6 +485,15 @@ impl Containerd {
             )
             .map_err(io("write hosts.toml"))?;
         }
+        fs::write(
+            self.shim_config_path(),
+            format!(
+                "[agent]\naddress = \"{}\"\n{}",
+                d.join("no-agent.sock").display(),
+                self.shim_section()
+            ),
+        )
+        .map_err(io("write the shim's config"))?;
         fs::write(d.join("config.toml"), self.config_toml()).map_err(io("write config.toml"))
     }
 
@@ -610,6 +619,42 @@ impl Containerd {
                 let _ = writeln!(s, "  runtime_path = \"{}\"", p.display());
             }
         }
+        // hyperbox's shim, with its config passed as CRI passes it to a
+        // runtime type it does not know (runtimeoptions' ConfigPath).
+        let _ = writeln!(
+            s,
+            "\n[{table}.runtimes.{h}]\n  runtime_type = \"{t}\"\n  [{table}.runtimes.{h}.options]\n    ConfigPath = \"{c}\"",
+            h = crate::shim::HYPERBOX_HANDLER,
+            t = crate::shim::HYPERBOX_RUNTIME,
+            c = self.shim_config_path().display()
+        );
+    }
+
+    /// The hyperbox config the shim reads (`HYPERBOX_CONFIG` and the CRI
+    /// runtime options point here). It starts out naming an agent socket
+    /// in the instance directory that nobody serves, so the shim runs
+    /// containers without policies; [`Containerd::use_agent`] points it at
+    /// a test's agent.
+    pub fn shim_config_path(&self) -> PathBuf {
+        self.dir().join("hyperbox-shim.toml")
+    }
+
+    /// Points the shim at `agent_config` (a hyperbox config file, the
+    /// agent's own): later containers get that agent's policies.
+    pub fn use_agent(&self, agent_config: &Path) -> Result<()> {
+        let mut text = fs::read_to_string(agent_config).map_err(io("read the agent's config"))?;
+        text.push_str(&self.shim_section());
+        fs::write(self.shim_config_path(), text).map_err(io("write the shim's config"))
+    }
+
+    /// The shim's `[shim]` section: runc's state in the instance directory
+    /// for every namespace (CRI passes no runc root to a runtime type it
+    /// does not know), as the harness's runc-v2 runtime has it.
+    fn shim_section(&self) -> String {
+        format!(
+            "\n[shim]\nroot = \"{}\"\n",
+            self.dir().join("runc").display()
+        )
     }
 
     /// CRI in config version 2 (1.7): one plugin, `io.containerd.grpc.v1.cri`.
@@ -628,7 +673,8 @@ impl Containerd {
         );
         let _ = writeln!(
             s,
-            "\n[{cri}.containerd]\n  snapshotter = \"{snap}\"\n  default_runtime_name = \"runc\"\n  disable_snapshot_annotations = false"
+            "\n[{cri}.containerd]\n  snapshotter = \"{snap}\"\n  default_runtime_name = \"{handler}\"\n  disable_snapshot_annotations = false",
+            handler = crate::shim::Shim::selected().handler()
         );
         self.runtime_entries(s, &format!("{cri}.containerd"));
         let _ = writeln!(
@@ -662,7 +708,8 @@ impl Containerd {
         );
         let _ = writeln!(
             s,
-            "\n[{runtime}.containerd]\n  default_runtime_name = \"runc\""
+            "\n[{runtime}.containerd]\n  default_runtime_name = \"{}\"",
+            crate::shim::Shim::selected().handler()
         );
         self.runtime_entries(s, &format!("{runtime}.containerd"));
         let _ = writeln!(
@@ -694,6 +741,7 @@ impl Containerd {
             .bin_dir()
             .into_iter()
             .chain(self.builder.erofs.then(erofs_utils_bin).flatten())
+            .chain(std::iter::once(crate::shim::hyperbox_shim_dir()))
             .collect();
         if !first.is_empty() {
             let path = std::env::var_os("PATH").unwrap_or_default();
@@ -704,6 +752,9 @@ impl Containerd {
                 })?;
             cmd.env("PATH", path);
         }
+        // Shims inherit containerd's environment: hyperbox's reads its
+        // config from here when the runtime options name none.
+        cmd.env("HYPERBOX_CONFIG", self.shim_config_path());
         let child = cmd
             .arg("--config")
             .arg(self.dir().join("config.toml"))

@@ -202,8 +202,14 @@ impl Cri {
         Ok(())
     }
 
-    /// Runs a pod sandbox named `name`.
+    /// Runs a pod sandbox named `name` with the default runtime handler.
     pub async fn run_pod(&self, name: &str, network: PodNetwork) -> Result<Pod> {
+        self.run_pod_on(name, network, "").await
+    }
+
+    /// Runs a pod sandbox named `name` with runtime handler `handler`
+    /// (`runtime_handler` of RunPodSandbox, as a RuntimeClass sets it).
+    pub async fn run_pod_on(&self, name: &str, network: PodNetwork, handler: &str) -> Result<Pod> {
         let log_dir = self.footprint.dir.join("pods").join(name);
         std::fs::create_dir_all(&log_dir).map_err(|source| Error::Io {
             action: format!("create {}", log_dir.display()),
@@ -246,7 +252,7 @@ impl Cri {
             .clone()
             .run_pod_sandbox(RunPodSandboxRequest {
                 config: Some(config.clone()),
-                runtime_handler: String::new(),
+                runtime_handler: handler.into(),
             })
             .await
             .map_err(rpc("RunPodSandbox", name))?

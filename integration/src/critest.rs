@@ -261,6 +261,9 @@ pub struct Options {
     pub skip: Vec<String>,
     /// critest `--parallel` (1: sequential).
     pub parallel: u32,
+    /// critest `--runtime-handler`: the CRI runtime handler of every pod
+    /// (containerd's default runtime when `None`).
+    pub runtime_handler: Option<String>,
 }
 
 /// Runs critest against containerd at `address` (whose upstream registries
@@ -290,6 +293,9 @@ pub fn run(address: &Path, out: &Path, opts: &Options) -> Result<Outcome> {
     // critest's flag shadows) once it is set at all.
     if opts.parallel > 1 {
         cmd.arg(format!("--parallel={}", opts.parallel));
+    }
+    if let Some(h) = &opts.runtime_handler {
+        cmd.arg(format!("--runtime-handler={h}"));
     }
     for f in &opts.focus {
         cmd.arg(format!("--ginkgo.focus={f}"));

@@ -43,6 +43,7 @@ pub mod procs;
 pub mod prometheus;
 pub mod proxy;
 pub mod registry;
+pub mod shim;
 pub mod snapshotter;
 pub mod soci;
 pub mod testbed;

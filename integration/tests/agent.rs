@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use hyperbox_integration::agent::AgentDaemon;
+use hyperbox_integration::agent::{AgentDaemon, memory_limit};
 use hyperbox_integration::containerd::Line;
 use hyperbox_integration::cri::{ContainerSpec, Cri, Pod, PodNetwork};
 use hyperbox_integration::image::ImageSpec;
@@ -41,32 +41,6 @@ macro_rules! require_agent {
     };
 }
 
-/// The v1 memory (hybrid) or v2 directory of a container's cgroup.
-fn memory_dir(cgroups_path: &str) -> PathBuf {
-    let rel = cgroups_path.trim_start_matches('/');
-    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        Path::new("/sys/fs/cgroup").join(rel)
-    } else {
-        Path::new("/sys/fs/cgroup/memory").join(rel)
-    }
-}
-
-/// The hard memory limit in force, from cgroupfs (`None`: unlimited).
-fn cgroup_limit(cgroups_path: &str) -> Option<u64> {
-    let d = memory_dir(cgroups_path);
-    let (file, unlimited) = if d.join("memory.max").exists() {
-        ("memory.max", u64::MAX)
-    } else {
-        ("memory.limit_in_bytes", 0x7fff_ffff_ffff_f000)
-    };
-    let s = std::fs::read_to_string(d.join(file))
-        .unwrap_or_else(|e| panic!("read {}: {e}", d.join(file).display()));
-    match s.trim() {
-        "max" => None,
-        v => Some(v.parse::<u64>().unwrap()).filter(|v| *v < unlimited),
-    }
-}
-
 fn spec(name: &str, image: &str, cmd: &[&str], policy: Option<&str>) -> ContainerSpec {
     let mut s = ContainerSpec::new(name, image, cmd);
     if let Some(p) = policy {
@@ -83,21 +57,10 @@ async fn run(cri: &Cri, pod: &Pod, spec: &ContainerSpec) -> String {
     id
 }
 
-/// The runs the agent has learned for `workload` (from its state file).
-fn learned_runs(agent: &AgentDaemon, workload: &str) -> Vec<u64> {
-    let text =
-        std::fs::read_to_string(agent.state_dir().join("workloads.json")).unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    v["workloads"][workload]["runs"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|r| r.as_u64()).collect())
-        .unwrap_or_default()
-}
-
 async fn wait_learned(agent: &AgentDaemon, workload: &str, runs: usize) -> Vec<u64> {
     let start = Instant::now();
     loop {
-        let got = learned_runs(agent, workload);
+        let got = agent.learned_runs(workload);
         if got.len() >= runs {
             return got;
         }
@@ -150,7 +113,7 @@ async fn external_agent_learns_a_workload_and_sizes_its_next_run_in_the_cgroup()
     let first = run(&cri, &pod, &spec("hog", &image, HOG, None)).await;
     let e = agent.explain(&first);
     let path = e["container"]["cgroups_path"].as_str().unwrap().to_string();
-    assert_eq!(cgroup_limit(&path), None, "first run got a limit");
+    assert_eq!(memory_limit(&path), None, "first run got a limit");
     assert_eq!(e["decisions"][0]["action"], "learn", "{e}");
     // The workload is keyed by pod namespace, container name and the image
     // repository the runtime reports (both lines name it).
@@ -192,7 +155,7 @@ async fn external_agent_learns_a_workload_and_sizes_its_next_run_in_the_cgroup()
     let third = run(&cri, &pod, &capped).await;
     let e = agent.explain(&third);
     let path = e["container"]["cgroups_path"].as_str().unwrap().to_string();
-    assert_eq!(cgroup_limit(&path), Some(48 * MIB));
+    assert_eq!(memory_limit(&path), Some(48 * MIB));
     assert!(
         e["decisions"][0]["reason"]
             .as_str()
@@ -220,7 +183,7 @@ async fn external_agent_learns_a_workload_and_sizes_its_next_run_in_the_cgroup()
     let e = agent.explain(&observed);
     assert_eq!(e["decisions"][0]["action"], "observe", "{e}");
     assert_eq!(
-        cgroup_limit(e["container"]["cgroups_path"].as_str().unwrap()),
+        memory_limit(e["container"]["cgroups_path"].as_str().unwrap()),
         None
     );
     let off = run(
@@ -281,7 +244,7 @@ fn assert_sized(e: &serde_json::Value, ws: u64, cgroups_path: &str) -> u64 {
     let lo = (ws as f64 * 1.15) as u64;
     let hi = (ws as f64 * 1.5) as u64;
     assert!(set >= lo && set <= hi, "set {set}, learned {ws}: {e}");
-    let in_cgroup = cgroup_limit(cgroups_path).expect("a limit in the cgroup");
+    let in_cgroup = memory_limit(cgroups_path).expect("a limit in the cgroup");
     // The kernel rounds limits down to whole pages.
     assert!(
         set - in_cgroup < 4096,
@@ -344,21 +307,6 @@ fn metric_value(text: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
 }
 
-/// Writes a learned history for `workload` into the agent's state dir, as a
-/// previous agent run would have left it.
-fn seed_history(agent: &AgentDaemon, workload: &str, runs: &[u64]) {
-    std::fs::create_dir_all(agent.state_dir()).unwrap();
-    let body = serde_json::json!({
-        "version": 1,
-        "workloads": { workload: { "runs": runs, "updated": 0 } }
-    });
-    std::fs::write(
-        agent.state_dir().join("workloads.json"),
-        serde_json::to_vec(&body).unwrap(),
-    )
-    .unwrap();
-}
-
 fn with_workload(mut s: ContainerSpec, workload: &str) -> ContainerSpec {
     s.annotations
         .insert("hyperbox.dev/workload".into(), workload.into());
@@ -413,7 +361,7 @@ async fn agent_and_containerd_restarts_keep_what_was_learned_and_decided() {
     let mut tb = Testbed::start().await;
     let mut agent = AgentDaemon::start(&tb.containerd.nri_socket(), ADAPTIVE).await;
     agent.kill(Signal::SIGKILL);
-    seed_history(&agent, "default/keep", &[24 * MIB]);
+    agent.seed_history("default/keep", &[24 * MIB]);
     agent.start_again().await;
     agent.wait_connected(true, Duration::from_secs(20)).await;
     let image = tb.push_sleeper().await;
@@ -544,7 +492,7 @@ async fn adaptive_limit_rises_under_real_memory_pressure() {
     .await;
     // The workload was small before (20 MiB): it starts at 30 MiB.
     agent.kill(Signal::SIGKILL);
-    seed_history(&agent, "default/grower", &[20 * MIB]);
+    agent.seed_history("default/grower", &[20 * MIB]);
     agent.start_again().await;
     agent.wait_connected(true, Duration::from_secs(20)).await;
     let image = tb.push_sleeper().await;
@@ -567,7 +515,7 @@ async fn adaptive_limit_rises_under_real_memory_pressure() {
 
     let start = Instant::now();
     loop {
-        let limit = cgroup_limit(&path).unwrap();
+        let limit = memory_limit(&path).unwrap();
         if limit > 48 * MIB {
             break;
         }
@@ -596,7 +544,7 @@ async fn adaptive_limit_rises_under_real_memory_pressure() {
         "{metrics}"
     );
     // The user's 256 MiB stays the ceiling.
-    assert!(cgroup_limit(&path).unwrap() <= 256 * MIB);
+    assert!(memory_limit(&path).unwrap() <= 256 * MIB);
 
     cri.remove_container(&id).await.unwrap();
     cri.remove_pod(&pod).await.unwrap();
@@ -612,7 +560,7 @@ async fn a_kubelet_resize_through_cri_becomes_the_agents_ceiling() {
         &tb.containerd.nri_socket(),
         "[memory]\ndefault_policy = \"adaptive\"\nsample_interval_secs = 1\ncooldown_secs = 600\n",
     );
-    seed_history(&agent, "default/resized", &[20 * MIB]);
+    agent.seed_history("default/resized", &[20 * MIB]);
     agent.start_again().await;
     agent.wait_connected(true, Duration::from_secs(20)).await;
     let image = tb.push_sleeper().await;
@@ -633,7 +581,7 @@ async fn a_kubelet_resize_through_cri_becomes_the_agents_ceiling() {
     // In-place resize: containerd asks the agent (NRI UpdateContainer)
     // before it writes the cgroup, so the agent knows when CRI returns.
     cri.update_memory_limit(&id, 96 * MIB as i64).await.unwrap();
-    assert_eq!(cgroup_limit(&path), Some(96 * MIB));
+    assert_eq!(memory_limit(&path), Some(96 * MIB));
     let e = agent.explain(&id);
     assert_eq!(e["container"]["bounds"]["ceiling"], 96 * MIB, "{e}");
     assert_eq!(e["container"]["limit"], 96 * MIB, "{e}");
@@ -944,7 +892,7 @@ async fn containers_outside_nri_are_sized_through_the_local_api() {
     use hyperbox_integration::client::{ContainerOptions, PullOptions};
     let tb = Testbed::start().await;
     let mut agent = AgentDaemon::new(&tb.containerd.nri_socket(), ADAPTIVE);
-    seed_history(&agent, "containerd:default/direct", &[20 * MIB]);
+    agent.seed_history("containerd:default/direct", &[20 * MIB]);
     agent.start_again().await;
     // A ctr/nerdctl-style container: containerd's API, no CRI, no NRI.
     let client = tb.containerd.client().await.unwrap();
@@ -959,7 +907,7 @@ async fn containers_outside_nri_are_sized_through_the_local_api() {
         .unwrap();
     let task = c.start().await.unwrap();
     let cgroups_path = format!("{}/api-app", tb.containerd.cgroup_prefix());
-    assert_eq!(cgroup_limit(&cgroups_path), None);
+    assert_eq!(memory_limit(&cgroups_path), None);
 
     // What the shim sends after runc create.
     let info = serde_json::json!({
@@ -1098,7 +1046,7 @@ async fn registrations_outside_the_configured_cgroup_parents_are_refused() {
     let parent = tb.containerd.cgroup_prefix().to_string();
     let conf = format!("cgroup_parents = [{parent:?}]\n{ADAPTIVE}");
     let mut agent = AgentDaemon::new(&tb.containerd.nri_socket(), &conf);
-    seed_history(&agent, "containerd:default/bounded", &[20 * MIB]);
+    agent.seed_history("containerd:default/bounded", &[20 * MIB]);
     agent.start_again().await;
     let client = tb.containerd.client().await.unwrap();
     let reference = tb.push_sleeper().await;
@@ -1123,8 +1071,11 @@ async fn registrations_outside_the_configured_cgroup_parents_are_refused() {
             }
         }
     }
-    std::fs::create_dir_all(memory_dir(&outside)).unwrap();
-    let stray = Stray(vec![memory_dir(&outside), memory_dir(&outside_top)]);
+    std::fs::create_dir_all(hyperbox_integration::agent::memory_dir(&outside)).unwrap();
+    let stray = Stray(vec![
+        hyperbox_integration::agent::memory_dir(&outside),
+        hyperbox_integration::agent::memory_dir(&outside_top),
+    ]);
     let register = |id: &str, path: &str| {
         let info = serde_json::json!({
             "id": id, "name": id, "cgroups_path": path,
@@ -1146,7 +1097,7 @@ async fn registrations_outside_the_configured_cgroup_parents_are_refused() {
         "{body}"
     );
     assert_eq!(
-        cgroup_limit(&outside),
+        memory_limit(&outside),
         None,
         "the stray cgroup is untouched"
     );
@@ -1169,7 +1120,7 @@ async fn registrations_outside_the_configured_cgroup_parents_are_refused() {
     c.delete().await.unwrap();
     drop(stray);
     assert!(
-        !memory_dir(&outside_top).exists(),
+        !hyperbox_integration::agent::memory_dir(&outside_top).exists(),
         "the stray cgroup is gone"
     );
     assert!(agent.shutdown().is_empty());

@@ -19,6 +19,7 @@ use std::time::Duration;
 use hyperbox_integration::agent::AgentDaemon;
 use hyperbox_integration::critest::{self, Options, Outcome, State};
 use hyperbox_integration::prereq::{self, Prereq};
+use hyperbox_integration::shim::HYPERBOX_HANDLER;
 use hyperbox_integration::testbed::Testbed;
 use hyperbox_integration::tools;
 use hyperbox_integration::{require, require_containers};
@@ -127,6 +128,73 @@ async fn compare(opts: &Options, dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// The same suite on one vanilla containerd (overlayfs, no agent) twice:
+/// every pod on runtime handler `runc` (containerd-shim-runc-v2), then on
+/// `hyperbox` (containerd-shim-hyperbox-v1). Returns the specs the hyperbox
+/// shim fails that runc-v2 passes; the counts go to `dir/summary.txt`.
+async fn compare_shims(opts: &Options, dir: &Path) -> Vec<String> {
+    let mut runs = Vec::new();
+    for handler in ["runc", HYPERBOX_HANDLER] {
+        let o = Options {
+            runtime_handler: Some(handler.into()),
+            ..opts.clone()
+        };
+        let (outcome, version) = run_on(false, &o, &dir.join(handler)).await;
+        runs.push((handler, outcome, version));
+    }
+    let mut summary = String::new();
+    for (handler, o, version) in &runs {
+        let (p, f, s) = o.counts();
+        summary.push_str(&format!(
+            "CRITEST handler {handler} ({version}): passed {p}, failed {f}, skipped {s}; \
+             {:.0} s in specs; log {}\n",
+            o.seconds.values().sum::<f64>(),
+            o.log.display()
+        ));
+        for spec in o.with(State::Failed) {
+            summary.push_str(&format!("CRITEST handler {handler} failed: {spec}\n"));
+        }
+    }
+    print!("{summary}");
+    std::fs::write(dir.join("summary.txt"), &summary).unwrap();
+    let (runc, ours) = (&runs[0].1, &runs[1].1);
+    assert!(
+        !runc.with(State::Passed).is_empty(),
+        "runc-v2 passed nothing: the comparison would prove nothing; see {}",
+        runc.log.display()
+    );
+    runc.with(State::Passed)
+        .into_iter()
+        .filter(|spec| ours.specs.get(*spec) != Some(&State::Passed))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn critest_subset_passes_on_the_hyperbox_shim_as_on_runc_v2() {
+    require_critest!();
+    // Reports are kept where HYPERBOX_CRITEST_DIR says, else removed.
+    let temp = tempfile::tempdir().unwrap();
+    let dir = std::env::var("HYPERBOX_CRITEST_DIR")
+        .map(|d| PathBuf::from(d).join("shims"))
+        .unwrap_or_else(|_| temp.path().to_path_buf());
+    let opts = Options {
+        focus: list("HYPERBOX_CRITEST_FOCUS"),
+        skip: if std::env::var("HYPERBOX_CRITEST_FULL").is_ok() {
+            list("HYPERBOX_CRITEST_SKIP")
+        } else {
+            CI_SKIP.iter().map(|s| s.to_string()).collect()
+        },
+        parallel: 1,
+        runtime_handler: None,
+    };
+    let regressions = compare_shims(&opts, &dir).await;
+    assert!(
+        regressions.is_empty(),
+        "the hyperbox shim fails what runc-v2 passes: {regressions:#?}"
+    );
+}
+
 fn list(var: &str) -> Vec<String> {
     std::env::var(var)
         .ok()
@@ -143,6 +211,7 @@ async fn critest_subset_passes_on_hyperbox_as_on_vanilla() {
         focus: Vec::new(),
         skip: CI_SKIP.iter().map(|s| s.to_string()).collect(),
         parallel: 1,
+        runtime_handler: None,
     };
     let regressions = compare(&opts, dir.path()).await;
     assert!(
@@ -165,6 +234,7 @@ async fn critest_full_suite_passes_on_hyperbox_as_on_vanilla() {
             .ok()
             .and_then(|p| p.parse().ok())
             .unwrap_or(1),
+        runtime_handler: None,
     };
     let regressions = compare(&opts, &dir).await;
     let mut text = String::new();

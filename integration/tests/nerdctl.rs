@@ -22,6 +22,7 @@ use std::time::Duration;
 use hyperbox_api::labels::CRI_LAYER_DIGEST;
 use hyperbox_integration::image::ImageSpec;
 use hyperbox_integration::require_containers;
+use hyperbox_integration::shim::Shim;
 use hyperbox_integration::snapshotter::NAME;
 use hyperbox_integration::testbed::Testbed;
 use hyperbox_integration::tools::{self, Nerdctl};
@@ -89,8 +90,11 @@ async fn nerdctl_pulls_and_runs_on_hyperbox() {
         layers.len()
     );
 
+    // The runtime the harness selects (HYPERBOX_TEST_SHIM): nerdctl's
+    // `--runtime` with containerd's runc-v2 or hyperbox's shim.
+    let runtime = format!("--runtime={}", Shim::selected().runtime_type());
     let out = nerdctl
-        .output(&[&sn, "run", "--rm", "--net", "none", &image])
+        .output(&[&sn, "run", "--rm", &runtime, "--net", "none", &image])
         .unwrap();
     assert!(out.status.success(), "nerdctl run: {out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from nerdctl\n");
@@ -99,6 +103,7 @@ async fn nerdctl_pulls_and_runs_on_hyperbox() {
             &sn,
             "run",
             "--rm",
+            &runtime,
             "--net",
             "none",
             &image,
@@ -109,6 +114,39 @@ async fn nerdctl_pulls_and_runs_on_hyperbox() {
         .unwrap();
     assert_eq!(out.status.code(), Some(5), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "42\n");
+    // Detached: nerdctl's logging binary (a binary:// URI) takes the
+    // output, and `nerdctl logs` reads it back.
+    let out = nerdctl
+        .output(&[
+            &sn,
+            "run",
+            "-d",
+            "--name",
+            "bg",
+            &runtime,
+            "--net",
+            "none",
+            &image,
+            "sh",
+            "-c",
+            "echo from-the-background; sleep 3600",
+        ])
+        .unwrap();
+    assert!(out.status.success(), "nerdctl run -d: {out:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let logs = nerdctl.output(&["logs", "bg"]).unwrap();
+        if String::from_utf8_lossy(&logs.stdout).contains("from-the-background") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nerdctl logs: {logs:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let out = nerdctl.output(&["rm", "-f", "bg"]).unwrap();
+    assert!(out.status.success(), "nerdctl rm -f: {out:?}");
     // --rm removed the containers and their rootfs snapshots.
     assert_eq!(nerdctl.run(&["ps", "-a", "-q"]).unwrap(), "");
 

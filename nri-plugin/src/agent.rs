@@ -13,7 +13,9 @@ use hyperbox_api::annotations::{
     MEMORY_DECISION, MEMORY_POLICY, MEMORY_USER_LIMIT, TRACE_ENABLED, WORKLOAD,
 };
 use hyperbox_api::time::unix_now;
-use hyperbox_api::types::{Action, ContainerInfo, Decision, PolicyOrigin, Route, Source};
+use hyperbox_api::types::{
+    self, Action, ContainerInfo, DecidedBy, Decision, Policy, PolicyOrigin, Route, Source,
+};
 use hyperbox_config::{Memory, MemoryPolicy};
 use hyperbox_nri_proto::api::{self, Event};
 use hyperbox_nri_proto::plugin::{Events, Link};
@@ -24,7 +26,7 @@ use crate::memory::policy::{self, Bounds};
 use crate::memory::store::Store;
 use crate::metrics::{Metrics, Snapshot, Snapshots, TraceCounters};
 use crate::psi::history::History;
-use crate::state::{HISTORY, Job, State, Tracked};
+use crate::state::{HISTORY, Job, Lookup, State, Tracked};
 use crate::trace::Tracing;
 
 /// The agent.
@@ -85,15 +87,18 @@ impl Agent {
         }
     }
 
-    /// Starts tracking a container (from NRI or the local API).
+    /// Starts tracking a container (from NRI or the local API). A CRI
+    /// container that reaches the local API (`info.cri`) is keyed as NRI
+    /// keys it, so both paths learn into one workload.
     pub fn track(&self, info: ContainerInfo, source: Source) -> Option<Tracked> {
         let (policy, policy_from) = self.policy_of(&info.annotations);
         if policy == MemoryPolicy::Off {
             return None;
         }
         let cfg = self.state.memory_config();
+        let keyed_as = if info.cri { Source::Nri } else { source };
         let t = Tracked {
-            workload: workload_key(&info, source),
+            workload: workload_key(&info, keyed_as),
             id: info.id,
             name: info.name,
             pod_namespace: info.pod_namespace,
@@ -121,8 +126,9 @@ impl Agent {
         Some(t)
     }
 
-    /// Sizes a new container: the limit to set at creation, if any.
-    pub fn size_new(&self, t: &mut Tracked) -> Option<u64> {
+    /// Sizes a new container: the limit to set at creation, if any, to be
+    /// applied `via` (recorded in the decision).
+    pub fn size_new(&self, t: &mut Tracked, via: Route) -> Option<u64> {
         let cfg = self.state.memory_config();
         let learned = self.state.learned(&t.workload);
         let (ws, runs) = learned
@@ -147,7 +153,7 @@ impl Agent {
         }
         let init = policy::initial(&cfg, ws, runs, self.state.node_memory_some(), t.bounds);
         let (action, via) = match init.limit {
-            Some(_) => (Action::Create, Route::NriCreate),
+            Some(_) => (Action::Create, via),
             None => (Action::Learn, Route::None),
         };
         t.record(Decision {
@@ -183,6 +189,128 @@ impl Agent {
             });
         }
         r
+    }
+
+    /// The container tracked under exactly `id`.
+    pub fn tracked(&self, id: &str) -> Option<types::Container> {
+        match self.state.find(id) {
+            Ok(c) if c.id == id => Some(c),
+            // `id` is also a prefix of other ids, or a name.
+            Ok(_) | Err(Lookup::Many(_)) if self.state.contains(id) => {
+                self.state.views().into_iter().find(|c| c.id == id)
+            }
+            _ => None,
+        }
+    }
+
+    /// Forgets what is tracked under `info.id` when it belongs to an
+    /// earlier run of that id (another cgroup, or started while `info`
+    /// is not: a run never unregistered, the shim killed), ending that run
+    /// as a stop would. `true` when something is tracked under the id now.
+    pub fn forget_stale(&self, info: &ContainerInfo) -> bool {
+        let Some(c) = self.tracked(&info.id) else {
+            return false;
+        };
+        if c.cgroups_path == info.cgroups_path && (info.running || !c.started) {
+            return true;
+        }
+        tracing::warn!(container = %info.id, "an earlier run under this id was never unregistered; ending it");
+        self.tracing.forget(&info.id);
+        self.state.finish(&info.id, true);
+        false
+    }
+
+    /// `POST /v1/policies`: the memory settings of a container about to be
+    /// created (the shim asks before `runc create`). What NRI's
+    /// CreateContainer does, answered for the shim to write into the spec:
+    /// the container is tracked (not started) and sized from what was
+    /// learned. A container NRI already decided for (CRI with NRI) is left
+    /// alone; asked again (a retry), the same answer is given and nothing is
+    /// decided twice.
+    pub fn policy_at_create(&self, mut info: ContainerInfo) -> Policy {
+        // Not created yet, whatever the caller says: nothing is sampled
+        // before its registration checks the real cgroup.
+        info.running = false;
+        if self.forget_stale(&info)
+            && let Some(c) = self.tracked(&info.id)
+        {
+            if c.source == Source::Nri {
+                return Policy {
+                    memory_limit: None,
+                    memory_high: None,
+                    memory_swap: None,
+                    annotations: Default::default(),
+                    decided_by: DecidedBy::Nri,
+                    reason: "decided through NRI CreateContainer; the spec holds it".into(),
+                };
+            }
+            let created = c
+                .decisions
+                .iter()
+                .rev()
+                .find(|d| d.action == Action::Create);
+            let limit = created.and(c.limit);
+            let reason = created
+                .or(c.decisions.last())
+                .map(|d| d.reason.clone())
+                .unwrap_or_default();
+            return self.policy_answer(limit, info.had_swap, c.bounds.ceiling, reason);
+        }
+        let by_annotation = info
+            .annotations
+            .get(MEMORY_POLICY)
+            .and_then(|v| MemoryPolicy::parse(v))
+            .is_some();
+        let Some(mut t) = self.track(info, Source::Local) else {
+            return Policy {
+                memory_limit: None,
+                memory_high: None,
+                memory_swap: None,
+                annotations: Default::default(),
+                decided_by: DecidedBy::Off,
+                reason: if by_annotation {
+                    format!("memory policy off ({MEMORY_POLICY})")
+                } else {
+                    "memory policy off (memory.default_policy)".into()
+                },
+            };
+        };
+        let limit = self.size_new(&mut t, Route::Spec);
+        let reason = t
+            .decisions
+            .back()
+            .map(|d| d.reason.clone())
+            .unwrap_or_default();
+        let (had_swap, ceiling) = (t.had_swap, t.bounds.ceiling);
+        self.state.insert(t);
+        if limit.is_some() {
+            self.metrics.decision(Action::Create);
+        }
+        self.policy_answer(limit, had_swap, ceiling, reason)
+    }
+
+    /// The agent's answer for a container sized to `limit` (`None`: left
+    /// as asked), with the annotations NRI's CreateContainer would add.
+    fn policy_answer(
+        &self,
+        limit: Option<u64>,
+        had_swap: bool,
+        ceiling: Option<u64>,
+        reason: String,
+    ) -> Policy {
+        let mut annotations = std::collections::BTreeMap::new();
+        if limit.is_some() {
+            annotations.insert(MEMORY_DECISION.to_string(), reason.clone());
+            annotations.insert(MEMORY_USER_LIMIT.to_string(), user_limit_value(ceiling));
+        }
+        Policy {
+            memory_limit: limit,
+            memory_high: limit.and_then(|l| self.high_for(l, self.layout.memory_is_v2())),
+            memory_swap: limit.filter(|_| had_swap),
+            annotations,
+            decided_by: DecidedBy::Agent,
+            reason,
+        }
     }
 
     /// Starts tracing a container before its workload runs, unless its
@@ -263,7 +391,13 @@ pub fn info_from_nri(pod: &api::PodSandbox, c: &api::Container) -> ContainerInfo
             .and_then(|m| m.swap.as_ref())
             .is_some_and(|s| s.value > 0),
         running: c.state == api::CONTAINER_RUNNING,
+        cri: true,
     }
+}
+
+/// The `memory.hyperbox.dev/user-limit` value of a ceiling.
+fn user_limit_value(ceiling: Option<u64>) -> String {
+    ceiling.map_or("none".to_string(), |c| c.to_string())
 }
 
 /// The namespace part of a workload key: the pod namespace for CRI
@@ -390,7 +524,7 @@ impl Events for Agent {
         let Some(mut t) = self.track(info, Source::Nri) else {
             return api::CreateContainerResponse::default();
         };
-        let limit = self.size_new(&mut t);
+        let limit = self.size_new(&mut t, Route::NriCreate);
         let decision = t.decisions.back().map(|d| d.reason.clone());
         let (had_swap, ceiling) = (t.had_swap, t.bounds.ceiling);
         self.state.insert(t);
@@ -403,10 +537,7 @@ impl Events for Agent {
         if let Some(d) = decision {
             annotations.insert(MEMORY_DECISION.to_string(), d);
         }
-        annotations.insert(
-            MEMORY_USER_LIMIT.to_string(),
-            ceiling.map_or("none".to_string(), |c| c.to_string()),
-        );
+        annotations.insert(MEMORY_USER_LIMIT.to_string(), user_limit_value(ceiling));
         api::CreateContainerResponse {
             adjust: Some(api::ContainerAdjustment {
                 annotations,
@@ -440,7 +571,11 @@ impl Events for Agent {
     fn container_event(&self, event: Event, pod: &api::PodSandbox, container: &api::Container) {
         match event {
             Event::StartContainer => {
-                self.trace_start(&info_from_nri(pod, container));
+                // The shim's registration may have started tracing before
+                // the workload ran; watching again would start it over.
+                if !self.tracing.is_watching(&container.id) {
+                    self.trace_start(&info_from_nri(pod, container));
+                }
                 self.state.set_started(&container.id);
                 self.state.wake();
             }

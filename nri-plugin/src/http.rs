@@ -1,7 +1,7 @@
 //! The agent's HTTP surfaces: `/metrics`, `/metrics/memory/psi` and
 //! `/healthz` on the loopback metrics address, and the local API on the
-//! agent's unix socket (`hb psi`, `hb policy explain`, the shim's container
-//! registration).
+//! agent's unix socket (`hb psi`, `hb policy explain`, the shim's policy
+//! request and container registration).
 
 use std::sync::Arc;
 
@@ -10,15 +10,17 @@ use axum::Router;
 use axum::extract::{Extension, Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use hyperbox_api::types::{
-    Action, ContainerInfo, EventLine, Explain, Health, Psi, Registered, Source, StreamNote, Top,
+    Action, ContainerInfo, EventLine, Explain, Health, Policy, Psi, Registered, Route, Source,
+    StreamNote, Top,
 };
 use hyperbox_config::MemoryPolicy;
 use prometheus_client::registry::Registry;
 
 use crate::access::Access;
 use crate::agent::Agent;
+use crate::cgroup::Refused;
 use crate::metrics::StateCollector;
 use crate::state::Lookup;
 
@@ -50,6 +52,7 @@ pub fn api_router(agent: Arc<Agent>, access: Arc<Access>) -> Router {
     Router::new()
         .route("/healthz", get(health))
         .route("/v1/psi", get(psi))
+        .route("/v1/policies", post(policy))
         .route("/v1/containers", get(list).post(register))
         .route("/v1/containers/{id}", get(explain).delete(unregister))
         .route("/v1/containers/{id}/trace", get(trace))
@@ -272,41 +275,101 @@ async fn events(State(app): State<App>, Path(id): Path<String>) -> Response {
         .into_response()
 }
 
+/// The checks of `POST /v1/policies` and `POST /v1/containers`: an id, a
+/// containerd namespace, and the container's own cgroup under the
+/// runtime's hierarchy (the agent writes limits there as root). Before
+/// `runc create` (`created` false) the cgroup may not exist yet; every
+/// other rule holds, and the registration that follows checks it whole.
+fn check(agent: &Agent, access: &Access, info: &ContainerInfo, created: bool) -> Option<Response> {
+    if info.id.is_empty() || info.cgroups_path.is_empty() {
+        return Some((StatusCode::BAD_REQUEST, "id and cgroups_path are required").into_response());
+    }
+    let ns = &info.pod_namespace;
+    if info.cri && ns.trim().is_empty() {
+        // Its workload key would belong to no namespace.
+        return Some(
+            (
+                StatusCode::BAD_REQUEST,
+                "a CRI container needs its pod namespace (io.kubernetes.cri.sandbox-namespace) in pod_namespace",
+            )
+                .into_response(),
+        );
+    }
+    if ns.contains(['/', ':']) || ns.chars().any(char::is_control) {
+        return Some(
+            (
+                StatusCode::BAD_REQUEST,
+                format!("pod_namespace {ns:?} is not a containerd namespace"),
+            )
+                .into_response(),
+        );
+    }
+    match agent
+        .layout
+        .container_cgroup(&info.cgroups_path, &info.id, access.cgroup_parents())
+    {
+        Ok(_) => None,
+        Err(Refused::Missing(_, e)) if !created && e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => Some((StatusCode::BAD_REQUEST, hyperbox_api::error_chain(&e)).into_response()),
+    }
+}
+
+/// The shim, before `runc create`: what to write into the container's
+/// spec (see [`Agent::policy_at_create`]).
+async fn policy(
+    State(app): State<App>,
+    Extension(access): Extension<Arc<Access>>,
+    Json(info): Json<ContainerInfo>,
+) -> Response {
+    if let Some(refused) = check(&app.agent, &access, &info, false) {
+        return refused;
+    }
+    let answer: Policy = app.agent.policy_at_create(info);
+    tracing::debug!(decided_by = answer.decided_by.as_str(), limit = ?answer.memory_limit, reason = %answer.reason, "policy at create");
+    Json(answer).into_response()
+}
+
+/// The shim, after `runc create` (and after `runc start`, `running`
+/// true). A container tracked already (its policy asked for, or seen
+/// through NRI) is not sized again: tracing starts if it has not, and
+/// `running` marks it started (only started containers are sampled,
+/// adjusted and learned from). Any other is tracked and sized here, the
+/// limit written to its cgroup.
 async fn register(
     State(app): State<App>,
     Extension(access): Extension<Arc<Access>>,
     Json(info): Json<ContainerInfo>,
 ) -> Response {
-    if info.id.is_empty() || info.cgroups_path.is_empty() {
-        return (StatusCode::BAD_REQUEST, "id and cgroups_path are required").into_response();
-    }
-    let ns = &info.pod_namespace;
-    if ns.contains(['/', ':']) || ns.chars().any(char::is_control) {
-        return (
-            StatusCode::BAD_REQUEST,
-            format!("pod_namespace {ns:?} is not a containerd namespace"),
-        )
-            .into_response();
-    }
-    // Only the container's own cgroup under the runtime's hierarchy: the
-    // agent writes limits there as root.
-    if let Err(e) =
-        app.agent
-            .layout
-            .container_cgroup(&info.cgroups_path, &info.id, access.cgroup_parents())
-    {
-        return (StatusCode::BAD_REQUEST, hyperbox_api::error_chain(&e)).into_response();
+    if let Some(refused) = check(&app.agent, &access, &info, true) {
+        return refused;
     }
     let a = &app.agent;
-    a.trace_start(&info);
+    let known = a.forget_stale(&info);
+    if !info.running {
+        // Nothing ran yet: whatever is watched under this id is an earlier
+        // run's (its cgroup is gone) or this registration's, retried.
+        a.tracing.forget(&info.id);
+    }
+    if !a.tracing.is_watching(&info.id) {
+        a.trace_start(&info);
+    }
+    if known {
+        if info.running {
+            a.state.set_started(&info.id);
+            a.state.wake();
+        }
+        if let Some(c) = a.tracked(&info.id) {
+            return (StatusCode::OK, Json(Registered::Tracked(Box::new(c)))).into_response();
+        }
+        // Unregistered meanwhile: tracked afresh below.
+    }
     let Some(mut t) = a.track(info, Source::Local) else {
         let off = Registered::Untracked {
             policy: MemoryPolicy::Off,
         };
         return (StatusCode::OK, Json(off)).into_response();
     };
-    let limit = a.size_new(&mut t);
-    t.started = true;
+    let limit = a.size_new(&mut t, Route::Cgroup);
     a.state.insert(t.clone());
     if let (Some(l), Some(cg)) = (limit, t.cgroup.as_ref()) {
         let high = a.high_for(l, cg.v2);
@@ -325,10 +388,24 @@ async fn register(
     (StatusCode::CREATED, Json(tracked)).into_response()
 }
 
+/// The shim, at delete: the run ended. Its peak is learned and its tracing
+/// ends. A CRI container tracked through NRI stays known (as after NRI's
+/// StopContainer) until NRI's RemoveContainer.
 async fn unregister(State(app): State<App>, Path(id): Path<String>) -> StatusCode {
-    let known = app.agent.state.contains(&id);
-    app.agent.state.finish(&id, true);
-    if known {
+    let a = &app.agent;
+    let tracked = a.tracked(&id);
+    let traced = a.tracing.ids().contains(&id);
+    match &tracked {
+        Some(c) if c.source == Source::Nri => {
+            a.tracing.stop(&id);
+            a.state.finish(&id, false);
+        }
+        _ => {
+            a.tracing.forget(&id);
+            a.state.finish(&id, true);
+        }
+    }
+    if tracked.is_some() || traced {
         StatusCode::NO_CONTENT
     } else {
         StatusCode::NOT_FOUND
@@ -482,7 +559,7 @@ mod tests {
             assert_eq!(e.learned_runs, [20 * MIB]);
             assert_eq!(e.decisions.len(), 1);
             let d = &e.decisions[0];
-            assert_eq!((d.action, d.via), (Action::Create, Route::NriCreate));
+            assert_eq!((d.action, d.via), (Action::Create, Route::Cgroup));
             assert_eq!((d.from, d.to), (None, Some(30 * MIB)));
         }
         let list: Vec<Container> = get(&a, "/v1/containers").await;
@@ -669,5 +746,262 @@ mod tests {
         assert_eq!(short_id(MB1), &MB1[..11]);
         assert_eq!(short_id("0123456789abcdef"), "0123456789ab");
         assert_eq!(short_id("abc"), "abc");
+    }
+
+    /// What the shim reads from config.json before `runc create`.
+    fn before_create(id: &str, policy: &str) -> serde_json::Value {
+        let mut info = registration(id, &format!("/hb/{id}"), policy);
+        info["running"] = false.into();
+        info
+    }
+
+    async fn ask_policy(agent: &Arc<Agent>, info: serde_json::Value) -> Policy {
+        let (status, body) = call(agent, "POST", "/v1/policies", Some(info)).await;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_policy_sizes_a_container_before_it_is_created() {
+        use hyperbox_api::annotations::{MEMORY_DECISION, MEMORY_USER_LIMIT};
+        use hyperbox_api::types::DecidedBy;
+        let dir = tempfile::tempdir().unwrap();
+        let a = agent(dir.path());
+        a.state
+            .record_run("containerd:default/direct", 20 * MIB)
+            .unwrap();
+        // Its cgroup does not exist yet: runc makes it.
+        let cg = dir.path().join("cgroup/hb/app-3");
+        assert!(!cg.exists());
+        let mut info = before_create("app-3", "adaptive");
+        info["limit"] = (100 * MIB).into();
+        info["had_swap"] = true.into();
+        let p = ask_policy(&a, info.clone()).await;
+        assert_eq!(p.decided_by, DecidedBy::Agent);
+        assert_eq!(p.memory_limit, Some(30 * MIB));
+        assert_eq!(p.memory_high, Some(((30 * MIB) as f64 * 0.9) as u64));
+        assert_eq!(p.memory_swap, Some(30 * MIB));
+        assert_eq!(p.annotations[MEMORY_USER_LIMIT], (100 * MIB).to_string());
+        assert_eq!(p.annotations[MEMORY_DECISION], p.reason);
+        assert!(p.reason.contains("over 1 run(s)"), "{}", p.reason);
+        let e: Explain = get(&a, "/v1/containers/app-3").await;
+        assert_eq!(e.decisions.len(), 1);
+        assert_eq!(
+            (e.decisions[0].action, e.decisions[0].via),
+            (Action::Create, Route::Spec)
+        );
+        let c = &e.container;
+        assert_eq!((c.source, c.started), (Source::Local, false));
+        assert_eq!(c.workload, "containerd:default/direct");
+        assert_eq!(c.bounds.ceiling, Some(100 * MIB));
+
+        // Asked again (a retry): the same answer, nothing decided twice.
+        assert_eq!(ask_policy(&a, info).await, p);
+        let e: Explain = get(&a, "/v1/containers/app-3").await;
+        assert_eq!(e.decisions.len(), 1);
+
+        // runc created it with the spec's limit; the registration that
+        // follows does not size it again nor write its cgroup.
+        std::fs::create_dir_all(&cg).unwrap();
+        let mut reg = registration("app-3", "/hb/app-3", "adaptive");
+        reg["running"] = false.into();
+        reg["limit"] = (30 * MIB).into();
+        let (status, body) = call(&a, "POST", "/v1/containers", Some(reg.clone())).await;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        let Registered::Tracked(c) = serde_json::from_slice(&body).unwrap() else {
+            panic!("not tracked: {}", String::from_utf8_lossy(&body));
+        };
+        assert_eq!(
+            (c.limit, c.started, c.decisions.len()),
+            (Some(30 * MIB), false, 1)
+        );
+        assert!(!cg.join("memory.max").exists(), "the cgroup was written");
+        // After runc start: started, still not sized again.
+        reg["running"] = true.into();
+        let (status, body) = call(&a, "POST", "/v1/containers", Some(reg)).await;
+        assert_eq!(status, StatusCode::OK);
+        let Registered::Tracked(c) = serde_json::from_slice(&body).unwrap() else {
+            panic!("not tracked");
+        };
+        assert_eq!((c.started, c.decisions.len()), (true, 1));
+        assert!(!cg.join("memory.max").exists());
+        assert_eq!(a.state.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn without_history_a_policy_sets_no_limit() {
+        use hyperbox_api::types::DecidedBy;
+        let dir = tempfile::tempdir().unwrap();
+        let a = agent(dir.path());
+        let p = ask_policy(&a, before_create("app-3", "adaptive")).await;
+        assert_eq!(p.decided_by, DecidedBy::Agent);
+        assert_eq!(
+            (p.memory_limit, p.memory_high, p.memory_swap),
+            (None, None, None)
+        );
+        assert!(p.annotations.is_empty());
+        let e: Explain = get(&a, "/v1/containers/app-3").await;
+        assert_eq!(e.decisions[0].action, Action::Learn);
+        // Policy observe: tracked and learned, never limited.
+        let p = ask_policy(&a, before_create("app-4", "observe")).await;
+        assert_eq!((p.decided_by, p.memory_limit), (DecidedBy::Agent, None));
+        assert!(p.reason.contains("observe"), "{}", p.reason);
+        // Policy off: untouched, untracked.
+        let p = ask_policy(&a, before_create("app-5", "off")).await;
+        assert_eq!((p.decided_by, p.memory_limit), (DecidedBy::Off, None));
+        assert!(
+            p.reason.contains("memory.hyperbox.dev/policy"),
+            "{}",
+            p.reason
+        );
+        assert_eq!(a.state.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_container_nri_decided_for_is_left_alone() {
+        use hyperbox_api::types::DecidedBy;
+        use hyperbox_nri_proto::api;
+        use hyperbox_nri_proto::plugin::Events;
+        let dir = tempfile::tempdir().unwrap();
+        let a = agent(dir.path());
+        let pod = api::PodSandbox {
+            namespace: "shop".into(),
+            name: "web-0".into(),
+            ..Default::default()
+        };
+        let mut c = api::Container {
+            id: "app-3".into(),
+            name: "web".into(),
+            linux: Some(api::LinuxContainer {
+                resources: None,
+                cgroups_path: "/hb/app-3".into(),
+            }),
+            ..Default::default()
+        };
+        c.annotations.insert(
+            "io.kubernetes.cri.image-name".into(),
+            "reg/team/web:v1".into(),
+        );
+        c.annotations
+            .insert("memory.hyperbox.dev/policy".into(), "adaptive".into());
+        a.state
+            .record_run("shop/web@reg/team/web", 20 * MIB)
+            .unwrap();
+        let nri = a.create_container(&pod, &c);
+        assert!(nri.adjust.is_some());
+        // What the shim reads from the CRI annotations of the same
+        // container, after NRI's CreateContainer adjusted its spec.
+        let info = serde_json::json!({
+            "id": "app-3",
+            "name": "web",
+            "pod_namespace": "shop",
+            "pod": "web-0",
+            "image": "reg/team/web:v1",
+            "cgroups_path": "/hb/app-3",
+            "annotations": {"memory.hyperbox.dev/policy": "adaptive"},
+            "limit": 30 * MIB,
+            "cri": true
+        });
+        for _ in 0..2 {
+            let p = ask_policy(&a, info.clone()).await;
+            assert_eq!((p.decided_by, p.memory_limit), (DecidedBy::Nri, None));
+            assert!(p.annotations.is_empty());
+        }
+        let e: Explain = get(&a, "/v1/containers/app-3").await;
+        assert_eq!(e.container.source, Source::Nri);
+        assert_eq!(e.decisions.len(), 1);
+        assert_eq!(e.decisions[0].via, Route::NriCreate);
+
+        // Without NRI, a CRI container the shim asks for learns into the
+        // workload NRI would have used.
+        let mut other = info.clone();
+        other["id"] = "app-4".into();
+        other["cgroups_path"] = "/hb/app-4".into();
+        other["limit"] = serde_json::Value::Null;
+        let p = ask_policy(&a, other).await;
+        assert_eq!(
+            (p.decided_by, p.memory_limit),
+            (DecidedBy::Agent, Some(30 * MIB))
+        );
+        let e: Explain = get(&a, "/v1/containers/app-4").await;
+        assert_eq!(e.container.workload, "shop/web@reg/team/web");
+        assert_eq!(e.container.source, Source::Local);
+
+        // The shim's delete: NRI's container stays known until NRI removes
+        // it (as after its StopContainer); the shim's own is forgotten.
+        for id in ["app-3", "app-4"] {
+            let (status, _) = call(&a, "DELETE", &format!("/v1/containers/{id}"), None).await;
+            assert_eq!(status, StatusCode::NO_CONTENT, "{id}");
+        }
+        let e: Explain = get(&a, "/v1/containers/app-3").await;
+        assert!(!e.container.started);
+        let (status, _) = call(&a, "GET", "/v1/containers/app-4", None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        a.container_event(hyperbox_nri_proto::api::Event::RemoveContainer, &pod, &c);
+        assert!(a.state.is_empty());
+    }
+
+    #[tokio::test]
+    async fn bad_policy_requests_track_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = agent(dir.path());
+        let mut bad_ns = before_create("app-3", "adaptive");
+        bad_ns["pod_namespace"] = "a/b".into();
+        let mut cri_without_ns = before_create("app-3", "adaptive");
+        cri_without_ns["cri"] = true.into();
+        let cases = [
+            (bad_ns, "not a containerd namespace"),
+            (cri_without_ns, "needs its pod namespace"),
+            (before_create("", "adaptive"), "required"),
+            (
+                registration("x", "/hb/../x", "adaptive"),
+                "not a cgroup path",
+            ),
+            (
+                registration("app-9", "/hb/app-1", "adaptive"),
+                "does not end in",
+            ),
+            (registration("hb", "/hb", "adaptive"), "not under a runtime"),
+            (
+                registration("sshd.service", "/system.slice/sshd.service", "adaptive"),
+                "the host's",
+            ),
+        ];
+        for (info, why) in cases {
+            let (status, body) = call(&a, "POST", "/v1/policies", Some(info.clone())).await;
+            let text = String::from_utf8_lossy(&body);
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{info}: {text}");
+            assert!(text.contains(why), "{info}: {text}");
+        }
+        assert!(a.state.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_stale_run_under_a_reused_id_is_ended_not_replayed() {
+        use hyperbox_api::types::DecidedBy;
+        let dir = tempfile::tempdir().unwrap();
+        let a = agent(dir.path());
+        a.state
+            .record_run("containerd:default/direct", 20 * MIB)
+            .unwrap();
+        // A run registered and started, never unregistered (the shim was
+        // killed), then the id is created again.
+        let (status, _) = call(
+            &a,
+            "POST",
+            "/v1/containers",
+            Some(registration("app-1", "/hb/app-1", "adaptive")),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED);
+        let p = ask_policy(&a, before_create("app-1", "adaptive")).await;
+        assert_eq!(
+            (p.decided_by, p.memory_limit),
+            (DecidedBy::Agent, Some(30 * MIB))
+        );
+        let e: Explain = get(&a, "/v1/containers/app-1").await;
+        assert_eq!(e.decisions.len(), 1);
+        assert_eq!(e.decisions[0].via, Route::Spec);
+        assert!(!e.container.started);
     }
 }
