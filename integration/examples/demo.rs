@@ -4,7 +4,8 @@
 //! `ctr`/nerdctl do) and through CRI (as the kubelet does), with `hb` showing
 //! what the node can do and what hyperbox holds; then the node agent
 //! (`hyperbox-nri`, an NRI plugin) learning a workload's memory and sizing
-//! its next run. Everything it starts is torn down at the end and checked
+//! its next run, through NRI for a CRI container and through hyperbox's
+//! shim for a container NRI never sees. Everything it starts is torn down at the end and checked
 //! for leftovers.
 //!
 //! Run it with `scripts/demo.sh` (as root).
@@ -17,6 +18,7 @@ use hyperbox_integration::client::{ContainerOptions, PullOptions};
 use hyperbox_integration::cri::{ContainerSpec, PodNetwork};
 use hyperbox_integration::image::{Compression, ImageSpec, Layer};
 use hyperbox_integration::prereq::Prereq;
+use hyperbox_integration::shim::HYPERBOX_RUNTIME;
 use hyperbox_integration::snapshotter::NAME;
 use hyperbox_integration::testbed::Testbed;
 
@@ -228,6 +230,46 @@ async fn main() -> Result<()> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    // The same agent through hyperbox's shim, for a container that never
+    // reaches NRI (as `ctr run --runtime io.containerd.hyperbox.v1` or
+    // `nerdctl run --runtime ...` make it).
+    println!(
+        "    through hyperbox's shim (runtime {HYPERBOX_RUNTIME}), for a ctr/nerdctl container NRI never sees:"
+    );
+    tb.containerd.use_agent(&agent.config_path())?;
+    let mut opts = ContainerOptions::args(&[
+        "sh",
+        "-c",
+        "dd if=/dev/zero bs=24M count=1 2>/dev/null | sleep 2",
+    ]);
+    opts.runtime = Some(HYPERBOX_RUNTIME.into());
+    opts.annotations
+        .insert("hyperbox.dev/workload".into(), "demo-worker".into());
+    for (n, run) in [
+        "first run",
+        "second run: sized in its spec before runc create",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = format!("shim-worker-{n}");
+        let c = client.create_container(&id, &image, &opts).await?;
+        let task = c.start().await?;
+        println!("    {run}:");
+        print_indented(&agent.hb(&["policy", "explain", &id]));
+        task.wait_output().await?;
+        if n == 1 {
+            println!("    what the tracer saw of it, from its first exec:");
+            print_indented(&agent.hb(&["trace", &id]));
+        }
+        c.delete().await?;
+        let start = Instant::now();
+        while agent.learned_runs("containerd:default/demo-worker").len() <= n
+            && start.elapsed() < Duration::from_secs(10)
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     let (_, metrics) = agent.http_get("/metrics").await?;
     for line in metrics.lines().filter(|l| {
         l.starts_with("hyperbox_nri_request_duration_seconds_count")
@@ -322,6 +364,5 @@ async fn main() -> Result<()> {
         t,
         "no mounts, processes, cgroups, network namespaces or files left",
     );
-    println!("\nnot yet in this demo: the shim (see README, Status).");
     Ok(())
 }

@@ -196,6 +196,8 @@ async fn an_absent_or_hung_agent_never_blocks_a_container_unless_configured_to()
         .unwrap();
     let took = start.elapsed();
     agent.signal(Signal::SIGCONT);
+    // The registration after start is not waited for: let its timeout pass.
+    tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(out.stdout_str(), "ran\n");
     assert_eq!(out.status, 0);
     eprintln!("run with a stopped agent took {took:?}");
@@ -205,6 +207,15 @@ async fn an_absent_or_hung_agent_never_blocks_a_container_unless_configured_to()
         skipped.contains("default/while-hung register:"),
         "{skipped}"
     );
+    // The agent counts them, once it answers again.
+    let (_, metrics) = agent.http_get("/metrics").await.unwrap();
+    let counted: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("hyperbox_shim_policy_skipped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no skip counter in:\n{metrics}"));
+    assert_eq!(counted as usize, skipped.lines().count(), "{skipped}");
+    assert!(counted >= 2.0, "{metrics}");
 
     // Fail closed: the same situation refuses the container, and says why.
     let mut cfg = std::fs::read_to_string(agent.config_path()).unwrap();
@@ -249,13 +260,29 @@ fn ctr_pull(tb: &Testbed, reference: &str) {
     ctr(tb, &args);
 }
 
+/// `args`, with a `run` given a cgroup under the instance's own prefix:
+/// ctr's default, `/<namespace>/<id>`, is shared by every containerd on
+/// the machine.
+fn isolated(tb: &Testbed, args: &[&str]) -> Vec<String> {
+    let mut out: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    if args.first() == Some(&"run") {
+        let cgroup = format!(
+            "{}/ctr-{:08x}",
+            tb.containerd.cgroup_prefix(),
+            rand::random::<u32>()
+        );
+        out.splice(1..1, ["--cgroup".to_string(), cgroup]);
+    }
+    out
+}
+
 /// Runs the real `ctr` against the instance; stdout, or a panic with
 /// stderr.
 fn ctr(tb: &Testbed, args: &[&str]) -> String {
     let out = Command::new(ctr_bin(tb))
         .arg("--address")
         .arg(tb.containerd.address())
-        .args(args)
+        .args(isolated(tb, args))
         .output()
         .unwrap();
     assert!(
@@ -275,7 +302,7 @@ fn ctr_tty(tb: &Testbed, args: &[&str]) -> String {
         gobin::ctr().display(),
         tb.containerd.address().display()
     );
-    for a in args {
+    for a in isolated(tb, args) {
         line.push_str(&format!(" '{a}'"));
     }
     let out = Command::new("script")
@@ -376,14 +403,46 @@ async fn ctr_runs_pauses_updates_and_measures_through_the_shim() {
         ],
     );
     assert!(out.contains("/dev/pts/"), "{out:?}");
+
+    // Attach: a later client reads what the container writes now.
+    ctr(
+        &tb,
+        &[
+            "run",
+            "-d",
+            "--runtime",
+            HYPERBOX_RUNTIME,
+            &reference,
+            "ticker",
+            "sh",
+            "-c",
+            "while true; do echo tick; sleep 0.2; done",
+        ],
+    );
+    // KILL: ctr forwards other signals to the container, whose PID 1
+    // ignores them.
+    let attach = Command::new("timeout")
+        .args(["-s", "KILL", "2"])
+        .arg(ctr_bin(&tb))
+        .arg("--address")
+        .arg(tb.containerd.address())
+        .args(["task", "attach", "ticker"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let seen = String::from_utf8_lossy(&attach.stdout);
+    assert!(seen.contains("tick\n"), "attach saw {seen:?}");
+    ctr(&tb, &["task", "kill", "-s", "SIGKILL", "ticker"]);
     ctr(&tb, &["task", "kill", "-s", "SIGKILL", "long"]);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !ctr(&tb, &["task", "ls"]).contains("STOPPED") {
         assert!(Instant::now() < deadline, "not stopped");
         std::thread::sleep(Duration::from_millis(100));
     }
-    ctr(&tb, &["task", "delete", "long"]);
-    ctr(&tb, &["containers", "delete", "long"]);
+    for id in ["long", "ticker"] {
+        ctr(&tb, &["task", "delete", "--force", id]);
+        ctr(&tb, &["containers", "delete", id]);
+    }
     tb.finish();
 }
 

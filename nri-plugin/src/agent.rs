@@ -44,6 +44,9 @@ pub struct Agent {
     pub metrics: Metrics,
     /// Per-container eBPF tracing.
     pub tracing: Arc<Tracing>,
+    /// The shim's journal of skipped policies (`shim-skipped.log` beside
+    /// the agent's socket), counted at each scrape.
+    pub shim_journal: std::sync::OnceLock<std::path::PathBuf>,
 }
 
 impl Agent {
@@ -63,6 +66,7 @@ impl Agent {
             link,
             metrics: Metrics::default(),
             tracing,
+            shim_journal: std::sync::OnceLock::new(),
         };
         (Arc::new(agent), jobs)
     }
@@ -354,6 +358,12 @@ impl Snapshots for Agent {
                 rows: tr.top(),
                 ring_drops: tr.drops(),
                 sampled: tr.sampled(),
+            }),
+            // One line per skip; the file only grows, as a counter does.
+            shim_skipped: self.shim_journal.get().map(|p| {
+                std::fs::read(p)
+                    .map(|b| b.iter().filter(|c| **c == b'\n').count() as u64)
+                    .unwrap_or(0)
             }),
         }
     }

@@ -68,6 +68,9 @@ pub async fn run(cfg: &hyperbox_config::Config) -> Result<()> {
         link.clone(),
         tracing,
     );
+    if let Some(dir) = cfg.agent.address.parent() {
+        let _ = agent.shim_journal.set(dir.join("shim-skipped.log"));
+    }
     let endpoint = Endpoint::from_env();
     let preconnected = endpoint.is_some();
     let endpoint = endpoint.unwrap_or_else(|| Endpoint::Dial(cfg.agent.nri_socket.clone()));

@@ -159,6 +159,9 @@ pub struct Snapshot {
     pub containers: Vec<ContainerGauges>,
     /// The tracer's counters (`None`: the tracer is not loaded).
     pub trace: Option<TraceCounters>,
+    /// Policies hyperbox's shim skipped because the agent did not answer,
+    /// from the shim's journal (`None`: no journal configured).
+    pub shim_skipped: Option<u64>,
 }
 
 /// Where a scrape's [`Snapshot`] comes from (the agent).
@@ -299,6 +302,14 @@ impl prometheus_client::collector::Collector for StateCollector {
             "OOM kills in the container's cgroup",
             &ooms,
         )?;
+        if let Some(n) = snapshot.shim_skipped {
+            counter(
+                &mut enc,
+                "hyperbox_shim_policy_skipped",
+                "Containers hyperbox's shim started without the agent's policy or registration (the agent did not answer in time)",
+                &[(Labels::new(), n as f64)],
+            )?;
+        }
         if let Some(tr) = &snapshot.trace {
             let (mut sys, mut execs, mut opens, mut ooms) = (vec![], vec![], vec![], vec![]);
             let mut rates = vec![];
@@ -462,6 +473,7 @@ mod tests {
                 oom_kills: 2,
             }],
             trace: None,
+            shim_skipped: Some(2),
         }
     }
 
@@ -479,6 +491,7 @@ mod tests {
             format!("hyperbox_container_memory_pressure_avg10_percent{{{labels}}} 4.0"),
             format!("hyperbox_container_memory_stall_seconds_total{{{labels}}} 0.5"),
             format!("hyperbox_container_oom_kills_total{{{labels}}} 2"),
+            "hyperbox_shim_policy_skipped_total 2".into(),
             format!(
                 "hyperbox_container_info{{{labels},workload=\"shop/web@web\",policy=\"adaptive\"}} 1"
             ),

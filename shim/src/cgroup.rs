@@ -213,6 +213,18 @@ fn v1_metrics(m: &HashMap<String, PathBuf>) -> v1::Metrics {
             kernel_tcp: MessageField::some(entry("memory.kmem.tcp")),
             ..Default::default()
         });
+        // containerd 2.x's pod metrics read OOM events from here
+        // (container_oom_events_total).
+        let oom = std::fs::read_to_string(d.join("memory.oom_control"))
+            .map(|t| flat(&t))
+            .unwrap_or_default();
+        let o = |k: &str| oom.get(k).copied().unwrap_or(0);
+        out.memory_oom_control = MessageField::some(v1::MemoryOomControl {
+            oom_kill_disable: o("oom_kill_disable"),
+            under_oom: o("under_oom"),
+            oom_kill: o("oom_kill"),
+            ..Default::default()
+        });
     }
     out
 }
