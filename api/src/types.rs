@@ -440,6 +440,20 @@ pub struct Policy {
     pub reason: String,
 }
 
+impl Policy {
+    /// An answer that leaves the spec as it is.
+    pub fn unchanged(decided_by: DecidedBy, reason: impl Into<String>) -> Policy {
+        Policy {
+            memory_limit: None,
+            memory_high: None,
+            memory_swap: None,
+            annotations: BTreeMap::new(),
+            decided_by,
+            reason: reason.into(),
+        }
+    }
+}
+
 /// The answer to `POST /v1/containers`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]

@@ -12,14 +12,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hyperbox_integration::agent::{AgentDaemon, memory_limit};
-use hyperbox_integration::client::{ContainerOptions, PullOptions};
+use hyperbox_integration::client::{Client, ContainerOptions, Image, PullOptions};
 use hyperbox_integration::containerd::Line;
 use hyperbox_integration::cri::{ContainerSpec, PodNetwork};
 use hyperbox_integration::image::ImageSpec;
 use hyperbox_integration::prereq::Prereq;
 use hyperbox_integration::shim::{HYPERBOX_HANDLER, HYPERBOX_RUNTIME, HYPERBOX_SHIM_BINARY};
 use hyperbox_integration::testbed::Testbed;
-use hyperbox_integration::{gobin, require, require_containers};
+use hyperbox_integration::{gobin, procs, require, require_containers};
 use nix::sys::signal::Signal;
 
 const MIB: u64 = 1 << 20;
@@ -32,34 +32,30 @@ fn hyperbox(args: &[&str]) -> ContainerOptions {
     }
 }
 
-/// The executable of the process that is `pid`'s parent: the shim that
-/// serves a container's init.
-fn parent_exe(pid: u32) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let ppid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("PPid:"))
-        .unwrap()
-        .trim()
-        .to_string();
-    std::fs::read_link(format!("/proc/{ppid}/exe"))
-        .unwrap()
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned()
+/// The pid of the shim serving a container's init (its parent).
+fn shim_of(pid: u32) -> i32 {
+    procs::read(pid as i32)
+        .expect("the container's init runs")
+        .ppid
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_container_runs_through_the_hyperbox_shim() {
-    require_containers!();
-    let tb = Testbed::start_with(|b| b.without_cri()).await;
+/// The busybox sleeper image, pushed and pulled into containerd's
+/// overlayfs through the API.
+async fn sleeper(tb: &Testbed) -> (Client, Image) {
     let reference = tb.push_sleeper().await;
     let client = tb.containerd.client().await.unwrap();
     let image = client
         .pull(&reference, &PullOptions::local("overlayfs"))
         .await
         .unwrap();
+    (client, image)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_runs_through_the_hyperbox_shim() {
+    require_containers!();
+    let tb = Testbed::start_with(|b| b.without_cri()).await;
+    let (client, image) = sleeper(&tb).await;
     let out = client
         .run(
             "via-hyperbox",
@@ -84,7 +80,8 @@ async fn a_container_runs_through_the_hyperbox_shim() {
         .await
         .unwrap();
     let task = c.start().await.unwrap();
-    assert_eq!(parent_exe(task.pid()), HYPERBOX_SHIM_BINARY);
+    let exe = std::fs::read_link(format!("/proc/{}/exe", shim_of(task.pid()))).unwrap();
+    assert!(exe.ends_with(HYPERBOX_SHIM_BINARY), "{}", exe.display());
     let out = task.exec(&["sh", "-c", "echo $((6*7))"]).await.unwrap();
     assert_eq!(out.stdout_str(), "42\n");
     task.kill(15).await.unwrap();
@@ -104,12 +101,7 @@ async fn the_agents_limit_is_in_the_spec_and_tracing_sees_the_first_exec() {
     agent.start_again().await;
     tb.containerd.use_agent(&agent.config_path()).unwrap();
 
-    let reference = tb.push_sleeper().await;
-    let client = tb.containerd.client().await.unwrap();
-    let image = client
-        .pull(&reference, &PullOptions::local("overlayfs"))
-        .await
-        .unwrap();
+    let (client, image) = sleeper(&tb).await;
     let mut opts = hyperbox(&["sh", "-c", "echo started; exec sleep 3600"]);
     opts.annotations
         .insert("hyperbox.dev/workload".into(), "shim-web".into());
@@ -178,12 +170,7 @@ async fn an_absent_or_hung_agent_never_blocks_a_container_unless_configured_to()
     let tb = Testbed::start_with(|b| b.without_cri()).await;
     let agent = AgentDaemon::start(&tb.containerd.nri_socket(), ADAPTIVE).await;
     tb.containerd.use_agent(&agent.config_path()).unwrap();
-    let reference = tb.push_sleeper().await;
-    let client = tb.containerd.client().await.unwrap();
-    let image = client
-        .pull(&reference, &PullOptions::local("overlayfs"))
-        .await
-        .unwrap();
+    let (client, image) = sleeper(&tb).await;
     let journal = agent.address().parent().unwrap().join("shim-skipped.log");
 
     // Hung: every call times out after shim.agent_timeout_ms (200 ms);
@@ -507,12 +494,7 @@ async fn an_oom_kill_reaches_cri_as_oomkilled() {
 async fn containers_survive_a_containerd_restart_and_a_killed_shim_is_cleaned_up() {
     require_containers!();
     let mut tb = Testbed::start_with(|b| b.without_cri()).await;
-    let reference = tb.push_sleeper().await;
-    let client = tb.containerd.client().await.unwrap();
-    let image = client
-        .pull(&reference, &PullOptions::local("overlayfs"))
-        .await
-        .unwrap();
+    let (client, image) = sleeper(&tb).await;
     let c = client
         .create_container("kept", &image, &hyperbox(&["sleep", "3600"]))
         .await
@@ -544,15 +526,7 @@ async fn containers_survive_a_containerd_restart_and_a_killed_shim_is_cleaned_up
 
     // The shim is killed with -9: containerd runs `shim delete`, which
     // removes runc's state and the rootfs mount, and reports the exit.
-    let shim_pid: i32 = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("PPid:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim_pid), Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim_of(pid)), Signal::SIGKILL).unwrap();
     let state = tb.containerd.dir().join("runc/default/kept/state.json");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -568,18 +542,13 @@ async fn containers_survive_a_containerd_restart_and_a_killed_shim_is_cleaned_up
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // Gone, or a zombie of ours: the test is the subreaper the orphaned
-    // init was handed to.
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Gone, or a zombie of ours (the test is the subreaper the orphaned
+    // init was handed to).
     assert!(
-        stat.is_empty()
-            || stat
-                .rsplit(')')
-                .next()
-                .is_some_and(|s| s.trim_start().starts_with('Z')),
-        "the container died with its shim's cleanup: {stat}"
+        !procs::alive(pid as i32),
+        "the container died with its shim's cleanup"
     );
-    hyperbox_integration::procs::reap_zombie_children("");
+    procs::reap_zombie_children("");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains("/kept/rootfs"), "rootfs still mounted");
     c.delete().await.unwrap();

@@ -14,7 +14,7 @@ use hyperbox_api::annotations::{
 };
 use hyperbox_api::time::unix_now;
 use hyperbox_api::types::{
-    self, Action, ContainerInfo, DecidedBy, Decision, Policy, PolicyOrigin, Route, Source,
+    Action, ContainerInfo, DecidedBy, Decision, Policy, PolicyOrigin, Route, Source,
 };
 use hyperbox_config::{Memory, MemoryPolicy};
 use hyperbox_nri_proto::api::{self, Event};
@@ -26,7 +26,7 @@ use crate::memory::policy::{self, Bounds};
 use crate::memory::store::Store;
 use crate::metrics::{Metrics, Snapshot, Snapshots, TraceCounters};
 use crate::psi::history::History;
-use crate::state::{HISTORY, Job, Lookup, State, Tracked};
+use crate::state::{HISTORY, Job, State, Tracked};
 use crate::trace::Tracing;
 
 /// The agent.
@@ -195,24 +195,12 @@ impl Agent {
         r
     }
 
-    /// The container tracked under exactly `id`.
-    pub fn tracked(&self, id: &str) -> Option<types::Container> {
-        match self.state.find(id) {
-            Ok(c) if c.id == id => Some(c),
-            // `id` is also a prefix of other ids, or a name.
-            Ok(_) | Err(Lookup::Many(_)) if self.state.contains(id) => {
-                self.state.views().into_iter().find(|c| c.id == id)
-            }
-            _ => None,
-        }
-    }
-
     /// Forgets what is tracked under `info.id` when it belongs to an
     /// earlier run of that id (another cgroup, or started while `info`
     /// is not: a run never unregistered, the shim killed), ending that run
     /// as a stop would. `true` when something is tracked under the id now.
     pub fn forget_stale(&self, info: &ContainerInfo) -> bool {
-        let Some(c) = self.tracked(&info.id) else {
+        let Some(c) = self.state.get(&info.id) else {
             return false;
         };
         if c.cgroups_path == info.cgroups_path && (info.running || !c.started) {
@@ -236,17 +224,13 @@ impl Agent {
         // before its registration checks the real cgroup.
         info.running = false;
         if self.forget_stale(&info)
-            && let Some(c) = self.tracked(&info.id)
+            && let Some(c) = self.state.get(&info.id)
         {
             if c.source == Source::Nri {
-                return Policy {
-                    memory_limit: None,
-                    memory_high: None,
-                    memory_swap: None,
-                    annotations: Default::default(),
-                    decided_by: DecidedBy::Nri,
-                    reason: "decided through NRI CreateContainer; the spec holds it".into(),
-                };
+                return Policy::unchanged(
+                    DecidedBy::Nri,
+                    "decided through NRI CreateContainer; the spec holds it",
+                );
             }
             let created = c
                 .decisions
@@ -266,18 +250,14 @@ impl Agent {
             .and_then(|v| MemoryPolicy::parse(v))
             .is_some();
         let Some(mut t) = self.track(info, Source::Local) else {
-            return Policy {
-                memory_limit: None,
-                memory_high: None,
-                memory_swap: None,
-                annotations: Default::default(),
-                decided_by: DecidedBy::Off,
-                reason: if by_annotation {
+            return Policy::unchanged(
+                DecidedBy::Off,
+                if by_annotation {
                     format!("memory policy off ({MEMORY_POLICY})")
                 } else {
                     "memory policy off (memory.default_policy)".into()
                 },
-            };
+            );
         };
         let limit = self.size_new(&mut t, Route::Spec);
         let reason = t

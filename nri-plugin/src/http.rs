@@ -358,7 +358,7 @@ async fn register(
             a.state.set_started(&info.id);
             a.state.wake();
         }
-        if let Some(c) = a.tracked(&info.id) {
+        if let Some(c) = a.state.get(&info.id) {
             return (StatusCode::OK, Json(Registered::Tracked(Box::new(c)))).into_response();
         }
         // Unregistered meanwhile: tracked afresh below.
@@ -393,7 +393,7 @@ async fn register(
 /// StopContainer) until NRI's RemoveContainer.
 async fn unregister(State(app): State<App>, Path(id): Path<String>) -> StatusCode {
     let a = &app.agent;
-    let tracked = a.tracked(&id);
+    let tracked = a.state.get(&id);
     let traced = a.tracing.ids().contains(&id);
     match &tracked {
         Some(c) if c.source == Source::Nri => {

@@ -327,6 +327,11 @@ impl State {
         take(&self.containers).contains_key(id)
     }
 
+    /// Container `id` (exactly that id) as the local API shows it.
+    pub fn get(&self, id: &str) -> Option<types::Container> {
+        take(&self.containers).get(id).map(Tracked::view)
+    }
+
     /// The tracked ids.
     pub fn ids(&self) -> Vec<String> {
         take(&self.containers).keys().cloned().collect()

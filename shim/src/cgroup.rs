@@ -77,8 +77,7 @@ impl Cgroups {
     /// OOM kills so far in the cgroup.
     pub fn oom_kills(&self) -> u64 {
         self.oom_file()
-            .and_then(|f| std::fs::read_to_string(f).ok())
-            .map(|t| flat(&t).get("oom_kill").copied().unwrap_or(0))
+            .and_then(|f| read_flat(&f).get("oom_kill").copied())
             .unwrap_or(0)
     }
 
@@ -101,6 +100,7 @@ fn pack(m: &dyn containerd_shim::protos::protobuf::MessageDyn, type_url: &str) -
     })
 }
 
+/// A one-number file; 0 when it cannot be read or says `max` (no limit).
 fn read_u64(p: &Path) -> u64 {
     std::fs::read_to_string(p)
         .ok()
@@ -108,10 +108,12 @@ fn read_u64(p: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// A limit file: `max` (v2) and the v1 "unlimited" value read as 0, as
-/// containerd shows no limit.
-fn read_limit(p: &Path) -> u64 {
-    read_u64(p)
+/// A flat keyed file (`memory.stat`, `cpu.stat`, `memory.events`); empty
+/// when it cannot be read.
+fn read_flat(p: &Path) -> HashMap<String, u64> {
+    std::fs::read_to_string(p)
+        .map(|t| flat(&t))
+        .unwrap_or_default()
 }
 
 fn flat(text: &str) -> HashMap<String, u64> {
@@ -128,7 +130,7 @@ fn v1_metrics(m: &HashMap<String, PathBuf>) -> v1::Metrics {
     if let Some(d) = m.get("pids") {
         out.pids = MessageField::some(v1::PidsStat {
             current: read_u64(&d.join("pids.current")),
-            limit: read_limit(&d.join("pids.max")),
+            limit: read_u64(&d.join("pids.max")),
             ..Default::default()
         });
     }
@@ -147,9 +149,7 @@ fn v1_metrics(m: &HashMap<String, PathBuf>) -> v1::Metrics {
             per_cpu,
             ..Default::default()
         };
-        let st = std::fs::read_to_string(d.join("cpu.stat"))
-            .map(|t| flat(&t))
-            .unwrap_or_default();
+        let st = read_flat(&d.join("cpu.stat"));
         let throttling = v1::Throttle {
             periods: st.get("nr_periods").copied().unwrap_or(0),
             throttled_periods: st.get("nr_throttled").copied().unwrap_or(0),
@@ -163,13 +163,11 @@ fn v1_metrics(m: &HashMap<String, PathBuf>) -> v1::Metrics {
         });
     }
     if let Some(d) = m.get("memory") {
-        let st = std::fs::read_to_string(d.join("memory.stat"))
-            .map(|t| flat(&t))
-            .unwrap_or_default();
+        let st = read_flat(&d.join("memory.stat"));
         let g = |k: &str| st.get(k).copied().unwrap_or(0);
         let entry = |prefix: &str| v1::MemoryEntry {
             usage: read_u64(&d.join(format!("{prefix}.usage_in_bytes"))),
-            limit: read_limit(&d.join(format!("{prefix}.limit_in_bytes"))),
+            limit: read_u64(&d.join(format!("{prefix}.limit_in_bytes"))),
             max: read_u64(&d.join(format!("{prefix}.max_usage_in_bytes"))),
             failcnt: read_u64(&d.join(format!("{prefix}.failcnt"))),
             ..Default::default()
@@ -215,9 +213,7 @@ fn v1_metrics(m: &HashMap<String, PathBuf>) -> v1::Metrics {
         });
         // containerd 2.x's pod metrics read OOM events from here
         // (container_oom_events_total).
-        let oom = std::fs::read_to_string(d.join("memory.oom_control"))
-            .map(|t| flat(&t))
-            .unwrap_or_default();
+        let oom = read_flat(&d.join("memory.oom_control"));
         let o = |k: &str| oom.get(k).copied().unwrap_or(0);
         out.memory_oom_control = MessageField::some(v1::MemoryOomControl {
             oom_kill_disable: o("oom_kill_disable"),
@@ -233,12 +229,10 @@ fn v2_metrics(d: &Path) -> v2::Metrics {
     let mut out = v2::Metrics::new();
     out.pids = MessageField::some(v2::PidsStat {
         current: read_u64(&d.join("pids.current")),
-        limit: read_limit(&d.join("pids.max")),
+        limit: read_u64(&d.join("pids.max")),
         ..Default::default()
     });
-    let cpu = std::fs::read_to_string(d.join("cpu.stat"))
-        .map(|t| flat(&t))
-        .unwrap_or_default();
+    let cpu = read_flat(&d.join("cpu.stat"));
     let c = |k: &str| cpu.get(k).copied().unwrap_or(0);
     out.cpu = MessageField::some(v2::CPUStat {
         usage_usec: c("usage_usec"),
@@ -249,9 +243,7 @@ fn v2_metrics(d: &Path) -> v2::Metrics {
         throttled_usec: c("throttled_usec"),
         ..Default::default()
     });
-    let st = std::fs::read_to_string(d.join("memory.stat"))
-        .map(|t| flat(&t))
-        .unwrap_or_default();
+    let st = read_flat(&d.join("memory.stat"));
     let g = |k: &str| st.get(k).copied().unwrap_or(0);
     out.memory = MessageField::some(v2::MemoryStat {
         anon: g("anon"),
@@ -274,15 +266,13 @@ fn v2_metrics(d: &Path) -> v2::Metrics {
         pgfault: g("pgfault"),
         pgmajfault: g("pgmajfault"),
         usage: read_u64(&d.join("memory.current")),
-        usage_limit: read_limit(&d.join("memory.max")),
+        usage_limit: read_u64(&d.join("memory.max")),
         swap_usage: read_u64(&d.join("memory.swap.current")),
-        swap_limit: read_limit(&d.join("memory.swap.max")),
+        swap_limit: read_u64(&d.join("memory.swap.max")),
         max_usage: read_u64(&d.join("memory.peak")),
         ..Default::default()
     });
-    let ev = std::fs::read_to_string(d.join("memory.events"))
-        .map(|t| flat(&t))
-        .unwrap_or_default();
+    let ev = read_flat(&d.join("memory.events"));
     let e = |k: &str| ev.get(k).copied().unwrap_or(0);
     out.memory_events = MessageField::some(v2::MemoryEvents {
         low: e("low"),

@@ -344,14 +344,7 @@ mod tests {
         );
         assert_eq!(s["x-unknown"], json!({"kept": true}));
         assert_eq!(s["process"], json!({"args": ["sh"]}));
-        let none = Policy {
-            memory_limit: None,
-            memory_high: None,
-            memory_swap: None,
-            annotations: BTreeMap::new(),
-            decided_by: DecidedBy::Agent,
-            reason: String::new(),
-        };
+        let none = Policy::unchanged(DecidedBy::Agent, "");
         let before = spec();
         let mut s = spec();
         assert!(!apply(&mut s, &none));

@@ -409,12 +409,11 @@ async fn start_logger(
             Ok(())
         });
     }
+    let watch = crate::reaper::ExitWatch::new().await?;
     let child = cmd
         .spawn()
         .map_err(|e| io::Error::new(e.kind(), format!("start logger {}: {e}", bin.display())))?;
-    let logger_pid = child.id();
-    // The reaper collects it; only its pipes matter from here.
-    drop(child);
+    let logger_pid = child.id().unwrap_or_default();
     drop(fds);
     // Ready when it closes (or writes to) fd 5.
     let mut ready = pipe::Receiver::from_owned_fd(OwnedFd::from(ready_r))?;
@@ -428,13 +427,11 @@ async fn start_logger(
             ));
         }
     }
+    // The logger owns the streams: the output is delivered when it exits.
     Ok(tokio::spawn(async move {
-        // The logger owns the streams; wait for it to go away.
-        if let Some(pid) = logger_pid {
-            while Path::new(&format!("/proc/{pid}")).exists() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
+        watch.wait(logger_pid).await;
+        // Kept until the shim's reaper reported it (see reaper.rs).
+        drop(child);
     }))
 }
 

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use containerd_shim::api::{
@@ -127,8 +127,40 @@ impl Container {
 #[derive(Debug, Default)]
 struct Book {
     containers: HashMap<String, Container>,
-    /// Exits of pids no process claims yet: pid → (code, when).
-    unclaimed: HashMap<u32, (i32, SystemTime, Instant)>,
+    /// Exits of pids no process claims yet.
+    unclaimed: HashMap<u32, Exited>,
+}
+
+impl Book {
+    fn container(&self, id: &str) -> Result<&Container, ttrpc::Error> {
+        self.containers
+            .get(id)
+            .ok_or_else(|| not_found(&format!("container {id}")))
+    }
+
+    fn container_mut(&mut self, id: &str) -> Result<&mut Container, ttrpc::Error> {
+        self.containers
+            .get_mut(id)
+            .ok_or_else(|| not_found(&format!("container {id}")))
+    }
+
+    fn process(&self, id: &str, exec_id: &str) -> Result<&Proc, ttrpc::Error> {
+        self.container(id)?
+            .proc(exec_id)
+            .ok_or_else(|| not_found(&format!("process {id}/{exec_id}")))
+    }
+
+    /// Gives `pid` to a process and returns the exit it had before anyone
+    /// knew its pid, if any.
+    fn claim(&mut self, id: &str, exec_id: &str, pid: u32) -> Option<Exited> {
+        let early = self.unclaimed.remove(&pid);
+        let p = self.containers.get_mut(id)?.proc_mut(exec_id)?;
+        p.pid = pid;
+        if early.is_some() {
+            p.exit.send_replace(early);
+        }
+        early
+    }
 }
 
 /// The Task service.
@@ -187,40 +219,45 @@ fn timestamp(t: SystemTime) -> Timestamp {
     }
 }
 
-/// runc for a namespace, with what the options and the config say.
-fn runc_for(
-    cfg: &hyperbox_config::Config,
-    opts: &Runtime,
-    namespace: &str,
-) -> Result<runc::Runc, ttrpc::Error> {
-    let binary = if opts.binary_name.is_empty() {
-        cfg.shim.runc.clone()
-    } else {
-        opts.binary_name.clone()
-    };
-    let root = if opts.root.is_empty() {
-        cfg.shim.root.clone()
-    } else {
-        PathBuf::from(&opts.root)
-    };
-    build_runc(&binary, &root.join(namespace), opts.systemd_cgroup)
-}
-
-fn build_runc(binary: &str, root: &Path, systemd: bool) -> Result<runc::Runc, ttrpc::Error> {
-    let mut g = runc::options::GlobalOpts::new()
-        .command(binary)
-        .root(root)
-        .systemd_cgroup(systemd);
-    g.custom_spawner(Arc::new(ReaperSpawner));
-    g.build()
-        .map_err(|e| status(Code::FAILED_PRECONDITION, format!("runc {binary:?}: {e}")))
-}
-
+/// Which runc, with which state directory: from containerd's options,
+/// else the config. Recorded in the bundle so that a `shim delete` after
+/// the shim died uses the same.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct RuncState {
     binary: String,
     root: PathBuf,
     systemd: bool,
+}
+
+impl RuncState {
+    fn resolve(cfg: &hyperbox_config::Config, opts: &Runtime, namespace: &str) -> RuncState {
+        let pick = |given: &str, default: &str| {
+            if given.is_empty() {
+                default.to_string()
+            } else {
+                given.to_string()
+            }
+        };
+        RuncState {
+            binary: pick(&opts.binary_name, &cfg.shim.runc),
+            root: PathBuf::from(pick(&opts.root, &cfg.shim.root.to_string_lossy())).join(namespace),
+            systemd: opts.systemd_cgroup,
+        }
+    }
+
+    fn runc(&self) -> Result<runc::Runc, ttrpc::Error> {
+        let mut g = runc::options::GlobalOpts::new()
+            .command(&self.binary)
+            .root(&self.root)
+            .systemd_cgroup(self.systemd);
+        g.custom_spawner(Arc::new(ReaperSpawner));
+        g.build().map_err(|e| {
+            status(
+                Code::FAILED_PRECONDITION,
+                format!("runc {:?}: {e}", self.binary),
+            )
+        })
+    }
 }
 
 fn load_config(opts: &Runtime) -> Result<hyperbox_config::Config, ttrpc::Error> {
@@ -246,9 +283,9 @@ pub async fn cleanup_after_dead_shim(namespace: &str, id: &str, bundle: &Path) {
         .ok()
         .and_then(|b| serde_json::from_slice::<RuncState>(&b).ok());
     let runc = match state {
-        Some(s) => build_runc(&s.binary, &s.root, s.systemd),
+        Some(s) => s.runc(),
         None => load_config(&Runtime::default())
-            .and_then(|cfg| runc_for(&cfg, &Runtime::default(), namespace)),
+            .and_then(|cfg| RuncState::resolve(&cfg, &Runtime::default(), namespace).runc()),
     };
     match runc {
         Ok(r) => {
@@ -304,7 +341,10 @@ impl TaskService {
     /// Records an exit and publishes it, or keeps it until a process
     /// claims its pid.
     async fn on_exit(&self, pid: u32, code: i32) {
-        let at = SystemTime::now();
+        let e = Exited {
+            code: code as u32,
+            at: SystemTime::now(),
+        };
         let found = {
             let mut book = self.book.lock().expect("book lock");
             let found = book.containers.iter().find_map(|(id, c)| {
@@ -314,81 +354,58 @@ impl TaskService {
                 c.execs
                     .iter()
                     .find(|(_, p)| p.pid == pid && p.exited().is_none())
-                    .map(|(e, _)| (id.clone(), e.clone()))
+                    .map(|(x, _)| (id.clone(), x.clone()))
             });
             match &found {
                 Some((id, exec)) => {
                     if let Some(p) = book.containers.get_mut(id).and_then(|c| c.proc_mut(exec)) {
-                        p.exit.send_replace(Some(Exited {
-                            code: code as u32,
-                            at,
-                        }));
+                        p.exit.send_replace(Some(e));
                     }
                 }
                 None => {
+                    // runc's own CLI processes end here too: keep only
+                    // recent ones.
                     book.unclaimed
-                        .retain(|_, (_, _, t)| t.elapsed() < UNCLAIMED_FOR);
-                    book.unclaimed.insert(pid, (code, at, Instant::now()));
+                        .retain(|_, u| u.at.elapsed().is_ok_and(|d| d < UNCLAIMED_FOR));
+                    book.unclaimed.insert(pid, e);
                 }
             }
             found
         };
         if let Some((id, exec_id)) = found {
-            tracing::debug!(container = %id, exec = %exec_id, pid, code, "exited");
-            self.publish(
-                topics::TASK_EXIT_EVENT_TOPIC,
-                Box::new(TaskExit {
-                    container_id: id.clone(),
-                    id: if exec_id.is_empty() { id } else { exec_id },
-                    pid,
-                    exit_status: code as u32,
-                    exited_at: MessageField::some(timestamp(at)),
-                    ..Default::default()
-                }),
-            )
-            .await;
+            self.publish_exit(&id, &exec_id, pid, e).await;
         }
     }
 
-    /// Sets a process's pid and applies an exit that came first.
-    fn claim(&self, id: &str, exec_id: &str, pid: u32) {
-        let mut book = self.book.lock().expect("book lock");
-        let early = book.unclaimed.remove(&pid);
-        if let Some(p) = book
-            .containers
-            .get_mut(id)
-            .and_then(|c| c.proc_mut(exec_id))
-        {
-            p.pid = pid;
-            p.started = true;
-            if let Some((code, at, _)) = early {
-                p.exit.send_replace(Some(Exited {
-                    code: code as u32,
-                    at,
-                }));
-            }
-        }
-    }
-
-    fn early_exit(&self, id: &str, exec_id: &str) -> Option<Exited> {
-        let book = self.book.lock().expect("book lock");
-        book.containers.get(id)?.proc(exec_id)?.exited()
+    /// Publishes a process's exit.
+    async fn publish_exit(&self, id: &str, exec_id: &str, pid: u32, e: Exited) {
+        tracing::debug!(container = %id, exec = %exec_id, pid, code = e.code, "exited");
+        self.publish(
+            topics::TASK_EXIT_EVENT_TOPIC,
+            Box::new(TaskExit {
+                container_id: id.to_string(),
+                id: if exec_id.is_empty() { id } else { exec_id }.to_string(),
+                pid,
+                exit_status: e.code,
+                exited_at: MessageField::some(timestamp(e.at)),
+                ..Default::default()
+            }),
+        )
+        .await;
     }
 
     fn runc_of(&self, id: &str) -> Result<runc::Runc, ttrpc::Error> {
-        let book = self.book.lock().expect("book lock");
-        book.containers
-            .get(id)
-            .map(|c| c.runc.clone())
-            .ok_or_else(|| not_found(&format!("container {id}")))
+        Ok(self
+            .book
+            .lock()
+            .expect("book lock")
+            .container(id)?
+            .runc
+            .clone())
     }
 
     fn init_pid(&self, id: &str) -> Result<u32, ttrpc::Error> {
-        let book = self.book.lock().expect("book lock");
-        book.containers
-            .get(id)
-            .map(|c| c.init.pid)
-            .ok_or_else(|| not_found(&format!("container {id}")))
+        Ok(self.book.lock().expect("book lock").container(id)?.init.pid)
     }
 
     async fn create_inner(
@@ -411,22 +428,9 @@ impl TaskService {
         let opts = Runtime::from_any(req.options.as_ref())
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let cfg = load_config(&opts)?;
-        let runc = runc_for(&cfg, &opts, &self.namespace)?;
+        let state = RuncState::resolve(&cfg, &opts, &self.namespace);
+        let runc = state.runc()?;
         let bundle = PathBuf::from(&req.bundle);
-        let state = RuncState {
-            binary: if opts.binary_name.is_empty() {
-                cfg.shim.runc.clone()
-            } else {
-                opts.binary_name.clone()
-            },
-            root: if opts.root.is_empty() {
-                cfg.shim.root.clone()
-            } else {
-                PathBuf::from(&opts.root)
-            }
-            .join(&self.namespace),
-            systemd: opts.systemd_cgroup,
-        };
         let _ = std::fs::write(
             bundle.join(RUNC_STATE),
             serde_json::to_vec(&state).unwrap_or_default(),
@@ -550,22 +554,15 @@ impl TaskService {
                 None
             }
         };
-        {
+        let early = {
             let mut book = self.book.lock().expect("book lock");
-            let early = book.unclaimed.remove(&pid);
             if let Some(c) = book.containers.get_mut(id) {
-                c.init.pid = pid;
                 c.init.io = Some(attached);
                 c.agent = registration.map(|r| (agent, r));
                 c.oom = oom;
-                if let Some((code, at, _)) = early {
-                    c.init.exit.send_replace(Some(Exited {
-                        code: code as u32,
-                        at,
-                    }));
-                }
             }
-        }
+            book.claim(id, "", pid)
+        };
         self.publish(
             topics::TASK_CREATE_EVENT_TOPIC,
             Box::new(TaskCreate {
@@ -585,6 +582,10 @@ impl TaskService {
             }),
         )
         .await;
+        // Killed before its pid was known: containerd still hears of it.
+        if let Some(e) = early {
+            self.publish_exit(id, "", pid, e).await;
+        }
         Ok(CreateTaskResponse {
             pid,
             ..Default::default()
@@ -594,10 +595,7 @@ impl TaskService {
     async fn start_exec(&self, id: &str, exec_id: &str) -> Result<u32, ttrpc::Error> {
         let (runc, spec, stdio, owner, bundle) = {
             let mut book = self.book.lock().expect("book lock");
-            let c = book
-                .containers
-                .get_mut(id)
-                .ok_or_else(|| not_found(&format!("container {id}")))?;
+            let c = book.container_mut(id)?;
             let (owner, bundle, runc) = (c.io_owner, c.bundle.clone(), c.runc.clone());
             let p = c
                 .execs
@@ -627,7 +625,18 @@ impl TaskService {
             .and_then(|s| s.trim().parse::<u32>().ok())
             .ok_or_else(|| status(Code::INTERNAL, "runc exec wrote no pid"))?;
         let _ = std::fs::remove_file(&pid_file);
-        self.claim(id, exec_id, pid);
+        let early = {
+            let mut book = self.book.lock().expect("book lock");
+            let early = book.claim(id, exec_id, pid);
+            if let Some(p) = book
+                .containers
+                .get_mut(id)
+                .and_then(|c| c.execs.get_mut(exec_id))
+            {
+                p.started = true;
+            }
+            early
+        };
         let attached = attach(prepared, &stdio, id, &self.namespace)
             .await
             .map_err(|e| status(Code::INTERNAL, format!("stdio: {e}")))?;
@@ -651,20 +660,9 @@ impl TaskService {
             }),
         )
         .await;
-        // An exit that came before the claim is published now.
-        if let Some(e) = self.early_exit(id, exec_id) {
-            self.publish(
-                topics::TASK_EXIT_EVENT_TOPIC,
-                Box::new(TaskExit {
-                    container_id: id.to_string(),
-                    id: exec_id.to_string(),
-                    pid,
-                    exit_status: e.code,
-                    exited_at: MessageField::some(timestamp(e.at)),
-                    ..Default::default()
-                }),
-            )
-            .await;
+        // An exit that came before its pid was known is published now.
+        if let Some(e) = early {
+            self.publish_exit(id, exec_id, pid, e).await;
         }
         Ok(pid)
     }
@@ -705,10 +703,7 @@ impl TaskService {
         if !exec_id.is_empty() {
             let mut p = {
                 let mut book = self.book.lock().expect("book lock");
-                let c = book
-                    .containers
-                    .get_mut(id)
-                    .ok_or_else(|| not_found(&format!("container {id}")))?;
+                let c = book.container_mut(id)?;
                 let p = c
                     .execs
                     .get(exec_id)
@@ -734,10 +729,7 @@ impl TaskService {
         }
         let (runc, running, started, mut exit_rx) = {
             let book = self.book.lock().expect("book lock");
-            let c = book
-                .containers
-                .get(id)
-                .ok_or_else(|| not_found(&format!("container {id}")))?;
+            let c = book.container(id)?;
             (
                 c.runc.clone(),
                 c.init.exited().is_none(),
@@ -765,9 +757,8 @@ impl TaskService {
         }
         let mut c = {
             let mut book = self.book.lock().expect("book lock");
-            book.containers
-                .remove(id)
-                .ok_or_else(|| not_found(&format!("container {id}")))?
+            book.container(id)?;
+            book.containers.remove(id).expect("just found")
         };
         if let Some(io) = c.init.io.as_mut() {
             io.drain(DRAIN).await;
@@ -811,13 +802,8 @@ impl TaskService {
 impl Task for TaskService {
     async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> TtrpcResult<StateResponse> {
         let book = self.book.lock().expect("book lock");
-        let c = book
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
-        let p = c
-            .proc(&req.exec_id)
-            .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?;
+        let c = book.container(&req.id)?;
+        let p = book.process(&req.id, &req.exec_id)?;
         let e = p.exited();
         Ok(StateResponse {
             id: req.id.clone(),
@@ -863,10 +849,7 @@ impl Task for TaskService {
             .map_err(|e| runc_error("runc start", e))?;
         let (pid, agent) = {
             let mut book = self.book.lock().expect("book lock");
-            let c = book
-                .containers
-                .get_mut(&req.id)
-                .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+            let c = book.container_mut(&req.id)?;
             c.init.started = true;
             (c.init.pid, c.agent.clone())
         };
@@ -925,10 +908,7 @@ impl Task for TaskService {
         if req.exec_id.is_empty() {
             let (runc, exited) = {
                 let book = self.book.lock().expect("book lock");
-                let c = book
-                    .containers
-                    .get(&req.id)
-                    .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+                let c = book.container(&req.id)?;
                 (c.runc.clone(), c.init.exited().is_some())
             };
             if exited && !req.all {
@@ -941,10 +921,7 @@ impl Task for TaskService {
         }
         let pid = {
             let book = self.book.lock().expect("book lock");
-            let c = book
-                .containers
-                .get(&req.id)
-                .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+            let c = book.container(&req.id)?;
             let p = c
                 .execs
                 .get(&req.exec_id)
@@ -972,10 +949,7 @@ impl Task for TaskService {
             .map_err(|e| status(Code::INVALID_ARGUMENT, format!("exec process spec: {e}")))?;
         {
             let mut book = self.book.lock().expect("book lock");
-            let c = book
-                .containers
-                .get_mut(&req.id)
-                .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+            let c = book.container_mut(&req.id)?;
             if c.init.exited().is_some() {
                 return Err(status(
                     Code::FAILED_PRECONDITION,
@@ -1011,11 +985,7 @@ impl Task for TaskService {
 
     async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
         let book = self.book.lock().expect("book lock");
-        let p = book
-            .containers
-            .get(&req.id)
-            .and_then(|c| c.proc(&req.exec_id))
-            .ok_or_else(|| not_found(&format!("process {}/{}", req.id, req.exec_id)))?;
+        let p = book.process(&req.id, &req.exec_id)?;
         if let Some(io) = &p.io {
             io.resize(req.width, req.height)
                 .map_err(|e| status(Code::FAILED_PRECONDITION, format!("resize: {e}")))?;
@@ -1025,11 +995,7 @@ impl Task for TaskService {
 
     async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
         let book = self.book.lock().expect("book lock");
-        let p = book
-            .containers
-            .get(&req.id)
-            .and_then(|c| c.proc(&req.exec_id))
-            .ok_or_else(|| not_found(&format!("process {}/{}", req.id, req.exec_id)))?;
+        let p = book.process(&req.id, &req.exec_id)?;
         if req.stdin
             && let Some(io) = &p.io
         {
@@ -1052,12 +1018,7 @@ impl Task for TaskService {
     async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> TtrpcResult<WaitResponse> {
         let mut rx = {
             let book = self.book.lock().expect("book lock");
-            book.containers
-                .get(&req.id)
-                .and_then(|c| c.proc(&req.exec_id))
-                .ok_or_else(|| not_found(&format!("process {}/{}", req.id, req.exec_id)))?
-                .exit
-                .subscribe()
+            book.process(&req.id, &req.exec_id)?.exit.subscribe()
         };
         let e = rx
             .wait_for(Option::is_some)
