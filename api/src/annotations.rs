@@ -20,3 +20,6 @@ pub const MEMORY_DECISION: &str = "memory.hyperbox.dev/decision";
 /// Written by the agent beside a limit it set: the limit the user asked for
 /// (bytes, or `none`), so an agent restarted later knows its ceiling.
 pub const MEMORY_USER_LIMIT: &str = "memory.hyperbox.dev/user-limit";
+/// Written by the agent: the seccomp decision it took at creation (mode
+/// in force and why), so `crictl inspect` shows it.
+pub const SECCOMP_DECISION: &str = "seccomp.hyperbox.dev/decision";

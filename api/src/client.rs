@@ -156,6 +156,20 @@ impl Client {
         decode(Method::POST, path, &answer)
     }
 
+    /// `PUT path` with `body` as JSON, the answer decoded as `T`. An empty
+    /// answer (`204 No Content`) decodes as JSON `null`, so `T = ()` (or an
+    /// `Option`) reads it.
+    pub async fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        let encoded = serde_json::to_vec(body).map_err(|source| Error::Encode {
+            method: Method::PUT,
+            path: path.into(),
+            source,
+        })?;
+        let answer = self.call(Method::PUT, path, Some(encoded)).await?;
+        let answer: &[u8] = if answer.is_empty() { b"null" } else { &answer };
+        decode(Method::PUT, path, answer)
+    }
+
     /// `DELETE path`; the answer's body is ignored.
     pub async fn delete(&self, path: &str) -> Result<()> {
         self.call(Method::DELETE, path, None).await.map(drop)
@@ -381,6 +395,24 @@ mod tests {
             .unwrap_err();
         assert!(err.is_not_found());
         assert!(err.to_string().ends_with("no container matches x"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_put_answered_with_no_content_reads_as_unit() {
+        let (_d, sock) = serve_once(b"HTTP/1.1 204 No Content\r\n\r\n").await;
+        let body = serde_json::json!({"workload": "w", "mode": null});
+        Client::new(&sock)
+            .put::<_, ()>("/v1/profiles", &body)
+            .await
+            .unwrap();
+        let (_d, sock) =
+            serve_once(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 11\r\n\r\nno workload").await;
+        let err = Client::new(&sock)
+            .put::<_, ()>("/v1/profiles", &body)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().starts_with("PUT /v1/profiles"), "{err}");
+        assert!(err.to_string().ends_with("no workload"), "{err}");
     }
 
     #[tokio::test]

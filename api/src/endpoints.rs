@@ -3,13 +3,15 @@
 
 use crate::client::{Client, Error, Lines};
 use crate::types::{
-    ContainerInfo, EventLine, Explain, Health, Policy, Psi, Registered, Top, Trace,
+    ContainerInfo, EventLine, Explain, Health, Policy, ProfileDetail, ProfileDiff, ProfileSummary,
+    Psi, Registered, SetMode, Top, Trace,
 };
 
 type Result<T> = std::result::Result<T, Error>;
 
-/// A path segment with everything but unreserved characters
-/// percent-encoded, so an id cannot reach another endpoint.
+/// A path segment or query value with everything but unreserved
+/// characters percent-encoded, so an id cannot reach another endpoint and
+/// a workload key (`ns/pod@sha256:…`) travels as one value, byte for byte.
 fn segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
@@ -22,7 +24,49 @@ fn segment(s: &str) -> String {
     out
 }
 
+/// `path?k=v&…` with each value encoded.
+fn with_query(path: &str, pairs: &[(&str, &str)]) -> String {
+    let q: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={}", segment(v)))
+        .collect();
+    format!("{path}?{}", q.join("&"))
+}
+
 impl Client {
+    /// `GET /v1/profiles`: every learned seccomp profile.
+    pub async fn profiles(&self) -> Result<Vec<ProfileSummary>> {
+        self.get("/v1/profiles").await
+    }
+
+    /// `GET /v1/profiles?workload=…&format=…`: one workload's profile, in
+    /// `format` (`oci`, `localhost`, `spo`).
+    pub async fn profile(&self, workload: &str, format: &str) -> Result<ProfileDetail> {
+        self.get(&with_query(
+            "/v1/profiles",
+            &[("workload", workload), ("format", format)],
+        ))
+        .await
+    }
+
+    /// `GET /v1/profiles/diff?a=…&b=…` (`default`: the runtime's default
+    /// profile).
+    pub async fn profile_diff(&self, a: &str, b: &str) -> Result<ProfileDiff> {
+        self.get(&with_query("/v1/profiles/diff", &[("a", a), ("b", b)]))
+            .await
+    }
+
+    /// `PUT /v1/profiles`: a workload's mode override (`None` clears it).
+    pub async fn set_profile_mode(&self, m: &SetMode) -> Result<()> {
+        self.put("/v1/profiles", m).await
+    }
+
+    /// `DELETE /v1/profiles?workload=…`: forgets a workload's profile.
+    pub async fn forget_profile(&self, workload: &str) -> Result<()> {
+        self.delete(&with_query("/v1/profiles", &[("workload", workload)]))
+            .await
+    }
+
     /// `GET /healthz`.
     pub async fn health(&self) -> Result<Health> {
         self.get("/healthz").await
@@ -103,12 +147,17 @@ impl Events {
 
 #[cfg(test)]
 mod tests {
-    use super::segment;
+    use super::{segment, with_query};
 
     #[test]
     fn ids_cannot_escape_their_path_segment() {
         assert_eq!(segment("abc-1.2_x"), "abc-1.2_x");
         assert_eq!(segment("../healthz?x"), "..%2Fhealthz%3Fx");
         assert_eq!(segment("a b"), "a%20b");
+        // A workload key is one query value, however it is spelt.
+        assert_eq!(
+            with_query("/v1/profiles", &[("workload", "default/web@sha256:ab&x=1")]),
+            "/v1/profiles?workload=default%2Fweb%40sha256%3Aab%26x%3D1"
+        );
     }
 }

@@ -17,10 +17,15 @@
 //! | `GET /v1/containers/{id}/trace` | [`Trace`] |
 //! | `GET /v1/containers/{id}/events` | lines of [`EventLine`] |
 //! | `GET /v1/top` | [`Top`] |
+//! | `GET /v1/profiles` | `Vec<`[`ProfileSummary`]`>` |
+//! | `GET /v1/profiles?workload=W&format=oci\|localhost\|spo` | [`ProfileDetail`] |
+//! | `PUT /v1/profiles` | body [`SetMode`] (204) |
+//! | `DELETE /v1/profiles?workload=W` | no body (204, or 404) |
+//! | `GET /v1/profiles/diff?a=A&b=B` | [`ProfileDiff`] |
 
 use std::collections::{BTreeMap, HashMap};
 
-use hyperbox_config::MemoryPolicy;
+use hyperbox_config::{MemoryPolicy, SeccompMode};
 use serde::{Deserialize, Serialize};
 
 /// `GET /healthz`: the agent is up, and what it runs with.
@@ -34,6 +39,10 @@ pub struct Health {
     pub tracing_syscall_hook: String,
     /// The syscall hook is attached now (it detaches when nothing counts).
     pub tracing_syscall_hook_attached: bool,
+    /// The exit hook that sees seccomp denials is attached now (only while
+    /// a container under an enforced profile is watched).
+    #[serde(default)]
+    pub tracing_refusal_hook_attached: bool,
     /// Why the tracer is not loaded (empty when it is).
     pub tracing_unavailable: String,
     /// How the tracer tells containers apart: `v2` or `v1 memory`.
@@ -392,6 +401,12 @@ pub struct ContainerInfo {
     /// workload. `false`: keyed `containerd:<namespace>/…`.
     #[serde(default)]
     pub cri: bool,
+    /// The spec's `linux.seccomp` as the runtime filled it in (`None`: no
+    /// profile, Unconfined). The shim sends it with `POST /v1/policies`,
+    /// so the agent can tell the runtime's default profile from one the
+    /// user set.
+    #[serde(default)]
+    pub seccomp: Option<serde_json::Value>,
 }
 
 /// Who decided a [`Policy`].
@@ -438,6 +453,122 @@ pub struct Policy {
     pub decided_by: DecidedBy,
     /// Why, for people and logs.
     pub reason: String,
+    /// The seccomp decision (`None`: the container's mode is `off`, or an
+    /// older agent).
+    #[serde(default)]
+    pub seccomp: Option<SeccompDecision>,
+}
+
+/// Whether a [`SeccompDecision`] changes the spec's profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SeccompAction {
+    /// Leave `linux.seccomp` as the runtime set it (learning, a user's own
+    /// profile, nothing learned yet, or a profile that failed to compile).
+    Keep,
+    /// Replace `linux.seccomp` with [`SeccompDecision::profile`].
+    Install,
+}
+
+/// The seccomp half of a container's creation: the mode in force and the
+/// profile to write into the spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeccompDecision {
+    /// The mode asked for (annotation, `hb profile set-mode`, or the
+    /// default).
+    pub configured: SeccompMode,
+    /// The mode in force for this run: `auto` resolves to `learn` or
+    /// `enforce`; `complain` and `enforce` fall back to `learn` while
+    /// nothing is learned.
+    pub mode: SeccompMode,
+    /// What to do with the spec.
+    pub action: SeccompAction,
+    /// The OCI `LinuxSeccomp` to install when `action` is `install`.
+    pub profile: Option<serde_json::Value>,
+    /// The workload whose profile this is.
+    pub workload: String,
+    /// Allowed syscalls in the installed profile.
+    pub allowed: usize,
+    /// Why, for people and logs.
+    pub reason: String,
+}
+
+/// A syscall outside a container's profile, seen once per container
+/// (complain: allowed and logged; enforce: denied).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeccompReport {
+    /// Unix time.
+    pub at: u64,
+    /// Container id.
+    pub container: String,
+    /// Its workload.
+    pub workload: String,
+    /// The container's mode.
+    pub mode: SeccompMode,
+    /// Syscall name (`nr:<n>` when libseccomp does not know it).
+    pub syscall: String,
+    /// Its number.
+    pub nr: u32,
+    /// `x86_64` or `x86` (32-bit entry).
+    pub arch: String,
+    /// `denied` (enforce) or `allowed` (complain).
+    pub outcome: String,
+    /// Host pid of the caller.
+    pub pid: u32,
+    /// Its command name.
+    pub comm: String,
+}
+
+/// One workload's learned profile, for `hb profile ls`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProfileSummary {
+    /// Workload key.
+    pub workload: String,
+    /// `hb profile set-mode` override, if any.
+    pub mode: Option<SeccompMode>,
+    /// Enforcing under `auto` since (unix time).
+    pub enforcing_since: Option<u64>,
+    /// Learned syscalls (64-bit and 32-bit entries).
+    pub syscalls: usize,
+    /// Runs learned from.
+    pub runs: u32,
+    /// Runs in a row that added nothing.
+    pub stable_runs: u32,
+    /// First learned (unix time).
+    pub first_learned: u64,
+    /// Last grew (unix time).
+    pub grown_at: u64,
+    /// Syscalls reported outside the profile, for review.
+    pub review: usize,
+}
+
+/// `GET /v1/profiles/{workload}`: one workload's profile in full.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProfileDetail {
+    /// The summary.
+    pub summary: ProfileSummary,
+    /// Learned 64-bit syscalls by name.
+    pub syscalls: Vec<String>,
+    /// Learned 32-bit (`int 0x80`) syscalls by name.
+    pub compat: Vec<String>,
+    /// Syscalls reported outside the profile and how often (reported
+    /// once per container), never learned silently.
+    pub review: BTreeMap<String, u64>,
+    /// Its latest reports, oldest first.
+    pub reports: Vec<SeccompReport>,
+    /// The profile as installed, in the format asked for (`oci`,
+    /// `localhost`, `spo`).
+    pub profile: serde_json::Value,
+}
+
+/// `PUT /v1/profiles` (`hb profile set-mode`): a workload's mode
+/// override.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SetMode {
+    /// The workload key.
+    pub workload: String,
+    /// The mode; `None` clears the override.
+    pub mode: Option<SeccompMode>,
 }
 
 impl Policy {
@@ -450,6 +581,7 @@ impl Policy {
             annotations: BTreeMap::new(),
             decided_by,
             reason: reason.into(),
+            seccomp: None,
         }
     }
 }
@@ -487,6 +619,24 @@ pub struct Explain {
     pub node_memory_some_avg10: f64,
     /// The container's decisions, oldest first.
     pub decisions: Vec<Decision>,
+    /// Its seccomp decision at creation (`None`: mode off, or stopped).
+    #[serde(default)]
+    pub seccomp: Option<SeccompDecision>,
+}
+
+/// `GET /v1/profiles/diff`: what two profiles allow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProfileDiff {
+    /// The first (a workload, or `default`).
+    pub a: String,
+    /// The second.
+    pub b: String,
+    /// Allowed by `a` only.
+    pub only_a: Vec<String>,
+    /// Allowed by `b` only.
+    pub only_b: Vec<String>,
+    /// Allowed by both.
+    pub both: usize,
 }
 
 /// One exec in a container.
@@ -533,8 +683,12 @@ pub struct Trace {
     pub cgroup: u64,
     /// Still watched (running).
     pub live: bool,
-    /// Calls per syscall number.
+    /// Calls per syscall number (32-bit entries have bit 16 set).
     pub syscalls: BTreeMap<u32, u64>,
+    /// Calls per syscall name (`x86:<name>` for 32-bit entries, `nr:<n>`
+    /// for numbers libseccomp cannot name).
+    #[serde(default)]
+    pub syscall_names: BTreeMap<String, u64>,
     /// Their sum.
     pub syscall_total: u64,
     /// Counting was limited to `tracing.syscall_window_secs` and the
@@ -590,6 +744,9 @@ pub enum TraceEvent {
         /// The victim.
         pid: u32,
     },
+    /// A syscall outside the container's seccomp profile (once per
+    /// container and syscall).
+    Seccomp(SeccompReport),
 }
 
 /// A streamed event with its container.
@@ -756,13 +913,17 @@ mod tests {
             annotations: BTreeMap::from([("k".to_string(), "v".to_string())]),
             decided_by: DecidedBy::Agent,
             reason: "r".into(),
+            seccomp: None,
         };
         let text = serde_json::to_string(&p).unwrap();
         assert_eq!(
             text,
-            r#"{"memory_limit":30,"memory_high":27,"memory_swap":null,"annotations":{"k":"v"},"decided_by":"agent","reason":"r"}"#
+            r#"{"memory_limit":30,"memory_high":27,"memory_swap":null,"annotations":{"k":"v"},"decided_by":"agent","reason":"r","seccomp":null}"#
         );
         assert_eq!(serde_json::from_str::<Policy>(&text).unwrap(), p);
+        // An agent from before seccomp answers without the field.
+        let old = r#"{"memory_limit":30,"memory_high":27,"memory_swap":null,"annotations":{"k":"v"},"decided_by":"agent","reason":"r"}"#;
+        assert_eq!(serde_json::from_str::<Policy>(old).unwrap(), p);
         for d in [DecidedBy::Agent, DecidedBy::Nri, DecidedBy::Off] {
             assert_eq!(serde_json::to_value(d).unwrap(), d.as_str());
         }

@@ -9,7 +9,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use zerocopy::FromBytes;
 
-use crate::records::{AF_INET, ARGS_LEN, ExecEvent, FlowEvent, OomEvent, OpenHead, PATH_LEN, kind};
+use crate::records::{
+    AF_INET, ARGS_LEN, ExecEvent, FlowEvent, OomEvent, OpenHead, PATH_LEN, RefusedEvent, kind,
+};
 
 /// An event from the ring buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +61,23 @@ pub enum Event {
         /// How long the connection lived, ns.
         duration_ns: u64,
     },
+    /// A syscall of a container under an installed seccomp profile
+    /// returned EPERM or ENOSYS (the first time for its number): its
+    /// profile's denial, or the kernel's own refusal.
+    Refused {
+        /// The caller's pid.
+        pid: u32,
+        /// Its v2 cgroup id.
+        cgroup: u64,
+        /// Kernel monotonic time, ns.
+        time_ns: u64,
+        /// The syscall number ([`crate::COMPAT`] set for the 32-bit entry).
+        nr: u32,
+        /// The negative errno returned.
+        ret: i32,
+        /// The caller's command name.
+        comm: String,
+    },
     /// The OOM killer chose a process of a traced container.
     OomKill {
         /// The victim's pid.
@@ -78,6 +97,7 @@ pub fn parse_event(b: &[u8]) -> Option<Event> {
         kind::OPEN => open(b),
         kind::FLOW => flow(b),
         kind::OOM_KILL => oom_kill(b),
+        kind::REFUSED => refused(b),
         _ => None,
     }
 }
@@ -148,6 +168,18 @@ fn oom_kill(b: &[u8]) -> Option<Event> {
     })
 }
 
+fn refused(b: &[u8]) -> Option<Event> {
+    let (r, _) = RefusedEvent::read_from_prefix(b).ok()?;
+    Some(Event::Refused {
+        pid: r.head.pid,
+        cgroup: r.head.cgroup,
+        time_ns: r.head.time_ns,
+        nr: r.nr,
+        ret: r.ret,
+        comm: cstr(&r.comm),
+    })
+}
+
 /// The string up to the first NUL, or all of `b` if it has none.
 fn cstr(b: &[u8]) -> String {
     let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
@@ -183,6 +215,28 @@ mod tests {
         let mut b = vec![0u8; rec.len() + 1];
         b[1..].copy_from_slice(rec);
         b
+    }
+
+    #[test]
+    fn refused_record_round_trips() {
+        let mut r = RefusedEvent::new_zeroed();
+        r.head = head(kind::REFUSED, 5);
+        r.nr = 272;
+        r.ret = -1;
+        put(&mut r.comm, b"unshare");
+        let want = Event::Refused {
+            pid: 5,
+            cgroup: 7,
+            time_ns: 11,
+            nr: 272,
+            ret: -1,
+            comm: "unshare".into(),
+        };
+        assert_eq!(
+            parse_event(misaligned(r.as_bytes()).get(1..).unwrap()),
+            Some(want)
+        );
+        assert_eq!(parse_event(&r.as_bytes()[..40]), None);
     }
 
     #[test]

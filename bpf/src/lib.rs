@@ -40,6 +40,10 @@ use aya::{Btf, Ebpf, EbpfLoader};
 use zerocopy::FromZeros;
 
 pub use crate::event::{Event, parse_event};
+
+/// Set in a syscall number (the keys of [`Tracer::syscalls`]) entered
+/// through the 32-bit entry (`int 0x80`, i386 numbering).
+pub const COMPAT: u32 = 1 << 16;
 use crate::records::{FlowStart, SampleState, SyscallCounts, SyscallKey, Watch};
 
 /// The compiled programs.
@@ -159,6 +163,8 @@ enum Counts {
     /// (kept open while watched).
     Storage {
         map: CgrpStorage<MapData, SyscallCounts>,
+        /// Counts of watched cgroups already removed (`removed` map).
+        removed: HashMap<MapData, u64, SyscallCounts>,
         dirs: std::collections::HashMap<u64, std::fs::File>,
     },
     /// In the {cgroup id, nr} hash (pure v1 hosts).
@@ -174,6 +180,10 @@ pub struct Tracer {
     // Cgroups whose syscalls are counted (the syscall hook is attached
     // while there is one).
     counting: HashSet<u64>,
+    /// Cgroups whose refusals are reported (v2).
+    reporting: HashSet<u64>,
+    /// The exit hook's link while attached.
+    exit_link: Option<BtfTracePointLinkId>,
     counts: Counts,
     flows: HashMap<MapData, u64, FlowStart>,
     drops: PerCpuArray<MapData, u64>,
@@ -232,10 +242,22 @@ impl Tracer {
                 }
             }
         };
+        // Loaded on v2 hosts, attached only while a reporting container is
+        // watched (an exit hook costs every syscall on the node).
+        if v1 == 0 {
+            let exit: &mut BtfTracePoint = program(&mut ebpf, "hb_sys_exit")?;
+            exit.load("sys_exit", &btf)
+                .map_err(|e| prog("hb_sys_exit", e))?;
+        }
         let exec: &mut BtfTracePoint = program(&mut ebpf, "hb_exec")?;
         exec.load("sched_process_exec", &btf)
             .map_err(|e| prog("hb_exec", e))?;
         exec.attach().map_err(|e| prog("hb_exec", e))?;
+        let rmdir: &mut BtfTracePoint = program(&mut ebpf, "hb_cgroup_rmdir")?;
+        rmdir
+            .load("cgroup_rmdir", &btf)
+            .map_err(|e| prog("hb_cgroup_rmdir", e))?;
+        rmdir.attach().map_err(|e| prog("hb_cgroup_rmdir", e))?;
         let oom: &mut BtfTracePoint = program(&mut ebpf, "hb_oom")?;
         oom.load("mark_victim", &btf)
             .map_err(|e| prog("hb_oom", e))?;
@@ -256,6 +278,7 @@ impl Tracer {
         } else {
             Counts::Storage {
                 map: map("counts", CgrpStorage::try_from(take(&mut ebpf, "counts")?))?,
+                removed: map("removed", HashMap::try_from(take(&mut ebpf, "removed")?))?,
                 dirs: Default::default(),
             }
         };
@@ -271,6 +294,8 @@ impl Tracer {
             ebpf,
             watched,
             counting: HashSet::new(),
+            reporting: HashSet::new(),
+            exit_link: None,
             counts,
             flows,
             drops,
@@ -322,6 +347,33 @@ impl Tracer {
         Ok(())
     }
 
+    /// Whether the exit hook (seccomp refusals) is attached now.
+    pub fn exit_hook_attached(&self) -> bool {
+        self.exit_link.is_some()
+    }
+
+    fn attach_exit_hook(&mut self) -> Result<()> {
+        if self.exit_link.is_none() {
+            let t: &mut BtfTracePoint = program(&mut self.ebpf, "hb_sys_exit")?;
+            self.exit_link = Some(t.attach().map_err(|source| Error::Program {
+                name: "hb_sys_exit",
+                source,
+            })?);
+        }
+        Ok(())
+    }
+
+    fn detach_exit_hook(&mut self) -> Result<()> {
+        if let Some(id) = self.exit_link.take() {
+            let t: &mut BtfTracePoint = program(&mut self.ebpf, "hb_sys_exit")?;
+            t.detach(id).map_err(|source| Error::Program {
+                name: "hb_sys_exit",
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
     fn detach_syscall_hook(&mut self) -> Result<()> {
         let prog = |name, source| Error::Program { name, source };
         match &mut self.hook {
@@ -348,19 +400,39 @@ impl Tracer {
     }
 
     /// Starts tracing the cgroup with id `cgroup` whose directory is
-    /// `dir` (attaching the syscall hook for the first one).
-    pub fn watch(&mut self, cgroup: u64, dir: &Path) -> Result<()> {
-        if let Counts::Storage { map: m, dirs } = &mut self.counts
+    /// `dir` (attaching the syscall hook for the first one). With
+    /// `from_exec`, its syscalls are counted from the next exec in it on
+    /// (a container watched between `runc create` and `runc start`: what
+    /// runc's init does before it execs the workload is not the
+    /// workload's). With `report` (v2 only), its syscalls returning EPERM
+    /// or ENOSYS come as [`Event::Refused`] (the exit hook is attached
+    /// while such a cgroup is watched).
+    pub fn watch(&mut self, cgroup: u64, dir: &Path, from_exec: bool, report: bool) -> Result<()> {
+        if let Counts::Storage { map: m, dirs, .. } = &mut self.counts
             && !dirs.contains_key(&cgroup)
         {
             let f = std::fs::File::open(dir).map_err(|source| Error::Cgroup {
                 dir: dir.into(),
                 source,
             })?;
-            map("counts", m.insert(&f, SyscallCounts::new_zeroed(), 0))?;
+            let mut c = SyscallCounts::new_zeroed();
+            c.armed = u32::from(!from_exec);
+            c.report = u32::from(report);
+            map("counts", m.insert(&f, c, 0))?;
             dirs.insert(cgroup, f);
+            if report {
+                self.reporting.insert(cgroup);
+                self.attach_exit_hook()?;
+            }
         }
         self.attach_syscall_hook()?;
+        if matches!(self.counts, Counts::Hash(_)) && self.watched.get(&cgroup, 0).is_err() {
+            let w = Watch {
+                armed: u32::from(!from_exec),
+                ..Watch::default()
+            };
+            map("watched", self.watched.insert(cgroup, w, 0))?;
+        }
         self.set_counting(cgroup, true)?;
         self.counting.insert(cgroup);
         Ok(())
@@ -392,11 +464,15 @@ impl Tracer {
             self.set_counting(cgroup, false)?;
         }
         let counts = self.syscalls(cgroup)?;
+        if self.reporting.remove(&cgroup) && self.reporting.is_empty() {
+            self.detach_exit_hook()?;
+        }
         match &mut self.counts {
-            Counts::Storage { map, dirs } => {
+            Counts::Storage { map, dirs, removed } => {
                 if let Some(f) = dirs.remove(&cgroup) {
                     let _ = map.remove(&f);
                 }
+                let _ = removed.remove(&cgroup);
             }
             Counts::Hash(h) => {
                 for nr in counts.keys() {
@@ -488,13 +564,41 @@ impl Tracer {
             .collect()
     }
 
+    /// A watched v2 cgroup's counts: in its storage while it exists, then
+    /// as the kernel kept them at its removal.
+    fn stored_counts(&self, cgroup: u64) -> Result<Option<SyscallCounts>> {
+        let Counts::Storage {
+            map: m,
+            dirs,
+            removed,
+        } = &self.counts
+        else {
+            return Ok(None);
+        };
+        let Some(f) = dirs.get(&cgroup) else {
+            return Ok(None);
+        };
+        match m.get(f, 0) {
+            Ok(c) => Ok(Some(c)),
+            // Gone with its cgroup (offline: the fd no longer reaches it).
+            Err(_) => match removed.get(&cgroup, 0) {
+                Ok(c) => Ok(Some(c)),
+                Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+                Err(source) => Err(Error::Map {
+                    name: "removed",
+                    source,
+                }),
+            },
+        }
+    }
+
     /// Syscall number → times entered, for `cgroup` so far.
     pub fn syscalls(&self, cgroup: u64) -> Result<BTreeMap<u32, u64>> {
         match &self.counts {
-            Counts::Storage { map: m, dirs } => match dirs.get(&cgroup) {
-                Some(f) => Ok(map("counts", m.get(f, 0))?.to_map()),
-                None => Ok(BTreeMap::new()),
-            },
+            Counts::Storage { .. } => Ok(self
+                .stored_counts(cgroup)?
+                .map(SyscallCounts::to_map)
+                .unwrap_or_default()),
             Counts::Hash(h) => {
                 let mut out = BTreeMap::new();
                 for kv in h.iter() {
@@ -512,10 +616,11 @@ impl Tracer {
     pub fn totals(&self) -> Result<std::collections::HashMap<u64, u64>> {
         let mut out = std::collections::HashMap::new();
         match &self.counts {
-            Counts::Storage { map: m, dirs } => {
-                for (cgroup, f) in dirs {
-                    let c = map("counts", m.get(f, 0))?;
-                    out.insert(*cgroup, c.n.iter().sum());
+            Counts::Storage { dirs, .. } => {
+                for cgroup in dirs.keys() {
+                    if let Some(c) = self.stored_counts(*cgroup)? {
+                        out.insert(*cgroup, c.total());
+                    }
                 }
             }
             Counts::Hash(h) => {

@@ -32,6 +32,8 @@ pub(crate) mod kind {
     pub(crate) const OOM_KILL: u32 = 3;
     /// `EVENT_FLOW`, a [`FlowEvent`](super::FlowEvent).
     pub(crate) const FLOW: u32 = 4;
+    /// `EVENT_REFUSED`, a [`RefusedEvent`](super::RefusedEvent).
+    pub(crate) const REFUSED: u32 = 5;
 }
 
 /// Map types are `aya::Pod` only if zerocopy proved them plain bytes: this
@@ -44,7 +46,8 @@ const fn plain_bytes<T: FromBytes + IntoBytes + Immutable>() {}
 pub(crate) struct Watch {
     /// 1 while its syscalls are counted (read by the v1 hook).
     pub counting: u32,
-    pub pad: u32,
+    /// 1 once the container's first exec was seen (v1 hook).
+    pub armed: u32,
     /// Its events lost to a full ring.
     pub dropped: u64,
     /// Its opens left out by sampling.
@@ -80,22 +83,41 @@ const _: () = plain_bytes::<SyscallKey>();
 unsafe impl aya::Pod for SyscallKey {}
 
 /// `struct syscall_counts`: a v2 cgroup's local storage in the `counts`
-/// map, times each syscall number was entered.
+/// map, times each syscall number was entered through the 64-bit and the
+/// 32-bit entry, once `armed`.
 #[repr(C)]
 #[derive(Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
 pub(crate) struct SyscallCounts {
+    pub armed: u32,
+    /// 1: send its EPERM/ENOSYS returns (`EVENT_REFUSED`).
+    pub report: u32,
     pub n: [u64; NR_SYSCALLS],
+    pub compat: [u64; NR_SYSCALLS],
+    /// Numbers already sent as refused (bitmap).
+    pub refused: [u64; 2 * NR_SYSCALLS / 64],
 }
-const _: () = assert!(size_of::<SyscallCounts>() == 8 * NR_SYSCALLS);
+const _: () = assert!(size_of::<SyscallCounts>() == 8 + 16 * NR_SYSCALLS + 2 * NR_SYSCALLS / 8);
+const _: () = assert!(offset_of!(SyscallCounts, n) == 8);
 const _: () = plain_bytes::<SyscallCounts>();
 // SAFETY: as for `Watch`: repr(C) array of u64, no padding (IntoBytes),
 // any bit pattern valid (FromBytes).
 unsafe impl aya::Pod for SyscallCounts {}
 
 impl SyscallCounts {
-    /// Syscall number → count, for the numbers entered at least once.
+    /// Syscall number → count, for the numbers entered at least once;
+    /// 32-bit entries carry [`COMPAT`](crate::COMPAT).
     pub(crate) fn to_map(self) -> BTreeMap<u32, u64> {
-        (0u32..).zip(self.n).filter(|(_, c)| *c > 0).collect()
+        let compat = (0u32..).map(|nr| nr | crate::COMPAT).zip(self.compat);
+        (0u32..)
+            .zip(self.n)
+            .chain(compat)
+            .filter(|(_, c)| *c > 0)
+            .collect()
+    }
+
+    /// Syscalls entered in total.
+    pub(crate) fn total(&self) -> u64 {
+        self.n.iter().chain(self.compat.iter()).sum()
     }
 }
 
@@ -193,6 +215,19 @@ pub(crate) struct OomEvent {
 }
 const _: () = assert!(size_of::<OomEvent>() == 24);
 
+/// `struct refused_event`: a syscall returned EPERM or ENOSYS.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub(crate) struct RefusedEvent {
+    pub head: EventHead,
+    pub nr: u32,
+    pub ret: i32,
+    pub comm: [u8; 16],
+}
+const _: () = assert!(size_of::<RefusedEvent>() == 48);
+const _: () = assert!(offset_of!(RefusedEvent, nr) == 24);
+const _: () = assert!(offset_of!(RefusedEvent, comm) == 32);
+
 /// `struct flow_event`: a TCP connection, at its close. Ports in host
 /// order; addresses in network order, IPv4 in the first 4 bytes.
 #[repr(C)]
@@ -258,9 +293,16 @@ mod tests {
         c.n[0] = 3;
         c.n[257] = 12;
         c.n[NR_SYSCALLS - 1] = 1;
+        c.compat[20] = 2;
         assert_eq!(
             c.to_map().into_iter().collect::<Vec<_>>(),
-            [(0, 3), (257, 12), (NR_SYSCALLS as u32 - 1, 1)]
+            [
+                (0, 3),
+                (257, 12),
+                (NR_SYSCALLS as u32 - 1, 1),
+                (20 | crate::COMPAT, 2)
+            ]
         );
+        assert_eq!(c.total(), 18);
     }
 }

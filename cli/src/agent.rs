@@ -1,4 +1,5 @@
-//! `hb psi`, `hb policy explain`, `hb trace` and `hb top`: read the node
+//! `hb psi`, `hb policy explain`, `hb trace` and `hb top` (and, through
+//! these helpers, `hb profile`): read the node
 //! agent's local API on `agent.address` through `hyperbox_api::Client`,
 //! whose answers are the agent's own types.
 //!
@@ -12,13 +13,13 @@ use std::io::Write;
 
 use anyhow::{Context, Result, bail};
 use hyperbox_api::Client;
-use hyperbox_api::types::{EventLine, TopRow, TraceEvent};
+use hyperbox_api::types::{EventLine, SeccompAction, SeccompDecision, TopRow, Trace, TraceEvent};
 use serde::Serialize;
 
 use crate::table;
 
 /// Runs one call of the (async) client on a runtime of this thread.
-fn block_on<F: Future>(f: F) -> Result<F::Output> {
+pub(crate) fn block_on<F: Future>(f: F) -> Result<F::Output> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -26,12 +27,12 @@ fn block_on<F: Future>(f: F) -> Result<F::Output> {
     Ok(rt.block_on(f))
 }
 
-fn client(config: &hyperbox_config::Config) -> Client {
+pub(crate) fn client(config: &hyperbox_config::Config) -> Client {
     Client::new(&config.agent.address)
 }
 
 /// Prints `v` as pretty JSON with sorted keys.
-fn print_json<T: Serialize>(v: &T) -> Result<()> {
+pub(crate) fn print_json<T: Serialize>(v: &T) -> Result<()> {
     println!(
         "{}",
         serde_json::to_string_pretty(&serde_json::to_value(v)?)?
@@ -49,7 +50,7 @@ fn size(v: Option<u64>) -> String {
 
 /// The first 12 bytes of an id, cut back to a character boundary (ids
 /// come from the agent as sent by its callers, not always ASCII).
-fn short(id: &str) -> &str {
+pub(crate) fn short(id: &str) -> &str {
     &id[..id.floor_char_boundary(12)]
 }
 
@@ -166,6 +167,9 @@ pub fn explain(config: &hyperbox_config::Config, container: &str, json: bool) ->
         v.headroom_now,
         pct(Some(v.node_memory_some_avg10))
     );
+    for line in seccomp_lines(v.seccomp.as_ref(), &c.workload) {
+        println!("{line}");
+    }
     println!();
     let rows: Vec<Vec<String>> = v
         .decisions
@@ -188,6 +192,31 @@ pub fn explain(config: &hyperbox_config::Config, container: &str, json: bool) ->
     Ok(())
 }
 
+/// The seccomp decision's lines of `hb policy explain`, aligned with the
+/// memory ones; `workload` is the container's, to name the profile's only
+/// when it differs.
+fn seccomp_lines(d: Option<&SeccompDecision>, workload: &str) -> Vec<String> {
+    let Some(d) = d else {
+        return vec!["seccomp    off (or the container stopped, or an older agent)".into()];
+    };
+    let action = match d.action {
+        SeccompAction::Install => format!("install, {} syscalls allowed", d.allowed),
+        SeccompAction::Keep => "keep the runtime's profile".into(),
+    };
+    let mut lines = vec![format!(
+        "seccomp    {} (configured {}), {action}",
+        d.mode.as_str(),
+        d.configured.as_str()
+    )];
+    if !d.workload.is_empty() && d.workload != workload {
+        lines.push(format!("           profile of workload {}", d.workload));
+    }
+    if !d.reason.is_empty() {
+        lines.push(format!("           {}", d.reason));
+    }
+    lines
+}
+
 /// One streamed line for people; `None` for those shown as their JSON.
 fn event_text(line: &EventLine) -> Option<String> {
     let EventLine::Event(e) = line else {
@@ -205,6 +234,15 @@ fn event_text(line: &EventLine) -> Option<String> {
         }
         TraceEvent::OomKill { pid } => Some(format!("OOM   pid {pid} killed")),
         TraceEvent::Flow(_) => None,
+        TraceEvent::Seccomp(r) => Some(format!(
+            "SECCOMP {} {} ({}) pid {} {} [{}]",
+            r.outcome,
+            r.syscall,
+            r.arch,
+            r.pid,
+            r.comm,
+            r.mode.as_str()
+        )),
     }
 }
 
@@ -349,6 +387,35 @@ pub fn top(
     }
 }
 
+/// The syscall table of `hb trace`: its header and rows, busiest first
+/// (ties in the order of the keys as text, as the JSON object lists them).
+/// By name; by number from an agent that sends no names.
+fn syscall_rows(v: &Trace) -> (&'static str, Vec<Vec<String>>) {
+    let (header, mut rows): (_, Vec<(u64, String)>) = if v.syscall_names.is_empty() {
+        (
+            "SYSCALL NR",
+            v.syscalls
+                .iter()
+                .map(|(nr, n)| (*n, nr.to_string()))
+                .collect(),
+        )
+    } else {
+        (
+            "SYSCALL",
+            v.syscall_names
+                .iter()
+                .map(|(name, n)| (*n, name.clone()))
+                .collect(),
+        )
+    };
+    rows.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    let rows = rows
+        .into_iter()
+        .map(|(n, key)| vec![key, n.to_string()])
+        .collect();
+    (header, rows)
+}
+
 /// `hb trace <container>`: what the eBPF tracer saw of a container.
 pub fn trace(
     config: &hyperbox_config::Config,
@@ -395,22 +462,11 @@ pub fn trace(
         );
     }
     println!();
-    let mut rows: Vec<(u64, String)> = v
-        .syscalls
-        .iter()
-        .map(|(nr, n)| (*n, nr.to_string()))
-        .collect();
-    // Busiest first; ties in the order of the numbers as text, as the
-    // JSON object lists them.
-    rows.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-    let mut rows: Vec<Vec<String>> = rows
-        .into_iter()
-        .map(|(n, nr)| vec![nr, n.to_string()])
-        .collect();
+    let (header, mut rows) = syscall_rows(&v);
     // The busiest fifteen for people; --json has them all.
     let more = rows.len().saturating_sub(15);
     rows.truncate(15);
-    print!("{}", table::render(&["SYSCALL NR", "COUNT"], &rows));
+    print!("{}", table::render(&[header, "COUNT"], &rows));
     if more > 0 {
         println!("... {more} more (--json lists all)");
     }
@@ -511,7 +567,84 @@ mod tests {
             event_text(&open).unwrap(),
             "open  pid 1 /etc/hosts flags 0o2000"
         );
+        let seccomp = ev(TraceEvent::Seccomp(hyperbox_api::types::SeccompReport {
+            at: 1,
+            container: "c".into(),
+            workload: "ns/w@1".into(),
+            mode: hyperbox_config::SeccompMode::Enforce,
+            syscall: "ptrace".into(),
+            nr: 101,
+            arch: "x86_64".into(),
+            outcome: "denied".into(),
+            pid: 7,
+            comm: "strace".into(),
+        }));
+        assert_eq!(
+            event_text(&seccomp).unwrap(),
+            "SECCOMP denied ptrace (x86_64) pid 7 strace [enforce]"
+        );
         let lagged = EventLine::Note(StreamNote::Lagged { missed: 3 });
         assert_eq!(event_text(&lagged), None);
+    }
+
+    fn trace_of(names: &str) -> Trace {
+        let text = format!(
+            r#"{{"id":"c","name":"n","cgroup":1,"live":true,"syscalls":{{"0":5,"1":9,"231":1}},
+            {names}"syscall_total":15,"syscall_window_closed":false,"syscall_rate":null,
+            "syscall_samples":0,"execs":[],"exec_count":0,"opened":[],"open_count":0,
+            "oom_killed":[],"flows":[],"flow_count":0,"bytes_in":0,"bytes_out":0,
+            "ring_drops":0,"sampled_out":0}}"#
+        );
+        serde_json::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn trace_lists_syscalls_by_name_or_by_number_from_an_older_agent() {
+        let t = trace_of(r#""syscall_names":{"read":5,"write":9,"exit_group":1,"x86:read":1},"#);
+        let (header, rows) = syscall_rows(&t);
+        assert_eq!(header, "SYSCALL");
+        let keys: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+        assert_eq!(keys, ["write", "read", "exit_group", "x86:read"]);
+        assert_eq!(rows[0][1], "9");
+        let (header, rows) = syscall_rows(&trace_of(""));
+        assert_eq!(header, "SYSCALL NR");
+        let keys: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+        assert_eq!(keys, ["1", "0", "231"]);
+    }
+
+    #[test]
+    fn explain_shows_the_seccomp_decision() {
+        use hyperbox_config::SeccompMode;
+        let d = SeccompDecision {
+            configured: SeccompMode::Auto,
+            mode: SeccompMode::Enforce,
+            action: SeccompAction::Install,
+            profile: None,
+            workload: "ns/w@1".into(),
+            allowed: 143,
+            reason: "stable for 5 runs".into(),
+        };
+        assert_eq!(
+            seccomp_lines(Some(&d), "ns/w@1"),
+            [
+                "seccomp    enforce (configured auto), install, 143 syscalls allowed",
+                "           stable for 5 runs"
+            ]
+        );
+        let keep = SeccompDecision {
+            mode: SeccompMode::Learn,
+            action: SeccompAction::Keep,
+            allowed: 0,
+            reason: String::new(),
+            ..d
+        };
+        assert_eq!(
+            seccomp_lines(Some(&keep), "other"),
+            [
+                "seccomp    learn (configured auto), keep the runtime's profile",
+                "           profile of workload ns/w@1"
+            ]
+        );
+        assert!(seccomp_lines(None, "w")[0].starts_with("seccomp    off"));
     }
 }

@@ -5,6 +5,7 @@ mod agent;
 mod doctor;
 mod image;
 mod index;
+mod profile;
 mod snapshots;
 mod table;
 
@@ -71,6 +72,12 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Seccomp profiles the agent learned per workload: list, show,
+    /// compare, set a workload's mode, forget.
+    Profile {
+        #[command(subcommand)]
+        command: ProfileCommand,
+    },
     /// Kernel features hyperbox depends on, and how each was detected.
     Doctor {
         /// Machine-readable output.
@@ -124,6 +131,57 @@ enum PolicyCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum ProfileCommand {
+    /// Learned profiles: mode override, learning or enforcing, size, runs.
+    Ls {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One workload's profile: a summary, the syscalls reported outside it,
+    /// then the profile itself.
+    Show {
+        /// Workload key, as `hb profile ls` lists it.
+        workload: String,
+        /// Print only the profile, in this form: `oci` (the spec's
+        /// linux.seccomp), `localhost` (a file for the kubelet's seccomp
+        /// directory) or `spo` (a Security Profiles Operator object).
+        #[arg(long, value_parser = profile::FORMATS)]
+        format: Option<String>,
+        /// Machine-readable output: everything the agent knows of it.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Syscalls one profile allows and the other does not.
+    Diff {
+        /// Workload key, or `default` (the runtime's default profile).
+        a: String,
+        /// Workload key, or `default`.
+        #[arg(default_value = "default")]
+        b: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a workload's seccomp mode for its next containers, over its
+    /// annotation and seccomp.default_mode.
+    SetMode {
+        /// Workload key.
+        workload: String,
+        /// off, learn, complain, enforce, auto, or clear (drop the override).
+        mode: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop what was learned for a workload (it learns afresh).
+    Forget {
+        /// Workload key.
+        workload: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum SnapshotsCommand {
     /// List snapshots.
     Ls {
@@ -167,6 +225,21 @@ fn main() -> ExitCode {
             Command::Policy {
                 command: PolicyCommand::Explain { container, json },
             } => agent::explain(&config, &container, json),
+            Command::Profile { command } => match command {
+                ProfileCommand::Ls { json } => profile::ls(&config, json),
+                ProfileCommand::Show {
+                    workload,
+                    format,
+                    json,
+                } => profile::show(&config, &workload, format.as_deref(), json),
+                ProfileCommand::Diff { a, b, json } => profile::diff(&config, &a, &b, json),
+                ProfileCommand::SetMode {
+                    workload,
+                    mode,
+                    json,
+                } => profile::set_mode(&config, &workload, &mode, json),
+                ProfileCommand::Forget { workload } => profile::forget(&config, &workload),
+            },
             Command::Image {
                 command: ImageCommand::Index { reference, json },
             } => tokio::runtime::Runtime::new()?.block_on(index::run(&config, &reference, json)),

@@ -84,6 +84,85 @@ pub struct Config {
     pub tracing: Tracing,
     /// `[shim]`: the containerd shim `containerd-shim-hyperbox-v1`.
     pub shim: Shim,
+    /// `[seccomp]`: learned seccomp profiles.
+    pub seccomp: Seccomp,
+}
+
+/// A container's seccomp mode (annotation `seccomp.hyperbox.dev/mode`, or
+/// `seccomp.default_mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SeccompMode {
+    /// Leave the container's profile alone and learn nothing.
+    #[default]
+    Off,
+    /// Keep the runtime's profile; record the workload's syscalls.
+    Learn,
+    /// Install the learned profile, but only report what it would deny.
+    Complain,
+    /// Install the learned profile: syscalls outside it fail.
+    Enforce,
+    /// Learn until the profile is stable, then enforce.
+    Auto,
+}
+
+impl SeccompMode {
+    /// The annotation or config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SeccompMode::Off => "off",
+            SeccompMode::Learn => "learn",
+            SeccompMode::Complain => "complain",
+            SeccompMode::Enforce => "enforce",
+            SeccompMode::Auto => "auto",
+        }
+    }
+
+    /// Parses the annotation value (the same words as the config).
+    pub fn parse(s: &str) -> Option<SeccompMode> {
+        match s.trim() {
+            "off" => Some(SeccompMode::Off),
+            "learn" => Some(SeccompMode::Learn),
+            "complain" => Some(SeccompMode::Complain),
+            "enforce" => Some(SeccompMode::Enforce),
+            "auto" => Some(SeccompMode::Auto),
+            _ => None,
+        }
+    }
+}
+
+/// `[seccomp]`: profiles learned per workload from the tracer's syscall
+/// counts, installed at creation by the shim (every client) or NRI.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Seccomp {
+    /// Mode of containers without the annotation.
+    pub default_mode: SeccompMode,
+    /// `auto`: enforce once this many runs in a row added no syscall.
+    pub auto_stable_runs: u32,
+    /// `auto`: and once the workload has been learned for at least this
+    /// many seconds (a rare branch may need a day to show up).
+    pub auto_min_learn_secs: u64,
+    /// Replace a profile the user set (a Localhost profile, or none at
+    /// all: Unconfined) in `complain`, `enforce` and `auto`. `false`: only
+    /// the runtime's default profile is replaced, and a container the user
+    /// gave its own profile is left as it is.
+    pub override_user_profiles: bool,
+    /// Never install a learned profile smaller than this many syscalls (a
+    /// run that exited at once teaches nothing worth enforcing).
+    pub min_syscalls: u32,
+}
+
+impl Default for Seccomp {
+    fn default() -> Self {
+        Seccomp {
+            default_mode: SeccompMode::Off,
+            auto_stable_runs: 5,
+            auto_min_learn_secs: 3600,
+            override_user_profiles: false,
+            min_syscalls: 8,
+        }
+    }
 }
 
 /// `[shim]`: the containerd shim, which asks the agent for a container's
@@ -222,6 +301,7 @@ impl Default for Config {
             memory: Memory::default(),
             tracing: Tracing::default(),
             shim: Shim::default(),
+            seccomp: Seccomp::default(),
         }
     }
 }
@@ -617,6 +697,19 @@ impl Config {
         self.validate_agent(path)?;
         self.validate_shim(path)?;
         self.memory.validate(path)?;
+        let sc = &self.seccomp;
+        if sc.auto_stable_runs == 0 || sc.auto_stable_runs > 1000 {
+            return Err(invalid(
+                "seccomp.auto_stable_runs",
+                "must be between 1 and 1000",
+            ));
+        }
+        if sc.min_syscalls > 400 {
+            return Err(invalid(
+                "seccomp.min_syscalls",
+                "must be at most 400 (no workload needs more to be enforced)",
+            ));
+        }
         let t = &self.tracing;
         let rb = t.ring_buffer_bytes;
         if !rb.is_power_of_two() || !(4096..=256 << 20).contains(&rb) {

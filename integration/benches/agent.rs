@@ -97,6 +97,7 @@ fn container(i: usize) -> api::ContainerRequest {
             linux: Some(api::LinuxContainer {
                 resources: Some(api::LinuxResources::memory(512 * MIB as i64, None)),
                 cgroups_path: format!("/kubepods/pod/{id}"),
+                ..Default::default()
             }),
             ..Default::default()
         }),

@@ -30,6 +30,7 @@ pub mod containerd;
 pub mod corpus;
 pub mod cri;
 pub mod critest;
+pub mod ctr;
 pub mod digest;
 pub mod distro;
 pub mod fdstore;

@@ -125,6 +125,27 @@ impl Testbed {
         self.push(&spec, "test/sleeper", "v1").await
     }
 
+    /// The sleeper image ([`Testbed::push_sleeper`]) pushed and pulled into
+    /// containerd's overlayfs through the API, with the client that pulled
+    /// it.
+    pub async fn sleeper_image(&self) -> (crate::client::Client, crate::client::Image) {
+        self.image_in_overlayfs(&self.push_sleeper().await).await
+    }
+
+    /// `reference` pulled into containerd's overlayfs through the API, with
+    /// the client that pulled it.
+    pub async fn image_in_overlayfs(
+        &self,
+        reference: &str,
+    ) -> (crate::client::Client, crate::client::Image) {
+        let client = self.containerd.client().await.expect("containerd client");
+        let image = client
+            .pull(reference, &crate::client::PullOptions::local("overlayfs"))
+            .await
+            .expect("pull into overlayfs");
+        (client, image)
+    }
+
     /// The same image reference, pulled through the proxy.
     pub fn via_proxy(&self, reference: &str) -> String {
         reference.replacen(&self.registry.host(), &self.proxy.host(), 1)

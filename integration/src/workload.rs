@@ -5,6 +5,35 @@
 //! against.
 
 use std::path::{Path, PathBuf};
+
+// Three programs of different kinds for the seccomp tests and benchmark,
+// each deterministic in its output: `sh -c` scripts for the busybox image
+// and a `python3 -c` one for the Debian + Python image
+// (`crate::distro`).
+
+/// A network server: busybox httpd on loopback, fetched three times.
+pub const WEB_SERVER: &str = "httpd -p 127.0.0.1:8080 -h /etc && sleep 0.2 && \
+    for i in 1 2 3; do wget -q -O - http://127.0.0.1:8080/passwd | head -n 1; done; \
+    kill $(pidof httpd); echo served";
+/// A shell pipeline.
+pub const SHELL_PIPELINE: &str = "seq 1 2000 | sort -rn | head -n 50 | md5sum | cut -c1-8; \
+    tr a-z A-Z < /etc/passwd | wc -l; ls -la /bin | grep -c busybox";
+/// A language runtime doing file and network I/O.
+pub const PYTHON_IO: &str = r#"
+import json, os, socket, threading, tempfile
+d = tempfile.mkdtemp()
+for i in range(20):
+    with open(os.path.join(d, f"f{i}.json"), "w") as f:
+        json.dump({"i": i, "sq": i * i}, f)
+total = sum(json.load(open(os.path.join(d, n)))["sq"] for n in sorted(os.listdir(d)))
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen()
+def serve():
+    c, _ = srv.accept(); c.sendall(c.recv(64).upper()); c.close()
+t = threading.Thread(target=serve); t.start()
+cli = socket.create_connection(srv.getsockname()); cli.sendall(b"ping")
+print(total, cli.recv(64).decode()); t.join()
+"#;
+
 use std::process::Command;
 use std::sync::OnceLock;
 

@@ -12,8 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hyperbox_integration::agent::{AgentDaemon, memory_limit};
-use hyperbox_integration::client::{Client, ContainerOptions, Image, PullOptions};
-use hyperbox_integration::containerd::Line;
+use hyperbox_integration::client::{Client, ContainerOptions, Image};
 use hyperbox_integration::cri::{ContainerSpec, PodNetwork};
 use hyperbox_integration::image::ImageSpec;
 use hyperbox_integration::prereq::Prereq;
@@ -42,13 +41,7 @@ fn shim_of(pid: u32) -> i32 {
 /// The busybox sleeper image, pushed and pulled into containerd's
 /// overlayfs through the API.
 async fn sleeper(tb: &Testbed) -> (Client, Image) {
-    let reference = tb.push_sleeper().await;
-    let client = tb.containerd.client().await.unwrap();
-    let image = client
-        .pull(&reference, &PullOptions::local("overlayfs"))
-        .await
-        .unwrap();
-    (client, image)
+    tb.sleeper_image().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,55 +223,21 @@ async fn an_absent_or_hung_agent_never_blocks_a_container_unless_configured_to()
 
 /// The `ctr` of the instance's containerd line.
 fn ctr_bin(tb: &Testbed) -> PathBuf {
-    match tb.containerd.line() {
-        Line::V1_7 => PathBuf::from("/usr/bin/ctr"),
-        Line::V2 => gobin::ctr(),
-    }
+    hyperbox_integration::ctr::bin(&tb.containerd)
 }
 
-/// `ctr images pull` from the test registry (plain HTTP; 2.x's ctr pulls
-/// through the client, as 1.7's does, with `--local`).
 fn ctr_pull(tb: &Testbed, reference: &str) {
-    let mut args = vec!["images", "pull", "--plain-http"];
-    if tb.containerd.line() == Line::V2 {
-        args.push("--local");
-    }
-    args.push(reference);
-    ctr(tb, &args);
+    hyperbox_integration::ctr::pull(&tb.containerd, reference)
 }
 
-/// `args`, with a `run` given a cgroup under the instance's own prefix:
-/// ctr's default, `/<namespace>/<id>`, is shared by every containerd on
-/// the machine.
 fn isolated(tb: &Testbed, args: &[&str]) -> Vec<String> {
-    let mut out: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    if args.first() == Some(&"run") {
-        let cgroup = format!(
-            "{}/ctr-{:08x}",
-            tb.containerd.cgroup_prefix(),
-            rand::random::<u32>()
-        );
-        out.splice(1..1, ["--cgroup".to_string(), cgroup]);
-    }
-    out
+    hyperbox_integration::ctr::isolated(&tb.containerd, args)
 }
 
 /// Runs the real `ctr` against the instance; stdout, or a panic with
 /// stderr.
 fn ctr(tb: &Testbed, args: &[&str]) -> String {
-    let out = Command::new(ctr_bin(tb))
-        .arg("--address")
-        .arg(tb.containerd.address())
-        .args(isolated(tb, args))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ctr {args:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        tb.containerd.log()
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    hyperbox_integration::ctr::run(&tb.containerd, args)
 }
 
 /// `ctr args` under a pseudo-terminal (`script`), as a user at a shell

@@ -263,8 +263,9 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kill
             .contains(&health["tracing_syscall_hook"].as_str().unwrap_or("")),
         "{health}"
     );
-    // A syscall hook, exec, OOM and TCP, held by this agent (other agents may
-    // run on the machine at the same time).
+    // A syscall hook, its exit twin (seccomp refusals), exec, OOM, TCP and
+    // cgroup removal, held by this agent (other agents may run on the
+    // machine at the same time).
     let ours = programs_of(agent.pid().expect("agent pid"));
     let our_maps = bpf_ids_of(agent.pid().expect("agent pid"), "map_id:");
     assert!(our_maps.len() >= 8, "agent holds maps {our_maps:?}");
@@ -278,15 +279,23 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kill
                 .map(|(_, n)| n.as_str())
         })
         .collect();
-    assert_eq!(names.len(), 4, "agent holds {names:?}");
+    assert_eq!(names.len(), 6, "agent holds {names:?}");
     assert!(
-        names.contains(&"hb_exec") && names.contains(&"hb_oom") && names.contains(&"hb_tcp"),
+        [
+            "hb_exec",
+            "hb_oom",
+            "hb_tcp",
+            "hb_cgroup_rmd",
+            "hb_sys_exit"
+        ]
+        .iter()
+        .all(|p| names.iter().any(|n| n.starts_with(p))),
         "{names:?}"
     );
     assert_eq!(
         links_of(&ours),
-        3,
-        "exec, OOM and TCP attached; syscalls not"
+        4,
+        "exec, OOM, TCP and cgroup removal attached; syscalls not"
     );
 
     // A quiet neighbour, to check nothing of the worker is attributed to it.
@@ -295,8 +304,8 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kill
     assert_eq!(health["tracing_syscall_hook_attached"], true, "{health}");
     assert_eq!(
         links_of(&ours),
-        4,
-        "the syscall hook attaches with the first watch"
+        5,
+        "the syscall hook attaches with the first watch (no exit hook: nothing enforced)"
     );
     // The worker: its very first instruction is the exec of sh; then an
     // exec of the marker binary, opens and writes.
@@ -678,7 +687,7 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kill
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(links_of(&ours), 3);
+    assert_eq!(links_of(&ours), 4);
     assert!(agent.shutdown().is_empty());
 
     // OpenTelemetry: a span per container lifetime, received by an OTLP

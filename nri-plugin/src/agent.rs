@@ -7,16 +7,18 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use hyperbox_api::annotations::{
-    MEMORY_DECISION, MEMORY_POLICY, MEMORY_USER_LIMIT, TRACE_ENABLED, WORKLOAD,
+    MEMORY_DECISION, MEMORY_POLICY, MEMORY_USER_LIMIT, SECCOMP_DECISION, TRACE_ENABLED, WORKLOAD,
 };
 use hyperbox_api::time::unix_now;
 use hyperbox_api::types::{
-    Action, ContainerInfo, DecidedBy, Decision, Policy, PolicyOrigin, Route, Source,
+    Action, ContainerInfo, DecidedBy, Decision, Policy, PolicyOrigin, Route, SeccompAction,
+    SeccompDecision, Source,
 };
-use hyperbox_config::{Memory, MemoryPolicy};
+use hyperbox_config::{Memory, MemoryPolicy, SeccompMode};
 use hyperbox_nri_proto::api::{self, Event};
 use hyperbox_nri_proto::plugin::{Events, Link};
 use tokio::sync::mpsc;
@@ -26,6 +28,8 @@ use crate::memory::policy::{self, Bounds};
 use crate::memory::store::Store;
 use crate::metrics::{Metrics, Snapshot, Snapshots, TraceCounters};
 use crate::psi::history::History;
+use crate::seccomp::profile::SpecKind;
+use crate::seccomp::runs::Seccomp;
 use crate::state::{HISTORY, Job, State, Tracked};
 use crate::trace::Tracing;
 
@@ -47,6 +51,11 @@ pub struct Agent {
     /// The shim's journal of skipped policies (`shim-skipped.log` beside
     /// the agent's socket), counted at each scrape.
     pub shim_journal: std::sync::OnceLock<std::path::PathBuf>,
+    /// Learned seccomp profiles and the containers they apply to.
+    pub seccomp: Seccomp,
+    /// The NRI runtime applies seccomp adjustments (NRI 0.10+, containerd
+    /// 2.2+).
+    nri_seccomp: AtomicBool,
 }
 
 impl Agent {
@@ -57,6 +66,7 @@ impl Agent {
         store: Store,
         link: Arc<Link>,
         tracing: Arc<Tracing>,
+        seccomp: Seccomp,
     ) -> (Arc<Agent>, mpsc::UnboundedReceiver<Job>) {
         let (state, jobs) = State::new(memory, store);
         let agent = Agent {
@@ -67,6 +77,8 @@ impl Agent {
             metrics: Metrics::default(),
             tracing,
             shim_journal: std::sync::OnceLock::new(),
+            seccomp,
+            nri_seccomp: AtomicBool::new(false),
         };
         (Arc::new(agent), jobs)
     }
@@ -223,6 +235,213 @@ impl Agent {
         // Not created yet, whatever the caller says: nothing is sampled
         // before its registration checks the real cgroup.
         info.running = false;
+        let seccomp = self.seccomp_for_shim(&info);
+        let mut answer = self.memory_at_create(info);
+        answer.seccomp = seccomp;
+        answer
+    }
+
+    /// The seccomp half of `POST /v1/policies`. A container NRI decided
+    /// for keeps that decision: installed through NRI already (containerd
+    /// 2.2+), or handed to the shim to install (containerd 1.7, whose NRI
+    /// cannot set seccomp). A retry gets the same answer.
+    fn seccomp_for_shim(&self, info: &ContainerInfo) -> Option<SeccompDecision> {
+        if let Some(run) = self.seccomp.run(&info.id) {
+            let mut d = run.decision;
+            if run.via_nri {
+                d.action = SeccompAction::Keep;
+                d.profile = None;
+                d.reason = format!("{} (installed through NRI)", d.reason);
+            }
+            return Some(d);
+        }
+        let kind = SpecKind::of_spec(info.seccomp.as_ref());
+        let d = self.seccomp_at_create(info, Source::Local, kind, false);
+        (d.configured != SeccompMode::Off).then_some(d)
+    }
+
+    /// The seccomp half of NRI's CreateContainer. Where the runtime cannot
+    /// apply a seccomp adjustment (containerd before 2.2), an installing
+    /// decision waits for hyperbox's shim, if it runs the container.
+    fn seccomp_from_nri(
+        &self,
+        info: &ContainerInfo,
+        c: &api::Container,
+    ) -> Option<SeccompDecision> {
+        let kind = crate::seccomp::nri::kind(c, info.seccomp.as_ref());
+        let nri = self.nri_seccomp.load(Ordering::Relaxed);
+        let mut d = self.seccomp_at_create(info, Source::Nri, kind, nri);
+        if d.configured == SeccompMode::Off {
+            return None;
+        }
+        if d.action == SeccompAction::Install && !nri {
+            d.reason = format!(
+                "{} (containerd's NRI here cannot set seccomp: installed only when hyperbox's shim runs the container)",
+                d.reason
+            );
+        }
+        Some(d)
+    }
+
+    /// Decides container `info`'s seccomp profile at creation (see
+    /// [`Seccomp::at_create`]), counting the decision.
+    pub fn seccomp_at_create(
+        &self,
+        info: &ContainerInfo,
+        source: Source,
+        kind: SpecKind,
+        nri: bool,
+    ) -> SeccompDecision {
+        let keyed_as = if info.cri { Source::Nri } else { source };
+        let workload = workload_key(info, keyed_as);
+        let dir = self.layout.locate(&info.cgroups_path).map(|c| {
+            if self.tracing.uses_v1() {
+                c.memory
+            } else {
+                c.psi.unwrap_or(c.memory)
+            }
+        });
+        let (d, refused) = self.seccomp.at_create(
+            &info.id,
+            &workload,
+            &info.annotations,
+            kind,
+            info.seccomp.as_ref(),
+            dir,
+            nri,
+        );
+        if let Some(r) = refused {
+            self.metrics.seccomp_rejected.inc();
+            tracing::error!(container = %info.id, workload = %workload, error = %r.0,
+                "learned seccomp profile refused by libseccomp; not installed");
+        }
+        if d.configured != SeccompMode::Off {
+            let action = match d.action {
+                SeccompAction::Install => "install",
+                SeccompAction::Keep => "keep",
+            };
+            self.metrics.seccomp_decision(d.mode.as_str(), action);
+            tracing::info!(container = %info.id, workload = %workload, mode = d.mode.as_str(),
+                action, allowed = d.allowed, reason = %d.reason, "seccomp decision");
+        }
+        d
+    }
+
+    /// Ends container `id`'s run: tracing stops, a learning run's
+    /// syscalls join its workload's profile, its peak is learned; with
+    /// `remove`, everything about it is dropped.
+    pub fn end_run(&self, id: &str, remove: bool) {
+        self.tracing.stop(id);
+        let counts = self.tracing.get(id).map(|(_, c)| c);
+        if let Some(c) = &counts {
+            self.complaints(id, c);
+        }
+        match self.seccomp.finish(id, counts.as_ref()) {
+            Ok(Some((workload, added))) => {
+                self.metrics.seccomp_learned.inc_by(added.len() as u64);
+                if !added.is_empty() {
+                    tracing::info!(container = id, workload = %workload, added = ?added, "seccomp profile grew");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(container = id, error = %hyperbox_api::error_chain(&e), "save the learned syscalls")
+            }
+        }
+        if remove {
+            self.tracing.forget(id);
+        }
+        self.state.finish(id, remove);
+    }
+
+    /// A seccomp audit record: reported once per container when it is a
+    /// syscall outside a container's installed profile. `false` when no
+    /// container could be found for it (yet: a process that exited at
+    /// once is found through its exec, which the tracer may deliver a
+    /// little after the audit record; the caller retries once).
+    pub fn seccomp_audit(&self, rec: &crate::seccomp::audit::Record, last_try: bool) -> bool {
+        let id = self
+            .seccomp
+            .container_of_pid(rec.pid)
+            .or_else(|| self.tracing.container_of_pid(rec.pid));
+        let Some(id) = id else {
+            if last_try {
+                self.metrics.seccomp_unattributed.inc();
+                tracing::debug!(pid = rec.pid, comm = %rec.comm, nr = rec.nr, "seccomp audit record of no known container");
+            }
+            return false;
+        };
+        self.publish_report(&id, rec.arch, rec.nr, rec.pid, &rec.comm);
+        true
+    }
+
+    /// A syscall the tracer saw refused (EPERM or ENOSYS) in a container
+    /// under an installed profile: a denial when the profile does not
+    /// allow it (a refusal of an allowed syscall is the kernel's own).
+    pub fn seccomp_refused(&self, r: &crate::trace::Refusal) {
+        let Some(run) = self.seccomp.run(&r.container) else {
+            return;
+        };
+        let (arch, nr) = crate::seccomp::names::split(r.nr);
+        let allowed =
+            crate::seccomp::names::name(arch, nr).is_some_and(|n| run.allowed.contains(&n));
+        if allowed {
+            return;
+        }
+        self.publish_report(&r.container, arch, nr, r.pid, &r.comm);
+    }
+
+    /// A complaining container's syscalls outside its profile, from what
+    /// the tracer counted (a complaining profile allows them, so they
+    /// reach the tracer): reported once each, with no pid (the kernel's
+    /// audit record, when it arrives first, carries one).
+    fn complaints(&self, id: &str, counts: &std::collections::BTreeMap<u32, u64>) {
+        let Some(run) = self
+            .seccomp
+            .run(id)
+            .filter(|r| r.decision.mode == SeccompMode::Complain && !r.allowed.is_empty())
+        else {
+            return;
+        };
+        for key in counts.keys() {
+            let (arch, nr) = crate::seccomp::names::split(*key);
+            let allowed =
+                crate::seccomp::names::name(arch, nr).is_some_and(|n| run.allowed.contains(&n));
+            if !allowed {
+                self.publish_report(id, arch, nr, 0, "");
+            }
+        }
+    }
+
+    /// Checks every complaining container's counts so far (the agent's
+    /// periodic sweep).
+    pub fn sweep_complaints(&self) {
+        for id in self.seccomp.complaining() {
+            if let Some((_, counts)) = self.tracing.get(&id) {
+                self.complaints(&id, &counts);
+            }
+        }
+    }
+
+    fn publish_report(
+        &self,
+        id: &str,
+        arch: crate::seccomp::names::Arch,
+        nr: u32,
+        pid: u32,
+        comm: &str,
+    ) {
+        if let Some(r) = self.seccomp.report(id, arch, nr, pid, comm) {
+            tracing::warn!(container = %r.container, workload = %r.workload, mode = r.mode.as_str(),
+                syscall = %r.syscall, arch = %r.arch, outcome = %r.outcome, pid = r.pid, comm = %r.comm,
+                "syscall outside the seccomp profile");
+            self.metrics.seccomp_report(&r);
+            self.tracing.seccomp_report(&r);
+        }
+    }
+
+    /// The memory half of `POST /v1/policies`.
+    fn memory_at_create(&self, info: ContainerInfo) -> Policy {
         if self.forget_stale(&info)
             && let Some(c) = self.state.get(&info.id)
         {
@@ -294,18 +513,21 @@ impl Agent {
             annotations,
             decided_by: DecidedBy::Agent,
             reason,
+            seccomp: None,
         }
     }
 
     /// Starts tracing a container before its workload runs, unless its
     /// annotations opt out or the tracer is not loaded.
     pub fn trace_start(&self, info: &ContainerInfo) {
-        if info
+        let opted_out = info
             .annotations
             .get(TRACE_ENABLED)
-            .is_some_and(|v| v.trim() == "false")
-            || !self.tracing.available()
-        {
+            .is_some_and(|v| v.trim() == "false");
+        // Learning needs the tracer whatever the opt-out says; an enforced
+        // container that opted out goes without denial reports (and
+        // without their cost: docs/seccomp.md).
+        if (opted_out && !self.seccomp.learns(&info.id)) || !self.tracing.available() {
             return;
         }
         let cgroup = self.layout.locate(&info.cgroups_path);
@@ -318,7 +540,29 @@ impl Agent {
             tracing::warn!(container = %info.id, path = %info.cgroups_path, "no cgroup to trace");
             return;
         };
-        match self.tracing.watch(info, &dir) {
+        // A learning run is traced for its whole life, whatever the window
+        // and the opt-out say: the profile needs every syscall. A run
+        // decided nowhere yet (registered without asking for policies)
+        // learns when its mode allows.
+        if self.seccomp.run(&info.id).is_none() {
+            let keyed_as = if info.cri { Source::Nri } else { Source::Local };
+            self.seccomp
+                .learn_only(&info.id, &workload_key(info, keyed_as), &info.annotations);
+        }
+        // A run under an installed profile is watched for its whole life
+        // too, its refusals reported.
+        let enforced = self
+            .seccomp
+            .run(&info.id)
+            .is_some_and(|r| !r.allowed.is_empty());
+        let learns = self.seccomp.learns(&info.id);
+        let whole_life = learns || enforced;
+        // Learning runs opted out of tracing are watched for their syscalls
+        // only (no exit hook): `enforced && opted_out` returned above.
+        match self
+            .tracing
+            .watch(info, &dir, whole_life, enforced && !opted_out)
+        {
             Ok(()) => tracing::debug!(container = %info.id, "tracing"),
             Err(e) => {
                 tracing::warn!(container = %info.id, error = %hyperbox_api::error_chain(&e), "cannot trace")
@@ -382,7 +626,21 @@ pub fn info_from_nri(pod: &api::PodSandbox, c: &api::Container) -> ContainerInfo
             .is_some_and(|s| s.value > 0),
         running: c.state == api::CONTAINER_RUNNING,
         cri: true,
+        seccomp: c
+            .linux
+            .as_ref()
+            .and_then(|l| l.seccomp_policy.as_ref())
+            .map(crate::seccomp::nri::to_json),
     }
+}
+
+/// Whether an NRI runtime speaking `nri_version` (`v0.12.3`; empty for
+/// containerd 1.7) applies seccomp adjustments: NRI 0.10 and later.
+fn nri_sets_seccomp(nri_version: &str) -> bool {
+    let mut parts = nri_version.trim_start_matches('v').split('.');
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    major > 0 || minor >= 10
 }
 
 /// The `memory.hyperbox.dev/user-limit` value of a ceiling.
@@ -457,6 +715,8 @@ impl Events for Agent {
             "{} {}{nri}",
             req.runtime_name, req.runtime_version
         )));
+        self.nri_seccomp
+            .store(nri_sets_seccomp(&req.nri_version), Ordering::Relaxed);
         // Explicit, and only events NRI v0.6.1 knows: an empty mask would
         // subscribe a v0.12 runtime's validation call too (every creation
         // waiting on us), and a later bit makes 1.7 drop the plugin.
@@ -511,29 +771,47 @@ impl Events for Agent {
         container: &api::Container,
     ) -> api::CreateContainerResponse {
         let info = info_from_nri(pod, container);
-        let Some(mut t) = self.track(info, Source::Nri) else {
-            return api::CreateContainerResponse::default();
-        };
-        let limit = self.size_new(&mut t, Route::NriCreate);
-        let decision = t.decisions.back().map(|d| d.reason.clone());
-        let (had_swap, ceiling) = (t.had_swap, t.bounds.ceiling);
-        self.state.insert(t);
-        let Some(limit) = limit else {
-            return api::CreateContainerResponse::default();
-        };
-        self.metrics.decision(Action::Create);
-        let resources = self.resources_for(limit, had_swap);
+        let seccomp = self.seccomp_from_nri(&info, container);
         let mut annotations = HashMap::new();
-        if let Some(d) = decision {
-            annotations.insert(MEMORY_DECISION.to_string(), d);
+        let mut linux = api::LinuxContainerAdjustment::default();
+        if let Some(d) = &seccomp {
+            annotations.insert(
+                SECCOMP_DECISION.to_string(),
+                format!("{}: {}", d.mode.as_str(), d.reason),
+            );
+            if let (SeccompAction::Install, Some(p), true) = (
+                d.action,
+                &d.profile,
+                self.nri_seccomp.load(Ordering::Relaxed),
+            ) {
+                linux.seccomp_policy = Some(crate::seccomp::nri::from_json(p));
+            }
         }
-        annotations.insert(MEMORY_USER_LIMIT.to_string(), user_limit_value(ceiling));
+        let limit = match self.track(info, Source::Nri) {
+            Some(mut t) => {
+                let limit = self.size_new(&mut t, Route::NriCreate);
+                let decision = t.decisions.back().map(|d| d.reason.clone());
+                let (had_swap, ceiling) = (t.had_swap, t.bounds.ceiling);
+                self.state.insert(t);
+                limit.map(|l| (l, had_swap, ceiling, decision))
+            }
+            None => None,
+        };
+        if let Some((limit, had_swap, ceiling, decision)) = limit {
+            self.metrics.decision(Action::Create);
+            linux.resources = Some(self.resources_for(limit, had_swap));
+            if let Some(d) = decision {
+                annotations.insert(MEMORY_DECISION.to_string(), d);
+            }
+            annotations.insert(MEMORY_USER_LIMIT.to_string(), user_limit_value(ceiling));
+        }
+        if annotations.is_empty() && linux == api::LinuxContainerAdjustment::default() {
+            return api::CreateContainerResponse::default();
+        }
         api::CreateContainerResponse {
             adjust: Some(api::ContainerAdjustment {
                 annotations,
-                linux: Some(api::LinuxContainerAdjustment {
-                    resources: Some(resources),
-                }),
+                linux: Some(linux),
             }),
             update: Vec::new(),
             evict: Vec::new(),
@@ -573,13 +851,10 @@ impl Events for Agent {
                 self.state.set_started(&container.id);
                 self.state.wake();
             }
-            Event::StopContainer => {
-                self.tracing.stop(&container.id);
-                self.state.finish(&container.id, false);
-            }
+            Event::StopContainer => self.end_run(&container.id, false),
             Event::RemoveContainer => {
-                self.tracing.forget(&container.id);
-                self.state.finish(&container.id, true);
+                self.end_run(&container.id, true);
+                self.seccomp.drop_run(&container.id);
             }
             _ => {}
         }
@@ -670,6 +945,7 @@ mod tests {
             Store::open(&dir.join("state"), 20).unwrap(),
             Arc::new(Link::default()),
             Tracing::unavailable("tracing.enabled = false"),
+            crate::seccomp::runs::Seccomp::open(Default::default(), &dir.join("state")).unwrap(),
         );
         agent
     }

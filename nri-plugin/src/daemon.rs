@@ -52,6 +52,42 @@ async fn serve_endpoints(agent: &Arc<Agent>, cfg: &hyperbox_config::Config) -> R
     Ok(())
 }
 
+/// Reports syscalls outside installed seccomp profiles from the kernel's
+/// audit records, for the agent's life.
+async fn read_seccomp_audit(agent: Arc<Agent>) {
+    let mut reader = match crate::seccomp::audit::Reader::open() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the kernel's audit records (needs CAP_AUDIT_READ): syscalls outside seccomp profiles go unreported");
+            return;
+        }
+    };
+    loop {
+        match reader.next().await {
+            Ok(records) => {
+                let late: Vec<_> = records
+                    .into_iter()
+                    .filter(|r| !agent.seccomp_audit(r, false))
+                    .collect();
+                if !late.is_empty() {
+                    let agent = agent.clone();
+                    tokio::spawn(async move {
+                        // Past the tracer's drain period (50 ms) and then some.
+                        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                        for r in &late {
+                            agent.seccomp_audit(r, true);
+                        }
+                    });
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "audit records unreadable; seccomp reports stop");
+                return;
+            }
+        }
+    }
+}
+
 /// Runs the agent until SIGTERM/SIGINT, or until a pre-registered plugin's
 /// socket closes.
 pub async fn run(cfg: &hyperbox_config::Config) -> Result<()> {
@@ -61,12 +97,15 @@ pub async fn run(cfg: &hyperbox_config::Config) -> Result<()> {
     let link = Arc::new(Link::default());
     let tracing = crate::trace::Tracing::load(&cfg.tracing, &layout);
     tokio::spawn(tracing.clone().read_events());
+    let seccomp = crate::seccomp::runs::Seccomp::open(cfg.seccomp.clone(), &cfg.agent.state_dir)
+        .with_context(|| format!("open agent.state_dir {}", cfg.agent.state_dir.display()))?;
     let (agent, jobs) = Agent::new(
         cfg.memory.clone(),
         layout.clone(),
         store,
         link.clone(),
         tracing,
+        seccomp,
     );
     if let Some(dir) = cfg.agent.address.parent() {
         let _ = agent.shim_journal.set(dir.join("shim-skipped.log"));
@@ -91,6 +130,27 @@ pub async fn run(cfg: &hyperbox_config::Config) -> Result<()> {
         }
     }
     tokio::spawn(crate::memory::controller::run(agent.clone(), jobs));
+    tokio::spawn(read_seccomp_audit(agent.clone()));
+    {
+        // Complaining containers' syscalls outside their profile, as the
+        // tracer counts them, every 2 s (audit records report sooner).
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+            loop {
+                tick.tick().await;
+                agent.sweep_complaints();
+            }
+        });
+    }
+    if let Some(mut refusals) = agent.tracing.refusals() {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            while let Some(r) = refusals.recv().await {
+                agent.seccomp_refused(&r);
+            }
+        });
+    }
 
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;

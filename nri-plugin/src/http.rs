@@ -58,6 +58,11 @@ pub fn api_router(agent: Arc<Agent>, access: Arc<Access>) -> Router {
         .route("/v1/containers/{id}/trace", get(trace))
         .route("/v1/containers/{id}/events", get(events))
         .route("/v1/top", get(top))
+        .route(
+            "/v1/profiles",
+            get(profiles).put(set_profile_mode).delete(forget_profile),
+        )
+        .route("/v1/profiles/diff", get(diff_profiles))
         .with_state(App {
             agent,
             registry: Arc::new(Registry::default()),
@@ -96,6 +101,7 @@ async fn health(State(app): State<App>) -> Json<Health> {
         tracing: a.tracing.available(),
         tracing_syscall_hook: a.tracing.syscall_hook().into(),
         tracing_syscall_hook_attached: a.tracing.syscall_hook_attached(),
+        tracing_refusal_hook_attached: a.tracing.refusal_hook_attached(),
         tracing_unavailable: a.tracing.unavailable_reason().into(),
         tracing_cgroup: if a.tracing.uses_v1() {
             "v1 memory"
@@ -167,7 +173,130 @@ async fn explain(State(app): State<App>, Path(id): Path<String>) -> Response {
         headroom_now: crate::memory::policy::headroom(&cfg, node_some),
         node_memory_some_avg10: node_some,
         decisions: container.decisions.clone(),
+        seccomp: a.seccomp.run(&container.id).map(|r| r.decision),
         container,
+    })
+    .into_response()
+}
+
+/// `?workload=…&format=oci|localhost|spo`.
+#[derive(Debug, serde::Deserialize)]
+struct ProfileQuery {
+    workload: Option<String>,
+    #[serde(default)]
+    format: Option<String>,
+}
+
+/// `hb profile ls` (no workload) and `hb profile show` (one workload, in
+/// a format).
+async fn profiles(
+    State(app): State<App>,
+    axum::extract::Query(q): axum::extract::Query<ProfileQuery>,
+) -> Response {
+    let s = &app.agent.seccomp;
+    let Some(w) = q.workload else {
+        return Json(s.summaries()).into_response();
+    };
+    let format = q.format.as_deref().unwrap_or("oci");
+    if !matches!(format, "oci" | "localhost" | "spo") {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("unknown format {format:?} (oci, localhost, spo)"),
+        )
+            .into_response();
+    }
+    match s.detail(&w, format) {
+        Some(d) => Json(d).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            format!("no profile learned for workload {w:?}"),
+        )
+            .into_response(),
+    }
+}
+
+/// `hb profile set-mode`: `{"workload": …, "mode": "enforce" | null}`.
+async fn set_profile_mode(
+    State(app): State<App>,
+    Json(b): Json<hyperbox_api::types::SetMode>,
+) -> Response {
+    if b.workload.is_empty() {
+        return (StatusCode::BAD_REQUEST, "no workload").into_response();
+    }
+    match app.agent.seccomp.set_mode(&b.workload, b.mode) {
+        Ok(()) => {
+            tracing::info!(workload = %b.workload, mode = ?b.mode.map(|m| m.as_str()), "seccomp mode override set");
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            hyperbox_api::error_chain(&e),
+        )
+            .into_response(),
+    }
+}
+
+/// `hb profile forget`.
+async fn forget_profile(
+    State(app): State<App>,
+    axum::extract::Query(q): axum::extract::Query<ProfileQuery>,
+) -> Response {
+    let Some(w) = q.workload else {
+        return (StatusCode::BAD_REQUEST, "no workload").into_response();
+    };
+    match app.agent.seccomp.forget(&w) {
+        Ok(true) => {
+            tracing::info!(workload = %w, "seccomp profile forgotten");
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Ok(false) => (
+            StatusCode::NOT_FOUND,
+            format!("no profile learned for workload {w:?}"),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            hyperbox_api::error_chain(&e),
+        )
+            .into_response(),
+    }
+}
+
+/// `?a=…&b=…`.
+#[derive(Debug, serde::Deserialize)]
+struct DiffQuery {
+    a: String,
+    b: String,
+}
+
+/// `hb profile diff A B`: a workload's profile against another's or
+/// against the runtime's default (`default`).
+async fn diff_profiles(
+    State(app): State<App>,
+    axum::extract::Query(q): axum::extract::Query<DiffQuery>,
+) -> Response {
+    let s = &app.agent.seccomp;
+    let missing = |w: &str| {
+        let what = if w == "default" {
+            "the runtime's default profile has not been seen yet (run a container with it)"
+                .to_string()
+        } else {
+            format!("no profile learned for workload {w:?}")
+        };
+        (StatusCode::NOT_FOUND, what).into_response()
+    };
+    let Some(a) = s.allowed_of(&q.a) else {
+        return missing(&q.a);
+    };
+    let Some(b) = s.allowed_of(&q.b) else {
+        return missing(&q.b);
+    };
+    Json(hyperbox_api::types::ProfileDiff {
+        only_a: a.difference(&b).cloned().collect(),
+        only_b: b.difference(&a).cloned().collect(),
+        both: a.intersection(&b).count(),
+        a: q.a,
+        b: q.b,
     })
     .into_response()
 }
@@ -395,17 +524,12 @@ async fn unregister(State(app): State<App>, Path(id): Path<String>) -> StatusCod
     let a = &app.agent;
     let tracked = a.state.get(&id);
     let traced = a.tracing.ids().contains(&id);
+    let had_run = a.seccomp.run(&id).is_some();
     match &tracked {
-        Some(c) if c.source == Source::Nri => {
-            a.tracing.stop(&id);
-            a.state.finish(&id, false);
-        }
-        _ => {
-            a.tracing.forget(&id);
-            a.state.finish(&id, true);
-        }
+        Some(c) if c.source == Source::Nri => a.end_run(&id, false),
+        _ => a.end_run(&id, true),
     }
-    if tracked.is_some() || traced {
+    if tracked.is_some() || traced || had_run {
         StatusCode::NO_CONTENT
     } else {
         StatusCode::NOT_FOUND
@@ -450,6 +574,7 @@ mod tests {
             store,
             Arc::new(Link::default()),
             Tracing::unavailable("tracing.enabled = false"),
+            crate::seccomp::runs::Seccomp::open(Default::default(), &dir.join("state")).unwrap(),
         );
         agent
     }
@@ -875,6 +1000,7 @@ mod tests {
             linux: Some(api::LinuxContainer {
                 resources: None,
                 cgroups_path: "/hb/app-3".into(),
+                ..Default::default()
             }),
             ..Default::default()
         };

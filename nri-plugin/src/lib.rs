@@ -22,5 +22,7 @@ pub mod memory;
 pub mod metrics;
 pub mod otlp;
 pub mod psi;
+pub mod seccomp;
 pub mod state;
+pub mod state_file;
 pub mod trace;

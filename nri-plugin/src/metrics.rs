@@ -39,6 +39,14 @@ pub struct Metrics {
     pub trigger_wakeups: Counter,
     /// Errors reading cgroup or PSI files.
     pub read_errors: Counter,
+    seccomp_decisions: Family<Labels, Counter>,
+    seccomp_reports: Family<Labels, Counter>,
+    /// Learned profiles libseccomp refused (never installed).
+    pub seccomp_rejected: Counter,
+    /// Seccomp audit records no container could be found for.
+    pub seccomp_unattributed: Counter,
+    /// Syscalls added to learned profiles.
+    pub seccomp_learned: Counter,
 }
 
 impl Default for Metrics {
@@ -51,6 +59,11 @@ impl Default for Metrics {
             nri_connected: Gauge::default(),
             trigger_wakeups: Counter::default(),
             read_errors: Counter::default(),
+            seccomp_decisions: Family::default(),
+            seccomp_reports: Family::default(),
+            seccomp_rejected: Counter::default(),
+            seccomp_unattributed: Counter::default(),
+            seccomp_learned: Counter::default(),
         }
     }
 }
@@ -71,6 +84,28 @@ impl Metrics {
     pub fn decision(&self, action: Action) {
         self.decisions
             .get_or_create(&vec![("action".to_string(), action.as_str().to_string())])
+            .inc();
+    }
+
+    /// Counts a seccomp decision at creation.
+    pub fn seccomp_decision(&self, mode: &str, action: &str) {
+        self.seccomp_decisions
+            .get_or_create(&vec![
+                ("mode".to_string(), mode.to_string()),
+                ("action".to_string(), action.to_string()),
+            ])
+            .inc();
+    }
+
+    /// Counts a syscall reported outside a container's profile.
+    pub fn seccomp_report(&self, r: &hyperbox_api::types::SeccompReport) {
+        self.seccomp_reports
+            .get_or_create(&vec![
+                ("workload".to_string(), r.workload.clone()),
+                ("mode".to_string(), r.mode.as_str().to_string()),
+                ("syscall".to_string(), r.syscall.clone()),
+                ("outcome".to_string(), r.outcome.clone()),
+            ])
             .inc();
     }
 
@@ -105,6 +140,31 @@ impl Metrics {
             "hyperbox_psi_trigger_wakeups",
             "Times a PSI trigger woke the memory controller",
             self.trigger_wakeups.clone(),
+        );
+        registry.register(
+            "hyperbox_seccomp_decisions",
+            "Seccomp decisions at container creation, by mode in force and action (install, keep)",
+            self.seccomp_decisions.clone(),
+        );
+        registry.register(
+            "hyperbox_seccomp_reports",
+            "Syscalls outside a container's installed profile (once per container), by workload, mode, syscall and outcome (denied, allowed)",
+            self.seccomp_reports.clone(),
+        );
+        registry.register(
+            "hyperbox_seccomp_profile_rejected",
+            "Learned profiles libseccomp refused to compile (never installed)",
+            self.seccomp_rejected.clone(),
+        );
+        registry.register(
+            "hyperbox_seccomp_reports_unattributed",
+            "Seccomp audit records of a process no container could be found for",
+            self.seccomp_unattributed.clone(),
+        );
+        registry.register(
+            "hyperbox_seccomp_learned_syscalls",
+            "Syscalls added to learned profiles",
+            self.seccomp_learned.clone(),
         );
         registry.register(
             "hyperbox_read_errors",

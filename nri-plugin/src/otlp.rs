@@ -294,6 +294,31 @@ impl Exporter {
         );
     }
 
+    /// A syscall outside the container's seccomp profile, as an event on
+    /// its span (`seccomp.denied` or `seccomp.logged`).
+    pub fn seccomp(&self, r: &hyperbox_api::types::SeccompReport) {
+        let name = if r.outcome == "denied" {
+            "seccomp.denied"
+        } else {
+            "seccomp.logged"
+        };
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+            .unwrap_or(0);
+        self.event(
+            &r.container,
+            name,
+            now,
+            vec![
+                KeyValue::new("syscall.name", r.syscall.clone()),
+                KeyValue::new("syscall.arch", r.arch.clone()),
+                KeyValue::new("seccomp.mode", r.mode.as_str()),
+                KeyValue::new("process.pid", i64::from(r.pid)),
+                KeyValue::new("process.command", r.comm.clone()),
+            ],
+        );
+    }
+
     fn event(&self, id: &str, name: &'static str, time_ns: u64, attrs: Vec<KeyValue>) {
         if let Some(span) = self
             .live

@@ -148,6 +148,26 @@ pub struct Tracing {
     by_cgroup: Mutex<HashMap<u64, String>>,
     /// Live events for `hb trace --follow`.
     stream: broadcast::Sender<ContainerEvent>,
+    /// Syscalls refused to containers under a seccomp profile, for the
+    /// agent to judge (see [`Tracing::refusals`]).
+    refused: tokio::sync::mpsc::UnboundedSender<Refusal>,
+    refused_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Refusal>>>,
+}
+
+/// A syscall of a reporting container that returned EPERM or ENOSYS (the
+/// first time for its number).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Container id.
+    pub container: String,
+    /// Syscall number (`hyperbox_bpf::COMPAT` set for the 32-bit entry).
+    pub nr: u32,
+    /// The negative errno.
+    pub ret: i32,
+    /// The caller's pid.
+    pub pid: u32,
+    /// Its command name.
+    pub comm: String,
 }
 
 impl Tracing {
@@ -193,6 +213,7 @@ impl Tracing {
             }
         };
         let (stream, _) = broadcast::channel(1024);
+        let (refused, refused_rx) = tokio::sync::mpsc::unbounded_channel();
         let otlp = if tracer.is_some() {
             otlp::Exporter::start(cfg).unwrap_or_else(|e| {
                 tracing::error!(error = %hyperbox_api::error_chain(&e), "no OTLP export");
@@ -219,6 +240,8 @@ impl Tracing {
             containers: Mutex::default(),
             by_cgroup: Mutex::default(),
             stream,
+            refused,
+            refused_rx: Mutex::new(Some(refused_rx)),
         });
         if let (Some((every, length)), true, Ok(rt)) = (
             sample,
@@ -250,6 +273,7 @@ impl Tracing {
     /// root needed, as in unit tests).
     pub fn unavailable(reason: &str) -> Arc<Tracing> {
         let (stream, _) = broadcast::channel(1);
+        let (refused, refused_rx) = tokio::sync::mpsc::unbounded_channel();
         Arc::new_cyclic(|me| Tracing {
             tracer: None,
             unavailable: reason.to_string(),
@@ -261,6 +285,8 @@ impl Tracing {
             containers: Mutex::default(),
             by_cgroup: Mutex::default(),
             stream,
+            refused,
+            refused_rx: Mutex::new(Some(refused_rx)),
         })
     }
 
@@ -288,8 +314,20 @@ impl Tracing {
     /// What `hb trace` shows of container `id`.
     pub fn report(&self, id: &str) -> Option<Trace> {
         let (t, syscalls) = self.get(id)?;
+        let syscall_names = syscalls
+            .iter()
+            .map(|(key, n)| {
+                let (arch, nr) = crate::seccomp::names::split(*key);
+                let name = crate::seccomp::names::display(arch, nr);
+                match arch {
+                    crate::seccomp::names::Arch::X8664 => (name, *n),
+                    crate::seccomp::names::Arch::X86 => (format!("x86:{name}"), *n),
+                }
+            })
+            .collect();
         Some(Trace {
             syscall_total: syscalls.values().sum(),
+            syscall_names,
             id: t.id,
             name: t.name,
             cgroup: t.cgroup,
@@ -344,8 +382,16 @@ impl Tracing {
     }
 
     /// Starts watching a container whose cgroup directory (v2, or its v1
-    /// memory cgroup when [`Tracing::uses_v1`]) is `dir`.
-    pub fn watch(&self, info: &ContainerInfo, dir: &Path) -> Result<(), Error> {
+    /// memory cgroup when [`Tracing::uses_v1`]) is `dir`. Its syscalls are
+    /// counted from its first exec, for the counting window, or for its
+    /// whole life with `whole_life` (seccomp learning needs every syscall).
+    pub fn watch(
+        &self,
+        info: &ContainerInfo,
+        dir: &Path,
+        whole_life: bool,
+        report: bool,
+    ) -> Result<(), Error> {
         let (id, name) = (info.id.as_str(), info.name.as_str());
         let Some(tracer) = &self.tracer else {
             return Err(Error::Unavailable(self.unavailable.clone()));
@@ -355,7 +401,7 @@ impl Tracing {
         tracer
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .watch(cgroup, dir)?;
+            .watch(cgroup, dir, true, report && !self.v1)?;
         if let Some(o) = &self.otlp {
             o.started(&otlp::Container {
                 id: id.into(),
@@ -399,7 +445,8 @@ impl Tracing {
                     counting_since: Some(std::time::Instant::now()),
                 },
             );
-        if let (Some(window), Ok(rt)) = (
+        if let (false, Some(window), Ok(rt)) = (
+            whole_life,
             window_of(info, self.window),
             tokio::runtime::Handle::try_current(),
         ) {
@@ -477,6 +524,37 @@ impl Tracing {
             }
             _ => detach(tracer),
         }
+    }
+
+    /// The refusals the tracer reports, once (the agent's reader takes it).
+    pub fn refusals(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Refusal>> {
+        self.refused_rx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    /// Publishes a seccomp report of container `id`: on its span, and to
+    /// `hb trace --follow` readers.
+    pub fn seccomp_report(&self, r: &hyperbox_api::types::SeccompReport) {
+        if let Some(o) = &self.otlp {
+            o.seccomp(r);
+        }
+        let _ = self.stream.send(ContainerEvent {
+            container: r.container.clone(),
+            event: TraceEvent::Seccomp(r.clone()),
+        });
+    }
+
+    /// The traced container that exec'd `pid` (among the execs kept): who
+    /// a short-lived process belonged to once its /proc entry is gone.
+    pub fn container_of_pid(&self, pid: u32) -> Option<String> {
+        self.containers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .find(|t| t.execs.iter().any(|e| e.pid == pid))
+            .map(|t| t.id.clone())
     }
 
     /// Whether container `id` is watched now.
@@ -598,7 +676,7 @@ impl Tracing {
             .values_mut()
             .filter(|t| t.live && t.syscall_window_closed && t.counting_since.is_none())
         {
-            match tracer.watch(t.cgroup, &t.dir) {
+            match tracer.watch(t.cgroup, &t.dir, false, false) {
                 Ok(()) => {
                     t.counting_since = Some(std::time::Instant::now());
                     n += 1;
@@ -735,6 +813,15 @@ impl Tracing {
         })
     }
 
+    /// Whether the exit hook (seccomp refusals) is attached now.
+    pub fn refusal_hook_attached(&self) -> bool {
+        self.tracer.as_ref().is_some_and(|t| {
+            t.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .exit_hook_attached()
+        })
+    }
+
     /// Records one event of a watched container into its results, and
     /// returns what `hb trace --follow` readers get when there are any.
     fn record(
@@ -748,7 +835,8 @@ impl Tracing {
             Event::Exec { cgroup, .. }
             | Event::Open { cgroup, .. }
             | Event::Flow { cgroup, .. }
-            | Event::OomKill { cgroup, .. } => *cgroup,
+            | Event::OomKill { cgroup, .. }
+            | Event::Refused { cgroup, .. } => *cgroup,
         };
         let id = by_cgroup.get(&cgroup)?;
         let t = map.get_mut(id)?;
@@ -810,6 +898,20 @@ impl Tracing {
                 t.bytes_in += bytes_in;
                 t.bytes_out += bytes_out;
                 TraceEvent::Flow(flow)
+            }
+            Event::Refused {
+                pid, nr, ret, comm, ..
+            } => {
+                // Judged by the agent against the container's profile; it
+                // publishes the denials.
+                let _ = self.refused.send(Refusal {
+                    container: id.clone(),
+                    nr,
+                    ret,
+                    pid,
+                    comm,
+                });
+                return None;
             }
             Event::OomKill { pid, time_ns, .. } => {
                 if let Some(o) = &self.otlp {

@@ -335,6 +335,102 @@ pub struct LinuxContainer {
     /// The OCI `cgroupsPath` (`/a/b/c`, or `slice:prefix:name` with systemd).
     #[prost(string, tag = "5")]
     pub cgroups_path: String,
+    /// How the user chose the seccomp profile (NRI 0.10+, containerd 2.2+;
+    /// absent: no choice made, treated as Unconfined).
+    #[prost(message, optional, tag = "7")]
+    pub seccomp_profile: Option<SecurityProfile>,
+    /// The spec's seccomp profile as generated (NRI 0.10+; absent: none).
+    #[prost(message, optional, tag = "8")]
+    pub seccomp_policy: Option<LinuxSeccomp>,
+}
+
+/// `SecurityProfile`: a CRI security profile choice.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SecurityProfile {
+    /// [`PROFILE_RUNTIME_DEFAULT`], [`PROFILE_UNCONFINED`] or
+    /// [`PROFILE_LOCALHOST`].
+    #[prost(int32, tag = "1")]
+    pub profile_type: i32,
+    /// The Localhost profile's path.
+    #[prost(string, tag = "2")]
+    pub localhost_ref: String,
+}
+
+/// `SecurityProfile.ProfileType` RUNTIME_DEFAULT.
+pub const PROFILE_RUNTIME_DEFAULT: i32 = 0;
+/// `SecurityProfile.ProfileType` UNCONFINED.
+pub const PROFILE_UNCONFINED: i32 = 1;
+/// `SecurityProfile.ProfileType` LOCALHOST.
+pub const PROFILE_LOCALHOST: i32 = 2;
+
+/// `LinuxSeccomp`: an OCI seccomp profile, its strings spelled as in OCI
+/// (`SCMP_ACT_ALLOW`, `SCMP_ARCH_X86_64`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinuxSeccomp {
+    /// `defaultAction`.
+    #[prost(string, tag = "1")]
+    pub default_action: String,
+    /// `defaultErrnoRet` (containerd 2.4's NRI does not apply it: leave it
+    /// out and let SCMP_ACT_ERRNO mean EPERM).
+    #[prost(message, optional, tag = "2")]
+    pub default_errno: Option<OptionalUInt32>,
+    /// `architectures`.
+    #[prost(string, repeated, tag = "3")]
+    pub architectures: Vec<String>,
+    /// `flags`.
+    #[prost(string, repeated, tag = "4")]
+    pub flags: Vec<String>,
+    /// `listenerPath`.
+    #[prost(string, tag = "5")]
+    pub listener_path: String,
+    /// `listenerMetadata`.
+    #[prost(string, tag = "6")]
+    pub listener_metadata: String,
+    /// `syscalls`.
+    #[prost(message, repeated, tag = "7")]
+    pub syscalls: Vec<LinuxSyscall>,
+}
+
+/// `LinuxSyscall`: one rule.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinuxSyscall {
+    /// `names`.
+    #[prost(string, repeated, tag = "1")]
+    pub names: Vec<String>,
+    /// `action`.
+    #[prost(string, tag = "2")]
+    pub action: String,
+    /// `errnoRet`.
+    #[prost(message, optional, tag = "3")]
+    pub errno_ret: Option<OptionalUInt32>,
+    /// `args`.
+    #[prost(message, repeated, tag = "4")]
+    pub args: Vec<LinuxSeccompArg>,
+}
+
+/// `LinuxSeccompArg`: one argument condition.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinuxSeccompArg {
+    /// `index`.
+    #[prost(uint32, tag = "1")]
+    pub index: u32,
+    /// `value`.
+    #[prost(uint64, tag = "2")]
+    pub value: u64,
+    /// `valueTwo`.
+    #[prost(uint64, tag = "3")]
+    pub value_two: u64,
+    /// `op` (`SCMP_CMP_EQ`…).
+    #[prost(string, tag = "4")]
+    pub op: String,
+}
+
+/// `OptionalUInt32`: presence distinguishes "unset" from 0.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct OptionalUInt32 {
+    /// The value.
+    #[prost(uint32, tag = "1")]
+    pub value: u32,
 }
 
 /// `LinuxResources`.
@@ -387,6 +483,10 @@ pub struct LinuxContainerAdjustment {
     /// Resources to set.
     #[prost(message, optional, tag = "2")]
     pub resources: Option<LinuxResources>,
+    /// Replaces the spec's seccomp profile whole (NRI 0.10+, containerd
+    /// 2.2+; older runtimes ignore the field).
+    #[prost(message, optional, tag = "6")]
+    pub seccomp_policy: Option<LinuxSeccomp>,
 }
 
 /// `ContainerUpdate`.

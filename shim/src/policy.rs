@@ -14,8 +14,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use hyperbox_api::annotations::SECCOMP_DECISION;
 use hyperbox_api::client::Client;
-use hyperbox_api::types::{ContainerInfo, DecidedBy, Policy};
+use hyperbox_api::types::{ContainerInfo, DecidedBy, Policy, SeccompAction, SeccompDecision};
 use serde_json::{Value, json};
 
 /// CRI's annotations on a container's spec.
@@ -106,12 +107,21 @@ impl Agent {
         match self.client.policy(&reg.info).await {
             Ok(p) => {
                 tracing::info!(container = id, decided_by = p.decided_by.as_str(), reason = %p.reason, "policy");
-                if p.decided_by == DecidedBy::Agent && apply(&mut spec, &p) {
+                let memory = p.decided_by == DecidedBy::Agent && apply(&mut spec, &p);
+                let seccomp = p
+                    .seccomp
+                    .as_ref()
+                    .is_some_and(|d| apply_seccomp(&mut spec, d));
+                if let Some(d) = &p.seccomp {
+                    let installed = seccomp && d.action == SeccompAction::Install;
+                    tracing::info!(container = id, mode = d.mode.as_str(), installed, reason = %d.reason, "seccomp");
+                }
+                if memory || seccomp {
                     write_atomic(&path, &spec).map_err(|e| spec_err(e.to_string()))?;
-                    if let Some(l) = p.memory_limit {
-                        reg.info.user_limit = Some(reg.info.limit);
-                        reg.info.limit = Some(l);
-                    }
+                }
+                if memory && let Some(l) = p.memory_limit {
+                    reg.info.user_limit = Some(reg.info.limit);
+                    reg.info.limit = Some(l);
                 }
             }
             Err(e) => {
@@ -218,8 +228,33 @@ fn info_of(spec: &Value, namespace: &str, id: &str) -> Option<ContainerInfo> {
         had_swap: positive(memory.and_then(|m| m.get("swap"))).is_some(),
         cri: cri_ns.is_some(),
         annotations,
+        seccomp: spec
+            .pointer("/linux/seccomp")
+            .filter(|v| !v.is_null())
+            .cloned(),
         ..Default::default()
     })
+}
+
+/// Writes the agent's seccomp decision into the spec: the profile, when
+/// it installs one, and the decision as an annotation either way. `false`
+/// when it changes nothing (the runtime's profile stays as it was).
+fn apply_seccomp(spec: &mut Value, d: &SeccompDecision) -> bool {
+    let root = spec.as_object_mut().expect("an OCI spec is an object");
+    let annotations = root.entry("annotations").or_insert_with(|| json!({}));
+    if let Some(a) = annotations.as_object_mut() {
+        a.insert(
+            SECCOMP_DECISION.into(),
+            json!(format!("{}: {}", d.mode.as_str(), d.reason)),
+        );
+    }
+    if let (SeccompAction::Install, Some(profile)) = (d.action, &d.profile) {
+        let linux = root.entry("linux").or_insert_with(|| json!({}));
+        if let Some(l) = linux.as_object_mut() {
+            l.insert("seccomp".into(), profile.clone());
+        }
+    }
+    true
 }
 
 /// Writes the agent's decision into the spec; `false` when it changes
@@ -324,6 +359,7 @@ mod tests {
             annotations: BTreeMap::from([("memory.hyperbox.dev/decision".into(), "sized".into())]),
             decided_by: DecidedBy::Agent,
             reason: "sized".into(),
+            seccomp: None,
         };
         assert!(apply(&mut s, &p));
         assert_eq!(
@@ -349,5 +385,38 @@ mod tests {
         let mut s = spec();
         assert!(!apply(&mut s, &none));
         assert_eq!(s, before);
+    }
+
+    #[test]
+    fn an_installed_profile_replaces_the_runtimes_and_a_kept_one_stays() {
+        let profile = json!({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": []});
+        let mut d = SeccompDecision {
+            configured: hyperbox_config::SeccompMode::Auto,
+            mode: hyperbox_config::SeccompMode::Enforce,
+            action: SeccompAction::Install,
+            profile: Some(profile.clone()),
+            workload: "w".into(),
+            allowed: 0,
+            reason: "stable".into(),
+        };
+        let mut s = spec();
+        s["linux"]["seccomp"] =
+            json!({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["read"]}]});
+        assert!(apply_seccomp(&mut s, &d));
+        assert_eq!(s["linux"]["seccomp"], profile);
+        assert_eq!(
+            s["annotations"]["seccomp.hyperbox.dev/decision"],
+            json!("enforce: stable")
+        );
+        let runtimes = json!({"defaultAction": "SCMP_ACT_ERRNO"});
+        let mut s = spec();
+        s["linux"]["seccomp"] = runtimes.clone();
+        d.action = SeccompAction::Keep;
+        d.profile = None;
+        apply_seccomp(&mut s, &d);
+        assert_eq!(
+            s["linux"]["seccomp"], runtimes,
+            "kept as the runtime set it"
+        );
     }
 }

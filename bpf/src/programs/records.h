@@ -34,6 +34,7 @@ enum event_kind {
 	EVENT_OPEN = 2,
 	EVENT_OOM_KILL = 3,
 	EVENT_FLOW = 4,
+	EVENT_REFUSED = 5,
 };
 
 // Map `watched`, value (key: the cgroup id, __u64). A traced container.
@@ -44,9 +45,13 @@ enum event_kind {
 // opens left out by sampling (the per-CPU node totals are in `drops` and
 // `sampled`). Both only grow under pressure, so the atomic adds stay off
 // the common path.
+//
+// `armed` (pure v1): 0 from watch until the container's first exec, while
+// only runc runs in it (its setup is not the workload's); the syscall hook
+// counts nothing before. On v2 the cgroup storage's own `armed` says it.
 struct watch {
 	__u32 counting;
-	__u32 pad;
+	__u32 armed;
 	__u64 dropped;
 	__u64 sampled;
 };
@@ -55,7 +60,9 @@ HB_ASSERT_OFFSET(watch, counting, 0);
 HB_ASSERT_OFFSET(watch, dropped, 8);
 HB_ASSERT_OFFSET(watch, sampled, 16);
 
-// Map `syscalls` (pure v1 hosts), key; the value is a __u64 count.
+// Map `syscalls` (pure v1 hosts), key; the value is a __u64 count. `nr`
+// has COMPAT_BIT set for a syscall entered through the 32-bit entry.
+#define COMPAT_BIT (1u << 16)
 struct syscall_key {
 	__u64 cgroup;
 	__u32 nr;
@@ -66,11 +73,24 @@ HB_ASSERT_OFFSET(syscall_key, cgroup, 0);
 HB_ASSERT_OFFSET(syscall_key, nr, 8);
 
 // Map `counts` (cgroup v2 local storage), value: times each syscall
-// number was entered.
+// number was entered through the 64-bit entry (`n`) and through the 32-bit
+// one (`compat`, i386 numbers: int 0x80 or sysenter), counted only once
+// `armed` (the container's first exec; see struct watch).
+//
+// `report`: set by the agent for a container under an installed seccomp
+// profile: syscalls that return EPERM or ENOSYS are sent to the ring
+// (EVENT_REFUSED), each number once (`refused`, a bitmap: 64-bit entry in
+// the first NR_SYSCALLS bits, 32-bit entry after), for the agent to tell
+// the profile's denials from the kernel's own refusals.
 struct syscall_counts {
+	__u32 armed;
+	__u32 report;
 	__u64 n[NR_SYSCALLS];
+	__u64 compat[NR_SYSCALLS];
+	__u64 refused[2 * NR_SYSCALLS / 64];
 };
-HB_ASSERT_SIZE(syscall_counts, 8 * NR_SYSCALLS);
+HB_ASSERT_SIZE(syscall_counts, 8 + 16 * NR_SYSCALLS + 2 * NR_SYSCALLS / 8);
+HB_ASSERT_OFFSET(syscall_counts, n, 8);
 
 // Map `flows`, value (key: the socket's address, __u64). A connection of
 // a watched container, from connect/accept to close. IPv4 addresses are in
@@ -145,6 +165,19 @@ struct oom_event {
 	struct event_head head;
 };
 HB_ASSERT_SIZE(oom_event, 24);
+
+// EVENT_REFUSED: a syscall of a reporting container returned EPERM or
+// ENOSYS (the first time for its number). `nr` has COMPAT_BIT set for the
+// 32-bit entry; `ret` is the negative errno; `comm` the caller's name.
+struct refused_event {
+	struct event_head head;
+	__u32 nr;
+	__s32 ret;
+	char comm[16];
+};
+HB_ASSERT_SIZE(refused_event, 48);
+HB_ASSERT_OFFSET(refused_event, nr, 24);
+HB_ASSERT_OFFSET(refused_event, comm, 32);
 
 // EVENT_FLOW: a TCP connection of a watched container, reported when it
 // closes (head.pid is 0: the close runs on behalf of no task of ours).

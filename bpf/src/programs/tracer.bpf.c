@@ -35,7 +35,14 @@ struct mm_struct {
 struct css_set;
 struct cgroup;
 
+// `status` & TS_COMPAT: the task is in a 32-bit syscall (x86).
+struct thread_info {
+	__u32 status;
+} __attribute__((preserve_access_index));
+#define TS_COMPAT 0x0002
+
 struct task_struct {
+	struct thread_info thread_info;
 	struct mm_struct *mm;
 	struct css_set *cgroups;
 	int tgid;
@@ -50,7 +57,11 @@ struct pt_regs {
 	unsigned long di;
 	unsigned long si;
 	unsigned long dx;
+	unsigned long orig_ax;
 } __attribute__((preserve_access_index));
+
+#define EPERM 1
+#define ENOSYS 38
 
 struct kernfs_node {
 	__u64 id;
@@ -147,6 +158,18 @@ struct {
 	__type(key, int);
 	__type(value, struct syscall_counts);
 } counts SEC(".maps");
+
+// v2: a watched cgroup's counts as they were when it was removed (runc
+// deletes the cgroup as soon as the container is deleted, which can be
+// before the agent hears the container stopped; its local storage goes
+// with it). The agent reads and deletes the entry.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1024);
+	__type(key, __u64);
+	__type(value, struct syscall_counts);
+} removed SEC(".maps");
 
 // Open connections of watched containers, by socket address, from
 // connect/accept to close (struct flow_start in records.h). The close is
@@ -287,8 +310,14 @@ static __always_inline int count_syscall(struct pt_regs *regs, __u32 nr)
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct cgroup *cgrp = task->cgroups->dfl_cgrp;
 	struct syscall_counts *c = bpf_cgrp_storage_get(&counts, cgrp, 0, 0);
-	if (!c)
+	if (!c || !c->armed)
 		return 0;
+	if (task->thread_info.status & TS_COMPAT) {
+		// i386 numbers: counted apart, and never an x86_64 open.
+		if (nr < NR_SYSCALLS)
+			__sync_fetch_and_add(&c->compat[nr], 1);
+		return 0;
+	}
 	if (nr < NR_SYSCALLS)
 		__sync_fetch_and_add(&c->n[nr], 1);
 	if (nr == NR_OPENAT || nr == NR_OPEN)
@@ -303,9 +332,13 @@ static __always_inline int count_syscall_v1(struct pt_regs *regs, __u32 nr)
 {
 	__u64 cg = current_cgroup();
 	struct watch *w = bpf_map_lookup_elem(&watched, &cg);
-	if (!w || !w->counting)
+	if (!w || !w->counting || !w->armed)
 		return 0;
-	struct syscall_key key = { .cgroup = cg, .nr = nr };
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	int compat = BPF_CORE_READ(task, thread_info.status) & TS_COMPAT;
+	if (compat && nr >= NR_SYSCALLS)
+		return 0;
+	struct syscall_key key = { .cgroup = cg, .nr = compat ? nr | COMPAT_BIT : nr };
 	__u64 *count = bpf_map_lookup_elem(&syscalls, &key);
 	if (count) {
 		__sync_fetch_and_add(count, 1);
@@ -318,7 +351,7 @@ static __always_inline int count_syscall_v1(struct pt_regs *regs, __u32 nr)
 				__sync_fetch_and_add(count, 1);
 		}
 	}
-	if (nr == NR_OPENAT || nr == NR_OPEN)
+	if (!compat && (nr == NR_OPENAT || nr == NR_OPEN))
 		emit_open(regs, cg, nr, 0);
 	return 0;
 }
@@ -339,6 +372,49 @@ SEC("tp_btf/sys_enter")
 int hb_sys_enter(__u64 *ctx)
 {
 	return count_syscall((struct pt_regs *)ctx[0], (__u32)ctx[1]);
+}
+
+// A syscall of a container under an installed seccomp profile returns.
+// A syscall the filter denies never reaches sys_enter (seccomp runs
+// first) but does come back through sys_exit, with the filter's errno:
+// each EPERM or ENOSYS is sent once per number, and the agent keeps those
+// the profile does not allow. Attached only while such a container is
+// watched. tp_btf args: (struct pt_regs *regs, long ret).
+SEC("tp_btf/sys_exit")
+int hb_sys_exit(__u64 *ctx)
+{
+	long ret = (long)ctx[1];
+	if (ret != -EPERM && ret != -ENOSYS)
+		return 0;
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct cgroup *cgrp = task->cgroups->dfl_cgrp;
+	struct syscall_counts *c = bpf_cgrp_storage_get(&counts, cgrp, 0, 0);
+	if (!c || !c->report)
+		return 0;
+	struct pt_regs *regs = (struct pt_regs *)ctx[0];
+	__u32 nr = (__u32)regs->orig_ax;
+	if (nr >= NR_SYSCALLS)
+		return 0;
+	int compat = task->thread_info.status & TS_COMPAT;
+	__u32 bit = compat ? nr + NR_SYSCALLS : nr;
+	__u64 mask = 1ULL << (bit & 63);
+	__u32 word = (bit >> 6) & (2 * NR_SYSCALLS / 64 - 1);
+	if (__sync_fetch_and_or(&c->refused[word], mask) & mask)
+		return 0;
+	struct refused_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count_drop(cgrp->kn->id);
+		return 0;
+	}
+	e->head.kind = EVENT_REFUSED;
+	e->head.pid = task->tgid;
+	e->head.cgroup = cgrp->kn->id;
+	e->head.time_ns = bpf_ktime_get_ns();
+	e->nr = compat ? nr | COMPAT_BIT : nr;
+	e->ret = (__s32)ret;
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	bpf_ringbuf_submit(e, 0);
+	return 0;
 }
 
 // Pure v1 hosts. raw_tracepoint args: [0] the caller's pt_regs, [1] the
@@ -369,8 +445,20 @@ SEC("tp_btf/sched_process_exec")
 int hb_exec(__u64 *ctx)
 {
 	__u64 cg = current_cgroup();
-	if (!bpf_map_lookup_elem(&watched, &cg))
+	struct watch *w = bpf_map_lookup_elem(&watched, &cg);
+	if (!w)
 		return 0;
+	// The container's first exec (runc's init becoming the workload)
+	// starts its syscall count.
+	if (hb_v1_subsys == 0) {
+		struct task_struct *cur = bpf_get_current_task_btf();
+		struct syscall_counts *c =
+			bpf_cgrp_storage_get(&counts, cur->cgroups->dfl_cgrp, 0, 0);
+		if (c && !c->armed)
+			c->armed = 1;
+	} else if (!w->armed) {
+		w->armed = 1;
+	}
 	struct exec_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		count_drop(cg);
@@ -412,6 +500,23 @@ int hb_exec(__u64 *ctx)
 // The OOM killer chose a victim: attribute it by the victim's own v2
 // cgroup (the killer may run in another task's context).
 // tp_btf args: (struct task_struct *task, uid_t uid).
+// A cgroup is removed: keep a watched one's counts for the agent.
+// tp_btf args: (struct cgroup *cgrp, const char *path).
+SEC("tp_btf/cgroup_rmdir")
+int hb_cgroup_rmdir(__u64 *ctx)
+{
+	if (hb_v1_subsys != 0)
+		return 0;
+	struct cgroup *cgrp = (struct cgroup *)ctx[0];
+	__u64 id = cgrp->kn->id;
+	if (!bpf_map_lookup_elem(&watched, &id))
+		return 0;
+	struct syscall_counts *c = bpf_cgrp_storage_get(&counts, cgrp, 0, 0);
+	if (c)
+		bpf_map_update_elem(&removed, &id, c, BPF_ANY);
+	return 0;
+}
+
 SEC("tp_btf/mark_victim")
 int hb_oom(__u64 *ctx)
 {

@@ -17,19 +17,11 @@
 //! 2 from the first save on.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// Errors of saving.
-#[derive(Debug, thiserror::Error)]
-#[error("save workload store {path}")]
-pub struct SaveError {
-    path: PathBuf,
-    #[source]
-    source: std::io::Error,
-}
+pub use crate::state_file::SaveError;
 
 /// One workload's record.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -70,37 +62,20 @@ pub struct Store {
     keep: usize,
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 impl Store {
     /// Opens `<dir>/workloads.json`, keeping `keep` runs per workload.
     pub fn open(dir: &Path, keep: usize) -> std::io::Result<Store> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("workloads.json");
-        let workloads = match std::fs::read(&path) {
-            Ok(bytes) => match serde_json::from_slice::<File>(&bytes) {
-                Ok(f) => {
-                    if f.version < VERSION {
-                        tracing::info!(file = %path.display(), version = f.version,
-                            "workload store predates namespaced keys: annotated workloads learn again");
-                    }
-                    f.workloads
+        let workloads = match crate::state_file::load::<File>(&path, "workload store")? {
+            Some(f) => {
+                if f.version < VERSION {
+                    tracing::info!(file = %path.display(), version = f.version,
+                        "workload store predates namespaced keys: annotated workloads learn again");
                 }
-                Err(e) => {
-                    let aside = dir.join(format!("workloads.json.corrupt-{}", now()));
-                    std::fs::rename(&path, &aside)?;
-                    tracing::error!(file = %path.display(), moved_to = %aside.display(), error = %e,
-                        "workload store is corrupt; moved aside, learning starts over");
-                    BTreeMap::new()
-                }
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(e),
+                f.workloads
+            }
+            None => BTreeMap::new(),
         };
         Ok(Store {
             path,
@@ -126,31 +101,18 @@ impl Store {
         while w.runs.len() > self.keep {
             w.runs.pop_front();
         }
-        w.updated = now();
+        w.updated = hyperbox_api::time::unix_now();
         self.save()
     }
 
     fn save(&self) -> Result<(), SaveError> {
-        let err = |source| SaveError {
-            path: self.path.clone(),
-            source,
-        };
-        let body = serde_json::to_vec_pretty(&File {
-            version: VERSION,
-            workloads: self.workloads.clone(),
-        })
-        .map_err(|e| err(e.into()))?;
-        let tmp = self.path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(err)?;
-        f.write_all(&body).map_err(err)?;
-        f.sync_all().map_err(err)?;
-        std::fs::rename(&tmp, &self.path).map_err(err)?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(err)?;
-        }
-        Ok(())
+        crate::state_file::save(
+            &self.path,
+            &File {
+                version: VERSION,
+                workloads: self.workloads.clone(),
+            },
+        )
     }
 }
 
