@@ -450,12 +450,16 @@ impl Tracer {
                 });
             }
         }
-        self.stop_counting(cgroup)
+        let counts = self.stop_counting(cgroup)?;
+        self.drop_storage(cgroup)?;
+        Ok(counts)
     }
 
     /// Stops counting `cgroup`'s syscalls (and seeing its opens) while its
     /// execs, connections and OOM kills stay traced; returns the counts so
     /// far. The syscall hook stays attached until [`Tracer::detach_if_idle`].
+    /// A reporting cgroup keeps its storage (the exit hook reads it), its
+    /// counts zeroed so a later sample does not count them twice.
     pub fn stop_counting(&mut self, cgroup: u64) -> Result<BTreeMap<u32, u64>> {
         if !self.counting.remove(&cgroup) {
             return Ok(BTreeMap::new());
@@ -464,16 +468,18 @@ impl Tracer {
             self.set_counting(cgroup, false)?;
         }
         let counts = self.syscalls(cgroup)?;
-        if self.reporting.remove(&cgroup) && self.reporting.is_empty() {
-            self.detach_exit_hook()?;
-        }
+        let reporting = self.reporting.contains(&cgroup);
         match &mut self.counts {
-            Counts::Storage { map, dirs, removed } => {
-                if let Some(f) = dirs.remove(&cgroup) {
-                    let _ = map.remove(&f);
+            Counts::Storage { map: m, dirs, .. } if reporting => {
+                if let Some(f) = dirs.get(&cgroup)
+                    && let Ok(mut c) = m.get(f, 0)
+                {
+                    c.n = [0; records::NR_SYSCALLS];
+                    c.compat = [0; records::NR_SYSCALLS];
+                    map("counts", m.insert(f, c, 0))?;
                 }
-                let _ = removed.remove(&cgroup);
             }
+            Counts::Storage { .. } => self.drop_storage(cgroup)?,
             Counts::Hash(h) => {
                 for nr in counts.keys() {
                     let _ = h.remove(&SyscallKey {
@@ -485,6 +491,21 @@ impl Tracer {
             }
         }
         Ok(counts)
+    }
+
+    /// Frees `cgroup`'s storage (v2) and its reporting, detaching the exit
+    /// hook with the last reporting cgroup.
+    fn drop_storage(&mut self, cgroup: u64) -> Result<()> {
+        if self.reporting.remove(&cgroup) && self.reporting.is_empty() {
+            self.detach_exit_hook()?;
+        }
+        if let Counts::Storage { map, dirs, removed } = &mut self.counts {
+            if let Some(f) = dirs.remove(&cgroup) {
+                let _ = map.remove(&f);
+            }
+            let _ = removed.remove(&cgroup);
+        }
+        Ok(())
     }
 
     /// Detaches the syscall hook if no cgroup is counted; returns whether

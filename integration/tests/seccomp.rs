@@ -261,13 +261,19 @@ async fn a_syscall_never_learned_fails_with_eperm_under_enforce_and_is_reported(
     require_containers!();
     require!(Prereq::Psi, Prereq::Bpftool);
     let tb = Testbed::start_with(|b| b.without_cri()).await;
-    let agent = agent_for(&tb, SECCOMP).await;
+    // A 1 s counting window: the denial comes after it, when only the
+    // exit hook still watches the container.
+    let agent = agent_for(
+        &tb,
+        &format!("{SECCOMP}\n[tracing]\nsyscall_window_secs = 1\n"),
+    )
+    .await;
     let ((status, out, err), d) = learn_then(
         &tb,
         &agent,
         "sc-deny",
         "enforce",
-        "echo start; unshare -U true; echo rc=$?; echo done",
+        "echo start; sleep 2; unshare -U true; echo rc=$?; echo done",
     )
     .await;
     assert_eq!(status, 0, "{out}{err}");

@@ -549,20 +549,17 @@ impl Agent {
             self.seccomp
                 .learn_only(&info.id, &workload_key(info, keyed_as), &info.annotations);
         }
-        // A run under an installed profile is watched for its whole life
-        // too, its refusals reported.
+        // A run under an installed profile has its refusals reported for
+        // its whole life (the exit hook), while its syscalls are counted as
+        // any container's are: for the window, then in samples. (An
+        // opted-out one returned above, unless it learns, and then it has
+        // no profile installed.)
         let enforced = self
             .seccomp
             .run(&info.id)
             .is_some_and(|r| !r.allowed.is_empty());
-        let learns = self.seccomp.learns(&info.id);
-        let whole_life = learns || enforced;
-        // Learning runs opted out of tracing are watched for their syscalls
-        // only (no exit hook): `enforced && opted_out` returned above.
-        match self
-            .tracing
-            .watch(info, &dir, whole_life, enforced && !opted_out)
-        {
+        let whole_life = self.seccomp.learns(&info.id);
+        match self.tracing.watch(info, &dir, whole_life, enforced) {
             Ok(()) => tracing::debug!(container = %info.id, "tracing"),
             Err(e) => {
                 tracing::warn!(container = %info.id, error = %hyperbox_api::error_chain(&e), "cannot trace")
