@@ -147,27 +147,31 @@ impl Client {
 
     /// `POST path` with `body` as JSON, the answer decoded as `T`.
     pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
-        let encoded = serde_json::to_vec(body).map_err(|source| Error::Encode {
-            method: Method::POST,
-            path: path.into(),
-            source,
-        })?;
-        let answer = self.call(Method::POST, path, Some(encoded)).await?;
-        decode(Method::POST, path, &answer)
+        self.send_json(Method::POST, path, body).await
     }
 
-    /// `PUT path` with `body` as JSON, the answer decoded as `T`. An empty
-    /// answer (`204 No Content`) decodes as JSON `null`, so `T = ()` (or an
-    /// `Option`) reads it.
+    /// `PUT path` with `body` as JSON, the answer decoded as `T`.
     pub async fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        self.send_json(Method::PUT, path, body).await
+    }
+
+    /// `method path` with `body` as JSON, the answer decoded as `T`. An
+    /// empty answer (`204 No Content`) decodes as JSON `null`, so `T = ()`
+    /// (or an `Option`) reads it.
+    async fn send_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &B,
+    ) -> Result<T> {
         let encoded = serde_json::to_vec(body).map_err(|source| Error::Encode {
-            method: Method::PUT,
+            method: method.clone(),
             path: path.into(),
             source,
         })?;
-        let answer = self.call(Method::PUT, path, Some(encoded)).await?;
+        let answer = self.call(method.clone(), path, Some(encoded)).await?;
         let answer: &[u8] = if answer.is_empty() { b"null" } else { &answer };
-        decode(Method::PUT, path, answer)
+        decode(method, path, answer)
     }
 
     /// `DELETE path`; the answer's body is ignored.

@@ -493,6 +493,13 @@ pub struct SeccompDecision {
     pub reason: String,
 }
 
+impl SeccompDecision {
+    /// The `seccomp.hyperbox.dev/decision` annotation's value.
+    pub fn annotation(&self) -> String {
+        format!("{}: {}", self.mode.as_str(), self.reason)
+    }
+}
+
 /// A syscall outside a container's profile, seen once per container
 /// (complain: allowed and logged; enforce: denied).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -28,8 +28,9 @@ use crate::memory::policy::{self, Bounds};
 use crate::memory::store::Store;
 use crate::metrics::{Metrics, Snapshot, Snapshots, TraceCounters};
 use crate::psi::history::History;
+use crate::seccomp::names;
 use crate::seccomp::profile::SpecKind;
-use crate::seccomp::runs::Seccomp;
+use crate::seccomp::runs::{Run, Seccomp};
 use crate::state::{HISTORY, Job, State, Tracked};
 use crate::trace::Tracing;
 
@@ -112,9 +113,8 @@ impl Agent {
             return None;
         }
         let cfg = self.state.memory_config();
-        let keyed_as = if info.cri { Source::Nri } else { source };
         let t = Tracked {
-            workload: workload_key(&info, keyed_as),
+            workload: workload_of(&info, source),
             id: info.id,
             name: info.name,
             pod_namespace: info.pod_namespace,
@@ -292,22 +292,14 @@ impl Agent {
         kind: SpecKind,
         nri: bool,
     ) -> SeccompDecision {
-        let keyed_as = if info.cri { Source::Nri } else { source };
-        let workload = workload_key(info, keyed_as);
-        let dir = self.layout.locate(&info.cgroups_path).map(|c| {
-            if self.tracing.uses_v1() {
-                c.memory
-            } else {
-                c.psi.unwrap_or(c.memory)
-            }
-        });
+        let workload = workload_of(info, source);
         let (d, refused) = self.seccomp.at_create(
             &info.id,
             &workload,
             &info.annotations,
             kind,
             info.seccomp.as_ref(),
-            dir,
+            self.traced_dir(&info.cgroups_path),
             nri,
         );
         if let Some(r) = refused {
@@ -332,7 +324,7 @@ impl Agent {
     /// `remove`, everything about it is dropped.
     pub fn end_run(&self, id: &str, remove: bool) {
         self.tracing.stop(id);
-        let counts = self.tracing.get(id).map(|(_, c)| c);
+        let counts = self.tracing.syscalls(id);
         if let Some(c) = &counts {
             self.complaints(id, c);
         }
@@ -352,6 +344,17 @@ impl Agent {
             self.tracing.forget(id);
         }
         self.state.finish(id, remove);
+    }
+
+    /// The cgroup directory the tracer identifies a container by: its v1
+    /// memory cgroup on pure v1 hosts, its v2 cgroup otherwise.
+    fn traced_dir(&self, cgroups_path: &str) -> Option<std::path::PathBuf> {
+        let cgroup = self.layout.locate(cgroups_path)?;
+        if self.tracing.uses_v1() {
+            Some(cgroup.memory)
+        } else {
+            cgroup.psi
+        }
     }
 
     /// A seccomp audit record: reported once per container when it is a
@@ -382,13 +385,10 @@ impl Agent {
         let Some(run) = self.seccomp.run(&r.container) else {
             return;
         };
-        let (arch, nr) = crate::seccomp::names::split(r.nr);
-        let allowed =
-            crate::seccomp::names::name(arch, nr).is_some_and(|n| run.allowed.contains(&n));
-        if allowed {
-            return;
+        let (arch, nr) = names::split(r.nr);
+        if !run.allows(arch, nr) {
+            self.publish_report(&r.container, arch, nr, r.pid, &r.comm);
         }
-        self.publish_report(&r.container, arch, nr, r.pid, &r.comm);
     }
 
     /// A complaining container's syscalls outside its profile, from what
@@ -396,18 +396,12 @@ impl Agent {
     /// reach the tracer): reported once each, with no pid (the kernel's
     /// audit record, when it arrives first, carries one).
     fn complaints(&self, id: &str, counts: &std::collections::BTreeMap<u32, u64>) {
-        let Some(run) = self
-            .seccomp
-            .run(id)
-            .filter(|r| r.decision.mode == SeccompMode::Complain && !r.allowed.is_empty())
-        else {
+        let Some(run) = self.seccomp.run(id).filter(|r| r.complains()) else {
             return;
         };
         for key in counts.keys() {
-            let (arch, nr) = crate::seccomp::names::split(*key);
-            let allowed =
-                crate::seccomp::names::name(arch, nr).is_some_and(|n| run.allowed.contains(&n));
-            if !allowed {
+            let (arch, nr) = names::split(*key);
+            if !run.allows(arch, nr) {
                 self.publish_report(id, arch, nr, 0, "");
             }
         }
@@ -417,20 +411,13 @@ impl Agent {
     /// periodic sweep).
     pub fn sweep_complaints(&self) {
         for id in self.seccomp.complaining() {
-            if let Some((_, counts)) = self.tracing.get(&id) {
+            if let Some(counts) = self.tracing.syscalls(&id) {
                 self.complaints(&id, &counts);
             }
         }
     }
 
-    fn publish_report(
-        &self,
-        id: &str,
-        arch: crate::seccomp::names::Arch,
-        nr: u32,
-        pid: u32,
-        comm: &str,
-    ) {
+    fn publish_report(&self, id: &str, arch: names::Arch, nr: u32, pid: u32, comm: &str) {
         if let Some(r) = self.seccomp.report(id, arch, nr, pid, comm) {
             tracing::warn!(container = %r.container, workload = %r.workload, mode = r.mode.as_str(),
                 syscall = %r.syscall, arch = %r.arch, outcome = %r.outcome, pid = r.pid, comm = %r.comm,
@@ -520,45 +507,40 @@ impl Agent {
     /// Starts tracing a container before its workload runs, unless its
     /// annotations opt out or the tracer is not loaded.
     pub fn trace_start(&self, info: &ContainerInfo) {
+        if !self.tracing.available() {
+            return;
+        }
+        // A run decided nowhere yet (registered without asking for
+        // policies) learns when its mode allows.
+        if self.seccomp.run(&info.id).is_none() {
+            self.seccomp.learn_only(
+                &info.id,
+                &workload_of(info, Source::Local),
+                &info.annotations,
+                SpecKind::of_spec(info.seccomp.as_ref()),
+            );
+        }
+        let run = self.seccomp.run(&info.id);
+        // A learning or complaining run is counted for its whole life,
+        // whatever the window and the opt-out say: its profile, or its
+        // complaints, need every syscall. An enforced run that opted out
+        // goes without denial reports (and without their cost:
+        // docs/seccomp.md); one that did not has its refusals reported for
+        // its whole life (the exit hook) and its syscalls counted as any
+        // container's are: for the window, then in samples.
+        let whole_life = run.as_ref().is_some_and(Run::counts_whole_life);
+        let enforced = run.as_ref().is_some_and(Run::enforces);
         let opted_out = info
             .annotations
             .get(TRACE_ENABLED)
             .is_some_and(|v| v.trim() == "false");
-        // Learning needs the tracer whatever the opt-out says; an enforced
-        // container that opted out goes without denial reports (and
-        // without their cost: docs/seccomp.md).
-        if (opted_out && !self.seccomp.learns(&info.id)) || !self.tracing.available() {
+        if opted_out && !whole_life {
             return;
         }
-        let cgroup = self.layout.locate(&info.cgroups_path);
-        let dir = if self.tracing.uses_v1() {
-            cgroup.map(|c| c.memory)
-        } else {
-            cgroup.and_then(|c| c.psi)
-        };
-        let Some(dir) = dir else {
+        let Some(dir) = self.traced_dir(&info.cgroups_path) else {
             tracing::warn!(container = %info.id, path = %info.cgroups_path, "no cgroup to trace");
             return;
         };
-        // A learning run is traced for its whole life, whatever the window
-        // and the opt-out say: the profile needs every syscall. A run
-        // decided nowhere yet (registered without asking for policies)
-        // learns when its mode allows.
-        if self.seccomp.run(&info.id).is_none() {
-            let keyed_as = if info.cri { Source::Nri } else { Source::Local };
-            self.seccomp
-                .learn_only(&info.id, &workload_key(info, keyed_as), &info.annotations);
-        }
-        // A run under an installed profile has its refusals reported for
-        // its whole life (the exit hook), while its syscalls are counted as
-        // any container's are: for the window, then in samples. (An
-        // opted-out one returned above, unless it learns, and then it has
-        // no profile installed.)
-        let enforced = self
-            .seccomp
-            .run(&info.id)
-            .is_some_and(|r| !r.allowed.is_empty());
-        let whole_life = self.seccomp.learns(&info.id);
         match self.tracing.watch(info, &dir, whole_life, enforced) {
             Ok(()) => tracing::debug!(container = %info.id, "tracing"),
             Err(e) => {
@@ -629,6 +611,13 @@ pub fn info_from_nri(pod: &api::PodSandbox, c: &api::Container) -> ContainerInfo
             .and_then(|l| l.seccomp_policy.as_ref())
             .map(crate::seccomp::nri::to_json),
     }
+}
+
+/// A container's workload key as `source` sees it; a CRI container is
+/// keyed as NRI keys it, whichever path it reached the agent by, so the
+/// shim and NRI learn into one workload.
+fn workload_of(info: &ContainerInfo, source: Source) -> String {
+    workload_key(info, if info.cri { Source::Nri } else { source })
 }
 
 /// Whether an NRI runtime speaking `nri_version` (`v0.12.3`; empty for
@@ -772,10 +761,7 @@ impl Events for Agent {
         let mut annotations = HashMap::new();
         let mut linux = api::LinuxContainerAdjustment::default();
         if let Some(d) = &seccomp {
-            annotations.insert(
-                SECCOMP_DECISION.to_string(),
-                format!("{}: {}", d.mode.as_str(), d.reason),
-            );
+            annotations.insert(SECCOMP_DECISION.to_string(), d.annotation());
             if let (SeccompAction::Install, Some(p), true) = (
                 d.action,
                 &d.profile,
@@ -784,16 +770,13 @@ impl Events for Agent {
                 linux.seccomp_policy = Some(crate::seccomp::nri::from_json(p));
             }
         }
-        let limit = match self.track(info, Source::Nri) {
-            Some(mut t) => {
-                let limit = self.size_new(&mut t, Route::NriCreate);
-                let decision = t.decisions.back().map(|d| d.reason.clone());
-                let (had_swap, ceiling) = (t.had_swap, t.bounds.ceiling);
-                self.state.insert(t);
-                limit.map(|l| (l, had_swap, ceiling, decision))
-            }
-            None => None,
-        };
+        let limit = self.track(info, Source::Nri).and_then(|mut t| {
+            let limit = self.size_new(&mut t, Route::NriCreate);
+            let decision = t.decisions.back().map(|d| d.reason.clone());
+            let (had_swap, ceiling) = (t.had_swap, t.bounds.ceiling);
+            self.state.insert(t);
+            limit.map(|l| (l, had_swap, ceiling, decision))
+        });
         if let Some((limit, had_swap, ceiling, decision)) = limit {
             self.metrics.decision(Action::Create);
             linux.resources = Some(self.resources_for(limit, had_swap));
@@ -849,10 +832,7 @@ impl Events for Agent {
                 self.state.wake();
             }
             Event::StopContainer => self.end_run(&container.id, false),
-            Event::RemoveContainer => {
-                self.end_run(&container.id, true);
-                self.seccomp.drop_run(&container.id);
-            }
+            Event::RemoveContainer => self.end_run(&container.id, true),
             _ => {}
         }
     }

@@ -179,6 +179,20 @@ async fn explain(State(app): State<App>, Path(id): Path<String>) -> Response {
     .into_response()
 }
 
+fn no_profile(workload: &str) -> Response {
+    let what = format!("no profile learned for workload {workload:?}");
+    (StatusCode::NOT_FOUND, what).into_response()
+}
+
+/// The profile store could not be written.
+fn not_saved(e: &crate::state_file::SaveError) -> Response {
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        hyperbox_api::error_chain(e),
+    )
+        .into_response()
+}
+
 /// `?workload=…&format=oci|localhost|spo`.
 #[derive(Debug, serde::Deserialize)]
 struct ProfileQuery {
@@ -207,11 +221,7 @@ async fn profiles(
     }
     match s.detail(&w, format) {
         Some(d) => Json(d).into_response(),
-        None => (
-            StatusCode::NOT_FOUND,
-            format!("no profile learned for workload {w:?}"),
-        )
-            .into_response(),
+        None => no_profile(&w),
     }
 }
 
@@ -228,11 +238,7 @@ async fn set_profile_mode(
             tracing::info!(workload = %b.workload, mode = ?b.mode.map(|m| m.as_str()), "seccomp mode override set");
             StatusCode::NO_CONTENT.into_response()
         }
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            hyperbox_api::error_chain(&e),
-        )
-            .into_response(),
+        Err(e) => not_saved(&e),
     }
 }
 
@@ -249,16 +255,8 @@ async fn forget_profile(
             tracing::info!(workload = %w, "seccomp profile forgotten");
             StatusCode::NO_CONTENT.into_response()
         }
-        Ok(false) => (
-            StatusCode::NOT_FOUND,
-            format!("no profile learned for workload {w:?}"),
-        )
-            .into_response(),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            hyperbox_api::error_chain(&e),
-        )
-            .into_response(),
+        Ok(false) => no_profile(&w),
+        Err(e) => not_saved(&e),
     }
 }
 
@@ -277,13 +275,13 @@ async fn diff_profiles(
 ) -> Response {
     let s = &app.agent.seccomp;
     let missing = |w: &str| {
-        let what = if w == "default" {
-            "the runtime's default profile has not been seen yet (run a container with it)"
-                .to_string()
+        if w == "default" {
+            let what =
+                "the runtime's default profile has not been seen yet (run a container with it)";
+            (StatusCode::NOT_FOUND, what).into_response()
         } else {
-            format!("no profile learned for workload {w:?}")
-        };
-        (StatusCode::NOT_FOUND, what).into_response()
+            no_profile(w)
+        }
     };
     let Some(a) = s.allowed_of(&q.a) else {
         return missing(&q.a);

@@ -22,6 +22,7 @@ use tokio::sync::broadcast;
 
 use crate::cgroup::Layout;
 use crate::otlp;
+use crate::seccomp::names;
 /// Execs, and closed connections, kept per container (the newest).
 const KEPT: usize = 1024;
 /// Distinct paths kept per container in first-access order.
@@ -103,10 +104,7 @@ impl Traced {
         if let Some(since) = self.counting_since.take() {
             self.syscall_rate = Some(n as f64 / since.elapsed().as_secs_f64().max(1e-3));
         }
-        let f = self.final_syscalls.get_or_insert_default();
-        for (nr, c) in counts {
-            *f.entry(nr).or_default() += c;
-        }
+        add_counts(self.final_syscalls.get_or_insert_default(), counts);
     }
 }
 
@@ -162,8 +160,6 @@ pub struct Refusal {
     pub container: String,
     /// Syscall number (`hyperbox_bpf::COMPAT` set for the 32-bit entry).
     pub nr: u32,
-    /// The negative errno.
-    pub ret: i32,
     /// The caller's pid.
     pub pid: u32,
     /// Its command name.
@@ -317,12 +313,8 @@ impl Tracing {
         let syscall_names = syscalls
             .iter()
             .map(|(key, n)| {
-                let (arch, nr) = crate::seccomp::names::split(*key);
-                let name = crate::seccomp::names::display(arch, nr);
-                match arch {
-                    crate::seccomp::names::Arch::X8664 => (name, *n),
-                    crate::seccomp::names::Arch::X86 => (format!("x86:{name}"), *n),
-                }
+                let (arch, nr) = names::split(*key);
+                (names::label(arch, &names::display(arch, nr)), *n)
             })
             .collect();
         Some(Trace {
@@ -654,12 +646,33 @@ impl Tracing {
             if t.counting_since.is_some() {
                 let live = tr.syscalls(t.cgroup).unwrap_or_default();
                 t.syscall_rate = t.rate_now(live.values().sum());
-                for (nr, c) in live {
-                    *counts.entry(nr).or_default() += c;
-                }
+                add_counts(&mut counts, live);
             }
         }
         Some((t, counts))
+    }
+
+    /// Container `id`'s syscall counts so far, as [`Tracing::get`] gives
+    /// them, without copying the rest of its results.
+    pub fn syscalls(&self, id: &str) -> Option<BTreeMap<u32, u64>> {
+        let (mut counts, live) = {
+            let map = self
+                .containers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let t = map.get(id)?;
+            let live = (t.live && t.counting_since.is_some()).then_some(t.cgroup);
+            (t.final_syscalls.clone().unwrap_or_default(), live)
+        };
+        if let (Some(cgroup), Some(tr)) = (live, &self.tracer) {
+            let now = tr
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .syscalls(cgroup)
+                .unwrap_or_default();
+            add_counts(&mut counts, now);
+        }
+        Some(counts)
     }
 
     /// A sample after the window: counts every running container whose
@@ -899,15 +912,12 @@ impl Tracing {
                 t.bytes_out += bytes_out;
                 TraceEvent::Flow(flow)
             }
-            Event::Refused {
-                pid, nr, ret, comm, ..
-            } => {
+            Event::Refused { pid, nr, comm, .. } => {
                 // Judged by the agent against the container's profile; it
                 // publishes the denials.
                 let _ = self.refused.send(Refusal {
                     container: id.clone(),
                     nr,
-                    ret,
                     pid,
                     comm,
                 });
@@ -999,6 +1009,12 @@ impl Tracing {
 }
 
 /// Appends `item`, dropping the oldest once [`KEPT`] are held.
+fn add_counts(into: &mut BTreeMap<u32, u64>, more: BTreeMap<u32, u64>) {
+    for (nr, c) in more {
+        *into.entry(nr).or_default() += c;
+    }
+}
+
 fn keep_last<T>(q: &mut VecDeque<T>, item: T) {
     if q.len() == KEPT {
         q.pop_front();

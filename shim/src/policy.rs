@@ -108,14 +108,12 @@ impl Agent {
             Ok(p) => {
                 tracing::info!(container = id, decided_by = p.decided_by.as_str(), reason = %p.reason, "policy");
                 let memory = p.decided_by == DecidedBy::Agent && apply(&mut spec, &p);
-                let seccomp = p
-                    .seccomp
-                    .as_ref()
-                    .is_some_and(|d| apply_seccomp(&mut spec, d));
                 if let Some(d) = &p.seccomp {
-                    let installed = seccomp && d.action == SeccompAction::Install;
+                    apply_seccomp(&mut spec, d);
+                    let installed = d.action == SeccompAction::Install;
                     tracing::info!(container = id, mode = d.mode.as_str(), installed, reason = %d.reason, "seccomp");
                 }
+                let seccomp = p.seccomp.is_some();
                 if memory || seccomp {
                     write_atomic(&path, &spec).map_err(|e| spec_err(e.to_string()))?;
                 }
@@ -237,16 +235,13 @@ fn info_of(spec: &Value, namespace: &str, id: &str) -> Option<ContainerInfo> {
 }
 
 /// Writes the agent's seccomp decision into the spec: the profile, when
-/// it installs one, and the decision as an annotation either way. `false`
-/// when it changes nothing (the runtime's profile stays as it was).
-fn apply_seccomp(spec: &mut Value, d: &SeccompDecision) -> bool {
+/// it installs one (otherwise the runtime's stays as it was), and the
+/// decision as an annotation either way.
+fn apply_seccomp(spec: &mut Value, d: &SeccompDecision) {
     let root = spec.as_object_mut().expect("an OCI spec is an object");
     let annotations = root.entry("annotations").or_insert_with(|| json!({}));
     if let Some(a) = annotations.as_object_mut() {
-        a.insert(
-            SECCOMP_DECISION.into(),
-            json!(format!("{}: {}", d.mode.as_str(), d.reason)),
-        );
+        a.insert(SECCOMP_DECISION.into(), json!(d.annotation()));
     }
     if let (SeccompAction::Install, Some(profile)) = (d.action, &d.profile) {
         let linux = root.entry("linux").or_insert_with(|| json!({}));
@@ -254,7 +249,6 @@ fn apply_seccomp(spec: &mut Value, d: &SeccompDecision) -> bool {
             l.insert("seccomp".into(), profile.clone());
         }
     }
-    true
 }
 
 /// Writes the agent's decision into the spec; `false` when it changes
@@ -402,7 +396,7 @@ mod tests {
         let mut s = spec();
         s["linux"]["seccomp"] =
             json!({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["read"]}]});
-        assert!(apply_seccomp(&mut s, &d));
+        apply_seccomp(&mut s, &d);
         assert_eq!(s["linux"]["seccomp"], profile);
         assert_eq!(
             s["annotations"]["seccomp.hyperbox.dev/decision"],

@@ -60,6 +60,15 @@ pub fn display(arch: Arch, nr: u32) -> String {
     name(arch, nr).unwrap_or_else(|| format!("nr:{nr}"))
 }
 
+/// How reports, reviews and `hb trace` spell syscall `name` of `arch`:
+/// the bare name for x86_64, `x86:<name>` for the 32-bit entry.
+pub fn label(arch: Arch, name: &str) -> String {
+    match arch {
+        Arch::X8664 => name.to_string(),
+        Arch::X86 => format!("x86:{name}"),
+    }
+}
+
 /// The number of syscall `name` on `arch`, if it has one there.
 pub fn number(arch: Arch, name: &str) -> Option<u32> {
     let s = ScmpSyscall::from_name_by_arch(name, arch.scmp()).ok()?;
@@ -95,6 +104,8 @@ mod tests {
         assert_eq!(name(Arch::X8664, 20).as_deref(), Some("writev"));
         assert_eq!(split(20 | hyperbox_bpf::COMPAT), (Arch::X86, 20));
         assert_eq!(display(Arch::X8664, 4000), "nr:4000");
+        assert_eq!(label(Arch::X86, "read"), "x86:read");
+        assert_eq!(label(Arch::X8664, "read"), "read");
         assert_eq!(number(Arch::X8664, "not_a_syscall"), None);
     }
 }

@@ -367,15 +367,7 @@ impl SpecKind {
             return SpecKind::Unconfined;
         };
         let errno = p.get("defaultAction").and_then(Value::as_str) == Some("SCMP_ACT_ERRNO");
-        let allowed: usize = p
-            .get("syscalls")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter(|r| r.get("action").and_then(Value::as_str) == Some("SCMP_ACT_ALLOW"))
-            .filter_map(|r| r.get("names").and_then(Value::as_array))
-            .map(Vec::len)
-            .sum();
+        let allowed = allowed_names(p).len();
         if errno && allowed >= DEFAULT_PROFILE_MIN {
             SpecKind::RuntimeDefault
         } else {

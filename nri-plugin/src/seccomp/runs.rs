@@ -43,6 +43,36 @@ pub struct Run {
     pub via_nri: bool,
 }
 
+impl Run {
+    /// A profile was installed for it.
+    pub fn installed(&self) -> bool {
+        !self.allowed.is_empty()
+    }
+
+    /// Its installed profile allows syscall `nr` of `arch`.
+    pub fn allows(&self, arch: Arch, nr: u32) -> bool {
+        names::name(arch, nr).is_some_and(|n| self.allowed.contains(&n))
+    }
+
+    /// Under a complaining profile: what falls outside it is allowed, so
+    /// the tracer sees it, counting for the container's whole life.
+    pub fn complains(&self) -> bool {
+        self.installed() && self.decision.mode == SeccompMode::Complain
+    }
+
+    /// Under an enforcing profile: denials never reach the tracer's
+    /// enter hook, only its exit hook sees them (refusals).
+    pub fn enforces(&self) -> bool {
+        self.installed() && self.decision.mode == SeccompMode::Enforce
+    }
+
+    /// Its syscalls are counted for its whole life (learning, or
+    /// complaining).
+    pub fn counts_whole_life(&self) -> bool {
+        self.learn || self.complains()
+    }
+}
+
 /// The agent's seccomp state.
 #[derive(Debug)]
 pub struct Seccomp {
@@ -71,11 +101,6 @@ impl Seccomp {
         })
     }
 
-    /// The `[seccomp]` config.
-    pub fn config(&self) -> &hyperbox_config::Seccomp {
-        &self.cfg
-    }
-
     /// A container's mode and where it came from: the workload's override,
     /// else its annotation, else the default.
     pub fn mode_of(
@@ -98,6 +123,27 @@ impl Seccomp {
         }
     }
 
+    /// The mode asked for, the workload's learned profile and the decision
+    /// for a container of `workload` whose spec profile is of `kind`.
+    fn decide(
+        &self,
+        workload: &str,
+        annotations: &HashMap<String, String>,
+        kind: SpecKind,
+    ) -> (SeccompMode, Option<Profile>, decide::Outcome) {
+        let (configured, from) = self.mode_of(workload, annotations);
+        let profile = lock(&self.store).get(workload).cloned();
+        let out = decide::decide(
+            &self.cfg,
+            configured,
+            from,
+            kind,
+            profile.as_ref(),
+            unix_now(),
+        );
+        (configured, profile, out)
+    }
+
     /// Decides container `id`'s profile at creation and starts its run.
     /// `spec` is the spec's `linux.seccomp` (`kind` how it was chosen);
     /// `nri` when NRI's adjustment will carry an installed profile. A
@@ -114,22 +160,13 @@ impl Seccomp {
         cgroup_dir: Option<PathBuf>,
         nri: bool,
     ) -> (SeccompDecision, Option<Refused>) {
-        let (configured, from) = self.mode_of(workload, annotations);
         if kind == SpecKind::RuntimeDefault
             && let Some(p) = spec
             && let Err(e) = lock(&self.store).remember_default(p)
         {
             tracing::warn!(error = %hyperbox_api::error_chain(&e), "remember the runtime's default profile");
         }
-        let profile = lock(&self.store).get(workload).cloned();
-        let out = decide::decide(
-            &self.cfg,
-            configured,
-            from,
-            kind,
-            profile.as_ref(),
-            unix_now(),
-        );
+        let (configured, profile, out) = self.decide(workload, annotations, kind);
         let mut decision = SeccompDecision {
             configured,
             mode: out.mode,
@@ -187,24 +224,17 @@ impl Seccomp {
 
     /// A container registered without a decision at creation (the shim
     /// did not ask, or containerd 1.7's NRI with runc's shim): nothing can
-    /// be installed any more, but it learns when its mode would.
-    pub fn learn_only(&self, id: &str, workload: &str, annotations: &HashMap<String, String>) {
-        let (configured, _) = self.mode_of(workload, annotations);
-        let profile = lock(&self.store).get(workload).cloned();
-        let learning = match configured {
-            SeccompMode::Off | SeccompMode::Complain | SeccompMode::Enforce => {
-                // Enforce without a profile learns through at_create's
-                // decision; here nothing says the runtime's profile is
-                // not the user's, so only an explicit learn does.
-                configured != SeccompMode::Off
-                    && profile
-                        .as_ref()
-                        .is_none_or(|p| p.len() < self.cfg.min_syscalls as usize)
-            }
-            SeccompMode::Learn => true,
-            SeccompMode::Auto => profile.as_ref().is_none_or(|p| p.enforcing_since.is_none()),
-        };
-        if !learning {
+    /// be installed any more, but it learns when the decision at creation
+    /// would have had it learn.
+    pub fn learn_only(
+        &self,
+        id: &str,
+        workload: &str,
+        annotations: &HashMap<String, String>,
+        kind: SpecKind,
+    ) {
+        let (configured, _, out) = self.decide(workload, annotations, kind);
+        if !out.learn {
             return;
         }
         lock(&self.runs).insert(
@@ -220,8 +250,7 @@ impl Seccomp {
                     profile: None,
                     workload: workload.to_string(),
                     allowed: 0,
-                    reason: "registered after creation: the runtime's profile stays; learning"
-                        .into(),
+                    reason: format!("registered after creation; {}", out.reason),
                 },
                 allowed: BTreeSet::new(),
                 cgroup_dir: None,
@@ -239,13 +268,12 @@ impl Seccomp {
     pub fn complaining(&self) -> Vec<String> {
         lock(&self.runs)
             .iter()
-            .filter(|(_, r)| r.decision.mode == SeccompMode::Complain && !r.allowed.is_empty())
+            .filter(|(_, r)| r.complains())
             .map(|(id, _)| id.clone())
             .collect()
     }
 
-    /// Whether container `id`'s syscalls are learned (its whole life is
-    /// traced).
+    /// Whether container `id`'s syscalls are learned.
     pub fn learns(&self, id: &str) -> bool {
         lock(&self.runs).get(id).is_some_and(|r| r.learn)
     }
@@ -280,12 +308,6 @@ impl Seccomp {
         Ok(Some((run.workload, added)))
     }
 
-    /// Forgets container `id`'s run without learning (it was never
-    /// started, or an earlier run under its id).
-    pub fn drop_run(&self, id: &str) {
-        lock(&self.runs).remove(id);
-    }
-
     /// The container whose cgroup holds `pid` now, among those with an
     /// installed profile.
     pub fn container_of_pid(&self, pid: u32) -> Option<String> {
@@ -297,7 +319,7 @@ impl Seccomp {
             .collect();
         lock(&self.runs)
             .iter()
-            .filter(|(_, r)| !r.allowed.is_empty())
+            .filter(|(_, r)| r.installed())
             .find(|(_, r)| {
                 r.cgroup_dir.as_ref().is_some_and(|d| {
                     let d = d.to_string_lossy();
@@ -319,7 +341,7 @@ impl Seccomp {
         comm: &str,
     ) -> Option<SeccompReport> {
         let mut runs = lock(&self.runs);
-        let run = runs.get_mut(id).filter(|r| !r.allowed.is_empty())?;
+        let run = runs.get_mut(id).filter(|r| r.installed())?;
         if !run.reported.insert((arch, nr)) {
             return None;
         }
@@ -342,11 +364,7 @@ impl Seccomp {
         };
         let workload = run.workload.clone();
         drop(runs);
-        let name = match arch {
-            Arch::X8664 => syscall,
-            Arch::X86 => format!("{syscall} (x86)"),
-        };
-        if let Err(e) = lock(&self.store).review(&workload, &name) {
+        if let Err(e) = lock(&self.store).review(&workload, &names::label(arch, &syscall)) {
             tracing::warn!(error = %hyperbox_api::error_chain(&e), "save a reviewed syscall");
         }
         let mut reports = lock(&self.reports);
@@ -413,11 +431,6 @@ impl Seccomp {
     /// `hb profile forget`.
     pub fn forget(&self, workload: &str) -> Result<bool, SaveError> {
         lock(&self.store).forget(workload)
-    }
-
-    /// A workload's learned record.
-    pub fn profile(&self, workload: &str) -> Option<Profile> {
-        lock(&self.store).get(workload).cloned()
     }
 }
 

@@ -121,7 +121,7 @@ impl Store {
         added.extend(
             run.compat
                 .difference(&p.compat)
-                .map(|n| format!("{n} (x86)")),
+                .map(|n| super::names::label(super::names::Arch::X86, n)),
         );
         p.syscalls.extend(run.syscalls.iter().cloned());
         p.compat.extend(run.compat.iter().cloned());
