@@ -159,6 +159,14 @@ erofs_help=$("$EROFS_UTILS_DIR/usr/bin/mkfs.erofs" --help 2>&1 || true)
 grep -qF -- '--tar=' <<<"$erofs_help" \
   || { log "$EROFS_UTILS_DIR/usr/bin/mkfs.erofs does not run or has no --tar"; exit 1; }
 
+# The shim's node build (`cargo build-shim`, .cargo/config.toml) is static
+# musl; benches/shim.rs measures it and runs under the test suite.
+if ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
+  log "adding the Rust target x86_64-unknown-linux-musl"
+  rustup target add x86_64-unknown-linux-musl \
+    || { log "rustup target add x86_64-unknown-linux-musl failed"; exit 1; }
+fi
+
 # cargo-deny, pinned, built once into a cache outside the clone (CI's
 # scripts/test.sh checks the dependency graph with it).
 CARGO_DENY_VERSION="0.20.2"

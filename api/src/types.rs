@@ -39,8 +39,14 @@ pub struct Health {
     pub tracing_syscall_hook: String,
     /// The syscall hook is attached now (it detaches when nothing counts).
     pub tracing_syscall_hook_attached: bool,
-    /// The exit hook that sees seccomp denials is attached now (only while
-    /// a container under an enforced profile is watched).
+    /// Where seccomp denials are seen: `fexit/__seccomp_filter` (only
+    /// filtered tasks pay for it) or the `tp_btf/sys_exit` fallback (every
+    /// task on the node pays while it is attached); empty when they are not
+    /// reported (no tracer, pure cgroup v1).
+    #[serde(default)]
+    pub tracing_refusal_hook: String,
+    /// The hook that sees seccomp denials is attached now (only while a
+    /// container under an enforced profile is watched).
     #[serde(default)]
     pub tracing_refusal_hook_attached: bool,
     /// Why the tracer is not loaded (empty when it is).

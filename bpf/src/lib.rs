@@ -12,7 +12,11 @@
 //! and each OOM kill through a ring buffer with per-CPU drop counters.
 //!
 //! The syscall hook is attached only while some container is watched:
-//! with nothing to trace, the node's syscalls pay nothing.
+//! with nothing to trace, the node's syscalls pay nothing. Seccomp
+//! refusals of enforcing containers are seen where the seccomp filter
+//! returns (`fexit/__seccomp_filter`, which only filtered tasks reach),
+//! or where the kernel does not allow that, at the `sys_exit` tracepoint,
+//! attached only while a reporting container is watched.
 //!
 //! Dropping the [`Tracer`] detaches every program and frees every map:
 //! nothing is pinned, so nothing outlives the process.
@@ -33,9 +37,10 @@ use std::path::Path;
 
 use aya::maps::{CgrpStorage, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::fentry::FEntryLinkId;
+use aya::programs::fexit::FExitLinkId;
 use aya::programs::raw_trace_point::RawTracePointLinkId;
 use aya::programs::tp_btf::BtfTracePointLinkId;
-use aya::programs::{BtfTracePoint, FEntry, RawTracePoint};
+use aya::programs::{BtfTracePoint, FEntry, FExit, RawTracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
 use zerocopy::FromZeros;
 
@@ -157,6 +162,17 @@ enum SyscallHook {
     RawTracepoint(Option<RawTracePointLinkId>),
 }
 
+/// Where seccomp refusals are seen, and the link while attached.
+#[derive(Debug)]
+enum RefusalHook {
+    /// fexit on the seccomp filter: only filtered tasks pay for it.
+    FExit(Option<FExitLinkId>),
+    /// The sys_exit BTF tracepoint: every task on the node pays for it.
+    BtfTracepoint(Option<BtfTracePointLinkId>),
+    /// Pure v1 hosts: refusals are not reported (no cgroup storage).
+    None,
+}
+
 /// Where containers' syscall counts live.
 enum Counts {
     /// In each v2 cgroup's local storage, reached through its directory
@@ -182,8 +198,8 @@ pub struct Tracer {
     counting: HashSet<u64>,
     /// Cgroups whose refusals are reported (v2).
     reporting: HashSet<u64>,
-    /// The exit hook's link while attached.
-    exit_link: Option<BtfTracePointLinkId>,
+    /// Where refusals are seen, linked while `reporting` is not empty.
+    refusal: RefusalHook,
     counts: Counts,
     flows: HashMap<MapData, u64, FlowStart>,
     drops: PerCpuArray<MapData, u64>,
@@ -195,6 +211,7 @@ impl std::fmt::Debug for Tracer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tracer")
             .field("syscall_hook", &self.hook)
+            .field("refusal_hook", &self.refusal)
             .field("counting", &self.counting.len())
             .field("events_taken", &self.events.is_none())
             .finish_non_exhaustive()
@@ -243,12 +260,24 @@ impl Tracer {
             }
         };
         // Loaded on v2 hosts, attached only while a reporting container is
-        // watched (an exit hook costs every syscall on the node).
-        if v1 == 0 {
-            let exit: &mut BtfTracePoint = program(&mut ebpf, "hb_sys_exit")?;
-            exit.load("sys_exit", &btf)
-                .map_err(|e| prog("hb_sys_exit", e))?;
-        }
+        // watched: the tracepoint costs every syscall on the node, and even
+        // fexit costs every filtered task's syscalls (containers under
+        // containerd's default profile too) a trampoline call, while
+        // attaching it is one text patch.
+        let refusal = if v1 != 0 {
+            RefusalHook::None
+        } else {
+            match load_fexit(&mut ebpf, &btf) {
+                Ok(()) => RefusalHook::FExit(None),
+                Err(e) => {
+                    tracing::info!(error = ?e, "fexit on __seccomp_filter unavailable; seeing seccomp refusals at the sys_exit tracepoint");
+                    let exit: &mut BtfTracePoint = program(&mut ebpf, "hb_sys_exit")?;
+                    exit.load("sys_exit", &btf)
+                        .map_err(|e| prog("hb_sys_exit", e))?;
+                    RefusalHook::BtfTracepoint(None)
+                }
+            }
+        };
         let exec: &mut BtfTracePoint = program(&mut ebpf, "hb_exec")?;
         exec.load("sched_process_exec", &btf)
             .map_err(|e| prog("hb_exec", e))?;
@@ -295,7 +324,7 @@ impl Tracer {
             watched,
             counting: HashSet::new(),
             reporting: HashSet::new(),
-            exit_link: None,
+            refusal,
             counts,
             flows,
             drops,
@@ -347,29 +376,57 @@ impl Tracer {
         Ok(())
     }
 
-    /// Whether the exit hook (seccomp refusals) is attached now.
-    pub fn exit_hook_attached(&self) -> bool {
-        self.exit_link.is_some()
+    /// Where seccomp refusals are seen: `fexit/__seccomp_filter`, the
+    /// `tp_btf/sys_exit` fallback, or `None` (pure v1 hosts: not reported).
+    pub fn refusal_hook(&self) -> Option<&'static str> {
+        match self.refusal {
+            RefusalHook::FExit(_) => Some("fexit/__seccomp_filter"),
+            RefusalHook::BtfTracepoint(_) => Some("tp_btf/sys_exit"),
+            RefusalHook::None => None,
+        }
     }
 
-    fn attach_exit_hook(&mut self) -> Result<()> {
-        if self.exit_link.is_none() {
-            let t: &mut BtfTracePoint = program(&mut self.ebpf, "hb_sys_exit")?;
-            self.exit_link = Some(t.attach().map_err(|source| Error::Program {
-                name: "hb_sys_exit",
-                source,
-            })?);
+    /// Whether the refusal hook is attached now (some reporting cgroup
+    /// watched).
+    pub fn refusal_hook_attached(&self) -> bool {
+        matches!(
+            self.refusal,
+            RefusalHook::FExit(Some(_)) | RefusalHook::BtfTracepoint(Some(_))
+        )
+    }
+
+    fn attach_refusal_hook(&mut self) -> Result<()> {
+        let prog = |name, source| Error::Program { name, source };
+        match &mut self.refusal {
+            RefusalHook::FExit(link @ None) => {
+                let f: &mut FExit = program(&mut self.ebpf, "hb_seccomp_exit")?;
+                *link = Some(f.attach().map_err(|e| prog("hb_seccomp_exit", e))?);
+            }
+            RefusalHook::BtfTracepoint(link @ None) => {
+                let t: &mut BtfTracePoint = program(&mut self.ebpf, "hb_sys_exit")?;
+                *link = Some(t.attach().map_err(|e| prog("hb_sys_exit", e))?);
+            }
+            _ => {}
         }
         Ok(())
     }
 
-    fn detach_exit_hook(&mut self) -> Result<()> {
-        if let Some(id) = self.exit_link.take() {
-            let t: &mut BtfTracePoint = program(&mut self.ebpf, "hb_sys_exit")?;
-            t.detach(id).map_err(|source| Error::Program {
-                name: "hb_sys_exit",
-                source,
-            })?;
+    fn detach_refusal_hook(&mut self) -> Result<()> {
+        let prog = |name, source| Error::Program { name, source };
+        match &mut self.refusal {
+            RefusalHook::FExit(link) => {
+                if let Some(id) = link.take() {
+                    let f: &mut FExit = program(&mut self.ebpf, "hb_seccomp_exit")?;
+                    f.detach(id).map_err(|e| prog("hb_seccomp_exit", e))?;
+                }
+            }
+            RefusalHook::BtfTracepoint(link) => {
+                if let Some(id) = link.take() {
+                    let t: &mut BtfTracePoint = program(&mut self.ebpf, "hb_sys_exit")?;
+                    t.detach(id).map_err(|e| prog("hb_sys_exit", e))?;
+                }
+            }
+            RefusalHook::None => {}
         }
         Ok(())
     }
@@ -404,9 +461,11 @@ impl Tracer {
     /// `from_exec`, its syscalls are counted from the next exec in it on
     /// (a container watched between `runc create` and `runc start`: what
     /// runc's init does before it execs the workload is not the
-    /// workload's). With `report` (v2 only), its syscalls returning EPERM
-    /// or ENOSYS come as [`Event::Refused`] (the exit hook is attached
-    /// while such a cgroup is watched).
+    /// workload's). With `report` (v2 only), its syscalls refused with
+    /// EPERM or ENOSYS come as [`Event::Refused`], once per number (the
+    /// refusal hook is attached while such a cgroup is watched; through
+    /// the `sys_exit` fallback any syscall failing so comes, not only
+    /// those seccomp refused).
     pub fn watch(&mut self, cgroup: u64, dir: &Path, from_exec: bool, report: bool) -> Result<()> {
         if let Counts::Storage { map: m, dirs, .. } = &mut self.counts
             && !dirs.contains_key(&cgroup)
@@ -422,7 +481,7 @@ impl Tracer {
             dirs.insert(cgroup, f);
             if report {
                 self.reporting.insert(cgroup);
-                self.attach_exit_hook()?;
+                self.attach_refusal_hook()?;
             }
         }
         self.attach_syscall_hook()?;
@@ -458,7 +517,7 @@ impl Tracer {
     /// Stops counting `cgroup`'s syscalls (and seeing its opens) while its
     /// execs, connections and OOM kills stay traced; returns the counts so
     /// far. The syscall hook stays attached until [`Tracer::detach_if_idle`].
-    /// A reporting cgroup keeps its storage (the exit hook reads it), its
+    /// A reporting cgroup keeps its storage (the refusal hook reads it), its
     /// counts zeroed so a later sample does not count them twice.
     pub fn stop_counting(&mut self, cgroup: u64) -> Result<BTreeMap<u32, u64>> {
         if !self.counting.remove(&cgroup) {
@@ -493,11 +552,11 @@ impl Tracer {
         Ok(counts)
     }
 
-    /// Frees `cgroup`'s storage (v2) and its reporting, detaching the exit
+    /// Frees `cgroup`'s storage (v2) and its reporting, detaching the refusal
     /// hook with the last reporting cgroup.
     fn drop_storage(&mut self, cgroup: u64) -> Result<()> {
         if self.reporting.remove(&cgroup) && self.reporting.is_empty() {
-            self.detach_exit_hook()?;
+            self.detach_refusal_hook()?;
         }
         if let Counts::Storage { map, dirs, removed } = &mut self.counts {
             if let Some(f) = dirs.remove(&cgroup) {
@@ -695,6 +754,21 @@ fn load_fentry(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
     };
     let f: &mut FEntry = program(ebpf, "hb_sys_call")?;
     f.load("x64_sys_call", btf).map_err(prog)?;
+    let link = f.attach().map_err(prog)?;
+    f.detach(link).map_err(prog)?;
+    Ok(())
+}
+
+/// Loads the refusal hook on the seccomp filter and proves it attaches
+/// (the function may be inlined or lack BTF on some kernels); it is
+/// detached again until a reporting container is watched.
+fn load_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
+    let prog = |source| Error::Program {
+        name: "hb_seccomp_exit",
+        source,
+    };
+    let f: &mut FExit = program(ebpf, "hb_seccomp_exit")?;
+    f.load("__seccomp_filter", btf).map_err(prog)?;
     let link = f.attach().map_err(prog)?;
     f.detach(link).map_err(prog)?;
     Ok(())

@@ -13,11 +13,13 @@
 //!   getpid, 1-byte read, 1-byte write) timed inside the container
 //!   (`work_ns`), with no filter, containerd's default profile, the loop's
 //!   learned profile untraced (the filter alone), and learned with denial
-//!   reporting on (the tracer's exit hook watching), each past its 1 s
-//!   counting window (the steady state of a container's life). Rounds run the four back to back,
-//!   each round starting with the next variant (the tracer's hook detaches
-//!   at once, so none taxes the next); each variant's ratio to no filter
-//!   is the median over rounds.
+//!   reporting on (the tracer's refusal hook watching: fexit on
+//!   `__seccomp_filter` where the kernel allows it, else the `sys_exit`
+//!   tracepoint; the section names the one measured), each past its 1 s
+//!   counting window (the steady state of a container's life). Rounds run
+//!   the four back to back, each round starting with the next variant (the
+//!   tracer's hooks detach at once, so none taxes the next); each
+//!   variant's ratio to no filter is the median over rounds.
 //!
 //! `cargo bench -p hyperbox-integration --bench seccomp` (as root) runs it
 //! and rewrites its section of docs/benchmarks.md; under `cargo test` it
@@ -188,6 +190,12 @@ async fn main() {
     let agent = AgentDaemon::start(&tb.containerd.nri_socket(), CONFIG).await;
     tb.containerd.use_agent(&agent.config_path()).unwrap();
     let api = hyperbox_api::client::Client::new(agent.address());
+    let health = agent.health().await.unwrap();
+    let refusal_hook = health["tracing_refusal_hook"]
+        .as_str()
+        .filter(|h| !h.is_empty())
+        .unwrap_or("none")
+        .to_string();
     let (client, bb) = tb.sleeper_image().await;
     let trees = distro::python_trees().expect("the Debian + Python image");
     let py_ref = tb.push(&trees.image(), "bench/python", "v1").await;
@@ -312,7 +320,7 @@ async fn main() {
          | workload | learned | allowed | smaller than the default |\n|---|---|---|---|\n{size_rows}\n\
          **False denials** (learned over 3 runs, then replayed enforced):\n\n\
          | workload | replays | failed | output differed | denials reported |\n|---|---|---|---|---|\n{denial_rows}\n\
-         **Filter cost** on the syscall loop ({loops} rounds of getpid + read + write, timed in the container after a 1.5 s wait past a 1 s counting window; {rounds} rounds of the four, ratio to no filter: median [95 % interval]; denials reported during the loop: {loop_denials}):\n\n\
+         **Filter cost** on the syscall loop ({loops} rounds of getpid + read + write, timed in the container after a 1.5 s wait past a 1 s counting window; {rounds} rounds of the four, ratio to no filter: median [95 % interval]; denials reported during the loop: {loop_denials}; refusal hook: `{refusal_hook}`):\n\n\
          | filter | median work | per syscall | ratio |\n|---|---|---|---|\n{cost_rows}",
         machine(),
         if full {

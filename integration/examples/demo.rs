@@ -245,14 +245,19 @@ async fn main() -> Result<()> {
     opts.runtime = Some(HYPERBOX_RUNTIME.into());
     opts.annotations
         .insert("hyperbox.dev/workload".into(), "demo-worker".into());
-    for (n, run) in [
-        "first run",
-        "second run: sized in its spec before runc create",
+    for (n, (run, seccomp)) in [
+        ("first run: its syscalls learned", "learn"),
+        (
+            "second run: sized in its spec before runc create, under its learned seccomp profile",
+            "enforce",
+        ),
     ]
     .into_iter()
     .enumerate()
     {
         let id = format!("shim-worker-{n}");
+        opts.annotations
+            .insert("seccomp.hyperbox.dev/mode".into(), seccomp.into());
         let c = client.create_container(&id, &image, &opts).await?;
         let task = c.start().await?;
         println!("    {run}:");
@@ -270,10 +275,45 @@ async fn main() -> Result<()> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    println!("    the workload's learned seccomp profile:");
+    print_indented(&agent.hb(&["profile", "ls"]));
+    // A syscall the workload never made, under its profile: refused
+    // (EPERM) and reported.
+    let mut denied = opts.clone();
+    denied.args = Some(vec![
+        "sh".into(),
+        "-c".into(),
+        "unshare -U true; echo unshare exit status $?".into(),
+    ]);
+    let c = client
+        .create_container("shim-worker-unshare", &image, &denied)
+        .await?;
+    let out = c.start().await?.wait_output().await?;
+    c.delete().await?;
+    println!("    a run that calls unshare, which it never did while learning:");
+    print_indented(&out.stdout_str());
+    print_indented(&out.stderr_str());
+    let start = Instant::now();
+    let mut shown = String::new();
+    while start.elapsed() < Duration::from_secs(10) {
+        shown = agent.hb(&["profile", "show", "containerd:default/demo-worker"]);
+        if shown.contains("unshare") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    print_indented(
+        &shown
+            .lines()
+            .take_while(|l| !l.starts_with("profile ("))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
     let (_, metrics) = agent.http_get("/metrics").await?;
     for line in metrics.lines().filter(|l| {
         l.starts_with("hyperbox_nri_request_duration_seconds_count")
             || l.starts_with("hyperbox_memory_decisions_total")
+            || l.starts_with("hyperbox_seccomp_reports_total")
     }) {
         println!("    | {line}");
     }

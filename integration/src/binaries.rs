@@ -45,3 +45,36 @@ pub fn path(name: &str) -> PathBuf {
     built.push(name.to_string());
     bin
 }
+
+/// The shim as nodes should run it: `cargo build-shim` (the `shim` profile,
+/// static musl; .cargo/config.toml), built first. Benchmarks measure
+/// this build, not the test profile's.
+pub fn shim_for_nodes(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let target = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .and_then(|profile| profile.parent())
+        .expect("target directory")
+        .to_path_buf();
+    let bin = target.join("x86_64-unknown-linux-musl/shim").join(name);
+    let built = BUILT.get_or_init(|| Mutex::new(Vec::new()));
+    let mut built = built.lock().unwrap();
+    let key = format!("shim:{name}");
+    if built.contains(&key) {
+        return bin;
+    }
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // The alias lives in the workspace's .cargo/config.toml, which cargo
+    // finds from its working directory.
+    let status = Command::new(cargo)
+        .current_dir(&workspace)
+        .args(["build-shim", "--quiet"])
+        .env("CARGO_TARGET_DIR", &target)
+        .status()
+        .expect("run cargo build-shim");
+    assert!(status.success(), "cargo build-shim failed");
+    built.push(key);
+    bin
+}

@@ -67,9 +67,10 @@ impl std::fmt::Display for Shim {
 
 /// The directory holding the freshly built hyperbox shim, for containerd's
 /// `PATH` (containerd finds `io.containerd.hyperbox.v1` as
-/// `containerd-shim-hyperbox-v1` there, as on a node).
+/// `containerd-shim-hyperbox-v1` there, as on a node). It is the node
+/// build (`cargo build-shim`), so the tests run what nodes run.
 pub fn hyperbox_shim_dir() -> PathBuf {
-    let bin = crate::binaries::path(HYPERBOX_SHIM_BINARY);
+    let bin = crate::binaries::shim_for_nodes(HYPERBOX_SHIM_BINARY);
     bin.parent()
         .expect("a binary has a directory")
         .to_path_buf()

@@ -495,6 +495,41 @@ async fn a_pod_annotated_auto_learns_then_enforces() {
     // What an operator sees.
     let shown = agent.hb(&["profile", "show", &p.workload]);
     assert!(shown.contains("SCMP_ACT_ERRNO"), "{shown}");
+    // Against containerd's default profile (the second side when none is
+    // named), which the agent knows once a container with it has passed
+    // (this pod was Unconfined): everything the workload needs is in the
+    // default, which allows some hundreds more.
+    let unseen = agent.hb_output(&["profile", "diff", &p.workload]);
+    assert!(
+        !unseen.status.success()
+            && String::from_utf8_lossy(&unseen.stderr).contains("has not been seen yet"),
+        "{unseen:?}"
+    );
+    hyperbox_integration::ctr::pull(&tb.containerd, &reference);
+    // The agent takes a container whose cgroup ends in its id.
+    let cgroup = format!("{}/with-default", tb.containerd.cgroup_prefix());
+    hyperbox_integration::ctr::run(
+        &tb.containerd,
+        &[
+            "run",
+            "--rm",
+            "--cgroup",
+            &cgroup,
+            "--seccomp",
+            "--runtime",
+            HYPERBOX_RUNTIME,
+            &reference,
+            "with-default",
+            "true",
+        ],
+    );
+    let diff: ProfileDiff =
+        serde_json::from_str(&agent.hb(&["profile", "diff", &p.workload, "--json"])).unwrap();
+    assert_eq!(diff.b, "default", "{diff:?}");
+    assert!(diff.only_a.is_empty(), "{diff:?}");
+    assert!(diff.both >= 8 && diff.only_b.len() >= 200, "{diff:?}");
+    let text = agent.hb(&["profile", "diff", &p.workload]);
+    assert!(text.contains("default"), "{text}");
     assert!(agent.shutdown().is_empty());
     tb.finish();
 }

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hyperbox_integration::agent::{AgentDaemon, memory_limit};
-use hyperbox_integration::client::{Client, ContainerOptions, Image};
+use hyperbox_integration::client::{Client, ContainerOptions, Image, RUNC_RUNTIME};
 use hyperbox_integration::cri::{ContainerSpec, PodNetwork};
 use hyperbox_integration::image::ImageSpec;
 use hyperbox_integration::prereq::Prereq;
@@ -304,6 +304,31 @@ async fn ctr_runs_pauses_updates_and_measures_through_the_shim() {
         ],
     );
     assert!(out.contains("/dev/pts/0"), "{out:?}");
+    // A program that is not there: runc's reason reaches the user, worded
+    // as runc-v2 words it, and nothing is left behind.
+    for runtime in [RUNC_RUNTIME, HYPERBOX_RUNTIME] {
+        let out = hyperbox_integration::ctr::output(
+            &tb.containerd,
+            &[
+                "run",
+                "--rm",
+                "--runtime",
+                runtime,
+                &reference,
+                "nope",
+                "/no/such/program",
+            ],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{runtime}: {err}");
+        assert!(
+            err.contains("OCI runtime create failed: runc create failed")
+                && err.contains("/no/such/program")
+                && err.contains("no such file or directory"),
+            "{runtime}: {err}"
+        );
+        let _ = hyperbox_integration::ctr::output(&tb.containerd, &["container", "rm", "nope"]);
+    }
 
     ctr(
         &tb,
@@ -519,7 +544,7 @@ fn info_reports_the_runtime_and_runcs_features_as_containerd_2_asks() {
     require!(Prereq::Runc);
     use containerd_shim::protos::protobuf::Message;
     use containerd_shim::protos::types::introspection::RuntimeInfo;
-    let bin = hyperbox_integration::binaries::path(HYPERBOX_SHIM_BINARY);
+    let bin = hyperbox_integration::binaries::shim_for_nodes(HYPERBOX_SHIM_BINARY);
     let out = Command::new(bin)
         .arg("-info")
         .stdin(std::process::Stdio::null())

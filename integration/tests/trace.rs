@@ -263,9 +263,20 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kill
             .contains(&health["tracing_syscall_hook"].as_str().unwrap_or("")),
         "{health}"
     );
-    // A syscall hook, its exit twin (seccomp refusals), exec, OOM, TCP and
-    // cgroup removal, held by this agent (other agents may run on the
-    // machine at the same time).
+    // Seccomp refusals are seen where the filter returns (fexit) where the
+    // kernel allows it; this machine refuses every trampoline program
+    // (fentry, fexit, lsm: EPERM at load), so the sys_exit tracepoint
+    // fallback is what runs here.
+    let refusal_hook = health["tracing_refusal_hook"].as_str().unwrap_or("");
+    let refusal_prog = match refusal_hook {
+        "fexit/__seccomp_filter" => "hb_seccomp_exit",
+        "tp_btf/sys_exit" => "hb_sys_exit",
+        _ => panic!("no refusal hook: {health}"),
+    };
+    assert_eq!(health["tracing_refusal_hook_attached"], false, "{health}");
+    // A syscall hook, the refusal hook, exec, OOM, TCP and cgroup removal,
+    // held by this agent (other agents may run on the machine at the same
+    // time); the hook that did not load is not held.
     let ours = programs_of(agent.pid().expect("agent pid"));
     let our_maps = bpf_ids_of(agent.pid().expect("agent pid"), "map_id:");
     assert!(our_maps.len() >= 8, "agent holds maps {our_maps:?}");
@@ -281,15 +292,9 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kill
         .collect();
     assert_eq!(names.len(), 6, "agent holds {names:?}");
     assert!(
-        [
-            "hb_exec",
-            "hb_oom",
-            "hb_tcp",
-            "hb_cgroup_rmd",
-            "hb_sys_exit"
-        ]
-        .iter()
-        .all(|p| names.iter().any(|n| n.starts_with(p))),
+        ["hb_exec", "hb_oom", "hb_tcp", "hb_cgroup_rmd", refusal_prog]
+            .iter()
+            .all(|p| names.iter().any(|n| n.starts_with(p))),
         "{names:?}"
     );
     assert_eq!(
@@ -305,7 +310,7 @@ async fn the_tracer_sees_each_containers_syscalls_execs_opens_flows_and_oom_kill
     assert_eq!(
         links_of(&ours),
         5,
-        "the syscall hook attaches with the first watch (no exit hook: nothing enforced)"
+        "the syscall hook attaches with the first watch (no refusal hook: nothing enforced)"
     );
     // The worker: its very first instruction is the exec of sh; then an
     // exec of the marker binary, opens and writes.

@@ -101,6 +101,7 @@ async fn health(State(app): State<App>) -> Json<Health> {
         tracing: a.tracing.available(),
         tracing_syscall_hook: a.tracing.syscall_hook().into(),
         tracing_syscall_hook_attached: a.tracing.syscall_hook_attached(),
+        tracing_refusal_hook: a.tracing.refusal_hook().into(),
         tracing_refusal_hook_attached: a.tracing.refusal_hook_attached(),
         tracing_unavailable: a.tracing.unavailable_reason().into(),
         tracing_cgroup: if a.tracing.uses_v1() {

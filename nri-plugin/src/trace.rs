@@ -200,7 +200,14 @@ impl Tracing {
                 ..opts
             };
             match Tracer::load(&opts) {
-                Ok(t) => (Some(t), String::new()),
+                Ok(t) => {
+                    tracing::info!(
+                        syscall_hook = t.syscall_hook(),
+                        refusal_hook = t.refusal_hook().unwrap_or("none"),
+                        "eBPF tracer loaded"
+                    );
+                    (Some(t), String::new())
+                }
                 Err(e) => {
                     let why = hyperbox_api::error_chain(&e);
                     tracing::error!(error = %why, "eBPF tracer did not load; tracing is off");
@@ -826,12 +833,24 @@ impl Tracing {
         })
     }
 
-    /// Whether the exit hook (seccomp refusals) is attached now.
+    /// Where seccomp refusals are seen (`fexit/__seccomp_filter` or the
+    /// `tp_btf/sys_exit` fallback); empty when they are not (no tracer,
+    /// or pure v1 hosts).
+    pub fn refusal_hook(&self) -> &'static str {
+        self.tracer.as_ref().map_or("", |t| {
+            t.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .refusal_hook()
+                .unwrap_or("")
+        })
+    }
+
+    /// Whether the refusal hook is attached now.
     pub fn refusal_hook_attached(&self) -> bool {
         self.tracer.as_ref().is_some_and(|t| {
             t.lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .exit_hook_attached()
+                .refusal_hook_attached()
         })
     }
 

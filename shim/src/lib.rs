@@ -7,11 +7,13 @@
 //! server, event publisher, reaper) and `runc` (the CLI) crates.
 
 pub mod cgroup;
+pub mod events;
 pub mod info;
 pub mod oom;
 pub mod options;
 pub mod policy;
 pub mod reaper;
+pub mod runc_cli;
 pub mod service;
 pub mod stdio;
 pub mod task;

@@ -26,19 +26,21 @@ use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
     TaskResumed, TaskStart,
 };
+use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
-use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
 use containerd_shim::protos::topics;
 use containerd_shim::protos::ttrpc::{self, Code};
 use containerd_shim::protos::types::task::ProcessInfo;
-use containerd_shim::{Context, Task, TtrpcContext, TtrpcResult};
+use containerd_shim::{Task, TtrpcContext, TtrpcResult};
 use runc::options::{CreateOpts, DeleteOpts, ExecOpts, KillOpts};
 use tokio::sync::watch;
 
 use crate::cgroup::Cgroups;
+use crate::events::{self, Event};
 use crate::options::Runtime;
 use crate::policy::{Agent, Registration};
 use crate::reaper::ReaperSpawner;
+use crate::runc_cli::{self, RuncCli};
 use crate::stdio::{Attached, Prepared, Stdio, attach};
 
 /// How long Delete waits for a process's output to be delivered.
@@ -96,7 +98,7 @@ impl Proc {
 #[derive(Debug)]
 struct Container {
     bundle: PathBuf,
-    runc: runc::Runc,
+    runc: RuncCli,
     rootfs: Option<PathBuf>,
     io_owner: (u32, u32),
     init: Proc,
@@ -188,23 +190,6 @@ fn not_found(what: &str) -> ttrpc::Error {
     status(Code::NOT_FOUND, format!("{what}: not found"))
 }
 
-fn runc_error(what: &str, e: runc::error::Error) -> ttrpc::Error {
-    let text = match &e {
-        runc::error::Error::CommandFailed { stdout, stderr, .. } => {
-            format!("{} {}", stdout.trim(), stderr.trim())
-                .trim()
-                .to_string()
-        }
-        other => other.to_string(),
-    };
-    let code = if text.contains("not running") || text.contains("does not exist") {
-        Code::NOT_FOUND
-    } else {
-        Code::UNKNOWN
-    };
-    status(code, format!("{what}: {text}"))
-}
-
 /// Now, as containerd's events carry it.
 pub fn now() -> Timestamp {
     timestamp(SystemTime::now())
@@ -245,18 +230,23 @@ impl RuncState {
         }
     }
 
-    fn runc(&self) -> Result<runc::Runc, ttrpc::Error> {
+    /// runc for the container in `bundle`, logging there.
+    fn runc(&self, bundle: &Path) -> Result<RuncCli, ttrpc::Error> {
+        let log = runc_cli::log_of(bundle);
         let mut g = runc::options::GlobalOpts::new()
             .command(&self.binary)
             .root(&self.root)
-            .systemd_cgroup(self.systemd);
+            .systemd_cgroup(self.systemd)
+            .log(&log)
+            .log_json();
         g.custom_spawner(Arc::new(ReaperSpawner));
-        g.build().map_err(|e| {
+        let cli = g.build().map_err(|e| {
             status(
                 Code::FAILED_PRECONDITION,
                 format!("runc {:?}: {e}", self.binary),
             )
-        })
+        })?;
+        Ok(RuncCli::new(cli, log))
     }
 }
 
@@ -283,9 +273,9 @@ pub async fn cleanup_after_dead_shim(namespace: &str, id: &str, bundle: &Path) {
         .ok()
         .and_then(|b| serde_json::from_slice::<RuncState>(&b).ok());
     let runc = match state {
-        Some(s) => s.runc(),
+        Some(s) => s.runc(bundle),
         None => load_config(&Runtime::default())
-            .and_then(|cfg| RuncState::resolve(&cfg, &Runtime::default(), namespace).runc()),
+            .and_then(|cfg| RuncState::resolve(&cfg, &Runtime::default(), namespace).runc(bundle)),
     };
     match runc {
         Ok(r) => {
@@ -328,12 +318,12 @@ impl TaskService {
         s
     }
 
-    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
-        if let Err(e) = self
-            .publisher
-            .publish(Context::default(), topic, &self.namespace, event)
-            .await
-        {
+    async fn publish<E: Event>(&self, topic: &str, event: E) {
+        let sent = match events::envelope(topic, &self.namespace, now(), &event) {
+            Ok(envelope) => events::send(&self.publisher, envelope).await,
+            Err(e) => Err(ttrpc::Error::Others(e.to_string())),
+        };
+        if let Err(e) = sent {
             tracing::warn!(topic, error = %e, "cannot publish the event");
         }
     }
@@ -382,19 +372,19 @@ impl TaskService {
         tracing::debug!(container = %id, exec = %exec_id, pid, code = e.code, "exited");
         self.publish(
             topics::TASK_EXIT_EVENT_TOPIC,
-            Box::new(TaskExit {
+            TaskExit {
                 container_id: id.to_string(),
                 id: if exec_id.is_empty() { id } else { exec_id }.to_string(),
                 pid,
                 exit_status: e.code,
                 exited_at: MessageField::some(timestamp(e.at)),
                 ..Default::default()
-            }),
+            },
         )
         .await;
     }
 
-    fn runc_of(&self, id: &str) -> Result<runc::Runc, ttrpc::Error> {
+    fn runc_of(&self, id: &str) -> Result<RuncCli, ttrpc::Error> {
         Ok(self
             .book
             .lock()
@@ -429,8 +419,8 @@ impl TaskService {
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let cfg = load_config(&opts)?;
         let state = RuncState::resolve(&cfg, &opts, &self.namespace);
-        let runc = state.runc()?;
         let bundle = PathBuf::from(&req.bundle);
+        let runc = state.runc(&bundle)?;
         let _ = std::fs::write(
             bundle.join(RUNC_STATE),
             serde_json::to_vec(&state).unwrap_or_default(),
@@ -505,7 +495,7 @@ impl TaskService {
         };
         if let Err(e) = runc.create(id, &bundle, Some(&copts)).await {
             forget(self);
-            return Err(fail(runc_error("runc create", e)));
+            return Err(fail(runc.failed("create", e)));
         }
         let pid = match std::fs::read_to_string(&pid_file)
             .ok()
@@ -540,10 +530,10 @@ impl TaskService {
                         tracing::info!(container = %cid, "OOM kill");
                         me.publish(
                             topics::TASK_OOM_EVENT_TOPIC,
-                            Box::new(TaskOOM {
+                            TaskOOM {
                                 container_id: cid.clone(),
                                 ..Default::default()
-                            }),
+                            },
                         )
                         .await;
                     }
@@ -565,7 +555,7 @@ impl TaskService {
         };
         self.publish(
             topics::TASK_CREATE_EVENT_TOPIC,
-            Box::new(TaskCreate {
+            TaskCreate {
                 container_id: id.to_string(),
                 bundle: req.bundle.clone(),
                 rootfs: req.rootfs.clone(),
@@ -579,7 +569,7 @@ impl TaskService {
                 checkpoint: req.checkpoint.clone(),
                 pid,
                 ..Default::default()
-            }),
+            },
         )
         .await;
         // Killed before its pid was known: containerd still hears of it.
@@ -619,7 +609,7 @@ impl TaskService {
         }
         runc.exec(id, &spec, Some(&eopts))
             .await
-            .map_err(|e| runc_error("runc exec", e))?;
+            .map_err(|e| runc.failed("exec", e))?;
         let pid = std::fs::read_to_string(&pid_file)
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok())
@@ -652,12 +642,12 @@ impl TaskService {
         }
         self.publish(
             topics::TASK_EXEC_STARTED_EVENT_TOPIC,
-            Box::new(TaskExecStarted {
+            TaskExecStarted {
                 container_id: id.to_string(),
                 exec_id: exec_id.to_string(),
                 pid,
                 ..Default::default()
-            }),
+            },
         )
         .await;
         // An exit that came before its pid was known is published now.
@@ -675,27 +665,24 @@ impl TaskService {
         } else {
             runc.resume(id).await
         };
-        done.map_err(|e| runc_error(if frozen { "runc pause" } else { "runc resume" }, e))?;
+        done.map_err(|e| runc.failed(if frozen { "pause" } else { "resume" }, e))?;
         if let Some(c) = self.book.lock().expect("book lock").containers.get_mut(id) {
             c.paused = frozen;
         }
-        let event: Box<dyn MessageDyn> = if frozen {
-            Box::new(TaskPaused {
-                container_id: id.to_string(),
+        let container_id = id.to_string();
+        if frozen {
+            let event = TaskPaused {
+                container_id,
                 ..Default::default()
-            })
+            };
+            self.publish(topics::TASK_PAUSED_EVENT_TOPIC, event).await;
         } else {
-            Box::new(TaskResumed {
-                container_id: id.to_string(),
+            let event = TaskResumed {
+                container_id,
                 ..Default::default()
-            })
-        };
-        let topic = if frozen {
-            topics::TASK_PAUSED_EVENT_TOPIC
-        } else {
-            topics::TASK_RESUMED_EVENT_TOPIC
-        };
-        self.publish(topic, event).await;
+            };
+            self.publish(topics::TASK_RESUMED_EVENT_TOPIC, event).await;
+        }
         Ok(Empty::new())
     }
 
@@ -744,7 +731,7 @@ impl TaskService {
             ));
         }
         if let Err(e) = runc.delete(id, Some(&DeleteOpts { force: !started })).await {
-            let e = runc_error("runc delete", e);
+            let e = runc.failed("delete", e);
             if !e.to_string().contains("does not exist") {
                 tracing::warn!(container = id, error = %e, "runc delete");
             }
@@ -779,14 +766,14 @@ impl TaskService {
         });
         self.publish(
             topics::TASK_DELETE_EVENT_TOPIC,
-            Box::new(TaskDelete {
+            TaskDelete {
                 container_id: id.to_string(),
                 pid: c.init.pid,
                 exit_status: e.code,
                 exited_at: MessageField::some(timestamp(e.at)),
                 id: id.to_string(),
                 ..Default::default()
-            }),
+            },
         )
         .await;
         Ok(DeleteResponse {
@@ -846,7 +833,7 @@ impl Task for TaskService {
         let runc = self.runc_of(&req.id)?;
         runc.start(&req.id)
             .await
-            .map_err(|e| runc_error("runc start", e))?;
+            .map_err(|e| runc.failed("start", e))?;
         let (pid, agent) = {
             let mut book = self.book.lock().expect("book lock");
             let c = book.container_mut(&req.id)?;
@@ -861,11 +848,11 @@ impl Task for TaskService {
         }
         self.publish(
             topics::TASK_START_EVENT_TOPIC,
-            Box::new(TaskStart {
+            TaskStart {
                 container_id: req.id.clone(),
                 pid,
                 ..Default::default()
-            }),
+            },
         )
         .await;
         Ok(StartResponse {
@@ -880,10 +867,7 @@ impl Task for TaskService {
 
     async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
         let runc = self.runc_of(&req.id)?;
-        let pids = runc
-            .ps(&req.id)
-            .await
-            .map_err(|e| runc_error("runc ps", e))?;
+        let pids = runc.ps(&req.id).await.map_err(|e| runc.failed("ps", e))?;
         Ok(PidsResponse {
             processes: pids
                 .into_iter()
@@ -916,7 +900,7 @@ impl Task for TaskService {
             }
             runc.kill(&req.id, req.signal, Some(&KillOpts { all: req.all }))
                 .await
-                .map_err(|e| runc_error("runc kill", e))?;
+                .map_err(|e| runc.failed("kill", e))?;
             return Ok(Empty::new());
         }
         let pid = {
@@ -973,11 +957,11 @@ impl Task for TaskService {
         }
         self.publish(
             topics::TASK_EXEC_ADDED_EVENT_TOPIC,
-            Box::new(TaskExecAdded {
+            TaskExecAdded {
                 container_id: req.id.clone(),
                 exec_id: req.exec_id.clone(),
                 ..Default::default()
-            }),
+            },
         )
         .await;
         Ok(Empty::new())
@@ -1011,7 +995,7 @@ impl Task for TaskService {
         let runc = self.runc_of(&req.id)?;
         runc.update(&req.id, &resources)
             .await
-            .map_err(|e| runc_error("runc update", e))?;
+            .map_err(|e| runc.failed("update", e))?;
         Ok(Empty::new())
     }
 

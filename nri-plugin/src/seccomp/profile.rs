@@ -381,8 +381,20 @@ impl SpecKind {
 const DEFAULT_PROFILE_MIN: usize = 250;
 
 /// Allowed syscall names of any OCI profile (`SCMP_ACT_ALLOW` rules
-/// without conditions), for diffs against it.
+/// without conditions).
 pub fn allowed_names(profile: &Value) -> BTreeSet<String> {
+    allow_rules(profile, false)
+}
+
+/// Syscall names any OCI profile allows at all, some only with argument
+/// conditions (containerd's default allows `clone` without namespace
+/// flags, `personality` with a few personas): what a workload comparing
+/// itself with the profile may call.
+pub fn permitted_names(profile: &Value) -> BTreeSet<String> {
+    allow_rules(profile, true)
+}
+
+fn allow_rules(profile: &Value, conditional: bool) -> BTreeSet<String> {
     profile
         .get("syscalls")
         .and_then(Value::as_array)
@@ -390,9 +402,10 @@ pub fn allowed_names(profile: &Value) -> BTreeSet<String> {
         .flatten()
         .filter(|r| r.get("action").and_then(Value::as_str) == Some("SCMP_ACT_ALLOW"))
         .filter(|r| {
-            r.get("args")
-                .and_then(Value::as_array)
-                .is_none_or(Vec::is_empty)
+            conditional
+                || r.get("args")
+                    .and_then(Value::as_array)
+                    .is_none_or(Vec::is_empty)
         })
         .filter_map(|r| r.get("names").and_then(Value::as_array))
         .flatten()
@@ -494,5 +507,20 @@ mod tests {
         assert_eq!(s["spec"]["syscalls"], p["syscalls"]);
         assert_eq!(localhost(&p), p);
         assert_eq!(allowed_names(&p), allowed(&learned(&["read"])));
+        // A conditional allow is permitted, not allowed outright.
+        let cond = serde_json::json!({
+            "defaultAction": "SCMP_ACT_ERRNO",
+            "syscalls": [
+                {"names": ["read"], "action": "SCMP_ACT_ALLOW"},
+                {"names": ["clone"], "action": "SCMP_ACT_ALLOW",
+                 "args": [{"index": 0, "value": 2114060288, "op": "SCMP_CMP_MASKED_EQ"}]},
+                {"names": ["ptrace"], "action": "SCMP_ACT_ERRNO"}
+            ]
+        });
+        assert_eq!(allowed_names(&cond), BTreeSet::from(["read".to_string()]));
+        assert_eq!(
+            permitted_names(&cond),
+            BTreeSet::from(["clone".to_string(), "read".to_string()])
+        );
     }
 }

@@ -414,11 +414,13 @@ impl Seccomp {
     }
 
     /// The allowed names of `what`: a learned workload's profile, or
-    /// `default`, the runtime's default profile as last seen.
+    /// `default`, the runtime's default profile as last seen (a syscall it
+    /// allows under argument conditions counts as allowed, so a workload
+    /// that learned `clone` is not shown needing more than the default).
     pub fn allowed_of(&self, what: &str) -> Option<BTreeSet<String>> {
         let store = lock(&self.store);
         if what == "default" {
-            return store.runtime_default().map(profile::allowed_names);
+            return store.runtime_default().map(profile::permitted_names);
         }
         store.get(what).map(|p| profile::allowed(&p.learned()))
     }
