@@ -82,15 +82,6 @@ fn hyperbox_override() -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
-/// hyperbox's shim as docs/shim.md tells nodes to build it
-/// (`cargo build-shim`), once per run.
-fn hyperbox_build() -> PathBuf {
-    static BUILD: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILD
-        .get_or_init(|| hyperbox_integration::binaries::shim_for_nodes(HYPERBOX_SHIM_BINARY))
-        .clone()
-}
-
 /// The Go shim `line` starts for `io.containerd.runc.v2`: Debian's for
 /// 1.7, the one built with 2.x beside it.
 fn go_shim(line: Line) -> PathBuf {
@@ -138,7 +129,9 @@ impl Side {
         match self {
             Side::RuncV2 => go_shim(line),
             Side::RustRunc => rust_shim_path(line),
-            Side::Hyperbox => hyperbox_override().unwrap_or_else(hyperbox_build),
+            Side::Hyperbox => hyperbox_override().unwrap_or_else(|| {
+                hyperbox_integration::binaries::shim_for_nodes(HYPERBOX_SHIM_BINARY)
+            }),
         }
     }
 }

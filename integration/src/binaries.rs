@@ -8,16 +8,20 @@ use std::sync::{Mutex, OnceLock};
 
 static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
 
+/// `<target>/<profile>` of the running test, which runs from
+/// `<target>/<profile>/deps/<test>`; binaries sit in `<profile>`.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile> directory")
+        .to_path_buf()
+}
+
 /// The path of workspace binary `name` (e.g. `hyperbox-snapshotter`), built
 /// first with the same cargo and profile as the running test.
 pub fn path(name: &str) -> PathBuf {
-    // Tests run from <target>/<profile>/deps/<test>; binaries sit in <profile>.
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile> directory")
-        .to_path_buf();
+    let profile_dir = profile_dir();
     let bin = profile_dir.join(name);
     let built = BUILT.get_or_init(|| Mutex::new(Vec::new()));
     let mut built = built.lock().unwrap();
@@ -50,11 +54,8 @@ pub fn path(name: &str) -> PathBuf {
 /// static musl; .cargo/config.toml), built first. Benchmarks measure
 /// this build, not the test profile's.
 pub fn shim_for_nodes(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let target = exe
+    let target = profile_dir()
         .parent()
-        .and_then(|deps| deps.parent())
-        .and_then(|profile| profile.parent())
         .expect("target directory")
         .to_path_buf();
     let bin = target.join("x86_64-unknown-linux-musl/shim").join(name);
