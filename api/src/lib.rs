@@ -9,6 +9,7 @@
 //! - [`labels`] and [`annotations`]: the keys containerd, CRI, nerdctl and
 //!   hyperbox's components put on snapshots and containers.
 //! - [`error`]: one way to print an error with its sources.
+//! - [`psi`]: pressure stall information parsed from the kernel's text.
 //! - [`time`]: Unix seconds and RFC 3339 stamps as containerd writes them.
 //! - [`daemon`]: what every hyperbox daemon does at start (log set-up, a
 //!   unix socket bound without stealing a live one).
@@ -24,6 +25,7 @@ pub mod daemon;
 pub mod endpoints;
 pub mod error;
 pub mod labels;
+pub mod psi;
 pub mod time;
 pub mod types;
 

@@ -491,12 +491,18 @@ pub struct Snapshotter {
     /// Range requests of lazy layers in flight at once, on-demand reads and
     /// background fills together.
     pub lazy_max_chunk_fetches: u32,
+    /// Pause background fills of lazy layers while the node's I/O pressure
+    /// (`/proc/pressure/io`, `some avg10`, in %) is at or above this; 0
+    /// never pauses. Reads a container waits for are never paused.
+    pub lazy_fill_pause_io_pressure: u32,
     /// `host:port` to serve `/metrics` on (Prometheus text format); empty
     /// for none.
     pub metrics_address: String,
-    /// Accept character and block device nodes in fetched layers. Off by
-    /// default: images rarely need them and a layer carrying one is refused
-    /// with an error naming it.
+    /// Accept character and block device nodes in fetched layers, as
+    /// containerd's overlayfs does (debootstrap-made base images carry
+    /// `/dev/console`, `/dev/null` and more). A node in an image is inert
+    /// unless the container's device cgroup allows its number, exactly as
+    /// on overlayfs. Off: a layer carrying one is refused, naming it.
     pub allow_device_nodes: bool,
     /// The most bytes a fetched layer's files may hold once expanded
     /// (sparse files at their full size); a layer past it is refused. A few
@@ -566,8 +572,9 @@ impl Default for Snapshotter {
             lazy: true,
             lazy_verify: true,
             lazy_max_chunk_fetches: 16,
+            lazy_fill_pause_io_pressure: 20,
             metrics_address: String::new(),
-            allow_device_nodes: false,
+            allow_device_nodes: true,
             // Above the largest real layers (CUDA and model images reach
             // 10-30 GiB expanded), far below EROFS' 16 TiB.
             max_layer_bytes: 64 << 30,
@@ -661,6 +668,12 @@ impl Config {
             return Err(invalid(
                 "snapshotter.max_layer_entries",
                 "must be between 1024 and 67108864",
+            ));
+        }
+        if s.lazy_fill_pause_io_pressure > 100 {
+            return Err(invalid(
+                "snapshotter.lazy_fill_pause_io_pressure",
+                "must be between 0 (never pause) and 100 (%)",
             ));
         }
         if !(1..=256).contains(&s.lazy_max_chunk_fetches) {

@@ -562,9 +562,11 @@ pub struct Summary {
 /// What a conversion accepts beyond the format's own limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Options {
-    /// Keep character and block device nodes (other than whiteouts). Images
-    /// rarely need them, and a node in a layer is a way around `nodev`
-    /// mounts, so the snapshotter refuses them unless told otherwise.
+    /// Keep character and block device nodes (other than whiteouts).
+    /// containerd's overlayfs keeps them and debootstrap-made base images
+    /// carry `/dev/console`, `/dev/null` and friends, so nodes keep them by
+    /// default; a node that wants none sets this off and such a layer is
+    /// refused naming the entry.
     pub allow_devices: bool,
     /// The most bytes the layer's regular files may hold once expanded
     /// (sparse files at their full size): a small compressed layer can

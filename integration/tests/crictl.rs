@@ -6,10 +6,12 @@
 //! reference (`tests/cri.rs`); this proves the product with the tool users
 //! have.
 
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::time::Duration;
 
 use hyperbox_integration::agent::AgentDaemon;
 use hyperbox_integration::containerd::CRI_NAMESPACE;
+use hyperbox_integration::distro;
 use hyperbox_integration::image::{Compression, ImageSpec, Layer};
 use hyperbox_integration::prereq::{self, Prereq};
 use hyperbox_integration::snapshotter::NAME;
@@ -115,6 +117,30 @@ fn container_config(
     path
 }
 
+/// `crictl runp`, `create` and `start` of a container running `image`'s
+/// own command in a new pod; the pod's and the container's ids.
+fn start_in_pod(
+    crictl: &Crictl,
+    tb: &Testbed,
+    pod: &str,
+    name: &str,
+    image: &str,
+) -> (String, String) {
+    let pod_json = pod_config(tb, pod);
+    let pod = crictl.id(&["runp", pod_json.to_str().unwrap()]).unwrap();
+    let c_json = container_config(&pod_json, name, image, &[]);
+    let id = crictl
+        .id(&[
+            "create",
+            &pod,
+            c_json.to_str().unwrap(),
+            pod_json.to_str().unwrap(),
+        ])
+        .unwrap();
+    crictl.run(&["start", &id]).unwrap();
+    (pod, id)
+}
+
 fn inspect(crictl: &Crictl, id: &str) -> Value {
     crictl.json(&["inspect", "-o", "json", id]).unwrap()
 }
@@ -171,18 +197,7 @@ async fn crictl_runs_a_pod_on_hyperbox_with_the_agent_watching() {
         "{images:#}"
     );
 
-    let pod_json = pod_config(&tb, "web");
-    let pod = crictl.id(&["runp", pod_json.to_str().unwrap()]).unwrap();
-    let c_json = container_config(&pod_json, "app", &image, &[]);
-    let id = crictl
-        .id(&[
-            "create",
-            &pod,
-            c_json.to_str().unwrap(),
-            pod_json.to_str().unwrap(),
-        ])
-        .unwrap();
-    crictl.run(&["start", &id]).unwrap();
+    let (pod, id) = start_in_pod(&crictl, &tb, "web", "app", &image);
     let status = wait_state(&crictl, &id, "CONTAINER_RUNNING");
     // Its rootfs is a hyperbox snapshot: CRI says so, and hyperbox holds
     // the container's active snapshot on top of the image's layers.
@@ -329,18 +344,7 @@ async fn crictl_pulls_an_indexed_image_lazily() {
     );
     assert_served_remotely(&mut tb, &layers).await;
 
-    let pod_json = pod_config(&tb, "lazy");
-    let pod = crictl.id(&["runp", pod_json.to_str().unwrap()]).unwrap();
-    let c_json = container_config(&pod_json, "reader", &reference, &[]);
-    let id = crictl
-        .id(&[
-            "create",
-            &pod,
-            c_json.to_str().unwrap(),
-            pod_json.to_str().unwrap(),
-        ])
-        .unwrap();
-    crictl.run(&["start", &id]).unwrap();
+    let (pod, id) = start_in_pod(&crictl, &tb, "lazy", "reader", &reference);
     let logs = tools::poll(Duration::from_secs(60), || {
         let l = crictl.run(&["logs", &id]).ok()?;
         l.contains("/data/big").then_some(l)
@@ -349,6 +353,92 @@ async fn crictl_pulls_an_indexed_image_lazily() {
     assert_eq!(logs, format!("{expected}  /data/big\n"));
     crictl.run(&["rmp", "-f", &pod]).unwrap();
     tb.finish();
+}
+
+/// A base image made with debootstrap (Debian's `/dev/console`, `/dev/null`,
+/// `/dev/ptmx`... in its first layer, which containerd's overlayfs accepts)
+/// with Python on top, pulled by crictl through both hyperbox paths: the
+/// whole layers fetched and converted, then, after `hb image index`, the
+/// same image mounted lazily. Python runs on each, and the image's device
+/// nodes are in the container's rootfs as the layer has them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crictl_runs_a_debootstrap_image_with_its_device_nodes_on_both_paths() {
+    require_crictl!();
+    let trees = distro::python_trees().expect("the Debian + Python image");
+    let mut spec = trees.image();
+    spec.run.cmd = ["sh", "-c", "python3 /app/main.py && sleep 3600"]
+        .map(String::from)
+        .to_vec();
+    let lazy_layers = |tb: &mut Testbed| {
+        std::fs::read_dir(tb.hyperbox().root().join("lazy"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".erofs"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+
+    // A node with the layers already local serves them from its cache,
+    // not lazily: each path gets a node of its own.
+    for path in ["full", "lazy"] {
+        let mut tb = Testbed::start_hyperbox(|b| b).await;
+        let crictl = Crictl::new(&tb.containerd).unwrap();
+        let (reference, layers) = push(&tb, &spec, "test/debootstrap", "v1").await;
+        if path == "lazy" {
+            let indexed = tb.hyperbox().hb_index(&reference);
+            assert_eq!(indexed["layers"].as_array().unwrap().len(), layers.len());
+        }
+        crictl.run(&["pull", &reference]).unwrap();
+        assert_served_remotely(&mut tb, &layers).await;
+        let expect_lazy = if path == "lazy" { layers.len() } else { 0 };
+        assert_eq!(lazy_layers(&mut tb), expect_lazy, "{path}: lazy layers");
+
+        let pod_name = format!("debootstrap-{path}");
+        let (pod, id) = start_in_pod(&crictl, &tb, &pod_name, "python", &reference);
+        let logs = tools::poll(Duration::from_secs(120), || {
+            let l = crictl.run(&["logs", &id]).ok()?;
+            l.contains("ready").then_some(l)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{path}: python never printed ready: {:#}",
+                inspect(&crictl, &id)
+            )
+        });
+        assert_eq!(
+            logs.trim_end().lines().last(),
+            Some("ready"),
+            "{path}: {logs}"
+        );
+        // The runtime mounts its own /dev inside the container; the image's
+        // nodes are in the rootfs containerd mounted from the snapshots.
+        let rootfs = tb
+            .containerd
+            .dir()
+            .join("state/io.containerd.runtime.v2.task")
+            .join(CRI_NAMESPACE)
+            .join(&id)
+            .join("rootfs");
+        for (node, major, minor) in [
+            ("dev/console", 5, 1),
+            ("dev/null", 1, 3),
+            ("dev/ptmx", 5, 2),
+        ] {
+            let m = std::fs::symlink_metadata(rootfs.join(node))
+                .unwrap_or_else(|e| panic!("{path}: {node} in the rootfs: {e}"));
+            assert!(m.file_type().is_char_device(), "{path}: {node} is {m:?}");
+            let rdev = m.rdev();
+            assert_eq!(
+                (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev)),
+                (major, minor),
+                "{path}: {node}"
+            );
+        }
+        crictl.run(&["rmp", "-f", &pod]).unwrap();
+        crictl.run(&["rmi", &reference]).unwrap();
+        tb.finish();
+    }
 }
 
 /// The SHA-256 of the pseudo-random file the image builder writes for

@@ -20,12 +20,14 @@
 use std::time::Duration;
 
 use hyperbox_api::labels::CRI_LAYER_DIGEST;
+use hyperbox_integration::agent::{AgentDaemon, memory_limit};
 use hyperbox_integration::image::ImageSpec;
-use hyperbox_integration::require_containers;
-use hyperbox_integration::shim::Shim;
+use hyperbox_integration::prereq::Prereq;
+use hyperbox_integration::shim::{HYPERBOX_RUNTIME, Shim};
 use hyperbox_integration::snapshotter::NAME;
 use hyperbox_integration::testbed::Testbed;
 use hyperbox_integration::tools::{self, Nerdctl};
+use hyperbox_integration::{require, require_containers};
 
 macro_rules! require_nerdctl {
     () => {
@@ -157,5 +159,97 @@ async fn nerdctl_pulls_and_runs_on_hyperbox() {
         .wait_for_count(&[], 0, Duration::from_secs(30))
         .await;
     assert!(left.is_empty(), "{left:#?}");
+    tb.finish();
+}
+
+/// `nerdctl run --runtime io.containerd.hyperbox.v1`: nerdctl never goes
+/// through CRI, so NRI's plugin never sees the container; the shim asks
+/// the agent before `runc create`, and the learned limit is in the spec, in
+/// the container's cgroup and visible from inside, with the workload's
+/// first exec traced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nerdctl_run_with_the_hyperbox_runtime_gets_the_agents_policy() {
+    require_nerdctl!();
+    require!(Prereq::Psi);
+    const MIB: u64 = 1 << 20;
+    let tb = Testbed::start_with(|b| b.without_cri()).await;
+    let mut agent = AgentDaemon::new(
+        &tb.containerd.nri_socket(),
+        "[memory]\ndefault_policy = \"adaptive\"\nsample_interval_secs = 1\n",
+    );
+    // nerdctl containers are keyed by containerd namespace, as ctr's.
+    agent.seed_history("containerd:default/shim-nerd", &[20 * MIB]);
+    agent.start_again().await;
+    tb.containerd.use_agent(&agent.config_path()).unwrap();
+    let image = tb.push_sleeper().await;
+    let nerdctl = Nerdctl::new(&tb.containerd).unwrap();
+    let parent = format!("--cgroup-parent={}", tb.containerd.cgroup_prefix());
+    let out = nerdctl
+        .output(&[
+            "run",
+            "-d",
+            "--runtime",
+            HYPERBOX_RUNTIME,
+            "--annotation",
+            "hyperbox.dev/workload=shim-nerd",
+            &parent,
+            "--net",
+            "none",
+            &image,
+            "sh",
+            "-c",
+            "echo started; exec sleep 3600",
+        ])
+        .unwrap();
+    assert!(out.status.success(), "nerdctl run -d: {out:?}");
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(id.len(), 64, "nerdctl prints the container id: {out:?}");
+
+    let e = agent.explain(&id);
+    assert_eq!(e["container"]["source"], "local", "{e}");
+    let d = &e["decisions"][0];
+    assert_eq!(
+        (&d["action"], &d["via"]),
+        (&"create".into(), &"spec".into()),
+        "{e}"
+    );
+    let set = d["to"].as_u64().unwrap();
+    assert!(
+        (23 * MIB..=30 * MIB).contains(&set),
+        "1.15-1.5x the learned 20 MiB: {e}"
+    );
+    let in_cgroup = memory_limit(&format!("{}/{id}", tb.containerd.cgroup_prefix()))
+        .expect("a limit in the container's cgroup");
+    assert!(set - in_cgroup < 4096, "cgroup {in_cgroup}, agent {set}");
+    let seen = nerdctl
+        .run(&[
+            "exec",
+            &id,
+            "sh",
+            "-c",
+            "cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes",
+        ])
+        .unwrap();
+    assert_eq!(seen.trim().parse::<u64>().ok(), Some(in_cgroup), "{seen}");
+
+    let api = hyperbox_api::client::Client::new(agent.address());
+    let traced = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(t) = api.trace(&id).await
+                && t.execs
+                    .iter()
+                    .any(|x| x.args.first().is_some_and(|a| a == "sleep"))
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(traced.is_ok(), "the first exec traced:\n{}", agent.log());
+
+    let out = nerdctl.output(&["rm", "-f", &id]).unwrap();
+    assert!(out.status.success(), "nerdctl rm -f: {out:?}");
+    assert!(agent.shutdown().is_empty());
     tb.finish();
 }

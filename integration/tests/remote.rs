@@ -243,7 +243,10 @@ async fn concurrent_pulls_fetch_shared_layers_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malicious_layers_are_refused_and_leave_nothing() {
     require_containers!();
-    let mut tb = Testbed::start_hyperbox(|b| b.without_cri()).await;
+    // Device nodes are kept by default (as overlayfs keeps them; the CRI
+    // test pulls a debootstrap base carrying them); a node may refuse them.
+    let mut tb =
+        Testbed::start_hyperbox_configured("allow_device_nodes = false", |b| b.without_cri()).await;
     let client = tb.containerd.client().await.unwrap();
     let cases: Vec<(&str, Layer, &str)> = vec![
         (

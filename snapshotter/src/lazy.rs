@@ -55,7 +55,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,9 @@ use hyperbox_registry::{Reference, Registry};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{Semaphore, watch};
+
+use crate::demand::Demand;
+use crate::prefetch;
 
 /// Unlinked lazy layers younger than this survive Cleanup.
 const PRUNE_GRACE: Duration = Duration::from_secs(60);
@@ -82,6 +85,22 @@ const LEGACY: &str =
     "its lazy layer was left incomplete by an older hyperbox; remove the image and pull it again";
 /// The longest pause between retries of a failed background fetch.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Bytes per Range request of the background fill: adjacent missing
+/// chunks go together, so small chunks (what reads fetch) do not make the
+/// fill pay a round trip each.
+pub const FILL_REQUEST: u64 = 1 << 20;
+/// The most bytes one Range request asks for (a large read or the
+/// metadata of a big layer is split, the pieces fetched at once).
+const MAX_REQUEST: u64 = 4 << 20;
+/// Read-ahead after a read that is not in the wake of the last one: a
+/// program reading one small file usually reads its neighbours next
+/// (EROFS keeps a directory's files together, in tar order).
+const READAHEAD_MIN: u64 = 128 << 10;
+/// Read-ahead while reads follow each other (a library mapped, a large
+/// file read through).
+const READAHEAD_MAX: u64 = 1 << 20;
+/// Range requests of a learned prefetch in flight at once, per layer.
+const PREFETCH_PARALLEL: usize = 8;
 
 /// Errors of the lazy path.
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +169,11 @@ pub struct Options {
     pub max_chunk_fetches: usize,
     /// Verify completed layers against the image (`snapshotter.lazy_verify`).
     pub verify: bool,
+    /// The node's I/O `some avg10` (%) at which background fills pause,
+    /// 0 for never (`snapshotter.lazy_fill_pause_io_pressure`).
+    pub fill_pause_io_pressure: f64,
+    /// Bytes per Range request of the background fill ([`FILL_REQUEST`]).
+    pub fill_request: u64,
 }
 
 /// What the lazy path has done, for `/metrics`.
@@ -164,6 +188,8 @@ pub struct Counters {
     pub chain_mismatch: AtomicU64,
     /// Chunk fetches that failed (or did not verify).
     pub chunk_failures: AtomicU64,
+    /// Chunks fetched ahead from learned prefetch lists.
+    pub prefetched_chunks: AtomicU64,
     /// Reads answered with EIO.
     pub denied_reads: AtomicU64,
 }
@@ -209,9 +235,19 @@ struct Blob {
     state: State,
     present: Mutex<Vec<bool>>,
     locks: Vec<tokio::sync::Mutex<()>>,
+    /// Per chunk, the reads in flight waiting for it: the background fill
+    /// finishes such a chunk when a read arrives instead of giving it up.
+    wanted: Vec<Arc<AtomicU32>>,
     phase: watch::Sender<Phase>,
     /// The last failure to serve a read, for error messages.
     last_error: Mutex<Option<String>>,
+    /// Where the last read ended and the read-ahead window now.
+    readahead: Mutex<(u64, u64)>,
+    /// The chunks reads waited for, in first-read order: the layer's
+    /// learned prefetch list.
+    reads: Mutex<prefetch::Recorder>,
+    /// How many of `reads` are in the saved list.
+    saved: AtomicUsize,
     /// When it was registered: a Prepare may still be about to link it.
     registered: Instant,
     /// The file, as events identify it.
@@ -223,6 +259,39 @@ impl Blob {
         let cs = self.state.chunk_size;
         let start = i as u64 * cs;
         (start, cs.min(self.state.entry.size - start))
+    }
+
+    /// The chunks to fetch ahead of a read of `offset..offset+count`
+    /// (those missing, after the read's last chunk), the window doubling
+    /// while reads follow each other and shrinking back on a jump, as the
+    /// kernel's own read-ahead does for the page cache.
+    fn ahead_of(&self, offset: u64, count: u64) -> Option<(usize, usize)> {
+        let size = self.state.entry.size;
+        let cs = self.state.chunk_size;
+        let end = (offset + count).min(size);
+        let window = {
+            let mut ra = lock(&self.readahead);
+            let next = readahead_window(*ra, offset, cs);
+            *ra = (end, next);
+            next
+        };
+        let first = end.div_ceil(cs) as usize;
+        let last = ((end + window).min(size).div_ceil(cs) as usize).min(self.locks.len());
+        let present = lock(&self.present);
+        let a = (first..last).find(|&i| !present[i])?;
+        let b = (a..last).take_while(|&i| !present[i]).last()?;
+        Some((a, b))
+    }
+
+    /// Records a held read for the layer's learned prefetch list.
+    fn note_read(&self, offset: u64, count: u64) {
+        let size = self.state.entry.size;
+        if count == 0 || offset >= size {
+            return;
+        }
+        let cs = self.state.chunk_size;
+        let last = ((offset + count).min(size) - 1) / cs;
+        lock(&self.reads).note((offset / cs) as usize, last as usize);
     }
 
     fn missing(&self) -> usize {
@@ -250,6 +319,39 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Where an index is looked up: the image's repository (the index is
 /// found there by a tag made from the manifest digest) and the manifest.
+/// The runs of `false` in `present` as inclusive index pairs, none longer
+/// than `most`: what one Range request each fetches.
+fn missing_runs(present: &[bool], most: usize) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < present.len() {
+        if present[i] {
+            i += 1;
+            continue;
+        }
+        let len = present[i..]
+            .iter()
+            .take(most.max(1))
+            .take_while(|p| !**p)
+            .count();
+        runs.push((i, i + len - 1));
+        i += len;
+    }
+    runs
+}
+
+/// The read-ahead window for a read at `offset`, given where the last read
+/// ended and the window then: doubled (up to [`READAHEAD_MAX`]) when the
+/// read starts within a chunk before that end or inside the window after
+/// it, else back to [`READAHEAD_MIN`].
+fn readahead_window((last_end, window): (u64, u64), offset: u64, chunk: u64) -> u64 {
+    if offset + chunk >= last_end && offset <= last_end + window {
+        (window * 2).min(READAHEAD_MAX)
+    } else {
+        READAHEAD_MIN
+    }
+}
+
 fn index_key(image: &Reference, manifest: &str) -> String {
     format!("{}/{}@{manifest}", image.host, image.repository)
 }
@@ -370,6 +472,11 @@ pub struct Lazy {
     /// has two indexes, or one and none.
     indexes: Mutex<HashMap<String, CachedIndex>>,
     fetches: Semaphore,
+    fill_request: u64,
+    /// Learned access orders of lazy layers.
+    prefetch: prefetch::Store,
+    /// Reads in flight, which the background fill gives way to.
+    demand: Arc<Demand>,
     counters: Counters,
     /// Reads of files not (yet) known, held while `open` takes back the
     /// files of an earlier run: with a group kept across a restart, reads
@@ -405,6 +512,9 @@ impl Lazy {
             rejected: Mutex::new(HashMap::new()),
             indexes: Mutex::new(HashMap::new()),
             fetches: Semaphore::new(options.max_chunk_fetches.max(1)),
+            fill_request: options.fill_request,
+            prefetch: prefetch::Store::open(root).map_err(io("create", &root.join("prefetch")))?,
+            demand: Demand::new(options.fill_pause_io_pressure),
             counters: Counters::default(),
             starting: Mutex::new(Some(Vec::new())),
             rt: tokio::runtime::Handle::current(),
@@ -503,6 +613,11 @@ impl Lazy {
                 why,
             },
         );
+    }
+
+    /// How the background fill gave way to reads.
+    pub fn demand_counters(&self) -> &crate::demand::Counters {
+        self.demand.counters()
     }
 
     /// What the lazy path has done.
@@ -720,8 +835,12 @@ impl Lazy {
             state,
             present: Mutex::new(present),
             locks: (0..n).map(|_| tokio::sync::Mutex::new(())).collect(),
+            wanted: (0..n).map(|_| Arc::new(AtomicU32::new(0))).collect(),
             phase: watch::Sender::new(Phase::Filling),
             last_error: Mutex::new(None),
+            readahead: Mutex::new((0, READAHEAD_MIN)),
+            reads: Mutex::new(prefetch::Recorder::default()),
+            saved: AtomicUsize::new(0),
             registered: Instant::now(),
             inode: (meta.dev(), meta.ino()),
         });
@@ -737,29 +856,75 @@ impl Lazy {
         Ok(blob)
     }
 
-    /// Fetches every missing chunk, in order, retrying with backoff, then
-    /// lifts the mark and has the layer verified.
+    /// Fetches every missing chunk, in order and `Options::fill_request`
+    /// bytes at a time, retrying with backoff, then lifts the mark and has the
+    /// layer verified. Reads go first: each request waits for them to
+    /// settle (and for the node's I/O to calm), and is given up when a
+    /// read arrives that does not need it (`crate::demand`).
     async fn fill(self: Arc<Self>, blob: Arc<Blob>) {
         let started = Instant::now();
-        for i in 0..blob.locks.len() {
-            let mut delay = Duration::from_secs(1);
-            loop {
-                if blob.phase() != Phase::Filling {
-                    return;
-                }
-                match self.ensure_chunk(&blob, i).await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        tracing::warn!(layer = %blob.state.entry.layer, chunk = i, retry_in_s = delay.as_secs(), error = %hyperbox_api::error_chain(&e), "background fill failed; retrying (reads still fetch on demand)");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(MAX_BACKOFF);
+        let n = blob.locks.len();
+        let per_request = (self.fill_request / blob.state.chunk_size).max(1) as usize;
+        self.prefetch_learned(&blob, per_request).await;
+        let mut next = 0;
+        let mut delay = Duration::from_secs(1);
+        loop {
+            if blob.phase() != Phase::Filling {
+                return;
+            }
+            // The next run of missing chunks, in file order.
+            let run = {
+                let present = lock(&blob.present);
+                (next..n).find(|&i| !present[i]).map(|a| {
+                    let len = present[a..]
+                        .iter()
+                        .take(per_request)
+                        .take_while(|p| !**p)
+                        .count();
+                    (a, a + len - 1)
+                })
+            };
+            let Some((a, b)) = run else { break };
+            if self.demand.settle().await {
+                // Reads just settled (a start-up burst is over): keep what
+                // they waited for, in case the layer goes before it is full.
+                self.save_learned(&blob);
+            }
+            let fetch = self.ensure_chunks(&blob, a, b);
+            tokio::pin!(fetch);
+            let done = tokio::select! {
+                r = &mut fetch => Some(r),
+                () = self.demand.arrives() => {
+                    if blob.wanted[a..=b].iter().any(|w| w.load(Ordering::Acquire) > 0) {
+                        // A read waits for these very chunks.
+                        Some(fetch.await)
+                    } else {
+                        None
                     }
+                }
+            };
+            let Some(result) = done else {
+                // Dropped mid-request (chunks are written only once the
+                // whole range is in): asked again once reads settle.
+                self.demand.preempted();
+                continue;
+            };
+            match result {
+                Ok(()) => {
+                    next = b + 1;
+                    delay = Duration::from_secs(1);
+                }
+                Err(e) => {
+                    tracing::warn!(layer = %blob.state.entry.layer, chunks = %format!("{a}-{b}"), retry_in_s = delay.as_secs(), error = %hyperbox_api::error_chain(&e), "background fill failed; retrying (reads still fetch on demand)");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_BACKOFF);
                 }
             }
         }
         if blob.phase() != Phase::Filling {
             return;
         }
+        self.save_learned(&blob);
         let _ = blob.file.sync_all();
         // Complete before the mark goes: whoever sees it unmarked sees the
         // layer past filling.
@@ -782,6 +947,9 @@ impl Lazy {
         let e = &blob.state.entry;
         let mut delay = Duration::from_secs(1);
         let (path, diff_id) = loop {
+            // The whole-layer download cannot be given up halfway like a
+            // chunk; it starts only once reads have settled.
+            self.demand.settle().await;
             if blob.phase() != Phase::Verifying {
                 return;
             }
@@ -859,42 +1027,128 @@ impl Lazy {
         tracing::error!(layer = %blob.state.entry.layer, image = %blob.state.image, why, "lazily served layer does not match its image: its reads now fail, nothing new is mounted on it, and the next pull fetches it whole");
     }
 
-    async fn ensure_chunk(&self, blob: &Blob, i: usize) -> Result<(), Error> {
-        let _guard = blob.locks[i].lock().await;
-        if lock(&blob.present)[i] {
-            return Ok(());
+    /// Fetches first, in parallel, the chunks earlier runs of this EROFS
+    /// image read, in the order they read them (`crate::prefetch`),
+    /// counted as demand so other layers' fills give way.
+    async fn prefetch_learned(&self, blob: &Blob, per_request: usize) {
+        use futures::StreamExt as _;
+        let e = &blob.state.entry;
+        let plan = self
+            .prefetch
+            .load(&e.erofs, blob.state.chunk_size, blob.locks.len());
+        if plan.is_empty() {
+            return;
         }
-        let (start, len) = blob.chunk_range(i);
+        let started = Instant::now();
+        let before = blob.missing();
+        let _predicted = self.demand.begin(Vec::new());
+        futures::stream::iter(prefetch::runs(&plan, per_request))
+            .for_each_concurrent(PREFETCH_PARALLEL, |(a, b)| async move {
+                if let Err(err) = self.ensure_chunks(blob, a, b).await {
+                    tracing::debug!(layer = %e.layer, error = %hyperbox_api::error_chain(&err), "learned prefetch failed; the fill and reads fetch it");
+                }
+            })
+            .await;
+        let fetched = before.saturating_sub(blob.missing());
+        self.counters
+            .prefetched_chunks
+            .fetch_add(fetched as u64, Ordering::Relaxed);
+        tracing::info!(layer = %e.layer, listed = plan.len(), fetched, ms = started.elapsed().as_millis() as u64, "learned prefetch done");
+    }
+
+    /// Merges what this layer's reads waited for into its learned list,
+    /// if they waited for more since the last time.
+    fn save_learned(&self, blob: &Blob) {
+        let order = lock(&blob.reads).order().to_vec();
+        if order.len() <= blob.saved.swap(order.len(), Ordering::AcqRel) {
+            return;
+        }
+        let e = &blob.state.entry;
+        match self
+            .prefetch
+            .save(&e.erofs, blob.state.chunk_size, blob.locks.len(), &order)
+        {
+            Ok(n) => {
+                tracing::info!(layer = %e.layer, erofs = %e.erofs, read = order.len(), listed = n, "prefetch list learned")
+            }
+            Err(err) => {
+                tracing::warn!(layer = %e.layer, error = %err, "cannot save the learned prefetch list")
+            }
+        }
+    }
+
+    /// Fetches the missing chunks of `first..=last`: each run of adjacent
+    /// missing chunks in one Range request (at most [`MAX_REQUEST`]
+    /// bytes), every chunk checked against its digest before it is
+    /// written. Chunk locks are taken in ascending order by every caller,
+    /// so two overlapping calls never wait on each other in a cycle.
+    async fn ensure_chunks(&self, blob: &Blob, first: usize, last: usize) -> Result<(), Error> {
+        let mut guards = Vec::with_capacity(last + 1 - first);
+        for i in first..=last {
+            guards.push(blob.locks[i].lock().await);
+        }
+        let per_request = (MAX_REQUEST / blob.state.chunk_size).max(1) as usize;
+        let runs = {
+            let present = lock(&blob.present);
+            missing_runs(&present[first..=last], per_request)
+        };
+        let fetched = futures::future::join_all(
+            runs.into_iter()
+                .map(|(a, b)| self.fetch_run(blob, first + a, first + b)),
+        )
+        .await;
+        drop(guards);
+        fetched.into_iter().collect()
+    }
+
+    /// One Range request for chunks `a..=b` (their locks held by the
+    /// caller); the chunks that verify are written even if another fails.
+    async fn fetch_run(&self, blob: &Blob, a: usize, b: usize) -> Result<(), Error> {
+        let (start, _) = blob.chunk_range(a);
+        let (last_start, last_len) = blob.chunk_range(b);
         let data = {
             let _permit = self.fetches.acquire().await.expect("never closed");
             self.registry
-                .fetch_range(&blob.reference, &blob.erofs, start, len)
+                .fetch_range(
+                    &blob.reference,
+                    &blob.erofs,
+                    start,
+                    last_start + last_len - start,
+                )
                 .await
         };
         let data = data.map_err(|source| {
             self.counters.chunk_failures.fetch_add(1, Ordering::Relaxed);
             Error::Registry {
-                what: format!("{} chunk {i}", blob.erofs),
+                what: format!("{} chunks {a}-{b}", blob.erofs),
                 source,
             }
         })?;
-        if hex::encode(Sha256::digest(&data)) != blob.state.entry.chunks[i] {
-            self.counters.chunk_failures.fetch_add(1, Ordering::Relaxed);
-            return Err(Error::Chunk {
-                erofs: blob.erofs.to_string(),
-                chunk: i,
-            });
+        let mut failed = None;
+        for i in a..=b {
+            let (s, len) = blob.chunk_range(i);
+            let at = (s - start) as usize;
+            let piece = &data[at..at + len as usize];
+            if hex::encode(Sha256::digest(piece)) != blob.state.entry.chunks[i] {
+                self.counters.chunk_failures.fetch_add(1, Ordering::Relaxed);
+                failed.get_or_insert(Error::Chunk {
+                    erofs: blob.erofs.to_string(),
+                    chunk: i,
+                });
+                continue;
+            }
+            blob.file
+                .write_all_at(piece, s)
+                .map_err(io("write", &blob.path))?;
+            blob.have_file
+                .write_all_at(&[1], i as u64)
+                .map_err(io("write", &blob.have_path))?;
+            lock(&blob.present)[i] = true;
         }
-        blob.file
-            .write_all_at(&data, start)
-            .map_err(io("write", &blob.path))?;
-        blob.have_file
-            .write_all_at(&[1], i as u64)
-            .map_err(io("write", &blob.have_path))?;
-        lock(&blob.present)[i] = true;
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
+    /// Fetches what a held read needs, counted as demand while it runs.
     async fn ensure_range(&self, blob: &Blob, offset: u64, count: u64) -> Result<(), Error> {
         let size = blob.state.entry.size;
         if count == 0 || offset >= size {
@@ -902,12 +1156,9 @@ impl Lazy {
         }
         let cs = blob.state.chunk_size;
         let first = (offset / cs) as usize;
-        let last = ((offset + count).min(size) - 1) / cs;
-        let wanted = (first..=last as usize).map(|i| self.ensure_chunk(blob, i));
-        for r in futures::future::join_all(wanted).await {
-            r?;
-        }
-        Ok(())
+        let last = (((offset + count).min(size) - 1) / cs) as usize;
+        let _read = self.demand.begin(blob.wanted[first..=last].to_vec());
+        self.ensure_chunks(blob, first, last).await
     }
 
     fn respond(&self, event: AccessEvent, verdict: Verdict) {
@@ -983,6 +1234,18 @@ impl Lazy {
         let me = self.clone();
         self.rt.spawn(async move {
             let (offset, count) = (event.offset, event.count);
+            blob.note_read(offset, count);
+            if let Some((a, b)) = blob.ahead_of(offset, count) {
+                // Fetched beside the read, not before its answer; counted
+                // as demand, so the fill gives way to it too.
+                let (me, blob) = (me.clone(), blob.clone());
+                me.rt.clone().spawn(async move {
+                    let _ahead = me.demand.begin(Vec::new());
+                    if let Err(e) = me.ensure_chunks(&blob, a, b).await {
+                        tracing::debug!(layer = %blob.state.entry.layer, error = %hyperbox_api::error_chain(&e), "read-ahead failed; reads fetch on their own");
+                    }
+                });
+            }
             match me.ensure_range(&blob, offset, count).await {
                 Ok(()) => me.respond(event, Verdict::Allow),
                 Err(e) => {
@@ -1131,6 +1394,11 @@ impl Lazy {
             tracing::debug!(file = %b.path.display(), "lazy file still linked by a snapshot; kept");
             return false;
         }
+        // Removed before it was complete (the image deleted soon after its
+        // container ran): what its reads waited for is still worth keeping.
+        if b.phase() == Phase::Filling {
+            self.save_learned(b);
+        }
         lock(&self.by_key).remove(&b.key);
         lock(&self.blobs).remove(&b.inode);
         b.phase.send_replace(Phase::Discarded);
@@ -1167,18 +1435,23 @@ mod tests {
     struct Blobs {
         addr: std::net::SocketAddr,
         ranges: Arc<AtomicUsize>,
+        /// The first byte of each range asked for, in arrival order.
+        asked: Arc<Mutex<Vec<u64>>>,
     }
 
-    async fn serve(blob: Vec<u8>, corrupt: bool, fail_first: usize) -> Blobs {
+    async fn serve(blob: Vec<u8>, case: &Case) -> Blobs {
+        let (corrupt, delay) = (case.corrupt, case.delay);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let ranges = Arc::new(AtomicUsize::new(0));
-        let failures = Arc::new(AtomicUsize::new(fail_first));
-        let (blob, counted) = (Arc::new(blob), ranges.clone());
+        let failures = Arc::new(AtomicUsize::new(case.fail_first));
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let (blob, counted, asked_log) = (Arc::new(blob), ranges.clone(), asked.clone());
         tokio::spawn(async move {
             loop {
                 let (mut conn, _) = listener.accept().await.unwrap();
                 let (blob, counted, failures) = (blob.clone(), counted.clone(), failures.clone());
+                let asked = asked_log.clone();
                 tokio::spawn(async move {
                     let mut req = Vec::new();
                     let mut buf = [0u8; 4096];
@@ -1211,6 +1484,9 @@ mod tests {
                         return;
                     }
                     counted.fetch_add(1, Ordering::SeqCst);
+                    lock(&asked).push(a as u64);
+                    // A slow link: the client may give the request up.
+                    tokio::time::sleep(delay).await;
                     let mut body = blob[a..=b].to_vec();
                     if corrupt {
                         body.iter_mut().for_each(|x| *x = !*x);
@@ -1225,7 +1501,11 @@ mod tests {
                 });
             }
         });
-        Blobs { addr, ranges }
+        Blobs {
+            addr,
+            ranges,
+            asked,
+        }
     }
 
     struct Setup {
@@ -1287,13 +1567,17 @@ mod tests {
         fail_first: usize,
         /// What "the layer fetched whole" converts to, if not the blob.
         whole: Option<Vec<u8>>,
+        /// How long the registry takes before answering a range.
+        delay: Duration,
+        /// Chunks an earlier run read, in order (a learned prefetch list).
+        learned: Vec<usize>,
     }
 
     /// A lazy layer of four chunks, registered and marked, whose bytes
     /// come from a local registry; verified against a whole copy.
     async fn setup(case: Case) -> Setup {
         let blob: Vec<u8> = (0..4 * CHUNK).map(|i| (i % 251) as u8).collect();
-        let server = serve(blob.clone(), case.corrupt, case.fail_first).await;
+        let server = serve(blob.clone(), &case).await;
         let dir = tempfile::tempdir().unwrap();
         let whole = dir.path().join("whole.erofs");
         fs::write(&whole, case.whole.as_deref().unwrap_or(&blob)).unwrap();
@@ -1301,6 +1585,12 @@ mod tests {
             path: whole,
             diff_id: DIFF_ID.into(),
         });
+        if !case.learned.is_empty() {
+            prefetch::Store::open(dir.path())
+                .unwrap()
+                .save(&Digest::of(&blob).to_string(), CHUNK, 4, &case.learned)
+                .unwrap();
+        }
         let fan = Arc::new(FakeFanotify::new());
         let (lazy, resumed) = Lazy::open(
             dir.path(),
@@ -1351,6 +1641,9 @@ mod tests {
     const OPTIONS: Options = Options {
         max_chunk_fetches: 4,
         verify: true,
+        fill_pause_io_pressure: 0.0,
+        // One chunk per request, so the tests see each chunk's request.
+        fill_request: CHUNK,
     };
 
     /// Polls `f` until it holds or WAIT passes.
@@ -1484,6 +1777,159 @@ mod tests {
             key("127.0.0.1:5000/team-a/app:v1"),
             key("127.0.0.1:5000/team-a/app:latest")
         );
+    }
+
+    #[test]
+    fn read_ahead_grows_while_reads_follow_and_shrinks_on_a_jump() {
+        let (min, c) = (READAHEAD_MIN, 64 << 10);
+        let mut state = (0, min);
+        let mut windows = Vec::new();
+        for offset in [0, 4096, 64 << 10, 300 << 10, 900 << 10, 2 << 20] {
+            let w = readahead_window(state, offset, c);
+            windows.push(w);
+            state = (offset + 4096, w);
+        }
+        // A read from the start follows "nothing read yet" at 0; 2 MiB is
+        // past the 1 MiB window after the read at 900 KiB.
+        assert_eq!(
+            windows,
+            [
+                2 * min,
+                4 * min,
+                READAHEAD_MAX,
+                READAHEAD_MAX,
+                READAHEAD_MAX,
+                min
+            ]
+        );
+        // Far behind or far ahead: back to the minimum.
+        assert_eq!(readahead_window((10 << 20, READAHEAD_MAX), 0, c), min);
+        assert_eq!(readahead_window((0, min), 50 << 20, c), min);
+    }
+
+    #[test]
+    fn adjacent_missing_chunks_are_one_request_up_to_a_bound() {
+        let (t, f) = (true, false);
+        assert_eq!(missing_runs(&[], 4), vec![]);
+        assert_eq!(missing_runs(&[t, t], 4), vec![]);
+        assert_eq!(missing_runs(&[f, f, t, f], 4), vec![(0, 1), (3, 3)]);
+        assert_eq!(
+            missing_runs(&[f, f, f, f, f, t, f], 2),
+            vec![(0, 1), (2, 3), (4, 4), (6, 6)]
+        );
+        assert_eq!(missing_runs(&[f, f], 0), vec![(0, 0), (1, 1)]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_held_read_goes_ahead_of_the_background_fill() {
+        let delay = Duration::from_millis(400);
+        let s = setup(Case {
+            delay,
+            ..Case::default()
+        })
+        .await;
+        // The fill is fetching chunk 0 when a read of chunk 3 arrives.
+        assert!(eventually(|| lock(&s.server.asked).first() == Some(&0)).await);
+        let asked = std::time::Instant::now();
+        assert_eq!(read_event(&s, 3 * CHUNK + 7).await, Some(Verdict::Allow));
+        let waited = asked.elapsed();
+        assert!(
+            waited < 2 * delay,
+            "the read waited {waited:?}, one request is {delay:?}"
+        );
+        // Had the fill kept chunk 0's request, chunk 0 would have been in
+        // before the read's; it was given up and asked again after.
+        assert_eq!(
+            read_at(&s.path, 0, CHUNK as usize),
+            vec![0u8; CHUNK as usize],
+            "chunk 0 is not in yet"
+        );
+        let d = s.lazy.demand_counters();
+        assert_eq!(d.fill_preempted.load(Ordering::Relaxed), 1);
+        // Then the fill takes chunk 0 up again and completes the layer.
+        assert!(eventually(|| s.fan.marked().is_empty()).await, "completed");
+        assert_eq!(fs::read(&s.path).unwrap(), s.blob);
+        assert!(d.fill_yields.load(Ordering::Relaxed) >= 1);
+        // What the read waited for is the layer's learned prefetch list.
+        let store = prefetch::Store::open(s._dir.path()).unwrap();
+        assert_eq!(store.load(&Digest::of(&s.blob).to_string(), CHUNK, 4), [3]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_learned_list_is_fetched_first_in_its_order() {
+        let s = setup(Case {
+            delay: Duration::from_millis(200),
+            learned: vec![3, 1],
+            ..Case::default()
+        })
+        .await;
+        assert!(eventually(|| lock(&s.server.asked).len() >= 3).await);
+        let asked = lock(&s.server.asked).clone();
+        let mut first_two = asked[..2].to_vec();
+        first_two.sort();
+        assert_eq!(
+            first_two,
+            [CHUNK, 3 * CHUNK],
+            "listed chunks first: {asked:?}"
+        );
+        assert!(eventually(|| s.fan.marked().is_empty()).await, "completed");
+        assert_eq!(fs::read(&s.path).unwrap(), s.blob);
+        assert_eq!(
+            s.lazy.counters().prefetched_chunks.load(Ordering::Relaxed),
+            2
+        );
+        let asked = lock(&s.server.asked).clone();
+        assert_eq!(asked.len(), 4, "each chunk once: {asked:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_across_missing_chunks_is_one_request() {
+        let s = setup(Case {
+            delay: Duration::from_millis(200),
+            ..Case::default()
+        })
+        .await;
+        let id = s.fan.push(Some(s.file), CHUNK + 10, 2 * CHUNK);
+        let fan = s.fan.clone();
+        let answer = tokio::task::spawn_blocking(move || fan.answer(id, WAIT))
+            .await
+            .unwrap();
+        assert_eq!(answer, Some(Verdict::Allow));
+        assert_eq!(
+            read_at(&s.path, CHUNK, 3 * CHUNK as usize),
+            s.blob[CHUNK as usize..],
+            "chunks 1 to 3 are in"
+        );
+        assert!(eventually(|| s.fan.marked().is_empty()).await, "completed");
+        let asked = lock(&s.server.asked).clone();
+        assert!(asked.contains(&CHUNK), "{asked:?}");
+        assert!(
+            !asked.contains(&(2 * CHUNK)) && !asked.contains(&(3 * CHUNK)),
+            "chunks 2 and 3 came with chunk 1: {asked:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_of_the_chunk_being_filled_is_not_fetched_twice() {
+        let delay = Duration::from_millis(300);
+        let s = setup(Case {
+            delay,
+            ..Case::default()
+        })
+        .await;
+        assert!(eventually(|| lock(&s.server.asked).first() == Some(&0)).await);
+        assert_eq!(read_event(&s, 100).await, Some(Verdict::Allow));
+        assert_eq!(
+            s.lazy
+                .demand_counters()
+                .fill_preempted
+                .load(Ordering::Relaxed),
+            0,
+            "the fill finished the chunk the read waits for"
+        );
+        assert!(eventually(|| s.fan.marked().is_empty()).await, "completed");
+        let asked = lock(&s.server.asked).clone();
+        assert_eq!(asked.iter().filter(|a| **a == 0).count(), 1, "{asked:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,7 +15,9 @@
 //! - [`remote::Remote`]: layers fetched whole from registries
 //!   (hyperbox-registry), verified and converted to EROFS (hyperbox-erofs).
 //! - [`lazy::Lazy`]: layers mounted at once and fetched on first access
-//!   through fanotify pre-content events.
+//!   through fanotify pre-content events; [`demand`] puts the reads a
+//!   workload waits for ahead of the background fill; [`prefetch`] keeps
+//!   the order earlier runs read each layer in and fetches it first.
 //!
 //! Mounts and fanotify calls go through hyperbox-kernel's seams
 //! ([`hyperbox_kernel::mount::Mounter`], [`hyperbox_kernel::fanotify::PreContent`]),
@@ -26,11 +28,13 @@
 
 #![deny(missing_docs)]
 
+pub mod demand;
 pub mod fdstore;
 pub mod filter;
 pub mod lazy;
 pub mod metrics;
 pub mod mounts;
+pub mod prefetch;
 pub mod pull;
 pub mod remote;
 pub mod server;

@@ -19,6 +19,7 @@ pub fn render(lazy: Option<&Lazy>) -> String {
         return s;
     };
     let c = lazy.counters();
+    let d = lazy.demand_counters();
     for (name, help, v) in [
         (
             "hyperbox_snapshotter_lazy_verified_total",
@@ -44,6 +45,26 @@ pub fn render(lazy: Option<&Lazy>) -> String {
             "hyperbox_snapshotter_lazy_denied_reads_total",
             "Reads of lazy layers answered with EIO.",
             &c.denied_reads,
+        ),
+        (
+            "hyperbox_snapshotter_lazy_prefetched_chunks_total",
+            "Chunks of lazy layers fetched ahead from learned prefetch lists (what earlier runs read).",
+            &c.prefetched_chunks,
+        ),
+        (
+            "hyperbox_snapshotter_lazy_fill_yields_total",
+            "Times the background fill waited for pending reads to settle before its next chunk.",
+            &d.fill_yields,
+        ),
+        (
+            "hyperbox_snapshotter_lazy_fill_preempted_total",
+            "Background chunk fetches given up because a read arrived that did not need them.",
+            &d.fill_preempted,
+        ),
+        (
+            "hyperbox_snapshotter_lazy_fill_pressure_pauses_total",
+            "Times the background fill paused for the node's I/O pressure (snapshotter.lazy_fill_pause_io_pressure).",
+            &d.fill_pressure_pauses,
         ),
     ] {
         let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");

@@ -77,6 +77,8 @@ pub async fn run(full: &hyperbox_config::Config) -> Result<()> {
                         lazy::Options {
                             max_chunk_fetches: config.lazy_max_chunk_fetches as usize,
                             verify: config.lazy_verify,
+                            fill_pause_io_pressure: f64::from(config.lazy_fill_pause_io_pressure),
+                            fill_request: lazy::FILL_REQUEST,
                         },
                     )
                     .context("start the lazy path")?;

@@ -1,0 +1,255 @@
+//! Who gets the link first: reads a workload is waiting for, then the
+//! background fill of lazy layers.
+//!
+//! A lazily started program reads in bursts a few milliseconds apart (the
+//! next shared library, the next import), each held by the kernel until
+//! its range is fetched. A background chunk started in such a gap holds the
+//! link when the next read arrives (1 MiB is 84 ms at 100 Mbit/s), and a
+//! few layers filling at once take most of it. So the fill waits until no
+//! read has been pending for [`QUIET`], gives up a chunk it is fetching
+//! when a read arrives that does not need that chunk, and pauses while the
+//! node's I/O is under pressure (PSI `some avg10`), where its writes would
+//! slow everyone's.
+//!
+//! Written here rather than with a priority queue crate: the policy needs
+//! to see both the requests in flight and what each read waits for, which
+//! a generic scheduler does not expose.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+// tokio's clock, so tests can pause it.
+use tokio::time::Instant;
+
+/// How long the fill stays off the link after the last read ended.
+pub const QUIET: Duration = Duration::from_millis(50);
+/// How often the fill looks at the node's I/O pressure again while paused.
+const PRESSURE_RECHECK: Duration = Duration::from_secs(1);
+
+/// What the scheduling did, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Times the fill waited for reads to settle before its next chunk.
+    pub fill_yields: AtomicU64,
+    /// Chunk fetches of the fill given up because a read arrived.
+    pub fill_preempted: AtomicU64,
+    /// Times the fill paused for the node's I/O pressure.
+    pub fill_pressure_pauses: AtomicU64,
+}
+
+/// The reads in flight and when the last one ended.
+#[derive(Debug)]
+pub struct Demand {
+    pending: watch::Sender<usize>,
+    last_end: Mutex<Option<Instant>>,
+    /// `/proc/pressure/io`, or a test's file.
+    pressure_file: PathBuf,
+    /// Pause at or above this `some avg10` (%); 0 never pauses.
+    pause_at: f64,
+    counters: Counters,
+}
+
+/// A read in flight; dropping it ends the read.
+#[derive(Debug)]
+pub struct Read {
+    demand: Arc<Demand>,
+    wanted: Vec<Arc<AtomicU32>>,
+}
+
+impl Drop for Read {
+    fn drop(&mut self) {
+        for w in &self.wanted {
+            w.fetch_sub(1, Ordering::AcqRel);
+        }
+        // The end is stamped before the count drops, so a fill woken by
+        // the count sees it.
+        *self
+            .demand
+            .last_end
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        self.demand.pending.send_modify(|n| *n -= 1);
+    }
+}
+
+impl Demand {
+    /// `pause_at`: the node's I/O `some avg10` (%) at which the fill
+    /// pauses, 0 for never.
+    pub fn new(pause_at: f64) -> Arc<Demand> {
+        Self::with_pressure_file(pause_at, PathBuf::from("/proc/pressure/io"))
+    }
+
+    /// [`Demand::new`] reading pressure from `file` (tests).
+    pub fn with_pressure_file(pause_at: f64, file: PathBuf) -> Arc<Demand> {
+        Arc::new(Demand {
+            pending: watch::Sender::new(0),
+            last_end: Mutex::new(None),
+            pressure_file: file,
+            pause_at,
+            counters: Counters::default(),
+        })
+    }
+
+    /// What the scheduling did.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// A read begins that waits for the chunks behind `wanted` (one
+    /// counter per chunk, kept by the layer): marked wanted before the read
+    /// counts as pending, so a fill told of it sees what it needs.
+    pub fn begin(self: &Arc<Self>, wanted: Vec<Arc<AtomicU32>>) -> Read {
+        for w in &wanted {
+            w.fetch_add(1, Ordering::AcqRel);
+        }
+        self.pending.send_modify(|n| *n += 1);
+        Read {
+            demand: self.clone(),
+            wanted,
+        }
+    }
+
+    /// Reads in flight now.
+    pub fn pending(&self) -> usize {
+        *self.pending.borrow()
+    }
+
+    /// Waits until no read is pending and none ended in the last
+    /// [`QUIET`], then while the node's I/O is under pressure; whether it
+    /// waited at all.
+    pub async fn settle(&self) -> bool {
+        let mut waited = false;
+        let mut rx = self.pending.subscribe();
+        loop {
+            if *rx.borrow_and_update() > 0 {
+                waited = true;
+                let _ = rx.wait_for(|n| *n == 0).await;
+                continue;
+            }
+            let since = self
+                .last_end
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .map(|t| t.elapsed());
+            match since {
+                Some(s) if s < QUIET => {
+                    waited = true;
+                    tokio::time::sleep(QUIET - s).await;
+                }
+                _ => break,
+            }
+        }
+        if waited {
+            self.counters.fill_yields.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut paused = false;
+        while self.under_pressure() {
+            if !paused {
+                paused = true;
+                self.counters
+                    .fill_pressure_pauses
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    pause_at = self.pause_at,
+                    "node I/O under pressure; background fill paused"
+                );
+            }
+            tokio::time::sleep(PRESSURE_RECHECK).await;
+        }
+        waited || paused
+    }
+
+    /// Resolves when a read is pending (at once if one is).
+    pub async fn arrives(&self) {
+        let mut rx = self.pending.subscribe();
+        let _ = rx.wait_for(|n| *n > 0).await;
+    }
+
+    /// Counts a background fetch given up for a read.
+    pub fn preempted(&self) {
+        self.counters.fill_preempted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn under_pressure(&self) -> bool {
+        if self.pause_at <= 0.0 {
+            return false;
+        }
+        // A node without PSI (or an unreadable file) never pauses: the
+        // fill is what completes layers, and silence is not pressure.
+        hyperbox_api::psi::read(&self.pressure_file).is_ok_and(|p| p.some.avg10 >= self.pause_at)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk() -> Arc<AtomicU32> {
+        Arc::new(AtomicU32::new(0))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_fill_waits_for_reads_and_a_quiet_gap_after_them() {
+        let d = Demand::with_pressure_file(0.0, PathBuf::from("/nonexistent"));
+        assert!(!d.settle().await, "nothing pending: no wait");
+        let c = chunk();
+        let read = d.begin(vec![c.clone()]);
+        assert_eq!((d.pending(), c.load(Ordering::Relaxed)), (1, 1));
+        let d2 = d.clone();
+        let fill = tokio::spawn(async move {
+            d2.settle().await;
+            Instant::now()
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !fill.is_finished(),
+            "the fill waits while a read is pending"
+        );
+        let ended = Instant::now();
+        drop(read);
+        assert_eq!((d.pending(), c.load(Ordering::Relaxed)), (0, 0));
+        let resumed = fill.await.unwrap();
+        assert!(resumed - ended >= QUIET, "{:?}", resumed - ended);
+        assert_eq!(d.counters().fill_yields.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_read_arriving_is_seen_by_a_fetching_fill() {
+        let d = Demand::with_pressure_file(0.0, PathBuf::from("/nonexistent"));
+        let d2 = d.clone();
+        let waiter = tokio::spawn(async move { d2.arrives().await });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!waiter.is_finished());
+        let _read = d.begin(vec![]);
+        waiter.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn node_io_pressure_pauses_the_fill_until_it_falls() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("io");
+        let write = |avg10: f64| {
+            std::fs::write(
+                &file,
+                format!("some avg10={avg10:.2} avg60=0.00 avg300=0.00 total=1\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=1\n"),
+            )
+            .unwrap()
+        };
+        write(35.0);
+        let d = Demand::with_pressure_file(20.0, file.clone());
+        let d2 = d.clone();
+        let fill = tokio::spawn(async move { d2.settle().await });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!fill.is_finished(), "paused at 35% >= 20%");
+        write(3.0);
+        assert!(fill.await.unwrap());
+        assert_eq!(d.counters().fill_pressure_pauses.load(Ordering::Relaxed), 1);
+        // Off (0): pressure never pauses.
+        write(99.0);
+        let off = Demand::with_pressure_file(0.0, file);
+        assert!(!off.settle().await);
+    }
+}
