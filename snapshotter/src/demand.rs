@@ -26,8 +26,16 @@ use tokio::time::Instant;
 
 /// How long the fill stays off the link after the last read ended.
 pub const QUIET: Duration = Duration::from_millis(50);
+/// The longest the fill waits for reads before its next request: a
+/// container reading without pause must slow the fill, not stop it (an
+/// incomplete layer keeps every read on the fanotify path and is never
+/// verified).
+pub const MAX_YIELD: Duration = Duration::from_secs(2);
 /// How often the fill looks at the node's I/O pressure again while paused.
 const PRESSURE_RECHECK: Duration = Duration::from_secs(1);
+/// The longest one pause for pressure lasts: a node under steady pressure
+/// gets one fill request per this, not none.
+pub const MAX_PRESSURE_PAUSE: Duration = Duration::from_secs(30);
 
 /// What the scheduling did, for `/metrics`.
 #[derive(Debug, Default)]
@@ -61,17 +69,18 @@ pub struct Read {
 
 impl Drop for Read {
     fn drop(&mut self) {
-        for w in &self.wanted {
-            w.fetch_sub(1, Ordering::AcqRel);
-        }
         // The end is stamped before the count drops, so a fill woken by
-        // the count sees it.
+        // the count sees it; the chunks stay wanted until the count is
+        // down, so a fill seeing this read never drops a request it needs.
         *self
             .demand
             .last_end
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         self.demand.pending.send_modify(|n| *n -= 1);
+        for w in &self.wanted {
+            w.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -118,15 +127,17 @@ impl Demand {
     }
 
     /// Waits until no read is pending and none ended in the last
-    /// [`QUIET`], then while the node's I/O is under pressure; whether it
-    /// waited at all.
+    /// [`QUIET`] (at most [`MAX_YIELD`]), then while the node's I/O is
+    /// under pressure (at most [`MAX_PRESSURE_PAUSE`]); whether it waited
+    /// at all.
     pub async fn settle(&self) -> bool {
         let mut waited = false;
         let mut rx = self.pending.subscribe();
-        loop {
+        let deadline = Instant::now() + MAX_YIELD;
+        while Instant::now() < deadline {
             if *rx.borrow_and_update() > 0 {
                 waited = true;
-                let _ = rx.wait_for(|n| *n == 0).await;
+                let _ = tokio::time::timeout_at(deadline, rx.wait_for(|n| *n == 0)).await;
                 continue;
             }
             let since = self
@@ -137,7 +148,7 @@ impl Demand {
             match since {
                 Some(s) if s < QUIET => {
                     waited = true;
-                    tokio::time::sleep(QUIET - s).await;
+                    tokio::time::sleep((QUIET - s).min(deadline - Instant::now())).await;
                 }
                 _ => break,
             }
@@ -146,7 +157,8 @@ impl Demand {
             self.counters.fill_yields.fetch_add(1, Ordering::Relaxed);
         }
         let mut paused = false;
-        while self.under_pressure() {
+        let resume_by = Instant::now() + MAX_PRESSURE_PAUSE;
+        while Instant::now() < resume_by && self.under_pressure() {
             if !paused {
                 paused = true;
                 self.counters
@@ -217,6 +229,33 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn reads_without_pause_slow_the_fill_but_never_stop_it() {
+        let d = Demand::with_pressure_file(0.0, PathBuf::from("/nonexistent"));
+        let reader = d.clone();
+        // A read every 10 ms, each 5 ms long, for a minute.
+        let reads = tokio::spawn(async move {
+            for _ in 0..6000 {
+                let r = reader.begin(vec![chunk()]);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                drop(r);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        // The reads are under way.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        for _ in 0..3 {
+            let started = Instant::now();
+            assert!(d.settle().await);
+            let waited = started.elapsed();
+            assert!(
+                (MAX_YIELD..MAX_YIELD + QUIET).contains(&waited),
+                "{waited:?}"
+            );
+        }
+        reads.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_read_arriving_is_seen_by_a_fetching_fill() {
         let d = Demand::with_pressure_file(0.0, PathBuf::from("/nonexistent"));
         let d2 = d.clone();
@@ -247,6 +286,15 @@ mod tests {
         write(3.0);
         assert!(fill.await.unwrap());
         assert_eq!(d.counters().fill_pressure_pauses.load(Ordering::Relaxed), 1);
+        // Steady pressure slows the fill to a request per pause, not none.
+        write(60.0);
+        let started = Instant::now();
+        assert!(d.settle().await);
+        let paused = started.elapsed();
+        assert!(
+            (MAX_PRESSURE_PAUSE..MAX_PRESSURE_PAUSE + Duration::from_secs(2)).contains(&paused),
+            "{paused:?}"
+        );
         // Off (0): pressure never pauses.
         write(99.0);
         let off = Demand::with_pressure_file(0.0, file);

@@ -101,6 +101,12 @@ const READAHEAD_MIN: u64 = 128 << 10;
 const READAHEAD_MAX: u64 = 1 << 20;
 /// Range requests of a learned prefetch in flight at once, per layer.
 const PREFETCH_PARALLEL: usize = 8;
+/// The most of a learned list fetched ahead, from its start: a container
+/// that read a whole layer (a `find -exec cat`) must not turn every later
+/// pull of it into a full fetch at read priority.
+const MAX_PREFETCH: u64 = 64 << 20;
+/// Fill requests dropped in a row for reads before one is finished anyway.
+const MAX_DROPS: u32 = 3;
 
 /// Errors of the lazy path.
 #[derive(Debug, thiserror::Error)]
@@ -268,6 +274,11 @@ impl Blob {
     fn ahead_of(&self, offset: u64, count: u64) -> Option<(usize, usize)> {
         let size = self.state.entry.size;
         let cs = self.state.chunk_size;
+        if cs >= READAHEAD_MAX {
+            // Indexes with large chunks (1 MiB, before 64 KiB): a chunk is
+            // read-ahead enough, the fill does the rest.
+            return None;
+        }
         let end = (offset + count).min(size);
         let window = {
             let mut ra = lock(&self.readahead);
@@ -868,6 +879,7 @@ impl Lazy {
         self.prefetch_learned(&blob, per_request).await;
         let mut next = 0;
         let mut delay = Duration::from_secs(1);
+        let mut dropped = 0;
         loop {
             if blob.phase() != Phase::Filling {
                 return;
@@ -895,7 +907,11 @@ impl Lazy {
             let done = tokio::select! {
                 r = &mut fetch => Some(r),
                 () = self.demand.arrives() => {
-                    if blob.wanted[a..=b].iter().any(|w| w.load(Ordering::Acquire) > 0) {
+                    // On a slow link a request outlasts the gaps between
+                    // reads: after a few drops in a row it is finished.
+                    if dropped >= MAX_DROPS
+                        || blob.wanted[a..=b].iter().any(|w| w.load(Ordering::Acquire) > 0)
+                    {
                         // A read waits for these very chunks.
                         Some(fetch.await)
                     } else {
@@ -907,8 +923,10 @@ impl Lazy {
                 // Dropped mid-request (chunks are written only once the
                 // whole range is in): asked again once reads settle.
                 self.demand.preempted();
+                dropped += 1;
                 continue;
             };
+            dropped = 0;
             match result {
                 Ok(()) => {
                     next = b + 1;
@@ -1033,17 +1051,21 @@ impl Lazy {
     async fn prefetch_learned(&self, blob: &Blob, per_request: usize) {
         use futures::StreamExt as _;
         let e = &blob.state.entry;
-        let plan = self
+        let mut plan = self
             .prefetch
             .load(&e.erofs, blob.state.chunk_size, blob.locks.len());
         if plan.is_empty() {
             return;
         }
+        plan.truncate((MAX_PREFETCH / blob.state.chunk_size).max(1) as usize);
         let started = Instant::now();
         let before = blob.missing();
         let _predicted = self.demand.begin(Vec::new());
         futures::stream::iter(prefetch::runs(&plan, per_request))
             .for_each_concurrent(PREFETCH_PARALLEL, |(a, b)| async move {
+                if blob.phase() != Phase::Filling {
+                    return;
+                }
                 if let Err(err) = self.ensure_chunks(blob, a, b).await {
                     tracing::debug!(layer = %e.layer, error = %hyperbox_api::error_chain(&err), "learned prefetch failed; the fill and reads fetch it");
                 }
@@ -1083,8 +1105,14 @@ impl Lazy {
     /// written. Chunk locks are taken in ascending order by every caller,
     /// so two overlapping calls never wait on each other in a cycle.
     async fn ensure_chunks(&self, blob: &Blob, first: usize, last: usize) -> Result<(), Error> {
-        let mut guards = Vec::with_capacity(last + 1 - first);
-        for i in first..=last {
+        // Only the missing ones: a chunk once present stays so, and a read
+        // of it must not wait for another read's request.
+        let missing: Vec<usize> = {
+            let present = lock(&blob.present);
+            (first..=last).filter(|&i| !present[i]).collect()
+        };
+        let mut guards = Vec::with_capacity(missing.len());
+        for i in missing {
             guards.push(blob.locks[i].lock().await);
         }
         let per_request = (MAX_REQUEST / blob.state.chunk_size).max(1) as usize;
@@ -1157,6 +1185,11 @@ impl Lazy {
         let cs = blob.state.chunk_size;
         let first = (offset / cs) as usize;
         let last = (((offset + count).min(size) - 1) / cs) as usize;
+        // A read of what is here already (a marked file raises an event
+        // for every read) is not demand the fill should wait for.
+        if lock(&blob.present)[first..=last].iter().all(|p| *p) {
+            return Ok(());
+        }
         let _read = self.demand.begin(blob.wanted[first..=last].to_vec());
         self.ensure_chunks(blob, first, last).await
     }

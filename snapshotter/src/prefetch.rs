@@ -10,8 +10,10 @@
 //! it only changes the order of fetches, every chunk is still checked
 //! against the index.
 //!
-//! Lists live in `<root>/prefetch/<erofs hex>.json`, written whole to a
-//! temporary file and renamed. A list that cannot be read is ignored (and
+//! Lists live in `<root>/prefetch/<erofs hex>-<chunk size>.json` (two
+//! indexes of one EROFS image with different chunk sizes keep a list each
+//! instead of overwriting each other's), written whole to a temporary file
+//! and renamed. A list that cannot be read is ignored (and
 //! replaced at the next save), never fatal: without it the layer is filled
 //! in file order as before.
 
@@ -47,19 +49,25 @@ impl Store {
     pub fn open(root: &Path) -> std::io::Result<Store> {
         let dir = root.join("prefetch");
         fs::create_dir_all(&dir)?;
+        // Temporary files of saves a crash cut short.
+        for e in fs::read_dir(&dir)?.flatten() {
+            if e.file_name().to_string_lossy().ends_with(".tmp") {
+                let _ = fs::remove_file(e.path());
+            }
+        }
         Ok(Store { dir })
     }
 
-    fn path(&self, erofs: &str) -> PathBuf {
+    fn path(&self, erofs: &str, chunk_size: u64) -> PathBuf {
         let hex = erofs.strip_prefix("sha256:").unwrap_or(erofs);
-        self.dir.join(format!("{hex}.json"))
+        self.dir.join(format!("{hex}-{chunk_size}.json"))
     }
 
     /// The learned order for the EROFS image `erofs` read in chunks of
     /// `chunk_size`, of which it has `chunks`; empty when none was learned
     /// or the list does not fit this layer.
     pub fn load(&self, erofs: &str, chunk_size: u64, chunks: usize) -> Vec<usize> {
-        let path = self.path(erofs);
+        let path = self.path(erofs, chunk_size);
         let read = || -> Result<Vec<usize>, String> {
             let meta = match fs::metadata(&path) {
                 Ok(m) => m,
@@ -103,8 +111,10 @@ impl Store {
                 .copied()
                 .filter(|c| *c < chunks && seen.insert(*c)),
         );
-        let path = self.path(erofs);
-        let tmp = path.with_extension("json.tmp");
+        let path = self.path(erofs, chunk_size);
+        // Two layers may share one EROFS image (the same tar, compressed
+        // twice): their saves never write the same temporary file.
+        let tmp = path.with_extension(format!("{:016x}.tmp", rand::random::<u64>()));
         let mut f = fs::File::create(&tmp)?;
         serde_json::to_writer(
             &mut f,
@@ -117,6 +127,9 @@ impl Store {
         f.flush()?;
         f.sync_all()?;
         fs::rename(&tmp, &path)?;
+        if let Ok(d) = fs::File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
         Ok(order.len())
     }
 }
@@ -176,8 +189,11 @@ mod tests {
         assert_eq!(s.save(E, 4096, 10, r.order()).unwrap(), 4);
         assert_eq!(s.save(E, 4096, 10, &[9, 0, 3]).unwrap(), 6);
         assert_eq!(s.load(E, 4096, 10), [5, 6, 0, 7, 9, 3]);
-        // Another chunk size: not this list.
+        // Another chunk size: not this list, and a list of its own.
         assert!(s.load(E, 8192, 10).is_empty());
+        s.save(E, 8192, 10, &[1]).unwrap();
+        assert_eq!(s.load(E, 4096, 10), [5, 6, 0, 7, 9, 3]);
+        assert_eq!(s.load(E, 8192, 10), [1]);
     }
 
     #[test]
@@ -186,7 +202,7 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         s.save(E, 4096, 10, &[1, 9]).unwrap();
         assert!(s.load(E, 4096, 5).is_empty(), "chunk 9 of 5");
-        fs::write(s.path(E), b"{not json").unwrap();
+        fs::write(s.path(E, 4096), b"{not json").unwrap();
         assert!(s.load(E, 4096, 10).is_empty());
         // Saving over it starts a fresh list.
         assert_eq!(s.save(E, 4096, 10, &[2]).unwrap(), 1);
