@@ -14,6 +14,10 @@ use nix::unistd::Pid;
 use crate::containerd::NriPlugin;
 use crate::registry::tail;
 
+/// Agent config for the memory policy tests: adaptive limits, PSI sampled
+/// every second.
+pub const ADAPTIVE: &str = "[memory]\ndefault_policy = \"adaptive\"\nsample_interval_secs = 1\n";
+
 /// The sum of the samples in a `/metrics` body whose lines start with
 /// `name` (end it with `{` or a space to match one metric exactly) and,
 /// unless `id` is empty, name `id` (a container's); `None` when no line

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use hyperbox_integration::agent::{AgentDaemon, memory_limit};
+use hyperbox_integration::agent::{ADAPTIVE, AgentDaemon, memory_limit};
 use hyperbox_integration::containerd::Line;
 use hyperbox_integration::cri::{ContainerSpec, Cri, Pod, PodNetwork};
 use hyperbox_integration::image::ImageSpec;
@@ -72,8 +72,6 @@ async fn wait_learned(agent: &AgentDaemon, workload: &str, runs: usize) -> Vec<u
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
-
-const ADAPTIVE: &str = "[memory]\ndefault_policy = \"adaptive\"\nsample_interval_secs = 1\n";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn external_agent_learns_a_workload_and_sizes_its_next_run_in_the_cgroup() {

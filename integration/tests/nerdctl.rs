@@ -20,7 +20,7 @@
 use std::time::Duration;
 
 use hyperbox_api::labels::CRI_LAYER_DIGEST;
-use hyperbox_integration::agent::{AgentDaemon, memory_limit};
+use hyperbox_integration::agent::{ADAPTIVE, AgentDaemon, memory_limit};
 use hyperbox_integration::image::ImageSpec;
 use hyperbox_integration::prereq::Prereq;
 use hyperbox_integration::shim::{HYPERBOX_RUNTIME, Shim};
@@ -173,10 +173,7 @@ async fn nerdctl_run_with_the_hyperbox_runtime_gets_the_agents_policy() {
     require!(Prereq::Psi);
     const MIB: u64 = 1 << 20;
     let tb = Testbed::start_with(|b| b.without_cri()).await;
-    let mut agent = AgentDaemon::new(
-        &tb.containerd.nri_socket(),
-        "[memory]\ndefault_policy = \"adaptive\"\nsample_interval_secs = 1\n",
-    );
+    let mut agent = AgentDaemon::new(&tb.containerd.nri_socket(), ADAPTIVE);
     // nerdctl containers are keyed by containerd namespace, as ctr's.
     agent.seed_history("containerd:default/shim-nerd", &[20 * MIB]);
     agent.start_again().await;

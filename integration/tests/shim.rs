@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hyperbox_integration::agent::{AgentDaemon, memory_limit};
+use hyperbox_integration::agent::{ADAPTIVE, AgentDaemon, memory_limit};
 use hyperbox_integration::client::{Client, ContainerOptions, Image, RUNC_RUNTIME};
 use hyperbox_integration::cri::{ContainerSpec, PodNetwork};
 use hyperbox_integration::image::ImageSpec;
@@ -22,7 +22,6 @@ use hyperbox_integration::{gobin, procs, require, require_containers};
 use nix::sys::signal::Signal;
 
 const MIB: u64 = 1 << 20;
-const ADAPTIVE: &str = "[memory]\ndefault_policy = \"adaptive\"\nsample_interval_secs = 1\n";
 
 fn hyperbox(args: &[&str]) -> ContainerOptions {
     ContainerOptions {

@@ -267,6 +267,23 @@ impl Blob {
         (start, cs.min(self.state.entry.size - start))
     }
 
+    /// The first and last chunk holding `offset..offset+count`, if any
+    /// byte of it is in the file.
+    fn chunks_of(&self, offset: u64, count: u64) -> Option<(usize, usize)> {
+        let size = self.state.entry.size;
+        if count == 0 || offset >= size {
+            return None;
+        }
+        let cs = self.state.chunk_size;
+        let last = ((offset + count).min(size) - 1) / cs;
+        Some(((offset / cs) as usize, last as usize))
+    }
+
+    /// How many chunks `bytes` is (at least one): a request's bound.
+    fn chunks_in(&self, bytes: u64) -> usize {
+        (bytes / self.state.chunk_size).max(1) as usize
+    }
+
     /// The chunks to fetch ahead of a read of `offset..offset+count`
     /// (those missing, after the read's last chunk), the window doubling
     /// while reads follow each other and shrinking back on a jump, as the
@@ -288,21 +305,14 @@ impl Blob {
         };
         let first = end.div_ceil(cs) as usize;
         let last = ((end + window).min(size).div_ceil(cs) as usize).min(self.locks.len());
-        let present = lock(&self.present);
-        let a = (first..last).find(|&i| !present[i])?;
-        let b = (a..last).take_while(|&i| !present[i]).last()?;
-        Some((a, b))
+        next_missing_run(&lock(&self.present)[..last], first, last)
     }
 
     /// Records a held read for the layer's learned prefetch list.
     fn note_read(&self, offset: u64, count: u64) {
-        let size = self.state.entry.size;
-        if count == 0 || offset >= size {
-            return;
+        if let Some((first, last)) = self.chunks_of(offset, count) {
+            lock(&self.reads).note(first, last);
         }
-        let cs = self.state.chunk_size;
-        let last = ((offset + count).min(size) - 1) / cs;
-        lock(&self.reads).note((offset / cs) as usize, last as usize);
     }
 
     fn missing(&self) -> usize {
@@ -334,21 +344,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// than `most`: what one Range request each fetches.
 fn missing_runs(present: &[bool], most: usize) -> Vec<(usize, usize)> {
     let mut runs = Vec::new();
-    let mut i = 0;
-    while i < present.len() {
-        if present[i] {
-            i += 1;
-            continue;
-        }
-        let len = present[i..]
-            .iter()
-            .take(most.max(1))
-            .take_while(|p| !**p)
-            .count();
-        runs.push((i, i + len - 1));
-        i += len;
+    let mut from = 0;
+    while let Some((a, b)) = next_missing_run(present, from, most) {
+        runs.push((a, b));
+        from = b + 1;
     }
     runs
+}
+
+/// The first run of `false` in `present` at or after `from`, at most
+/// `most` long, as an inclusive index pair.
+fn next_missing_run(present: &[bool], from: usize, most: usize) -> Option<(usize, usize)> {
+    let a = from + present.get(from..)?.iter().position(|p| !*p)?;
+    let len = present[a..]
+        .iter()
+        .take(most.max(1))
+        .take_while(|p| !**p)
+        .count();
+    Some((a, a + len - 1))
 }
 
 /// The read-ahead window for a read at `offset`, given where the last read
@@ -874,8 +887,7 @@ impl Lazy {
     /// read arrives that does not need it (`crate::demand`).
     async fn fill(self: Arc<Self>, blob: Arc<Blob>) {
         let started = Instant::now();
-        let n = blob.locks.len();
-        let per_request = (self.fill_request / blob.state.chunk_size).max(1) as usize;
+        let per_request = blob.chunks_in(self.fill_request);
         self.prefetch_learned(&blob, per_request).await;
         let mut next = 0;
         let mut delay = Duration::from_secs(1);
@@ -885,17 +897,7 @@ impl Lazy {
                 return;
             }
             // The next run of missing chunks, in file order.
-            let run = {
-                let present = lock(&blob.present);
-                (next..n).find(|&i| !present[i]).map(|a| {
-                    let len = present[a..]
-                        .iter()
-                        .take(per_request)
-                        .take_while(|p| !**p)
-                        .count();
-                    (a, a + len - 1)
-                })
-            };
+            let run = next_missing_run(&lock(&blob.present), next, per_request);
             let Some((a, b)) = run else { break };
             if self.demand.settle().await {
                 // Reads just settled (a start-up burst is over): keep what
@@ -1057,7 +1059,7 @@ impl Lazy {
         if plan.is_empty() {
             return;
         }
-        plan.truncate((MAX_PREFETCH / blob.state.chunk_size).max(1) as usize);
+        plan.truncate(blob.chunks_in(MAX_PREFETCH));
         let started = Instant::now();
         let before = blob.missing();
         let _predicted = self.demand.begin(Vec::new());
@@ -1115,7 +1117,7 @@ impl Lazy {
         for i in missing {
             guards.push(blob.locks[i].lock().await);
         }
-        let per_request = (MAX_REQUEST / blob.state.chunk_size).max(1) as usize;
+        let per_request = blob.chunks_in(MAX_REQUEST);
         let runs = {
             let present = lock(&blob.present);
             missing_runs(&present[first..=last], per_request)
@@ -1178,13 +1180,9 @@ impl Lazy {
 
     /// Fetches what a held read needs, counted as demand while it runs.
     async fn ensure_range(&self, blob: &Blob, offset: u64, count: u64) -> Result<(), Error> {
-        let size = blob.state.entry.size;
-        if count == 0 || offset >= size {
+        let Some((first, last)) = blob.chunks_of(offset, count) else {
             return Ok(());
-        }
-        let cs = blob.state.chunk_size;
-        let first = (offset / cs) as usize;
-        let last = (((offset + count).min(size) - 1) / cs) as usize;
+        };
         // A read of what is here already (a marked file raises an event
         // for every read) is not demand the fill should wait for.
         if lock(&blob.present)[first..=last].iter().all(|p| *p) {
