@@ -49,6 +49,7 @@ pub fn run(config: &hyperbox_config::Config, json: bool) -> Result<()> {
         value,
         how,
     });
+    features.push(lazy_backend(config, backend.ok().flatten(), &features));
     if json {
         println!("{}", serde_json::to_string_pretty(&features)?);
         return Ok(());
@@ -62,6 +63,40 @@ pub fn run(config: &hyperbox_config::Config, json: bool) -> Result<()> {
         table::render(&["FEATURE", "AVAILABLE", "HOW DETECTED"], &rows)
     );
     Ok(())
+}
+
+/// How layers of indexed images reach this node, by the snapshotter's own
+/// rule (`hyperbox_kernel::features::lazy_unsupported`).
+fn lazy_backend(
+    config: &hyperbox_config::Config,
+    backend: Option<hyperbox_kernel::mount::Backend>,
+    features: &[hyperbox_kernel::features::Feature],
+) -> hyperbox_kernel::features::Feature {
+    let (available, value, how) = match backend {
+        _ if !config.snapshotter.remote => (false, "off", "snapshotter.remote = false".to_string()),
+        None => (false, "off", "no EROFS backend (above)".to_string()),
+        Some(b) => match hyperbox_kernel::features::lazy_unsupported(b, features) {
+            Some(why) => (false, "whole", why.to_string()),
+            None if !config.snapshotter.lazy => (
+                false,
+                "whole",
+                "snapshotter.lazy = false: indexed images are fetched whole".to_string(),
+            ),
+            None => (
+                true,
+                "fanotify",
+                "file-backed EROFS + fanotify pre-content events: indexed images are mounted \
+                 at once and fetched on first access"
+                    .to_string(),
+            ),
+        },
+    };
+    hyperbox_kernel::features::Feature {
+        name: "lazy_backend",
+        available,
+        value: value.to_string(),
+        how,
+    }
 }
 
 fn tempfile_in(dir: &std::path::Path) -> Result<std::path::PathBuf> {

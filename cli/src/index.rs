@@ -12,7 +12,7 @@ use std::io::Read;
 use anyhow::{Context, Result};
 use hyperbox_registry::digest::Digest;
 use hyperbox_registry::index::{self, Index, IndexLayer};
-use hyperbox_registry::{BlobSize, Reference, Registry};
+use hyperbox_registry::{BlobSize, Descriptor, Reference, Registry};
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
@@ -24,14 +24,26 @@ struct Row {
     chunks: usize,
 }
 
-/// Builds and pushes the index of `reference`.
-pub async fn run(config: &hyperbox_config::Config, reference: &str, json: bool) -> Result<()> {
+/// Builds and pushes the index of `reference`, in chunks of `chunk_size`
+/// bytes (by the image's largest layer when not given).
+pub async fn run(
+    config: &hyperbox_config::Config,
+    reference: &str,
+    chunk_size: Option<u64>,
+    json: bool,
+) -> Result<()> {
     let r = Reference::parse(reference)?;
     let registry = Registry::new(&config.registry).context("registry settings")?;
     let img = registry
         .resolve(&r)
         .await
         .with_context(|| format!("resolve {r}"))?;
+    let largest = img.layers.iter().map(|l| l.size.max(0) as u64).max();
+    let chunk_size =
+        chunk_size.unwrap_or_else(|| index::chunk_size_for(largest.unwrap_or_default()));
+    if !(4096..=64 << 20).contains(&chunk_size) || !chunk_size.is_multiple_of(4096) {
+        anyhow::bail!("--chunk-size {chunk_size}: a multiple of 4 KiB up to 64 MiB");
+    }
     let work = tempfile::Builder::new()
         .prefix("hb-index-")
         .tempdir()
@@ -78,7 +90,7 @@ pub async fn run(config: &hyperbox_config::Config, reference: &str, json: bool) 
         }
         let summary = converted.summary;
         let _ = std::fs::remove_file(&blob);
-        let (chunks, whole, size) = chunk_digests(&out)?;
+        let (chunks, whole, size) = chunk_digests(&out, chunk_size)?;
         let data = bytes::Bytes::from(std::fs::read(&out).context("read EROFS image")?);
         registry
             .push_blob(&r, &whole, data)
@@ -102,46 +114,31 @@ pub async fn run(config: &hyperbox_config::Config, reference: &str, json: bool) 
     }
     let doc = Index {
         version: index::VERSION,
-        chunk_size: index::CHUNK_SIZE,
+        chunk_size,
         layers,
     };
-    let doc_bytes = serde_json::to_vec(&doc)?;
-    let doc_digest = Digest::of(&doc_bytes);
-    registry
-        .push_blob(&r, &doc_digest, bytes::Bytes::from(doc_bytes.clone()))
-        .await
-        .context("push the index document")?;
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "artifactType": index::CONFIG_TYPE,
-        "config": {
-            "mediaType": index::CONFIG_TYPE,
-            "digest": doc_digest.to_string(),
-            "size": doc_bytes.len(),
-        },
-        "layers": rows.iter().map(|row| serde_json::json!({
-            "mediaType": index::EROFS_TYPE,
-            "digest": row.erofs,
-            "size": row.size,
-        })).collect::<Vec<_>>(),
-        "subject": {
-            "mediaType": img.manifest.media_type,
-            "digest": img.manifest.digest,
-            "size": img.manifest.size,
-        },
-    });
     let manifest_digest = Digest::parse(&img.manifest.digest)?;
     let tag = index::tag_for(&manifest_digest);
+    let erofs_layers: Vec<Descriptor> = rows
+        .iter()
+        .map(|row| Descriptor {
+            media_type: index::EROFS_TYPE.into(),
+            digest: row.erofs.clone(),
+            size: row.size as i64,
+            annotations: Default::default(),
+        })
+        .collect();
     registry
-        .push_manifest(
+        .push_artifact(
             &r,
             &tag,
-            "application/vnd.oci.image.manifest.v1+json",
-            bytes::Bytes::from(serde_json::to_vec(&manifest)?),
+            index::CONFIG_TYPE,
+            serde_json::to_vec(&doc)?,
+            &erofs_layers,
+            &img.manifest,
         )
         .await
-        .context("push the index manifest")?;
+        .context("push the index")?;
     if json {
         println!(
             "{}",
@@ -170,11 +167,11 @@ pub async fn run(config: &hyperbox_config::Config, reference: &str, json: bool) 
 }
 
 /// Hex SHA-256 of each chunk, the digest of the whole file, its size.
-fn chunk_digests(path: &std::path::Path) -> Result<(Vec<String>, Digest, u64)> {
+fn chunk_digests(path: &std::path::Path, chunk_size: u64) -> Result<(Vec<String>, Digest, u64)> {
     let mut f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
     let mut whole = Sha256::new();
     let mut chunks = Vec::new();
-    let mut buf = vec![0u8; index::CHUNK_SIZE as usize];
+    let mut buf = vec![0u8; chunk_size as usize];
     let mut size = 0u64;
     loop {
         let mut filled = 0;

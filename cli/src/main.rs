@@ -5,6 +5,7 @@ mod agent;
 mod doctor;
 mod image;
 mod index;
+mod prefetch;
 mod profile;
 mod snapshots;
 mod table;
@@ -93,6 +94,11 @@ enum ImageCommand {
     Index {
         /// Image reference.
         reference: String,
+        /// Bytes per verified chunk, the least a read fetches: a multiple
+        /// of 4096. Default: 16 KiB, or 64 KiB when a layer blob exceeds
+        /// 256 MiB.
+        #[arg(long)]
+        chunk_size: Option<u64>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -112,6 +118,36 @@ enum ImageCommand {
         #[arg(long, default_value = "hyperbox")]
         snapshotter: String,
         /// One JSON object per line: a `layer` event per layer, then `done`.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prefetch lists learned from real runs (what containers of the image
+    /// first read), shared beside the image's hyperbox index.
+    Prefetch {
+        #[command(subcommand)]
+        command: PrefetchCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PrefetchCommand {
+    /// Push this node's learned lists for the image, merged after those
+    /// the registry holds, so other nodes fetch those bytes first.
+    Push {
+        /// Image reference (it must have a hyperbox index).
+        reference: String,
+        /// Push this node's lists alone instead of merging.
+        #[arg(long)]
+        replace: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the lists the registry holds for the image and this node's.
+    Show {
+        /// Image reference (it must have a hyperbox index).
+        reference: String,
+        /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
@@ -241,8 +277,14 @@ fn main() -> ExitCode {
                 ProfileCommand::Forget { workload } => profile::forget(&config, &workload),
             },
             Command::Image {
-                command: ImageCommand::Index { reference, json },
-            } => tokio::runtime::Runtime::new()?.block_on(index::run(&config, &reference, json)),
+                command:
+                    ImageCommand::Index {
+                        reference,
+                        chunk_size,
+                        json,
+                    },
+            } => tokio::runtime::Runtime::new()?
+                .block_on(index::run(&config, &reference, chunk_size, json)),
             Command::Image {
                 command:
                     ImageCommand::Pull {
@@ -262,6 +304,26 @@ fn main() -> ExitCode {
                     json,
                 },
             )),
+            Command::Image {
+                command:
+                    ImageCommand::Prefetch {
+                        command:
+                            PrefetchCommand::Push {
+                                reference,
+                                replace,
+                                json,
+                            },
+                    },
+            } => tokio::runtime::Runtime::new()?
+                .block_on(prefetch::push(&config, &reference, replace, json)),
+            Command::Image {
+                command:
+                    ImageCommand::Prefetch {
+                        command: PrefetchCommand::Show { reference, json },
+                    },
+            } => {
+                tokio::runtime::Runtime::new()?.block_on(prefetch::show(&config, &reference, json))
+            }
             Command::Snapshots {
                 command: SnapshotsCommand::Ls { filters, json },
             } => tokio::runtime::Runtime::new()?.block_on(snapshots::ls(&config, filters, json)),

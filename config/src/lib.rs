@@ -495,6 +495,11 @@ pub struct Snapshotter {
     /// (`/proc/pressure/io`, `some avg10`, in %) is at or above this; 0
     /// never pauses. Reads a container waits for are never paused.
     pub lazy_fill_pause_io_pressure: u32,
+    /// Look up the prefetch lists other nodes shared beside an image's
+    /// index (`hb image prefetch push`) and fetch what they list first,
+    /// after what this node learned itself. One more manifest request per
+    /// image, made beside the index's.
+    pub lazy_shared_prefetch: bool,
     /// `host:port` to serve `/metrics` on (Prometheus text format); empty
     /// for none.
     pub metrics_address: String,
@@ -573,6 +578,7 @@ impl Default for Snapshotter {
             lazy_verify: true,
             lazy_max_chunk_fetches: 16,
             lazy_fill_pause_io_pressure: 20,
+            lazy_shared_prefetch: true,
             metrics_address: String::new(),
             allow_device_nodes: true,
             // Above the largest real layers (CUDA and model images reach

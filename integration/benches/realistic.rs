@@ -1,7 +1,12 @@
-//! A realistic image through every snapshotter we compete with, in one run:
-//! Debian 12 slim with Python 3, requests, Jinja2 and PyYAML from Debian's
-//! packages and a small app that imports them (thousands of small files,
-//! gzip layers; see `hyperbox_integration::distro`).
+//! Realistic images through every snapshotter we compete with, in one run
+//! per image:
+//!
+//! - `python`: Debian 12 slim with Python 3, requests, Jinja2 and PyYAML
+//!   from Debian's packages and a small app that imports them (thousands
+//!   of small files, gzip layers; see `hyperbox_integration::distro`);
+//! - `files`: busybox and 20,000 text files of mixed size in two gzip
+//!   layers, of which the workload reads 1,000 chosen at random
+//!   (`hyperbox_integration::corpus::many_files`).
 //!
 //! Each side is a private containerd 2.4.2 pulling through CRI, as the
 //! kubelet does, from its own registry behind the harness proxy shaped to
@@ -26,9 +31,9 @@
 //! start and a read of the whole rootfs with the page cache dropped.
 //!
 //! `cargo bench -p hyperbox-integration --bench realistic` (as root) runs
-//! it on the Debian image and rewrites its section of docs/benchmarks.md;
-//! under `cargo test` it runs every side once on a small busybox image as
-//! a smoke test.
+//! both images and rewrites their sections of docs/benchmarks.md
+//! (`HYPERBOX_BENCH_IMAGES=files` runs one); under `cargo test` it runs
+//! every side once on a small busybox image as a smoke test.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -43,6 +48,21 @@ use hyperbox_integration::proxy::Shaping;
 use hyperbox_integration::snapshotter::NAME;
 use hyperbox_integration::soci::{self, ConvertOptions, Soci};
 use hyperbox_integration::testbed::Testbed;
+
+/// One image of the bench.
+struct Case {
+    /// The docs/benchmarks.md section it rewrites.
+    section: &'static str,
+    /// That section's heading.
+    title: &'static str,
+    /// What the image holds and what its workload does.
+    about: String,
+    spec: ImageSpec,
+    /// What the workload prints.
+    expected: String,
+    /// Repository name in the registries.
+    repo: &'static str,
+}
 
 /// One way of running the image.
 struct Side {
@@ -133,15 +153,69 @@ async fn main() {
         return;
     }
     let full = full_run();
+    if !full {
+        run(
+            Case {
+                section: "",
+                title: "",
+                about: String::new(),
+                spec: small_image(),
+                expected: "ready\n".into(),
+                repo: "smoke",
+            },
+            false,
+        )
+        .await;
+        return;
+    }
+    let wanted = std::env::var("HYPERBOX_BENCH_IMAGES").unwrap_or_else(|_| "python,files".into());
+    for name in wanted.split(',').map(str::trim) {
+        let case = match name {
+            "python" => Case {
+                section: "realistic",
+                title: "A realistic image: Debian + Python, hyperbox against overlayfs, erofs and SOCI",
+                about: format!(
+                    "Debian 12 minbase slimmed as the `-slim` images are, with {} from Debian's \
+                     packages, and an app that imports requests, Jinja2, PyYAML and a good part of \
+                     the standard library, renders a template and prints `ready` \
+                     (`integration/src/distro.rs`)",
+                    distro::PACKAGES.join(", ")
+                ),
+                spec: distro::python_trees()
+                    .expect("build the Debian + Python image (debootstrap, apt-get)")
+                    .image(),
+                expected: "ready\n".into(),
+                repo: "python",
+            },
+            "files" => {
+                let m = hyperbox_integration::corpus::many_files();
+                Case {
+                    section: "realistic-files",
+                    title: "Many small files: 20,000 files, 1,000 read, hyperbox against overlayfs, erofs and SOCI",
+                    about: format!(
+                        "busybox and {} text files of 256 B to 80 KiB ({:.0} MiB) in two gzip \
+                         layers; the workload reads 1,000 of them chosen at random ({:.1} MiB) \
+                         and prints their SHA-256 (`integration/src/corpus.rs`, `many_files`)",
+                        m.files,
+                        m.bytes as f64 / 1048576.0,
+                        m.read_bytes as f64 / 1048576.0
+                    ),
+                    spec: m.spec,
+                    expected: m.expected,
+                    repo: "files",
+                }
+            }
+            other => panic!("HYPERBOX_BENCH_IMAGES: no image {other:?} (python, files)"),
+        };
+        run(case, true).await;
+    }
+}
+
+/// Runs every side on `case`'s image; with `full`, five runs each and its
+/// section of docs/benchmarks.md rewritten.
+async fn run(case: Case, full: bool) {
     let (iterations, reads) = if full { (5, 5) } else { (1, 1) };
-    let spec = if full {
-        distro::python_trees()
-            .expect("build the Debian + Python image (debootstrap, apt-get)")
-            .image()
-    } else {
-        small_image()
-    };
-    let expected = "ready\n";
+    let (spec, expected) = (&case.spec, case.expected.as_str());
 
     // The testbeds, all containerd 2.4.2: overlayfs, hyperbox, SOCI, erofs.
     let mut soci_daemon = Soci::start().await.expect("start soci-snapshotter-grpc");
@@ -171,17 +245,22 @@ async fn main() {
     let mut refs = Vec::new();
     for tb in &beds {
         let r = built
-            .push(&tb.registry.host(), "bench/python", "v1")
+            .push(&tb.registry.host(), &format!("bench/{}", case.repo), "v1")
             .await
             .expect("push image");
         refs.push(tb.via_proxy(&r));
     }
     // hyperbox lazy: the same image in another repository, with its index.
     let lazy = built
-        .push(&beds[1].registry.host(), "bench/python-indexed", "v1")
+        .push(
+            &beds[1].registry.host(),
+            &format!("bench/{}-indexed", case.repo),
+            "v1",
+        )
         .await
         .unwrap();
     beds[1].hyperbox().hb_index(&lazy);
+    let lazy_direct = lazy.clone();
     let lazy = beds[1].via_proxy(&lazy);
     // SOCI: the converted image (the conversion is a registry-side step,
     // like hyperbox's index; not timed), with SOCI's default zTOC threshold
@@ -194,7 +273,7 @@ async fn main() {
     let soci_ref = soci::convert(
         &beds[2].containerd,
         &refs[2].replacen(&beds[2].proxy.host(), &beds[2].registry.host(), 1),
-        &format!("{}/bench/python-soci:v1", beds[2].registry.host()),
+        &format!("{}/bench/{}-soci:v1", beds[2].registry.host(), case.repo),
         &convert,
     )
     .await
@@ -240,7 +319,7 @@ async fn main() {
         },
         Side {
             name: "hyperbox-lazy",
-            what: "hyperbox, lazy (the image has a hyperbox index; 64 KiB chunks, reads ahead of the fill, prefetch learned on the node's first run)",
+            what: "hyperbox, lazy (the image has a hyperbox index of 16 KiB chunks; reads ahead of the fill, prefetch list learned on the first run and shared through the registry)",
             bed: 1,
             reference: lazy,
             pull: labels(NAME),
@@ -264,6 +343,26 @@ async fn main() {
         for k in 0..timed.len() {
             let side = timed[(n + k) % timed.len()];
             forget(&mut beds, &sides, side, &mut soci_daemon).await;
+            if side.name == "hyperbox-lazy" && n > 0 {
+                // Every later lazy run is a node that never ran the image:
+                // what the first run learned reaches it through the
+                // registry only (`hb image prefetch push`).
+                if n == 1 {
+                    beds[1].hyperbox().hb_json(&[
+                        "image",
+                        "prefetch",
+                        "push",
+                        "--json",
+                        &lazy_direct,
+                    ]);
+                }
+                let on_bed: Vec<&str> = sides
+                    .iter()
+                    .filter(|s| s.bed == 1)
+                    .map(|s| s.reference.as_str())
+                    .collect();
+                beds[1].forget_images_and_learned(&on_bed).await;
+            }
             let tb = &beds[side.bed];
             let k8s = k8s(tb).await;
             let cri = tb.containerd.cri().await.unwrap();
@@ -400,22 +499,19 @@ async fn main() {
     let med = |m: &HashMap<&str, Vec<Duration>>, k: &str| percentile(&m[k], 50.0);
     let s2 = |d: Duration| format!("{:.2} s", d.as_secs_f64());
     let mut body = String::new();
-    body.push_str(
-        "## A realistic image: Debian + Python, hyperbox against overlayfs, erofs and SOCI\n\n",
-    );
+    body.push_str(&format!("## {}\n\n", case.title));
     body.push_str(&format!(
-        "Command: `cargo bench -p hyperbox-integration --bench realistic` (as root). Machine: {}. \
-         Image: Debian 12 minbase slimmed as the `-slim` images are, with {} from Debian's \
-         packages, and an app that imports requests, Jinja2, PyYAML and a good part of the \
-         standard library, renders a template and prints `ready` \
-         (`integration/src/distro.rs`); {} layers, {:.1} MiB of gzip blobs, {:.0} MiB of \
+        "Command: `HYPERBOX_BENCH_IMAGES={} cargo bench -p hyperbox-integration --bench realistic` \
+         (as root; without the variable both images run). Machine: {}. \
+         Image: {}; {} layers, {:.1} MiB of gzip blobs, {:.0} MiB of \
          files. Every side is a private containerd 2.4.2 and pulls through CRI from its own registry behind the harness proxy \
          shaped to 100 Mbit/s with 20 ms per request; image, content, snapshots and the \
          snapshotter's caches removed before each pull; sides in rotating order, {iterations} \
          runs each. The hyperbox index and the SOCI index were made and pushed beforehand \
          (not timed), as eStargz or SOCI conversion is.\n\n",
+        case.repo,
         machine(),
-        distro::PACKAGES.join(", "),
+        case.about,
         built.layers.len(),
         blob_bytes as f64 / 1048576.0,
         rootfs_bytes as f64 / 1048576.0,
@@ -437,16 +533,21 @@ async fn main() {
         ));
     }
     let lazy_runs = secs(&pull["hyperbox-lazy"]);
+    let later = percentile(&pull["hyperbox-lazy"][1..], 50.0);
     body.push_str(&format!(
-        "\nThe lazy side's first pull is the node's first run of the image: nothing learned yet, \
-         {:.2} s; every later pull (the image removed in between, the node's learned prefetch list \
-         kept) fetches what that run read first. Lazy samples in order: {lazy_runs:?}.\n",
-        lazy_runs[0]
+        "\nThe lazy side's first pull is the image's first run anywhere: nothing learned yet, \
+         {:.2} s. Its learned prefetch list is then pushed beside the index (`hb image prefetch \
+         push`), and every later pull is on a node with no list of its own (image, caches and \
+         lists removed, snapshotter restarted), which fetches what the first run read first: \
+         median {} ({:.2}× the full fetch). Lazy samples in order: {lazy_runs:?}.\n",
+        lazy_runs[0],
+        s2(later),
+        med(&pull, "hyperbox").as_secs_f64() / later.as_secs_f64(),
     ));
     body.push_str(&format!(
         "\nWith the image complete and local, page cache dropped before each, median of {reads} \
          (the lazy hyperbox side, once filled, is the same EROFS files as the full fetch):\n\n\
-         | side | app start to exit | vs overlayfs | read the whole rootfs ({:.0} MiB) | throughput | vs overlayfs |\n|---|---|---|---|---|---|\n",
+         | side | workload, start to exit | vs overlayfs | read the whole rootfs ({:.0} MiB) | throughput | vs overlayfs |\n|---|---|---|---|---|---|\n",
         rootfs_bytes as f64 / 1048576.0
     ));
     let (app_base, read_base) = (med(&app, "overlayfs"), med(&read, "overlayfs"));
@@ -479,6 +580,6 @@ async fn main() {
         ));
     }
     body.push('\n');
-    let path = write_section("realistic", &body).unwrap();
+    let path = write_section(case.section, &body).unwrap();
     println!("{body}\nwritten to {}", path.display());
 }

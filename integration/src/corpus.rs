@@ -74,3 +74,112 @@ pub fn assert_same_tree(ours: &str, theirs: &str, what: &str) {
     }
     assert_eq!(a.len(), b.len(), "{what}: listings differ in length");
 }
+
+/// The many-small-files image of the lazy-pull benchmark: busybox and
+/// 20,000 files of mixed size (256 B to 80 KiB, log-uniform, about 14 KiB
+/// on average) in two gzip layers, with text-like contents that gzip
+/// shrinks about as much as real files; `/app/list` names 1,000 of them
+/// chosen at random. The workload reads every listed file, in list order,
+/// and prints the SHA-256 of what it read.
+#[derive(Debug)]
+pub struct ManyFiles {
+    /// The image; its command is the workload.
+    pub spec: ImageSpec,
+    /// What the workload prints.
+    pub expected: String,
+    /// Files in the image (busybox aside), and their bytes.
+    pub files: usize,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Bytes of the files the workload reads.
+    pub read_bytes: u64,
+}
+
+/// Builds [`ManyFiles`] (deterministic: the same bytes every run).
+pub fn many_files() -> ManyFiles {
+    const FILES: usize = 20_000;
+    const READ: usize = 1_000;
+    let numbers = |seed| {
+        let mut rng = crate::image::PatternReader::new(seed);
+        move || {
+            let mut b = [0u8; 8];
+            std::io::Read::read_exact(&mut rng, &mut b).expect("endless");
+            u64::from_le_bytes(b)
+        }
+    };
+    // The files read, in the order read, chosen first: only their texts are
+    // kept beside the layers.
+    let mut pick = numbers(1_000);
+    let mut order = Vec::with_capacity(READ);
+    let mut chosen = std::collections::HashMap::new();
+    while order.len() < READ {
+        let i = (pick() % FILES as u64) as usize;
+        if chosen.insert(i, String::new()).is_none() {
+            order.push(i);
+        }
+    }
+    let mut next = numbers(20_000);
+    // A vocabulary of 512 words of 2 to 9 letters: text gzip shrinks about
+    // 3x, as it does source files, configs and docs.
+    let words: Vec<String> = (0..512)
+        .map(|_| {
+            let len = 2 + (next() % 8) as usize;
+            (0..len)
+                .map(|_| (b'a' + (next() % 26) as u8) as char)
+                .collect()
+        })
+        .collect();
+    let mut layers = [
+        Layer::new(Compression::GzipDefault).dir("data", 0o755),
+        Layer::new(Compression::GzipDefault).dir("data", 0o755),
+    ];
+    let mut paths = Vec::with_capacity(FILES);
+    let mut bytes = 0u64;
+    for i in 0..FILES {
+        // log-uniform between 2^8 and 2^16.32 (80 KiB)
+        let exp = 8.0 + (next() % 10_000) as f64 / 10_000.0 * 8.32;
+        let size = 2f64.powf(exp) as usize;
+        let mut text = String::with_capacity(size + 16);
+        while text.len() < size {
+            text.push_str(&words[(next() % 512) as usize]);
+            text.push(if next().is_multiple_of(12) { '\n' } else { ' ' });
+        }
+        text.truncate(size);
+        let dir = format!("data/d{:03}", i / 100);
+        let layer = &mut layers[i % 2];
+        let mut l = std::mem::replace(layer, Layer::new(Compression::GzipDefault));
+        if i % 100 < 2 {
+            l = l.dir(&dir, 0o755);
+        }
+        let path = format!("{dir}/f{i:05}.txt");
+        if let Some(kept) = chosen.get_mut(&i) {
+            kept.clone_from(&text);
+        }
+        *layer = l.file(&path, text, 0o644);
+        bytes += size as u64;
+        paths.push(path);
+    }
+    let mut list = String::new();
+    let mut read_bytes = 0u64;
+    let mut digest = <sha2::Sha256 as sha2::Digest>::new();
+    for i in order {
+        list.push('/');
+        list.push_str(&paths[i]);
+        list.push('\n');
+        read_bytes += chosen[&i].len() as u64;
+        sha2::Digest::update(&mut digest, chosen[&i].as_bytes());
+    }
+    let [a, b] = layers;
+    let mut spec =
+        ImageSpec::busybox(&["sh", "-c", "cat $(cat /app/list) | sha256sum"]).expect("busybox");
+    spec.layers.push(a);
+    spec.layers
+        .push(b.dir("app", 0o755).file("app/list", list, 0o644));
+    ManyFiles {
+        spec,
+        expected: format!("{}  -\n", hex::encode(sha2::Digest::finalize(digest))),
+        files: FILES,
+        bytes,
+        read_bytes,
+    }
+}

@@ -87,18 +87,48 @@ impl SnapshotterDaemon {
     /// Runs `hb image index --json REFERENCE` with this daemon's config
     /// (its registry settings) and returns what it printed.
     pub fn hb_index(&self, reference: &str) -> serde_json::Value {
+        self.hb_json(&["image", "index", "--json", reference])
+    }
+
+    /// Runs `hb ARGS` (which must ask for JSON) with this daemon's config,
+    /// asserts it succeeded and returns what it printed.
+    pub fn hb_json(&self, args: &[&str]) -> serde_json::Value {
         let out = Command::new(crate::binaries::path("hb"))
             .arg("--config")
             .arg(self.config_path())
-            .args(["image", "index", "--json", reference])
+            .args(args)
             .output()
             .expect("run hb");
         assert!(
             out.status.success(),
-            "hb image index: {}",
+            "hb {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        serde_json::from_slice(&out.stdout).expect("hb image index --json")
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "hb {args:?} printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Its `/metrics` page, from the address it logged last (a restart
+    /// binds a new one).
+    pub async fn metrics(&self) -> String {
+        let log = self.log();
+        let address = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("metrics served"))
+            .and_then(|l| l.split("address=").nth(1))
+            .map(|a| a.split_whitespace().next().unwrap_or_default().to_string())
+            .unwrap_or_else(|| panic!("no metrics address logged: {log}"));
+        reqwest::get(format!("http://{address}/metrics"))
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("/metrics body")
     }
 
     /// What it has logged.

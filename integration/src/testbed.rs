@@ -186,6 +186,18 @@ impl Testbed {
     /// [`Testbed::forget_image`] for several images at once: images of the
     /// same layers share their snapshots, which go only with the last.
     pub async fn forget_images(&mut self, references: &[&str]) {
+        self.forget(references, &["layers", "lazy", "staging"])
+            .await
+    }
+
+    /// [`Testbed::forget_images`], and the prefetch lists the snapshotter
+    /// learned: the node is then as one that never ran the images.
+    pub async fn forget_images_and_learned(&mut self, references: &[&str]) {
+        self.forget(references, &["layers", "lazy", "staging", "prefetch"])
+            .await
+    }
+
+    async fn forget(&mut self, references: &[&str], dirs: &[&str]) {
         let client = self.containerd.client().await.expect("client");
         let cri = self.containerd.cri().await.expect("cri");
         let k8s = client.with_namespace("k8s.io");
@@ -206,7 +218,7 @@ impl Testbed {
         sn.kill(nix::sys::signal::Signal::SIGTERM);
         // `staging` too: a download cut short by the kill stays there to
         // be resumed, and the next pull would fetch only the rest.
-        for dir in ["layers", "lazy", "staging"] {
+        for dir in dirs {
             let dir = sn.root().join(dir);
             for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
                 let path = e.path();

@@ -144,6 +144,7 @@ fn doctor_reports_every_feature_with_how_it_was_found() {
         "psi",
         "cgroup",
         "erofs_backend",
+        "lazy_backend",
     ] {
         let f = &features[name];
         assert!(
@@ -179,13 +180,28 @@ fn doctor_reports_every_feature_with_how_it_was_found() {
     let (ok, table, _) = hb(&["doctor"]);
     assert!(ok);
     assert!(table.starts_with("FEATURE"));
-    // A header and one row per feature, the chosen EROFS backend last.
-    assert_eq!(table.lines().count(), 12);
-    let backend = table.lines().last().unwrap();
-    assert!(backend.starts_with("erofs_backend"), "{table}");
+    // A header and one row per feature, the chosen EROFS backend and what
+    // it means for lazy pulls last.
+    assert_eq!(table.lines().count(), 13);
+    let rows: Vec<&str> = table.lines().collect();
+    assert!(rows[11].starts_with("erofs_backend"), "{table}");
+    assert!(rows[12].starts_with("lazy_backend"), "{table}");
     if features["erofs_file_backed"]["available"] == true {
         assert_eq!(features["erofs_backend"]["value"], "file-backed");
     }
+    // Lazy exactly when the snapshotter would start its lazy path (the
+    // default config: remote and lazy on).
+    let lazy = features["erofs_backend"]["value"] == "file-backed"
+        && features["fanotify_pre_content"]["available"] == true;
+    let backend = features["erofs_backend"]["value"].as_str().unwrap();
+    let want = match backend {
+        _ if lazy => "fanotify",
+        "file-backed" | "loop" => "whole",
+        _ => "off",
+    };
+    let l = &features["lazy_backend"];
+    assert_eq!(l["available"], lazy, "{l}");
+    assert_eq!(l["value"], want, "{l}");
 }
 
 /// `hb image pull` through a real containerd: with hyperbox every layer is

@@ -373,18 +373,7 @@ async fn a_lazy_index_that_lies_about_diff_ids_is_caught_and_never_shared() {
     let log = tb.hyperbox().log();
     assert!(log.contains(&evil_diff) && log.contains(&top_diff), "{log}");
     // Counted where an operator graphs it.
-    let address = log
-        .lines()
-        .find(|l| l.contains("metrics served"))
-        .and_then(|l| l.split("address=").nth(1))
-        .map(|a| a.split_whitespace().next().unwrap().to_string())
-        .expect("the metrics address is logged");
-    let metrics = reqwest::get(format!("http://{address}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = tb.hyperbox().metrics().await;
     assert!(
         metrics.contains("hyperbox_snapshotter_lazy_rejected_total 1\n"),
         "{metrics}"

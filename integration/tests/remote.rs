@@ -970,3 +970,143 @@ async fn incomplete_lazy_layers_are_refused_when_the_lazy_path_is_unavailable() 
     client.gc().await.unwrap();
     tb.finish();
 }
+
+/// The value of the unlabelled metric `name` on a `/metrics` page.
+fn metric(page: &str, name: &str) -> u64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {page}"))
+}
+
+/// What one node learned about a lazily pulled image (the chunks its
+/// container first read) is pushed beside the image's index with `hb image
+/// prefetch push`, as an artifact referring to the image; a node that never
+/// ran the image then fetches those chunks first, at mount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learned_prefetch_lists_are_shared_through_the_registry() {
+    require_containers!();
+    let mut tb = Testbed::start_hyperbox_configured("metrics_address = \"127.0.0.1:0\"", |b| {
+        b.without_cri()
+    })
+    .await;
+    // 1 MiB read near the end of a 48 MiB file: the fill, in file order,
+    // reaches it long after the container asked for it.
+    let big = 48u64 << 20;
+    let read = [
+        "dd",
+        "if=/data/big",
+        "of=/dev/null",
+        "bs=65536",
+        "skip=700",
+        "count=16",
+    ];
+    let mut spec = ImageSpec::busybox(&read).unwrap();
+    spec.layers
+        .push(Layer::new(Compression::Gzip).large_file("data/big", big, 9));
+    let pushed = tb.push(&spec, "test/prefetch", "v1").await;
+    let reference = tb.via_proxy(&pushed);
+    hb_index(&mut tb, &reference);
+    let slow = hyperbox_integration::proxy::Shaping {
+        latency: Duration::from_millis(5),
+        bits_per_sec: Some(40_000_000),
+    };
+    let client = tb.containerd.client().await.unwrap();
+    let run = |name: &'static str| {
+        let client = client.clone();
+        let reference = reference.clone();
+        async move {
+            let image = client.pull(&reference, &remote()).await.unwrap();
+            assert_eq!(image.layers_skipped, [0, 1], "both layers lazy");
+            let out = client
+                .run(name, &image, &ContainerOptions::default())
+                .await
+                .unwrap();
+            assert_eq!(out.status, 0, "{}", out.stderr_str());
+        }
+    };
+
+    // Node A's first run: nothing learned, nothing shared.
+    tb.proxy.set_shaping(slow);
+    run("first").await;
+    tb.proxy.set_shaping(Default::default());
+    wait_complete(&mut tb).await;
+    let page = tb.hyperbox().metrics().await;
+    assert_eq!(
+        metric(&page, "hyperbox_snapshotter_lazy_prefetched_chunks_total"),
+        0
+    );
+    let shown = tb
+        .hyperbox()
+        .hb_json(&["image", "prefetch", "show", "--json", &reference]);
+    let data = |v: &serde_json::Value, side: &str| v["layers"][1][side].as_u64().unwrap();
+    assert!(
+        data(&shown, "node") >= 16,
+        "the 1 MiB read is learned: {shown}"
+    );
+    assert_eq!(data(&shown, "registry"), 0, "nothing pushed yet: {shown}");
+
+    let pushed_lists = tb
+        .hyperbox()
+        .hb_json(&["image", "prefetch", "push", "--json", &reference]);
+    assert_eq!(
+        data(&pushed_lists, "registry"),
+        data(&shown, "node"),
+        "{pushed_lists}"
+    );
+    // An artifact that refers to the image, found by the tag every node
+    // derives from the image's manifest digest.
+    let manifest = shown["manifest"].as_str().unwrap();
+    let tag = format!("sha256-{}.hyperbox-prefetch", &manifest[7..]);
+    let artifact: serde_json::Value = reqwest::Client::new()
+        .get(format!(
+            "http://{}/v2/test/prefetch/manifests/{tag}",
+            tb.registry.host()
+        ))
+        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(artifact["subject"]["digest"], manifest, "{artifact}");
+    assert_eq!(
+        artifact["artifactType"],
+        hyperbox_registry::prefetch::CONFIG_TYPE
+    );
+
+    // Node B: the image, this node's own lists and the snapshotter's
+    // memory of the index gone, as on a node that never ran it.
+    tb.forget_images_and_learned(&[&reference]).await;
+    tb.proxy.set_shaping(slow);
+    run("second").await;
+    tb.proxy.set_shaping(Default::default());
+    let page = tb.hyperbox().metrics().await;
+    assert!(
+        metric(
+            &page,
+            "hyperbox_snapshotter_lazy_shared_prefetch_lists_total"
+        ) >= 1,
+        "{page}"
+    );
+    assert!(
+        metric(&page, "hyperbox_snapshotter_lazy_prefetched_chunks_total") >= 16,
+        "the shared list's chunks were fetched ahead: {page}"
+    );
+    // The data layer's own list, not only busybox's: what node A learned
+    // of it, all of it from the registry.
+    let data_layer = shown["layers"][1]["layer"].as_str().unwrap();
+    let log = tb.hyperbox().log();
+    let added: u64 = log
+        .lines()
+        .filter(|l| l.contains("shared through the registry used") && l.contains(data_layer))
+        .find_map(|l| l.split("added_from_registry=").nth(1))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no shared list used for {data_layer}: {log}"));
+    assert_eq!(added, data(&shown, "node"), "{log}");
+    wait_complete(&mut tb).await;
+    client.delete_image(&reference).await.unwrap();
+    client.gc().await.unwrap();
+    tb.finish();
+}

@@ -251,3 +251,22 @@ pub fn choose_backend(
         ErofsBackend::Loop => return Err(BackendError::NoLoop),
     })
 }
+/// Why the lazy path cannot run with `backend` on this kernel, if it
+/// cannot: it serves file-backed EROFS images whose unfetched ranges are
+/// held by fanotify pre-content events. One rule for the snapshotter's
+/// start and `hb doctor`.
+pub fn lazy_unsupported(backend: Backend, features: &[Feature]) -> Option<&'static str> {
+    let pre_content = features
+        .iter()
+        .any(|f| f.name == "fanotify_pre_content" && f.available);
+    match (backend, pre_content) {
+        (Backend::File, true) => None,
+        (Backend::File, false) => Some(
+            "no fanotify pre-content events (kernel 6.14+ with CONFIG_FANOTIFY_ACCESS_PERMISSIONS): \
+             indexed images are fetched whole",
+        ),
+        (Backend::Loop, _) => Some(
+            "layers are mounted through loop devices, not from files: indexed images are fetched whole",
+        ),
+    }
+}

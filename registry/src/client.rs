@@ -46,6 +46,8 @@ application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.v2+json";
 
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
 /// An OCI descriptor.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -938,21 +940,71 @@ impl Registry {
         manifest: &Digest,
     ) -> Result<Option<crate::index::Index>, Error> {
         let tag = crate::index::tag_for(manifest);
-        let (bytes, _, _) = match self.fetch_manifest(r, &tag).await {
+        let what = format!("{r} index");
+        match self
+            .fetch_artifact(r, &tag, crate::index::CONFIG_TYPE, MAX_CONFIG as u64, &what)
+            .await?
+        {
+            Some(doc) => crate::index::Index::parse(&doc, &what).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The prefetch lists shared for the image with manifest `manifest`
+    /// (`crate::prefetch`), if any were pushed.
+    pub async fn fetch_prefetch(
+        &self,
+        r: &Reference,
+        manifest: &Digest,
+    ) -> Result<Option<crate::prefetch::Shared>, Error> {
+        let tag = crate::prefetch::tag_for(manifest);
+        let what = format!("{r} prefetch lists");
+        match self
+            .fetch_artifact(
+                r,
+                &tag,
+                crate::prefetch::CONFIG_TYPE,
+                crate::prefetch::MAX_DOCUMENT,
+                &what,
+            )
+            .await?
+        {
+            Some(doc) => crate::prefetch::Shared::parse(&doc, &what).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The config document of the artifact tagged `tag` when its config is
+    /// of `config_type` and at most `max` bytes; `None` when the tag is
+    /// absent or holds something else.
+    async fn fetch_artifact(
+        &self,
+        r: &Reference,
+        tag: &str,
+        config_type: &str,
+        max: u64,
+        what: &str,
+    ) -> Result<Option<Vec<u8>>, Error> {
+        let (bytes, _, _) = match self.fetch_manifest(r, tag).await {
             Ok(m) => m,
             Err(Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e),
         };
         let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Manifest {
-            reference: format!("{r} index"),
+            reference: what.into(),
             why: format!("manifest: {e}"),
         })?;
-        if m.config.media_type != crate::index::CONFIG_TYPE {
+        if m.config.media_type != config_type {
             return Ok(None);
         }
+        if m.config.size > max as i64 {
+            return Err(Error::Manifest {
+                reference: what.into(),
+                why: format!("document of {} bytes, more than {max}", m.config.size),
+            });
+        }
         let d = Digest::parse(&m.config.digest)?;
-        let doc = self.fetch_blob_bytes(r, &d).await?;
-        crate::index::Index::parse(&doc, &format!("{r} index")).map(Some)
+        self.fetch_blob_bytes(r, &d).await.map(Some)
     }
 
     /// Bytes `start..start+len` of blob `digest`, unverified (the caller
@@ -1092,6 +1144,51 @@ impl Registry {
         self.send_url(&ep, r, reqwest::Method::PUT, &url, h, Some(bytes))
             .await?;
         Ok(())
+    }
+
+    /// Pushes an artifact referring to `subject` under `tag`: `doc` (of
+    /// media type `config_type`, which is also the artifact type) as its
+    /// config, and `layers`, which must be pushed already; with no layers,
+    /// the empty descriptor, as OCI 1.1 asks of artifacts without any.
+    /// Returns the manifest's digest.
+    pub async fn push_artifact(
+        &self,
+        r: &Reference,
+        tag: &str,
+        config_type: &str,
+        doc: Vec<u8>,
+        layers: &[Descriptor],
+        subject: &Descriptor,
+    ) -> Result<Digest, Error> {
+        const EMPTY_TYPE: &str = "application/vnd.oci.empty.v1+json";
+        let doc_digest = Digest::of(&doc);
+        let doc_len = doc.len();
+        self.push_blob(r, &doc_digest, bytes::Bytes::from(doc))
+            .await?;
+        let descriptor = |media_type: &str, digest: &str, size: i64| serde_json::json!({ "mediaType": media_type, "digest": digest, "size": size });
+        let mut listed: Vec<serde_json::Value> = layers
+            .iter()
+            .map(|l| descriptor(&l.media_type, &l.digest, l.size))
+            .collect();
+        if listed.is_empty() {
+            let empty = Digest::of(b"{}");
+            self.push_blob(r, &empty, bytes::Bytes::from_static(b"{}"))
+                .await?;
+            listed.push(descriptor(EMPTY_TYPE, &empty.to_string(), 2));
+        }
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": config_type,
+            "config": descriptor(config_type, &doc_digest.to_string(), doc_len as i64),
+            "layers": listed,
+            "subject": descriptor(&subject.media_type, &subject.digest, subject.size),
+        });
+        let bytes = serde_json::to_vec(&manifest).expect("JSON values serialize");
+        let digest = Digest::of(&bytes);
+        self.push_manifest(r, tag, OCI_MANIFEST, bytes::Bytes::from(bytes))
+            .await?;
+        Ok(digest)
     }
 
     /// Pushes go to the upstream (the last endpoint), never to a mirror;

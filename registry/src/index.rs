@@ -23,12 +23,28 @@ pub const CONFIG_TYPE: &str = "application/vnd.hyperbox.index.v1+json";
 pub const EROFS_TYPE: &str = "application/vnd.hyperbox.erofs.layer.v1";
 /// The index format version this build reads and writes.
 pub const VERSION: u32 = 2;
-/// Bytes per verified chunk: what a read that misses fetches at least. 64
-/// KiB fits a small file's extent (most files of a distro image are
-/// smaller) at about 100 bytes of index per chunk, 0.15 % of the image;
-/// the background fill still asks for 1 MiB at a time, adjacent chunks
-/// together. Indexes made with 1 MiB chunks keep working.
-pub const CHUNK_SIZE: u64 = 64 << 10;
+/// Bytes per verified chunk, what a read that misses fetches at least,
+/// for images whose layers are all at most [`SMALL_CHUNKS_UP_TO`]
+/// compressed: most files of a distro image are smaller than 16 KiB, and a
+/// chunk costs about 70 bytes of index (0.4 % of the data). The background
+/// fill still asks for 1 MiB at a time, adjacent chunks together.
+pub const SMALL_CHUNK_SIZE: u64 = 16 << 10;
+/// Bytes per chunk for images with a larger layer: a node keeps a little
+/// state per chunk of every layer it serves lazily, so chunks grow with
+/// the layer. Indexes made with 1 MiB chunks keep working.
+pub const LARGE_CHUNK_SIZE: u64 = 64 << 10;
+/// The largest compressed layer size that gets [`SMALL_CHUNK_SIZE`].
+pub const SMALL_CHUNKS_UP_TO: u64 = 256 << 20;
+
+/// The chunk size `hb image index` uses for an image whose largest layer
+/// blob is `largest` bytes.
+pub fn chunk_size_for(largest: u64) -> u64 {
+    if largest <= SMALL_CHUNKS_UP_TO {
+        SMALL_CHUNK_SIZE
+    } else {
+        LARGE_CHUNK_SIZE
+    }
+}
 
 /// The index document.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,6 +14,8 @@
 //!   a caller may use it;
 //! - [`reference`]: image references as containerd normalizes them;
 //! - [`index`]: the hyperbox index artifact that makes lazy pulls possible.
+//! - [`prefetch`]: learned prefetch lists, kept on a node and shared as an
+//!   artifact beside the index.
 //!
 //! Written on reqwest rather than an OCI client crate: the existing ones
 //! (oci-client and friends) know neither hosts.toml nor resumable,
@@ -27,6 +29,7 @@ pub mod digest;
 pub mod error;
 pub mod hosts;
 pub mod index;
+pub mod prefetch;
 pub mod reference;
 
 #[cfg(test)]

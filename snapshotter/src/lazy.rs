@@ -49,7 +49,7 @@
 //! the policy here (which reads wait for what, and what they are answered)
 //! is unit-tested with its fake.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
@@ -93,18 +93,27 @@ pub const FILL_REQUEST: u64 = 1 << 20;
 /// metadata of a big layer is split, the pieces fetched at once).
 const MAX_REQUEST: u64 = 4 << 20;
 /// Read-ahead after a read that is not in the wake of the last one: a
-/// program reading one small file usually reads its neighbours next
-/// (EROFS keeps a directory's files together, in tar order).
+/// program reading one small file often reads its neighbours next (EROFS
+/// keeps a directory's files together, in tar order), a Python import for
+/// one. Only while that pays ([`Ahead::pays`]): a program reading files
+/// scattered over the layer would fetch several times what it reads.
 const READAHEAD_MIN: u64 = 128 << 10;
+/// Chunks read ahead after jumps before judging whether reads use them.
+const READAHEAD_TRIAL: u64 = 64;
 /// Read-ahead while reads follow each other (a library mapped, a large
 /// file read through).
 const READAHEAD_MAX: u64 = 1 << 20;
-/// Range requests of a learned prefetch in flight at once, per layer.
-const PREFETCH_PARALLEL: usize = 8;
-/// The most of a learned list fetched ahead, from its start: a container
-/// that read a whole layer (a `find -exec cat`) must not turn every later
-/// pull of it into a full fetch at read priority.
-const MAX_PREFETCH: u64 = 64 << 20;
+/// Range requests of a learned prefetch in flight at once, per layer:
+/// enough small runs of a scattered list (a few 16 KiB chunks each) to keep
+/// a 100 Mbit/s link with 20 ms round trips busy. The fetch semaphore
+/// (`snapshotter.lazy_max_chunk_fetches`) still bounds all requests.
+const PREFETCH_PARALLEL: usize = 16;
+/// The most of a learned list fetched ahead, from its start.
+const MAX_PREFETCH: u64 = prefetch::MAX_AHEAD;
+/// How long an index lookup waits for the shared prefetch lists once the
+/// index is in: they only speed a pull up, so they never hold one back for
+/// long.
+const SHARED_GRACE: Duration = Duration::from_millis(250);
 /// Fill requests dropped in a row for reads before one is finished anyway.
 const MAX_DROPS: u32 = 3;
 
@@ -180,6 +189,9 @@ pub struct Options {
     pub fill_pause_io_pressure: f64,
     /// Bytes per Range request of the background fill ([`FILL_REQUEST`]).
     pub fill_request: u64,
+    /// Look up the prefetch lists shared beside an image's index
+    /// (`snapshotter.lazy_shared_prefetch`).
+    pub shared_prefetch: bool,
 }
 
 /// What the lazy path has done, for `/metrics`.
@@ -196,8 +208,14 @@ pub struct Counters {
     pub chunk_failures: AtomicU64,
     /// Chunks fetched ahead from learned prefetch lists.
     pub prefetched_chunks: AtomicU64,
+    /// Lazy layers whose prefetch used a list shared through the registry.
+    pub shared_prefetch_lists: AtomicU64,
     /// Reads answered with EIO.
     pub denied_reads: AtomicU64,
+    /// Chunks fetched ahead of reads.
+    pub readahead_chunks: AtomicU64,
+    /// Of those, chunks a read then touched.
+    pub readahead_used: AtomicU64,
 }
 
 /// What survives a restart about a lazy file (`<key>.lazy`): present until
@@ -230,6 +248,9 @@ pub enum Phase {
 #[derive(Debug)]
 struct Blob {
     key: String,
+    /// The prefetch list shared beside the index this layer was pulled
+    /// through, fitted to it (none after a restart).
+    shared: Option<SharedList>,
     path: PathBuf,
     state_path: PathBuf,
     have_path: PathBuf,
@@ -249,6 +270,8 @@ struct Blob {
     last_error: Mutex<Option<String>>,
     /// Where the last read ended and the read-ahead window now.
     readahead: Mutex<(u64, u64)>,
+    /// What read-ahead fetched and what reads used of it.
+    ahead: Mutex<Ahead>,
     /// The chunks reads waited for, in first-read order: the layer's
     /// learned prefetch list.
     reads: Mutex<prefetch::Recorder>,
@@ -297,22 +320,35 @@ impl Blob {
             return None;
         }
         let end = (offset + count).min(size);
-        let window = {
+        let (window, follows) = {
             let mut ra = lock(&self.readahead);
-            let next = readahead_window(*ra, offset, cs);
+            let (next, follows) = readahead_window(*ra, offset, cs);
             *ra = (end, next);
-            next
+            (next, follows)
         };
+        let mut ahead = lock(&self.ahead);
+        if !follows && !ahead.pays() {
+            return None;
+        }
         let first = end.div_ceil(cs) as usize;
         let last = ((end + window).min(size).div_ceil(cs) as usize).min(self.locks.len());
-        next_missing_run(&lock(&self.present)[..last], first, last)
+        let (a, b) = next_missing_run(&lock(&self.present)[..last], first, last)?;
+        ahead.fetched += (b - a + 1) as u64;
+        ahead.pending.extend(a..=b);
+        Some((a, b))
     }
 
-    /// Records a held read for the layer's learned prefetch list.
-    fn note_read(&self, offset: u64, count: u64) {
-        if let Some((first, last)) = self.chunks_of(offset, count) {
-            lock(&self.reads).note(first, last);
-        }
+    /// Records a read for the layer's learned prefetch list; returns how
+    /// many chunks read ahead it used.
+    fn note_read(&self, offset: u64, count: u64) -> u64 {
+        let Some((first, last)) = self.chunks_of(offset, count) else {
+            return 0;
+        };
+        lock(&self.reads).note(first, last);
+        let mut ahead = lock(&self.ahead);
+        let used = (first..=last).filter(|c| ahead.pending.remove(c)).count() as u64;
+        ahead.used += used;
+        used
     }
 
     fn missing(&self) -> usize {
@@ -331,8 +367,19 @@ struct Refusal {
     why: String,
 }
 
-/// When an index was looked up, and what was found.
-type CachedIndex = (Instant, Option<Arc<Index>>);
+/// When an index was looked up, what was found, and the prefetch lists
+/// shared beside it that fit it, by EROFS image: a list is only ever used
+/// for a layer pulled through the very index it was found with, so one
+/// repository's lists never reach another's pulls.
+#[derive(Debug)]
+struct CachedIndex {
+    at: Instant,
+    index: Option<Arc<Index>>,
+    shared: HashMap<String, SharedList>,
+}
+
+/// A prefetch list shared through the registry, fitted to one layer.
+type SharedList = Arc<Vec<usize>>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -365,14 +412,36 @@ fn next_missing_run(present: &[bool], from: usize, most: usize) -> Option<(usize
 }
 
 /// The read-ahead window for a read at `offset`, given where the last read
-/// ended and the window then: doubled (up to [`READAHEAD_MAX`]) when the
-/// read starts within a chunk before that end or inside the window after
-/// it, else back to [`READAHEAD_MIN`].
-fn readahead_window((last_end, window): (u64, u64), offset: u64, chunk: u64) -> u64 {
+/// ended and the window then, and whether the read follows the last one:
+/// doubled (up to [`READAHEAD_MAX`]) when the read starts within a chunk
+/// before that end or inside the window after it, else back to
+/// [`READAHEAD_MIN`].
+fn readahead_window((last_end, window): (u64, u64), offset: u64, chunk: u64) -> (u64, bool) {
     if offset + chunk >= last_end && offset <= last_end + window {
-        (window * 2).min(READAHEAD_MAX)
+        ((window * 2).min(READAHEAD_MAX), true)
     } else {
-        READAHEAD_MIN
+        (READAHEAD_MIN, false)
+    }
+}
+
+/// A layer's read-ahead, judged by its use.
+#[derive(Debug, Default)]
+struct Ahead {
+    /// Chunks read ahead that no read has touched yet.
+    pending: HashSet<usize>,
+    /// Chunks read ahead.
+    fetched: u64,
+    /// Of those, chunks a read then touched.
+    used: u64,
+}
+
+impl Ahead {
+    /// Whether read-ahead after a jump is worth its bytes: during a trial,
+    /// then while reads use at least a quarter of what it fetched. Reads
+    /// that follow each other always read ahead; a layer whose reads come
+    /// back to earlier read-ahead resumes.
+    fn pays(&self) -> bool {
+        self.fetched < READAHEAD_TRIAL || self.used * 4 >= self.fetched
     }
 }
 
@@ -499,6 +568,8 @@ pub struct Lazy {
     fill_request: u64,
     /// Learned access orders of lazy layers.
     prefetch: prefetch::Store,
+    /// Look up the prefetch lists shared beside indexes.
+    shared_prefetch: bool,
     /// Reads in flight, which the background fill gives way to.
     demand: Arc<Demand>,
     counters: Counters,
@@ -538,6 +609,7 @@ impl Lazy {
             fetches: Semaphore::new(options.max_chunk_fetches.max(1)),
             fill_request: options.fill_request,
             prefetch: prefetch::Store::open(root).map_err(io("create", &root.join("prefetch")))?,
+            shared_prefetch: options.shared_prefetch,
             demand: Demand::new(options.fill_pause_io_pressure),
             counters: Counters::default(),
             starting: Mutex::new(Some(Vec::new())),
@@ -576,7 +648,7 @@ impl Lazy {
                 lazy.refuse_file(&file, why);
                 continue;
             }
-            match lazy.register(state, false) {
+            match lazy.register(state, false, None) {
                 Ok(_) => resumed += 1,
                 Err(e) => {
                     let why = hyperbox_api::error_chain(&e);
@@ -704,7 +776,7 @@ impl Lazy {
         let blob = match known {
             Some(b) if b.phase() != Phase::Discarded => b,
             _ => {
-                let Some(index) = self.cached_index(image, manifest) else {
+                let Some((index, shared)) = self.cached_index(image, manifest, &entry.erofs) else {
                     return Ok(None);
                 };
                 let state = State {
@@ -714,7 +786,7 @@ impl Lazy {
                     rejected: None,
                 };
                 let me = self.clone();
-                tokio::task::spawn_blocking(move || me.register(state, true))
+                tokio::task::spawn_blocking(move || me.register(state, true, shared))
                     .await
                     .map_err(|e| Error::Io {
                         action: "register",
@@ -736,11 +808,18 @@ impl Lazy {
         self.index(image, manifest).await?.layer(layer).cloned()
     }
 
-    fn cached_index(&self, image: &str, manifest: &str) -> Option<Arc<Index>> {
+    /// The index of `image` (manifest `manifest`) as last looked up, with
+    /// the shared prefetch list it came with for EROFS image `erofs`.
+    fn cached_index(
+        &self,
+        image: &str,
+        manifest: &str,
+        erofs: &str,
+    ) -> Option<(Arc<Index>, Option<SharedList>)> {
         let r = Reference::parse(image).ok()?;
-        lock(&self.indexes)
-            .get(&index_key(&r, manifest))
-            .and_then(|(_, ix)| ix.clone())
+        let indexes = lock(&self.indexes);
+        let cached = indexes.get(&index_key(&r, manifest))?;
+        Some((cached.index.clone()?, cached.shared.get(erofs).cloned()))
     }
 
     /// The ranges the kernel reads without events (superblock block,
@@ -755,31 +834,80 @@ impl Lazy {
     async fn index(&self, image: &str, manifest: &str) -> Option<Arc<Index>> {
         let r = Reference::parse(image).ok()?;
         let cache_key = index_key(&r, manifest);
-        if let Some((at, ix)) = lock(&self.indexes).get(&cache_key)
-            && at.elapsed()
-                < if ix.is_some() {
+        if let Some(c) = lock(&self.indexes).get(&cache_key)
+            && c.at.elapsed()
+                < if c.index.is_some() {
                     INDEX_TTL
                 } else {
                     NO_INDEX_TTL
                 }
         {
-            return ix.clone();
+            return c.index.clone();
         }
         let d = Digest::parse(manifest).ok()?;
-        let found = match self.registry.fetch_index(&r, &d).await {
+        // The shared lists are asked for beside the index, not after it,
+        // and waited for at most SHARED_GRACE once the index is in.
+        let lists = async {
+            if !self.shared_prefetch {
+                return None;
+            }
+            match self.registry.fetch_prefetch(&r, &d).await {
+                Ok(doc) => doc,
+                Err(e) => {
+                    tracing::warn!(image, error = %hyperbox_api::error_chain(&e), "cannot read the image's shared prefetch lists; prefetching what this node learned only");
+                    None
+                }
+            }
+        };
+        let index = self.registry.fetch_index(&r, &d);
+        tokio::pin!(lists, index);
+        let (found, lists) = tokio::select! {
+            found = &mut index => {
+                let lists = match &found {
+                    Ok(Some(_)) => tokio::time::timeout(SHARED_GRACE, &mut lists).await.unwrap_or_else(|_| {
+                        tracing::info!(image, "shared prefetch lists not in time; prefetching what this node learned only");
+                        None
+                    }),
+                    _ => None,
+                };
+                (found, lists)
+            }
+            lists = &mut lists => ((&mut index).await, lists),
+        };
+        let found = match found {
             Ok(ix) => ix.map(Arc::new),
             Err(e) => {
                 tracing::warn!(image, error = %hyperbox_api::error_chain(&e), "cannot read the image's hyperbox index; fetching layers in full");
                 None
             }
         };
-        lock(&self.indexes).insert(cache_key, (Instant::now(), found.clone()));
+        let shared = match (&found, lists) {
+            (Some(ix), Some(doc)) => doc
+                .for_index(ix, image)
+                .into_iter()
+                .map(|(erofs, list)| (erofs, Arc::new(list)))
+                .collect(),
+            _ => HashMap::new(),
+        };
+        lock(&self.indexes).insert(
+            cache_key,
+            CachedIndex {
+                at: Instant::now(),
+                index: found.clone(),
+                shared,
+            },
+        );
         found
     }
 
     /// Creates (or, after a restart, reopens) the sparse file of `state`,
     /// marks it and starts filling it.
-    fn register(self: &Arc<Self>, state: State, fresh: bool) -> Result<Arc<Blob>, Error> {
+    fn register(
+        self: &Arc<Self>,
+        state: State,
+        fresh: bool,
+        shared: Option<SharedList>,
+    ) -> Result<Arc<Blob>, Error> {
         let key = key_of(&state.entry)?;
         let erofs = Digest::parse(&state.entry.erofs).map_err(|source| Error::Registry {
             what: state.entry.erofs.clone(),
@@ -863,7 +991,9 @@ impl Lazy {
             phase: watch::Sender::new(Phase::Filling),
             last_error: Mutex::new(None),
             readahead: Mutex::new((0, READAHEAD_MIN)),
+            ahead: Mutex::new(Ahead::default()),
             reads: Mutex::new(prefetch::Recorder::default()),
+            shared,
             saved: AtomicUsize::new(0),
             registered: Instant::now(),
             inode: (meta.dev(), meta.ino()),
@@ -1047,17 +1177,39 @@ impl Lazy {
         tracing::error!(layer = %blob.state.entry.layer, image = %blob.state.image, why, "lazily served layer does not match its image: its reads now fail, nothing new is mounted on it, and the next pull fetches it whole");
     }
 
-    /// Fetches first, in parallel, the chunks earlier runs of this EROFS
-    /// image read, in the order they read them (`crate::prefetch`),
-    /// counted as demand so other layers' fills give way.
-    async fn prefetch_learned(&self, blob: &Blob, per_request: usize) {
-        use futures::StreamExt as _;
+    /// The chunks to fetch first: what this node learned, then what the
+    /// list shared through the registry adds; and whether a shared list
+    /// was used.
+    fn prefetch_plan(&self, blob: &Blob) -> (Vec<usize>, bool) {
         let e = &blob.state.entry;
         let mut plan = self
             .prefetch
             .load(&e.erofs, blob.state.chunk_size, blob.locks.len());
+        let Some(shared) = &blob.shared else {
+            return (plan, false);
+        };
+        let before = plan.len();
+        prefetch::merge(&mut plan, shared);
+        let added = plan.len() - before;
+        tracing::info!(layer = %e.layer, learned_here = before, added_from_registry = added, "prefetch list shared through the registry used");
+        (plan, added > 0)
+    }
+
+    /// Fetches first, in parallel, the chunks earlier runs of this EROFS
+    /// image read, here or on the nodes that shared their lists, in the
+    /// order they read them (`crate::prefetch`), counted as demand so
+    /// other layers' fills give way.
+    async fn prefetch_learned(&self, blob: &Blob, per_request: usize) {
+        use futures::StreamExt as _;
+        let e = &blob.state.entry;
+        let (mut plan, shared) = self.prefetch_plan(blob);
         if plan.is_empty() {
             return;
+        }
+        if shared {
+            self.counters
+                .shared_prefetch_lists
+                .fetch_add(1, Ordering::Relaxed);
         }
         plan.truncate(blob.chunks_in(MAX_PREFETCH));
         let started = Instant::now();
@@ -1265,8 +1417,12 @@ impl Lazy {
         let me = self.clone();
         self.rt.spawn(async move {
             let (offset, count) = (event.offset, event.count);
-            blob.note_read(offset, count);
+            let used = blob.note_read(offset, count);
+            me.counters.readahead_used.fetch_add(used, Ordering::Relaxed);
             if let Some((a, b)) = blob.ahead_of(offset, count) {
+                me.counters
+                    .readahead_chunks
+                    .fetch_add((b - a + 1) as u64, Ordering::Relaxed);
                 // Fetched beside the read, not before its answer; counted
                 // as demand, so the fill gives way to it too.
                 let (me, blob) = (me.clone(), blob.clone());
@@ -1602,6 +1758,9 @@ mod tests {
         delay: Duration,
         /// Chunks an earlier run read, in order (a learned prefetch list).
         learned: Vec<usize>,
+        /// A list shared through the registry, fitted to the layer as an
+        /// index lookup leaves it.
+        shared: Vec<usize>,
     }
 
     /// A lazy layer of four chunks, registered and marked, whose bytes
@@ -1650,7 +1809,8 @@ mod tests {
             rejected: None,
         };
         let me = lazy.clone();
-        let path = tokio::task::spawn_blocking(move || me.register(state, true))
+        let shared = (!case.shared.is_empty()).then(|| Arc::new(case.shared));
+        let path = tokio::task::spawn_blocking(move || me.register(state, true, shared))
             .await
             .unwrap()
             .unwrap()
@@ -1675,6 +1835,7 @@ mod tests {
         fill_pause_io_pressure: 0.0,
         // One chunk per request, so the tests see each chunk's request.
         fill_request: CHUNK,
+        shared_prefetch: true,
     };
 
     /// Polls `f` until it holds or WAIT passes.
@@ -1816,7 +1977,7 @@ mod tests {
         let mut state = (0, min);
         let mut windows = Vec::new();
         for offset in [0, 4096, 64 << 10, 300 << 10, 900 << 10, 2 << 20] {
-            let w = readahead_window(state, offset, c);
+            let (w, _) = readahead_window(state, offset, c);
             windows.push(w);
             state = (offset + 4096, w);
         }
@@ -1833,9 +1994,25 @@ mod tests {
                 min
             ]
         );
-        // Far behind or far ahead: back to the minimum.
-        assert_eq!(readahead_window((10 << 20, READAHEAD_MAX), 0, c), min);
-        assert_eq!(readahead_window((0, min), 50 << 20, c), min);
+        // Far behind or far ahead: back to the minimum, a jump.
+        assert_eq!(
+            readahead_window((10 << 20, READAHEAD_MAX), 0, c),
+            (min, false)
+        );
+        assert_eq!(readahead_window((0, min), 50 << 20, c), (min, false));
+        assert_eq!(readahead_window((0, min), 4096, c), (2 * min, true));
+    }
+
+    #[test]
+    fn read_ahead_after_jumps_stops_while_reads_do_not_use_it() {
+        let mut a = Ahead::default();
+        assert!(a.pays(), "a trial first");
+        a.fetched = READAHEAD_TRIAL;
+        assert!(!a.pays(), "nothing of the trial used");
+        a.used = READAHEAD_TRIAL / 4;
+        assert!(a.pays(), "a quarter used");
+        a.fetched = 10 * READAHEAD_TRIAL;
+        assert!(!a.pays());
     }
 
     #[test]
@@ -1911,6 +2088,38 @@ mod tests {
         );
         let asked = lock(&s.server.asked).clone();
         assert_eq!(asked.len(), 4, "each chunk once: {asked:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shared_list_adds_to_what_the_node_learned() {
+        let s = setup(Case {
+            delay: Duration::from_millis(200),
+            learned: vec![3],
+            shared: vec![3, 1],
+            ..Case::default()
+        })
+        .await;
+        assert!(eventually(|| lock(&s.server.asked).len() >= 3).await);
+        let mut first_two = lock(&s.server.asked)[..2].to_vec();
+        first_two.sort();
+        assert_eq!(first_two, [CHUNK, 3 * CHUNK], "listed chunks first");
+        assert!(eventually(|| s.fan.marked().is_empty()).await, "completed");
+        let c = s.lazy.counters();
+        assert_eq!(c.prefetched_chunks.load(Ordering::Relaxed), 2);
+        assert_eq!(c.shared_prefetch_lists.load(Ordering::Relaxed), 1);
+
+        // A shared list that adds nothing to what the node learned is not
+        // counted as used.
+        let s = setup(Case {
+            learned: vec![2, 1],
+            shared: vec![1],
+            ..Case::default()
+        })
+        .await;
+        assert!(eventually(|| s.fan.marked().is_empty()).await, "completed");
+        let c = s.lazy.counters();
+        assert_eq!(c.prefetched_chunks.load(Ordering::Relaxed), 2);
+        assert_eq!(c.shared_prefetch_lists.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1994,7 +2203,7 @@ mod tests {
         let state: State =
             serde_json::from_slice(&fs::read(s.path.with_extension("lazy")).unwrap()).unwrap();
         let me = s.lazy.clone();
-        let again = tokio::task::spawn_blocking(move || me.register(state, true))
+        let again = tokio::task::spawn_blocking(move || me.register(state, true, None))
             .await
             .unwrap();
         assert!(matches!(again, Err(Error::Linked { .. })), "{again:?}");

@@ -52,6 +52,21 @@ pub fn render(lazy: Option<&Lazy>) -> String {
             &c.prefetched_chunks,
         ),
         (
+            "hyperbox_snapshotter_lazy_shared_prefetch_lists_total",
+            "Lazy layers whose prefetch used a list shared through the registry (`hb image prefetch push`).",
+            &c.shared_prefetch_lists,
+        ),
+        (
+            "hyperbox_snapshotter_lazy_readahead_chunks_total",
+            "Chunks of lazy layers fetched ahead of reads (read-ahead after a jump stops while reads use less than a quarter of it).",
+            &c.readahead_chunks,
+        ),
+        (
+            "hyperbox_snapshotter_lazy_readahead_used_chunks_total",
+            "Chunks fetched ahead of reads that a read then touched.",
+            &c.readahead_used,
+        ),
+        (
             "hyperbox_snapshotter_lazy_fill_yields_total",
             "Times the background fill waited for pending reads to settle before its next chunk.",
             &d.fill_yields,

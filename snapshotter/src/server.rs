@@ -9,7 +9,6 @@ use tokio_stream::wrappers::UnixListenerStream;
 
 use hyperbox_api::daemon::{self, bind_unix, ensure_free};
 use hyperbox_kernel::features::{self, choose_backend};
-use hyperbox_kernel::mount::Backend;
 use hyperbox_registry::Registry;
 
 use crate::fdstore;
@@ -61,12 +60,10 @@ pub async fn run(full: &hyperbox_config::Config) -> Result<()> {
                     Remote::open(&config.root, registry.clone(), options)
                         .context("prepare the layer cache")?,
                 );
-                let pre_content = features
-                    .iter()
-                    .any(|f| f.name == "fanotify_pre_content" && f.available);
+                let unsupported = features::lazy_unsupported(b, &features);
                 // Opened whenever the kernel allows, even with lazy = false:
                 // incomplete layers from before must still be served.
-                let lazy = if b == Backend::File && pre_content {
+                let lazy = if unsupported.is_none() {
                     let group = fdstore::fanotify_group()
                         .context("create the fanotify group (FAN_CLASS_PRE_CONTENT)")?;
                     let (lazy, resumed) = Lazy::open(
@@ -79,6 +76,7 @@ pub async fn run(full: &hyperbox_config::Config) -> Result<()> {
                             verify: config.lazy_verify,
                             fill_pause_io_pressure: f64::from(config.lazy_fill_pause_io_pressure),
                             fill_request: lazy::FILL_REQUEST,
+                            shared_prefetch: config.lazy_shared_prefetch,
                         },
                     )
                     .context("start the lazy path")?;
@@ -110,9 +108,9 @@ pub async fn run(full: &hyperbox_config::Config) -> Result<()> {
                     sn.set_layer_gate(Arc::new(unservable));
                     if config.lazy {
                         tracing::info!(
-                            pre_content,
                             backend = b.as_str(),
-                            "lazy path off: needs file-backed EROFS and fanotify pre-content events"
+                            why = unsupported.unwrap_or_default(),
+                            "lazy path off"
                         );
                     }
                     None
