@@ -38,18 +38,18 @@ pub async fn run(
         .resolve(&r)
         .await
         .with_context(|| format!("resolve {r}"))?;
-    let largest = img.layers.iter().map(|l| l.size.max(0) as u64).max();
-    let chunk_size =
-        chunk_size.unwrap_or_else(|| index::chunk_size_for(largest.unwrap_or_default()));
-    if !(4096..=64 << 20).contains(&chunk_size) || !chunk_size.is_multiple_of(4096) {
-        anyhow::bail!("--chunk-size {chunk_size}: a multiple of 4 KiB up to 64 MiB");
+    if let Some(cs) = chunk_size
+        && (!(4096..=64 << 20).contains(&cs) || !cs.is_multiple_of(4096))
+    {
+        anyhow::bail!("--chunk-size {cs}: a multiple of 4 KiB up to 64 MiB");
     }
     let work = tempfile::Builder::new()
         .prefix("hb-index-")
         .tempdir()
         .context("temporary directory")?;
-    let mut layers = Vec::new();
-    let mut rows = Vec::new();
+    // Every layer converted first: the chunk size depends on the EROFS
+    // images' total size.
+    let mut converted_layers = Vec::new();
     for (i, l) in img.layers.iter().enumerate() {
         let d = Digest::parse(&l.digest)?;
         let blob = work.path().join(format!("{i}.blob"));
@@ -88,8 +88,17 @@ pub async fn run(
                 converted.diff_id
             );
         }
-        let summary = converted.summary;
         let _ = std::fs::remove_file(&blob);
+        converted_layers.push((l, promised, converted.summary, out));
+    }
+    let total: u64 = converted_layers
+        .iter()
+        .map(|(_, _, _, out)| std::fs::metadata(out).map(|m| m.len()).unwrap_or_default())
+        .sum();
+    let chunk_size = chunk_size.unwrap_or_else(|| index::chunk_size_for(total));
+    let mut layers = Vec::new();
+    let mut rows = Vec::new();
+    for (l, promised, summary, out) in converted_layers {
         let (chunks, whole, size) = chunk_digests(&out, chunk_size)?;
         let data = bytes::Bytes::from(std::fs::read(&out).context("read EROFS image")?);
         registry
@@ -117,6 +126,15 @@ pub async fn run(
         chunk_size,
         layers,
     };
+    let doc_bytes = serde_json::to_vec(&doc)?;
+    if doc_bytes.len() as u64 > index::MAX_DOCUMENT {
+        anyhow::bail!(
+            "the index of {r} in {chunk_size}-byte chunks is {} bytes, more than the {} nodes read; \
+             pass a larger --chunk-size",
+            doc_bytes.len(),
+            index::MAX_DOCUMENT
+        );
+    }
     let manifest_digest = Digest::parse(&img.manifest.digest)?;
     let tag = index::tag_for(&manifest_digest);
     let erofs_layers: Vec<Descriptor> = rows
@@ -133,7 +151,7 @@ pub async fn run(
             &r,
             &tag,
             index::CONFIG_TYPE,
-            serde_json::to_vec(&doc)?,
+            doc_bytes,
             &erofs_layers,
             &img.manifest,
         )

@@ -539,7 +539,8 @@ async fn run(case: Case, full: bool) {
          {:.2} s. Its learned prefetch list is then pushed beside the index (`hb image prefetch \
          push`), and every later pull is on a node with no list of its own (image, caches and \
          lists removed, snapshotter restarted), which fetches what the first run read first: \
-         median {} ({:.2}× the full fetch). Lazy samples in order: {lazy_runs:?}.\n",
+         {} for the later runs (the lower of their two middle samples; {:.2}× the full \
+         fetch's median). Lazy samples in order: {lazy_runs:?}.\n",
         lazy_runs[0],
         s2(later),
         med(&pull, "hyperbox").as_secs_f64() / later.as_secs_f64(),

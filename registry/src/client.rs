@@ -942,7 +942,13 @@ impl Registry {
         let tag = crate::index::tag_for(manifest);
         let what = format!("{r} index");
         match self
-            .fetch_artifact(r, &tag, crate::index::CONFIG_TYPE, MAX_CONFIG as u64, &what)
+            .fetch_artifact(
+                r,
+                &tag,
+                crate::index::CONFIG_TYPE,
+                crate::index::MAX_DOCUMENT,
+                &what,
+            )
             .await?
         {
             Some(doc) => crate::index::Index::parse(&doc, &what).map(Some),

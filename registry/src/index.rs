@@ -24,26 +24,26 @@ pub const EROFS_TYPE: &str = "application/vnd.hyperbox.erofs.layer.v1";
 /// The index format version this build reads and writes.
 pub const VERSION: u32 = 2;
 /// Bytes per verified chunk, what a read that misses fetches at least,
-/// for images whose layers are all at most [`SMALL_CHUNKS_UP_TO`]
-/// compressed: most files of a distro image are smaller than 16 KiB, and a
-/// chunk costs about 70 bytes of index (0.4 % of the data). The background
-/// fill still asks for 1 MiB at a time, adjacent chunks together.
+/// unless the image is large: most files of a distro image are smaller
+/// than 16 KiB. Indexes made with 64 KiB or 1 MiB chunks keep working; the
+/// background fill asks for 1 MiB at a time whatever the chunk size.
 pub const SMALL_CHUNK_SIZE: u64 = 16 << 10;
-/// Bytes per chunk for images with a larger layer: a node keeps a little
-/// state per chunk of every layer it serves lazily, so chunks grow with
-/// the layer. Indexes made with 1 MiB chunks keep working.
-pub const LARGE_CHUNK_SIZE: u64 = 64 << 10;
-/// The largest compressed layer size that gets [`SMALL_CHUNK_SIZE`].
-pub const SMALL_CHUNKS_UP_TO: u64 = 256 << 20;
+/// The most chunks `hb image index` gives an image: about 70 bytes of
+/// document each (4.4 MiB in all, well under [`MAX_DOCUMENT`]), and a
+/// node keeps a little state per chunk of a layer it serves lazily.
+pub const MAX_CHUNKS: u64 = 64 << 10;
+/// Index documents larger than this are not read.
+pub const MAX_DOCUMENT: u64 = 8 << 20;
 
-/// The chunk size `hb image index` uses for an image whose largest layer
-/// blob is `largest` bytes.
-pub fn chunk_size_for(largest: u64) -> u64 {
-    if largest <= SMALL_CHUNKS_UP_TO {
-        SMALL_CHUNK_SIZE
-    } else {
-        LARGE_CHUNK_SIZE
+/// The chunk size `hb image index` uses for an image whose EROFS images
+/// come to `total` bytes: [`SMALL_CHUNK_SIZE`], doubled until the image
+/// has at most [`MAX_CHUNKS`] (up to 64 MiB).
+pub fn chunk_size_for(total: u64) -> u64 {
+    let mut cs = SMALL_CHUNK_SIZE;
+    while total.div_ceil(cs) > MAX_CHUNKS && cs < 64 << 20 {
+        cs *= 2;
     }
+    cs
 }
 
 /// The index document.
@@ -147,6 +147,23 @@ impl Index {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunks_grow_with_the_image_so_its_index_stays_readable() {
+        assert_eq!(chunk_size_for(0), SMALL_CHUNK_SIZE);
+        assert_eq!(chunk_size_for(1 << 30), SMALL_CHUNK_SIZE, "1 GiB: 65,536");
+        assert_eq!(chunk_size_for((1 << 30) + 1), 32 << 10);
+        assert_eq!(chunk_size_for(10 << 30), 256 << 10);
+        assert_eq!(chunk_size_for(u64::MAX), 64 << 20, "bounded");
+        for total in [1u64 << 20, 3 << 30, 700 << 30] {
+            let n = total.div_ceil(chunk_size_for(total));
+            // 64 hex digits, quotes and a comma per chunk.
+            assert!(
+                n <= MAX_CHUNKS && n * 67 < MAX_DOCUMENT,
+                "{total}: {n} chunks"
+            );
+        }
+    }
 
     fn ix(size: u64, chunks: usize) -> String {
         let c = format!("\"{}\"", "0".repeat(64));

@@ -233,7 +233,16 @@ impl Store {
                 .ok()
                 .and_then(|t| now.duration_since(t).ok())
                 .is_some_and(|age| age > UNUSED_FOR);
-            if e.file_name().to_string_lossy().ends_with(".tmp") || stale {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let list = name
+                .strip_suffix(".json")
+                .and_then(|stem| stem.split_once('-'))
+                .is_some_and(|(hex, size)| {
+                    hex.len() == 64
+                        && hex.bytes().all(|b| b.is_ascii_hexdigit())
+                        && size.parse::<u64>().is_ok()
+                });
+            if name.ends_with(".tmp") || (list && stale) {
                 let _ = fs::remove_file(e.path());
             }
         }
@@ -370,9 +379,13 @@ mod tests {
         set(&s.path(E, 4096), old);
         set(&s.path(E, 8192), old);
         assert_eq!(s.load(E, 8192, 10), [1], "used: touched");
+        let other = dir.path().join("prefetch").join("notes.txt");
+        fs::write(&other, "not a list").unwrap();
+        set(&other, old);
         let s = Store::open(dir.path()).unwrap();
         assert!(s.path(E, 8192).exists());
         assert!(!s.path(E, 4096).exists(), "unused for too long");
+        assert!(other.exists(), "only lists are pruned");
         // Removing the directory forgets every list; saving goes on.
         fs::remove_dir_all(dir.path().join("prefetch")).unwrap();
         assert!(s.load(E, 4096, 10).is_empty());

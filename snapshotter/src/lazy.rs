@@ -100,6 +100,9 @@ const MAX_REQUEST: u64 = 4 << 20;
 const READAHEAD_MIN: u64 = 128 << 10;
 /// Chunks read ahead after jumps before judging whether reads use them.
 const READAHEAD_TRIAL: u64 = 64;
+/// While read-ahead after jumps does not pay, one jump in this many still
+/// reads ahead, so a workload whose reads turn local again is noticed.
+const READAHEAD_PROBE: u64 = 16;
 /// Read-ahead while reads follow each other (a library mapped, a large
 /// file read through).
 const READAHEAD_MAX: u64 = 1 << 20;
@@ -311,7 +314,7 @@ impl Blob {
     /// (those missing, after the read's last chunk), the window doubling
     /// while reads follow each other and shrinking back on a jump, as the
     /// kernel's own read-ahead does for the page cache.
-    fn ahead_of(&self, offset: u64, count: u64) -> Option<(usize, usize)> {
+    fn ahead_of(&self, offset: u64, count: u64) -> Option<(usize, usize, u64)> {
         let size = self.state.entry.size;
         let cs = self.state.chunk_size;
         if cs >= READAHEAD_MAX {
@@ -327,15 +330,25 @@ impl Blob {
             (next, follows)
         };
         let mut ahead = lock(&self.ahead);
-        if !follows && !ahead.pays() {
-            return None;
+        if !follows {
+            ahead.jumps += 1;
+            if !ahead.pays() && !ahead.jumps.is_multiple_of(READAHEAD_PROBE) {
+                return None;
+            }
         }
         let first = end.div_ceil(cs) as usize;
         let last = ((end + window).min(size).div_ceil(cs) as usize).min(self.locks.len());
         let (a, b) = next_missing_run(&lock(&self.present)[..last], first, last)?;
-        ahead.fetched += (b - a + 1) as u64;
-        ahead.pending.extend(a..=b);
-        Some((a, b))
+        // Chunks an earlier read-ahead is still fetching count once.
+        let new = (a..=b).filter(|c| ahead.pending.insert(*c)).count() as u64;
+        ahead.fetched += new;
+        if ahead.fetched >= 8 * READAHEAD_TRIAL {
+            // Recent use counts most: a scattered phase long past does not
+            // keep read-ahead off.
+            ahead.fetched /= 2;
+            ahead.used /= 2;
+        }
+        Some((a, b, new))
     }
 
     /// Records a read for the layer's learned prefetch list; returns how
@@ -375,7 +388,24 @@ struct Refusal {
 struct CachedIndex {
     at: Instant,
     index: Option<Arc<Index>>,
-    shared: HashMap<String, SharedList>,
+    shared: Arc<HashMap<String, SharedList>>,
+}
+
+/// An index as one lookup found it, with its shared lists: a pull takes
+/// both from the same lookup.
+#[derive(Debug, Clone)]
+struct Found {
+    index: Arc<Index>,
+    shared: Arc<HashMap<String, SharedList>>,
+}
+
+impl CachedIndex {
+    fn found(&self) -> Option<Found> {
+        Some(Found {
+            index: self.index.clone()?,
+            shared: self.shared.clone(),
+        })
+    }
 }
 
 /// A prefetch list shared through the registry, fitted to one layer.
@@ -429,17 +459,20 @@ fn readahead_window((last_end, window): (u64, u64), offset: u64, chunk: u64) -> 
 struct Ahead {
     /// Chunks read ahead that no read has touched yet.
     pending: HashSet<usize>,
-    /// Chunks read ahead.
+    /// Chunks read ahead (halved with `used` as it grows: recent use
+    /// counts most).
     fetched: u64,
     /// Of those, chunks a read then touched.
     used: u64,
+    /// Reads that jumped.
+    jumps: u64,
 }
 
 impl Ahead {
     /// Whether read-ahead after a jump is worth its bytes: during a trial,
     /// then while reads use at least a quarter of what it fetched. Reads
-    /// that follow each other always read ahead; a layer whose reads come
-    /// back to earlier read-ahead resumes.
+    /// that follow each other always read ahead, and while it does not pay
+    /// one jump in [`READAHEAD_PROBE`] still does, so use can come back.
     fn pays(&self) -> bool {
         self.fetched < READAHEAD_TRIAL || self.used * 4 >= self.fetched
     }
@@ -751,7 +784,10 @@ impl Lazy {
         parent: &str,
         target: &str,
     ) -> Result<Option<PathBuf>, Error> {
-        let Some(entry) = self.entry(image, manifest, layer).await else {
+        let Some(found) = self.index(image, manifest).await else {
+            return Ok(None);
+        };
+        let Some(entry) = found.index.layer(layer).cloned() else {
             return Ok(None);
         };
         if chain_id(parent, &entry.diff_id) != target {
@@ -776,12 +812,10 @@ impl Lazy {
         let blob = match known {
             Some(b) if b.phase() != Phase::Discarded => b,
             _ => {
-                let Some((index, shared)) = self.cached_index(image, manifest, &entry.erofs) else {
-                    return Ok(None);
-                };
+                let shared = found.shared.get(&entry.erofs).cloned();
                 let state = State {
                     image: image.into(),
-                    chunk_size: index.chunk_size,
+                    chunk_size: found.index.chunk_size,
                     entry,
                     rejected: None,
                 };
@@ -805,21 +839,11 @@ impl Lazy {
 
     /// The index entry of `layer` in the index of `image`, if it has one.
     async fn entry(&self, image: &str, manifest: &str, layer: &str) -> Option<IndexLayer> {
-        self.index(image, manifest).await?.layer(layer).cloned()
-    }
-
-    /// The index of `image` (manifest `manifest`) as last looked up, with
-    /// the shared prefetch list it came with for EROFS image `erofs`.
-    fn cached_index(
-        &self,
-        image: &str,
-        manifest: &str,
-        erofs: &str,
-    ) -> Option<(Arc<Index>, Option<SharedList>)> {
-        let r = Reference::parse(image).ok()?;
-        let indexes = lock(&self.indexes);
-        let cached = indexes.get(&index_key(&r, manifest))?;
-        Some((cached.index.clone()?, cached.shared.get(erofs).cloned()))
+        self.index(image, manifest)
+            .await?
+            .index
+            .layer(layer)
+            .cloned()
     }
 
     /// The ranges the kernel reads without events (superblock block,
@@ -831,7 +855,9 @@ impl Lazy {
             .await
     }
 
-    async fn index(&self, image: &str, manifest: &str) -> Option<Arc<Index>> {
+    /// The hyperbox index of `image` (manifest `manifest`) and the lists
+    /// shared beside it, looked up or from the cache.
+    async fn index(&self, image: &str, manifest: &str) -> Option<Found> {
         let r = Reference::parse(image).ok()?;
         let cache_key = index_key(&r, manifest);
         if let Some(c) = lock(&self.indexes).get(&cache_key)
@@ -842,7 +868,7 @@ impl Lazy {
                     NO_INDEX_TTL
                 }
         {
-            return c.index.clone();
+            return c.found();
         }
         let d = Digest::parse(manifest).ok()?;
         // The shared lists are asked for beside the index, not after it,
@@ -881,7 +907,7 @@ impl Lazy {
                 None
             }
         };
-        let shared = match (&found, lists) {
+        let shared: HashMap<String, SharedList> = match (&found, lists) {
             (Some(ix), Some(doc)) => doc
                 .for_index(ix, image)
                 .into_iter()
@@ -889,15 +915,14 @@ impl Lazy {
                 .collect(),
             _ => HashMap::new(),
         };
-        lock(&self.indexes).insert(
-            cache_key,
-            CachedIndex {
-                at: Instant::now(),
-                index: found.clone(),
-                shared,
-            },
-        );
-        found
+        let cached = CachedIndex {
+            at: Instant::now(),
+            index: found,
+            shared: Arc::new(shared),
+        };
+        let out = cached.found();
+        lock(&self.indexes).insert(cache_key, cached);
+        out
     }
 
     /// Creates (or, after a restart, reopens) the sparse file of `state`,
@@ -1419,10 +1444,10 @@ impl Lazy {
             let (offset, count) = (event.offset, event.count);
             let used = blob.note_read(offset, count);
             me.counters.readahead_used.fetch_add(used, Ordering::Relaxed);
-            if let Some((a, b)) = blob.ahead_of(offset, count) {
+            if let Some((a, b, new)) = blob.ahead_of(offset, count) {
                 me.counters
                     .readahead_chunks
-                    .fetch_add((b - a + 1) as u64, Ordering::Relaxed);
+                    .fetch_add(new, Ordering::Relaxed);
                 // Fetched beside the read, not before its answer; counted
                 // as demand, so the fill gives way to it too.
                 let (me, blob) = (me.clone(), blob.clone());
