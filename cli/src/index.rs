@@ -12,7 +12,7 @@ use std::io::Read;
 use anyhow::{Context, Result};
 use hyperbox_registry::digest::Digest;
 use hyperbox_registry::index::{self, Index, IndexLayer};
-use hyperbox_registry::{BlobSize, Descriptor, Reference, Registry};
+use hyperbox_registry::{BlobSize, Descriptor, Reference, Registry, Resolved};
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
@@ -32,12 +32,7 @@ pub async fn run(
     chunk_size: Option<u64>,
     json: bool,
 ) -> Result<()> {
-    let r = Reference::parse(reference)?;
-    let registry = Registry::new(&config.registry).context("registry settings")?;
-    let img = registry
-        .resolve(&r)
-        .await
-        .with_context(|| format!("resolve {r}"))?;
+    let (r, registry, img) = resolve(config, reference).await?;
     if let Some(cs) = chunk_size
         && (!(4096..=64 << 20).contains(&cs) || !cs.is_multiple_of(4096))
     {
@@ -182,6 +177,21 @@ pub async fn run(
         );
     }
     Ok(())
+}
+
+/// `reference` parsed, the registry client of `config`, and the image
+/// resolved to this machine's platform.
+pub async fn resolve(
+    config: &hyperbox_config::Config,
+    reference: &str,
+) -> Result<(Reference, Registry, Resolved)> {
+    let r = Reference::parse(reference)?;
+    let registry = Registry::new(&config.registry).context("registry settings")?;
+    let img = registry
+        .resolve(&r)
+        .await
+        .with_context(|| format!("resolve {r}"))?;
+    Ok((r, registry, img))
 }
 
 /// Hex SHA-256 of each chunk, the digest of the whole file, its size.

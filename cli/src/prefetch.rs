@@ -42,12 +42,7 @@ struct Found {
 /// With `replace`, a shared document that cannot be read is no error: it
 /// is about to be replaced.
 async fn find(config: &hyperbox_config::Config, reference: &str, replace: bool) -> Result<Found> {
-    let r = Reference::parse(reference)?;
-    let registry = Registry::new(&config.registry).context("registry settings")?;
-    let img = registry
-        .resolve(&r)
-        .await
-        .with_context(|| format!("resolve {r}"))?;
+    let (r, registry, img) = crate::index::resolve(config, reference).await?;
     let manifest = Digest::parse(&img.manifest.digest)?;
     let (index, shared) = tokio::join!(
         registry.fetch_index(&r, &manifest),

@@ -111,8 +111,6 @@ const READAHEAD_MAX: u64 = 1 << 20;
 /// a 100 Mbit/s link with 20 ms round trips busy. The fetch semaphore
 /// (`snapshotter.lazy_max_chunk_fetches`) still bounds all requests.
 const PREFETCH_PARALLEL: usize = 16;
-/// The most of a learned list fetched ahead, from its start.
-const MAX_PREFETCH: u64 = prefetch::MAX_AHEAD;
 /// How long an index lookup waits for the shared prefetch lists once the
 /// index is in: they only speed a pull up, so they never hold one back for
 /// long.
@@ -387,8 +385,7 @@ struct Refusal {
 #[derive(Debug)]
 struct CachedIndex {
     at: Instant,
-    index: Option<Arc<Index>>,
-    shared: Arc<HashMap<String, SharedList>>,
+    found: Option<Found>,
 }
 
 /// An index as one lookup found it, with its shared lists: a pull takes
@@ -397,15 +394,6 @@ struct CachedIndex {
 struct Found {
     index: Arc<Index>,
     shared: Arc<HashMap<String, SharedList>>,
-}
-
-impl CachedIndex {
-    fn found(&self) -> Option<Found> {
-        Some(Found {
-            index: self.index.clone()?,
-            shared: self.shared.clone(),
-        })
-    }
 }
 
 /// A prefetch list shared through the registry, fitted to one layer.
@@ -862,13 +850,13 @@ impl Lazy {
         let cache_key = index_key(&r, manifest);
         if let Some(c) = lock(&self.indexes).get(&cache_key)
             && c.at.elapsed()
-                < if c.index.is_some() {
+                < if c.found.is_some() {
                     INDEX_TTL
                 } else {
                     NO_INDEX_TTL
                 }
         {
-            return c.found();
+            return c.found.clone();
         }
         let d = Digest::parse(manifest).ok()?;
         // The shared lists are asked for beside the index, not after it,
@@ -900,29 +888,32 @@ impl Lazy {
             }
             lists = &mut lists => ((&mut index).await, lists),
         };
-        let found = match found {
-            Ok(ix) => ix.map(Arc::new),
+        let index = match found {
+            Ok(ix) => ix,
             Err(e) => {
                 tracing::warn!(image, error = %hyperbox_api::error_chain(&e), "cannot read the image's hyperbox index; fetching layers in full");
                 None
             }
         };
-        let shared: HashMap<String, SharedList> = match (&found, lists) {
-            (Some(ix), Some(doc)) => doc
-                .for_index(ix, image)
-                .into_iter()
-                .map(|(erofs, list)| (erofs, Arc::new(list)))
-                .collect(),
-            _ => HashMap::new(),
-        };
-        let cached = CachedIndex {
-            at: Instant::now(),
-            index: found,
-            shared: Arc::new(shared),
-        };
-        let out = cached.found();
-        lock(&self.indexes).insert(cache_key, cached);
-        out
+        let found = index.map(|ix| Found {
+            shared: Arc::new(
+                lists
+                    .map(|doc| doc.for_index(&ix, image))
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(erofs, list)| (erofs, Arc::new(list)))
+                    .collect(),
+            ),
+            index: Arc::new(ix),
+        });
+        lock(&self.indexes).insert(
+            cache_key,
+            CachedIndex {
+                at: Instant::now(),
+                found: found.clone(),
+            },
+        );
+        found
     }
 
     /// Creates (or, after a restart, reopens) the sparse file of `state`,
@@ -1236,7 +1227,7 @@ impl Lazy {
                 .shared_prefetch_lists
                 .fetch_add(1, Ordering::Relaxed);
         }
-        plan.truncate(blob.chunks_in(MAX_PREFETCH));
+        plan.truncate(blob.chunks_in(prefetch::MAX_AHEAD));
         let started = Instant::now();
         let before = blob.missing();
         let _predicted = self.demand.begin(Vec::new());

@@ -12,7 +12,7 @@
 
 use std::collections::HashSet;
 
-pub use hyperbox_registry::prefetch::{MAX_AHEAD, Shared, Store, merge, misfit};
+pub use hyperbox_registry::prefetch::{MAX_AHEAD, Store, merge};
 
 /// The order as fetches: runs of chunks adjacent in both the order and the
 /// file (at most `most` each), in order of first read.
