@@ -48,6 +48,8 @@ BOOKWORM_PACKAGES=(
   prometheus
   bpftool
   debootstrap
+  qemu-system-x86
+  udev
 )
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
@@ -101,6 +103,11 @@ missing=()
 for p in "${BOOKWORM_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# virtme-ng (boots a kernel with this machine's files as its root, for the
+# tests on other kernels: integration/src/vm.rs) is packaged from trixie
+# on; it is Python and pulls nothing else from trixie.
+dpkg-query -W -f='${Status}' virtme-ng 2>/dev/null | grep -q "install ok installed" \
+  || missing+=("virtme-ng/trixie")
 have_containerd=$(dpkg-query -W -f='${Version}' containerd 2>/dev/null || true)
 if [ "$have_containerd" != "$CONTAINERD_VERSION" ]; then
   missing+=("containerd=${CONTAINERD_VERSION}")
@@ -348,6 +355,56 @@ if ! built_at "$NERDCTL_VERSION" "$nerdctl_dir/nerdctl|--version"; then
   build_into "$nerdctl_dir" "github.com/containerd/nerdctl/v2@v$NERDCTL_VERSION" build_nerdctl
 fi
 
+# Debian's 6.12 kernel for the guests of integration/src/vm.rs (a pure
+# cgroup v2 node): the newest bookworm build, unpacked, not installed (the
+# host's boot is untouched). The image goes to $KERNELS_DIR/<version>/vmlinuz
+# and the modules to /lib/modules/<version>, where the guest, which sees
+# this machine's files, loads them from.
+KERNELS_DIR=/var/cache/hyperbox/kernels
+have_kernel=""
+for k in "$KERNELS_DIR"/6.12.*/vmlinuz; do
+  kv=$(basename "$(dirname "$k")")
+  [ -f "$k" ] && [ -f "/lib/modules/$kv/modules.dep" ] && have_kernel="$kv"
+done
+if [ -n "$have_kernel" ]; then
+  # Kept: a newer build in the archive is no reason to download 100 MB.
+  log "guest kernel $have_kernel present"
+else
+  kpkg=$(apt-cache search --names-only '^linux-image-6\.12\.[0-9.]*\+deb12-amd64-unsigned$' \
+    | awk '{print $1}' | sort -V | tail -1)
+  if [ -z "$kpkg" ]; then
+    log "no linux-image-6.12.*+deb12-amd64-unsigned in the apt lists (Debian 12's 6.12 kernel)"
+    exit 1
+  fi
+  kver=${kpkg#linux-image-}
+  kver=${kver%-unsigned}
+  log "unpacking kernel $kver into $KERNELS_DIR/$kver and /lib/modules/$kver"
+  kwork=$(mktemp -d /var/tmp/hyperbox-kernel.XXXXXX)
+  unpack_kernel() {
+    (cd "$kwork" && apt-get download -qq "$kpkg") || return 1
+    dpkg-deb -x "$kwork"/linux-image-*.deb "$kwork/x" || return 1
+    local d mods=""
+    for d in lib usr/lib; do
+      [ -d "$kwork/x/$d/modules/$kver" ] && mods="$kwork/x/$d/modules/$kver"
+    done
+    [ -n "$mods" ] && [ -f "$kwork/x/boot/vmlinuz-$kver" ] || { log "$kpkg has no vmlinuz-$kver or modules"; return 1; }
+    mkdir -p "$KERNELS_DIR/$kver" \
+      && cp "$kwork/x/boot/vmlinuz-$kver" "$KERNELS_DIR/$kver/vmlinuz" \
+      && rm -rf "/lib/modules/$kver" \
+      && mkdir -p /lib/modules \
+      && cp -a "$mods" "/lib/modules/$kver" \
+      && depmod -a "$kver"
+  }
+  rc=0
+  unpack_kernel || rc=$?
+  rm -rf "$kwork"
+  if [ "$rc" -ne 0 ]; then
+    rm -rf "${KERNELS_DIR:?}/$kver"
+    log "could not unpack $kpkg"
+    exit 1
+  fi
+fi
+
 # Verify what the tests depend on, by running it.
 containerd --version | grep -q 'v\?1\.7\.24' || { log "containerd is not 1.7.24: $(containerd --version)"; exit 1; }
 built_at "$CONTAINERD2_VERSION" "$ctd2_dir/containerd|--version" "$ctd2_dir/containerd-shim-runc-v2|-v" \
@@ -361,4 +418,6 @@ built_at "$NERDCTL_VERSION" "$nerdctl_dir/nerdctl|--version" \
 runc --version >/dev/null
 docker-registry --version >/dev/null 2>&1 || test -x /usr/bin/docker-registry
 test -x /bin/busybox
+vng --version >/dev/null
+qemu-system-x86_64 --version >/dev/null
 log "ok: $(containerd --version | awk '{print $1, $3}'), containerd $("$ctd2_dir/containerd" --version | awk '{print $3}') in $ctd2_dir, $("$cri_dir/crictl" --version 2>/dev/null), $(runc --version | head -1), registry $(dpkg-query -W -f='${Version}' docker-registry)"

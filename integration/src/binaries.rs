@@ -2,11 +2,27 @@
 //! stale one: `cargo test -p hyperbox-integration` alone does not build other
 //! packages' binaries, and an old build would silently test old code.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
 static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
+
+/// Set (to `1`) where the binaries were built before this process started
+/// and cannot be built now: inside a [`crate::vm`] guest, whose view of the
+/// target directory is read-only.
+pub const BUILT_ENV: &str = "HYPERBOX_BINARIES_BUILT";
+
+/// True when `bin` must be taken as built ([`BUILT_ENV`]); it must exist.
+fn prebuilt(bin: &Path) -> bool {
+    let set = std::env::var(BUILT_ENV).is_ok_and(|v| v == "1");
+    assert!(
+        !set || bin.is_file(),
+        "{} not built before the test started ({BUILT_ENV}=1)",
+        bin.display()
+    );
+    set
+}
 
 /// `<target>/<profile>` of the running test, which runs from
 /// `<target>/<profile>/deps/<test>`; binaries sit in `<profile>`.
@@ -23,6 +39,9 @@ fn profile_dir() -> PathBuf {
 pub fn path(name: &str) -> PathBuf {
     let profile_dir = profile_dir();
     let bin = profile_dir.join(name);
+    if prebuilt(&bin) {
+        return bin;
+    }
     let built = BUILT.get_or_init(|| Mutex::new(Vec::new()));
     let mut built = built.lock().unwrap();
     if built.iter().any(|b| b == name) {
@@ -59,6 +78,9 @@ pub fn shim_for_nodes(name: &str) -> PathBuf {
         .expect("target directory")
         .to_path_buf();
     let bin = target.join("x86_64-unknown-linux-musl/shim").join(name);
+    if prebuilt(&bin) {
+        return bin;
+    }
     let built = BUILT.get_or_init(|| Mutex::new(Vec::new()));
     let mut built = built.lock().unwrap();
     let key = format!("shim:{name}");

@@ -651,10 +651,16 @@ impl Containerd {
     /// for every namespace (CRI passes no runc root to a runtime type it
     /// does not know), as the harness's runc-v2 runtime has it.
     fn shim_section(&self) -> String {
-        format!(
+        let mut s = format!(
             "\n[shim]\nroot = \"{}\"\n",
             self.dir().join("runc").display()
-        )
+        );
+        // An agent on a guest's emulated CPUs can take longer than the
+        // default 200 ms to decide, and the tests check its decision.
+        if crate::vm::inside() {
+            s.push_str("agent_timeout_ms = 5000\n");
+        }
+        s
     }
 
     /// CRI in config version 2 (1.7): one plugin, `io.containerd.grpc.v1.cri`.

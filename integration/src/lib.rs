@@ -50,6 +50,7 @@ pub mod soci;
 pub mod testbed;
 pub mod token;
 pub mod tools;
+pub mod vm;
 pub mod workload;
 
 /// Installs a `tracing` subscriber for test output once; `RUST_LOG` filters it.

@@ -43,6 +43,9 @@ pub enum Prereq {
     Prometheus,
     /// bpftool (to check what BPF programs are loaded).
     Bpftool,
+    /// A [`crate::vm`] guest booting a kernel whose version starts with
+    /// this (`"6.12."`): qemu, virtme-ng, udev and the unpacked kernel.
+    Vm(&'static str),
 }
 
 impl Prereq {
@@ -132,6 +135,7 @@ impl Prereq {
                 || !(Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
                     || Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists()))
             .then(|| "needs PSI (psi=1) and a cgroup v2 hierarchy".into()),
+            Prereq::Vm(prefix) => crate::vm::missing(prefix),
             Prereq::Bpftool => command_output("bpftool", &["version"])
                 .is_none()
                 .then(|| "bpftool not found (package bpftool)".into()),

@@ -35,6 +35,26 @@ const CI_SKIP: &[&str] = &[
     r"should support ContainerPID",
 ];
 
+/// Specs that fail now and then on a component hyperbox does not ship and
+/// the vanilla arm runs too, with the upstream issue that explains it. A
+/// spec listed here that fails on hyperbox but passed on vanilla runs again
+/// alone, up to [`FLAKE_RETRIES`] times, on a fresh hyperbox instance; it
+/// counts as a regression only if it fails every time, and a pass on retry
+/// is printed, not hidden.
+const UPSTREAM_FLAKES: &[(&str, &str)] = &[(
+    "should terminate with exitCode 137 and reason OOMKilled",
+    "containerd-shim-runc-v2 before containerd 2.2 watches a container's OOM \
+     events only once it has started, so one killed at once exits as Error \
+     (containerd#8180, fixed by containerd#12405); hyperbox's shim watches \
+     from create and runs this spec without retries",
+)];
+const FLAKE_RETRIES: usize = 2;
+
+/// critest keeps both cores of a CI machine busy: two runs beside each
+/// other would stretch every wait in both, so the tests here run one at a
+/// time.
+static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 macro_rules! require_critest {
     () => {
         require_containers!();
@@ -120,12 +140,50 @@ async fn compare(opts: &Options, dir: &Path) -> Vec<String> {
         "vanilla containerd passed nothing: the comparison would prove nothing; see {}",
         vanilla.log.display()
     );
-    vanilla
-        .with(State::Passed)
-        .into_iter()
-        .filter(|spec| ours.specs.get(*spec) != Some(&State::Passed))
-        .map(str::to_string)
-        .collect()
+    let mut regressions = Vec::new();
+    for spec in vanilla.with(State::Passed) {
+        if ours.specs.get(spec) == Some(&State::Passed) {
+            continue;
+        }
+        if let Some((_, why)) = UPSTREAM_FLAKES.iter().find(|(s, _)| spec.contains(s))
+            && passes_on_retry(spec, opts, dir).await
+        {
+            println!("CRITEST hyperbox: {spec} failed, then passed alone ({why})");
+            continue;
+        }
+        regressions.push(spec.to_string());
+    }
+    regressions
+}
+
+/// Runs one spec alone on fresh hyperbox instances until it passes, at most
+/// [`FLAKE_RETRIES`] times.
+async fn passes_on_retry(spec: &str, opts: &Options, dir: &Path) -> bool {
+    for attempt in 1..=FLAKE_RETRIES {
+        let o = Options {
+            focus: vec![regex_literal(spec)],
+            skip: Vec::new(),
+            ..opts.clone()
+        };
+        let (outcome, _) = run_on(true, &o, &dir.join(format!("hyperbox-retry-{attempt}"))).await;
+        if outcome.specs.get(spec) == Some(&State::Passed) {
+            return true;
+        }
+    }
+    false
+}
+
+/// A regular expression (Go's RE2, as ginkgo's focus takes) matching `text`
+/// literally.
+fn regex_literal(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if r"\.+*?()|[]{}^$".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// The same suite on one vanilla containerd (overlayfs, no agent) twice:
@@ -173,6 +231,7 @@ async fn compare_shims(opts: &Options, dir: &Path) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn critest_subset_passes_on_the_hyperbox_shim_as_on_runc_v2() {
     require_critest!();
+    let _alone = ALONE.lock().await;
     // Reports are kept where HYPERBOX_CRITEST_DIR says, else removed.
     let temp = tempfile::tempdir().unwrap();
     let dir = std::env::var("HYPERBOX_CRITEST_DIR")
@@ -206,6 +265,7 @@ fn list(var: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn critest_subset_passes_on_hyperbox_as_on_vanilla() {
     require_critest!();
+    let _alone = ALONE.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let opts = Options {
         focus: Vec::new(),
@@ -224,6 +284,7 @@ async fn critest_subset_passes_on_hyperbox_as_on_vanilla() {
 #[ignore = "the whole suite takes long; scripts/critest.sh runs it"]
 async fn critest_full_suite_passes_on_hyperbox_as_on_vanilla() {
     require_critest!();
+    let _alone = ALONE.lock().await;
     let dir = std::env::var("HYPERBOX_CRITEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| tempfile::tempdir().unwrap().keep());
@@ -246,5 +307,13 @@ async fn critest_full_suite_passes_on_hyperbox_as_on_vanilla() {
     assert!(
         regressions.is_empty(),
         "hyperbox fails what vanilla containerd passes: {regressions:#?}"
+    );
+}
+
+#[test]
+fn a_retried_spec_is_focused_by_its_literal_name() {
+    assert_eq!(
+        regex_literal("[k8s.io] Container OOM (x) should*"),
+        r"\[k8s\.io\] Container OOM \(x\) should\*"
     );
 }

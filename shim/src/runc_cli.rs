@@ -10,10 +10,13 @@
 //! found there, worded as runc-v2 words it ("OCI runtime create failed:
 //! ..."), which is what users and their alerting already search for.
 
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use containerd_shim::protos::ttrpc::{self, Code};
+use runc::Spawner;
+
+use crate::reaper::ReaperSpawner;
 
 /// The runc log's name in a bundle.
 pub const LOG: &str = "log.json";
@@ -26,6 +29,22 @@ const TAIL: u64 = 64 * 1024;
 pub struct RuncCli {
     cli: runc::Runc,
     log: PathBuf,
+    /// The binary and global options `cli` runs with, for `exec`.
+    binary: PathBuf,
+    globals: Vec<String>,
+}
+
+/// How one `runc exec` is started.
+#[derive(Debug)]
+pub struct Exec<'a> {
+    pub id: &'a str,
+    /// The process as containerd sent it (JSON of an OCI `Process`).
+    pub process: &'a [u8],
+    /// Where the bundle is: the process file is written there.
+    pub bundle: &'a Path,
+    pub pid_file: &'a Path,
+    pub io: Option<&'a dyn runc::Io>,
+    pub console_socket: Option<&'a Path>,
 }
 
 impl std::ops::Deref for RuncCli {
@@ -37,9 +56,94 @@ impl std::ops::Deref for RuncCli {
 }
 
 impl RuncCli {
-    /// `cli` must have been built with `--log <log> --log-format json`.
-    pub fn new(cli: runc::Runc, log: PathBuf) -> RuncCli {
-        RuncCli { cli, log }
+    /// runc `binary` with its state in `root`, logging JSON to `log`.
+    pub fn new(binary: &str, root: &Path, systemd: bool, log: PathBuf) -> Result<RuncCli, String> {
+        // Resolved once, as the crate would, so exec runs the runc that
+        // create runs.
+        let binary = runc::utils::binary_path(binary)
+            .ok_or_else(|| format!("runc {binary:?}: not found"))?;
+        let mut g = runc::options::GlobalOpts::new()
+            .command(&binary)
+            .root(root)
+            .systemd_cgroup(systemd)
+            .log(&log)
+            .log_json();
+        g.custom_spawner(std::sync::Arc::new(ReaperSpawner));
+        let cli = g
+            .build()
+            .map_err(|e| format!("runc {}: {e}", binary.display()))?;
+        // The same global options the crate passes, in its order.
+        let abs = |p: &Path| -> Result<String, String> {
+            std::path::absolute(p)
+                .map(|p| p.to_string_lossy().into_owned())
+                .map_err(|e| format!("{}: {e}", p.display()))
+        };
+        let mut globals = vec![
+            "--root".to_string(),
+            abs(root)?,
+            "--log".to_string(),
+            abs(&log)?,
+            "--log-format".to_string(),
+            "json".to_string(),
+        ];
+        if systemd {
+            globals.push("--systemd-cgroup".to_string());
+        }
+        Ok(RuncCli {
+            cli,
+            log,
+            binary,
+            globals,
+        })
+    }
+
+    /// `runc exec --detach` of the process containerd sent, passed to runc
+    /// as sent. Written here rather than through the runc crate's `exec`,
+    /// which takes oci-spec's `Process`: deserializing one links every
+    /// field's deserializer and, for `execCPUAffinity`, a regex engine,
+    /// about 0.7 MiB of code that every shim on a node would map; and it
+    /// would drop any field oci-spec does not know yet.
+    pub async fn exec(&self, e: Exec<'_>) -> Result<(), runc::error::Error> {
+        let mut file = tempfile::Builder::new()
+            .prefix(".exec-")
+            .suffix(".json")
+            .tempfile_in(e.bundle)
+            .map_err(runc::error::Error::SpecFileCreationFailed)?;
+        file.write_all(e.process)
+            .and_then(|()| file.flush())
+            .map_err(runc::error::Error::SpecFileCreationFailed)?;
+        let mut cmd = tokio::process::Command::new(&self.binary);
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .args(&self.globals)
+            .arg("exec")
+            .arg("--process")
+            .arg(file.path())
+            .arg("--pid-file")
+            .arg(e.pid_file);
+        if let Some(sock) = e.console_socket {
+            cmd.arg("--console-socket").arg(sock);
+        }
+        cmd.arg("--detach").arg(e.id).env_remove("NOTIFY_SOCKET");
+        if let Some(io) = e.io {
+            io.set(&mut cmd)
+                .await
+                .map_err(|err| runc::error::Error::IoSet(err.to_string()))?;
+        }
+        let res = ReaperSpawner.execute(cmd).await;
+        if let Some(io) = e.io {
+            io.close_after_start().await;
+        }
+        let (status, _pid, stdout, stderr) = res?;
+        if !status.success() {
+            return Err(runc::error::Error::CommandFailed {
+                status,
+                stdout,
+                stderr,
+            });
+        }
+        Ok(())
     }
 
     /// `op` (`create`, `exec`, ...) failed: the error to answer with.

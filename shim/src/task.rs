@@ -32,15 +32,14 @@ use containerd_shim::protos::topics;
 use containerd_shim::protos::ttrpc::{self, Code};
 use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::{Task, TtrpcContext, TtrpcResult};
-use runc::options::{CreateOpts, DeleteOpts, ExecOpts, KillOpts};
+use runc::options::{CreateOpts, DeleteOpts, KillOpts};
 use tokio::sync::watch;
 
 use crate::cgroup::Cgroups;
 use crate::events::{self, Event};
 use crate::options::Runtime;
 use crate::policy::{Agent, Registration};
-use crate::reaper::ReaperSpawner;
-use crate::runc_cli::{self, RuncCli};
+use crate::runc_cli::{self, Exec, RuncCli};
 use crate::stdio::{Attached, Prepared, Stdio, attach};
 
 /// How long Delete waits for a process's output to be delivered.
@@ -65,8 +64,9 @@ struct Proc {
     started: bool,
     exit: watch::Sender<Option<Exited>>,
     io: Option<Attached>,
-    /// The exec's OCI process, until it starts.
-    spec: Option<oci_spec::runtime::Process>,
+    /// The exec's OCI process (JSON as containerd sent it), until it
+    /// starts.
+    spec: Option<Vec<u8>>,
 }
 
 impl Proc {
@@ -232,21 +232,13 @@ impl RuncState {
 
     /// runc for the container in `bundle`, logging there.
     fn runc(&self, bundle: &Path) -> Result<RuncCli, ttrpc::Error> {
-        let log = runc_cli::log_of(bundle);
-        let mut g = runc::options::GlobalOpts::new()
-            .command(&self.binary)
-            .root(&self.root)
-            .systemd_cgroup(self.systemd)
-            .log(&log)
-            .log_json();
-        g.custom_spawner(Arc::new(ReaperSpawner));
-        let cli = g.build().map_err(|e| {
-            status(
-                Code::FAILED_PRECONDITION,
-                format!("runc {:?}: {e}", self.binary),
-            )
-        })?;
-        Ok(RuncCli::new(cli, log))
+        RuncCli::new(
+            &self.binary,
+            &self.root,
+            self.systemd,
+            runc_cli::log_of(bundle),
+        )
+        .map_err(|e| status(Code::FAILED_PRECONDITION, e))
     }
 }
 
@@ -602,14 +594,20 @@ impl TaskService {
         let prepared = Prepared::new(&stdio, &std::env::temp_dir(), owner.0, owner.1)
             .map_err(|e| status(Code::INTERNAL, format!("stdio: {e}")))?;
         let pid_file = bundle.join(format!("{exec_id}.pid"));
-        let mut eopts = ExecOpts::new().pid_file(&pid_file).detach(true);
-        match &prepared {
-            Prepared::Pipes(io) => eopts = eopts.io(io.clone()),
-            Prepared::Console(sock) => eopts = eopts.console_socket(sock.path()),
-        }
-        runc.exec(id, &spec, Some(&eopts))
-            .await
-            .map_err(|e| runc.failed("exec", e))?;
+        let (io, console_socket) = match &prepared {
+            Prepared::Pipes(io) => (Some(&**io as &dyn runc::Io), None),
+            Prepared::Console(sock) => (None, Some(sock.path())),
+        };
+        runc.exec(Exec {
+            id,
+            process: &spec,
+            bundle: &bundle,
+            pid_file: &pid_file,
+            io,
+            console_socket: console_socket.as_deref(),
+        })
+        .await
+        .map_err(|e| runc.failed("exec", e))?;
         let pid = std::fs::read_to_string(&pid_file)
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok())
@@ -929,8 +927,11 @@ impl Task for TaskService {
     }
 
     async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
-        let spec: oci_spec::runtime::Process = serde_json::from_slice(&req.spec.value)
+        // Checked to be a JSON object here, where a bad one is the
+        // caller's error; runc judges the rest at start, as with runc-v2.
+        serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&req.spec.value)
             .map_err(|e| status(Code::INVALID_ARGUMENT, format!("exec process spec: {e}")))?;
+        let spec = req.spec.value.clone();
         {
             let mut book = self.book.lock().expect("book lock");
             let c = book.container_mut(&req.id)?;
