@@ -485,8 +485,11 @@ pub struct Snapshotter {
     pub lazy: bool,
     /// Once a lazily served layer is complete, fetch the layer whole and
     /// check that it gives the index's diff_id and EROFS bytes; a layer
-    /// that does not is no longer served (docs/security.md). Costs one more
-    /// download of each lazily pulled layer, in the background.
+    /// that does not is no longer served (docs/security.md). With
+    /// `lazy_fill_from_layer` (the default) the fill is that download and
+    /// checks the layer anyway; this applies to layers the Range fill
+    /// completed (that option off, or the layer could not be downloaded),
+    /// at the cost of one more download of each.
     pub lazy_verify: bool,
     /// Range requests of lazy layers in flight at once, on-demand reads and
     /// background fills together.
@@ -495,6 +498,14 @@ pub struct Snapshotter {
     /// (`/proc/pressure/io`, `some avg10`, in %) is at or above this; 0
     /// never pauses. Reads a container waits for are never paused.
     pub lazy_fill_pause_io_pressure: u32,
+    /// Fill lazily served layers, once what was learned is fetched, from
+    /// the image's own layer blob (compressed, usually a third of the
+    /// EROFS bytes), converted here and checked against the index, instead
+    /// of Range requests to the index's EROFS blob: the download that
+    /// verification makes anyway is the fill. The download gives way to
+    /// reads a container waits for; reads still fetch on demand from the
+    /// EROFS blob.
+    pub lazy_fill_from_layer: bool,
     /// Look up the prefetch lists other nodes shared beside an image's
     /// index (`hb image prefetch push`) and fetch what they list first,
     /// after what this node learned itself. One more manifest request per
@@ -578,6 +589,7 @@ impl Default for Snapshotter {
             lazy_verify: true,
             lazy_max_chunk_fetches: 16,
             lazy_fill_pause_io_pressure: 20,
+            lazy_fill_from_layer: true,
             lazy_shared_prefetch: true,
             metrics_address: String::new(),
             allow_device_nodes: true,

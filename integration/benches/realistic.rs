@@ -339,6 +339,10 @@ async fn run(case: Case, full: bool) {
     // 1. Pull to exit, cold, through CRI.
     let mut pull: HashMap<&str, Vec<Duration>> = HashMap::new();
     let mut fetched: HashMap<&str, Vec<u64>> = HashMap::new();
+    // The lazy side once every layer is complete and checked: when, and
+    // the bytes it took in all (what the workload's exit leaves out).
+    let mut complete: Vec<Duration> = Vec::new();
+    let mut fetched_in_all: Vec<u64> = Vec::new();
     for n in 0..iterations {
         for k in 0..timed.len() {
             let side = timed[(n + k) % timed.len()];
@@ -388,8 +392,34 @@ async fn run(case: Case, full: bool) {
             );
             pull.entry(side.name).or_default().push(took);
             fetched.entry(side.name).or_default().push(bytes);
+            if side.name == "hyperbox-lazy" {
+                let lazy_dir = tb
+                    .snapshotter
+                    .as_ref()
+                    .expect("the hyperbox bed")
+                    .root()
+                    .join("lazy");
+                let deadline = Instant::now() + Duration::from_secs(600);
+                while lazy_states(&lazy_dir) > 0 {
+                    assert!(Instant::now() < deadline, "lazy layers never completed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let all = tb.proxy.bytes_served() - before;
+                eprintln!(
+                    "  complete after {:?}, {:.1} MiB fetched in all",
+                    start.elapsed(),
+                    all as f64 / 1048576.0
+                );
+                complete.push(start.elapsed());
+                fetched_in_all.push(all);
+            }
         }
     }
+    let lazy_all = |v: &[u64]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v.get(v.len() / 2).map_or(0.0, |b| *b as f64 / 1048576.0)
+    };
 
     if only.is_some() {
         for side in &timed {
@@ -401,6 +431,14 @@ async fn run(case: Case, full: bool) {
                 percentile(&pull[side.name], 50.0).as_secs_f64(),
                 f[f.len() / 2] as f64 / 1048576.0,
                 secs(&pull[side.name])
+            );
+        }
+        if !complete.is_empty() {
+            eprintln!(
+                "hyperbox-lazy: complete median {:.2} s, fetched in all median {:.1} MiB, samples {:?}",
+                percentile(&complete, 50.0).as_secs_f64(),
+                lazy_all(&fetched_in_all),
+                secs(&complete)
             );
         }
         let mut leaks = Vec::new();
@@ -540,10 +578,20 @@ async fn run(case: Case, full: bool) {
          push`), and every later pull is on a node with no list of its own (image, caches and \
          lists removed, snapshotter restarted), which fetches what the first run read first: \
          {} for the later runs (the lower of their two middle samples; {:.2}× the full \
-         fetch's median). Lazy samples in order: {lazy_runs:?}.\n",
+         fetch's median). Lazy samples in order: {lazy_runs:?}. Every lazy layer complete \
+         and checked against its image {} after the pull began (median; samples {:?}), \
+         {:.1} MiB fetched from the registry in all (median; the full fetch: {:.1} MiB).\n",
         lazy_runs[0],
         s2(later),
         med(&pull, "hyperbox").as_secs_f64() / later.as_secs_f64(),
+        s2(percentile(&complete, 50.0)),
+        secs(&complete),
+        lazy_all(&fetched_in_all),
+        {
+            let mut f = fetched["hyperbox"].clone();
+            f.sort();
+            f[f.len() / 2] as f64 / 1048576.0
+        },
     ));
     body.push_str(&format!(
         "\nWith the image complete and local, page cache dropped before each, median of {reads} \
@@ -583,4 +631,15 @@ async fn run(case: Case, full: bool) {
     body.push('\n');
     let path = write_section(case.section, &body).unwrap();
     println!("{body}\nwritten to {}", path.display());
+}
+
+/// Lazy layers not yet complete and checked: their state files.
+fn lazy_states(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".lazy"))
+                .count()
+        })
+        .unwrap_or(0)
 }

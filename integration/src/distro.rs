@@ -79,9 +79,11 @@ fn io_err(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> Error {
 }
 
 /// Where built trees are kept between runs:
-/// `$HYPERBOX_BENCH_IMAGES`, else `/var/cache/hyperbox/bench-images`.
+/// `$HYPERBOX_BENCH_IMAGE_CACHE`, else `/var/cache/hyperbox/bench-images`
+/// (a variable of its own: `HYPERBOX_BENCH_IMAGES` names the bench's
+/// images, `python` or `files`, not a directory).
 pub fn cache_dir() -> PathBuf {
-    std::env::var_os("HYPERBOX_BENCH_IMAGES")
+    std::env::var_os("HYPERBOX_BENCH_IMAGE_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/cache/hyperbox/bench-images"))
 }

@@ -640,7 +640,10 @@ async fn wait_complete(tb: &mut Testbed) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn indexed_images_are_pulled_lazily() {
     require_containers!();
-    let mut tb = Testbed::start_hyperbox(|b| b.without_cri()).await;
+    let mut tb = Testbed::start_hyperbox_configured("metrics_address = \"127.0.0.1:0\"", |b| {
+        b.without_cri()
+    })
+    .await;
     let big = 48u64 << 20;
     let mut spec = ImageSpec::busybox(&["cat", "/etc/motd"]).unwrap();
     spec.layers[0] = spec.layers[0]
@@ -719,6 +722,13 @@ async fn indexed_images_are_pulled_lazily() {
     tb.proxy
         .set_shaping(hyperbox_integration::proxy::Shaping::default());
     wait_complete(&mut tb).await;
+    // Filled from the image's own layer blob (fetched whole, converted
+    // here), not with Range requests to the EROFS blob.
+    let page = tb.hyperbox().metrics().await;
+    assert!(
+        metric(&page, "hyperbox_snapshotter_lazy_layer_filled_chunks_total") > 0,
+        "{page}"
+    );
     let out = client
         .run(
             "complete",

@@ -167,6 +167,18 @@ impl BlobSize {
 /// Progress of one download: bytes so far, total if known.
 pub type Progress<'a> = &'a (dyn Fn(u64, Option<u64>) + Send + Sync);
 
+/// Awaited before each piece of a download's body is read, with the bytes
+/// read so far: a download that must give way to other traffic (the lazy
+/// path's background fill, to the reads a container waits for) stops
+/// reading while it is pending, and TCP stops the sender once the socket's
+/// buffer is full. The client's read timeout runs only while the body is
+/// polled, so a pause does not trip it; a server that drops an idle
+/// connection is resumed from where the download stopped. It resolves to
+/// false once the download is no longer wanted (its lazy layer was
+/// removed): the download ends with [`Error::Stopped`] and its partial
+/// file is removed, instead of crossing the link for nobody.
+pub type Pace = Arc<dyn Fn(u64) -> futures::future::BoxFuture<'static, bool> + Send + Sync>;
+
 /// A registry client for every host, configured like containerd.
 pub struct Registry {
     config_path: PathBuf,
@@ -718,11 +730,34 @@ impl Registry {
         path: &Path,
         progress: Progress<'_>,
     ) -> Result<u64, Error> {
-        let _slot = self
-            .downloads
-            .acquire()
+        self.fetch_blob_to_file_paced(r, digest, size, path, progress, None)
             .await
-            .expect("the download semaphore is never closed");
+    }
+
+    /// [`Registry::fetch_blob_to_file`], reading the body only as `pace`
+    /// lets it ([`Pace`]), and without a download slot (the caller bounds
+    /// its paced downloads).
+    pub async fn fetch_blob_to_file_paced(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        size: BlobSize,
+        path: &Path,
+        progress: Progress<'_>,
+        pace: Option<Pace>,
+    ) -> Result<u64, Error> {
+        // A paced download spends most of its time paused: it holds no
+        // slot, or a few of them would hold up every pull on the node (its
+        // caller bounds how many run).
+        let _slot = match pace {
+            Some(_) => None,
+            None => Some(
+                self.downloads
+                    .acquire()
+                    .await
+                    .expect("the download semaphore is never closed"),
+            ),
+        };
         // A mismatch after a resumed download may come from mixing two
         // sources; one fresh download settles it.
         for fresh in [false, true] {
@@ -736,8 +771,13 @@ impl Registry {
                 v = Verifier::default();
             }
             if !(matches!(size, BlobSize::Exact(n) if n == v.len() && n > 0)) {
-                self.download_across(r, digest, size, path, &mut v, progress)
-                    .await?;
+                let got = self
+                    .download_across(r, digest, size, path, &mut v, progress, pace.as_ref())
+                    .await;
+                if let Err(Error::Stopped { .. }) = &got {
+                    remove(path)?;
+                }
+                got?;
             }
             let len = v.len();
             match v.finish(digest, &format!("blob {digest} of {r}")) {
@@ -756,6 +796,7 @@ impl Registry {
 
     /// [`Registry::across`] for a download, whose verifier carries over
     /// between attempts so each retry resumes where the last one stopped.
+    #[allow(clippy::too_many_arguments)]
     async fn download_across(
         &self,
         r: &Reference,
@@ -764,13 +805,17 @@ impl Registry {
         path: &Path,
         v: &mut Verifier,
         progress: Progress<'_>,
+        pace: Option<&Pace>,
     ) -> Result<(), Error> {
         let mut failed = Vec::new();
         for (ep, retry) in self.endpoints(r, false)? {
             let retries = if retry { self.retries } else { 0 };
             let mut backoff = FIRST_BACKOFF;
             for attempt in 0..=retries {
-                match self.download(&ep, r, digest, size, path, v, progress).await {
+                match self
+                    .download(&ep, r, digest, size, path, v, progress, pace)
+                    .await
+                {
                     Ok(()) => {
                         self.worked(r, &ep);
                         return Ok(());
@@ -801,6 +846,7 @@ impl Registry {
         path: &Path,
         v: &mut Verifier,
         progress: Progress<'_>,
+        pace: Option<&Pace>,
     ) -> Result<(), Error> {
         let io = |action, source| Error::Io {
             action,
@@ -878,7 +924,19 @@ impl Registry {
         });
         let mut body = resp.bytes_stream();
         let mut result = Ok(());
-        while let Some(chunk) = body.next().await {
+        loop {
+            if let Some(p) = pace
+                && !p(v.len()).await
+            {
+                result = Err(Error::Stopped {
+                    url: url.clone(),
+                    read: v.len(),
+                });
+                break;
+            }
+            let Some(chunk) = body.next().await else {
+                break;
+            };
             match chunk {
                 Ok(c) => {
                     if v.len() + c.len() as u64 > size.limit() {

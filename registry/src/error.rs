@@ -118,6 +118,15 @@ pub enum Error {
         /// `base: error` per endpoint.
         errors: Vec<String>,
     },
+    /// The caller no longer wanted a paced download ([`crate::Pace`]);
+    /// what it had read is removed.
+    #[error("{url}: download stopped after {read} bytes: no longer wanted")]
+    Stopped {
+        /// The request.
+        url: String,
+        /// Bytes read before it stopped.
+        read: u64,
+    },
     /// A local file operation failed.
     #[error("{action} {path}")]
     Io {

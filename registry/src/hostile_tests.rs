@@ -459,3 +459,127 @@ async fn neither_debug_output_nor_errors_show_credentials() {
     assert!(matches!(e, Error::Transport { .. }), "{e}");
     assert!(!e.to_string().contains("sig-secret"), "{e}");
 }
+
+/// The lazy path's fill pauses its download while a container's reads
+/// wait: a pause longer than the read timeout must not fail it (the
+/// timeout runs only while the body is polled), and a paused download must
+/// not hold the node's only download slot.
+#[tokio::test]
+async fn a_paced_download_outlasts_the_read_timeout_and_holds_no_download_slot() {
+    use std::sync::{Arc, Mutex};
+    let blob: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+    let digest = Digest::of(&blob);
+    let size = crate::BlobSize::Exact(blob.len() as u64);
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(blob_server(blob.clone(), 0, false)).await;
+    hosts_toml(
+        dir.path(),
+        &server.host(),
+        &format!("server = \"http://{}\"\n", server.host()),
+    );
+    let reg = Arc::new(
+        Registry::new(&hyperbox_config::Registry {
+            config_path: dir.path().join("certs.d"),
+            docker_config: dir.path().join("config.json"),
+            max_concurrent_downloads: 1,
+            retries: 0,
+            timeout_secs: 1,
+        })
+        .unwrap(),
+    );
+    let r = Reference::parse(&format!("{}/app:v1", server.host())).unwrap();
+    let seen: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let pace: crate::Pace = {
+        let seen = seen.clone();
+        Arc::new(move |read| {
+            let first_pause = {
+                let mut s = seen.lock().unwrap();
+                s.push(read);
+                read > 0 && s.iter().filter(|r| **r > 0).count() == 1
+            };
+            Box::pin(async move {
+                if first_pause {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                }
+                true
+            })
+        })
+    };
+    let paced = {
+        let (reg, r, path) = (reg.clone(), r.clone(), dir.path().join("paced"));
+        let digest = digest.clone();
+        tokio::spawn(async move {
+            reg.fetch_blob_to_file_paced(&r, &digest, size, &path, &|_, _| {}, Some(pace))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let other = dir.path().join("other");
+    let got = within(reg.fetch_blob_to_file(&r, &digest, size, &other, &|_, _| {})).await;
+    assert_eq!(got.unwrap(), blob.len() as u64);
+    assert!(!paced.is_finished(), "the paced download is still paused");
+    assert_eq!(
+        within(paced).await.unwrap().unwrap(),
+        blob.len() as u64,
+        "a 3 s pause with a 1 s read timeout"
+    );
+    assert_eq!(std::fs::read(dir.path().join("paced")).unwrap(), blob);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.first(), Some(&0));
+    assert!(seen.len() > 2, "asked before each piece: {seen:?}");
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+}
+
+/// A paced download whose caller no longer wants it (its lazy layer was
+/// removed) stops at the next piece: its bytes no longer cross the link,
+/// and nothing of it is left on disk.
+#[tokio::test]
+async fn a_paced_download_no_longer_wanted_stops_and_leaves_nothing() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let blob: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+    let digest = Digest::of(&blob);
+    let size = crate::BlobSize::Exact(blob.len() as u64);
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(blob_server(blob.clone(), 0, false)).await;
+    hosts_toml(
+        dir.path(),
+        &server.host(),
+        &format!("server = \"http://{}\"\n", server.host()),
+    );
+    let reg = Registry::new(&hyperbox_config::Registry {
+        config_path: dir.path().join("certs.d"),
+        docker_config: dir.path().join("config.json"),
+        retries: 3,
+        ..Default::default()
+    })
+    .unwrap();
+    let r = Reference::parse(&format!("{}/app:v1", server.host())).unwrap();
+    let wanted = Arc::new(AtomicBool::new(true));
+    let last = Arc::new(AtomicU64::new(0));
+    let pace: crate::Pace = {
+        let (wanted, last) = (wanted.clone(), last.clone());
+        Arc::new(move |read| {
+            last.store(read, Ordering::SeqCst);
+            // Given up once a megabyte is in.
+            if read >= 1 << 20 {
+                wanted.store(false, Ordering::SeqCst);
+            }
+            let go_on = wanted.load(Ordering::SeqCst);
+            Box::pin(async move { go_on })
+        })
+    };
+    let path = dir.path().join("paced");
+    let e = within(reg.fetch_blob_to_file_paced(&r, &digest, size, &path, &|_, _| {}, Some(pace)))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Stopped { .. }), "{e}");
+    assert!(e.to_string().contains("no longer wanted"), "{e}");
+    let stopped_at = last.load(Ordering::SeqCst);
+    assert!(
+        ((1 << 20)..blob.len() as u64 / 2).contains(&stopped_at),
+        "stopped at {stopped_at} of {} bytes",
+        blob.len()
+    );
+    assert!(!path.exists(), "the partial download is removed");
+}

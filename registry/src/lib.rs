@@ -37,6 +37,6 @@ mod hostile_tests;
 #[cfg(test)]
 mod test_server;
 
-pub use client::{BlobSize, Descriptor, Registry, Resolved};
+pub use client::{BlobSize, Descriptor, Pace, Registry, Resolved};
 pub use error::Error;
 pub use reference::Reference;

@@ -53,6 +53,8 @@ pub struct Counters {
 pub struct Demand {
     pending: watch::Sender<usize>,
     last_end: Mutex<Option<Instant>>,
+    /// When pressure was last read for [`Demand::pace`], and what it was.
+    pressure_seen: Mutex<Option<(Instant, bool)>>,
     /// `/proc/pressure/io`, or a test's file.
     pressure_file: PathBuf,
     /// Pause at or above this `some avg10` (%); 0 never pauses.
@@ -96,6 +98,7 @@ impl Demand {
         Arc::new(Demand {
             pending: watch::Sender::new(0),
             last_end: Mutex::new(None),
+            pressure_seen: Mutex::new(None),
             pressure_file: file,
             pause_at,
             counters: Counters::default(),
@@ -131,9 +134,23 @@ impl Demand {
     /// under pressure (at most [`MAX_PRESSURE_PAUSE`]); whether it waited
     /// at all.
     pub async fn settle(&self) -> bool {
+        self.settle_within(MAX_PRESSURE_PAUSE).await
+    }
+
+    /// Waits until no read is pending and none ended in the last `quiet`,
+    /// at most `most`. For work that cannot give the link back at once
+    /// when a read arrives (a whole-layer download: the bytes a server has
+    /// sent and the socket buffers hold still cross the link), started
+    /// only once a container's start-up burst is over.
+    pub async fn quiet_for(&self, quiet: Duration, most: Duration) {
+        self.wait_quiet(quiet, most).await;
+    }
+
+    /// [`Demand::quiet_for`]; whether it waited at all.
+    async fn wait_quiet(&self, quiet: Duration, most: Duration) -> bool {
         let mut waited = false;
         let mut rx = self.pending.subscribe();
-        let deadline = Instant::now() + MAX_YIELD;
+        let deadline = Instant::now() + most;
         while Instant::now() < deadline {
             if *rx.borrow_and_update() > 0 {
                 waited = true;
@@ -146,18 +163,57 @@ impl Demand {
                 .unwrap_or_else(|e| e.into_inner())
                 .map(|t| t.elapsed());
             match since {
-                Some(s) if s < QUIET => {
+                Some(s) if s < quiet => {
                     waited = true;
-                    tokio::time::sleep((QUIET - s).min(deadline - Instant::now())).await;
+                    tokio::time::sleep((quiet - s).min(deadline - Instant::now())).await;
                 }
                 _ => break,
             }
         }
+        waited
+    }
+
+    /// For a background download read piece by piece (a layer fetched
+    /// whole to fill its lazy copy): returns at once while no read is
+    /// pending, none ended in the last [`QUIET`] and the node is calm
+    /// (pressure looked at once per [`PRESSURE_RECHECK`]); otherwise
+    /// [`Demand::settle`], its pause for pressure held under
+    /// [`MAX_YIELD`] so the paused connection outlives it. Whether it
+    /// waited.
+    pub async fn pace(&self) -> bool {
+        let quiet = self.pending() == 0
+            && self
+                .last_end
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_none_or(|t| t.elapsed() >= QUIET);
+        if quiet && !self.pressure_lately() {
+            return false;
+        }
+        self.settle_within(MAX_YIELD).await
+    }
+
+    /// [`Demand::under_pressure`], read at most once per
+    /// [`PRESSURE_RECHECK`].
+    fn pressure_lately(&self) -> bool {
+        let mut last = self.pressure_seen.lock().unwrap_or_else(|e| e.into_inner());
+        match *last {
+            Some((at, p)) if at.elapsed() < PRESSURE_RECHECK => p,
+            _ => {
+                let p = self.under_pressure();
+                *last = Some((Instant::now(), p));
+                p
+            }
+        }
+    }
+
+    async fn settle_within(&self, max_pressure_pause: Duration) -> bool {
+        let waited = self.wait_quiet(QUIET, MAX_YIELD).await;
         if waited {
             self.counters.fill_yields.fetch_add(1, Ordering::Relaxed);
         }
         let mut paused = false;
-        let resume_by = Instant::now() + MAX_PRESSURE_PAUSE;
+        let resume_by = Instant::now() + max_pressure_pause;
         while Instant::now() < resume_by && self.under_pressure() {
             if !paused {
                 paused = true;
@@ -169,7 +225,7 @@ impl Demand {
                     "node I/O under pressure; background fill paused"
                 );
             }
-            tokio::time::sleep(PRESSURE_RECHECK).await;
+            tokio::time::sleep(PRESSURE_RECHECK.min(resume_by - Instant::now())).await;
         }
         waited || paused
     }
@@ -252,6 +308,84 @@ mod tests {
                 "{waited:?}"
             );
         }
+        reads.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_paced_download_reads_on_while_calm_and_pauses_briefly_for_reads_and_pressure() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("io");
+        let write = |avg10: f64| {
+            std::fs::write(
+                &file,
+                format!("some avg10={avg10:.2} avg60=0.00 avg300=0.00 total=1\n"),
+            )
+            .unwrap()
+        };
+        write(1.0);
+        let d = Demand::with_pressure_file(20.0, file.clone());
+        let started = Instant::now();
+        assert!(!d.pace().await, "calm: no wait");
+        assert_eq!(started.elapsed(), Duration::ZERO);
+
+        // A pending read holds the download until it ends and QUIET passes.
+        let read = d.begin(vec![chunk()]);
+        let d2 = d.clone();
+        let paced = tokio::spawn(async move {
+            assert!(d2.pace().await);
+            Instant::now()
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!paced.is_finished());
+        let ended = Instant::now();
+        drop(read);
+        assert!(paced.await.unwrap() - ended >= QUIET);
+
+        // Pressure is read once per PRESSURE_RECHECK, and a pause for it
+        // stays under MAX_YIELD (the connection must outlive it).
+        tokio::time::sleep(PRESSURE_RECHECK).await;
+        write(50.0);
+        let started = Instant::now();
+        assert!(d.pace().await);
+        let waited = started.elapsed();
+        assert!(waited > Duration::ZERO && waited <= MAX_YIELD, "{waited:?}");
+        write(1.0);
+        tokio::time::sleep(PRESSURE_RECHECK).await;
+        assert!(!d.pace().await, "calm again once read again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn work_that_cannot_yield_starts_after_a_quiet_spell_or_at_the_latest() {
+        let d = Demand::with_pressure_file(0.0, PathBuf::from("/nonexistent"));
+        let quiet = Duration::from_millis(500);
+        let started = Instant::now();
+        d.quiet_for(quiet, Duration::from_secs(10)).await;
+        assert_eq!(started.elapsed(), Duration::ZERO, "nothing read yet");
+
+        // A read ends: the work waits until 500 ms have passed since.
+        drop(d.begin(vec![chunk()]));
+        let ended = Instant::now();
+        d.quiet_for(quiet, Duration::from_secs(10)).await;
+        assert_eq!(ended.elapsed(), quiet);
+
+        // Reads without a pause: at the latest after `most`.
+        let reader = d.clone();
+        let reads = tokio::spawn(async move {
+            loop {
+                let r = reader.begin(vec![chunk()]);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                drop(r);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let started = Instant::now();
+        d.quiet_for(quiet, Duration::from_secs(10)).await;
+        let waited = started.elapsed();
+        assert!(
+            (Duration::from_secs(10)..Duration::from_secs(10) + quiet).contains(&waited),
+            "{waited:?}"
+        );
         reads.abort();
     }
 

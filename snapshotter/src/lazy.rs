@@ -26,9 +26,11 @@
 //!   image the index names: another index never writes, replaces or serves
 //!   a file made from a different one, and a file a snapshot links is never
 //!   rewritten;
-//! - once complete, the layer is fetched whole (verified against its
-//!   compressed digest), converted, and must give the index's diff_id and
-//!   the same EROFS bytes ([`Verifier`]). On mismatch the file is marked
+//! - the layer is fetched whole (verified against its compressed digest)
+//!   and converted, and must give the index's diff_id and the same EROFS
+//!   bytes, chunk by chunk ([`Verifier`]): by default that download is the
+//!   fill (`fill_from_layer`); with the Range fill it follows completion
+//!   (`verify`). On mismatch the file is marked
 //!   again and every further read of it fails with EIO, new mounts on it
 //!   are refused, and its index entry is never used again on this node (the
 //!   next pull fetches the layer whole). Until then its bytes are served:
@@ -63,7 +65,7 @@ use futures::future::BoxFuture;
 use hyperbox_kernel::fanotify::{AccessEvent, FileId, PreContent, Verdict};
 use hyperbox_registry::digest::{Digest, chain_id};
 use hyperbox_registry::index::{Index, IndexLayer};
-use hyperbox_registry::{Reference, Registry};
+use hyperbox_registry::{Pace, Reference, Registry};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{Semaphore, watch};
@@ -115,6 +117,20 @@ const PREFETCH_PARALLEL: usize = 16;
 /// index is in: they only speed a pull up, so they never hold one back for
 /// long.
 const SHARED_GRACE: Duration = Duration::from_millis(250);
+/// Downloads of the whole layer tried before filling from the EROFS blob.
+const WHOLE_ATTEMPTS: u32 = 3;
+/// Layers downloaded whole for fills at once (containerd's default
+/// `max_concurrent_downloads`).
+const LAYER_FILLS: usize = 3;
+/// A fill from the layer starts once reads have been quiet this long: a
+/// paused download still receives what its server sent and the sockets
+/// hold (hundreds of KiB), which a start-up burst of reads would queue
+/// behind. Measured on the Python image: started at once, the container's
+/// exit came about 7 % later.
+const LAYER_QUIET: Duration = Duration::from_millis(500);
+/// ... but at the latest this long after the prefetch, so a container
+/// that never stops reading still gets its layer local.
+const LAYER_QUIET_MAX: Duration = Duration::from_secs(10);
 /// Fill requests dropped in a row for reads before one is finished anyway.
 const MAX_DROPS: u32 = 3;
 
@@ -165,16 +181,30 @@ fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
     }
 }
 
-/// Checks a completed lazy layer against the image's own digests.
+/// Where whole layers come from: the source of a fill from the layer and
+/// the check of a layer filled otherwise.
 pub trait Verifier: fmt::Debug + Send + Sync {
     /// Layer `layer` of `image`, fetched whole (verified against its
     /// compressed digest) and converted: the EROFS image's path and the
-    /// diff_id its decompressed bytes give.
+    /// diff_id its decompressed bytes give. The download reads only as
+    /// `pace` lets it.
     fn whole<'a>(
         &'a self,
         image: &'a str,
         layer: &'a str,
-    ) -> BoxFuture<'a, Result<(PathBuf, String), String>>;
+        pace: Option<Pace>,
+    ) -> BoxFuture<'a, Result<(PathBuf, String), WholeError>>;
+}
+
+/// Why a layer could not be had whole.
+#[derive(Debug, Clone)]
+pub struct WholeError {
+    /// The cause, for logs.
+    pub why: String,
+    /// The layer's own bytes were refused (policy, a malformed tar): no
+    /// retry will do better, and the lazy copy made from its index cannot
+    /// be checked, so it is refused. Otherwise the registry failed.
+    pub bad_content: bool,
 }
 
 /// `[snapshotter]` settings of the lazy path.
@@ -193,6 +223,9 @@ pub struct Options {
     /// Look up the prefetch lists shared beside an image's index
     /// (`snapshotter.lazy_shared_prefetch`).
     pub shared_prefetch: bool,
+    /// Fill from the layer fetched whole rather than with Range requests
+    /// to the EROFS blob (`snapshotter.lazy_fill_from_layer`).
+    pub fill_from_layer: bool,
 }
 
 /// What the lazy path has done, for `/metrics`.
@@ -217,6 +250,8 @@ pub struct Counters {
     pub readahead_chunks: AtomicU64,
     /// Of those, chunks a read then touched.
     pub readahead_used: AtomicU64,
+    /// Chunks filled from the layer itself, converted on the node.
+    pub layer_filled_chunks: AtomicU64,
 }
 
 /// What survives a restart about a lazy file (`<key>.lazy`): present until
@@ -285,6 +320,12 @@ struct Blob {
 }
 
 impl Blob {
+    /// Whether its path still names its file (not one a later pull put
+    /// there after a discard).
+    fn still_at_its_path(&self) -> bool {
+        file_id(&self.path).is_some_and(|(id, _)| id == self.inode)
+    }
+
     fn chunk_range(&self, i: usize) -> (u64, u64) {
         let cs = self.state.chunk_size;
         let start = i as u64 * cs;
@@ -403,8 +444,83 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Where an index is looked up: the image's repository (the index is
-/// found there by a tag made from the manifest digest) and the manifest.
+/// How a fill from the layer itself ended.
+enum FromLayer {
+    /// Filled and accepted, rejected, or the layer went away meanwhile.
+    Done,
+    /// The layer could not be had: fill with Range requests instead.
+    Unavailable,
+}
+
+/// What the layer fetched whole made of a lazy copy.
+enum Judged {
+    /// It matched: this many chunks were filled from it.
+    Matched(usize),
+    /// It did not match, or was refused for its content: the copy is
+    /// refused.
+    Refused,
+    /// The conversion could not be read (why).
+    Unreadable(String),
+}
+
+/// Why the converted layer could not fill a lazy copy.
+enum FillError {
+    /// It is not the index's EROFS image (how it differs).
+    Mismatch(String),
+    Io(String),
+}
+
+/// Checks the converted layer at `converted` against the index (for a
+/// fill and for the check of a layer the Range fill completed), every
+/// chunk against its digest and the whole against the EROFS digest (so the
+/// chunks reads fetched from the registry, checked against the same chunk
+/// digests, are the image's own bytes too), writing each chunk `blob`
+/// still lacks as it goes; how many. Nothing reaches the file that its
+/// chunk digest does not vouch for, and a mismatch anywhere refuses the
+/// layer. Chunks written meanwhile by reads hold the same bytes, so no
+/// chunk lock is taken: a read waiting for one is answered by its own
+/// fetch.
+fn copy_missing(blob: &Blob, converted: &Path) -> Result<usize, FillError> {
+    let io = |what: &str, e: std::io::Error| {
+        FillError::Io(format!("{what} {}: {e}", converted.display()))
+    };
+    let src = File::open(converted).map_err(|e| io("open", e))?;
+    let e = &blob.state.entry;
+    let size = src.metadata().map_err(|err| io("stat", err))?.len();
+    if size != e.size {
+        return Err(FillError::Mismatch(format!("{size} bytes, not {}", e.size)));
+    }
+    let mut whole = Sha256::new();
+    let mut buf = vec![0u8; blob.state.chunk_size as usize];
+    let mut copied = 0;
+    for i in 0..e.chunks.len() {
+        let (start, len) = blob.chunk_range(i);
+        let piece = &mut buf[..len as usize];
+        src.read_exact_at(piece, start)
+            .map_err(|err| io("read", err))?;
+        whole.update(&*piece);
+        if hex::encode(Sha256::digest(&*piece)) != e.chunks[i] {
+            return Err(FillError::Mismatch(format!("chunk {i} differs")));
+        }
+        if blob.phase() != Phase::Filling || lock(&blob.present)[i] {
+            continue;
+        }
+        blob.file
+            .write_all_at(piece, start)
+            .map_err(|err| FillError::Io(format!("write {}: {err}", blob.path.display())))?;
+        blob.have_file
+            .write_all_at(&[1], i as u64)
+            .map_err(|err| FillError::Io(format!("write {}: {err}", blob.have_path.display())))?;
+        lock(&blob.present)[i] = true;
+        copied += 1;
+    }
+    let digest = format!("sha256:{}", hex::encode(whole.finalize()));
+    if digest != e.erofs {
+        return Err(FillError::Mismatch(digest));
+    }
+    Ok(copied)
+}
+
 /// The runs of `false` in `present` as inclusive index pairs, none longer
 /// than `most`: what one Range request each fetches.
 fn missing_runs(present: &[bool], most: usize) -> Vec<(usize, usize)> {
@@ -466,6 +582,8 @@ impl Ahead {
     }
 }
 
+/// Where an index is looked up: the image's repository (the index is
+/// found there by a tag made from the manifest digest) and the manifest.
 fn index_key(image: &Reference, manifest: &str) -> String {
     format!("{}/{}@{manifest}", image.host, image.repository)
 }
@@ -574,7 +692,11 @@ impl crate::snapshots::LayerGate for Unservable {
 pub struct Lazy {
     fan: Arc<dyn PreContent>,
     registry: Arc<Registry>,
-    verifier: Option<Arc<dyn Verifier>>,
+    /// Where whole layers come from: the fill's source
+    /// (`fill_from_layer`) and the check of a layer filled otherwise.
+    layers: Option<Arc<dyn Verifier>>,
+    verify: bool,
+    fill_from_layer: bool,
     dir: PathBuf,
     blobs: Mutex<HashMap<FileId, Arc<Blob>>>,
     by_key: Mutex<HashMap<String, Arc<Blob>>>,
@@ -586,6 +708,9 @@ pub struct Lazy {
     /// has two indexes, or one and none.
     indexes: Mutex<HashMap<String, CachedIndex>>,
     fetches: Semaphore,
+    /// Whole-layer downloads of fills at once: paced, they hold no
+    /// registry download slot ([`hyperbox_registry::Pace`]).
+    layer_fills: Semaphore,
     fill_request: u64,
     /// Learned access orders of lazy layers.
     prefetch: prefetch::Store,
@@ -620,7 +745,9 @@ impl Lazy {
         let lazy = Arc::new(Lazy {
             fan,
             registry,
-            verifier: if options.verify { verifier } else { None },
+            layers: verifier,
+            verify: options.verify,
+            fill_from_layer: options.fill_from_layer,
             dir: dir.clone(),
             blobs: Mutex::new(HashMap::new()),
             by_key: Mutex::new(HashMap::new()),
@@ -628,6 +755,7 @@ impl Lazy {
             rejected: Mutex::new(HashMap::new()),
             indexes: Mutex::new(HashMap::new()),
             fetches: Semaphore::new(options.max_chunk_fetches.max(1)),
+            layer_fills: Semaphore::new(LAYER_FILLS),
             fill_request: options.fill_request,
             prefetch: prefetch::Store::open(root).map_err(io("create", &root.join("prefetch")))?,
             shared_prefetch: options.shared_prefetch,
@@ -1035,6 +1163,12 @@ impl Lazy {
         let started = Instant::now();
         let per_request = blob.chunks_in(self.fill_request);
         self.prefetch_learned(&blob, per_request).await;
+        if self.fill_from_layer {
+            match self.fill_from_layer(&blob).await {
+                FromLayer::Done => return,
+                FromLayer::Unavailable => {}
+            }
+        }
         let mut next = 0;
         let mut delay = Duration::from_secs(1);
         let mut dropped = 0;
@@ -1091,41 +1225,195 @@ impl Lazy {
             return;
         }
         self.save_learned(&blob);
-        let _ = blob.file.sync_all();
-        // Complete before the mark goes: whoever sees it unmarked sees the
-        // layer past filling.
-        blob.phase.send_replace(Phase::Verifying);
-        if let Err(e) = self.fan.unmark(&blob.path) {
-            tracing::warn!(file = %blob.path.display(), error = %e, "cannot remove the mark of a complete layer");
+        if !self.finish_filling(&blob) {
+            return;
         }
-        let _ = fs::remove_file(&blob.have_path);
         tracing::info!(layer = %blob.state.entry.layer, ms = started.elapsed().as_millis() as u64, "lazy layer complete");
         self.verify(&blob).await;
     }
 
+    /// A complete layer leaves Filling for Verifying, once, and its mark
+    /// and chunk record go. False when it left Filling meanwhile
+    /// (discarded, refused): then nothing of it is touched, since a new
+    /// pull may have put another file at its path.
+    fn finish_filling(&self, blob: &Blob) -> bool {
+        let _ = blob.file.sync_all();
+        // Past filling before the mark goes: whoever sees it unmarked sees
+        // the layer past filling.
+        let moved = blob.phase.send_if_modified(|p| {
+            let filling = *p == Phase::Filling;
+            if filling {
+                *p = Phase::Verifying;
+            }
+            filling
+        });
+        if !moved || !blob.still_at_its_path() {
+            return false;
+        }
+        if let Err(e) = self.fan.unmark(&blob.path) {
+            tracing::warn!(file = %blob.path.display(), error = %e, "cannot remove the mark of a complete layer");
+        }
+        let _ = fs::remove_file(&blob.have_path);
+        true
+    }
+
+    /// Fills what is still missing from the layer itself: fetched whole
+    /// (its compressed digest checked), converted, and accepted only if it
+    /// gives the index's diff_id and EROFS digest, which makes the copy
+    /// verified by construction. The download reads only while no read
+    /// waits ([`Demand::pace`]); reads go on fetching their chunks from the
+    /// EROFS blob meanwhile. After [`WHOLE_ATTEMPTS`] failed downloads the
+    /// caller fills with Range requests instead, so a registry that serves
+    /// the EROFS blob but not the layer still completes the file.
+    async fn fill_from_layer(self: &Arc<Self>, blob: &Arc<Blob>) -> FromLayer {
+        let Some(layers) = self.layers.clone() else {
+            return FromLayer::Unavailable;
+        };
+        let e = &blob.state.entry;
+        let started = Instant::now();
+        let pace: Pace = {
+            let (me, b) = (self.clone(), blob.clone());
+            // After each wait, a fill request's worth goes through before
+            // the next: a body read frame by frame, each behind a wait of
+            // up to MAX_YIELD, would all but stop under steady reads.
+            let budget_from = Arc::new(AtomicU64::new(0));
+            let budget = self.fill_request;
+            Arc::new(move |read| {
+                let (me, b, from) = (me.clone(), b.clone(), budget_from.clone());
+                Box::pin(async move {
+                    // A layer removed, refused or complete meanwhile needs
+                    // no more of it.
+                    if b.phase() != Phase::Filling {
+                        return false;
+                    }
+                    if read < from.load(Ordering::Relaxed) + budget && read > 0 {
+                        return true;
+                    }
+                    if me.demand.pace().await {
+                        // Reads just settled: keep what they waited for.
+                        me.save_learned(&b);
+                    }
+                    from.store(read, Ordering::Relaxed);
+                    b.phase() == Phase::Filling
+                })
+            })
+        };
+        let mut delay = Duration::from_secs(1);
+        let mut attempt = 1;
+        let whole = loop {
+            if blob.phase() != Phase::Filling {
+                return FromLayer::Done;
+            }
+            // Once the start-up burst is over: pausing the download stops
+            // new bytes, not those already on their way.
+            self.demand.quiet_for(LAYER_QUIET, LAYER_QUIET_MAX).await;
+            let whole = {
+                let _slot = self.layer_fills.acquire().await.expect("never closed");
+                layers
+                    .whole(&blob.state.image, &e.layer, Some(pace.clone()))
+                    .await
+            };
+            if blob.phase() != Phase::Filling {
+                // Removed meanwhile: its download stopped (see the pace).
+                return FromLayer::Done;
+            }
+            match whole {
+                Ok(got) => break Ok(got),
+                Err(err) if err.bad_content => break Err(err),
+                Err(WholeError { why, .. }) if attempt < WHOLE_ATTEMPTS => {
+                    tracing::warn!(layer = %e.layer, attempt, retry_in_s = delay.as_secs(), error = %why, "cannot fetch the layer whole to fill its lazy copy; retrying (reads still fetch on demand)");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_BACKOFF);
+                    attempt += 1;
+                }
+                Err(WholeError { why, .. }) => {
+                    tracing::warn!(layer = %e.layer, attempts = attempt, error = %why, "cannot fetch the layer whole; filling its lazy copy from the index's EROFS blob instead");
+                    return FromLayer::Unavailable;
+                }
+            }
+        };
+        if blob.phase() != Phase::Filling {
+            return FromLayer::Done;
+        }
+        let copied = match self.judge(blob, whole).await {
+            Judged::Matched(n) => n,
+            Judged::Refused => return FromLayer::Done,
+            Judged::Unreadable(why) => {
+                tracing::warn!(layer = %e.layer, error = %why, "cannot fill the lazy copy from the converted layer; filling from the index's EROFS blob instead");
+                return FromLayer::Unavailable;
+            }
+        };
+        self.counters
+            .layer_filled_chunks
+            .fetch_add(copied as u64, Ordering::Relaxed);
+        if blob.phase() != Phase::Filling {
+            return FromLayer::Done;
+        }
+        self.save_learned(blob);
+        if !self.finish_filling(blob) {
+            return FromLayer::Done;
+        }
+        tracing::info!(layer = %e.layer, chunks_from_layer = copied, ms = started.elapsed().as_millis() as u64, "lazy layer complete, filled from the layer itself");
+        // Its bytes are the layer's own, converted here.
+        self.accept(blob);
+        FromLayer::Done
+    }
+
     /// Checks a complete layer against the image's own digests, retrying
     /// while the registry fails; see the module comment.
-    async fn verify(&self, blob: &Blob) {
-        let Some(verifier) = &self.verifier else {
+    async fn verify(&self, blob: &Arc<Blob>) {
+        let Some(verifier) = self.layers.as_ref().filter(|_| self.verify) else {
             self.accept(blob);
             return;
         };
         let e = &blob.state.entry;
         let mut delay = Duration::from_secs(1);
-        let (path, diff_id) = loop {
+        let whole = loop {
             // The whole-layer download cannot be given up halfway like a
             // chunk; it starts only once reads have settled.
             self.demand.settle().await;
             if blob.phase() != Phase::Verifying {
                 return;
             }
-            match verifier.whole(&blob.state.image, &e.layer).await {
-                Ok(got) => break got,
-                Err(why) => {
+            match verifier.whole(&blob.state.image, &e.layer, None).await {
+                Ok(got) => break Ok(got),
+                Err(err) if err.bad_content => break Err(err),
+                Err(WholeError { why, .. }) => {
                     tracing::warn!(layer = %e.layer, retry_in_s = delay.as_secs(), error = %why, "cannot fetch the layer whole to verify its lazy copy; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(MAX_BACKOFF);
                 }
+            }
+        };
+        match self.judge(blob, whole).await {
+            Judged::Matched(_) => self.accept(blob),
+            Judged::Refused => {}
+            Judged::Unreadable(why) => self.reject(
+                blob,
+                format!("cannot read the converted layer to compare: {why}"),
+            ),
+        }
+    }
+
+    /// Holds a lazy copy against its layer fetched whole (the layer's
+    /// conversion and diff_id, or why the layer's own bytes were refused):
+    /// the diff_id, every chunk and the whole EROFS digest must match the
+    /// index, chunks still missing are filled from it (while filling), and
+    /// a mismatch refuses the copy.
+    async fn judge(
+        &self,
+        blob: &Arc<Blob>,
+        whole: Result<(PathBuf, String), WholeError>,
+    ) -> Judged {
+        let e = &blob.state.entry;
+        let (path, diff_id) = match whole {
+            Ok(got) => got,
+            Err(err) => {
+                self.reject(
+                    blob,
+                    format!("layer {} was refused whole: {}", e.layer, err.why),
+                );
+                return Judged::Refused;
             }
         };
         if diff_id != e.diff_id {
@@ -1136,38 +1424,43 @@ impl Lazy {
                     e.layer, e.diff_id
                 ),
             );
-            return;
+            return Judged::Refused;
         }
-        let digest = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-            let mut f = File::open(&path)?;
-            let mut h = Sha256::new();
-            std::io::copy(&mut f, &mut h)?;
-            Ok(format!("sha256:{}", hex::encode(h.finalize())))
-        })
-        .await;
-        match digest {
-            Ok(Ok(d)) if d == e.erofs => self.accept(blob),
-            Ok(Ok(d)) => self.reject(
-                blob,
-                format!(
-                    "the index's EROFS image {} is not what layer {} converts to ({d})",
-                    e.erofs, e.layer
-                ),
-            ),
-            Ok(Err(err)) => self.reject(
-                blob,
-                format!("cannot read the converted layer to compare: {err}"),
-            ),
-            Err(err) => self.reject(blob, format!("verification task failed: {err}")),
+        let b = blob.clone();
+        match tokio::task::spawn_blocking(move || copy_missing(&b, &path)).await {
+            Ok(Ok(n)) => Judged::Matched(n),
+            Ok(Err(FillError::Mismatch(what))) => {
+                self.reject(
+                    blob,
+                    format!(
+                        "the index's EROFS image {} is not what layer {} converts to ({what})",
+                        e.erofs, e.layer
+                    ),
+                );
+                Judged::Refused
+            }
+            Ok(Err(FillError::Io(why))) => Judged::Unreadable(why),
+            Err(err) => Judged::Unreadable(format!("check task failed: {err}")),
         }
     }
 
     /// The layer matched its image: nothing more to keep about it.
     fn accept(&self, blob: &Blob) {
-        let _ = fs::remove_file(&blob.state_path);
-        sync_dir(&blob.state_path);
+        if blob.still_at_its_path() {
+            let _ = fs::remove_file(&blob.state_path);
+            sync_dir(&blob.state_path);
+        }
         lock(&self.blobs).remove(&blob.inode);
-        lock(&self.by_key).remove(&blob.key);
+        {
+            let mut by_key = lock(&self.by_key);
+            // A pull after a discard may have registered the key again.
+            if by_key
+                .get(&blob.key)
+                .is_some_and(|b| std::ptr::eq(&**b, blob))
+            {
+                by_key.remove(&blob.key);
+            }
+        }
         blob.phase.send_replace(Phase::Verified);
         self.counters.verified.fetch_add(1, Ordering::Relaxed);
         tracing::info!(layer = %blob.state.entry.layer, erofs = %blob.erofs, "lazy layer verified against its image");
@@ -1357,7 +1650,14 @@ impl Lazy {
             return Ok(());
         }
         let _read = self.demand.begin(blob.wanted[first..=last].to_vec());
-        self.ensure_chunks(blob, first, last).await
+        let fetched = self.ensure_chunks(blob, first, last).await;
+        // The fill from the layer writes verified chunks without their
+        // locks: a read whose own request failed meanwhile may find its
+        // chunks here after all, and then it has nothing to fail for.
+        if fetched.is_err() && lock(&blob.present)[first..=last].iter().all(|p| *p) {
+            return Ok(());
+        }
+        fetched
     }
 
     fn respond(&self, event: AccessEvent, verdict: Verdict) {
@@ -1622,7 +1922,7 @@ impl crate::snapshots::LayerGate for Lazy {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
     use std::time::Duration;
 
     use hyperbox_kernel::testing::FakeFanotify;
@@ -1638,7 +1938,8 @@ mod tests {
     struct Blobs {
         addr: std::net::SocketAddr,
         ranges: Arc<AtomicUsize>,
-        /// The first byte of each range asked for, in arrival order.
+        /// The first byte of each range asked for, in arrival order
+        /// (failed ones too).
         asked: Arc<Mutex<Vec<u64>>>,
     }
 
@@ -1677,6 +1978,9 @@ mod tests {
                             .await;
                         return;
                     };
+                    lock(&asked).push(a as u64);
+                    // A slow link: the client may give the request up.
+                    tokio::time::sleep(delay).await;
                     if failures
                         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                         .is_ok()
@@ -1687,9 +1991,6 @@ mod tests {
                         return;
                     }
                     counted.fetch_add(1, Ordering::SeqCst);
-                    lock(&asked).push(a as u64);
-                    // A slow link: the client may give the request up.
-                    tokio::time::sleep(delay).await;
                     let mut body = blob[a..=b].to_vec();
                     if corrupt {
                         body.iter_mut().for_each(|x| *x = !*x);
@@ -1720,6 +2021,7 @@ mod tests {
         file: FileId,
         layer: String,
         server: Blobs,
+        whole: Arc<Whole>,
     }
 
     impl Drop for Setup {
@@ -1734,6 +2036,18 @@ mod tests {
     struct Whole {
         path: PathBuf,
         diff_id: String,
+        /// Fails this many downloads first.
+        fails: AtomicUsize,
+        /// Downloads asked for.
+        calls: AtomicUsize,
+        /// When set, a download waits for it before its first piece.
+        gate: Option<Arc<tokio::sync::Notify>>,
+        /// Every download is refused for its content.
+        bad_content: bool,
+        /// Downloads never wait for reads.
+        unpaced: bool,
+        /// A download was told it is no longer wanted.
+        stopped: AtomicBool,
     }
 
     impl Verifier for Whole {
@@ -1741,8 +2055,42 @@ mod tests {
             &'a self,
             _image: &'a str,
             _layer: &'a str,
-        ) -> BoxFuture<'a, Result<(PathBuf, String), String>> {
-            Box::pin(async move { Ok((self.path.clone(), self.diff_id.clone())) })
+            pace: Option<Pace>,
+        ) -> BoxFuture<'a, Result<(PathBuf, String), WholeError>> {
+            Box::pin(async move {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                if let Some(gate) = &self.gate {
+                    gate.notified().await;
+                }
+                if let Some(p) = pace.filter(|_| !self.unpaced) {
+                    // The body's first piece and one past the budget, read
+                    // as the download would.
+                    if !p(0).await || !p(FILL_REQUEST).await {
+                        self.stopped.store(true, Ordering::SeqCst);
+                        return Err(WholeError {
+                            why: "download stopped: no longer wanted".into(),
+                            bad_content: false,
+                        });
+                    }
+                }
+                if self.bad_content {
+                    return Err(WholeError {
+                        why: "layer refused: device node".into(),
+                        bad_content: true,
+                    });
+                }
+                if self
+                    .fails
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    return Err(WholeError {
+                        why: "registry unavailable".into(),
+                        bad_content: false,
+                    });
+                }
+                Ok((self.path.clone(), self.diff_id.clone()))
+            })
         }
     }
 
@@ -1766,7 +2114,8 @@ mod tests {
     struct Case {
         /// The registry flips every byte it sends.
         corrupt: bool,
-        /// The registry fails this many range requests first.
+        /// The registry fails this many range requests first (each after
+        /// `delay`).
         fail_first: usize,
         /// What "the layer fetched whole" converts to, if not the blob.
         whole: Option<Vec<u8>>,
@@ -1777,6 +2126,17 @@ mod tests {
         /// A list shared through the registry, fitted to the layer as an
         /// index lookup leaves it.
         shared: Vec<usize>,
+        /// Fill from the layer fetched whole (`fill_from_layer`).
+        from_layer: bool,
+        /// Downloads of the whole layer that fail first.
+        whole_fails: usize,
+        /// The whole layer comes once this is notified.
+        whole_gate: Option<Arc<tokio::sync::Notify>>,
+        /// The whole layer is refused for its content.
+        whole_bad_content: bool,
+        /// The whole layer's download does not wait for reads: its bytes
+        /// were on their way before they came.
+        whole_unpaced: bool,
     }
 
     /// A lazy layer of four chunks, registered and marked, whose bytes
@@ -1787,10 +2147,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let whole = dir.path().join("whole.erofs");
         fs::write(&whole, case.whole.as_deref().unwrap_or(&blob)).unwrap();
-        let verifier: Arc<dyn Verifier> = Arc::new(Whole {
+        let whole = Arc::new(Whole {
             path: whole,
             diff_id: DIFF_ID.into(),
+            fails: AtomicUsize::new(case.whole_fails),
+            calls: AtomicUsize::new(0),
+            gate: case.whole_gate.clone(),
+            bad_content: case.whole_bad_content,
+            unpaced: case.whole_unpaced,
+            stopped: AtomicBool::new(false),
         });
+        let verifier: Arc<dyn Verifier> = whole.clone();
         if !case.learned.is_empty() {
             prefetch::Store::open(dir.path())
                 .unwrap()
@@ -1803,7 +2170,10 @@ mod tests {
             registry(dir.path()),
             fan.clone(),
             Some(verifier),
-            OPTIONS,
+            Options {
+                fill_from_layer: case.from_layer,
+                ..OPTIONS
+            },
         )
         .unwrap();
         assert_eq!(resumed, 0);
@@ -1842,6 +2212,7 @@ mod tests {
             file: (m.dev(), m.ino()),
             layer,
             server,
+            whole,
         }
     }
 
@@ -1852,6 +2223,7 @@ mod tests {
         // One chunk per request, so the tests see each chunk's request.
         fill_request: CHUNK,
         shared_prefetch: true,
+        fill_from_layer: false,
     };
 
     /// Polls `f` until it holds or WAIT passes.
@@ -1968,6 +2340,215 @@ mod tests {
         assert!(crate::snapshots::LayerGate::refuse(&*again, &link).is_some());
         assert_eq!(fan.marked(), std::slice::from_ref(&s.path));
         fan.close();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_layer_fills_from_its_own_blob_without_range_requests_and_is_accepted() {
+        let s = setup(Case {
+            from_layer: true,
+            ..Case::default()
+        })
+        .await;
+        let lazy = s.lazy.clone();
+        assert!(eventually(|| lazy.counters().verified.load(Ordering::SeqCst) == 1).await);
+        assert_eq!(fs::read(&s.path).unwrap(), s.blob);
+        assert!(s.fan.marked().is_empty(), "a complete layer is unmarked");
+        assert_eq!(
+            s.server.ranges.load(Ordering::SeqCst),
+            0,
+            "no byte came from the EROFS blob"
+        );
+        assert_eq!(
+            s.lazy.counters().layer_filled_chunks.load(Ordering::SeqCst),
+            4
+        );
+        assert_eq!(
+            s.whole.calls.load(Ordering::SeqCst),
+            1,
+            "one download fills and verifies"
+        );
+        assert!(!s.path.with_extension("lazy").exists());
+        assert!(!s.lazy.knows(&s.layer));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_held_read_is_served_from_the_erofs_blob_while_the_layer_downloads() {
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let s = setup(Case {
+            from_layer: true,
+            whole_gate: Some(gate.clone()),
+            ..Case::default()
+        })
+        .await;
+        // The read arrives while the layer downloads.
+        let read = {
+            let fan = s.fan.clone();
+            let id = fan.push(Some(s.file), 2 * CHUNK + 10, 16);
+            tokio::task::spawn_blocking(move || fan.answer(id, WAIT))
+        };
+        assert_eq!(read.await.unwrap(), Some(Verdict::Allow));
+        assert!(
+            s.server.ranges.load(Ordering::SeqCst) >= 1,
+            "fetched on demand"
+        );
+        assert_eq!(s.lazy.counters().verified.load(Ordering::SeqCst), 0);
+        gate.notify_one();
+        let lazy = s.lazy.clone();
+        assert!(eventually(|| lazy.counters().verified.load(Ordering::SeqCst) == 1).await);
+        assert_eq!(fs::read(&s.path).unwrap(), s.blob);
+        let from_layer = s.lazy.counters().layer_filled_chunks.load(Ordering::SeqCst);
+        assert!(
+            (1..=3).contains(&from_layer),
+            "{from_layer}: the chunks the read did not fetch came from the layer"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_whose_request_fails_after_the_layer_filled_its_chunks_goes_on() {
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let s = setup(Case {
+            from_layer: true,
+            whole_gate: Some(gate.clone()),
+            whole_unpaced: true,
+            fail_first: 1,
+            delay: Duration::from_secs(2),
+            ..Case::default()
+        })
+        .await;
+        // The layer's download is under way when the read comes; the
+        // layer arrives and fills every chunk while the read's own request
+        // is still out, and that request then fails.
+        let whole = s.whole.clone();
+        assert!(eventually(|| whole.calls.load(Ordering::SeqCst) == 1).await);
+        let read = {
+            let fan = s.fan.clone();
+            let id = fan.push(Some(s.file), 2 * CHUNK + 10, 16);
+            tokio::task::spawn_blocking(move || fan.answer(id, WAIT))
+        };
+        let server = s.server.asked.clone();
+        assert!(eventually(|| !lock(&server).is_empty()).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        gate.notify_one();
+        let lazy = s.lazy.clone();
+        assert!(eventually(|| lazy.counters().verified.load(Ordering::SeqCst) == 1).await);
+        assert_eq!(read.await.unwrap(), Some(Verdict::Allow));
+        assert_eq!(
+            s.lazy.counters().chunk_failures.load(Ordering::SeqCst),
+            1,
+            "the read's request did fail"
+        );
+        assert_eq!(s.lazy.counters().denied_reads.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            read_at(&s.path, 2 * CHUNK, CHUNK as usize),
+            s.blob[2 * CHUNK as usize..3 * CHUNK as usize]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_layer_removed_while_it_downloads_stops_its_download() {
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let s = setup(Case {
+            from_layer: true,
+            whole_gate: Some(gate.clone()),
+            ..Case::default()
+        })
+        .await;
+        let whole = s.whole.clone();
+        assert!(eventually(|| whole.calls.load(Ordering::SeqCst) == 1).await);
+        // The image is deleted before its layer is complete.
+        s.lazy.forget(&s.path);
+        assert!(!s.path.exists());
+        gate.notify_one();
+        assert!(
+            eventually(|| whole.stopped.load(Ordering::SeqCst)).await,
+            "the download was told to stop"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(whole.calls.load(Ordering::SeqCst), 1, "not tried again");
+        assert_eq!(
+            s.server.ranges.load(Ordering::SeqCst),
+            0,
+            "and no fill from the EROFS blob instead"
+        );
+    }
+
+    /// [`setup`] filling from the layer, which comes only once a snapshot
+    /// links the lazy file (as commit_layer does), so a refusal marks the
+    /// file instead of removing it.
+    async fn linked_from_layer(case: Case) -> Setup {
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let s = setup(Case {
+            from_layer: true,
+            whole_gate: Some(gate.clone()),
+            ..case
+        })
+        .await;
+        fs::hard_link(&s.path, s._dir.path().join("snapshot-layer.erofs")).unwrap();
+        gate.notify_one();
+        s
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_layer_that_converts_to_other_bytes_is_refused() {
+        let mut other: Vec<u8> = (0..4 * CHUNK).map(|i| (i % 251) as u8).collect();
+        other[5000] ^= 0xff;
+        let s = linked_from_layer(Case {
+            whole: Some(other),
+            ..Case::default()
+        })
+        .await;
+        let lazy = s.lazy.clone();
+        assert!(eventually(|| lazy.counters().rejected.load(Ordering::SeqCst) == 1).await);
+        assert_eq!(
+            s.lazy.counters().layer_filled_chunks.load(Ordering::SeqCst),
+            0
+        );
+        assert_eq!(read_event(&s, 0).await, Some(Verdict::DenyEio));
+        let state = fs::read_to_string(s.path.with_extension("lazy")).unwrap();
+        assert!(state.contains("is not what layer"), "{state}");
+        assert!(state.contains("chunk 1 differs"), "{state}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_layer_refused_for_its_content_refuses_its_lazy_copy_at_once() {
+        let s = linked_from_layer(Case {
+            whole_bad_content: true,
+            ..Case::default()
+        })
+        .await;
+        let lazy = s.lazy.clone();
+        assert!(eventually(|| lazy.counters().rejected.load(Ordering::SeqCst) == 1).await);
+        assert_eq!(s.whole.calls.load(Ordering::SeqCst), 1, "not retried");
+        assert_eq!(s.server.ranges.load(Ordering::SeqCst), 0, "no Range fill");
+        let state = fs::read_to_string(s.path.with_extension("lazy")).unwrap();
+        assert!(
+            state.contains("refused whole: layer refused: device node"),
+            "{state}"
+        );
+        assert_eq!(read_event(&s, 2 * CHUNK).await, Some(Verdict::DenyEio));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_the_layer_the_fill_falls_back_to_the_erofs_blob() {
+        let s = setup(Case {
+            from_layer: true,
+            whole_fails: usize::MAX,
+            ..Case::default()
+        })
+        .await;
+        let fan = s.fan.clone();
+        assert!(
+            eventually(|| fan.marked().is_empty()).await,
+            "complete anyway"
+        );
+        assert_eq!(fs::read(&s.path).unwrap(), s.blob);
+        assert!(s.server.ranges.load(Ordering::SeqCst) >= 1);
+        assert!(s.whole.calls.load(Ordering::SeqCst) >= WHOLE_ATTEMPTS as usize);
+        assert_eq!(
+            s.lazy.counters().verified.load(Ordering::SeqCst),
+            0,
+            "not verified without the layer"
+        );
     }
 
     #[test]

@@ -67,6 +67,11 @@ pub fn render(lazy: Option<&Lazy>) -> String {
             &c.readahead_used,
         ),
         (
+            "hyperbox_snapshotter_lazy_layer_filled_chunks_total",
+            "Chunks of lazy layers filled from the image's own layer blob, fetched whole and converted on the node (snapshotter.lazy_fill_from_layer).",
+            &c.layer_filled_chunks,
+        ),
+        (
             "hyperbox_snapshotter_lazy_fill_yields_total",
             "Times the background fill waited for pending reads to settle before its next chunk.",
             &d.fill_yields,

@@ -30,12 +30,13 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use hyperbox_registry::digest::Digest;
-use hyperbox_registry::{BlobSize, Reference, Registry};
+use hyperbox_registry::{BlobSize, Pace, Reference, Registry};
 
 use hyperbox_erofs::convert::{self, convert_hashed};
 use hyperbox_erofs::writer;
@@ -197,7 +198,9 @@ pub struct Remote {
     registry: Arc<Registry>,
     layers: PathBuf,
     staging: PathBuf,
-    inflight: Mutex<HashMap<String, Fetch>>,
+    /// Layer fetches under way, each with whether a caller that must not
+    /// be paced (a Prepare, a prefetch) joined it.
+    inflight: Mutex<HashMap<String, (Fetch, Arc<AtomicBool>)>>,
     options: writer::Options,
     /// Layer sizes by image reference.
     sizes: Mutex<HashMap<String, Arc<Sizes>>>,
@@ -289,6 +292,20 @@ impl Remote {
         image: &str,
         digest: &str,
     ) -> Result<Converted, Arc<Error>> {
+        self.ensure_paced(image, digest, None).await
+    }
+
+    /// [`Remote::ensure`], the download reading only as `pace` lets it (a
+    /// lazy layer's fill gives way to reads). A caller without a pace
+    /// joining it (a Prepare or prefetch of the same layer) lifts the pace
+    /// for the rest of the download: it must not wait on another image's
+    /// reads.
+    pub async fn ensure_paced(
+        self: &Arc<Self>,
+        image: &str,
+        digest: &str,
+        pace: Option<Pace>,
+    ) -> Result<Converted, Arc<Error>> {
         let d = Digest::parse(digest).map_err(|e| {
             Arc::new(Error::Label {
                 what: format!("label cri.layer-digest: {e}"),
@@ -313,14 +330,28 @@ impl Remote {
         }
         let fetch = {
             let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(f) = inflight.get(d.hex()) {
+            if let Some((f, urgent)) = inflight.get(d.hex()) {
+                if pace.is_none() {
+                    urgent.store(true, Ordering::Relaxed);
+                }
                 f.clone()
             } else {
                 let me = self.clone();
                 let image = image.to_string();
                 let key = d.hex().to_string();
+                let urgent = Arc::new(AtomicBool::new(false));
+                let pace = pace.map(|p| -> Pace {
+                    let urgent = urgent.clone();
+                    Arc::new(move |n| {
+                        if urgent.load(Ordering::Relaxed) {
+                            Box::pin(async { true })
+                        } else {
+                            p(n)
+                        }
+                    })
+                });
                 let task = tokio::spawn(async move {
-                    let r = me.fetch(&image, &d).await.map_err(Arc::new);
+                    let r = me.fetch(&image, &d, pace).await.map_err(Arc::new);
                     me.inflight
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -336,7 +367,7 @@ impl Remote {
                 }
                 .boxed()
                 .shared();
-                inflight.insert(key, f.clone());
+                inflight.insert(key, (f.clone(), urgent));
                 f
             }
         };
@@ -358,7 +389,7 @@ impl Remote {
         }
     }
 
-    async fn fetch(&self, image: &str, d: &Digest) -> Result<Converted, Error> {
+    async fn fetch(&self, image: &str, d: &Digest, pace: Option<Pace>) -> Result<Converted, Error> {
         let registry_err = |source| Error::Registry {
             digest: d.to_string(),
             image: image.into(),
@@ -370,7 +401,7 @@ impl Remote {
         let bound = self.blob_size(image, &r, d).await;
         let size = self
             .registry
-            .fetch_blob_to_file(&r, d, bound, &blob, &|_, _| {})
+            .fetch_blob_to_file_paced(&r, d, bound, &blob, &|_, _| {}, pace)
             .await
             .map_err(registry_err)?;
         let fetched = started.elapsed();
@@ -525,13 +556,17 @@ impl crate::lazy::Verifier for WholeLayers {
         &'a self,
         image: &'a str,
         layer: &'a str,
-    ) -> BoxFuture<'a, Result<(PathBuf, String), String>> {
+        pace: Option<Pace>,
+    ) -> BoxFuture<'a, Result<(PathBuf, String), crate::lazy::WholeError>> {
         async move {
             self.0
-                .ensure(image, layer)
+                .ensure_paced(image, layer, pace)
                 .await
                 .map(|c| (c.path, c.diff_id))
-                .map_err(|e| hyperbox_api::error_chain(&*e))
+                .map_err(|e| crate::lazy::WholeError {
+                    why: hyperbox_api::error_chain(&*e),
+                    bad_content: matches!(*e, Error::Content { .. } | Error::DiffId(_)),
+                })
         }
         .boxed()
     }

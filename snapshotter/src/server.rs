@@ -77,6 +77,7 @@ pub async fn run(full: &hyperbox_config::Config) -> Result<()> {
                             fill_pause_io_pressure: f64::from(config.lazy_fill_pause_io_pressure),
                             fill_request: lazy::FILL_REQUEST,
                             shared_prefetch: config.lazy_shared_prefetch,
+                            fill_from_layer: config.lazy_fill_from_layer,
                         },
                     )
                     .context("start the lazy path")?;
