@@ -625,20 +625,6 @@ impl Client {
         }
     }
 
-    /// True while containerd holds a task for container `id`. A task whose
-    /// shim died is still held (its calls fail with the closed connection)
-    /// until containerd's cleanup after the dead shim drops it; only then
-    /// does `Tasks.Delete` answer cleanly.
-    pub async fn task_held(&self, id: &str) -> bool {
-        let got = TasksClient::new(self.channel.clone())
-            .get(self.req(containerd_client::services::v1::GetRequest {
-                container_id: id.into(),
-                exec_id: String::new(),
-            }))
-            .await;
-        !matches!(got, Err(s) if s.code() == Code::NotFound)
-    }
-
     async fn registry_get(&self, url: &str, accept: &str) -> Result<(Vec<u8>, String)> {
         let resp = self
             .http

@@ -40,7 +40,8 @@ pub const MAX_PRESSURE_PAUSE: Duration = Duration::from_secs(30);
 /// What the scheduling did, for `/metrics`.
 #[derive(Debug, Default)]
 pub struct Counters {
-    /// Times the fill waited for reads to settle before its next chunk.
+    /// Times the fill waited for reads to settle before its next chunk
+    /// (or the next piece of its layer download).
     pub fill_yields: AtomicU64,
     /// Chunk fetches of the fill given up because a read arrived.
     pub fill_preempted: AtomicU64,

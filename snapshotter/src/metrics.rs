@@ -73,7 +73,7 @@ pub fn render(lazy: Option<&Lazy>) -> String {
         ),
         (
             "hyperbox_snapshotter_lazy_fill_yields_total",
-            "Times the background fill waited for pending reads to settle before its next chunk.",
+            "Times the background fill waited for pending reads to settle before its next chunk or, filling from the layer, its next 1 MiB of the layer download.",
             &d.fill_yields,
         ),
         (

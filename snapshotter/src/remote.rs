@@ -143,6 +143,18 @@ impl Error {
             _ => false,
         }
     }
+
+    /// Whether the download was stopped because the lazy layer it was for
+    /// is no longer wanted ([`Pace`]).
+    pub fn is_stopped(&self) -> bool {
+        matches!(
+            self,
+            Error::Registry {
+                source: hyperbox_registry::Error::Stopped { .. },
+                ..
+            }
+        )
+    }
 }
 
 /// A converted layer image and the diff_id its content was verified to
@@ -306,6 +318,29 @@ impl Remote {
         digest: &str,
         pace: Option<Pace>,
     ) -> Result<Converted, Arc<Error>> {
+        loop {
+            let got = self.ensure_once(image, digest, pace.clone()).await;
+            match &got {
+                // A download started for a lazy layer that was removed
+                // meanwhile stopped under a caller that still needs the
+                // layer: it starts its own.
+                Err(e) if pace.is_none() && e.is_stopped() => {
+                    tracing::debug!(
+                        layer = digest,
+                        "joined a download its lazy layer gave up; fetching again"
+                    );
+                }
+                _ => return got,
+            }
+        }
+    }
+
+    async fn ensure_once(
+        self: &Arc<Self>,
+        image: &str,
+        digest: &str,
+        pace: Option<Pace>,
+    ) -> Result<Converted, Arc<Error>> {
         let d = Digest::parse(digest).map_err(|e| {
             Arc::new(Error::Label {
                 what: format!("label cri.layer-digest: {e}"),
@@ -344,10 +379,11 @@ impl Remote {
                     let urgent = urgent.clone();
                     Arc::new(move |n| {
                         if urgent.load(Ordering::Relaxed) {
-                            Box::pin(async { true })
-                        } else {
-                            p(n)
+                            return Box::pin(async { true });
                         }
+                        // An unpaced caller may join while the pace waits.
+                        let (wait, urgent) = (p(n), urgent.clone());
+                        Box::pin(async move { wait.await || urgent.load(Ordering::Relaxed) })
                     })
                 });
                 let task = tokio::spawn(async move {
@@ -505,7 +541,10 @@ impl Remote {
 
     /// Removes converted layers no snapshot links to any more and that are
     /// older than `min_age` (younger ones may be prefetched for a Prepare
-    /// still to come).
+    /// still to come), and partial downloads no fetch has touched for
+    /// [`STAGING_KEEP`] (a lazy layer's fill given up or its layer removed
+    /// between attempts: the next fetch of that layer would have resumed
+    /// them by then).
     pub fn prune(&self, min_age: std::time::Duration) -> Result<Vec<PathBuf>, Error> {
         use std::os::unix::fs::MetadataExt;
         let mut removed = Vec::new();
@@ -541,9 +580,33 @@ impl Remote {
                 removed.push(p);
             }
         }
+        for e in fs::read_dir(&self.staging).map_err(io("read", &self.staging))? {
+            let e = e.map_err(io("read", &self.staging))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(hex) = name.strip_suffix(".blob") else {
+                continue;
+            };
+            if busy.iter().any(|b| b == hex) {
+                continue;
+            }
+            let untouched = e
+                .metadata()
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|a| a >= STAGING_KEEP);
+            if untouched {
+                let p = e.path();
+                fs::remove_file(&p).map_err(io("remove", &p))?;
+                removed.push(p);
+            }
+        }
         Ok(removed)
     }
 }
+
+/// How long a partial download is kept for a fetch to resume.
+const STAGING_KEEP: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Checks completed lazy layers against the whole layer as this path
 /// fetches it: verified compressed digest, diff_id hashed while converting.
@@ -566,6 +629,7 @@ impl crate::lazy::Verifier for WholeLayers {
                 .map_err(|e| crate::lazy::WholeError {
                     why: hyperbox_api::error_chain(&*e),
                     bad_content: matches!(*e, Error::Content { .. } | Error::DiffId(_)),
+                    stopped: e.is_stopped(),
                 })
         }
         .boxed()
@@ -623,5 +687,131 @@ mod tests {
         assert_eq!(r.recorded(&d), None, "corrupt record");
         r.record(&d, "sha256:nothex").unwrap();
         assert_eq!(r.recorded(&d), None, "malformed diff_id");
+    }
+
+    #[test]
+    fn partial_downloads_untouched_for_an_hour_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = remote(dir.path());
+        let staging = dir.path().join("staging");
+        let (old, fresh) = (
+            staging.join(format!("{}.blob", Digest::of(b"old").hex())),
+            staging.join(format!("{}.blob", Digest::of(b"fresh").hex())),
+        );
+        fs::write(&old, b"half a layer").unwrap();
+        fs::write(&fresh, b"half another").unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - 2 * STAGING_KEEP)
+            .unwrap();
+        let removed = r.prune(std::time::Duration::ZERO).unwrap();
+        assert_eq!(removed, vec![old.clone()]);
+        assert!(!old.exists());
+        assert!(fresh.exists(), "a fetch may still resume it");
+    }
+
+    /// Serves `blob` whole for every blob GET over plain HTTP; anything
+    /// else is not found.
+    async fn serve_blob(blob: Vec<u8>) -> std::net::SocketAddr {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let blob = Arc::new(blob);
+        tokio::spawn(async move {
+            loop {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let blob = blob.clone();
+                tokio::spawn(async move {
+                    let Some(head) = crate::test_http::read_head(&mut conn).await else {
+                        return;
+                    };
+                    let line = head.lines().next().unwrap_or("");
+                    if !line.starts_with("GET ") || !line.contains("/blobs/") {
+                        let _ = conn
+                            .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                            .await;
+                        return;
+                    }
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        blob.len()
+                    );
+                    let _ = conn.write_all(reply.as_bytes()).await;
+                    let _ = conn.write_all(&blob).await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// A Prepare joining the paced download of a lazy layer's fill keeps
+    /// it going when that lazy layer is removed (its image deleted while
+    /// another image with the same layer is pulled): the Prepare gets the
+    /// layer, not "no longer wanted".
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_prepare_joining_a_paced_download_keeps_it_when_the_lazy_layer_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..4u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        tar.append_data(&mut h, "big", &data[..]).unwrap();
+        let layer = tar.into_inner().unwrap();
+        let digest = Digest::of(&layer).to_string();
+        let addr = serve_blob(layer).await;
+        let remote = Arc::new(remote(dir.path()));
+        let image = format!("{addr}/test/app:v1");
+
+        // The lazy layer's pace: holds the download once it has begun,
+        // until released, then says whether the layer is still wanted.
+        let held = Arc::new(tokio::sync::Notify::new());
+        let release = Arc::new(tokio::sync::Notify::new());
+        let wanted = Arc::new(AtomicBool::new(true));
+        let pace: Pace = {
+            let (held, release, wanted) = (held.clone(), release.clone(), wanted.clone());
+            let paused = Arc::new(AtomicBool::new(false));
+            Arc::new(move |read| {
+                let (held, release, wanted) = (held.clone(), release.clone(), wanted.clone());
+                let first = read > 0 && !paused.swap(true, Ordering::SeqCst);
+                Box::pin(async move {
+                    if first {
+                        held.notify_one();
+                        release.notified().await;
+                    }
+                    wanted.load(Ordering::SeqCst)
+                })
+            })
+        };
+        let lazy = {
+            let (r, image, digest) = (remote.clone(), image.clone(), digest.clone());
+            tokio::spawn(async move { r.ensure_paced(&image, &digest, Some(pace)).await })
+        };
+        held.notified().await;
+        let prepare = {
+            let (r, image, digest) = (remote.clone(), image.clone(), digest.clone());
+            tokio::spawn(async move { r.ensure_paced(&image, &digest, None).await })
+        };
+        // Joined while the pace waits; then the lazy layer goes.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        wanted.store(false, Ordering::SeqCst);
+        release.notify_one();
+        let got = prepare.await.unwrap().expect("the Prepare gets its layer");
+        assert_eq!(got.diff_id, digest, "a plain tar's diff_id is its digest");
+        assert!(got.path.is_file());
+        let lazy = lazy.await.unwrap();
+        assert!(
+            lazy.is_ok(),
+            "the download went on for the Prepare: {:?}",
+            lazy.err()
+        );
     }
 }
