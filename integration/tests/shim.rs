@@ -554,7 +554,19 @@ async fn containers_survive_a_containerd_restart_and_a_killed_shim_is_cleaned_up
 
     // The shim is killed with -9: containerd runs `shim delete`, which
     // removes runc's state and the rootfs mount, and reports the exit.
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim_of(pid)), Signal::SIGKILL).unwrap();
+    // The init's parent must be its shim: were the shim gone already, the
+    // init would have been handed to this test (a subreaper), and the
+    // kill would end the test itself without a word.
+    let shim = shim_of(pid);
+    let cmdline = std::fs::read(format!("/proc/{shim}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .unwrap_or_default();
+    assert!(
+        shim > 1 && shim != std::process::id() as i32 && cmdline.contains(HYPERBOX_SHIM_BINARY),
+        "the container's init {pid} has parent {shim} ({cmdline:?}), not its shim\n{}",
+        tb.containerd.log()
+    );
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), Signal::SIGKILL).unwrap();
     let state = tb.containerd.dir().join("runc/default/kept/state.json");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
