@@ -460,14 +460,20 @@ async fn neither_debug_output_nor_errors_show_credentials() {
     assert!(!e.to_string().contains("sig-secret"), "{e}");
 }
 
-/// The lazy path's fill pauses its download while a container's reads
-/// wait: a pause longer than the read timeout must not fail it (the
-/// timeout runs only while the body is polled), and a paused download must
-/// not hold the node's only download slot.
-#[tokio::test]
-async fn a_paced_download_outlasts_the_read_timeout_and_holds_no_download_slot() {
-    use std::sync::{Arc, Mutex};
-    let blob: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+/// A blob of `mib` MiB served whole by a local registry (plain HTTP), for
+/// the paced-download tests: its bytes, digest and size, the directory the
+/// client's configuration goes in, the server and the image reference.
+async fn served_blob(
+    mib: u32,
+) -> (
+    Vec<u8>,
+    Digest,
+    crate::BlobSize,
+    tempfile::TempDir,
+    Server,
+    Reference,
+) {
+    let blob: Vec<u8> = (0..mib << 20).map(|i| (i % 251) as u8).collect();
     let digest = Digest::of(&blob);
     let size = crate::BlobSize::Exact(blob.len() as u64);
     let dir = tempfile::tempdir().unwrap();
@@ -477,6 +483,18 @@ async fn a_paced_download_outlasts_the_read_timeout_and_holds_no_download_slot()
         &server.host(),
         &format!("server = \"http://{}\"\n", server.host()),
     );
+    let r = Reference::parse(&format!("{}/app:v1", server.host())).unwrap();
+    (blob, digest, size, dir, server, r)
+}
+
+/// The lazy path's fill pauses its download while a container's reads
+/// wait: a pause longer than the read timeout must not fail it (the
+/// timeout runs only while the body is polled), and a paused download must
+/// not hold the node's only download slot.
+#[tokio::test]
+async fn a_paced_download_outlasts_the_read_timeout_and_holds_no_download_slot() {
+    use std::sync::{Arc, Mutex};
+    let (blob, digest, size, dir, _server, r) = served_blob(4).await;
     let reg = Arc::new(
         Registry::new(&hyperbox_config::Registry {
             config_path: dir.path().join("certs.d"),
@@ -487,7 +505,6 @@ async fn a_paced_download_outlasts_the_read_timeout_and_holds_no_download_slot()
         })
         .unwrap(),
     );
-    let r = Reference::parse(&format!("{}/app:v1", server.host())).unwrap();
     let seen: Arc<Mutex<Vec<u64>>> = Arc::default();
     let pace: crate::Pace = {
         let seen = seen.clone();
@@ -537,16 +554,7 @@ async fn a_paced_download_outlasts_the_read_timeout_and_holds_no_download_slot()
 async fn a_paced_download_no_longer_wanted_stops_and_leaves_nothing() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    let blob: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
-    let digest = Digest::of(&blob);
-    let size = crate::BlobSize::Exact(blob.len() as u64);
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(blob_server(blob.clone(), 0, false)).await;
-    hosts_toml(
-        dir.path(),
-        &server.host(),
-        &format!("server = \"http://{}\"\n", server.host()),
-    );
+    let (blob, digest, size, dir, _server, r) = served_blob(8).await;
     let reg = Registry::new(&hyperbox_config::Registry {
         config_path: dir.path().join("certs.d"),
         docker_config: dir.path().join("config.json"),
@@ -554,7 +562,6 @@ async fn a_paced_download_no_longer_wanted_stops_and_leaves_nothing() {
         ..Default::default()
     })
     .unwrap();
-    let r = Reference::parse(&format!("{}/app:v1", server.host())).unwrap();
     let wanted = Arc::new(AtomicBool::new(true));
     let last = Arc::new(AtomicU64::new(0));
     let pace: crate::Pace = {
