@@ -172,6 +172,14 @@ pub fn run(kernel: &Kernel, script: &str, env: &[(String, String)], timeout: Dur
         // module; q35's virtio-pci is built in.
         .arg("--disable-microvm")
         .args(["--memory", "4G", "--cpus", "2"])
+        // The guest kernel's console goes to vng's stderr (with
+        // `--verbose`; stdout, which callers parse, stays the script's
+        // alone): a guest that dies without an exit status (vng's 255)
+        // leaves its panic or OOM report there. `loglevel=6` after
+        // vng's `debug` keeps warnings and notices, not debug chatter
+        // that would slow an emulated serial port.
+        .arg("--verbose")
+        .args(["--append", "loglevel=6"])
         // virtme's init mounts an empty tmpfs on /var/cache; the tools,
         // kernels and builds the tests use are shared back, read-only.
         .arg("--rodir")
