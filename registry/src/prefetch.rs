@@ -263,6 +263,12 @@ impl Store {
         self.dir.join(format!("{hex}-{chunk_size}.json"))
     }
 
+    /// Whether a list was learned for the EROFS image `erofs` read in
+    /// chunks of `chunk_size` (without reading it or marking it used).
+    pub fn has(&self, erofs: &str, chunk_size: u64) -> bool {
+        self.path(erofs, chunk_size).is_file()
+    }
+
     /// The learned order for the EROFS image `erofs` read in chunks of
     /// `chunk_size`, of which it has `chunks`; empty when none was learned
     /// or the list does not fit this layer.

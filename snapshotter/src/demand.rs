@@ -208,11 +208,29 @@ impl Demand {
         }
     }
 
+    /// For background work that does not give way to reads (the whole
+    /// download of a layer no run has taught anything, see
+    /// `crate::lazy`): waits only while the node's I/O is under pressure,
+    /// at most [`MAX_PRESSURE_PAUSE`]. Whether it paused.
+    pub async fn pressure_pace(&self) -> bool {
+        if !self.pressure_lately() {
+            return false;
+        }
+        self.pressure_pause(MAX_PRESSURE_PAUSE).await
+    }
+
     async fn settle_within(&self, max_pressure_pause: Duration) -> bool {
         let waited = self.wait_quiet(QUIET, MAX_YIELD).await;
         if waited {
             self.counters.fill_yields.fetch_add(1, Ordering::Relaxed);
         }
+        let paused = self.pressure_pause(max_pressure_pause).await;
+        waited || paused
+    }
+
+    /// Waits while the node's I/O is under pressure, at most
+    /// `max_pressure_pause`; whether it did.
+    async fn pressure_pause(&self, max_pressure_pause: Duration) -> bool {
         let mut paused = false;
         let resume_by = Instant::now() + max_pressure_pause;
         while Instant::now() < resume_by && self.under_pressure() {
@@ -228,7 +246,7 @@ impl Demand {
             }
             tokio::time::sleep(PRESSURE_RECHECK.min(resume_by - Instant::now())).await;
         }
-        waited || paused
+        paused
     }
 
     /// Resolves when a read is pending (at once if one is).

@@ -72,6 +72,11 @@ pub fn render(lazy: Option<&Lazy>) -> String {
             &c.layer_filled_chunks,
         ),
         (
+            "hyperbox_snapshotter_lazy_untried_layers_total",
+            "Lazy layers of images no run had taught a prefetch list (none on this node, none shared beside the index): downloaded whole at mount without giving way to reads.",
+            &c.untried_layers,
+        ),
+        (
             "hyperbox_snapshotter_lazy_fill_yields_total",
             "Times the background fill waited for pending reads to settle before its next chunk or, filling from the layer, its next 1 MiB of the layer download.",
             &d.fill_yields,
