@@ -686,6 +686,28 @@ async fn indexed_images_are_pulled_lazily() {
         lazy_files_left(&mut tb) > 0,
         "still filling in the background"
     );
+    // No run taught this image anything, so both layers download whole at
+    // once; the small one is filled from its own layer blob (fetched
+    // whole, converted here), not with Range requests to the EROFS blob,
+    // while the large one still comes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let page = tb.hyperbox().metrics().await;
+        assert_eq!(
+            metric(&page, "hyperbox_snapshotter_lazy_untried_layers_total"),
+            2,
+            "{page}"
+        );
+        if metric(&page, "hyperbox_snapshotter_lazy_layer_filled_chunks_total") > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no layer filled from its own blob: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(lazy_files_left(&mut tb) > 0, "the large layer still comes");
 
     // kill -9 while filling; the restart takes the layers back.
     tb.hyperbox().kill(nix::sys::signal::Signal::SIGKILL);
@@ -722,13 +744,6 @@ async fn indexed_images_are_pulled_lazily() {
     tb.proxy
         .set_shaping(hyperbox_integration::proxy::Shaping::default());
     wait_complete(&mut tb).await;
-    // Filled from the image's own layer blob (fetched whole, converted
-    // here), not with Range requests to the EROFS blob.
-    let page = tb.hyperbox().metrics().await;
-    assert!(
-        metric(&page, "hyperbox_snapshotter_lazy_layer_filled_chunks_total") > 0,
-        "{page}"
-    );
     let out = client
         .run(
             "complete",

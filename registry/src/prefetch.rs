@@ -263,16 +263,22 @@ impl Store {
         self.dir.join(format!("{hex}-{chunk_size}.json"))
     }
 
-    /// Whether a list was learned for the EROFS image `erofs` read in
-    /// chunks of `chunk_size` (without reading it or marking it used).
-    pub fn has(&self, erofs: &str, chunk_size: u64) -> bool {
-        self.path(erofs, chunk_size).is_file()
+    /// Whether a list that fits was learned for the EROFS image `erofs`
+    /// read in chunks of `chunk_size`, of which it has `chunks` (without
+    /// marking it used).
+    pub fn has(&self, erofs: &str, chunk_size: u64, chunks: usize) -> bool {
+        !self.read(erofs, chunk_size, chunks, false).is_empty()
     }
 
     /// The learned order for the EROFS image `erofs` read in chunks of
     /// `chunk_size`, of which it has `chunks`; empty when none was learned
     /// or the list does not fit this layer.
     pub fn load(&self, erofs: &str, chunk_size: u64, chunks: usize) -> Vec<usize> {
+        self.read(erofs, chunk_size, chunks, self.touch)
+    }
+
+    /// [`Store::load`], marking the list used if `touch`.
+    fn read(&self, erofs: &str, chunk_size: u64, chunks: usize, touch: bool) -> Vec<usize> {
         let path = self.path(erofs, chunk_size);
         let read = || -> Result<Vec<usize>, String> {
             let meta = match fs::metadata(&path) {
@@ -291,7 +297,7 @@ impl Store {
             if let Some(why) = misfit(&f.chunks, chunks) {
                 return Err(why);
             }
-            if self.touch && !f.chunks.is_empty() {
+            if touch && !f.chunks.is_empty() {
                 // Used: not stale (see `open`).
                 let _ = fs::File::options()
                     .write(true)

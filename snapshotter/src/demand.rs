@@ -211,12 +211,13 @@ impl Demand {
     /// For background work that does not give way to reads (the whole
     /// download of a layer no run has taught anything, see
     /// `crate::lazy`): waits only while the node's I/O is under pressure,
-    /// at most [`MAX_PRESSURE_PAUSE`]. Whether it paused.
+    /// at most [`MAX_YIELD`], as [`Demand::pace`] does, so the paused
+    /// connection is not dropped as idle. Whether it paused.
     pub async fn pressure_pace(&self) -> bool {
         if !self.pressure_lately() {
             return false;
         }
-        self.pressure_pause(MAX_PRESSURE_PAUSE).await
+        self.pressure_pause(MAX_YIELD).await
     }
 
     async fn settle_within(&self, max_pressure_pause: Duration) -> bool {

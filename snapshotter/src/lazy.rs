@@ -135,7 +135,8 @@ const LAYER_QUIET_MAX: Duration = Duration::from_secs(10);
 /// reads of its first run after it is complete, until none came for this
 /// long (at most [`LAYER_QUIET_MAX`]): the list learned then is what the
 /// next nodes prefetch, and a run that outlasts the download reads more.
-const LEARN_QUIET: Duration = Duration::from_secs(1);
+/// Longer under test, where a loaded machine may pause between reads.
+const LEARN_QUIET: Duration = Duration::from_secs(if cfg!(test) { 3 } else { 1 });
 /// Fill requests dropped in a row for reads before one is finished anyway.
 const MAX_DROPS: u32 = 3;
 
@@ -999,9 +1000,10 @@ impl Lazy {
     }
 
     /// [`Download::AtOnce`] for the layers of an image no run taught a
-    /// prefetch list: none of its layers has one on this node, and none
-    /// was shared beside its index. One layer that has a list (a base
-    /// layer another image's runs taught) is enough to wait for reads.
+    /// prefetch list: none of its layers has one that fits on this node,
+    /// and none was shared beside its index. One layer that has a list (a
+    /// base layer another image's runs taught) is enough to wait for
+    /// reads. Without fills from the layer there is no download to start.
     fn download_for(&self, found: &Found) -> Download {
         let chunk_size = found.index.chunk_size;
         let taught = found.shared.values().any(|l| !l.is_empty())
@@ -1009,8 +1011,8 @@ impl Lazy {
                 .index
                 .layers
                 .iter()
-                .any(|l| self.prefetch.has(&l.erofs, chunk_size));
-        if taught {
+                .any(|l| self.prefetch.has(&l.erofs, chunk_size, l.chunks.len()));
+        if taught || !self.fill_from_layer || self.layers.is_none() {
             Download::AfterReads
         } else {
             Download::AtOnce
@@ -1352,6 +1354,11 @@ impl Lazy {
                     }
                     if b.download == Download::AtOnce {
                         me.demand.pressure_pace().await;
+                        // Reads paused: keep what they read so far, in
+                        // case the snapshotter stops before the end.
+                        if lock(&b.last_read).is_some_and(|t| t.elapsed() >= LEARN_QUIET) {
+                            me.save_learned(&b);
+                        }
                     } else if me.demand.pace().await {
                         // Reads just settled: keep what they waited for.
                         me.save_learned(&b);
@@ -1435,6 +1442,7 @@ impl Lazy {
     /// Waits until `blob` saw no read for [`LEARN_QUIET`], at most
     /// [`LAYER_QUIET_MAX`], or until it left Filling.
     async fn reads_pause(&self, blob: &Blob) {
+        self.save_learned(blob);
         let deadline = Instant::now() + LAYER_QUIET_MAX;
         loop {
             let since = lock(&blob.last_read).map_or(LEARN_QUIET, |t| t.elapsed());
@@ -2626,6 +2634,55 @@ mod tests {
         );
         assert_eq!(learned, vec![2, 1]);
         assert_eq!(fs::read(&s.path).unwrap(), s.blob);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_taught_layer_or_a_shared_list_makes_an_image_wait_for_reads() {
+        let s = setup(Case {
+            from_layer: true,
+            ..Case::default()
+        })
+        .await;
+        let layer = |erofs: &str| IndexLayer {
+            layer: format!("sha256:{}", "3".repeat(64)),
+            diff_id: DIFF_ID.into(),
+            erofs: erofs.into(),
+            size: 4 * CHUNK,
+            data_end: 3 * CHUNK,
+            chunks: vec![String::new(); 4],
+        };
+        let (base, app) = (
+            format!("sha256:{}", "a".repeat(64)),
+            format!("sha256:{}", "b".repeat(64)),
+        );
+        let found = |shared: Vec<(String, Vec<usize>)>| Found {
+            index: Arc::new(Index {
+                version: 2,
+                chunk_size: CHUNK,
+                layers: vec![layer(&base), layer(&app)],
+            }),
+            shared: Arc::new(shared.into_iter().map(|(e, l)| (e, Arc::new(l))).collect()),
+        };
+        assert_eq!(s.lazy.download_for(&found(vec![])), Download::AtOnce);
+        assert_eq!(
+            s.lazy.download_for(&found(vec![(app.clone(), vec![1])])),
+            Download::AfterReads,
+            "a list shared for one layer"
+        );
+        let store = prefetch::Store::open(s._dir.path()).unwrap();
+        // A list that does not fit the layer teaches nothing.
+        store.save(&base, CHUNK, 9, &[8]).unwrap();
+        assert_eq!(s.lazy.download_for(&found(vec![])), Download::AtOnce);
+        // Another image's runs taught the base layer.
+        fs::remove_dir_all(s._dir.path().join("prefetch")).unwrap();
+        store.save(&base, CHUNK, 4, &[0]).unwrap();
+        assert_eq!(s.lazy.download_for(&found(vec![])), Download::AfterReads);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_fills_from_the_layer_nothing_downloads_at_once() {
+        let s = setup(Case::default()).await;
+        assert_eq!(s.lazy.counters().untried_layers.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
