@@ -212,12 +212,11 @@ impl Demand {
     /// download of a layer no run has taught anything, see
     /// `crate::lazy`): waits only while the node's I/O is under pressure,
     /// at most [`MAX_YIELD`], as [`Demand::pace`] does, so the paused
-    /// connection is not dropped as idle. Whether it paused.
-    pub async fn pressure_pace(&self) -> bool {
-        if !self.pressure_lately() {
-            return false;
+    /// connection is not dropped as idle.
+    pub async fn pressure_pace(&self) {
+        if self.pressure_lately() {
+            self.pressure_pause(MAX_YIELD).await;
         }
-        self.pressure_pause(MAX_YIELD).await
     }
 
     async fn settle_within(&self, max_pressure_pause: Duration) -> bool {
