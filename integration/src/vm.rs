@@ -172,6 +172,14 @@ pub fn run(kernel: &Kernel, script: &str, env: &[(String, String)], timeout: Dur
         // module; q35's virtio-pci is built in.
         .arg("--disable-microvm")
         .args(["--memory", "4G", "--cpus", "2"])
+        // One host thread runs both vCPUs. With a thread per vCPU (qemu's
+        // default TCG) the guest kernel's live code patching is not
+        // coherent across vCPUs: a vCPU can still run the breakpoint the
+        // other has already patched away, and 6.12 dies with "Oops: int3"
+        // in a static-key site (seen in CI as runc made a container's
+        // cgroup, vng status 255). The guest stays a 2-CPU machine.
+        // (`=`: the value starts with a dash.)
+        .arg("--qemu-opts=-accel tcg,thread=single")
         // The guest kernel's console goes to vng's stderr (with
         // `--verbose`; stdout, which callers parse, stays the script's
         // alone): a guest that dies without an exit status (vng's 255)
