@@ -1,5 +1,5 @@
 //! A request head read off a plain TCP connection, for the tests' tiny
-//! registries (lazy.rs, remote.rs).
+//! registries (`lazy`, `remote`).
 
 use tokio::io::AsyncReadExt;
 

@@ -1,0 +1,318 @@
+//! One lazy layer file: its state on disk (`<key>.lazy`), which chunks
+//! are in (`<key>.have`), and its registration with the fanotify group.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write as _;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use hyperbox_kernel::fanotify::FileId;
+use hyperbox_registry::Reference;
+use hyperbox_registry::digest::Digest;
+use hyperbox_registry::index::IndexLayer;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::watch;
+
+use super::fill::Download;
+use super::index::SharedList;
+use super::readahead::{Ahead, READAHEAD_MIN};
+use super::{Error, Lazy, Phase, io, lock};
+use crate::prefetch;
+
+/// What survives a restart about a lazy file (`<key>.lazy`): present until
+/// the file is complete and verified; with `rejected`, why it is refused.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct State {
+    pub(super) image: String,
+    pub(super) chunk_size: u64,
+    pub(super) entry: IndexLayer,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) rejected: Option<String>,
+}
+
+/// One sparse EROFS image being filled.
+#[derive(Debug)]
+pub(super) struct Blob {
+    pub(super) key: String,
+    /// The prefetch list shared beside the index this layer was pulled
+    /// through, fitted to it (none after a restart).
+    pub(super) shared: Option<SharedList>,
+    pub(super) path: PathBuf,
+    pub(super) state_path: PathBuf,
+    pub(super) have_path: PathBuf,
+    /// Opened before the mark: writes through it raise no events.
+    pub(super) file: File,
+    pub(super) have_file: File,
+    pub(super) reference: Reference,
+    pub(super) erofs: Digest,
+    pub(super) state: State,
+    pub(super) present: Mutex<Vec<bool>>,
+    pub(super) locks: Vec<tokio::sync::Mutex<()>>,
+    /// Per chunk, the reads in flight waiting for it: the background fill
+    /// finishes such a chunk when a read arrives instead of giving it up.
+    pub(super) wanted: Vec<Arc<AtomicU32>>,
+    pub(super) phase: watch::Sender<Phase>,
+    /// The last failure to serve a read, for error messages.
+    pub(super) last_error: Mutex<Option<String>>,
+    /// Where the last read ended and the read-ahead window now.
+    pub(super) readahead: Mutex<(u64, u64)>,
+    /// What read-ahead fetched and what reads used of it.
+    pub(super) ahead: Mutex<Ahead>,
+    /// The chunks reads waited for, in first-read order: the layer's
+    /// learned prefetch list.
+    pub(super) reads: Mutex<prefetch::Recorder>,
+    /// How many of `reads` are in the saved list.
+    pub(super) saved: AtomicUsize,
+    /// When a read of it was last seen.
+    pub(super) last_read: Mutex<Option<Instant>>,
+    /// When its whole download starts.
+    pub(super) download: Download,
+    /// When it was registered: a Prepare may still be about to link it.
+    pub(super) registered: Instant,
+    /// The file, as events identify it.
+    pub(super) inode: FileId,
+}
+
+impl Blob {
+    /// Whether its path still names its file (not one a later pull put
+    /// there after a discard).
+    pub(super) fn still_at_its_path(&self) -> bool {
+        file_id(&self.path).is_some_and(|(id, _)| id == self.inode)
+    }
+
+    pub(super) fn chunk_range(&self, i: usize) -> (u64, u64) {
+        let cs = self.state.chunk_size;
+        let start = i as u64 * cs;
+        (start, cs.min(self.state.entry.size - start))
+    }
+
+    /// The first and last chunk holding `offset..offset+count`, if any
+    /// byte of it is in the file.
+    pub(super) fn chunks_of(&self, offset: u64, count: u64) -> Option<(usize, usize)> {
+        let size = self.state.entry.size;
+        if count == 0 || offset >= size {
+            return None;
+        }
+        let cs = self.state.chunk_size;
+        let last = ((offset + count).min(size) - 1) / cs;
+        Some(((offset / cs) as usize, last as usize))
+    }
+
+    /// How many chunks `bytes` is (at least one): a request's bound.
+    pub(super) fn chunks_in(&self, bytes: u64) -> usize {
+        (bytes / self.state.chunk_size).max(1) as usize
+    }
+
+    /// Records a read for the layer's learned prefetch list; returns how
+    /// many chunks read ahead it used.
+    pub(super) fn note_read(&self, offset: u64, count: u64) -> u64 {
+        let Some((first, last)) = self.chunks_of(offset, count) else {
+            return 0;
+        };
+        lock(&self.reads).note(first, last);
+        *lock(&self.last_read) = Some(Instant::now());
+        let mut ahead = lock(&self.ahead);
+        let used = (first..=last).filter(|c| ahead.pending.remove(c)).count() as u64;
+        ahead.used += used;
+        used
+    }
+
+    pub(super) fn missing(&self) -> usize {
+        lock(&self.present).iter().filter(|p| !**p).count()
+    }
+
+    pub(super) fn phase(&self) -> Phase {
+        self.phase.borrow().clone()
+    }
+}
+
+/// The file name stem of an index entry: layer and EROFS image together,
+/// so files made from different indexes never meet.
+pub(super) fn key_of(entry: &IndexLayer) -> Result<String, Error> {
+    let parse = |d: &str| {
+        Digest::parse(d).map_err(|source| Error::Registry {
+            what: d.to_string(),
+            source,
+        })
+    };
+    Ok(format!(
+        "{}.{}",
+        parse(&entry.layer)?.hex(),
+        parse(&entry.erofs)?.hex()
+    ))
+}
+
+/// The runs of `false` in `present` as inclusive index pairs, none longer
+/// than `most`: what one Range request each fetches.
+pub(super) fn missing_runs(present: &[bool], most: usize) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
+    let mut from = 0;
+    while let Some((a, b)) = next_missing_run(present, from, most) {
+        runs.push((a, b));
+        from = b + 1;
+    }
+    runs
+}
+
+/// The first run of `false` in `present` at or after `from`, at most
+/// `most` long, as an inclusive index pair.
+pub(super) fn next_missing_run(
+    present: &[bool],
+    from: usize,
+    most: usize,
+) -> Option<(usize, usize)> {
+    let a = from + present.get(from..)?.iter().position(|p| !*p)?;
+    let len = present[a..]
+        .iter()
+        .take(most.max(1))
+        .take_while(|p| !**p)
+        .count();
+    Some((a, a + len - 1))
+}
+
+/// Writes `state` to `path` so a crash leaves the old or the new one:
+/// temporary file, fsync, rename, fsync of the directory.
+pub(super) fn write_durably(path: &Path, state: &State) -> Result<(), Error> {
+    let tmp = path.with_extension("lazy.tmp");
+    let mut f = File::create(&tmp).map_err(io("create", &tmp))?;
+    f.write_all(&serde_json::to_vec(state).expect("state serializes"))
+        .map_err(io("write", &tmp))?;
+    f.sync_all().map_err(io("fsync", &tmp))?;
+    fs::rename(&tmp, path).map_err(io("rename", path))?;
+    sync_dir(path);
+    Ok(())
+}
+
+pub(super) fn sync_dir(path: &Path) {
+    if let Some(dir) = path.parent() {
+        let _ = File::open(dir).and_then(|d| d.sync_all());
+    }
+}
+
+pub(super) fn file_id(path: &Path) -> Option<(FileId, u64)> {
+    fs::metadata(path)
+        .ok()
+        .map(|m| ((m.dev(), m.ino()), m.nlink()))
+}
+
+impl Lazy {
+    /// Creates (or, after a restart, reopens) the sparse file of `state`,
+    /// marks it and starts filling it.
+    pub(super) fn register(
+        self: &Arc<Self>,
+        state: State,
+        fresh: bool,
+        shared: Option<SharedList>,
+        download: Download,
+    ) -> Result<Arc<Blob>, Error> {
+        let key = key_of(&state.entry)?;
+        let erofs = Digest::parse(&state.entry.erofs).map_err(|source| Error::Registry {
+            what: state.entry.erofs.clone(),
+            source,
+        })?;
+        let reference = Reference::parse(&state.image).map_err(|source| Error::Registry {
+            what: state.image.clone(),
+            source,
+        })?;
+        let path = self.dir.join(format!("{key}.erofs"));
+        let state_path = self.dir.join(format!("{key}.lazy"));
+        let have_path = self.dir.join(format!("{key}.have"));
+        let n = state.entry.chunks.len();
+        if fresh {
+            // A file left behind is reused only if nothing links it; one a
+            // snapshot links is never rewritten.
+            if let Some((_, nlink)) = file_id(&path) {
+                if nlink > 1 {
+                    return Err(Error::Linked { path });
+                }
+                fs::remove_file(&path).map_err(io("remove", &path))?;
+            }
+            let _ = fs::remove_file(&have_path);
+            // The state file first: a crash after it leaves a file the
+            // next start takes back, never an unmarked sparse file.
+            write_durably(&state_path, &state)?;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(fresh)
+            .truncate(false)
+            .open(&path)
+            .map_err(io("open", &path))?;
+        if file.metadata().map_err(io("stat", &path))?.len() != state.entry.size {
+            file.set_len(state.entry.size).map_err(io("size", &path))?;
+        }
+        let have_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&have_path)
+            .map_err(io("open", &have_path))?;
+        have_file
+            .set_len(n as u64)
+            .map_err(io("size", &have_path))?;
+        // Chunks recorded as present are checked again: after a power loss
+        // the record may be ahead of the data.
+        let mut have = vec![0u8; n];
+        have_file
+            .read_exact_at(&mut have, 0)
+            .map_err(io("read", &have_path))?;
+        let mut present = vec![false; n];
+        let cs = state.chunk_size;
+        let mut buf = vec![0u8; cs as usize];
+        for i in 0..n {
+            if have[i] != 1 {
+                continue;
+            }
+            let start = i as u64 * cs;
+            let len = cs.min(state.entry.size - start) as usize;
+            file.read_exact_at(&mut buf[..len], start)
+                .map_err(io("read", &path))?;
+            present[i] = hex::encode(Sha256::digest(&buf[..len])) == state.entry.chunks[i];
+        }
+        let meta = file.metadata().map_err(io("stat", &path))?;
+        let blob = Arc::new(Blob {
+            key: key.clone(),
+            path: path.clone(),
+            state_path,
+            have_path,
+            file,
+            have_file,
+            reference,
+            erofs,
+            state,
+            present: Mutex::new(present),
+            locks: (0..n).map(|_| tokio::sync::Mutex::new(())).collect(),
+            wanted: (0..n).map(|_| Arc::new(AtomicU32::new(0))).collect(),
+            phase: watch::Sender::new(Phase::Filling),
+            last_error: Mutex::new(None),
+            readahead: Mutex::new((0, READAHEAD_MIN)),
+            ahead: Mutex::new(Ahead::default()),
+            reads: Mutex::new(prefetch::Recorder::default()),
+            shared,
+            saved: AtomicUsize::new(0),
+            last_read: Mutex::new(None),
+            download,
+            registered: Instant::now(),
+            inode: (meta.dev(), meta.ino()),
+        });
+        self.fan
+            .mark(&path)
+            .map_err(io("fanotify_mark(FAN_PRE_ACCESS)", &path))?;
+        lock(&self.blobs).insert(blob.inode, blob.clone());
+        lock(&self.by_key).insert(key, blob.clone());
+        if download == Download::AtOnce {
+            self.counters.untried_layers.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::info!(layer = %blob.state.entry.layer, erofs = %blob.erofs, size = blob.state.entry.size, missing = blob.missing(), ?download, "lazy layer registered");
+        let me = self.clone();
+        let b = blob.clone();
+        self.rt.spawn(async move { me.fill(b).await });
+        Ok(blob)
+    }
+}

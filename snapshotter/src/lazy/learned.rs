@@ -1,0 +1,93 @@
+//! Learned prefetch: the chunks earlier runs read first, fetched at
+//! mount, and the reads of this run saved for the next (`crate::prefetch`).
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use super::blob::Blob;
+use super::{Lazy, Phase, lock};
+use crate::prefetch;
+
+/// Range requests of a learned prefetch in flight at once, per layer:
+/// enough small runs of a scattered list (a few 16 KiB chunks each) to keep
+/// a 100 Mbit/s link with 20 ms round trips busy. The fetch semaphore
+/// (`snapshotter.lazy_max_chunk_fetches`) still bounds all requests.
+pub(super) const PREFETCH_PARALLEL: usize = 16;
+
+impl Lazy {
+    /// The chunks to fetch first: what this node learned, then what the
+    /// list shared through the registry adds; and whether a shared list
+    /// was used.
+    pub(super) fn prefetch_plan(&self, blob: &Blob) -> (Vec<usize>, bool) {
+        let e = &blob.state.entry;
+        let mut plan = self
+            .prefetch
+            .load(&e.erofs, blob.state.chunk_size, blob.locks.len());
+        let Some(shared) = &blob.shared else {
+            return (plan, false);
+        };
+        let before = plan.len();
+        prefetch::merge(&mut plan, shared);
+        let added = plan.len() - before;
+        tracing::info!(layer = %e.layer, learned_here = before, added_from_registry = added, "prefetch list shared through the registry used");
+        (plan, added > 0)
+    }
+
+    /// Fetches first, in parallel, the chunks earlier runs of this EROFS
+    /// image read, here or on the nodes that shared their lists, in the
+    /// order they read them (`crate::prefetch`), counted as demand so
+    /// other layers' fills give way.
+    pub(super) async fn prefetch_learned(&self, blob: &Blob, per_request: usize) {
+        use futures::StreamExt as _;
+        let e = &blob.state.entry;
+        let (mut plan, shared) = self.prefetch_plan(blob);
+        if plan.is_empty() {
+            return;
+        }
+        if shared {
+            self.counters
+                .shared_prefetch_lists
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        plan.truncate(blob.chunks_in(prefetch::MAX_AHEAD));
+        let started = Instant::now();
+        let before = blob.missing();
+        let _predicted = self.demand.begin(Vec::new());
+        futures::stream::iter(prefetch::runs(&plan, per_request))
+            .for_each_concurrent(PREFETCH_PARALLEL, |(a, b)| async move {
+                if blob.phase() != Phase::Filling {
+                    return;
+                }
+                if let Err(err) = self.ensure_chunks(blob, a, b).await {
+                    tracing::debug!(layer = %e.layer, error = %hyperbox_api::error_chain(&err), "learned prefetch failed; the fill and reads fetch it");
+                }
+            })
+            .await;
+        let fetched = before.saturating_sub(blob.missing());
+        self.counters
+            .prefetched_chunks
+            .fetch_add(fetched as u64, Ordering::Relaxed);
+        tracing::info!(layer = %e.layer, listed = plan.len(), fetched, ms = started.elapsed().as_millis() as u64, "learned prefetch done");
+    }
+
+    /// Merges what this layer's reads waited for into its learned list,
+    /// if they waited for more since the last time.
+    pub(super) fn save_learned(&self, blob: &Blob) {
+        let order = lock(&blob.reads).order().to_vec();
+        if order.len() <= blob.saved.swap(order.len(), Ordering::AcqRel) {
+            return;
+        }
+        let e = &blob.state.entry;
+        match self
+            .prefetch
+            .save(&e.erofs, blob.state.chunk_size, blob.locks.len(), &order)
+        {
+            Ok(n) => {
+                tracing::info!(layer = %e.layer, erofs = %e.erofs, read = order.len(), listed = n, "prefetch list learned")
+            }
+            Err(err) => {
+                tracing::warn!(layer = %e.layer, error = %err, "cannot save the learned prefetch list")
+            }
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! Removing lazy files no snapshot links any more.
+
+use std::fs;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyperbox_kernel::fanotify::FileId;
+
+use super::blob::{Blob, file_id, sync_dir};
+use super::{Lazy, Phase, Refusal, lock};
+
+/// Unlinked lazy layers younger than this survive Cleanup.
+pub(super) const PRUNE_GRACE: Duration = Duration::from_secs(60);
+
+impl Lazy {
+    /// Removes lazy files no snapshot links any more.
+    pub fn prune(&self) -> Vec<PathBuf> {
+        let all: Vec<Arc<Blob>> = lock(&self.blobs).values().cloned().collect();
+        let mut removed = Vec::new();
+        for b in all {
+            // Not a layer a Prepare registered a moment ago and is about
+            // to link.
+            if b.registered.elapsed() > PRUNE_GRACE && self.discard(&b) {
+                removed.push(b.path.clone());
+            }
+        }
+        // Verified and refused files are no longer tracked by inode.
+        let refused: Vec<(FileId, Refusal)> = lock(&self.refused)
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        for (id, r) in refused {
+            if file_id(&r.path).is_some_and(|(_, n)| n <= 1) {
+                let _ = fs::remove_file(&r.path);
+                lock(&self.refused).remove(&id);
+                removed.push(r.path);
+            }
+        }
+        if let Ok(entries) = fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.extension().is_none_or(|x| x != "erofs")
+                    || p.with_extension("lazy").exists()
+                    || p.with_extension("lazy.corrupt").exists()
+                {
+                    continue;
+                }
+                let old = e
+                    .metadata()
+                    .ok()
+                    .and_then(|m| m.modified().ok())
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > PRUNE_GRACE);
+                if old && file_id(&p).is_some_and(|(_, n)| n <= 1) {
+                    let _ = fs::remove_file(&p);
+                    removed.push(p);
+                }
+            }
+        }
+        removed
+    }
+
+    /// Stops serving and filling `b` and removes its files, unless a
+    /// snapshot links the file (then nothing changes); returns whether it
+    /// was removed.
+    pub(super) fn discard(&self, b: &Blob) -> bool {
+        if file_id(&b.path).is_some_and(|(_, n)| n > 1) {
+            tracing::debug!(file = %b.path.display(), "lazy file still linked by a snapshot; kept");
+            return false;
+        }
+        // Removed before it was complete (the image deleted soon after its
+        // container ran): what its reads waited for is still worth keeping.
+        if b.phase() == Phase::Filling {
+            self.save_learned(b);
+        }
+        lock(&self.by_key).remove(&b.key);
+        lock(&self.blobs).remove(&b.inode);
+        b.phase.send_replace(Phase::Discarded);
+        let _ = fs::remove_file(&b.state_path);
+        let _ = fs::remove_file(&b.have_path);
+        let _ = fs::remove_file(&b.path);
+        sync_dir(&b.path);
+        true
+    }
+}
