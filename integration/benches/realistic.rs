@@ -32,8 +32,11 @@
 //!
 //! `cargo bench -p hyperbox-integration --bench realistic` (as root) runs
 //! both images and rewrites their sections of docs/benchmarks.md
-//! (`HYPERBOX_BENCH_IMAGES=files` runs one); under `cargo test` it runs
-//! every side once on a small busybox image as a smoke test.
+//! (`HYPERBOX_BENCH_IMAGES=files` runs one;
+//! `HYPERBOX_BENCH_ONLY=hyperbox-lazy,hyperbox` times those sides only and
+//! writes nothing, and with it `HYPERBOX_BENCH_LAZY=first` makes every lazy
+//! run a first run); under `cargo test` it runs every side once on a small
+//! busybox image as a smoke test.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -335,6 +338,11 @@ async fn run(case: Case, full: bool) {
         .iter()
         .filter(|s| only.as_ref().is_none_or(|o| o.iter().any(|n| n == s.name)))
         .collect();
+    // With `HYPERBOX_BENCH_ONLY`, `HYPERBOX_BENCH_LAZY=first` makes every
+    // lazy run the image's first anywhere (nothing shared, nothing learned
+    // kept), for tuning that case on more than one sample.
+    let first_runs_only = only.is_some()
+        && std::env::var("HYPERBOX_BENCH_LAZY").is_ok_and(|v| v == "first");
 
     // 1. Pull to exit, cold, through CRI.
     let mut pull: HashMap<&str, Vec<Duration>> = HashMap::new();
@@ -351,7 +359,7 @@ async fn run(case: Case, full: bool) {
                 // Every later lazy run is a node that never ran the image:
                 // what the first run learned reaches it through the
                 // registry only (`hb image prefetch push`).
-                if n == 1 {
+                if n == 1 && !first_runs_only {
                     beds[1].hyperbox().hb_json(&[
                         "image",
                         "prefetch",

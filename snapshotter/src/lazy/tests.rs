@@ -600,6 +600,41 @@ async fn a_layer_of_an_image_no_run_taught_downloads_at_once_and_learns_the_whol
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_fetch_no_more_than_their_own_chunks_while_the_layer_comes_at_once() {
+    // Untaught: the layer downloads at once (held here), and a read
+    // fetches its own chunk only.
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let s = setup(Case {
+        from_layer: true,
+        whole_gate: Some(gate.clone()),
+        ..Case::default()
+    })
+    .await;
+    assert_eq!(read_event(&s, 10).await, Some(Verdict::Allow));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(*lock(&s.server.asked), vec![0], "only the read's chunk");
+    assert_eq!(s.lazy.counters().readahead_chunks.load(Ordering::SeqCst), 0);
+    gate.notify_one();
+
+    // Taught (a list learned here): the download waits for reads, and the
+    // same read fetches the chunks after it too.
+    let s = setup(Case {
+        from_layer: true,
+        learned: vec![3],
+        ..Case::default()
+    })
+    .await;
+    let lazy = s.lazy.clone();
+    assert!(eventually(|| lazy.counters().prefetched_chunks.load(Ordering::SeqCst) == 1).await);
+    assert_eq!(read_event(&s, 10).await, Some(Verdict::Allow));
+    let lazy = s.lazy.clone();
+    assert!(
+        eventually(|| lazy.counters().readahead_chunks.load(Ordering::SeqCst) == 2).await,
+        "chunks 1 and 2 read ahead"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_taught_layer_or_a_shared_list_makes_an_image_wait_for_reads() {
     let s = setup(Case {
         from_layer: true,
