@@ -341,8 +341,8 @@ async fn run(case: Case, full: bool) {
     // With `HYPERBOX_BENCH_ONLY`, `HYPERBOX_BENCH_LAZY=first` makes every
     // lazy run the image's first anywhere (nothing shared, nothing learned
     // kept), for tuning that case on more than one sample.
-    let first_runs_only = only.is_some()
-        && std::env::var("HYPERBOX_BENCH_LAZY").is_ok_and(|v| v == "first");
+    let first_runs_only =
+        only.is_some() && std::env::var("HYPERBOX_BENCH_LAZY").is_ok_and(|v| v == "first");
 
     // 1. Pull to exit, cold, through CRI.
     let mut pull: HashMap<&str, Vec<Duration>> = HashMap::new();

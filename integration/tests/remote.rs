@@ -372,6 +372,35 @@ async fn registry_faults_are_retried_resumed_or_reported_never_served() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_cut_again_and_again_but_getting_further_is_not_given_up() {
+    require_containers!();
+    // The harness's snapshotter retries 3 times: five cuts in a row would
+    // have ended the pull, but each resumed request brings 2 MiB more.
+    let tb =
+        Testbed::start_hyperbox_configured("fallback_to_local = false", |b| b.without_cri()).await;
+    let mut spec = ImageSpec::busybox(&["sh", "-c", "md5sum /big"]).unwrap();
+    spec.layers
+        .push(Layer::new(Compression::None).large_file("big", 12 << 20, 7));
+    let reference = tb.via_proxy(&tb.push(&spec, "test/cuts", "v1").await);
+    let big = registry_layers(&reference).await.pop().unwrap();
+    tb.proxy.inject(FaultRule {
+        path_contains: big,
+        times: Some(5),
+        ..FaultRule::blobs(Fault::TruncateAfter(2 << 20))
+    });
+    let client = tb.containerd.client().await.unwrap();
+    let image = client.pull(&reference, &remote()).await.unwrap();
+    assert_eq!(tb.proxy.faults_fired(), 5, "every cut happened");
+    all_layers_remote(&tb, &image).await;
+    let out = client
+        .run("cuts", &image, &ContainerOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(out.status, 0, "{}", out.stderr_str());
+    tb.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_registry_falls_back_to_containerd_or_fails_clearly() {
     require_containers!();
     for fallback in [true, false] {

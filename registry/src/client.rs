@@ -37,6 +37,9 @@ const MAX_CONFIG: usize = 8 << 20;
 /// Backoff before the first retry; doubled per retry up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// What an interrupted download must have brought for its retries to
+/// start counting again ([`Registry::download_across`]).
+const RETRY_PROGRESS: u64 = 1 << 20;
 /// How long a parsed hosts.toml is used before the file is read again;
 /// edits take effect within this time, without a restart.
 const HOSTS_TTL: Duration = Duration::from_secs(5);
@@ -811,7 +814,16 @@ impl Registry {
         for (ep, retry) in self.endpoints(r, false)? {
             let retries = if retry { self.retries } else { 0 };
             let mut backoff = FIRST_BACKOFF;
-            for attempt in 0..=retries {
+            // Attempts in a row that brought little: one that got at least
+            // RETRY_PROGRESS further starts the count (and the backoff)
+            // again, so a large layer on a link that drops now and then
+            // still arrives, while a registry that keeps failing at once, or
+            // dribbles a few bytes per connection, is given up. An endpoint
+            // without retries (a mirror) hands over at its first failure
+            // either way; the next one resumes from the same bytes.
+            let mut attempt = 0;
+            loop {
+                let had = v.len();
                 match self
                     .download(&ep, r, digest, size, path, v, progress, pace)
                     .await
@@ -820,10 +832,19 @@ impl Registry {
                         self.worked(r, &ep);
                         return Ok(());
                     }
-                    Err(e) if e.is_transient() && attempt < retries => {
+                    Err(e)
+                        if e.is_transient()
+                            && (attempt < retries
+                                || (retries > 0 && v.len() >= had + RETRY_PROGRESS)) =>
+                    {
+                        if v.len() >= had + RETRY_PROGRESS {
+                            attempt = 0;
+                            backoff = FIRST_BACKOFF;
+                        }
                         tracing::warn!(error = %e, attempt, have = v.len(), "download interrupted; resuming");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(MAX_BACKOFF);
+                        attempt += 1;
                     }
                     Err(e) if e.is_unreachable() || e.is_transient() => {
                         failed.push(e);
