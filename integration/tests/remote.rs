@@ -375,9 +375,15 @@ async fn registry_faults_are_retried_resumed_or_reported_never_served() {
 async fn a_download_cut_again_and_again_but_getting_further_is_not_given_up() {
     require_containers!();
     // The harness's snapshotter retries 3 times: five cuts in a row would
-    // have ended the pull, but each resumed request brings 2 MiB more.
+    // have ended the pull, but each resumed request brings 2 MiB more. One
+    // download of the layer only (no prefetch beside the base layer's
+    // Prepare), so a second one cannot resume the first's bytes and hide
+    // a given-up download.
     let tb =
-        Testbed::start_hyperbox_configured("fallback_to_local = false", |b| b.without_cri()).await;
+        Testbed::start_hyperbox_configured("fallback_to_local = false\nprefetch = false", |b| {
+            b.without_cri()
+        })
+        .await;
     let mut spec = ImageSpec::busybox(&["sh", "-c", "md5sum /big"]).unwrap();
     spec.layers
         .push(Layer::new(Compression::None).large_file("big", 12 << 20, 7));

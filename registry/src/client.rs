@@ -822,8 +822,11 @@ impl Registry {
             // without retries (a mirror) hands over at its first failure
             // either way; the next one resumes from the same bytes.
             let mut attempt = 0;
+            // Measured from the most this endpoint ever had, not from what
+            // the attempt started with: a 200 to a Range request starts the
+            // file over, and getting back there is not progress.
+            let mut mark = v.len();
             loop {
-                let had = v.len();
                 match self
                     .download(&ep, r, digest, size, path, v, progress, pace)
                     .await
@@ -835,12 +838,13 @@ impl Registry {
                     Err(e)
                         if e.is_transient()
                             && (attempt < retries
-                                || (retries > 0 && v.len() >= had + RETRY_PROGRESS)) =>
+                                || (retries > 0 && v.len() >= mark + RETRY_PROGRESS)) =>
                     {
-                        if v.len() >= had + RETRY_PROGRESS {
+                        if v.len() >= mark + RETRY_PROGRESS {
                             attempt = 0;
                             backoff = FIRST_BACKOFF;
                         }
+                        mark = mark.max(v.len());
                         tracing::warn!(error = %e, attempt, have = v.len(), "download interrupted; resuming");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(MAX_BACKOFF);

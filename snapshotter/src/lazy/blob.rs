@@ -5,7 +5,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -69,6 +69,9 @@ pub(super) struct Blob {
     pub(super) saved: AtomicUsize,
     /// When a read of it was last seen.
     pub(super) last_read: Mutex<Option<Instant>>,
+    /// Its whole layer's bytes are coming now (not queued, not between
+    /// attempts, not given up for Range requests).
+    pub(super) downloading: AtomicBool,
     /// When its whole download starts.
     pub(super) download: Download,
     /// When it was registered: a Prepare may still be about to link it.
@@ -297,6 +300,7 @@ impl Lazy {
             shared,
             saved: AtomicUsize::new(0),
             last_read: Mutex::new(None),
+            downloading: AtomicBool::new(false),
             download,
             registered: Instant::now(),
             inode: (meta.dev(), meta.ino()),

@@ -224,6 +224,7 @@ impl Lazy {
                     if b.phase() != Phase::Filling {
                         return false;
                     }
+                    b.downloading.store(true, Ordering::Relaxed);
                     if read < from.load(Ordering::Relaxed) + budget && read > 0 {
                         return true;
                     }
@@ -256,9 +257,11 @@ impl Lazy {
             }
             let whole = {
                 let _slot = self.layer_fills.acquire().await.expect("never closed");
-                layers
+                let got = layers
                     .whole(&blob.state.image, &e.layer, Some(pace.clone()))
-                    .await
+                    .await;
+                blob.downloading.store(false, Ordering::Relaxed);
+                got
             };
             if blob.phase() != Phase::Filling {
                 // Removed meanwhile: its download stopped (see the pace).

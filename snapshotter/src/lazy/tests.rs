@@ -128,6 +128,9 @@ struct Whole {
     calls: AtomicUsize,
     /// When set, a download waits for it before its first piece.
     gate: Option<Arc<tokio::sync::Notify>>,
+    /// The reply's headers are in when it waits for `gate`: its pace has
+    /// been asked once, as a real download's is before its first piece.
+    started: bool,
     /// Every download is refused for its content.
     bad_content: bool,
     /// Downloads never wait for reads.
@@ -145,6 +148,11 @@ impl Verifier for Whole {
     ) -> BoxFuture<'a, Result<(PathBuf, String), WholeError>> {
         Box::pin(async move {
             self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.started
+                && let Some(p) = &pace
+            {
+                p(0).await;
+            }
             if let Some(gate) = &self.gate {
                 gate.notified().await;
             }
@@ -226,6 +234,8 @@ struct Case {
     /// The whole layer's download does not wait for reads: its bytes
     /// were on their way before they came.
     whole_unpaced: bool,
+    /// The whole layer's reply has begun when it waits for `whole_gate`.
+    whole_started: bool,
 }
 
 /// A lazy layer of four chunks, registered and marked, whose bytes
@@ -244,6 +254,7 @@ async fn setup(case: Case) -> Setup {
         gate: case.whole_gate.clone(),
         bad_content: case.whole_bad_content,
         unpaced: case.whole_unpaced,
+        started: case.whole_started,
         stopped: AtomicBool::new(false),
     });
     let verifier: Arc<dyn Verifier> = whole.clone();
@@ -601,26 +612,37 @@ async fn a_layer_of_an_image_no_run_taught_downloads_at_once_and_learns_the_whol
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_fetch_no_more_than_their_own_chunks_while_the_layer_comes_at_once() {
-    // Untaught: the layer downloads at once (held here), and a read
-    // fetches its own chunk only.
+    // Untaught: the layer downloads at once (its bytes held here, its
+    // reply begun), and a read fetches its own chunk only.
     let gate = Arc::new(tokio::sync::Notify::new());
     let s = setup(Case {
         from_layer: true,
         whole_gate: Some(gate.clone()),
+        whole_started: true,
         ..Case::default()
     })
     .await;
+    let lazy = s.lazy.clone();
+    let downloading = move || {
+        lock(&lazy.by_key)
+            .values()
+            .any(|b| b.downloading.load(Ordering::SeqCst))
+    };
+    assert!(eventually(downloading).await);
     assert_eq!(read_event(&s, 10).await, Some(Verdict::Allow));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(*lock(&s.server.asked), vec![0], "only the read's chunk");
     assert_eq!(s.lazy.counters().readahead_chunks.load(Ordering::SeqCst), 0);
     gate.notify_one();
 
-    // Taught (a list learned here): the download waits for reads, and the
-    // same read fetches the chunks after it too.
+    // Taught (a list learned here): the download waits for reads (and is
+    // held here, so it cannot fill the chunks first), and the same read
+    // fetches the chunks after it too.
+    let gate = Arc::new(tokio::sync::Notify::new());
     let s = setup(Case {
         from_layer: true,
         learned: vec![3],
+        whole_gate: Some(gate.clone()),
         ..Case::default()
     })
     .await;
@@ -632,6 +654,7 @@ async fn reads_fetch_no_more_than_their_own_chunks_while_the_layer_comes_at_once
         eventually(|| lazy.counters().readahead_chunks.load(Ordering::SeqCst) == 2).await,
         "chunks 1 and 2 read ahead"
     );
+    gate.notify_one();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
