@@ -358,9 +358,21 @@ async fn a_lazy_index_that_lies_about_diff_ids_is_caught_and_never_shared() {
         .await
         .unwrap();
 
-    // Served lazily under the claimed chain (the window), then caught.
-    let image = client.pull(&hostile, &remote()).await.unwrap();
-    assert_eq!(image.layers_skipped, [0, 1], "served by hyperbox");
+    // Served lazily under the claimed chain (the window), then caught. A
+    // layer this small may also come whole and be caught before the pull
+    // commits it: then nothing is served, and the whole fetch refuses it
+    // for its diff_id, naming both.
+    let served = match client.pull(&hostile, &remote()).await {
+        Ok(image) => {
+            assert_eq!(image.layers_skipped, [0, 1], "served by hyperbox");
+            Some(image)
+        }
+        Err(e) => {
+            let e = format!("{e:#}");
+            assert!(e.contains(&evil_diff) && e.contains(&top_diff), "{e}");
+            None
+        }
+    };
     let start = std::time::Instant::now();
     while !tb.hyperbox().log().contains("does not match its image") {
         assert!(
@@ -378,38 +390,43 @@ async fn a_lazy_index_that_lies_about_diff_ids_is_caught_and_never_shared() {
         metrics.contains("hyperbox_snapshotter_lazy_rejected_total 1\n"),
         "{metrics}"
     );
-    assert!(
-        metrics.contains("hyperbox_snapshotter_lazy_layers{phase=\"refused\"} 1\n"),
-        "{metrics}"
-    );
 
-    // No new container starts on the refused layer.
-    let e = client
-        .run("hostile", &image, &ContainerOptions::args(&["cat", "/msg"]))
-        .await
-        .unwrap_err();
-    let e = format!("{e:#}");
-    assert!(e.contains("refused"), "{e}");
+    let was_served = served.is_some();
+    if let Some(image) = served {
+        assert!(
+            metrics.contains("hyperbox_snapshotter_lazy_layers{phase=\"refused\"} 1\n"),
+            "{metrics}"
+        );
+        // No new container starts on the refused layer.
+        let e = client
+            .run("hostile", &image, &ContainerOptions::args(&["cat", "/msg"]))
+            .await
+            .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("refused"), "{e}");
 
-    // containerd reuses a committed chain without asking the snapshotter,
-    // so the genuine image's pull succeeds on the refused snapshot; but no
-    // container of it starts there either: nothing reads those bytes.
-    let image = client.pull(&genuine, &remote()).await.unwrap();
-    let e = client
-        .run(
-            "genuine-refused",
-            &image,
-            &ContainerOptions::args(&["cat", "/msg"]),
-        )
-        .await
-        .unwrap_err();
-    let e = format!("{e:#}");
-    assert!(e.contains("refused"), "{e}");
+        // containerd reuses a committed chain without asking the snapshotter,
+        // so the genuine image's pull succeeds on the refused snapshot; but no
+        // container of it starts there either: nothing reads those bytes.
+        let image = client.pull(&genuine, &remote()).await.unwrap();
+        let e = client
+            .run(
+                "genuine-refused",
+                &image,
+                &ContainerOptions::args(&["cat", "/msg"]),
+            )
+            .await
+            .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("refused"), "{e}");
+    }
 
     // Once the images on it are gone, the genuine one pulls (whole: the
     // forged entry is never used again) and reads genuine bytes.
-    client.delete_image(&hostile).await.unwrap();
-    client.delete_image(&genuine).await.unwrap();
+    if was_served {
+        client.delete_image(&hostile).await.unwrap();
+        client.delete_image(&genuine).await.unwrap();
+    }
     client.delete_image(&twin).await.ok();
     client.gc().await.unwrap();
     let image = client.pull(&genuine, &remote()).await.unwrap();

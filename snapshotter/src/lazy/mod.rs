@@ -496,6 +496,13 @@ impl Lazy {
             .any(|b| b.state.entry.layer == layer && b.phase() == Phase::Filling)
     }
 
+    /// Why the lazy copy at `path` was refused for good, if it was: also
+    /// once its file is gone (refused before any snapshot linked it).
+    pub fn refused_why(&self, path: &Path) -> Option<String> {
+        let key = path.file_stem()?.to_str()?;
+        lock(&self.rejected).get(key).cloned()
+    }
+
     /// Why the last read of the lazy file at `path` failed, if one did.
     pub fn last_error(&self, path: &Path) -> Option<String> {
         let (id, _) = file_id(path)?;
