@@ -815,36 +815,30 @@ impl Registry {
             let retries = if retry { self.retries } else { 0 };
             let mut backoff = FIRST_BACKOFF;
             // Attempts in a row that brought little: one that got at least
-            // RETRY_PROGRESS further starts the count (and the backoff)
-            // again, so a large layer on a link that drops now and then
-            // still arrives, while a registry that keeps failing at once, or
-            // dribbles a few bytes per connection, is given up. An endpoint
-            // without retries (a mirror) hands over at its first failure
-            // either way; the next one resumes from the same bytes.
+            // RETRY_PROGRESS beyond the most this endpoint ever had (a 200
+            // to a Range request starts the file over, and getting back
+            // there is not progress) starts the count and the backoff
+            // again. A large layer on a link that drops now and then still
+            // arrives; a registry that keeps failing at once, or dribbles a
+            // few bytes per connection, is given up. An endpoint without
+            // retries (a mirror) hands over at its first failure either way.
             let mut attempt = 0;
-            // Measured from the most this endpoint ever had, not from what
-            // the attempt started with: a 200 to a Range request starts the
-            // file over, and getting back there is not progress.
             let mut mark = v.len();
             loop {
-                match self
+                let result = self
                     .download(&ep, r, digest, size, path, v, progress, pace)
-                    .await
-                {
+                    .await;
+                if v.len() >= mark + RETRY_PROGRESS {
+                    attempt = 0;
+                    backoff = FIRST_BACKOFF;
+                }
+                mark = mark.max(v.len());
+                match result {
                     Ok(()) => {
                         self.worked(r, &ep);
                         return Ok(());
                     }
-                    Err(e)
-                        if e.is_transient()
-                            && (attempt < retries
-                                || (retries > 0 && v.len() >= mark + RETRY_PROGRESS)) =>
-                    {
-                        if v.len() >= mark + RETRY_PROGRESS {
-                            attempt = 0;
-                            backoff = FIRST_BACKOFF;
-                        }
-                        mark = mark.max(v.len());
+                    Err(e) if e.is_transient() && attempt < retries => {
                         tracing::warn!(error = %e, attempt, have = v.len(), "download interrupted; resuming");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(MAX_BACKOFF);

@@ -291,14 +291,14 @@ impl Puller {
         };
         match self.commit(l, parent, labels.clone(), path.clone()).await {
             Ok(()) => Ok(Some(Pulled::Target(l.target.clone()))),
-            Err(e) if lazy.refused_why(&path).is_some() => {
+            Err(e) if let Some(why) = lazy.refused_why(&path) => {
                 // Checked and refused before this pull committed it (a
                 // small layer downloaded whole at once): nothing was
                 // served, and the whole fetch, held to the image's own
                 // digests, says what is wrong with it, or serves it.
                 tracing::warn!(
                     layer = %l.layer,
-                    why = lazy.refused_why(&path).unwrap_or_default(),
+                    why,
                     error = %error_chain(&e),
                     "lazy copy refused before it was committed; fetching the layer whole"
                 );

@@ -6,7 +6,6 @@ use std::sync::atomic::Ordering;
 
 use hyperbox_kernel::fanotify::{AccessEvent, Verdict};
 
-use super::fill::Download;
 use super::{Lazy, Phase, lock};
 
 impl Lazy {
@@ -85,19 +84,7 @@ impl Lazy {
             let (offset, count) = (event.offset, event.count);
             let used = blob.note_read(offset, count);
             me.counters.readahead_used.fetch_add(used, Ordering::Relaxed);
-            // No read-ahead while the whole layer comes at once: it would
-            // only take the link from that download, which brings every
-            // chunk anyway (Python image's first run: 6.13 s with it,
-            // 5.20 s without, full fetch 5.76 s). Queued, between attempts
-            // or given up for Range requests, it reads ahead as ever.
-            let ahead = if blob.download == Download::AtOnce
-                && blob.downloading.load(Ordering::Relaxed)
-            {
-                None
-            } else {
-                blob.ahead_of(offset, count)
-            };
-            if let Some((a, b, new)) = ahead {
+            if let Some((a, b, new)) = blob.ahead_of(offset, count) {
                 me.counters
                     .readahead_chunks
                     .fetch_add(new, Ordering::Relaxed);

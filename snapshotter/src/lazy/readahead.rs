@@ -3,8 +3,10 @@
 //! fetched goes unread.
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 
 use super::blob::{Blob, next_missing_run};
+use super::fill::Download;
 use super::lock;
 
 /// Read-ahead after a read that is not in the wake of the last one: a
@@ -74,6 +76,14 @@ impl Blob {
     pub(super) fn ahead_of(&self, offset: u64, count: u64) -> Option<(usize, usize, u64)> {
         let size = self.state.entry.size;
         let cs = self.state.chunk_size;
+        // Not while the whole layer comes at once: read-ahead would only
+        // take the link from that download, which brings every chunk anyway
+        // (Python image's first run: 6.13 s with it, 5.20 s without, full
+        // fetch 5.76 s). Queued, between attempts or given up for Range
+        // requests, it reads ahead as ever.
+        if self.download == Download::AtOnce && self.downloading.load(Ordering::Relaxed) {
+            return None;
+        }
         if cs >= READAHEAD_MAX {
             // Indexes with large chunks (1 MiB, before 64 KiB): a chunk is
             // read-ahead enough, the fill does the rest.
