@@ -355,55 +355,61 @@ if ! built_at "$NERDCTL_VERSION" "$nerdctl_dir/nerdctl|--version"; then
   build_into "$nerdctl_dir" "github.com/containerd/nerdctl/v2@v$NERDCTL_VERSION" build_nerdctl
 fi
 
-# Debian's 6.12 kernel for the guests of integration/src/vm.rs (a pure
-# cgroup v2 node): the newest bookworm build, unpacked, not installed (the
-# host's boot is untouched). The image goes to $KERNELS_DIR/<version>/vmlinuz
-# and the modules to /lib/modules/<version>, where the guest, which sees
-# this machine's files, loads them from.
+# Debian 12's kernels for the guests of integration/src/vm.rs: 6.12 (a pure
+# cgroup v2 node; file-backed EROFS without fanotify pre-content events) and
+# 6.1 (neither: EROFS on loop devices only). Each is the newest bookworm build,
+# unpacked, not installed (the host's boot is untouched): the image goes to
+# $KERNELS_DIR/<version>/vmlinuz and the modules to /lib/modules/<version>,
+# where the guest, which sees this machine's files, loads them from.
 KERNELS_DIR=/var/cache/hyperbox/kernels
-have_kernel=""
-for k in "$KERNELS_DIR"/6.12.*/vmlinuz; do
-  kv=$(basename "$(dirname "$k")")
-  [ -f "$k" ] && [ -f "/lib/modules/$kv/modules.dep" ] && have_kernel="$kv"
-done
-if [ -n "$have_kernel" ]; then
-  # Kept: a newer build in the archive is no reason to download 100 MB.
-  log "guest kernel $have_kernel present"
-else
-  kpkg=$(apt-cache search --names-only '^linux-image-6\.12\.[0-9.]*\+deb12-amd64-unsigned$' \
-    | awk '{print $1}' | sort -V | tail -1)
+# guest_kernel <glob of versions> <package name pattern> <what>
+guest_kernel() {
+  local glob=$1 pattern=$2 what=$3 have="" k kv
+  for k in "$KERNELS_DIR"/$glob/vmlinuz; do
+    kv=$(basename "$(dirname "$k")")
+    [ -f "$k" ] && [ -f "/lib/modules/$kv/modules.dep" ] && have="$kv"
+  done
+  if [ -n "$have" ]; then
+    # Kept: a newer build in the archive is no reason to download 100 MB.
+    log "guest kernel $have present"
+    return 0
+  fi
+  local kpkg kver kwork rc=0
+  kpkg=$(apt-cache search --names-only "$pattern" | awk '{print $1}' | sort -V | tail -1)
   if [ -z "$kpkg" ]; then
-    log "no linux-image-6.12.*+deb12-amd64-unsigned in the apt lists (Debian 12's 6.12 kernel)"
-    exit 1
+    log "no $pattern in the apt lists ($what)"
+    return 1
   fi
   kver=${kpkg#linux-image-}
   kver=${kver%-unsigned}
   log "unpacking kernel $kver into $KERNELS_DIR/$kver and /lib/modules/$kver"
   kwork=$(mktemp -d /var/tmp/hyperbox-kernel.XXXXXX)
-  unpack_kernel() {
-    (cd "$kwork" && apt-get download -qq "$kpkg") || return 1
-    dpkg-deb -x "$kwork"/linux-image-*.deb "$kwork/x" || return 1
-    local d mods=""
+  (
+    set -e
+    cd "$kwork"
+    apt-get download -qq "$kpkg"
+    dpkg-deb -x "$kwork"/linux-image-*.deb "$kwork/x"
+    mods=""
     for d in lib usr/lib; do
-      [ -d "$kwork/x/$d/modules/$kver" ] && mods="$kwork/x/$d/modules/$kver"
+      if [ -d "$kwork/x/$d/modules/$kver" ]; then mods="$kwork/x/$d/modules/$kver"; fi
     done
-    [ -n "$mods" ] && [ -f "$kwork/x/boot/vmlinuz-$kver" ] || { log "$kpkg has no vmlinuz-$kver or modules"; return 1; }
-    mkdir -p "$KERNELS_DIR/$kver" \
-      && cp "$kwork/x/boot/vmlinuz-$kver" "$KERNELS_DIR/$kver/vmlinuz" \
-      && rm -rf "/lib/modules/$kver" \
-      && mkdir -p /lib/modules \
-      && cp -a "$mods" "/lib/modules/$kver" \
-      && depmod -a "$kver"
-  }
-  rc=0
-  unpack_kernel || rc=$?
+    [ -n "$mods" ] && [ -f "$kwork/x/boot/vmlinuz-$kver" ] || { log "$kpkg has no vmlinuz-$kver or modules"; exit 1; }
+    mkdir -p "$KERNELS_DIR/$kver"
+    cp "$kwork/x/boot/vmlinuz-$kver" "$KERNELS_DIR/$kver/vmlinuz"
+    rm -rf "/lib/modules/$kver"
+    mkdir -p /lib/modules
+    cp -a "$mods" "/lib/modules/$kver"
+    depmod -a "$kver"
+  ) || rc=$?
   rm -rf "$kwork"
   if [ "$rc" -ne 0 ]; then
     rm -rf "${KERNELS_DIR:?}/$kver"
     log "could not unpack $kpkg"
-    exit 1
+    return 1
   fi
-fi
+}
+guest_kernel '6.12.*' '^linux-image-6\.12\.[0-9.]*\+deb12-amd64-unsigned$' "Debian 12's 6.12 kernel" || exit 1
+guest_kernel '6.1.0-*' '^linux-image-6\.1\.0-[0-9]*-amd64-unsigned$' "Debian 12's 6.1 kernel" || exit 1
 
 # Verify what the tests depend on, by running it.
 containerd --version | grep -q 'v\?1\.7\.24' || { log "containerd is not 1.7.24: $(containerd --version)"; exit 1; }

@@ -66,28 +66,43 @@ pub fn run(config: &hyperbox_config::Config, json: bool) -> Result<()> {
 }
 
 /// How layers of indexed images reach this node, by the snapshotter's own
-/// rule (`hyperbox_kernel::features::lazy_unsupported`).
+/// rule (`hyperbox_kernel::features::lazy_serve`).
 fn lazy_backend(
     config: &hyperbox_config::Config,
     backend: Option<hyperbox_kernel::mount::Backend>,
     features: &[hyperbox_kernel::features::Feature],
 ) -> hyperbox_kernel::features::Feature {
+    use hyperbox_kernel::features::{LazyServe, lazy_serve};
     let (available, value, how) = match backend {
         _ if !config.snapshotter.remote => (false, "off", "snapshotter.remote = false".to_string()),
         None => (false, "off", "no EROFS backend (above)".to_string()),
-        Some(b) => match hyperbox_kernel::features::lazy_unsupported(b, features) {
-            Some(why) => (false, "whole", why.to_string()),
-            None if !config.snapshotter.lazy => (
+        Some(b) => match lazy_serve(config.snapshotter.lazy_backend, b, features) {
+            Err(why) => (false, "whole", why.to_string()),
+            Ok(_) if !config.snapshotter.lazy => (
                 false,
                 "whole",
                 "snapshotter.lazy = false: indexed images are fetched whole".to_string(),
             ),
-            None => (
+            Ok(LazyServe::Fanotify) => (
                 true,
                 "fanotify",
                 "file-backed EROFS + fanotify pre-content events: indexed images are mounted \
                  at once and fetched on first access"
                     .to_string(),
+            ),
+            Ok(LazyServe::Fuse) => (
+                true,
+                "fuse",
+                format!(
+                    "{}: indexed images are mounted at once on a loop device over a file served \
+                     through FUSE, fetched on first access, and switched to the local file once \
+                     complete",
+                    if config.snapshotter.lazy_backend == hyperbox_config::LazyBackend::Fuse {
+                        "snapshotter.lazy_backend = \"fuse\""
+                    } else {
+                        "no fanotify pre-content events with file-backed EROFS (6.14+)"
+                    }
+                ),
             ),
         },
     };

@@ -480,9 +480,12 @@ pub struct Snapshotter {
     /// How EROFS layer images reach the kernel.
     pub erofs_backend: ErofsBackend,
     /// For images with a hyperbox index (`hb image index`), mount layers at
-    /// once and fetch their bytes on first access (needs file-backed EROFS
-    /// and fanotify pre-content events, kernel 6.14+).
+    /// once and fetch their bytes on first access (`lazy_backend` says
+    /// how the kernel's reads reach us).
     pub lazy: bool,
+    /// How reads of unfetched bytes of lazily served layers reach the
+    /// snapshotter.
+    pub lazy_backend: LazyBackend,
     /// Once a lazily served layer is complete, fetch the layer whole and
     /// check that it gives the index's diff_id and EROFS bytes; a layer
     /// that does not is no longer served (docs/security.md). With
@@ -543,6 +546,21 @@ pub enum ErofsBackend {
     Loop,
 }
 
+/// `snapshotter.lazy_backend`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LazyBackend {
+    /// fanotify where the kernel has pre-content events and file-backed
+    /// EROFS (6.14+), else FUSE.
+    Auto,
+    /// File-backed EROFS held by fanotify pre-content events only.
+    Fanotify,
+    /// A loop device over a file the snapshotter serves through FUSE,
+    /// switched to the local file once it is complete (any kernel with
+    /// FUSE and loop devices).
+    Fuse,
+}
+
 /// `[registry]`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -585,6 +603,7 @@ impl Default for Snapshotter {
             fallback_to_local: true,
             prefetch: true,
             erofs_backend: ErofsBackend::Auto,
+            lazy_backend: LazyBackend::Auto,
             lazy: true,
             lazy_verify: true,
             lazy_max_chunk_fetches: 16,

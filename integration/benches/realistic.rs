@@ -35,7 +35,8 @@
 //! (`HYPERBOX_BENCH_IMAGES=files` runs one;
 //! `HYPERBOX_BENCH_ONLY=hyperbox-lazy,hyperbox` times those sides only and
 //! writes nothing, and with it `HYPERBOX_BENCH_LAZY=first` makes every lazy
-//! run a first run); under `cargo test` it runs every side once on a small
+//! run a first run, and `HYPERBOX_BENCH_LAZY_BACKEND=fuse` serves the lazy
+//! side through the FUSE fallback); under `cargo test` it runs every side once on a small
 //! busybox image as a smoke test.
 
 use std::collections::HashMap;
@@ -223,9 +224,12 @@ async fn run(case: Case, full: bool) {
     // The testbeds, all containerd 2.4.2: overlayfs, hyperbox, SOCI, erofs.
     let mut soci_daemon = Soci::start().await.expect("start soci-snapshotter-grpc");
     let soci_plugin = soci_daemon.proxy_plugin();
+    let lazy_backend = std::env::var("HYPERBOX_BENCH_LAZY_BACKEND")
+        .map(|b| format!("lazy_backend = \"{b}\"\n"))
+        .unwrap_or_default();
     let mut beds = vec![
         Testbed::start_with(|b| b.line(Line::V2)).await,
-        Testbed::start_hyperbox(|b| b.line(Line::V2)).await,
+        Testbed::start_hyperbox_configured(&lazy_backend, |b| b.line(Line::V2)).await,
         Testbed::start_with(|b| {
             b.line(Line::V2)
                 .proxy_plugin(soci_plugin)

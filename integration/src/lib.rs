@@ -37,6 +37,7 @@ pub mod fdstore;
 pub mod footprint;
 pub mod gobin;
 pub mod image;
+pub mod lazy;
 pub mod mount;
 pub mod otlp;
 pub mod prereq;

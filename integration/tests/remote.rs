@@ -9,6 +9,7 @@ use hyperbox_integration::client::{ContainerOptions, Image, PullOptions};
 use hyperbox_integration::corpus;
 use hyperbox_integration::cri::{ContainerSpec, PodNetwork};
 use hyperbox_integration::image::{Compression, ImageSpec, Layer};
+use hyperbox_integration::lazy::{erofs_mounts, lazy_files_left, metric, wait_complete};
 use hyperbox_integration::proxy::{Fault, FaultRule};
 use hyperbox_integration::require_containers;
 use hyperbox_integration::snapshotter::NAME;
@@ -49,31 +50,6 @@ fn remote() -> PullOptions {
         snapshotter: NAME.into(),
         remote_labels: true,
     }
-}
-
-/// `(mount point, fstype, source)` of every mount under `dir`.
-fn mounts_under(dir: &std::path::Path) -> Vec<(String, String, String)> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    info.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let sep = f.iter().position(|x| *x == "-")?;
-            Some((
-                f[4].to_string(),
-                f[sep + 1].to_string(),
-                f[sep + 2].to_string(),
-            ))
-        })
-        .filter(|(p, _, _)| p.starts_with(&dir.display().to_string()))
-        .collect()
-}
-
-fn erofs_mounts(tb: &mut Testbed) -> Vec<(String, String, String)> {
-    let root = tb.hyperbox().root();
-    mounts_under(&root)
-        .into_iter()
-        .filter(|(_, t, _)| t == "erofs")
-        .collect()
 }
 
 /// containerd downloaded no layer of `image`: hyperbox served each one
@@ -648,26 +624,6 @@ fn hb_index(tb: &mut Testbed, reference: &str) -> serde_json::Value {
     tb.hyperbox().hb_index(reference)
 }
 
-fn lazy_files_left(tb: &mut Testbed) -> usize {
-    let layers = tb.hyperbox().root().join("lazy");
-    std::fs::read_dir(layers)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".lazy"))
-        .count()
-}
-
-async fn wait_complete(tb: &mut Testbed) {
-    let start = std::time::Instant::now();
-    while lazy_files_left(tb) > 0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "lazy layers never completed"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// An image with a hyperbox index is mounted at once: the container runs
 /// after fetching a fraction of the image, reads of unfetched bytes are
 /// served correctly, a kill -9 in the middle loses nothing, and in the end
@@ -675,130 +631,7 @@ async fn wait_complete(tb: &mut Testbed) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn indexed_images_are_pulled_lazily() {
     require_containers!();
-    let mut tb = Testbed::start_hyperbox_configured("metrics_address = \"127.0.0.1:0\"", |b| {
-        b.without_cri()
-    })
-    .await;
-    let big = 48u64 << 20;
-    let mut spec = ImageSpec::busybox(&["cat", "/etc/motd"]).unwrap();
-    spec.layers[0] = spec.layers[0]
-        .clone()
-        .file("etc/motd", "lazy hello\n", 0o644);
-    spec.layers
-        .push(Layer::new(Compression::Gzip).large_file("data/big", big, 42));
-    let reference = tb.via_proxy(&tb.push(&spec, "test/lazy", "v1").await);
-    let indexed = hb_index(&mut tb, &reference);
-    assert_eq!(indexed["layers"].as_array().unwrap().len(), 2, "{indexed}");
-    let blobs_total: u64 = std::fs::read_dir(tb.work_dir())
-        .unwrap()
-        .flatten()
-        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
-        .filter_map(|f| f.metadata().ok())
-        .map(|m| m.len())
-        .sum();
-
-    // 40 Mbit/s: the background fill of 48 MiB takes about ten seconds, so
-    // the container runs long before it is done.
-    tb.proxy.set_shaping(hyperbox_integration::proxy::Shaping {
-        latency: Duration::from_millis(5),
-        bits_per_sec: Some(40_000_000),
-    });
-    let before = tb.proxy.bytes_served();
-    let client = tb.containerd.client().await.unwrap();
-    let image = client.pull(&reference, &remote()).await.unwrap();
-    assert_eq!(image.layers_skipped, [0, 1]);
-    let out = client
-        .run("lazy", &image, &ContainerOptions::default())
-        .await
-        .unwrap();
-    assert_eq!(out.stdout_str(), "lazy hello\n");
-    let fetched = tb.proxy.bytes_served() - before;
-    assert!(
-        fetched < blobs_total / 2,
-        "ran after fetching {fetched} of {blobs_total} bytes"
-    );
-    assert!(
-        lazy_files_left(&mut tb) > 0,
-        "still filling in the background"
-    );
-    // No run taught this image anything, so both layers download whole at
-    // once; the small one is filled from its own layer blob (fetched
-    // whole, converted here), not with Range requests to the EROFS blob,
-    // while the large one still comes.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let page = tb.hyperbox().metrics().await;
-        assert_eq!(
-            metric(&page, "hyperbox_snapshotter_lazy_untried_layers_total"),
-            2,
-            "{page}"
-        );
-        if metric(&page, "hyperbox_snapshotter_lazy_layer_filled_chunks_total") > 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no layer filled from its own blob: {page}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(lazy_files_left(&mut tb) > 0, "the large layer still comes");
-
-    // kill -9 while filling; the restart takes the layers back.
-    tb.hyperbox().kill(nix::sys::signal::Signal::SIGKILL);
-    tb.hyperbox().start_again().await;
-    // containerd reconnects to a restarted proxy plugin after about 1 s.
-    client
-        .wait_snapshotter(NAME, image.top_chain_id(), Duration::from_secs(60))
-        .await
-        .unwrap();
-    let want = {
-        use sha2::Digest as _;
-        let mut h = sha2::Sha256::new();
-        let mut r = hyperbox_integration::image::PatternReader::new(42);
-        let mut left = big as usize;
-        let mut buf = vec![0u8; 1 << 20];
-        while left > 0 {
-            let n = left.min(buf.len());
-            std::io::Read::read_exact(&mut r, &mut buf[..n]).unwrap();
-            h.update(&buf[..n]);
-            left -= n;
-        }
-        hex::encode(h.finalize())
-    };
-    let out = client
-        .run(
-            "lazy-read",
-            &image,
-            &ContainerOptions::args(&["sha256sum", "/data/big"]),
-        )
-        .await
-        .unwrap();
-    assert_eq!(out.status, 0, "{}", out.stderr_str());
-    assert!(out.stdout_str().starts_with(&want), "{}", out.stdout_str());
-    tb.proxy
-        .set_shaping(hyperbox_integration::proxy::Shaping::default());
-    wait_complete(&mut tb).await;
-    let out = client
-        .run(
-            "complete",
-            &image,
-            &ContainerOptions::args(&["sha256sum", "/data/big"]),
-        )
-        .await
-        .unwrap();
-    assert!(out.stdout_str().starts_with(&want));
-
-    // Removing the image removes the lazy layers, mounts and files.
-    client.delete_image(&reference).await.unwrap();
-    client.gc().await.unwrap();
-    let left = tb
-        .hyperbox()
-        .wait_for_count(&[], 0, Duration::from_secs(30))
-        .await;
-    assert!(left.is_empty(), "{left:#?}");
-    assert_eq!(erofs_mounts(&mut tb), []);
-    tb.finish();
+    hyperbox_integration::lazy::pull_serve_restart_complete("").await;
 }
 
 /// A chunk that does not match the index is never served: the lazy path
@@ -967,7 +800,7 @@ async fn lazy_reads_wait_across_a_restart_when_the_fd_store_keeps_the_group() {
 }
 
 /// A node that can no longer serve lazy layers (here `erofs_backend =
-/// "loop"` after a restart) never mounts an incomplete one unmarked: its
+/// "loop"` with `lazy_backend = "fanotify"` after a restart) never mounts an incomplete one unmarked: its
 /// snapshots stay unmounted and no container starts on them, with an
 /// error that says why, instead of reading zeros.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -998,7 +831,7 @@ async fn incomplete_lazy_layers_are_refused_when_the_lazy_path_is_unavailable() 
         &cfg,
         text.replacen(
             "[snapshotter]\n",
-            "[snapshotter]\nerofs_backend = \"loop\"\n",
+            "[snapshotter]\nerofs_backend = \"loop\"\nlazy_backend = \"fanotify\"\n",
             1,
         ),
     )
@@ -1029,14 +862,6 @@ async fn incomplete_lazy_layers_are_refused_when_the_lazy_path_is_unavailable() 
     client.delete_image(&reference).await.unwrap();
     client.gc().await.unwrap();
     tb.finish();
-}
-
-/// The value of the unlabelled metric `name` on a `/metrics` page.
-fn metric(page: &str, name: &str) -> u64 {
-    page.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {page}"))
 }
 
 /// What one node learned about a lazily pulled image (the chunks its

@@ -17,7 +17,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use zerocopy::{FromBytes, Immutable, KnownLayout};
@@ -64,6 +64,8 @@ pub(crate) enum Held {
     /// The event's own fd: the kernel identifies the held read by it, and
     /// it closes once answered.
     Fd(OwnedFd),
+    /// A read through [`crate::fuse`], answered with its bytes.
+    Fuse(crate::fuse::FuseRead),
     /// A fake event, by number.
     #[cfg(any(test, feature = "fake"))]
     Fake(u64),
@@ -81,6 +83,12 @@ pub trait PreContent: fmt::Debug + Send + Sync {
     fn read_events(&self, out: &mut Vec<AccessEvent>) -> io::Result<()>;
     /// Answers `event`, releasing its reader.
     fn respond(&self, event: AccessEvent, verdict: Verdict) -> io::Result<()>;
+    /// The path to mount instead of the marked file `path`, when reads
+    /// reach us through another file ([`crate::fuse`]); `None` mounts
+    /// `path` itself.
+    fn serve_path(&self, _path: &Path) -> Option<PathBuf> {
+        None
+    }
 }
 
 /// The real fanotify group (`FAN_CLASS_PRE_CONTENT`; needs CAP_SYS_ADMIN).
@@ -247,6 +255,7 @@ impl PreContent for Fanotify {
     fn respond(&self, event: AccessEvent, verdict: Verdict) -> io::Result<()> {
         let fd = match &event.held {
             Held::Fd(fd) => fd.as_raw_fd(),
+            Held::Fuse(_) => return Err(io::Error::other("a FUSE read reached fanotify")),
             #[cfg(any(test, feature = "fake"))]
             Held::Fake(_) => return Err(io::Error::other("a fake event reached real fanotify")),
         };

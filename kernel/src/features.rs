@@ -9,7 +9,7 @@
 use std::fs;
 use std::path::Path;
 
-use hyperbox_config::ErofsBackend;
+use hyperbox_config::{ErofsBackend, LazyBackend};
 use serde::Serialize;
 
 use crate::fanotify::{Fanotify, PreContent};
@@ -50,6 +50,9 @@ fn yes_no(b: bool) -> &'static str {
 /// directory on the filesystem the snapshotter will use (probe images and
 /// marks are made there and removed).
 pub fn detect(scratch: &Path) -> Vec<Feature> {
+    // Distribution kernels build these as modules, loaded on first use:
+    // a node that never mounted EROFS does not list it yet.
+    load_modules();
     let filesystems = fs::read_to_string("/proc/filesystems").unwrap_or_default();
     let has_fs = |name: &str| {
         filesystems
@@ -63,7 +66,11 @@ pub fn detect(scratch: &Path) -> Vec<Feature> {
         "erofs",
         erofs,
         yes_no(erofs),
-        "erofs in /proc/filesystems",
+        if erofs {
+            "erofs in /proc/filesystems"
+        } else {
+            "erofs not in /proc/filesystems (modprobe erofs did not add it)"
+        },
     ));
     out.push(erofs_file_backed(scratch, erofs));
     out.push(fanotify_pre_content(scratch));
@@ -97,7 +104,16 @@ pub fn detect(scratch: &Path) -> Vec<Feature> {
         "overlay in /proc/filesystems",
     ));
     let lo = Path::new("/dev/loop-control").exists();
-    out.push(feature("loop", lo, yes_no(lo), "/dev/loop-control present"));
+    out.push(feature(
+        "loop",
+        lo,
+        yes_no(lo),
+        if lo {
+            "/dev/loop-control present"
+        } else {
+            "/dev/loop-control absent (modprobe loop did not add it)"
+        },
+    ));
     let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
     out.push(feature(
         "btf",
@@ -115,6 +131,36 @@ pub fn detect(scratch: &Path) -> Vec<Feature> {
     let (mode, how) = cgroup_mode();
     out.push(feature("cgroup", true, mode, how));
     out
+}
+
+/// Loads the modules of EROFS, loop devices and FUSE where they are
+/// missing, as the kernel would on their first use (`modprobe`, best
+/// effort: built in, or no modprobe, is fine).
+fn load_modules() {
+    let filesystems = fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    let missing = |fs: &str| {
+        !filesystems
+            .lines()
+            .any(|l| l.split_whitespace().last() == Some(fs))
+    };
+    let mut wanted = Vec::new();
+    if missing("erofs") {
+        wanted.push("erofs");
+    }
+    if !Path::new("/dev/loop-control").exists() {
+        wanted.push("loop");
+    }
+    if missing("fuse") || !Path::new("/dev/fuse").exists() {
+        wanted.push("fuse");
+    }
+    for m in wanted {
+        let _ = std::process::Command::new("modprobe")
+            .args(["-q", m])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
 }
 
 /// Mounts a one-directory EROFS image straight from its file (no loop
@@ -251,22 +297,109 @@ pub fn choose_backend(
         ErofsBackend::Loop => return Err(BackendError::NoLoop),
     })
 }
-/// Why the lazy path cannot run with `backend` on this kernel, if it
-/// cannot: it serves file-backed EROFS images whose unfetched ranges are
-/// held by fanotify pre-content events. One rule for the snapshotter's
-/// start and `hb doctor`.
-pub fn lazy_unsupported(backend: Backend, features: &[Feature]) -> Option<&'static str> {
-    let pre_content = features
-        .iter()
-        .any(|f| f.name == "fanotify_pre_content" && f.available);
-    match (backend, pre_content) {
-        (Backend::File, true) => None,
-        (Backend::File, false) => Some(
-            "no fanotify pre-content events (kernel 6.14+ with CONFIG_FANOTIFY_ACCESS_PERMISSIONS): \
-             indexed images are fetched whole",
+/// How the kernel's reads of a lazily served layer's unfetched bytes
+/// reach the snapshotter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LazyServe {
+    /// File-backed EROFS whose reads fanotify pre-content events hold
+    /// ([`crate::fanotify`]).
+    Fanotify,
+    /// A loop device over a file the snapshotter serves through FUSE
+    /// ([`crate::fuse`]), switched to the local file once complete.
+    Fuse,
+}
+
+impl LazyServe {
+    /// Name for logs, `hb doctor` and the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LazyServe::Fanotify => "fanotify",
+            LazyServe::Fuse => "fuse",
+        }
+    }
+}
+
+/// How the lazy path serves reads with EROFS `backend` on this kernel and
+/// `snapshotter.lazy_backend = wanted`, or why it cannot (then indexed
+/// images are fetched whole). One rule for the snapshotter's start and
+/// `hb doctor`.
+pub fn lazy_serve(
+    wanted: LazyBackend,
+    backend: Backend,
+    features: &[Feature],
+) -> Result<LazyServe, &'static str> {
+    let has = |n: &str| features.iter().any(|f| f.name == n && f.available);
+    let fanotify = backend == Backend::File && has("fanotify_pre_content");
+    let fuse = has("fuse") && has("loop") && has("erofs");
+    match wanted {
+        LazyBackend::Auto | LazyBackend::Fanotify if fanotify => Ok(LazyServe::Fanotify),
+        LazyBackend::Auto | LazyBackend::Fuse if fuse => Ok(LazyServe::Fuse),
+        LazyBackend::Fanotify if backend != Backend::File => Err(
+            "lazy_backend = \"fanotify\" needs file-backed EROFS mounts, and layers are mounted \
+             through loop devices: indexed images are fetched whole",
         ),
-        (Backend::Loop, _) => Some(
-            "layers are mounted through loop devices, not from files: indexed images are fetched whole",
+        LazyBackend::Fanotify => Err(
+            "lazy_backend = \"fanotify\" but the kernel has no fanotify pre-content events \
+             (6.14+ with CONFIG_FANOTIFY_ACCESS_PERMISSIONS): indexed images are fetched whole",
         ),
+        LazyBackend::Fuse => Err(
+            "lazy_backend = \"fuse\" but /dev/fuse, the fuse filesystem or loop devices are \
+             missing: indexed images are fetched whole",
+        ),
+        LazyBackend::Auto => Err(
+            "no fanotify pre-content events with file-backed EROFS (6.14+), and no FUSE with \
+             loop devices: indexed images are fetched whole",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(available: &[&'static str]) -> Vec<Feature> {
+        [
+            "erofs",
+            "erofs_file_backed",
+            "fanotify_pre_content",
+            "fuse",
+            "loop",
+        ]
+        .into_iter()
+        .map(|n| feature(n, available.contains(&n), "", ""))
+        .collect()
+    }
+
+    #[test]
+    fn each_kernel_gets_the_lazy_backend_it_can_run() {
+        let all = node(&[
+            "erofs",
+            "erofs_file_backed",
+            "fanotify_pre_content",
+            "fuse",
+            "loop",
+        ]);
+        let k6_12 = node(&["erofs", "erofs_file_backed", "fuse", "loop"]);
+        let k6_1 = node(&["erofs", "fuse", "loop"]);
+        let no_fuse = node(&["erofs", "erofs_file_backed", "loop"]);
+        use LazyBackend::*;
+        assert_eq!(
+            lazy_serve(Auto, Backend::File, &all),
+            Ok(LazyServe::Fanotify)
+        );
+        // erofs_backend = "loop" on a 6.14+ kernel: pre-content events
+        // hold reads of files, not of loop devices.
+        assert_eq!(lazy_serve(Auto, Backend::Loop, &all), Ok(LazyServe::Fuse));
+        assert_eq!(lazy_serve(Fuse, Backend::File, &all), Ok(LazyServe::Fuse));
+        assert_eq!(lazy_serve(Auto, Backend::File, &k6_12), Ok(LazyServe::Fuse));
+        assert_eq!(lazy_serve(Auto, Backend::Loop, &k6_1), Ok(LazyServe::Fuse));
+        let why = lazy_serve(Fanotify, Backend::File, &k6_12).unwrap_err();
+        assert!(why.contains("pre-content"), "{why}");
+        let why = lazy_serve(Fanotify, Backend::Loop, &all).unwrap_err();
+        assert!(why.contains("loop devices"), "{why}");
+        let why = lazy_serve(Auto, Backend::File, &no_fuse).unwrap_err();
+        assert!(why.contains("fetched whole"), "{why}");
+        let why = lazy_serve(Fuse, Backend::File, &no_fuse).unwrap_err();
+        assert!(why.contains("/dev/fuse"), "{why}");
     }
 }

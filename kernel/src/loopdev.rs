@@ -138,3 +138,58 @@ pub fn attach(image: &Path) -> std::io::Result<LoopDevice> {
     }
     Err(last.unwrap_or_else(|| std::io::Error::other("no free loop device")))
 }
+
+/// `LOOP_CHANGE_FD`: swaps the backing file of a read-only device.
+const LOOP_CHANGE_FD: libc::c_ulong = 0x4C06;
+
+/// Every attached loop device with the path of its backing file, as the
+/// kernel shows it (`/sys/block/loopN/loop/backing_file`).
+pub fn backing_files() -> Vec<(PathBuf, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if !name.to_string_lossy().starts_with("loop") {
+            continue;
+        }
+        let Ok(backing) = std::fs::read(e.path().join("loop/backing_file")) else {
+            continue;
+        };
+        let mut backing = backing;
+        while backing.last() == Some(&b'\n') {
+            backing.pop();
+        }
+        use std::os::unix::ffi::OsStringExt;
+        out.push((
+            Path::new("/dev").join(name),
+            PathBuf::from(std::ffi::OsString::from_vec(backing)),
+        ));
+    }
+    out
+}
+
+/// Makes the read-only loop device `device` read from `file` instead of
+/// its current backing file, which must be the same size (the kernel
+/// checks): in-flight reads finish first, later ones go to `file`.
+pub fn change_backing(device: &Path, file: &File) -> std::io::Result<()> {
+    let dev = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(device)?;
+    // SAFETY: LOOP_CHANGE_FD takes a file descriptor by value; `file`
+    // stays open across the call and the kernel takes its own reference.
+    let r = unsafe {
+        libc::ioctl(
+            dev.as_raw_fd(),
+            LOOP_CHANGE_FD,
+            file.as_raw_fd() as libc::c_ulong,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

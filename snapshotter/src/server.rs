@@ -1,6 +1,7 @@
 //! The daemon's life cycle: open the snapshotter, remove crash leftovers,
 //! bind the unix socket with its mode, serve until SIGTERM or SIGINT.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -8,7 +9,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::UnixListenerStream;
 
 use hyperbox_api::daemon::{self, bind_unix, ensure_free};
-use hyperbox_kernel::features::{self, choose_backend};
+use hyperbox_kernel::features::{self, LazyServe, choose_backend};
+use hyperbox_kernel::fuse::FuseReads;
 use hyperbox_registry::Registry;
 
 use crate::fdstore;
@@ -60,61 +62,84 @@ pub async fn run(full: &hyperbox_config::Config) -> Result<()> {
                     Remote::open(&config.root, registry.clone(), options)
                         .context("prepare the layer cache")?,
                 );
-                let unsupported = features::lazy_unsupported(b, &features);
+                let serve = features::lazy_serve(config.lazy_backend, b, &features);
+                let options = lazy::Options {
+                    max_chunk_fetches: config.lazy_max_chunk_fetches as usize,
+                    verify: config.lazy_verify,
+                    fill_pause_io_pressure: f64::from(config.lazy_fill_pause_io_pressure),
+                    fill_request: lazy::FILL_REQUEST,
+                    shared_prefetch: config.lazy_shared_prefetch,
+                    fill_from_layer: config.lazy_fill_from_layer,
+                };
+                let whole = Some(Arc::new(WholeLayers(remote.clone())) as Arc<dyn lazy::Verifier>);
                 // Opened whenever the kernel allows, even with lazy = false:
                 // incomplete layers from before must still be served.
-                let lazy = if unsupported.is_none() {
-                    let group = fdstore::fanotify_group()
-                        .context("create the fanotify group (FAN_CLASS_PRE_CONTENT)")?;
-                    let (lazy, resumed) = Lazy::open(
-                        &config.root,
-                        registry,
-                        Arc::new(group.group),
-                        Some(Arc::new(WholeLayers(remote.clone()))),
-                        lazy::Options {
-                            max_chunk_fetches: config.lazy_max_chunk_fetches as usize,
-                            verify: config.lazy_verify,
-                            fill_pause_io_pressure: f64::from(config.lazy_fill_pause_io_pressure),
-                            fill_request: lazy::FILL_REQUEST,
-                            shared_prefetch: config.lazy_shared_prefetch,
-                            fill_from_layer: config.lazy_fill_from_layer,
-                        },
-                    )
-                    .context("start the lazy path")?;
-                    sn.set_layer_gate(lazy.clone());
-                    if resumed > 0 && !group.kept {
-                        // While we were down, unfetched ranges of these
-                        // layers read as zeros; do not let cached zeros
-                        // outlive the outage.
-                        tracing::warn!(
-                            resumed,
-                            "incomplete lazy layers taken back; dropping the page cache once"
-                        );
-                        let _ = std::fs::write("/proc/sys/vm/drop_caches", "1");
-                    }
-                    tracing::info!(
-                        "lazy path enabled: layers of indexed images are fetched on first access"
-                    );
-                    Some(lazy)
-                } else {
-                    // Lazy files from before cannot be served now: their
-                    // snapshots are not mounted and nothing is built on them.
-                    let unservable = lazy::Unservable::scan(&config.root);
-                    if !unservable.is_empty() {
-                        tracing::error!(
-                            files = unservable.len(),
-                            "incomplete lazy layers cannot be served without the lazy path; images using them must be pulled again"
-                        );
-                    }
-                    sn.set_layer_gate(Arc::new(unservable));
-                    if config.lazy {
+                let lazy = match serve {
+                    Ok(LazyServe::Fanotify) => {
+                        let group = fdstore::fanotify_group()
+                            .context("create the fanotify group (FAN_CLASS_PRE_CONTENT)")?;
+                        let (lazy, resumed) = Lazy::open(
+                            &config.root,
+                            registry,
+                            Arc::new(group.group),
+                            whole,
+                            options,
+                        )
+                        .context("start the lazy path")?;
+                        sn.set_layer_gate(lazy.clone());
+                        if resumed > 0 && !group.kept {
+                            // While we were down, unfetched ranges of these
+                            // layers read as zeros; do not let cached zeros
+                            // outlive the outage.
+                            tracing::warn!(
+                                resumed,
+                                "incomplete lazy layers taken back; dropping the page cache once"
+                            );
+                            let _ = std::fs::write("/proc/sys/vm/drop_caches", "1");
+                        }
                         tracing::info!(
-                            backend = b.as_str(),
-                            why = unsupported.unwrap_or_default(),
-                            "lazy path off"
+                            "lazy path enabled (fanotify): layers of indexed images are fetched on first access"
                         );
+                        Some(lazy)
                     }
-                    None
+                    Ok(LazyServe::Fuse) => {
+                        let fuse = Arc::new(
+                            FuseReads::mount(&config.root.join("fuse"))
+                                .context("mount the FUSE filesystem of the lazy path")?,
+                        );
+                        let (lazy, resumed) =
+                            Lazy::open(&config.root, registry, fuse.clone(), whole, options)
+                                .context("start the lazy path")?;
+                        sn.set_layer_gate(lazy.clone());
+                        // Loop devices of layers mounted by an earlier run
+                        // read through its dead connection (EIO, never
+                        // zeros); point them at this one.
+                        let (switched, failing) = fuse.adopt(layer_files(&config.root));
+                        tracing::info!(
+                            dir = %fuse.dir().display(),
+                            resumed,
+                            switched,
+                            failing,
+                            "lazy path enabled (FUSE): layers of indexed images are fetched on first access through a loop device over FUSE, switched to the local file once complete"
+                        );
+                        Some(lazy)
+                    }
+                    Err(why) => {
+                        // Lazy files from before cannot be served now: their
+                        // snapshots are not mounted and nothing is built on them.
+                        let unservable = lazy::Unservable::scan(&config.root);
+                        if !unservable.is_empty() {
+                            tracing::error!(
+                                files = unservable.len(),
+                                "incomplete lazy layers cannot be served without the lazy path; images using them must be pulled again"
+                            );
+                        }
+                        sn.set_layer_gate(Arc::new(unservable));
+                        if config.lazy {
+                            tracing::info!(backend = b.as_str(), why, "lazy path off");
+                        }
+                        None
+                    }
                 };
                 tracing::info!(
                     backend = b.as_str(),
@@ -177,4 +202,31 @@ pub async fn run(full: &hyperbox_config::Config) -> Result<()> {
         .context("serve gRPC")?;
     let _ = std::fs::remove_file(&config.address);
     Ok(())
+}
+
+/// Every layer image file under `root` a loop device may read: lazy files
+/// and the snapshots' links.
+fn layer_files(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(root.join("lazy"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "erofs") {
+            out.push(p);
+        }
+    }
+    for e in std::fs::read_dir(root.join("snapshots"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let p = e.path().join("layer.erofs");
+        if p.exists() {
+            out.push(p);
+        }
+    }
+    out
 }

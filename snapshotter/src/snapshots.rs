@@ -163,6 +163,12 @@ pub struct Snapshotter {
 pub trait LayerGate: std::fmt::Debug + Send + Sync {
     /// Why the layer image at `layer_file` is refused, if it is.
     fn refuse(&self, layer_file: &Path) -> Option<String>;
+    /// The file to mount for `layer_file` through a loop device instead
+    /// of `layer_file` itself: an incomplete lazy layer served through
+    /// FUSE (`hyperbox_kernel::fuse`).
+    fn source(&self, _layer_file: &Path) -> Option<PathBuf> {
+        None
+    }
 }
 
 fn now() -> i128 {
@@ -312,8 +318,7 @@ impl Snapshotter {
             let link = tmp.join("layer.erofs");
             fs::hard_link(image, &link).map_err(io("link", image))?;
             let meta = fs::metadata(&link).map_err(io("stat", &link))?;
-            self.mounter
-                .mount_erofs(&link, &fs_dir, backend)
+            self.mount_layer(&link, &fs_dir, backend)
                 .map_err(io("mount EROFS image", &link))?;
             let tx = self.store.write().map_err(st(name))?;
             if tx.get(name).map_err(st(name))?.is_some() {
@@ -395,8 +400,7 @@ impl Snapshotter {
                 tracing::error!(snapshot = %name, why, "layer not mounted");
                 continue;
             }
-            self.mounter
-                .mount_erofs(&image, &fs_dir, backend)
+            self.mount_layer(&image, &fs_dir, backend)
                 .map_err(|source| Error::Io {
                     action: "mount EROFS image of",
                     path: PathBuf::from(&name),
@@ -405,6 +409,16 @@ impl Snapshotter {
             n += 1;
         }
         Ok(n)
+    }
+
+    /// Mounts a layer image, through the file the gate names for it when
+    /// it names one (always on a loop device: it can be switched to the
+    /// local file later).
+    fn mount_layer(&self, image: &Path, target: &Path, backend: Backend) -> std::io::Result<()> {
+        match self.gate.as_ref().and_then(|g| g.source(image)) {
+            Some(source) => self.mounter.mount_erofs(&source, target, Backend::Loop),
+            None => self.mounter.mount_erofs(image, target, backend),
+        }
     }
 
     fn dir(&self, id: u64) -> PathBuf {

@@ -583,4 +583,8 @@ impl crate::snapshots::LayerGate for Lazy {
         let (id, _) = file_id(layer_file)?;
         lock(&self.refused).get(&id).map(|r| r.why.clone())
     }
+
+    fn source(&self, layer_file: &Path) -> Option<PathBuf> {
+        self.fan.serve_path(layer_file)
+    }
 }

@@ -77,6 +77,9 @@ impl Lazy {
         lock(&self.by_key).remove(&b.key);
         lock(&self.blobs).remove(&b.inode);
         b.phase.send_replace(Phase::Discarded);
+        // Through FUSE the file is held open while marked: let it go, so
+        // its space is freed once nothing reads it.
+        let _ = self.fan.unmark(&b.path);
         let _ = fs::remove_file(&b.state_path);
         let _ = fs::remove_file(&b.have_path);
         let _ = fs::remove_file(&b.path);
