@@ -209,6 +209,67 @@ pub fn run(kernel: &Kernel, script: &str, env: &[(String, String)], timeout: Dur
     cmd.output().expect("run vng")
 }
 
+/// Runs `tests` of the calling test binary (`--ignored` ones when
+/// `ignored`) in a guest booting `kernel`, after `check` (shell, under
+/// `set -e`) has printed `<marker> <kernel version>` to say the guest is
+/// the node the tests need; panics unless it did and every test passed.
+/// The guest's whole output is kept under `name` ([`keep_output`]). What
+/// the tests start must be built before: the guest cannot build.
+pub fn run_own_tests(
+    kernel: &Kernel,
+    name: &str,
+    check: &str,
+    marker: &str,
+    tests: &[&str],
+    ignored: bool,
+) {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let mut script = format!(
+        "set -e; {check}; exec {} --exact --test-threads 1",
+        quote(&exe.to_string_lossy())
+    );
+    if ignored {
+        script.push_str(" --ignored");
+    }
+    for t in tests {
+        script.push(' ');
+        script.push_str(t);
+    }
+    let mut env = forwarded_env();
+    env.push((crate::binaries::BUILT_ENV.into(), "1".into()));
+    env.push(("HYPERBOX_REQUIRE_ALL".into(), "1".into()));
+    let out = run(kernel, &script, &env, Duration::from_secs(1800));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail = |s: &str| {
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(80)..].join("\n")
+    };
+    assert!(
+        stdout.contains(&format!("{marker} {}", kernel.version)),
+        "the guest is not the {marker} {} node the tests need:\n{}\n{}",
+        kernel.version,
+        tail(&stdout),
+        tail(&stderr)
+    );
+    for l in stdout.lines().filter(|l| l.starts_with("test ")) {
+        eprintln!("guest {}: {l}", kernel.version);
+    }
+    let kept = keep_output(&format!("{name}-{}", kernel.version), &out);
+    let passed = format!("test result: ok. {} passed; 0 failed", tests.len());
+    assert!(
+        out.status.success() && stdout.contains(&passed),
+        "{name} on {}: {}\n{}\nthe guest's whole output: {}\n{}",
+        kernel.version,
+        out.status,
+        Some(test_failures(&stdout))
+            .filter(|f| !f.is_empty())
+            .unwrap_or_else(|| tail(&stdout)),
+        kept.display(),
+        tail(&stderr)
+    );
+}
+
 /// Writes a guest's whole output to `<temp dir>/hyperbox-guest-<name>.log`
 /// (replaced on each run) and returns the path: a failure message holds
 /// only its summary, and the guest's logs are gone with the guest.

@@ -664,55 +664,15 @@ fn the_shims_tests_pass_on_a_pure_cgroup_v2_node() {
         hyperbox_integration::binaries::path(bin);
     }
     hyperbox_integration::binaries::shim_for_nodes(HYPERBOX_SHIM_BINARY);
-    let exe = std::env::current_exe().unwrap();
-    let mut script = String::from(
-        "set -e; test -f /sys/fs/cgroup/cgroup.controllers; \
+    hyperbox_integration::vm::run_own_tests(
+        &kernel,
+        "shim",
+        "test -f /sys/fs/cgroup/cgroup.controllers; \
          if grep -q ' cgroup ' /proc/mounts; then echo 'cgroup v1 mounted'; exit 90; fi; \
-         echo PURE_CGROUP_V2 $(uname -r); ",
-    );
-    script.push_str(&format!(
-        "exec {} --exact --test-threads 1",
-        hyperbox_integration::vm::quote(&exe.to_string_lossy())
-    ));
-    for t in ON_PURE_CGROUP_V2 {
-        script.push(' ');
-        script.push_str(t);
-    }
-    let mut env = hyperbox_integration::vm::forwarded_env();
-    env.push((hyperbox_integration::binaries::BUILT_ENV.into(), "1".into()));
-    env.push(("HYPERBOX_REQUIRE_ALL".into(), "1".into()));
-    let out = hyperbox_integration::vm::run(&kernel, &script, &env, Duration::from_secs(1800));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let tail = |s: &str| {
-        let lines: Vec<&str> = s.lines().collect();
-        lines[lines.len().saturating_sub(80)..].join("\n")
-    };
-    assert!(
-        stdout.contains(&format!("PURE_CGROUP_V2 {}", kernel.version)),
-        "the guest is not a pure cgroup v2 {} node:\n{}\n{}",
-        kernel.version,
-        tail(&stdout),
-        tail(&stderr)
-    );
-    let passed = format!(
-        "test result: ok. {} passed; 0 failed",
-        ON_PURE_CGROUP_V2.len()
-    );
-    for l in stdout.lines().filter(|l| l.starts_with("test ")) {
-        eprintln!("guest {}: {l}", kernel.version);
-    }
-    let kept = hyperbox_integration::vm::keep_output(&format!("shim-{}", kernel.version), &out);
-    assert!(
-        out.status.success() && stdout.contains(&passed),
-        "the shim's tests on pure cgroup v2 ({}): {}\n{}\nthe guest's whole output: {}\n{}",
-        kernel.version,
-        out.status,
-        Some(hyperbox_integration::vm::test_failures(&stdout))
-            .filter(|f| !f.is_empty())
-            .unwrap_or_else(|| tail(&stdout)),
-        kept.display(),
-        tail(&stderr)
+         echo PURE_CGROUP_V2 $(uname -r)",
+        "PURE_CGROUP_V2",
+        ON_PURE_CGROUP_V2,
+        false,
     );
 }
 

@@ -79,6 +79,11 @@ pub trait PreContent: fmt::Debug + Send + Sync {
     fn mark(&self, path: &Path) -> io::Result<()>;
     /// Stops holding reads of `path`.
     fn unmark(&self, path: &Path) -> io::Result<()>;
+    /// Stops holding reads of `path` for good: it is about to be removed,
+    /// and its inode number may come back as another file.
+    fn forget(&self, path: &Path) -> io::Result<()> {
+        self.unmark(path)
+    }
     /// Blocks until events arrive and appends them to `out`.
     fn read_events(&self, out: &mut Vec<AccessEvent>) -> io::Result<()>;
     /// Answers `event`, releasing its reader.

@@ -27,7 +27,7 @@
 pub mod fanotify;
 pub mod features;
 pub mod fuse;
-mod loopdev;
+pub mod loopdev;
 pub mod mount;
 #[cfg(any(test, feature = "fake"))]
 pub mod testing;

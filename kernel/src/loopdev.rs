@@ -173,23 +173,84 @@ pub fn backing_files() -> Vec<(PathBuf, PathBuf)> {
 /// Makes the read-only loop device `device` read from `file` instead of
 /// its current backing file, which must be the same size (the kernel
 /// checks): in-flight reads finish first, later ones go to `file`.
+///
+/// The ioctl runs in a short-lived child process. It waits, without
+/// being interruptible, for the device's reads in flight; when those are
+/// reads of our own FUSE files, a thread of ours stuck in it would keep
+/// the process (and with it the FUSE connection those reads wait for)
+/// from ever ending on a kill. The child holds nothing but the two
+/// descriptors, so a killed daemon ends, its connection aborts, the
+/// reads fail and the child finishes on its own.
 pub fn change_backing(device: &Path, file: &File) -> std::io::Result<()> {
     let dev = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_CLOEXEC)
         .open(device)?;
-    // SAFETY: LOOP_CHANGE_FD takes a file descriptor by value; `file`
-    // stays open across the call and the kernel takes its own reference.
-    let r = unsafe {
-        libc::ioctl(
-            dev.as_raw_fd(),
-            LOOP_CHANGE_FD,
-            file.as_raw_fd() as libc::c_ulong,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
+    let (d, f) = (dev.as_raw_fd(), file.as_raw_fd());
+    // SAFETY: after fork the child makes only async-signal-safe system
+    // calls (close_range, ioctl, _exit) on descriptors opened before it,
+    // touching no lock or allocation of the parent's threads.
+    match unsafe { libc::fork() } {
+        -1 => Err(std::io::Error::last_os_error()),
+        // SAFETY: in the child, as above; the ioctl reads the descriptor
+        // by value and nothing returns from this arm.
+        0 => unsafe {
+            let (lo, hi) = (d.min(f) as libc::c_uint, d.max(f) as libc::c_uint);
+            // Every other descriptor goes, `/dev/fuse` above all: held
+            // here, it would keep a killed daemon's connection alive.
+            let close = |a: libc::c_uint, b: libc::c_uint| {
+                a > b || libc::syscall(libc::SYS_close_range, a, b, 0) == 0
+            };
+            let closed = (lo == 0 || close(0, lo - 1))
+                && close(lo + 1, hi.saturating_sub(1))
+                && close(hi + 1, libc::c_uint::MAX);
+            if !closed {
+                // Before 5.9, or a filter refusing close_range: one by one.
+                let mut limit = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                let top = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+                    limit.rlim_cur.min(1 << 20) as libc::c_int
+                } else {
+                    1 << 16
+                };
+                for fd in 0..top {
+                    if fd != d && fd != f {
+                        libc::close(fd);
+                    }
+                }
+            }
+            // LOOP_CHANGE_FD takes the descriptor by value; the kernel
+            // takes its own reference to the file.
+            let r = libc::ioctl(d, LOOP_CHANGE_FD, f as libc::c_ulong);
+            let code = if r == 0 {
+                0
+            } else {
+                (*libc::__errno_location()).clamp(1, 255)
+            };
+            libc::_exit(code)
+        },
+        child => {
+            let mut status = 0;
+            loop {
+                // SAFETY: waits for our own child; `status` outlives the call.
+                let r = unsafe { libc::waitpid(child, &mut status, 0) };
+                if r == child {
+                    break;
+                }
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            match (libc::WIFEXITED(status), libc::WEXITSTATUS(status)) {
+                (true, 0) => Ok(()),
+                (true, errno) => Err(std::io::Error::from_raw_os_error(errno)),
+                _ => Err(std::io::Error::other(
+                    "the process switching the loop device was killed",
+                )),
+            }
+        }
     }
 }

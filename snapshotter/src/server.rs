@@ -97,6 +97,10 @@ pub async fn run(full: &hyperbox_config::Config) -> Result<()> {
                             );
                             let _ = std::fs::write("/proc/sys/vm/drop_caches", "1");
                         }
+                        let complete = lazy.settled(layer_files(&config.root));
+                        tokio::task::block_in_place(|| {
+                            release_earlier_fuse(&config.root, complete)
+                        });
                         tracing::info!(
                             "lazy path enabled (fanotify): layers of indexed images are fetched on first access"
                         );
@@ -114,7 +118,9 @@ pub async fn run(full: &hyperbox_config::Config) -> Result<()> {
                         // Loop devices of layers mounted by an earlier run
                         // read through its dead connection (EIO, never
                         // zeros); point them at this one.
-                        let (switched, failing) = fuse.adopt(layer_files(&config.root));
+                        let complete = lazy.settled(layer_files(&config.root));
+                        let (switched, failing) =
+                            tokio::task::block_in_place(|| fuse.adopt(complete));
                         tracing::info!(
                             dir = %fuse.dir().display(),
                             resumed,
@@ -134,6 +140,10 @@ pub async fn run(full: &hyperbox_config::Config) -> Result<()> {
                                 "incomplete lazy layers cannot be served without the lazy path; images using them must be pulled again"
                             );
                         }
+                        let complete = unservable.servable(layer_files(&config.root));
+                        tokio::task::block_in_place(|| {
+                            release_earlier_fuse(&config.root, complete)
+                        });
                         sn.set_layer_gate(Arc::new(unservable));
                         if config.lazy {
                             tracing::info!(backend = b.as_str(), why, "lazy path off");
@@ -202,6 +212,20 @@ pub async fn run(full: &hyperbox_config::Config) -> Result<()> {
         .context("serve gRPC")?;
     let _ = std::fs::remove_file(&config.address);
     Ok(())
+}
+
+/// Loop devices of an earlier instance that served through FUSE, with a
+/// configuration that no longer does: complete layers go on reading their
+/// local files, the others keep failing (hyperbox_kernel::fuse).
+fn release_earlier_fuse(root: &Path, complete: Vec<PathBuf>) {
+    let (switched, failing) = hyperbox_kernel::fuse::release_earlier(root, complete);
+    if switched + failing > 0 {
+        tracing::warn!(
+            switched,
+            failing,
+            "layers mounted through FUSE by an earlier instance taken over without FUSE; the failing ones need their images pulled again"
+        );
+    }
 }
 
 /// Every layer image file under `root` a loop device may read: lazy files

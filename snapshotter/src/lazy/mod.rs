@@ -312,6 +312,16 @@ impl Lazy {
             );
             lazy.refuse_file(&layers.join(format!("{stem}.erofs")), LEGACY.into());
         }
+        // States an earlier start set aside as unreadable: their files
+        // stay refused, not mounted as if complete.
+        for d in [&dir, &layers] {
+            for stem in corrupt_stems(d) {
+                lazy.refuse_file(
+                    &d.join(format!("{stem}.erofs")),
+                    "its lazy state was set aside as unreadable by an earlier start".into(),
+                );
+            }
+        }
         let mut resumed = 0;
         for (stem, state) in lazy.states(&dir) {
             let file = dir.join(format!("{stem}.erofs"));
@@ -564,6 +574,20 @@ impl Lazy {
         }
     }
 
+    /// Whether reads of the file `id` may still be held or refused: it is
+    /// filling, being verified or refused.
+    fn serves(&self, id: FileId) -> bool {
+        lock(&self.blobs).contains_key(&id) || lock(&self.refused).contains_key(&id)
+    }
+
+    /// Of `files`, those whose reads are never held or refused again.
+    pub fn settled(&self, files: Vec<PathBuf>) -> Vec<PathBuf> {
+        files
+            .into_iter()
+            .filter(|p| file_id(p).is_some_and(|(id, _)| !self.serves(id)))
+            .collect()
+    }
+
     /// Forgets the lazy file at `path` after a mount of it failed, so the
     /// next Prepare starts over (or fetches whole); a file snapshots link
     /// is kept.
@@ -578,13 +602,34 @@ impl Lazy {
     }
 }
 
+/// The stems of the `.lazy.corrupt` states in `dir`.
+fn corrupt_stems(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".lazy.corrupt"))
+                .map(str::to_string)
+        })
+        .collect()
+}
+
 impl crate::snapshots::LayerGate for Lazy {
     fn refuse(&self, layer_file: &Path) -> Option<String> {
         let (id, _) = file_id(layer_file)?;
         lock(&self.refused).get(&id).map(|r| r.why.clone())
     }
 
+    /// Only files still filling, being verified or refused: a verified
+    /// layer never changes again and mounts the node's usual way.
     fn source(&self, layer_file: &Path) -> Option<PathBuf> {
+        let (id, _) = file_id(layer_file)?;
+        if !self.serves(id) {
+            return None;
+        }
         self.fan.serve_path(layer_file)
     }
 }

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use hyperbox_kernel::fanotify::FileId;
 
@@ -61,6 +61,14 @@ impl Unservable {
     /// Whether none is.
     pub fn is_empty(&self) -> bool {
         self.files.is_empty()
+    }
+
+    /// Of `files`, those that can be served.
+    pub fn servable(&self, files: Vec<PathBuf>) -> Vec<PathBuf> {
+        files
+            .into_iter()
+            .filter(|p| file_id(p).is_some_and(|(id, _)| !self.files.contains_key(&id)))
+            .collect()
     }
 }
 
