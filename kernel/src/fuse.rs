@@ -301,6 +301,7 @@ impl Inner {
         }
         let mut tally = Tally::default();
         let mut read_earlier = HashSet::new();
+        let mut refused_moved = false;
         for (device, backing) in loopdev::backing_files() {
             let earlier = backing.starts_with(&self.base) && !backing.starts_with(&self.dir);
             let (target, known) = match self.wanted(&backing) {
@@ -324,8 +325,10 @@ impl Inner {
                     continue;
                 }
             };
+            // A refused layer's device going back through FUSE.
+            let refusal = target.starts_with(&self.dir) && !backing.starts_with(&self.base);
             let pair = (device.clone(), target.clone());
-            if failed.get(&pair).is_some_and(|t| t.elapsed() < RETRY) {
+            if !refusal && failed.get(&pair).is_some_and(|t| t.elapsed() < RETRY) {
                 tally.failing += 1;
                 if earlier {
                     read_earlier.insert(backing.parent().map(Path::to_path_buf));
@@ -345,6 +348,7 @@ impl Inner {
             match result {
                 Ok(()) => {
                     tally.switched += 1;
+                    refused_moved |= refusal;
                     failed.remove(&pair);
                     if earlier {
                         tracing::info!(device = %device.display(), from = %backing.display(), to = %target.display(), "loop device of an earlier instance switched");
@@ -358,11 +362,20 @@ impl Inner {
                         read_earlier.insert(backing.parent().map(Path::to_path_buf));
                     }
                     let first = failed.insert(pair, Instant::now()).is_none();
-                    if first {
+                    if refusal {
+                        tracing::error!(device = %device.display(), from = %backing.display(), to = %target.display(), error = %e, "cannot send a refused layer's loop device back through FUSE; tried again every pass");
+                    } else if first {
                         tracing::warn!(device = %device.display(), from = %backing.display(), to = %target.display(), error = %e, "cannot switch a loop device; it keeps reading through the old path (tried again every minute)");
                     }
                 }
             }
+        }
+        if refused_moved {
+            // What the layers above read from a refused file before its
+            // device moved must not outlive the move (the refusal drops
+            // caches too, but a device may move after it: mounted just
+            // before, or switched late).
+            let _ = fs::write("/proc/sys/vm/drop_caches", "1");
         }
         if lock(&self.passes).adopted {
             detach_unread(&self.base, Some(&self.dir), &read_earlier);

@@ -314,13 +314,11 @@ impl Lazy {
         }
         // States an earlier start set aside as unreadable: their files
         // stay refused, not mounted as if complete.
-        for d in [&dir, &layers] {
-            for stem in corrupt_stems(d) {
-                lazy.refuse_file(
-                    &d.join(format!("{stem}.erofs")),
-                    "its lazy state was set aside as unreadable by an earlier start".into(),
-                );
-            }
+        for stem in corrupt_stems(&dir) {
+            lazy.refuse_file(
+                &dir.join(format!("{stem}.erofs")),
+                "its lazy state was set aside as unreadable by an earlier start".into(),
+            );
         }
         let mut resumed = 0;
         for (stem, state) in lazy.states(&dir) {
@@ -388,21 +386,36 @@ impl Lazy {
             return;
         };
         if nlink <= 1 {
+            let _ = self.fan.forget(path);
             let _ = fs::remove_file(path);
             let _ = fs::remove_file(path.with_extension("have"));
+            // The verdict went with its file: the next file at this path
+            // is judged on its own.
+            let _ = fs::remove_file(path.with_extension("lazy.corrupt"));
             return;
         }
-        if let Err(e) = self.fan.mark(path) {
-            tracing::error!(file = %path.display(), error = %e, "cannot hold reads of a refused lazy layer");
-        }
-        tracing::warn!(file = %path.display(), why, "lazy layer refused: its reads fail with EIO and nothing new is mounted on it");
+        // Refused for new mounts first, so none attaches between the mark
+        // (and the switch it waits for) and the refusal.
         lock(&self.refused).insert(
             id,
             Refusal {
                 path: path.into(),
-                why,
+                why: why.clone(),
             },
         );
+        // Re-marking a complete file through FUSE waits for its loop
+        // devices to be switched: not on a runtime worker's time.
+        let mark = || self.fan.mark(path);
+        let marked = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(mark)
+            }
+            _ => mark(),
+        };
+        if let Err(e) = marked {
+            tracing::error!(file = %path.display(), error = %e, "cannot hold reads of a refused lazy layer");
+        }
+        tracing::warn!(file = %path.display(), why, "lazy layer refused: its reads fail with EIO and nothing new is mounted on it");
     }
 
     /// How the background fill gave way to reads.

@@ -34,6 +34,7 @@ impl Lazy {
             if file_id(&r.path).is_some_and(|(_, n)| n <= 1) {
                 let _ = self.fan.forget(&r.path);
                 let _ = fs::remove_file(&r.path);
+                let _ = fs::remove_file(r.path.with_extension("lazy.corrupt"));
                 lock(&self.refused).remove(&id);
                 removed.push(r.path);
             }
