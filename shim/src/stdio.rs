@@ -300,17 +300,61 @@ async fn copy_then_close(mut src: Reader, mut dst: Writer) {
     let _ = dst.shutdown().await;
 }
 
+/// How long output waits for containerd to open its end of a fifo.
+const READER_WAIT: Duration = Duration::from_secs(30);
+
+/// Copies `src` into the fifo at `path` once containerd's end is open.
+///
+/// The fifo is then held read-write, so containerd going away (a restart)
+/// is never EPIPE. But it is not opened so before containerd's reader is
+/// there (as runc-v2 waits in its blocking open): a read-write end is a
+/// reader itself, and output written and closed before containerd's open
+/// would go with it (seen as an exec's output lost under load).
+async fn copy_to_fifo(src: Reader, path: PathBuf) {
+    let deadline = tokio::time::Instant::now() + READER_WAIT;
+    loop {
+        // Without O_NONBLOCK's wait: an open for writing only succeeds
+        // while some reader has the fifo open (ENXIO otherwise).
+        match pipe::OpenOptions::new().open_sender(&path) {
+            Ok(_) => break,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::warn!(fifo = %path.display(), "no reader opened the output fifo; writing anyway");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => {
+                tracing::warn!(fifo = %path.display(), error = %e, "cannot open the output fifo; output dropped");
+                return drain_to_nowhere(src).await;
+            }
+        }
+    }
+    match pipe::OpenOptions::new().read_write(true).open_sender(&path) {
+        Ok(dst) => copy_then_close(src, Box::new(dst)).await,
+        Err(e) => {
+            tracing::warn!(fifo = %path.display(), error = %e, "cannot open the output fifo; output dropped");
+            drain_to_nowhere(src).await
+        }
+    }
+}
+
+/// Reads `src` to its end, so the process never blocks on a full pipe.
+async fn drain_to_nowhere(src: Reader) {
+    copy_then_close(src, Box::new(tokio::io::sink())).await
+}
+
 async fn pump_out(src: Reader, sink: &Sink) -> io::Result<JoinHandle<()>> {
     let dst: Writer = match sink {
         Sink::None => Box::new(tokio::io::sink()),
-        // Read-write: the fifo never reports EPIPE while containerd is
-        // away, and the open never blocks.
-        Sink::Fifo(p) => Box::new(
-            pipe::OpenOptions::new()
-                .read_write(true)
-                .open_sender(p)
-                .map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", p.display())))?,
-        ),
+        Sink::Fifo(p) => {
+            let meta = std::fs::metadata(p)
+                .map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", p.display())))?;
+            if !std::os::unix::fs::FileTypeExt::is_fifo(&meta.file_type()) {
+                return Err(io::Error::other(format!("{} is not a fifo", p.display())));
+            }
+            return Ok(tokio::spawn(copy_to_fifo(src, p.clone())));
+        }
         Sink::File(p) => {
             if let Some(d) = p.parent() {
                 tokio::fs::create_dir_all(d).await?;
