@@ -312,15 +312,17 @@ const READER_WAIT: Duration = Duration::from_secs(30);
 /// would go with it (seen as an exec's output lost under load).
 async fn copy_to_fifo(src: Reader, path: PathBuf) {
     let deadline = tokio::time::Instant::now() + READER_WAIT;
-    loop {
+    // Kept open until the read-write end is: the reader sees EOF whenever
+    // the last writer closes.
+    let _writer = loop {
         // Without O_NONBLOCK's wait: an open for writing only succeeds
         // while some reader has the fifo open (ENXIO otherwise).
         match pipe::OpenOptions::new().open_sender(&path) {
-            Ok(_) => break,
+            Ok(w) => break Some(w),
             Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
                 if tokio::time::Instant::now() >= deadline {
                     tracing::warn!(fifo = %path.display(), "no reader opened the output fifo; writing anyway");
-                    break;
+                    break None;
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -329,7 +331,7 @@ async fn copy_to_fifo(src: Reader, path: PathBuf) {
                 return drain_to_nowhere(src).await;
             }
         }
-    }
+    };
     match pipe::OpenOptions::new().read_write(true).open_sender(&path) {
         Ok(dst) => copy_then_close(src, Box::new(dst)).await,
         Err(e) => {
