@@ -300,22 +300,15 @@ impl Inner {
             }
         }
         let mut tally = Tally::default();
-        let mut read_earlier = HashSet::new();
         let mut refused_moved = false;
         for (device, backing) in loopdev::backing_files() {
             let earlier = backing.starts_with(&self.base) && !backing.starts_with(&self.dir);
             let (target, known) = match self.wanted(&backing) {
-                None => {
-                    if earlier {
-                        read_earlier.insert(backing.parent().map(Path::to_path_buf));
-                    }
-                    continue;
-                }
+                None => continue,
                 Some(Want::File(t, _)) if t == backing => continue,
                 Some(Want::File(t, known)) => (t, known),
                 Some(Want::Gone) => {
                     tally.failing += 1;
-                    read_earlier.insert(backing.parent().map(Path::to_path_buf));
                     if let std::collections::hash_map::Entry::Vacant(v) =
                         failed.entry((device.clone(), backing.clone()))
                     {
@@ -330,22 +323,9 @@ impl Inner {
             let pair = (device.clone(), target.clone());
             if !refusal && failed.get(&pair).is_some_and(|t| t.elapsed() < RETRY) {
                 tally.failing += 1;
-                if earlier {
-                    read_earlier.insert(backing.parent().map(Path::to_path_buf));
-                }
                 continue;
             }
-            let result = File::open(&target).and_then(|f| {
-                if let Some(known) = known
-                    && identity(&f.metadata()?) != known
-                {
-                    return Err(io::Error::other(
-                        "the file at that path is no longer the one published",
-                    ));
-                }
-                loopdev::change_backing(&device, &f)
-            });
-            match result {
+            match switch_to(&device, &target, known) {
                 Ok(()) => {
                     tally.switched += 1;
                     refused_moved |= refusal;
@@ -358,9 +338,6 @@ impl Inner {
                 }
                 Err(e) => {
                     tally.failing += 1;
-                    if earlier {
-                        read_earlier.insert(backing.parent().map(Path::to_path_buf));
-                    }
                     let first = failed.insert(pair, Instant::now()).is_none();
                     if refusal {
                         tracing::error!(device = %device.display(), from = %backing.display(), to = %target.display(), error = %e, "cannot send a refused layer's loop device back through FUSE; tried again every pass");
@@ -378,19 +355,37 @@ impl Inner {
             let _ = fs::write("/proc/sys/vm/drop_caches", "1");
         }
         if lock(&self.passes).adopted {
-            detach_unread(&self.base, Some(&self.dir), &read_earlier);
+            detach_unread(&self.base, &self.dir);
         }
         tally
     }
 }
 
-/// Detaches the mounts below `base` (but `keep`) no loop device reads:
-/// a mount a device still reads stays, so the kernel goes on naming the
-/// device's file by a path under `base`.
-fn detach_unread(base: &Path, keep: Option<&Path>, read: &HashSet<Option<PathBuf>>) {
+/// Makes `device` read `target`, which must still be the file `known`
+/// (when given): a path can come back as another file.
+fn switch_to(device: &Path, target: &Path, known: Option<Identity>) -> io::Result<()> {
+    let f = File::open(target)?;
+    if let Some(known) = known
+        && identity(&f.metadata()?) != known
+    {
+        return Err(io::Error::other(
+            "the file at that path is no longer the one published",
+        ));
+    }
+    loopdev::change_backing(device, &f)
+}
+
+/// Detaches the mounts below `base` (but `keep`) no loop device reads
+/// now: a mount a device still reads stays, so the kernel goes on naming
+/// the device's file by a path under `base` and a later pass finds it.
+fn detach_unread(base: &Path, keep: &Path) {
+    let read: HashSet<PathBuf> = loopdev::backing_files()
+        .into_iter()
+        .filter_map(|(_, b)| b.parent().map(Path::to_path_buf))
+        .collect();
     for e in fs::read_dir(base).into_iter().flatten().flatten() {
         let p = e.path();
-        if Some(p.as_path()) == keep || read.contains(&Some(p.clone())) {
+        if p == keep || read.contains(&p) {
             continue;
         }
         let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
@@ -411,7 +406,6 @@ pub fn release_earlier(root: &Path, complete: impl IntoIterator<Item = PathBuf>)
     };
     let locals = local_ids(complete);
     let (mut switched, mut failing) = (0, 0);
-    let mut read = HashSet::new();
     for (device, backing) in loopdev::backing_files() {
         if !backing.starts_with(&base) {
             continue;
@@ -420,27 +414,18 @@ pub fn release_earlier(root: &Path, complete: impl IntoIterator<Item = PathBuf>)
             .file_name()
             .and_then(id_of)
             .and_then(|id| locals.get(&id));
-        let result = target.map(|(t, known)| {
-            File::open(t).and_then(|f| {
-                if identity(&f.metadata()?) != *known {
-                    return Err(io::Error::other("replaced meanwhile"));
-                }
-                loopdev::change_backing(&device, &f)
-            })
-        });
-        match result {
+        match target.map(|(t, known)| switch_to(&device, t, Some(*known))) {
             Some(Ok(())) => {
                 switched += 1;
                 tracing::info!(device = %device.display(), from = %backing.display(), "loop device of an earlier instance switched to its local file");
             }
             _ => {
                 failing += 1;
-                read.insert(backing.parent().map(Path::to_path_buf));
                 tracing::error!(device = %device.display(), backing = %backing.display(), "loop device reads a FUSE file of an earlier instance this one cannot serve; its reads fail with EIO");
             }
         }
     }
-    detach_unread(&base, None, &read);
+    detach_unread(&base, &base);
     (switched, failing)
 }
 

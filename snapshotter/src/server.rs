@@ -97,10 +97,7 @@ pub async fn run(full: &hyperbox_config::Config) -> Result<()> {
                             );
                             let _ = std::fs::write("/proc/sys/vm/drop_caches", "1");
                         }
-                        let complete = lazy.settled(layer_files(&config.root));
-                        tokio::task::block_in_place(|| {
-                            release_earlier_fuse(&config.root, complete)
-                        });
+                        release_earlier_fuse(&config.root, lazy.settled(layer_files(&config.root)));
                         tracing::info!(
                             "lazy path enabled (fanotify): layers of indexed images are fetched on first access"
                         );
@@ -140,10 +137,10 @@ pub async fn run(full: &hyperbox_config::Config) -> Result<()> {
                                 "incomplete lazy layers cannot be served without the lazy path; images using them must be pulled again"
                             );
                         }
-                        let complete = unservable.servable(layer_files(&config.root));
-                        tokio::task::block_in_place(|| {
-                            release_earlier_fuse(&config.root, complete)
-                        });
+                        release_earlier_fuse(
+                            &config.root,
+                            unservable.servable(layer_files(&config.root)),
+                        );
                         sn.set_layer_gate(Arc::new(unservable));
                         if config.lazy {
                             tracing::info!(backend = b.as_str(), why, "lazy path off");
@@ -218,7 +215,9 @@ pub async fn run(full: &hyperbox_config::Config) -> Result<()> {
 /// configuration that no longer does: complete layers go on reading their
 /// local files, the others keep failing (hyperbox_kernel::fuse).
 fn release_earlier_fuse(root: &Path, complete: Vec<PathBuf>) {
-    let (switched, failing) = hyperbox_kernel::fuse::release_earlier(root, complete);
+    // Switching waits for the devices' reads in flight.
+    let (switched, failing) =
+        tokio::task::block_in_place(|| hyperbox_kernel::fuse::release_earlier(root, complete));
     if switched + failing > 0 {
         tracing::warn!(
             switched,

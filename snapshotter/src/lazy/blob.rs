@@ -228,17 +228,11 @@ impl Lazy {
         if fresh {
             // A file left behind is reused only if nothing links it; one a
             // snapshot links is never rewritten.
-            if let Some((_, nlink)) = file_id(&path) {
-                if nlink > 1 {
-                    return Err(Error::Linked { path });
-                }
-                let _ = self.fan.forget(&path);
-                fs::remove_file(&path).map_err(io("remove", &path))?;
+            if file_id(&path).is_some_and(|(_, nlink)| nlink > 1) {
+                return Err(Error::Linked { path });
             }
+            self.remove_lazy_file(&path).map_err(io("remove", &path))?;
             let _ = fs::remove_file(&have_path);
-            // A verdict on a file gone from this path is not one on the
-            // new file.
-            let _ = fs::remove_file(path.with_extension("lazy.corrupt"));
             // The state file first: a crash after it leaves a file the
             // next start takes back, never an unmarked sparse file.
             write_durably(&state_path, &state)?;

@@ -386,12 +386,8 @@ impl Lazy {
             return;
         };
         if nlink <= 1 {
-            let _ = self.fan.forget(path);
-            let _ = fs::remove_file(path);
+            let _ = self.remove_lazy_file(path);
             let _ = fs::remove_file(path.with_extension("have"));
-            // The verdict went with its file: the next file at this path
-            // is judged on its own.
-            let _ = fs::remove_file(path.with_extension("lazy.corrupt"));
             return;
         }
         // Refused for new mounts first, so none attaches between the mark
@@ -584,6 +580,19 @@ impl Lazy {
                     blob.state.entry.layer
                 )),
             },
+        }
+    }
+
+    /// Removes the lazy file at `path` (absent is fine): first from the
+    /// lazy path's marks, whose inode number may come back as another
+    /// file, then with any verdict on it (`.lazy.corrupt`), which the next
+    /// file at this path must not inherit.
+    fn remove_lazy_file(&self, path: &Path) -> std::io::Result<()> {
+        let _ = self.fan.forget(path);
+        let _ = fs::remove_file(path.with_extension("lazy.corrupt"));
+        match fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
         }
     }
 

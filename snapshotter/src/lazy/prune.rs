@@ -32,9 +32,7 @@ impl Lazy {
             .collect();
         for (id, r) in refused {
             if file_id(&r.path).is_some_and(|(_, n)| n <= 1) {
-                let _ = self.fan.forget(&r.path);
-                let _ = fs::remove_file(&r.path);
-                let _ = fs::remove_file(r.path.with_extension("lazy.corrupt"));
+                let _ = self.remove_lazy_file(&r.path);
                 lock(&self.refused).remove(&id);
                 removed.push(r.path);
             }
@@ -55,8 +53,7 @@ impl Lazy {
                     .and_then(|t| t.elapsed().ok())
                     .is_some_and(|age| age > PRUNE_GRACE);
                 if old && file_id(&p).is_some_and(|(_, n)| n <= 1) {
-                    let _ = self.fan.forget(&p);
-                    let _ = fs::remove_file(&p);
+                    let _ = self.remove_lazy_file(&p);
                     removed.push(p);
                 }
             }
@@ -80,13 +77,11 @@ impl Lazy {
         lock(&self.by_key).remove(&b.key);
         lock(&self.blobs).remove(&b.inode);
         b.phase.send_replace(Phase::Discarded);
-        // Through FUSE the file is held open while marked: let it go, so
-        // its space is freed once nothing reads it, and never publish its
-        // inode number again for another file.
-        let _ = self.fan.forget(&b.path);
         let _ = fs::remove_file(&b.state_path);
         let _ = fs::remove_file(&b.have_path);
-        let _ = fs::remove_file(&b.path);
+        // Through FUSE the file is held open while marked: let it go
+        // (forgotten first), so its space is freed once nothing reads it.
+        let _ = self.remove_lazy_file(&b.path);
         sync_dir(&b.path);
         true
     }
