@@ -4,12 +4,18 @@
 //!
 //! Each layer is downloaded and verified, converted by the snapshotter's
 //! own writer (so the node serves exactly what it would have built), and
-//! pushed as an EROFS blob with per-chunk digests; then the index manifest
-//! goes under the tag derived from the image's manifest digest.
+//! described by per-chunk digests of that EROFS image and a layer map
+//! (`hyperbox_erofs::map`: its metadata, where its file data is in the
+//! tar, gzip checkpoints), pushed as a small blob: the nodes make the image
+//! from the layer blob itself, so the registry holds no second copy. zstd
+//! layers (no checkpoints in a single frame) and `--erofs-blobs` push the
+//! EROFS image instead. Then the index manifest goes under the tag derived
+//! from the image's manifest digest.
 
 use std::io::Read;
 
 use anyhow::{Context, Result};
+use hyperbox_erofs::{convert, zran};
 use hyperbox_registry::digest::Digest;
 use hyperbox_registry::index::{self, Index, IndexLayer};
 use hyperbox_registry::{BlobSize, Descriptor, Reference, Registry, Resolved};
@@ -22,17 +28,37 @@ struct Row {
     erofs: String,
     size: u64,
     chunks: usize,
+    /// The blob pushed for it: its map or its EROFS image.
+    blob: String,
+    /// Its size.
+    pushed: u64,
+    /// `map` or `erofs`.
+    source: &'static str,
 }
 
-/// Builds and pushes the index of `reference`, in chunks of `chunk_size`
-/// bytes (by the image's largest layer when not given).
+/// How `hb image index` builds the index.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Bytes per chunk (by the image's size when not given).
+    pub chunk_size: Option<u64>,
+    /// Tar bytes between gzip checkpoints.
+    pub span: u64,
+    /// Push EROFS images, not maps (index version 2).
+    pub erofs_blobs: bool,
+}
+
+/// Builds and pushes the index of `reference`.
 pub async fn run(
     config: &hyperbox_config::Config,
     reference: &str,
-    chunk_size: Option<u64>,
+    opts: Options,
     json: bool,
 ) -> Result<()> {
     let (r, registry, img) = resolve(config, reference).await?;
+    let chunk_size = opts.chunk_size;
+    if !(zran::WINDOW as u64..=64 << 20).contains(&opts.span) {
+        anyhow::bail!("--span {}: from 32 KiB to 64 MiB", opts.span);
+    }
     if let Some(cs) = chunk_size
         && (!(4096..=64 << 20).contains(&cs) || !cs.is_multiple_of(4096))
     {
@@ -58,14 +84,18 @@ pub async fn run(
         let devices = config.snapshotter.allow_device_nodes;
         let max_layer_bytes = config.snapshotter.max_layer_bytes;
         let max_layer_entries = config.snapshotter.max_layer_entries;
-        let converted = tokio::task::spawn_blocking(move || {
+        let span = (!opts.erofs_blobs).then_some(opts.span);
+        let (converted, mapped) = tokio::task::spawn_blocking(move || {
             // The same policy as the node's own conversion.
             let options = hyperbox_erofs::writer::Options {
                 allow_devices: devices,
                 max_layer_bytes,
                 max_layer_entries,
             };
-            hyperbox_erofs::convert::convert_hashed(&b2, &t2, &o2, options)
+            match span {
+                Some(span) => convert::convert_mapped(&b2, &t2, &o2, options, span),
+                None => convert::convert_hashed(&b2, &t2, &o2, options).map(|c| (c, None)),
+            }
         })
         .await?
         .with_context(|| format!("convert layer {} to EROFS", l.digest))?;
@@ -84,28 +114,67 @@ pub async fn run(
             );
         }
         let _ = std::fs::remove_file(&blob);
-        converted_layers.push((l, promised, converted.summary, out));
+        converted_layers.push((l, promised, converted.summary, out, mapped));
     }
     let total: u64 = converted_layers
         .iter()
-        .map(|(_, _, _, out)| std::fs::metadata(out).map(|m| m.len()).unwrap_or_default())
+        .map(|(_, _, _, out, _)| std::fs::metadata(out).map(|m| m.len()).unwrap_or_default())
         .sum();
     let chunk_size = chunk_size.unwrap_or_else(|| index::chunk_size_for(total));
     let mut layers = Vec::new();
     let mut rows = Vec::new();
-    for (l, promised, summary, out) in converted_layers {
+    let mut pushed = Vec::new();
+    let mut any_erofs = false;
+    for (l, promised, summary, out, mapped) in converted_layers {
         let (chunks, whole, size) = chunk_digests(&out, chunk_size)?;
-        let data = bytes::Bytes::from(std::fs::read(&out).context("read EROFS image")?);
-        registry
-            .push_blob(&r, &whole, data)
-            .await
-            .with_context(|| format!("push EROFS image of layer {}", l.digest))?;
+        let map = match mapped {
+            Some(m) => {
+                let (bytes, eager) = m.map.encode(&m.windows).context("encode the layer map")?;
+                let digest = Digest::of(&bytes);
+                let len = bytes.len() as u64;
+                registry
+                    .push_blob(&r, &digest, bytes::Bytes::from(bytes))
+                    .await
+                    .with_context(|| format!("push the layer map of {}", l.digest))?;
+                pushed.push(Descriptor {
+                    media_type: index::MAP_TYPE.into(),
+                    digest: digest.to_string(),
+                    size: len as i64,
+                    annotations: Default::default(),
+                });
+                Some(index::MapRef {
+                    digest: digest.to_string(),
+                    size: len,
+                    eager,
+                })
+            }
+            None => {
+                let data = bytes::Bytes::from(std::fs::read(&out).context("read EROFS image")?);
+                registry
+                    .push_blob(&r, &whole, data)
+                    .await
+                    .with_context(|| format!("push EROFS image of layer {}", l.digest))?;
+                pushed.push(Descriptor {
+                    media_type: index::EROFS_TYPE.into(),
+                    digest: whole.to_string(),
+                    size: size as i64,
+                    annotations: Default::default(),
+                });
+                any_erofs = true;
+                None
+            }
+        };
         let _ = std::fs::remove_file(&out);
         rows.push(Row {
             layer: l.digest.clone(),
             erofs: whole.to_string(),
             size,
             chunks: chunks.len(),
+            blob: map
+                .as_ref()
+                .map_or_else(|| whole.to_string(), |m| m.digest.clone()),
+            pushed: map.as_ref().map_or(size, |m| m.size),
+            source: if map.is_some() { "map" } else { "erofs" },
         });
         layers.push(IndexLayer {
             layer: l.digest.clone(),
@@ -114,10 +183,16 @@ pub async fn run(
             size,
             data_end: summary.data_end,
             chunks,
+            map,
         });
     }
     let doc = Index {
-        version: index::VERSION,
+        // Without maps, version 2: nodes from before maps read it too.
+        version: if opts.erofs_blobs && any_erofs {
+            2
+        } else {
+            index::VERSION
+        },
         chunk_size,
         layers,
     };
@@ -132,26 +207,21 @@ pub async fn run(
     }
     let manifest_digest = Digest::parse(&img.manifest.digest)?;
     let tag = index::tag_for(&manifest_digest);
-    let erofs_layers: Vec<Descriptor> = rows
-        .iter()
-        .map(|row| Descriptor {
-            media_type: index::EROFS_TYPE.into(),
-            digest: row.erofs.clone(),
-            size: row.size as i64,
-            annotations: Default::default(),
-        })
-        .collect();
     registry
         .push_artifact(
             &r,
             &tag,
             index::CONFIG_TYPE,
-            doc_bytes,
-            &erofs_layers,
+            doc_bytes.clone(),
+            &pushed,
             &img.manifest,
         )
         .await
         .context("push the index")?;
+    // What the index adds to the registry, against the image's own
+    // compressed layers.
+    let added = doc_bytes.len() as u64 + rows.iter().map(|row| row.pushed).sum::<u64>();
+    let compressed: u64 = img.layers.iter().map(|l| l.size as u64).sum();
     if json {
         println!(
             "{}",
@@ -159,21 +229,27 @@ pub async fn run(
                 "image": r.to_string(),
                 "index": format!("{}/{}:{tag}", r.host, r.repository),
                 "layers": rows,
+                "index_bytes": added,
+                "image_bytes": compressed,
             }))?
         );
     } else {
         for row in &rows {
             println!(
-                "  {}  ->  {}  {:>10} bytes  {} chunks",
+                "  {}  ->  {}  {:>10} bytes  {} chunks, {} of {} bytes",
                 &row.layer[..19],
                 &row.erofs[..19],
                 row.size,
-                row.chunks
+                row.chunks,
+                row.source,
+                row.pushed
             );
         }
         println!(
-            "{r}: hyperbox index pushed as {}/{}:{tag}",
-            r.host, r.repository
+            "{r}: hyperbox index pushed as {}/{}:{tag}: {added} bytes, {:.1} % of the image's {compressed} compressed bytes",
+            r.host,
+            r.repository,
+            added as f64 * 100.0 / compressed.max(1) as f64
         );
     }
     Ok(())

@@ -89,16 +89,26 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum ImageCommand {
-    /// Build and push the image's hyperbox index (EROFS layers with chunk
-    /// digests, as an OCI artifact beside the image) so nodes pull it lazily.
+    /// Build and push the image's hyperbox index (chunk digests of each
+    /// layer's EROFS image and a map of it onto the layer blob, as an OCI
+    /// artifact beside the image) so nodes pull it lazily.
     Index {
         /// Image reference.
         reference: String,
-        /// Bytes per verified chunk, the least a read fetches: a multiple
-        /// of 4096. Default: 16 KiB, or 64 KiB when a layer blob exceeds
-        /// 256 MiB.
+        /// Bytes per verified chunk: a multiple of 4096. Default: 16 KiB,
+        /// doubled until the image has at most 65,536 chunks.
         #[arg(long)]
         chunk_size: Option<u64>,
+        /// Tar bytes between gzip checkpoints: a read inflates at most this
+        /// much before its bytes; smaller spans cost more index (a 32 KiB
+        /// window each, about 10 KiB compressed).
+        #[arg(long, default_value_t = hyperbox_erofs::map::DEFAULT_SPAN)]
+        span: u64,
+        /// Push each layer's EROFS image as a blob of its own (index
+        /// version 2, which nodes older than version 3 read) instead of a
+        /// map onto the layer blob.
+        #[arg(long)]
+        erofs_blobs: bool,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -281,10 +291,20 @@ fn main() -> ExitCode {
                     ImageCommand::Index {
                         reference,
                         chunk_size,
+                        span,
+                        erofs_blobs,
                         json,
                     },
-            } => tokio::runtime::Runtime::new()?
-                .block_on(index::run(&config, &reference, chunk_size, json)),
+            } => tokio::runtime::Runtime::new()?.block_on(index::run(
+                &config,
+                &reference,
+                index::Options {
+                    chunk_size,
+                    span,
+                    erofs_blobs,
+                },
+                json,
+            )),
             Command::Image {
                 command:
                     ImageCommand::Pull {

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
 
-use crate::writer;
+use crate::map::{LayerMap, Point, Source};
+use crate::{writer, zran};
 
 /// Errors of [`convert`].
 #[derive(Debug, thiserror::Error)]
@@ -85,12 +86,14 @@ pub struct Converted {
 struct Hashing<R> {
     inner: R,
     hasher: Sha256,
+    bytes: u64,
 }
 
 impl<R: Read> Read for Hashing<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
         Ok(n)
     }
 }
@@ -114,27 +117,91 @@ pub fn convert_hashed(
     out: &Path,
     options: writer::Options,
 ) -> Result<Converted, Error> {
-    let mut f = BufReader::with_capacity(1 << 20, fs::File::open(blob).map_err(io("open", blob))?);
-    let compression = Compression::sniff(f.fill_buf().map_err(io("read", blob))?);
-    let tar: Box<dyn Read> = match compression {
-        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(f)),
-        Compression::Zstd => {
-            Box::new(zstd::stream::read::Decoder::with_buffer(f).map_err(io("read zstd", blob))?)
+    run(blob, tmp, out, options, None).map(|(c, _)| c)
+}
+
+/// A [`LayerMap`] and each of its checkpoints' windows, as
+/// [`LayerMap::encode`] takes them.
+#[derive(Debug)]
+pub struct Mapped {
+    /// The map, windows not yet placed.
+    pub map: LayerMap,
+    /// One window per checkpoint.
+    pub windows: Vec<Vec<u8>>,
+}
+
+/// [`convert_hashed`], which also maps the image onto the blob
+/// (checkpoints about every `span` bytes of tar for gzip). A zstd blob
+/// gets no map: a single zstd frame has no place to resume from.
+pub fn convert_mapped(
+    blob: &Path,
+    tmp: &Path,
+    out: &Path,
+    options: writer::Options,
+    span: u64,
+) -> Result<(Converted, Option<Mapped>), Error> {
+    run(blob, tmp, out, options, Some(span))
+}
+
+/// What the tar is read through.
+enum Decoder<R: BufRead> {
+    Gzip(flate2::bufread::MultiGzDecoder<R>),
+    Indexed(zran::Indexer<R>),
+    Zstd(zstd::stream::read::Decoder<'static, R>),
+    Plain(R),
+}
+
+impl<R: BufRead> Read for Decoder<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Decoder::Gzip(d) => d.read(buf),
+            Decoder::Indexed(d) => d.read(buf),
+            Decoder::Zstd(d) => d.read(buf),
+            Decoder::Plain(d) => d.read(buf),
         }
-        Compression::None => Box::new(f),
+    }
+}
+
+fn run(
+    blob: &Path,
+    tmp: &Path,
+    out: &Path,
+    options: writer::Options,
+    span: Option<u64>,
+) -> Result<(Converted, Option<Mapped>), Error> {
+    let file = fs::File::open(blob).map_err(io("open", blob))?;
+    let blob_size = file.metadata().map_err(io("stat", blob))?.len();
+    let mut f = BufReader::with_capacity(1 << 20, file);
+    let compression = Compression::sniff(f.fill_buf().map_err(io("read", blob))?);
+    let tar = match (compression, span) {
+        (Compression::Gzip, None) => Decoder::Gzip(flate2::bufread::MultiGzDecoder::new(f)),
+        (Compression::Gzip, Some(span)) => {
+            Decoder::Indexed(zran::Indexer::new(f, span).map_err(io("read gzip", blob))?)
+        }
+        (Compression::Zstd, _) => Decoder::Zstd(
+            zstd::stream::read::Decoder::with_buffer(f).map_err(io("read zstd", blob))?,
+        ),
+        (Compression::None, _) => Decoder::Plain(f),
     };
     let mut tar = Hashing {
         inner: tar,
         hasher: Sha256::new(),
+        bytes: 0,
     };
     let file = fs::OpenOptions::new()
+        .read(true)
         .write(true)
         .create(true)
         .truncate(true)
         .open(tmp)
         .map_err(io("create", tmp))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-    let summary = writer::convert_with(&mut tar, &mut w, options).map_err(Error::Content)?;
+    let (summary, extents) = if span.is_some() {
+        writer::convert_mapped(&mut tar, &mut w, options).map_err(Error::Content)?
+    } else {
+        let s = writer::convert_with(&mut tar, &mut w, options).map_err(Error::Content)?;
+        (s, Vec::new())
+    };
     // The writer stops at the end-of-archive blocks; the diff_id covers
     // whatever follows them too, up to a bound.
     let limit = writer::MAX_TRAILING_BYTES.min(options.max_layer_bytes);
@@ -144,15 +211,87 @@ pub fn convert_hashed(
         return Err(Error::Content(writer::Error::TrailingData { limit }));
     }
     let diff_id = format!("sha256:{}", hex(&tar.hasher.finalize()));
-    let file = w
+    let tar_size = tar.bytes;
+    let mut file = w
         .into_inner()
         .map_err(|e| io("write", tmp)(e.into_error()))?;
     file.sync_all().map_err(io("sync", tmp))?;
+    let mapped = match (span, tar.inner) {
+        (Some(_), Decoder::Indexed(ix)) => {
+            let points = ix.into_points();
+            Some(map_of(
+                &mut file, tmp, &summary, extents, tar_size, blob_size, points,
+            )?)
+        }
+        (Some(_), Decoder::Plain(_)) => Some(map_of(
+            &mut file,
+            tmp,
+            &summary,
+            extents,
+            tar_size,
+            blob_size,
+            Vec::new(),
+        )?),
+        _ => None,
+    };
     fs::rename(tmp, out).map_err(io("rename", out))?;
     if let Some(dir) = out.parent() {
         let _ = fs::File::open(dir).and_then(|d| d.sync_all());
     }
-    Ok(Converted { summary, diff_id })
+    Ok((Converted { summary, diff_id }, mapped))
+}
+
+/// The map of the image just written to `file`: its metadata read back.
+fn map_of(
+    file: &mut fs::File,
+    path: &Path,
+    summary: &writer::Summary,
+    extents: Vec<writer::Extent>,
+    tar_size: u64,
+    blob_size: u64,
+    points: Vec<zran::Checkpoint>,
+) -> Result<Mapped, Error> {
+    use std::os::unix::fs::FileExt;
+    let meta_len = 4096 + summary.image_bytes - summary.data_end;
+    let mut metadata = vec![0u8; meta_len as usize];
+    file.read_exact_at(&mut metadata[..4096], 0)
+        .map_err(io("read back", path))?;
+    file.read_exact_at(&mut metadata[4096..], summary.data_end)
+        .map_err(io("read back", path))?;
+    let source = if points.is_empty() {
+        Source::Tar
+    } else {
+        Source::Gzip
+    };
+    let (points, windows) = points
+        .into_iter()
+        .map(|c| {
+            (
+                Point {
+                    input: c.input,
+                    bits: c.bits,
+                    output: c.output,
+                    window_len: 0,
+                    window_at: 0,
+                    window_zlen: 0,
+                },
+                c.window,
+            )
+        })
+        .unzip();
+    Ok(Mapped {
+        map: LayerMap {
+            source,
+            blob_size,
+            tar_size,
+            image_size: summary.image_bytes,
+            data_end: summary.data_end,
+            extents,
+            points,
+            metadata,
+        },
+        windows,
+    })
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -17,4 +17,6 @@
 
 pub mod convert;
 pub mod layout;
+pub mod map;
 pub mod writer;
+pub mod zran;

@@ -603,6 +603,21 @@ pub fn convert_with<R: Read, W: Write + Seek>(tar: R, out: W, options: Options) 
     w.finish()
 }
 
+/// [`convert_with`], which also says where in the tar each run of the
+/// image's file data came from (for a [`crate::map::LayerMap`]).
+pub fn convert_mapped<R: Read, W: Write + Seek>(
+    tar: R,
+    out: W,
+    options: Options,
+) -> Result<(Summary, Vec<Extent>)> {
+    let mut w = Builder::new(out)?;
+    w.options = options;
+    w.extents = Some(Vec::new());
+    w.add_tar(tar)?;
+    let extents = w.extents.take().unwrap_or_default();
+    Ok((w.finish()?, extents))
+}
+
 struct Builder<W> {
     out: W,
     options: Options,
@@ -616,6 +631,21 @@ struct Builder<W> {
     xattr_budget: u64,
     /// Directory entries made, against `max_layer_entries`.
     entries: u64,
+    /// Where each run of file data came from, when asked for.
+    extents: Option<Vec<Extent>>,
+}
+
+/// A run of file data: `len` bytes at `tar` in the uncompressed layer are
+/// the image's bytes at `image`. Runs come in tar order, which is also
+/// image order; the image is zeros wherever no run and no metadata is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Offset in the EROFS image.
+    pub image: u64,
+    /// Offset in the uncompressed tar.
+    pub tar: u64,
+    /// Length in bytes.
+    pub len: u64,
 }
 
 fn path_text(p: &[u8]) -> String {
@@ -675,6 +705,7 @@ impl<W: Write + Seek> Builder<W> {
             expanded: 0,
             xattr_budget: 0,
             entries: 0,
+            extents: None,
         })
     }
 
@@ -1162,6 +1193,14 @@ impl<W: Write + Seek> Builder<W> {
         Ok(())
     }
 
+    fn note_extent(&mut self, image: u64, tar: u64, len: u64) {
+        if let Some(x) = self.extents.as_mut()
+            && len > 0
+        {
+            x.push(Extent { image, tar, len });
+        }
+    }
+
     /// Copies a file's data to the next free blocks. A stream that ends
     /// early is an error.
     fn copy_data<R: Read>(
@@ -1172,6 +1211,7 @@ impl<W: Write + Seek> Builder<W> {
     ) -> Result<Kind> {
         self.charge(expected, path)?;
         let start_block = self.next_block;
+        self.note_extent(start_block * BLKSZ, s.pos, expected);
         let size = io::copy(&mut s.by_ref().take(expected), &mut self.out)
             .map_err(io_err(format!("copy data of {:?}", path_text(path))))?;
         if size != expected {
@@ -1248,6 +1288,7 @@ impl<W: Write + Seek> Builder<W> {
             self.out
                 .seek(SeekFrom::Start(base + off))
                 .map_err(io_err("seek over a hole"))?;
+            self.note_extent(base + off, s.pos, len);
             let got = io::copy(&mut s.by_ref().take(len), &mut self.out)
                 .map_err(io_err(format!("copy data of {:?}", path_text(path))))?;
             if got != len {

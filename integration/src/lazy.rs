@@ -125,6 +125,10 @@ pub async fn pull_serve_restart_complete(extra: &str) {
     let reference = tb.via_proxy(&tb.push(&spec, "test/lazy", "v1").await);
     let indexed = tb.hyperbox().hb_index(&reference);
     assert_eq!(indexed["layers"].as_array().unwrap().len(), 2, "{indexed}");
+    // gzip layers get maps: the registry holds no EROFS copy of them.
+    for l in indexed["layers"].as_array().unwrap() {
+        assert_eq!(l["source"], "map", "{indexed}");
+    }
     let blobs_total: u64 = std::fs::read_dir(tb.work_dir())
         .unwrap()
         .flatten()
@@ -266,6 +270,29 @@ pub async fn pull_serve_restart_complete(extra: &str) {
         .await
         .unwrap();
     assert!(out.stdout_str().starts_with(&want));
+
+    // Every byte came from the image's own layer blobs and the maps: the
+    // EROFS images were never asked for (they are not in the registry),
+    // and reads fetched layer ranges.
+    let requests = tb.proxy.requests();
+    for l in indexed["layers"].as_array().unwrap() {
+        let erofs = l["erofs"].as_str().unwrap();
+        assert!(
+            !requests.iter().any(|r| r.contains(erofs)),
+            "EROFS image {erofs} requested: {requests:#?}"
+        );
+    }
+    assert!(
+        requests.iter().any(|r| {
+            r.contains("range=bytes=")
+                && indexed["layers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|l| r.contains(l["layer"].as_str().unwrap()))
+        }),
+        "no Range request on a layer blob: {requests:#?}"
+    );
 
     // Removing the image removes the lazy layers, mounts and files.
     client.delete_image(&reference).await.unwrap();

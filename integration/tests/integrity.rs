@@ -335,11 +335,20 @@ async fn a_lazy_index_that_lies_about_diff_ids_is_caught_and_never_shared() {
             "digest": doc_digest.to_string(),
             "size": doc.len(),
         },
-        "layers": forged.layers.iter().map(|l| serde_json::json!({
-            "mediaType": hyperbox_registry::index::EROFS_TYPE,
-            "digest": l.erofs,
-            "size": l.size,
-        })).collect::<Vec<_>>(),
+        // What the twin's index pushed: maps (or EROFS images for layers
+        // without one).
+        "layers": forged.layers.iter().map(|l| match &l.map {
+            Some(m) => serde_json::json!({
+                "mediaType": hyperbox_registry::index::MAP_TYPE,
+                "digest": m.digest,
+                "size": m.size,
+            }),
+            None => serde_json::json!({
+                "mediaType": hyperbox_registry::index::EROFS_TYPE,
+                "digest": l.erofs,
+                "size": l.size,
+            }),
+        }).collect::<Vec<_>>(),
         "subject": {
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "digest": built.manifest.digest,

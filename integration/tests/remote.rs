@@ -646,10 +646,22 @@ async fn lazy_chunks_that_do_not_verify_are_never_served() {
         .push(Layer::new(Compression::Zstd).file("data/x", "the real bytes", 0o644));
     let reference = tb.via_proxy(&tb.push(&spec, "test/lazybad", "v1").await);
     let indexed = hb_index(&mut tb, &reference);
-    for l in indexed["layers"].as_array().unwrap() {
+    // The zstd layer's EROFS image is corrupted where a chunk is; the
+    // gzip layer's map (its bytes come from the layer itself) at its
+    // first compressed byte.
+    let layers = indexed["layers"].as_array().unwrap();
+    assert_eq!(
+        layers
+            .iter()
+            .map(|l| l["source"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["map", "erofs"]
+    );
+    for l in layers {
+        let at = if l["source"] == "map" { 16 } else { 1100 };
         tb.proxy.inject(FaultRule {
-            path_contains: l["erofs"].as_str().unwrap().to_string(),
-            ..FaultRule::blobs(Fault::CorruptAt(1100))
+            path_contains: l["blob"].as_str().unwrap().to_string(),
+            ..FaultRule::blobs(Fault::CorruptAt(at))
         });
     }
     let client = tb.containerd.client().await.unwrap();
@@ -663,8 +675,8 @@ async fn lazy_chunks_that_do_not_verify_are_never_served() {
     assert_eq!(out.stdout_str(), "the real bytes");
     let log = tb.hyperbox().log();
     assert!(
-        log.contains("does not match the index"),
-        "the refusal is logged"
+        log.contains("does not match the index") && log.contains("layer map of"),
+        "both refusals are logged:\n{log}"
     );
     tb.finish();
 }

@@ -21,8 +21,15 @@ use crate::error::Error;
 pub const CONFIG_TYPE: &str = "application/vnd.hyperbox.index.v1+json";
 /// Media type of an EROFS layer image blob.
 pub const EROFS_TYPE: &str = "application/vnd.hyperbox.erofs.layer.v1";
-/// The index format version this build reads and writes.
-pub const VERSION: u32 = 2;
+/// Media type of a layer map blob (`hyperbox_erofs::map`).
+pub const MAP_TYPE: &str = "application/vnd.hyperbox.layer-map.v1";
+/// The index format version this build writes: 3, whose layers may name a
+/// layer map instead of an EROFS blob. Version 2 is still read.
+pub const VERSION: u32 = 3;
+/// The most bytes of a map's eager part a node fetches at Prepare (held
+/// in memory while the layer fills): a layer of a million files has about
+/// 100 MiB of metadata, a tenth of it once compressed.
+pub const MAX_MAP_EAGER: u64 = 64 << 20;
 /// Bytes per verified chunk, what a read that misses fetches at least,
 /// unless the image is large: most files of a distro image are smaller
 /// than 16 KiB. Indexes made with 64 KiB or 1 MiB chunks keep working; the
@@ -80,6 +87,23 @@ pub struct IndexLayer {
     pub data_end: u64,
     /// Hex SHA-256 of each chunk, in order.
     pub chunks: Vec<String>,
+    /// Version 3: where the EROFS image's bytes come from the layer blob
+    /// itself (no EROFS blob is pushed). Absent: Range requests on the
+    /// EROFS blob, as in version 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map: Option<MapRef>,
+}
+
+/// A layer map blob (`hyperbox_erofs::map::LayerMap`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MapRef {
+    /// The map blob's digest.
+    pub digest: String,
+    /// Its size.
+    pub size: u64,
+    /// The length of its eager part (fetched at Prepare); windows follow.
+    pub eager: u64,
 }
 
 /// The tag the index of the image with manifest `manifest` is pushed under.
@@ -96,9 +120,9 @@ impl Index {
         };
         let ix: Index =
             serde_json::from_slice(bytes).map_err(|e| bad(format!("hyperbox index: {e}")))?;
-        if ix.version != VERSION {
+        if !(2..=VERSION).contains(&ix.version) {
             return Err(bad(format!(
-                "hyperbox index version {} is not {VERSION} (run `hb image index` again)",
+                "hyperbox index version {} is not 2 or {VERSION} (run `hb image index` again)",
                 ix.version
             )));
         }
@@ -117,6 +141,15 @@ impl Index {
                     "layer {}: data_end {} outside [4096, {}]",
                     l.layer, l.data_end, l.size
                 )));
+            }
+            if let Some(m) = &l.map {
+                Digest::parse(&m.digest)?;
+                if ix.version < 3 || m.eager < 16 || m.eager > m.size || m.eager > MAX_MAP_EAGER {
+                    return Err(bad(format!(
+                        "layer {}: map of {} bytes with an eager part of {}",
+                        l.layer, m.size, m.eager
+                    )));
+                }
             }
             let want = l.size.div_ceil(ix.chunk_size);
             if l.chunks.len() as u64 != want {
@@ -181,6 +214,52 @@ mod tests {
         let e = Index::parse(ix(3 << 20, 2).as_bytes(), "x").unwrap_err();
         assert!(e.to_string().contains("2 chunk digests"), "{e}");
         assert!(Index::parse(b"{\"version\":1,\"chunk_size\":4096,\"layers\":[]}", "x").is_err());
+    }
+
+    #[test]
+    fn maps_are_read_from_version_3_only_and_bounded() {
+        let with_map = |version: u32, size: u64, eager: u64| {
+            ix(4096, 1)
+                .replace("\"version\":2", &format!("\"version\":{version}"))
+                .replace(
+                    "\"data_end\":4096,",
+                    &format!(
+                        "\"data_end\":4096,\"map\":{{\"digest\":\"sha256:{}\",\"size\":{size},\"eager\":{eager}}},",
+                        "b".repeat(64)
+                    ),
+                )
+        };
+        let ok = Index::parse(with_map(3, 5000, 300).as_bytes(), "x").unwrap();
+        assert_eq!(ok.layers[0].map.as_ref().unwrap().eager, 300);
+        assert!(
+            Index::parse(
+                ix(4096, 1)
+                    .replace("\"version\":2", "\"version\":3")
+                    .as_bytes(),
+                "x"
+            )
+            .is_ok()
+        );
+        for (v, size, eager) in [
+            (2, 5000, 300),
+            (3, 200, 300),
+            (3, 5000, 8),
+            (3, 1 << 40, MAX_MAP_EAGER + 1),
+        ] {
+            assert!(
+                Index::parse(with_map(v, size, eager).as_bytes(), "x").is_err(),
+                "version {v}, map of {size} with {eager} eager"
+            );
+        }
+        assert!(
+            Index::parse(
+                ix(4096, 1)
+                    .replace("\"version\":2", "\"version\":4")
+                    .as_bytes(),
+                "x"
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -448,6 +448,7 @@ mod tests {
             size: chunks as u64 * 4096,
             data_end: 4096,
             chunks: vec!["0".repeat(64); chunks],
+            map: None,
         };
         let (f, g, h) = (
             format!("sha256:{}", "f".repeat(64)),

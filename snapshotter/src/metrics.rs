@@ -77,6 +77,16 @@ pub fn render(lazy: Option<&Lazy>) -> String {
             &c.untried_layers,
         ),
         (
+            "hyperbox_snapshotter_lazy_span_chunks_total",
+            "Chunks of lazy layers with a layer map (index v3) made from gzip bytes a request had inflated for other chunks of the same span, before any read asked for them.",
+            &c.span_chunks,
+        ),
+        (
+            "hyperbox_snapshotter_lazy_map_refetches_total",
+            "Layer-blob requests of mapped lazy layers whose first fetch, sized from the span's compression ratio, ended short of the data and fetched the rest of the span.",
+            &c.map_refetches,
+        ),
+        (
             "hyperbox_snapshotter_lazy_fill_yields_total",
             "Times the background fill waited for pending reads to settle before its next chunk or, filling from the layer, its next 1 MiB of the layer download.",
             &d.fill_yields,

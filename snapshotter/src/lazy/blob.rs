@@ -78,6 +78,8 @@ pub(super) struct Blob {
     pub(super) registered: Instant,
     /// The file, as events identify it.
     pub(super) inode: FileId,
+    /// Its layer map (index v3), once fetched.
+    pub(super) mapped: tokio::sync::OnceCell<Arc<super::mapped::Mapped>>,
 }
 
 impl Blob {
@@ -302,6 +304,7 @@ impl Lazy {
             download,
             registered: Instant::now(),
             inode: (meta.dev(), meta.ino()),
+            mapped: tokio::sync::OnceCell::new(),
         });
         self.fan
             .mark(&path)

@@ -1,5 +1,7 @@
 //! Range requests for chunks: every run of adjacent missing chunks in
 //! one request, each chunk checked against its digest before it is written.
+//! Layers whose index names a layer map make their chunks from the layer
+//! blob instead (`mapped`).
 
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
@@ -8,6 +10,24 @@ use sha2::{Digest as _, Sha256};
 
 use super::blob::{Blob, missing_runs};
 use super::{Error, Lazy, io, lock};
+
+impl Blob {
+    /// Writes chunk `i` if `piece` matches its digest; `false` if not.
+    pub(super) fn put_chunk(&self, i: usize, piece: &[u8]) -> Result<bool, Error> {
+        if hex::encode(Sha256::digest(piece)) != self.state.entry.chunks[i] {
+            return Ok(false);
+        }
+        let (s, _) = self.chunk_range(i);
+        self.file
+            .write_all_at(piece, s)
+            .map_err(io("write", &self.path))?;
+        self.have_file
+            .write_all_at(&[1], i as u64)
+            .map_err(io("write", &self.have_path))?;
+        lock(&self.present)[i] = true;
+        Ok(true)
+    }
+}
 
 /// The most bytes one Range request asks for (a large read or the
 /// metadata of a big layer is split, the pieces fetched at once).
@@ -61,6 +81,9 @@ impl Lazy {
     /// One Range request for chunks `a..=b` (their locks held by the
     /// caller); the chunks that verify are written even if another fails.
     pub(super) async fn fetch_run(&self, blob: &Blob, a: usize, b: usize) -> Result<(), Error> {
+        if blob.state.entry.map.is_some() {
+            return self.fetch_mapped(blob, a, b).await;
+        }
         let (start, _) = blob.chunk_range(a);
         let (last_start, last_len) = blob.chunk_range(b);
         let data = {
@@ -85,22 +108,13 @@ impl Lazy {
         for i in a..=b {
             let (s, len) = blob.chunk_range(i);
             let at = (s - start) as usize;
-            let piece = &data[at..at + len as usize];
-            if hex::encode(Sha256::digest(piece)) != blob.state.entry.chunks[i] {
+            if !blob.put_chunk(i, &data[at..at + len as usize])? {
                 self.counters.chunk_failures.fetch_add(1, Ordering::Relaxed);
                 failed.get_or_insert(Error::Chunk {
                     erofs: blob.erofs.to_string(),
                     chunk: i,
                 });
-                continue;
             }
-            blob.file
-                .write_all_at(piece, s)
-                .map_err(io("write", &blob.path))?;
-            blob.have_file
-                .write_all_at(&[1], i as u64)
-                .map_err(io("write", &blob.have_path))?;
-            lock(&blob.present)[i] = true;
         }
         failed.map_or(Ok(()), Err)
     }

@@ -53,12 +53,23 @@ impl Lazy {
         let started = Instant::now();
         let before = blob.missing();
         let _predicted = self.demand.begin(Vec::new());
-        futures::stream::iter(prefetch::runs(&plan, per_request))
+        let mapped = e.map.is_some();
+        let runs = if mapped {
+            self.span_groups(blob, &plan).await
+        } else {
+            prefetch::runs(&plan, per_request)
+        };
+        futures::stream::iter(runs)
             .for_each_concurrent(PREFETCH_PARALLEL, |(a, b)| async move {
                 if blob.phase() != Phase::Filling {
                     return;
                 }
-                if let Err(err) = self.ensure_chunks(blob, a, b).await {
+                let fetched = if mapped {
+                    self.fetch_mapped(blob, a, b).await
+                } else {
+                    self.ensure_chunks(blob, a, b).await
+                };
+                if let Err(err) = fetched {
                     tracing::debug!(layer = %e.layer, error = %hyperbox_api::error_chain(&err), "learned prefetch failed; the fill and reads fetch it");
                 }
             })

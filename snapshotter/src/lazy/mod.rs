@@ -64,6 +64,9 @@ mod fetch;
 mod fill;
 mod index;
 mod learned;
+mod mapped;
+#[cfg(test)]
+mod mapped_tests;
 mod prune;
 mod readahead;
 #[cfg(test)]
@@ -116,6 +119,14 @@ pub enum Error {
         erofs: String,
         /// Chunk number.
         chunk: usize,
+    },
+    /// A layer map that cannot be used.
+    #[error("layer map of {erofs}: {why}")]
+    Map {
+        /// The EROFS image it maps.
+        erofs: String,
+        /// What is wrong.
+        why: String,
     },
     /// A file snapshots still link would have been rewritten.
     #[error("{path} is linked by snapshots; it is never rewritten")]
@@ -192,6 +203,12 @@ pub struct Counters {
     /// Lazy layers of images no run taught a prefetch list, downloaded
     /// whole at once ([`Download::AtOnce`]).
     pub untried_layers: AtomicU64,
+    /// Chunks made from layer bytes a request inflated for other chunks
+    /// of the same span (index v3), before any read asked for them.
+    pub span_chunks: AtomicU64,
+    /// Requests on a layer blob whose first fetch ended short of the data
+    /// (the span compressed worse than its average) and fetched the rest.
+    pub map_refetches: AtomicU64,
 }
 
 /// Where a lazy file is in its life.

@@ -291,6 +291,7 @@ async fn setup(case: Case) -> Setup {
                 .chunks(CHUNK as usize)
                 .map(|c| hex::encode(Sha256::digest(c)))
                 .collect(),
+            map: None,
         },
         rejected: None,
     };
@@ -671,6 +672,7 @@ async fn one_taught_layer_or_a_shared_list_makes_an_image_wait_for_reads() {
         size: 4 * CHUNK,
         data_end: 3 * CHUNK,
         chunks: vec![String::new(); 4],
+        map: None,
     };
     let (base, app) = (
         format!("sha256:{}", "a".repeat(64)),

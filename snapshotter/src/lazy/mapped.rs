@@ -1,0 +1,432 @@
+//! Chunks made from the image's own layer blob (index version 3): the
+//! layer map says which tar bytes each range of the EROFS image holds, and
+//! for gzip where inflating may start ([`hyperbox_erofs::map`]). No EROFS
+//! blob is in the registry; a run of chunks costs one Range request on the
+//! layer (its compressed bytes from the checkpoint before it to the one
+//! after it) and, the first time that checkpoint is used, one for its
+//! window.
+//!
+//! A checkpoint's whole span is inflated whatever part a read asked for:
+//! its bytes were fetched anyway, so every chunk they fully make is
+//! written too (checked against its digest like any other). A program
+//! reading the files of one directory one by one, as an interpreter's
+//! imports do, then costs one request per span instead of one per file
+//! each re-fetching the span's start. Requests starting from the same
+//! checkpoint wait for each other for the same reason.
+//!
+//! The map is fetched at the layer's first fetch (the metadata, at
+//! Prepare) and checked against the index entry; nothing in it is trusted
+//! beyond that: a chunk it makes wrongly fails its digest.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use hyperbox_erofs::map::LayerMap;
+use hyperbox_erofs::zran;
+use hyperbox_registry::digest::Digest;
+
+use super::blob::Blob;
+use super::{Error, Lazy, lock};
+
+/// The most tar bytes one request inflates, and the most compressed bytes
+/// it fetches: a span `hb image index` makes is about 1 MiB, a request at
+/// most 4 MiB; a map whose checkpoints are further apart than this is not
+/// one hb made, and its reads fail rather than fetch a whole layer.
+const MAX_REGION: u64 = 32 << 20;
+/// Windows, and resume points, kept in memory per layer (each at most 32
+/// KiB).
+const WINDOWS_KEPT: usize = 64;
+
+/// A layer's map, once fetched.
+#[derive(Debug)]
+pub(super) struct Mapped {
+    map: LayerMap,
+    layer: Digest,
+    map_blob: Digest,
+    windows: std::sync::Mutex<HashMap<usize, Arc<Vec<u8>>>>,
+    /// One per checkpoint: requests from the same one take turns.
+    spans: Vec<tokio::sync::Mutex<()>>,
+    /// Per checkpoint, where the last request from it stopped (a block
+    /// boundary with its window), at most [`WINDOWS_KEPT`] at once.
+    resumes: std::sync::Mutex<HashMap<usize, Arc<Resume>>>,
+}
+
+fn bad(blob: &Blob, why: impl std::fmt::Display) -> Error {
+    Error::Map {
+        erofs: blob.erofs.to_string(),
+        why: why.to_string(),
+    }
+}
+
+/// Where the compressed bytes for tar offset `tar_end` likely end,
+/// reading from checkpoint `i`: the span's own compression ratio, plus an
+/// eighth of the span and 32 KiB (a span is rarely uniform: text, then a
+/// shared library).
+fn estimate_end(map: &LayerMap, i: usize, (from, from_in): (u64, u64), tar_end: u64) -> u64 {
+    let p = &map.points[i];
+    let (q_in, q_out) = map
+        .points
+        .get(i + 1..)
+        .and_then(|rest| rest.iter().find(|q| q.output >= tar_end))
+        .map_or((map.blob_size, map.tar_size), |q| (q.input, q.output));
+    let span_in = q_in.saturating_sub(p.input);
+    let span_out = q_out.saturating_sub(p.output).max(1);
+    let ratio = span_in as f64 / span_out as f64;
+    // From `from` (the checkpoint, or where the last request stopped,
+    // compressed at `from_in`), at the span's ratio.
+    let want = (tar_end.saturating_sub(from) as f64 * ratio) as u64;
+    from_in + want + span_in / 8 + (32 << 10)
+}
+
+/// Where a request stopped: the last block boundary before the first chunk
+/// it did not make, and the compressed bytes it had fetched from there on
+/// (the next request fetches only what follows them).
+#[derive(Debug)]
+struct Resume {
+    point: zran::Checkpoint,
+    tail: Vec<u8>,
+}
+
+/// What one inflate made: the tar bytes from where it started, and the
+/// block boundaries it passed.
+struct Made {
+    tar: Vec<u8>,
+    extracted: zran::Extracted,
+}
+
+impl Lazy {
+    /// The layer map of `blob`, fetched the first time.
+    async fn mapped(&self, blob: &Blob) -> Result<Arc<Mapped>, Error> {
+        blob.mapped
+            .get_or_try_init(|| async {
+                let e = &blob.state.entry;
+                let m = e.map.as_ref().expect("only mapped layers come here");
+                let digest = Digest::parse(&m.digest).map_err(|e| bad(blob, e))?;
+                let layer = Digest::parse(&e.layer).map_err(|e| bad(blob, e))?;
+                let eager = {
+                    let _permit = self.fetches.acquire().await.expect("never closed");
+                    self.registry
+                        .fetch_range(&blob.reference, &digest, 0, m.eager)
+                        .await
+                }
+                .map_err(|source| Error::Registry {
+                    what: format!("{} layer map {digest}", blob.erofs),
+                    source,
+                })?;
+                let map = LayerMap::decode(&eager).map_err(|e| bad(blob, e))?;
+                if map.image_size != e.size || map.data_end != e.data_end {
+                    return Err(bad(
+                        blob,
+                        format!(
+                            "map describes an image of {} bytes (data end {}), the index {} ({})",
+                            map.image_size, map.data_end, e.size, e.data_end
+                        ),
+                    ));
+                }
+                tracing::debug!(erofs = %blob.erofs, points = map.points.len(), extents = map.extents.len(), "layer map fetched");
+                Ok(Arc::new(Mapped {
+                    spans: (0..map.points.len())
+                        .map(|_| tokio::sync::Mutex::new(()))
+                        .collect(),
+                    map,
+                    layer,
+                    map_blob: digest,
+                    windows: Default::default(),
+                    resumes: Default::default(),
+                }))
+            })
+            .await
+            .cloned()
+    }
+
+    /// The window of checkpoint `i`.
+    async fn window(&self, blob: &Blob, m: &Mapped, i: usize) -> Result<Arc<Vec<u8>>, Error> {
+        if let Some(w) = lock(&m.windows).get(&i) {
+            return Ok(w.clone());
+        }
+        let p = &m.map.points[i];
+        if p.window_zlen == 0 {
+            return Ok(Arc::new(Vec::new()));
+        }
+        let z = {
+            let _permit = self.fetches.acquire().await.expect("never closed");
+            self.registry
+                .fetch_range(
+                    &blob.reference,
+                    &m.map_blob,
+                    p.window_at,
+                    p.window_zlen.into(),
+                )
+                .await
+        }
+        .map_err(|source| Error::Registry {
+            what: format!("{} window {i}", blob.erofs),
+            source,
+        })?;
+        let w = Arc::new(
+            p.decode_window(&z)
+                .map_err(|e| bad(blob, format!("checkpoint {i}: {e}")))?,
+        );
+        let mut kept = lock(&m.windows);
+        if kept.len() >= WINDOWS_KEPT {
+            kept.clear();
+        }
+        kept.insert(i, w.clone());
+        Ok(w)
+    }
+
+    /// Chunks `a..=b` made from the layer blob; with them every other
+    /// missing chunk the inflated bytes make. Reads call it holding the
+    /// chunks' locks; a learned prefetch group does not (what is written
+    /// is verified, and a read holding one of them finds it present).
+    pub(super) async fn fetch_mapped(&self, blob: &Blob, a: usize, b: usize) -> Result<(), Error> {
+        let m = self.mapped(blob).await?;
+        let (start, _) = blob.chunk_range(a);
+        let (last_start, last_len) = blob.chunk_range(b);
+        let end = last_start + last_len;
+        let Some(need) = m.map.need(start, end - start) else {
+            // Metadata and zeros only: nothing to fetch.
+            return self.put_chunks(blob, &m.map, a, b, 0, &[]);
+        };
+        let Some(i) = need.point else {
+            if need.blob_end - need.blob_start > MAX_REGION {
+                return Err(bad(blob, "a request beyond what one fetch may bring"));
+            }
+            let tar = self
+                .fetch_layer(blob, &m, need.blob_start, need.blob_end)
+                .await?;
+            return self.put_chunks(blob, &m.map, a, b, need.tar_start, &tar);
+        };
+        let _turn = m.spans[i].lock().await;
+        // The request before ours from this checkpoint may have made ours.
+        if lock(&blob.present)[a..=b].iter().all(|p| *p) {
+            return Ok(());
+        }
+        let p = &m.map.points[i];
+        if need.tar_end - p.output > MAX_REGION || need.blob_end - need.blob_start > MAX_REGION {
+            return Err(bad(blob, "checkpoints too far apart for one fetch"));
+        }
+        // Where the last request from this checkpoint stopped, if that is
+        // before our bytes: nothing before it is fetched again.
+        let resumed = lock(&m.resumes)
+            .get(&i)
+            .filter(|r| r.point.output <= need.tar_start)
+            .cloned();
+        let (start, start_at) = match &resumed {
+            Some(r) => (r.point.output, r.point.fetch_from()),
+            None => (p.output, p.fetch_from()),
+        };
+        // The compressed bytes up to the data's end, estimated from the
+        // span's ratio with a margin, rather than the whole span: a read
+        // early in a span then costs little more than its own bytes. When
+        // the estimate falls short, the rest of the span follows.
+        let guess = estimate_end(&m.map, i, (start, start_at), need.tar_end).min(need.blob_end);
+        let (checkpoint, mut data) = match &resumed {
+            Some(r) => {
+                let have = start_at + r.tail.len() as u64;
+                let mut data = r.tail.clone();
+                if guess > have {
+                    data.extend_from_slice(&self.fetch_layer(blob, &m, have, guess).await?);
+                }
+                (Arc::new(r.point.clone()), data)
+            }
+            None => {
+                let (window, first) = futures::future::join(
+                    self.window(blob, &m, i),
+                    self.fetch_layer(blob, &m, start_at, guess),
+                )
+                .await;
+                (Arc::new(p.checkpoint(window?.to_vec())), first?.to_vec())
+            }
+        };
+        // Inflated as far as the bytes go (up to the next checkpoint):
+        // what lies past the data asked for is made too, for free.
+        let region_end = need.blob_end_output(&m.map).min(start + MAX_REGION);
+        let mut made = self
+            .inflate(blob, &checkpoint, &data, start, region_end)
+            .await?;
+        let have = start_at + data.len() as u64;
+        if (made.tar.len() as u64) < need.tar_end - start && have < need.blob_end {
+            let rest = self.fetch_layer(blob, &m, have, need.blob_end).await?;
+            self.counters.map_refetches.fetch_add(1, Ordering::Relaxed);
+            data.extend_from_slice(&rest);
+            made = self
+                .inflate(blob, &checkpoint, &data, start, region_end)
+                .await?;
+        }
+        if (made.tar.len() as u64) < need.tar_end - start {
+            self.counters.chunk_failures.fetch_add(1, Ordering::Relaxed);
+            return Err(bad(blob, "the layer bytes end before the map says"));
+        }
+        let done = self.put_chunks(blob, &m.map, a, b, start, &made.tar);
+        let next = self.put_extra(blob, &m.map, a, b, start, &made.tar);
+        // The next request in this span starts at the last block boundary
+        // before the first chunk these bytes did not make whole.
+        if let Some(r) = made
+            .extracted
+            .resume_before(&checkpoint, start, &made.tar, next)
+        {
+            let tail = data[(r.fetch_from() - start_at) as usize..].to_vec();
+            let span = m.map.points.partition_point(|q| q.output <= r.output) - 1;
+            let mut kept = lock(&m.resumes);
+            if kept.len() >= WINDOWS_KEPT && !kept.contains_key(&span) {
+                kept.clear();
+            }
+            kept.insert(span, Arc::new(Resume { point: r, tail }));
+        }
+        done
+    }
+
+    /// A learned prefetch list as requests for a mapped layer: one per
+    /// checkpoint span it touches, from its first listed chunk there to its
+    /// last, spans in the order the list first reaches them. The compressed
+    /// bytes between two listed chunks of a span are fetched whatever the
+    /// requests, so one request each makes them once; chunks in between
+    /// come with them.
+    pub(super) async fn span_groups(&self, blob: &Blob, plan: &[usize]) -> Vec<(usize, usize)> {
+        let Ok(m) = self.mapped(blob).await else {
+            return Vec::new();
+        };
+        let mut order: Vec<usize> = Vec::new();
+        let mut groups: HashMap<usize, (usize, usize)> = HashMap::new();
+        for &c in plan {
+            let (s, len) = blob.chunk_range(c);
+            let Some(span) = m.map.need(s, len).and_then(|n| n.point) else {
+                continue;
+            };
+            groups
+                .entry(span)
+                .and_modify(|g| *g = (g.0.min(c), g.1.max(c)))
+                .or_insert_with(|| {
+                    order.push(span);
+                    (c, c)
+                });
+        }
+        order.into_iter().map(|s| groups[&s]).collect()
+    }
+
+    /// The tar bytes `[from, to)`, or as many as `data` gives.
+    async fn inflate(
+        &self,
+        blob: &Blob,
+        checkpoint: &Arc<zran::Checkpoint>,
+        data: &[u8],
+        from: u64,
+        to: u64,
+    ) -> Result<Made, Error> {
+        let (cp, data) = (checkpoint.clone(), data.to_vec());
+        tokio::task::spawn_blocking(move || {
+            let mut tar = vec![0u8; (to - from) as usize];
+            let extracted = zran::extract_some(&cp, &data, from, &mut tar)?;
+            tar.truncate(extracted.filled);
+            Ok::<_, zran::Error>(Made { tar, extracted })
+        })
+        .await
+        .expect("inflate does not panic")
+        .map_err(|e| {
+            self.counters.chunk_failures.fetch_add(1, Ordering::Relaxed);
+            bad(blob, e)
+        })
+    }
+
+    /// `[start, end)` of the layer blob.
+    async fn fetch_layer(
+        &self,
+        blob: &Blob,
+        m: &Mapped,
+        start: u64,
+        end: u64,
+    ) -> Result<bytes::Bytes, Error> {
+        let _permit = self.fetches.acquire().await.expect("never closed");
+        self.registry
+            .fetch_range(&blob.reference, &m.layer, start, end - start)
+            .await
+            .map_err(|source| {
+                self.counters.chunk_failures.fetch_add(1, Ordering::Relaxed);
+                Error::Registry {
+                    what: format!("{} layer bytes {start}-{end}", blob.erofs),
+                    source,
+                }
+            })
+    }
+
+    /// Chunks `a..=b` made from `tar` (the tar's bytes from `tar_start`),
+    /// each written only if it matches its digest.
+    fn put_chunks(
+        &self,
+        blob: &Blob,
+        map: &LayerMap,
+        a: usize,
+        b: usize,
+        tar_start: u64,
+        tar: &[u8],
+    ) -> Result<(), Error> {
+        let mut failed = None;
+        for i in a..=b {
+            let (s, len) = blob.chunk_range(i);
+            let mut piece = vec![0u8; len as usize];
+            let made = map.assemble(s, &mut piece, tar_start, tar).is_ok();
+            if !made || !blob.put_chunk(i, &piece)? {
+                self.counters.chunk_failures.fetch_add(1, Ordering::Relaxed);
+                failed.get_or_insert(Error::Chunk {
+                    erofs: blob.erofs.to_string(),
+                    chunk: i,
+                });
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Every missing chunk around `a..=b` that `tar` makes whole, written
+    /// if it verifies (a chunk that does not is left for its own read).
+    /// Returns where the first chunk after `b` it could not make begins in
+    /// the tar (the tar's end when there is none).
+    fn put_extra(
+        &self,
+        blob: &Blob,
+        map: &LayerMap,
+        a: usize,
+        b: usize,
+        tar_start: u64,
+        tar: &[u8],
+    ) -> u64 {
+        let tar_end = tar_start + tar.len() as u64;
+        let reach = |i: usize| {
+            let (s, len) = blob.chunk_range(i);
+            map.need(s, len)
+        };
+        let made = |n: &Option<hyperbox_erofs::map::Need>| match n {
+            Some(n) => n.tar_start >= tar_start && n.tar_end <= tar_end,
+            None => true,
+        };
+        let n = blob.state.entry.chunks.len();
+        let before = (0..a).rev().take_while(|&i| made(&reach(i)));
+        let mut next = map.tar_size;
+        let after = (b + 1..n).take_while(|&i| {
+            let r = reach(i);
+            let ok = made(&r);
+            if !ok && let Some(r) = r {
+                next = r.tar_start;
+            }
+            ok
+        });
+        let mut extra = 0u64;
+        for i in before.chain(after) {
+            if lock(&blob.present)[i] {
+                continue;
+            }
+            let (s, len) = blob.chunk_range(i);
+            let mut piece = vec![0u8; len as usize];
+            if map.assemble(s, &mut piece, tar_start, tar).is_ok()
+                && blob.put_chunk(i, &piece).unwrap_or(false)
+            {
+                extra += 1;
+            }
+        }
+        self.counters
+            .span_chunks
+            .fetch_add(extra, Ordering::Relaxed);
+        next
+    }
+}

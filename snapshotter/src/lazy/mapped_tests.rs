@@ -1,0 +1,329 @@
+//! The mapped path against a registry that holds only the gzip layer and
+//! its map (as `hb image index` pushes them): reads are answered with the
+//! image's bytes, the fill completes it, and it costs about one layer
+//! request per checkpoint span, not one per chunk.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hyperbox_erofs::{convert, writer};
+use hyperbox_kernel::fanotify::Verdict;
+use hyperbox_kernel::testing::FakeFanotify;
+use hyperbox_registry::Registry;
+use hyperbox_registry::digest::Digest;
+use hyperbox_registry::index::{IndexLayer, MapRef};
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use super::blob::State;
+use super::fill::Download;
+use super::{Lazy, Options, lock};
+
+const CHUNK: u64 = 4096;
+const SPAN: u64 = 256 << 10;
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The requests a test registry answered: digest, first byte, length.
+type Asked = Arc<Mutex<Vec<(String, u64, u64)>>>;
+
+/// Serves blobs by digest with Range requests; records each request as
+/// (digest, first byte, length).
+async fn serve(blobs: HashMap<String, Vec<u8>>) -> (std::net::SocketAddr, Asked) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let (blobs, log) = (Arc::new(blobs), asked.clone());
+    tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let (blobs, log) = (blobs.clone(), log.clone());
+            tokio::spawn(async move {
+                let Some(head) = crate::test_http::read_head(&mut conn).await else {
+                    return;
+                };
+                let text = head.to_lowercase();
+                let found = blobs.iter().find(|(d, _)| text.contains(d.as_str()));
+                let range = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("range: bytes="))
+                    .and_then(|r| r.trim().split_once('-'))
+                    .map(|(a, b)| (a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()));
+                let (Some((digest, blob)), Some((a, b))) = (found, range) else {
+                    let _ = conn
+                        .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    return;
+                };
+                lock(&log).push((digest.clone(), a as u64, (b + 1 - a) as u64));
+                let body = &blob[a..=b];
+                let head = format!(
+                    "HTTP/1.1 206 Partial Content\r\ncontent-range: bytes {a}-{b}/{}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    blob.len(),
+                    body.len()
+                );
+                let _ = conn.write_all(head.as_bytes()).await;
+                let _ = conn.write_all(body).await;
+            });
+        }
+    });
+    (addr, asked)
+}
+
+/// A layer of 300 files (text and random bytes, small and large), gzip.
+fn layer() -> Vec<u8> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(19);
+    let words: Vec<String> = (0..2000)
+        .map(|_| {
+            (0..rng.random_range(2..10))
+                .map(|_| rng.random_range(b'a'..=b'z') as char)
+                .collect()
+        })
+        .collect();
+    let mut b = tar::Builder::new(Vec::new());
+    for i in 0..300usize {
+        let n = match i % 5 {
+            0 => rng.random_range(20_000..90_000),
+            _ => rng.random_range(10..6000),
+        };
+        // Random bytes (stored blocks) or words (about 3:1, blocks of
+        // tens of KiB as in real source files).
+        let data: Vec<u8> = if i % 4 == 0 {
+            (0..n).map(|_| rng.random()).collect()
+        } else {
+            let mut t = Vec::with_capacity(n);
+            while t.len() < n {
+                t.extend_from_slice(words[rng.random_range(0..words.len())].as_bytes());
+                t.push(if rng.random_range(0..8) == 0 {
+                    b'\n'
+                } else {
+                    b' '
+                });
+            }
+            t.truncate(n);
+            t
+        };
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        b.append_data(&mut h, format!("lib/m{}/f{i}.py", i % 7), &data[..])
+            .unwrap();
+    }
+    let tar = b.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&tar).unwrap();
+    gz.finish().unwrap()
+}
+
+struct Mapped {
+    _dir: tempfile::TempDir,
+    lazy: Arc<Lazy>,
+    fan: Arc<FakeFanotify>,
+    image: Vec<u8>,
+    path: std::path::PathBuf,
+    asked: Asked,
+    gz_len: u64,
+    layer: String,
+    points: usize,
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        self.fan.close();
+    }
+}
+
+/// The layer converted and mapped as `hb image index` does, served with
+/// its map (changed by `mangle` first), registered as a lazy file.
+async fn setup(mangle: impl FnOnce(&mut hyperbox_erofs::map::LayerMap)) -> Mapped {
+    let dir = tempfile::tempdir().unwrap();
+    let gz = layer();
+    let blob_path = dir.path().join("layer.gz");
+    fs::write(&blob_path, &gz).unwrap();
+    let out = dir.path().join("image.erofs");
+    let (_, mapped) = convert::convert_mapped(
+        &blob_path,
+        &dir.path().join("image.tmp"),
+        &out,
+        writer::Options::default(),
+        SPAN,
+    )
+    .unwrap();
+    let mut mapped = mapped.expect("gzip is mapped");
+    let points = mapped.map.points.len();
+    let data_end = mapped.map.data_end;
+    mangle(&mut mapped.map);
+    let (map_blob, eager) = mapped.map.encode(&mapped.windows).unwrap();
+    let image = fs::read(&out).unwrap();
+    let layer = Digest::of(&gz).to_string();
+    let map_digest = Digest::of(&map_blob).to_string();
+    let (addr, asked) = serve(HashMap::from([
+        (layer.clone(), gz.clone()),
+        (map_digest.clone(), map_blob.clone()),
+    ]))
+    .await;
+    let registry = Arc::new(
+        Registry::new(&hyperbox_config::Registry {
+            config_path: dir.path().join("certs.d"),
+            docker_config: dir.path().join("config.json"),
+            max_concurrent_downloads: 1,
+            retries: 0,
+            timeout_secs: 5,
+        })
+        .unwrap(),
+    );
+    let fan = Arc::new(FakeFanotify::new());
+    let (lazy, _) = Lazy::open(
+        dir.path(),
+        registry,
+        fan.clone(),
+        None,
+        Options {
+            max_chunk_fetches: 4,
+            verify: false,
+            fill_pause_io_pressure: 0.0,
+            fill_request: CHUNK,
+            shared_prefetch: false,
+            fill_from_layer: false,
+        },
+    )
+    .unwrap();
+    let state = State {
+        image: format!("{addr}/test/mapped:v1"),
+        chunk_size: CHUNK,
+        entry: IndexLayer {
+            layer: layer.clone(),
+            diff_id: format!("sha256:{}", "2".repeat(64)),
+            erofs: Digest::of(&image).to_string(),
+            size: image.len() as u64,
+            data_end,
+            chunks: image
+                .chunks(CHUNK as usize)
+                .map(|c| hex::encode(Sha256::digest(c)))
+                .collect(),
+            map: Some(MapRef {
+                digest: map_digest,
+                size: map_blob.len() as u64,
+                eager,
+            }),
+        },
+        rejected: None,
+    };
+    let me = lazy.clone();
+    let path =
+        tokio::task::spawn_blocking(move || me.register(state, true, None, Download::AfterReads))
+            .await
+            .unwrap()
+            .unwrap()
+            .path
+            .clone();
+    Mapped {
+        _dir: dir,
+        lazy,
+        fan,
+        image,
+        path,
+        asked,
+        gz_len: gz.len() as u64,
+        layer,
+        points,
+    }
+}
+
+async fn read(s: &Mapped, offset: u64) -> Option<Verdict> {
+    let ino = fs::metadata(&s.path).unwrap();
+    let id = s.fan.push(Some((ino.dev(), ino.ino())), offset, 16);
+    let fan = s.fan.clone();
+    tokio::task::spawn_blocking(move || fan.answer(id, WAIT))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_are_made_from_the_layer_blob_and_its_map() {
+    let s = setup(|_| {}).await;
+    assert!(s.points > 8, "{} checkpoints", s.points);
+    // A read in the middle of the file data.
+    let offset = s.image.len() as u64 / 3;
+    assert_eq!(read(&s, offset).await, Some(Verdict::Allow));
+    let at = (offset / CHUNK * CHUNK) as usize;
+    let mut got = vec![0u8; CHUNK as usize];
+    use std::os::unix::fs::FileExt;
+    fs::File::open(&s.path)
+        .unwrap()
+        .read_exact_at(&mut got, at as u64)
+        .unwrap();
+    assert!(got[..] == s.image[at..at + CHUNK as usize]);
+
+    // The fill completes it from the layer: every chunk made, verified,
+    // written; the mark lifted.
+    let deadline = Instant::now() + WAIT;
+    while !s.fan.marked().is_empty() {
+        assert!(Instant::now() < deadline, "never completed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        fs::read(&s.path).unwrap() == s.image,
+        "the image, byte for byte"
+    );
+    // Every compressed byte about once: a request goes on from where the
+    // one before it in the same span stopped (each chunk of the fill
+    // asked for alone here), not from the span's checkpoint.
+    let asked = lock(&s.asked).clone();
+    let layer_bytes: u64 = asked
+        .iter()
+        .filter(|(d, ..)| *d == s.layer)
+        .map(|r| r.2)
+        .sum();
+    let requests = asked.iter().filter(|(d, ..)| *d == s.layer).count();
+    let chunks = s.image.len().div_ceil(CHUNK as usize);
+    assert!(
+        layer_bytes < s.gz_len * 3 / 2,
+        "{layer_bytes} bytes fetched for a {}-byte layer in {requests} requests",
+        s.gz_len
+    );
+    assert!(
+        requests < chunks / 8,
+        "{requests} requests for {chunks} chunks"
+    );
+    assert!(s.lazy.counters().span_chunks.load(Ordering::Relaxed) > chunks as u64 / 2);
+    assert_eq!(s.lazy.counters().chunk_failures.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_map_that_lies_fails_reads_and_serves_nothing() {
+    // Every extent one byte off in the tar: the map decodes, the numbers
+    // are plausible, and no chunk of file data it makes is the image's.
+    let s = setup(|map| {
+        for e in &mut map.extents {
+            e.tar += 1;
+        }
+    })
+    .await;
+    let offset = s.image.len() as u64 / 3;
+    assert_eq!(read(&s, offset).await, Some(Verdict::DenyEio));
+    use std::os::unix::fs::FileExt;
+    let mut got = vec![0u8; CHUNK as usize];
+    let at = offset / CHUNK * CHUNK;
+    fs::File::open(&s.path)
+        .unwrap()
+        .read_exact_at(&mut got, at)
+        .unwrap();
+    assert!(
+        got.iter().all(|b| *b == 0),
+        "nothing written for a chunk that does not verify"
+    );
+    assert!(s.lazy.counters().chunk_failures.load(Ordering::Relaxed) > 0);
+    assert!(!s.fan.marked().is_empty(), "still marked: never complete");
+    // The metadata is the map's own, and verifies: a read there is served.
+    assert_eq!(read(&s, 1024).await, Some(Verdict::Allow));
+}
