@@ -266,7 +266,13 @@ async fn run(case: Case, full: bool) {
         )
         .await
         .unwrap();
-    let indexed = beds[1].hyperbox().hb_index(&lazy);
+    // `HYPERBOX_BENCH_SPAN=BYTES` tries another checkpoint span.
+    let indexed = match std::env::var("HYPERBOX_BENCH_SPAN") {
+        Ok(span) => beds[1]
+            .hyperbox()
+            .hb_json(&["image", "index", "--json", "--span", &span, &lazy]),
+        Err(_) => beds[1].hyperbox().hb_index(&lazy),
+    };
     let index_bytes = indexed["index_bytes"].as_u64().expect("index size");
     let lazy_direct = lazy.clone();
     let lazy = beds[1].via_proxy(&lazy);

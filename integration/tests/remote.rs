@@ -634,6 +634,54 @@ async fn indexed_images_are_pulled_lazily() {
     hyperbox_integration::lazy::pull_serve_restart_complete("").await;
 }
 
+/// Indexes of version 2 (`hb image index --erofs-blobs`: each layer's EROFS
+/// image pushed as a blob, as before layer maps, and what nodes older than
+/// version 3 read) are still served lazily, chunks fetched from the EROFS
+/// blobs; a layer map's version 3 index of the same image needs none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn indexes_with_erofs_blobs_are_still_served() {
+    require_containers!();
+    let mut tb = Testbed::start_hyperbox(|b| b.without_cri()).await;
+    let mut spec = ImageSpec::busybox(&["cat", "/data/x"]).unwrap();
+    spec.layers.push(
+        Layer::new(Compression::Gzip)
+            .file("data/x", "from the EROFS blob", 0o644)
+            .large_file("data/big", 8 << 20, 7),
+    );
+    let reference = tb.via_proxy(&tb.push(&spec, "test/v2", "v1").await);
+    let indexed = tb
+        .hyperbox()
+        .hb_json(&["image", "index", "--json", "--erofs-blobs", &reference]);
+    let layers = indexed["layers"].as_array().unwrap();
+    assert!(layers.iter().all(|l| l["source"] == "erofs"), "{indexed}");
+    assert!(
+        indexed["index_bytes"].as_u64().unwrap() > indexed["image_bytes"].as_u64().unwrap(),
+        "EROFS images duplicate the image: {indexed}"
+    );
+    let client = tb.containerd.client().await.unwrap();
+    let image = client.pull(&reference, &remote()).await.unwrap();
+    assert_eq!(image.layers_skipped, [0, 1], "served by hyperbox");
+    let out = client
+        .run("v2", &image, &ContainerOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_str(), "from the EROFS blob");
+    // Mounted before its bytes were all in: at least the metadata came
+    // with Range requests on the EROFS blobs.
+    let requests = tb.proxy.requests();
+    assert!(
+        requests.iter().any(|r| r.contains("range=bytes=")
+            && layers
+                .iter()
+                .any(|l| r.contains(l["erofs"].as_str().unwrap()))),
+        "chunks come from the EROFS blobs: {requests:#?}"
+    );
+    wait_complete(&mut tb).await;
+    client.delete_image(&reference).await.unwrap();
+    client.gc().await.unwrap();
+    tb.finish();
+}
+
 /// A chunk that does not match the index is never served: the lazy path
 /// gives the layer up and the whole layer, verified against the image's own
 /// digest, is fetched instead.
