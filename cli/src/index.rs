@@ -15,7 +15,7 @@
 use std::io::Read;
 
 use anyhow::{Context, Result};
-use hyperbox_erofs::{convert, zran};
+use hyperbox_erofs::{convert, map, zran};
 use hyperbox_registry::digest::Digest;
 use hyperbox_registry::index::{self, Index, IndexLayer};
 use hyperbox_registry::{BlobSize, Descriptor, Reference, Registry, Resolved};
@@ -56,8 +56,13 @@ pub async fn run(
 ) -> Result<()> {
     let (r, registry, img) = resolve(config, reference).await?;
     let chunk_size = opts.chunk_size;
-    if !(zran::WINDOW as u64..=64 << 20).contains(&opts.span) {
-        anyhow::bail!("--span {}: from 32 KiB to 64 MiB", opts.span);
+    if !(zran::WINDOW as u64..=map::MAX_SPAN).contains(&opts.span) {
+        anyhow::bail!(
+            "--span {}: from {} to {} bytes",
+            opts.span,
+            zran::WINDOW,
+            map::MAX_SPAN
+        );
     }
     if let Some(cs) = chunk_size
         && (!(4096..=64 << 20).contains(&cs) || !cs.is_multiple_of(4096))
@@ -124,7 +129,6 @@ pub async fn run(
     let mut layers = Vec::new();
     let mut rows = Vec::new();
     let mut pushed = Vec::new();
-    let mut any_erofs = false;
     for (l, promised, summary, out, mapped) in converted_layers {
         let (chunks, whole, size) = chunk_digests(&out, chunk_size)?;
         let map = match mapped {
@@ -160,7 +164,6 @@ pub async fn run(
                     size: size as i64,
                     annotations: Default::default(),
                 });
-                any_erofs = true;
                 None
             }
         };
@@ -188,10 +191,10 @@ pub async fn run(
     }
     let doc = Index {
         // Without maps, version 2: nodes from before maps read it too.
-        version: if opts.erofs_blobs && any_erofs {
-            2
-        } else {
+        version: if layers.iter().any(|l| l.map.is_some()) {
             index::VERSION
+        } else {
+            2
         },
         chunk_size,
         layers,

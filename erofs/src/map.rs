@@ -37,6 +37,19 @@ pub const MAX_EAGER: u64 = 256 << 20;
 /// this much inflated output before its bytes, about a third of it
 /// fetched compressed.
 pub const DEFAULT_SPAN: u64 = 1 << 20;
+/// The largest span `hb image index` makes: nodes inflate at most 32 MiB
+/// for one request, a span plus the request plus a deflate block's
+/// overshoot.
+pub const MAX_SPAN: u64 = 16 << 20;
+/// The largest blob, tar and image a map may describe (1 TiB, far above
+/// the 64 GiB a node converts by default): every sum of two offsets then
+/// fits in 64 bits.
+pub const MAX_SIZE: u64 = 1 << 40;
+/// The most extents a map may list: one per file (or sparse segment);
+/// nodes convert layers of at most a million entries by default.
+pub const MAX_EXTENTS: usize = 4 << 20;
+/// The most checkpoints a map may list: a 1 TiB tar at the default span.
+pub const MAX_POINTS: usize = 1 << 20;
 
 /// Errors of reading a map.
 #[derive(Debug, thiserror::Error)]
@@ -312,10 +325,19 @@ impl LayerMap {
         let tar_size = c.get()?;
         let image_size = c.get()?;
         let data_end = c.get()?;
+        if [blob_size, tar_size, image_size]
+            .iter()
+            .any(|s| *s > MAX_SIZE)
+        {
+            return Err(bad("sizes beyond 1 TiB"));
+        }
         if data_end < 4096 || data_end > image_size {
             return Err(bad("data_end outside the image"));
         }
         let n = c.count(3)?;
+        if n > MAX_EXTENTS {
+            return Err(bad(format!("{n} extents, more than {MAX_EXTENTS}")));
+        }
         let mut extents = Vec::with_capacity(n);
         let (mut image, mut tar) = (0u64, 0u64);
         for _ in 0..n {
@@ -332,6 +354,9 @@ impl LayerMap {
             extents.push(e);
         }
         let n = c.count(5)?;
+        if n > MAX_POINTS || n as u64 > tar_size / WINDOW as u64 + 2 {
+            return Err(bad(format!("{n} checkpoints for a {tar_size}-byte tar")));
+        }
         if source == Source::Tar && n > 0 {
             return Err(bad("checkpoints in a map of a plain tar"));
         }
@@ -355,7 +380,7 @@ impl LayerMap {
             if i > 0 && (p.input <= input || p.output <= output) {
                 return Err(bad("checkpoints out of order"));
             }
-            if p.input > blob_size || p.output > tar_size || (p.bits > 0 && p.input == 0) {
+            if p.input >= blob_size || p.output >= tar_size.max(1) || (p.bits > 0 && p.input == 0) {
                 return Err(bad("a checkpoint lies outside the blob"));
             }
             if (p.window_len == 0) != (p.window_zlen == 0) {
@@ -652,6 +677,28 @@ mod tests {
         lies.metadata.pop();
         let (b, e) = lies.encode(&windows).unwrap();
         assert!(LayerMap::decode(&b[..e as usize]).is_err());
+        // Sizes past 1 TiB, and more checkpoints than the tar has room
+        // for (a small frame that would expand to gigabytes of entries).
+        let mut lies = map.clone();
+        quiet(&mut lies);
+        lies.tar_size = MAX_SIZE + 1;
+        let (b, e) = lies.encode(&windows).unwrap();
+        assert!(LayerMap::decode(&b[..e as usize]).is_err());
+        let mut lies = map.clone();
+        lies.points = (0..lies.tar_size / WINDOW as u64 + 5)
+            .map(|k| Point {
+                input: k + 10,
+                bits: 0,
+                output: k,
+                window_len: 0,
+                window_at: 0,
+                window_zlen: 0,
+            })
+            .collect();
+        let many = vec![Vec::new(); lies.points.len()];
+        let (b, e) = lies.encode(&many).unwrap();
+        let err = LayerMap::decode(&b[..e as usize]).unwrap_err();
+        assert!(err.to_string().contains("checkpoints for"), "{err}");
         // Tar bytes that do not cover the range: an error, not zeros.
         let need = map.need(8192, 1 << 20).unwrap();
         let mut out = vec![0u8; 1 << 20];

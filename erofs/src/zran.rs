@@ -517,7 +517,10 @@ pub fn extract_some(
                         boundaries.push((at, (dt & 7) as u8, pos, member));
                     }
                 }
-                z::Z_STREAM_END => trailer = Some(8),
+                // The first member is inflated raw from the checkpoint, so
+                // its 8-byte trailer is left to skip; later ones are read
+                // as gzip, trailer included.
+                z::Z_STREAM_END => trailer = Some(if member.is_none() { 8 } else { 0 }),
                 z::Z_BUF_ERROR if input.is_empty() => break 'run,
                 z::Z_BUF_ERROR => {}
                 code => return Err(corrupt(at, inf.message(code))),
@@ -685,6 +688,28 @@ mod tests {
             }
         }
         assert!(made == data);
+    }
+
+    #[test]
+    fn ranges_across_many_members_come_out_whole() {
+        // One member per "file", as eStargz layers are: a range from one
+        // checkpoint crosses several member ends.
+        let parts: Vec<Vec<u8>> = (0..6)
+            .map(|i| sample(40_000 + i * 7_000, 10 + i as u64))
+            .collect();
+        let mut gz = Vec::new();
+        let mut all = Vec::new();
+        for p in &parts {
+            gz.extend(gzip(p, 6));
+            all.extend_from_slice(p);
+        }
+        let (out, points) = index(&gz, 32 << 10);
+        assert_eq!(out, all);
+        for start in [0u64, 1000, 39_999, 50_000, 120_000] {
+            let len = all.len() - start as usize;
+            let got = produce(&gz, &points, start, len, gz.len());
+            assert!(got == all[start as usize..], "from {start}");
+        }
     }
 
     #[test]

@@ -53,12 +53,12 @@ impl Lazy {
         let started = Instant::now();
         let before = blob.missing();
         let _predicted = self.demand.begin(Vec::new());
-        let mapped = e.map.is_some();
-        let runs = if mapped {
-            self.span_groups(blob, &plan).await
-        } else {
-            prefetch::runs(&plan, per_request)
+        let groups = match e.map {
+            Some(_) => self.span_groups(blob, &plan).await,
+            None => None,
         };
+        let mapped = groups.is_some();
+        let runs = groups.unwrap_or_else(|| prefetch::runs(&plan, per_request));
         futures::stream::iter(runs)
             .for_each_concurrent(PREFETCH_PARALLEL, |(a, b)| async move {
                 if blob.phase() != Phase::Filling {

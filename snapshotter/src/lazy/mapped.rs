@@ -34,6 +34,8 @@ use super::{Error, Lazy, lock};
 /// most 4 MiB; a map whose checkpoints are further apart than this is not
 /// one hb made, and its reads fail rather than fetch a whole layer.
 const MAX_REGION: u64 = 32 << 20;
+/// The most compressed bytes a resume point keeps.
+const MAX_TAIL: u64 = 1 << 20;
 /// Windows, and resume points, kept in memory per layer (each at most 32
 /// KiB).
 const WINDOWS_KEPT: usize = 64;
@@ -45,8 +47,8 @@ pub(super) struct Mapped {
     layer: Digest,
     map_blob: Digest,
     windows: std::sync::Mutex<HashMap<usize, Arc<Vec<u8>>>>,
-    /// One per checkpoint: requests from the same one take turns.
-    spans: Vec<tokio::sync::Mutex<()>>,
+    /// Per checkpoint in use: requests from the same one take turns.
+    spans: std::sync::Mutex<HashMap<usize, Arc<tokio::sync::Mutex<()>>>>,
     /// Per checkpoint, where the last request from it stopped (a block
     /// boundary with its window), at most [`WINDOWS_KEPT`] at once.
     resumes: std::sync::Mutex<HashMap<usize, Arc<Resume>>>,
@@ -114,7 +116,12 @@ impl Lazy {
                     what: format!("{} layer map {digest}", blob.erofs),
                     source,
                 })?;
-                let map = LayerMap::decode(&eager).map_err(|e| bad(blob, e))?;
+                // Decoding is CPU work on untrusted bytes (a zstd frame of
+                // up to 256 MiB): off the runtime's workers.
+                let map = tokio::task::spawn_blocking(move || LayerMap::decode(&eager))
+                    .await
+                    .expect("decode does not panic")
+                    .map_err(|e| bad(blob, e))?;
                 if map.image_size != e.size || map.data_end != e.data_end {
                     return Err(bad(
                         blob,
@@ -126,9 +133,7 @@ impl Lazy {
                 }
                 tracing::debug!(erofs = %blob.erofs, points = map.points.len(), extents = map.extents.len(), "layer map fetched");
                 Ok(Arc::new(Mapped {
-                    spans: (0..map.points.len())
-                        .map(|_| tokio::sync::Mutex::new(()))
-                        .collect(),
+                    spans: Default::default(),
                     map,
                     layer,
                     map_blob: digest,
@@ -198,7 +203,8 @@ impl Lazy {
                 .await?;
             return self.put_chunks(blob, &m.map, a, b, need.tar_start, &tar);
         };
-        let _turn = m.spans[i].lock().await;
+        let turn = lock(&m.spans).entry(i).or_default().clone();
+        let _turn = turn.lock().await;
         // The request before ours from this checkpoint may have made ours.
         if lock(&blob.present)[a..=b].iter().all(|p| *p) {
             return Ok(());
@@ -242,10 +248,20 @@ impl Lazy {
         };
         // Inflated as far as the bytes go (up to the next checkpoint):
         // what lies past the data asked for is made too, for free.
-        let region_end = need.blob_end_output(&m.map).min(start + MAX_REGION);
+        let region_end = need
+            .blob_end_output(&m.map)
+            .min(start + MAX_REGION)
+            .max(need.tar_end);
+        // A failure from here on may come from a resume point's bytes:
+        // the next request starts from the map's checkpoint.
+        let forget = |e: Error| {
+            lock(&m.resumes).remove(&i);
+            e
+        };
         let mut made = self
             .inflate(blob, &checkpoint, &data, start, region_end)
-            .await?;
+            .await
+            .map_err(&forget)?;
         let have = start_at + data.len() as u64;
         if (made.tar.len() as u64) < need.tar_end - start && have < need.blob_end {
             let rest = self.fetch_layer(blob, &m, have, need.blob_end).await?;
@@ -253,19 +269,27 @@ impl Lazy {
             data.extend_from_slice(&rest);
             made = self
                 .inflate(blob, &checkpoint, &data, start, region_end)
-                .await?;
+                .await
+                .map_err(&forget)?;
         }
         if (made.tar.len() as u64) < need.tar_end - start {
             self.counters.chunk_failures.fetch_add(1, Ordering::Relaxed);
-            return Err(bad(blob, "the layer bytes end before the map says"));
+            return Err(forget(bad(blob, "the layer bytes end before the map says")));
         }
         let done = self.put_chunks(blob, &m.map, a, b, start, &made.tar);
         let next = self.put_extra(blob, &m.map, a, b, start, &made.tar);
+        if let Err(e) = done {
+            // Bytes that did not verify: the next request starts from the
+            // map's checkpoint again, not from a point they gave.
+            return Err(forget(e));
+        }
         // The next request in this span starts at the last block boundary
-        // before the first chunk these bytes did not make whole.
+        // before the first chunk these bytes did not make whole, with the
+        // compressed bytes already here from there (at most 1 MiB kept).
         if let Some(r) = made
             .extracted
             .resume_before(&checkpoint, start, &made.tar, next)
+            .filter(|r| start_at + data.len() as u64 - r.fetch_from() <= MAX_TAIL)
         {
             let tail = data[(r.fetch_from() - start_at) as usize..].to_vec();
             let span = m.map.points.partition_point(|q| q.output <= r.output) - 1;
@@ -284,10 +308,17 @@ impl Lazy {
     /// bytes between two listed chunks of a span are fetched whatever the
     /// requests, so one request each makes them once; chunks in between
     /// come with them.
-    pub(super) async fn span_groups(&self, blob: &Blob, plan: &[usize]) -> Vec<(usize, usize)> {
-        let Ok(m) = self.mapped(blob).await else {
-            return Vec::new();
-        };
+    /// `None` for a plain tar (no spans: its runs are fetched as they
+    /// come) or a map that cannot be had.
+    pub(super) async fn span_groups(
+        &self,
+        blob: &Blob,
+        plan: &[usize],
+    ) -> Option<Vec<(usize, usize)>> {
+        let m = self.mapped(blob).await.ok()?;
+        if m.map.source != hyperbox_erofs::map::Source::Gzip {
+            return None;
+        }
         let mut order: Vec<usize> = Vec::new();
         let mut groups: HashMap<usize, (usize, usize)> = HashMap::new();
         for &c in plan {
@@ -303,7 +334,7 @@ impl Lazy {
                     (c, c)
                 });
         }
-        order.into_iter().map(|s| groups[&s]).collect()
+        Some(order.into_iter().map(|s| groups[&s]).collect())
     }
 
     /// The tar bytes `[from, to)`, or as many as `data` gives.
@@ -338,6 +369,9 @@ impl Lazy {
         start: u64,
         end: u64,
     ) -> Result<bytes::Bytes, Error> {
+        if end <= start {
+            return Ok(bytes::Bytes::new());
+        }
         let _permit = self.fetches.acquire().await.expect("never closed");
         self.registry
             .fetch_range(&blob.reference, &m.layer, start, end - start)
