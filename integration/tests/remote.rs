@@ -690,10 +690,20 @@ async fn lazy_chunks_that_do_not_verify_are_never_served() {
     require_containers!();
     let mut tb = Testbed::start_hyperbox(|b| b.without_cri()).await;
     let mut spec = ImageSpec::busybox(&["true"]).unwrap();
-    spec.layers
-        .push(Layer::new(Compression::Zstd).file("data/x", "the real bytes", 0o644));
+    // 2 MiB more, on a 20 Mbit/s link: the layer's whole download (an
+    // untaught image's starts at mount) cannot bring the chunks before the
+    // mount's own Range request for them asks.
+    spec.layers.push(
+        Layer::new(Compression::Zstd)
+            .file("data/x", "the real bytes", 0o644)
+            .large_file("data/pad", 2 << 20, 5),
+    );
     let reference = tb.via_proxy(&tb.push(&spec, "test/lazybad", "v1").await);
     let indexed = hb_index(&mut tb, &reference);
+    tb.proxy.set_shaping(hyperbox_integration::proxy::Shaping {
+        latency: Duration::from_millis(5),
+        bits_per_sec: Some(20_000_000),
+    });
     // The zstd layer's EROFS image is corrupted where a chunk is; the
     // gzip layer's map (its bytes come from the layer itself) at its
     // first compressed byte.
@@ -714,6 +724,8 @@ async fn lazy_chunks_that_do_not_verify_are_never_served() {
     }
     let client = tb.containerd.client().await.unwrap();
     let image = client.pull(&reference, &remote()).await.unwrap();
+    tb.proxy
+        .set_shaping(hyperbox_integration::proxy::Shaping::default());
     assert_eq!(image.layers_skipped, [0, 1], "served by hyperbox, whole");
     assert_eq!(lazy_files_left(&mut tb), 0, "the lazy attempt left nothing");
     let out = client

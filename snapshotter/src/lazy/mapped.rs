@@ -78,7 +78,10 @@ fn estimate_end(map: &LayerMap, i: usize, (from, from_in): (u64, u64), tar_end: 
     // From `from` (the checkpoint, or where the last request stopped,
     // compressed at `from_in`), at the span's ratio.
     let want = (tar_end.saturating_sub(from) as f64 * ratio) as u64;
-    from_in + want + span_in / 8 + (32 << 10)
+    // Saturating: a map's numbers are bounded, but its ratio is not.
+    from_in
+        .saturating_add(want)
+        .saturating_add(span_in / 8 + (32 << 10))
 }
 
 /// Where a request stopped: the last block boundary before the first chunk
