@@ -265,19 +265,7 @@ fn map_of(
     };
     let (points, windows) = points
         .into_iter()
-        .map(|c| {
-            (
-                Point {
-                    input: c.input,
-                    bits: c.bits,
-                    output: c.output,
-                    window_len: 0,
-                    window_at: 0,
-                    window_zlen: 0,
-                },
-                c.window,
-            )
-        })
+        .map(|c| (Point::of(&c), c.window))
         .unzip();
     Ok(Mapped {
         map: LayerMap {

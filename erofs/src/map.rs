@@ -91,6 +91,19 @@ pub struct Point {
 }
 
 impl Point {
+    /// A checkpoint's place, its window not yet placed in a map blob
+    /// ([`LayerMap::encode`] places it).
+    pub fn of(c: &Checkpoint) -> Point {
+        Point {
+            input: c.input,
+            bits: c.bits,
+            output: c.output,
+            window_len: 0,
+            window_at: 0,
+            window_zlen: 0,
+        }
+    }
+
     /// The checkpoint, given its window.
     pub fn checkpoint(&self, window: Vec<u8>) -> Checkpoint {
         Checkpoint {
@@ -144,21 +157,6 @@ pub struct LayerMap {
     pub metadata: Vec<u8>,
 }
 
-impl Need {
-    /// The tar offset the layer bytes up to `blob_end` reach: the output of
-    /// the checkpoint there, or the tar's end.
-    pub fn blob_end_output(&self, map: &LayerMap) -> u64 {
-        match self.point {
-            Some(_) => map
-                .points
-                .iter()
-                .find(|p| p.input == self.blob_end && p.output >= self.tar_end)
-                .map_or(map.tar_size, |p| p.output),
-            None => self.tar_end,
-        }
-    }
-}
-
 /// What making `[start, start+len)` of the image takes from the layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Need {
@@ -173,8 +171,12 @@ pub struct Need {
     pub point: Option<usize>,
     /// First layer blob byte needed.
     pub blob_start: u64,
-    /// End of the layer blob bytes needed.
+    /// End of the layer blob bytes needed: for gzip, the input of the
+    /// first checkpoint at or past `tar_end` (or the blob's end).
     pub blob_end: u64,
+    /// The tar offset the bytes up to `blob_end` inflate to: that
+    /// checkpoint's output (or the tar's end); `tar_end` for a plain tar.
+    pub end_output: u64,
 }
 
 fn put(out: &mut Vec<u8>, mut v: u64) {
@@ -432,23 +434,24 @@ impl LayerMap {
                 point: None,
                 blob_start: tar_start,
                 blob_end: tar_end,
+                end_output: tar_end,
             },
             Source::Gzip => {
                 let i = self
                     .points
                     .partition_point(|p| p.output <= tar_start)
                     .saturating_sub(1);
-                let blob_end = self
+                let (blob_end, end_output) = self
                     .points
-                    .iter()
-                    .find(|p| p.output >= tar_end)
-                    .map_or(self.blob_size, |p| p.input);
+                    .get(self.points.partition_point(|p| p.output < tar_end))
+                    .map_or((self.blob_size, self.tar_size), |q| (q.input, q.output));
                 Need {
                     tar_start,
                     tar_end,
                     point: Some(i),
                     blob_start: self.points[i].fetch_from(),
                     blob_end,
+                    end_output,
                 }
             }
         })
@@ -542,6 +545,33 @@ mod tests {
             .collect()
     }
 
+    /// The map of `img` onto a blob of `sizes` (blob, tar): gzip when it
+    /// has checkpoints.
+    fn map_of(
+        img: &[u8],
+        summary: &writer::Summary,
+        extents: Vec<Extent>,
+        (blob, tar): (usize, usize),
+        points: Vec<Point>,
+    ) -> LayerMap {
+        let mut metadata = img[..4096].to_vec();
+        metadata.extend_from_slice(&img[summary.data_end as usize..]);
+        LayerMap {
+            source: if points.is_empty() {
+                Source::Tar
+            } else {
+                Source::Gzip
+            },
+            blob_size: blob as u64,
+            tar_size: tar as u64,
+            image_size: img.len() as u64,
+            data_end: summary.data_end,
+            extents,
+            points,
+            metadata,
+        }
+    }
+
     /// The image, the map and the gzip blob of a sample layer.
     fn sample(span: u64) -> (Vec<u8>, LayerMap, Vec<u8>, Vec<u8>) {
         let tar = tar_of(&files());
@@ -556,28 +586,8 @@ mod tests {
         let img = img.into_inner();
         assert_eq!(img.len() as u64, summary.image_bytes);
         let cps = ix.into_points();
-        let mut metadata = img[..4096].to_vec();
-        metadata.extend_from_slice(&img[summary.data_end as usize..]);
-        let map = LayerMap {
-            source: Source::Gzip,
-            blob_size: gz.len() as u64,
-            tar_size: tar.len() as u64,
-            image_size: img.len() as u64,
-            data_end: summary.data_end,
-            extents,
-            points: cps
-                .iter()
-                .map(|c| Point {
-                    input: c.input,
-                    bits: c.bits,
-                    output: c.output,
-                    window_len: 0,
-                    window_at: 0,
-                    window_zlen: 0,
-                })
-                .collect(),
-            metadata,
-        };
+        let points = cps.iter().map(Point::of).collect();
+        let map = map_of(&img, &summary, extents, (gz.len(), tar.len()), points);
         let windows: Vec<Vec<u8>> = cps.into_iter().map(|c| c.window).collect();
         let (blob, eager) = map.encode(&windows).unwrap();
         let map = LayerMap::decode(&blob[..eager as usize]).unwrap();
@@ -716,18 +726,7 @@ mod tests {
         let (summary, extents) =
             writer::convert_mapped(&tar[..], &mut img, writer::Options::default()).unwrap();
         let img = img.into_inner();
-        let mut metadata = img[..4096].to_vec();
-        metadata.extend_from_slice(&img[summary.data_end as usize..]);
-        let map = LayerMap {
-            source: Source::Tar,
-            blob_size: tar.len() as u64,
-            tar_size: tar.len() as u64,
-            image_size: img.len() as u64,
-            data_end: summary.data_end,
-            extents,
-            points: Vec::new(),
-            metadata,
-        };
+        let map = map_of(&img, &summary, extents, (tar.len(), tar.len()), Vec::new());
         let (blob, eager) = map.encode(&[]).unwrap();
         assert_eq!(blob.len() as u64, eager);
         let map = LayerMap::decode(&blob).unwrap();

@@ -285,11 +285,6 @@ impl<R: BufRead> Indexer<R> {
         })
     }
 
-    /// The checkpoints recorded so far, in order.
-    pub fn points(&self) -> &[Checkpoint] {
-        &self.points
-    }
-
     /// The checkpoints, once the blob has been read to its end.
     pub fn into_points(self) -> Vec<Checkpoint> {
         self.points

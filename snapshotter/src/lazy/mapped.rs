@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use hyperbox_erofs::map::LayerMap;
+use hyperbox_erofs::map::{LayerMap, Need, Point};
 use hyperbox_erofs::zran;
 use hyperbox_registry::digest::Digest;
 
@@ -61,27 +61,21 @@ fn bad(blob: &Blob, why: impl std::fmt::Display) -> Error {
     }
 }
 
-/// Where the compressed bytes for tar offset `tar_end` likely end,
-/// reading from checkpoint `i`: the span's own compression ratio, plus an
+/// Where the compressed bytes `need` asks for likely end, reading from
+/// tar offset `from` (compressed at `from_in`: the checkpoint `p`, or where
+/// the last request stopped): the span's own compression ratio, plus an
 /// eighth of the span and 32 KiB (a span is rarely uniform: text, then a
 /// shared library).
-fn estimate_end(map: &LayerMap, i: usize, (from, from_in): (u64, u64), tar_end: u64) -> u64 {
-    let p = &map.points[i];
-    let (q_in, q_out) = map
-        .points
-        .get(i + 1..)
-        .and_then(|rest| rest.iter().find(|q| q.output >= tar_end))
-        .map_or((map.blob_size, map.tar_size), |q| (q.input, q.output));
-    let span_in = q_in.saturating_sub(p.input);
-    let span_out = q_out.saturating_sub(p.output).max(1);
+fn estimate_end(p: &Point, need: &Need, (from, from_in): (u64, u64)) -> u64 {
+    let span_in = need.blob_end.saturating_sub(p.input);
+    let span_out = need.end_output.saturating_sub(p.output).max(1);
     let ratio = span_in as f64 / span_out as f64;
-    // From `from` (the checkpoint, or where the last request stopped,
-    // compressed at `from_in`), at the span's ratio.
-    let want = (tar_end.saturating_sub(from) as f64 * ratio) as u64;
+    let want = (need.tar_end.saturating_sub(from) as f64 * ratio) as u64;
     // Saturating: a map's numbers are bounded, but its ratio is not.
     from_in
         .saturating_add(want)
         .saturating_add(span_in / 8 + (32 << 10))
+        .min(need.blob_end)
 }
 
 /// Where a request stopped: the last block boundary before the first chunk
@@ -230,7 +224,7 @@ impl Lazy {
         // span's ratio with a margin, rather than the whole span: a read
         // early in a span then costs little more than its own bytes. When
         // the estimate falls short, the rest of the span follows.
-        let guess = estimate_end(&m.map, i, (start, start_at), need.tar_end).min(need.blob_end);
+        let guess = estimate_end(p, &need, (start, start_at));
         let (checkpoint, mut data) = match &resumed {
             Some(r) => {
                 let have = start_at + r.tail.len() as u64;
@@ -251,10 +245,7 @@ impl Lazy {
         };
         // Inflated as far as the bytes go (up to the next checkpoint):
         // what lies past the data asked for is made too, for free.
-        let region_end = need
-            .blob_end_output(&m.map)
-            .min(start + MAX_REGION)
-            .max(need.tar_end);
+        let region_end = need.end_output.min(start + MAX_REGION).max(need.tar_end);
         // A failure from here on may come from a resume point's bytes:
         // the next request starts from the map's checkpoint.
         let forget = |e: Error| {
