@@ -7,12 +7,19 @@
 //! `push` merges: what the registry already holds keeps its place and this
 //! node's chunks go after it, so pushing from several nodes accumulates
 //! their lists; `--replace` pushes this node's alone.
+//!
+//! For a layer served through a layer map from gzip, `push` also inflates
+//! the layer once and pushes, as a layer of the artifact, a checkpoint
+//! before each cluster of the listed reads (`hyperbox_erofs::learned`):
+//! the map's own checkpoints are about 1 MiB of tar apart, and a small
+//! file between two costs the compressed bytes from the one before it.
 
 use anyhow::{Context, Result, bail};
+use hyperbox_erofs::{deflate, learned, map, zran};
 use hyperbox_registry::digest::Digest;
-use hyperbox_registry::index::Index;
-use hyperbox_registry::prefetch::{self, Shared, Store};
-use hyperbox_registry::{Reference, Registry, Resolved};
+use hyperbox_registry::index::{Index, IndexLayer};
+use hyperbox_registry::prefetch::{self, PointsRef, Shared, Store};
+use hyperbox_registry::{BlobSize, Descriptor, Reference, Registry, Resolved};
 use serde::Serialize;
 
 use crate::table;
@@ -27,6 +34,11 @@ struct Row {
     registry: usize,
     /// Chunks listed on this node.
     node: usize,
+    /// Checkpoints learned for the layer blob, in the registry (after a
+    /// push: what was pushed).
+    points: usize,
+    /// The size of their blob in the registry.
+    points_bytes: u64,
 }
 
 /// The image, its index and the shared document, if any.
@@ -76,7 +88,12 @@ async fn find(config: &hyperbox_config::Config, reference: &str, replace: bool) 
 }
 
 /// The lists of `found`'s layers: in `doc` and on this node.
-fn rows(found: &Found, doc: Option<&Shared>, store: &Store) -> Vec<Row> {
+fn rows(
+    found: &Found,
+    doc: Option<&Shared>,
+    store: &Store,
+    points: &std::collections::HashMap<String, (usize, u64)>,
+) -> Vec<Row> {
     let cs = found.index.chunk_size;
     found
         .index
@@ -90,6 +107,8 @@ fn rows(found: &Found, doc: Option<&Shared>, store: &Store) -> Vec<Row> {
                 .and_then(|d| d.list(&l.erofs, cs))
                 .map_or(0, <[usize]>::len),
             node: store.load(&l.erofs, cs, l.chunks.len()).len(),
+            points: points.get(&l.layer).map_or(0, |p| p.0),
+            points_bytes: points.get(&l.layer).map_or(0, |p| p.1),
         })
         .collect()
 }
@@ -117,13 +136,20 @@ fn print(found: &Found, tag: &str, rows: &[Row], json: bool, headline: &str) -> 
                 r.erofs[..19].to_string(),
                 format!("{} ({})", r.registry, mib(r.registry, r.chunk_size)),
                 format!("{} ({})", r.node, mib(r.node, r.chunk_size)),
+                r.points.to_string(),
             ]
         })
         .collect();
     print!(
         "{}",
         table::render(
-            &["LAYER", "EROFS", "REGISTRY CHUNKS", "NODE CHUNKS"],
+            &[
+                "LAYER",
+                "EROFS",
+                "REGISTRY CHUNKS",
+                "NODE CHUNKS",
+                "CHECKPOINTS",
+            ],
             &table_rows
         )
     );
@@ -137,7 +163,11 @@ pub async fn show(config: &hyperbox_config::Config, reference: &str, json: bool)
     let found = find(config, reference, false).await?;
     let tag = prefetch::tag_for(&found.manifest);
     let store = Store::reader(&config.snapshotter.root);
-    let rows = rows(&found, found.shared.as_ref(), &store);
+    let points = match &found.shared {
+        Some(doc) => shown_points(&found, doc).await,
+        None => Default::default(),
+    };
+    let rows = rows(&found, found.shared.as_ref(), &store, &points);
     let headline = match &found.shared {
         Some(_) => format!(
             "{}: shared prefetch lists in {}/{}:{tag}",
@@ -199,6 +229,51 @@ pub async fn push(
             prefetch::MAX_DOCUMENT
         );
     }
+    let mut layers = Vec::new();
+    let mut counts = std::collections::HashMap::new();
+    for l in &found.index.layers {
+        let Some(list) = doc.list(&l.erofs, cs) else {
+            continue;
+        };
+        // Checkpoints only speed reads up: a layer whose checkpoints cannot be made
+        // is pushed with its list alone.
+        let (p, n) = match learn_points(&found, l, list).await {
+            Ok(Some(learned)) => learned,
+            Ok(None) => continue,
+            Err(e) => {
+                // Those the registry has for it, if any, are kept.
+                let kept = found
+                    .shared
+                    .as_ref()
+                    .and_then(|d| d.points.iter().find(|p| p.layer == l.layer));
+                eprintln!(
+                    "layer {}: no checkpoints learned ({}): {e:#}",
+                    l.layer,
+                    if kept.is_some() {
+                        "the registry's are kept"
+                    } else {
+                        "its list is pushed alone"
+                    }
+                );
+                if let Some(p) = kept {
+                    layers.push(Descriptor {
+                        media_type: prefetch::POINTS_TYPE.into(),
+                        digest: p.digest.clone(),
+                        size: p.size as i64,
+                        annotations: p.annotations(),
+                    });
+                }
+                continue;
+            }
+        };
+        counts.insert(l.layer.clone(), (n, p.size));
+        layers.push(Descriptor {
+            media_type: prefetch::POINTS_TYPE.into(),
+            digest: p.digest.clone(),
+            size: p.size as i64,
+            annotations: p.annotations(),
+        });
+    }
     let tag = prefetch::tag_for(&found.manifest);
     found
         .registry
@@ -207,15 +282,227 @@ pub async fn push(
             &tag,
             prefetch::CONFIG_TYPE,
             bytes,
-            &[],
+            &layers,
             &found.img.manifest,
         )
         .await
         .context("push the prefetch lists")?;
-    let rows = rows(&found, Some(&doc), &store);
+    let rows = rows(&found, Some(&doc), &store, &counts);
     let headline = format!(
         "{}: prefetch lists pushed as {}/{}:{tag}",
         found.r, found.r.host, found.r.repository
     );
     print(&found, &tag, &rows, json, &headline)
+}
+
+/// For a layer served through a gzip layer map: a checkpoint at the last
+/// deflate block boundary before each cluster of the tar bytes `list`'s
+/// chunks come from, pushed as a blob. Returns its reference and how many
+/// checkpoints it holds; `None` for other layers, or when the map's own
+/// checkpoints already start every cluster.
+async fn learn_points(
+    found: &Found,
+    l: &IndexLayer,
+    list: &[usize],
+) -> Result<Option<(PointsRef, usize)>> {
+    let Some(m) = &l.map else {
+        return Ok(None);
+    };
+    let map_digest = Digest::parse(&m.digest)?;
+    let eager = found
+        .registry
+        .fetch_range(&found.r, &map_digest, 0, m.eager)
+        .await
+        .context("fetch the layer map")?;
+    let lmap = map::LayerMap::decode(&eager).context("read the layer map")?;
+    if lmap.source != map::Source::Gzip {
+        return Ok(None);
+    }
+    let cs = found.index.chunk_size;
+    let ranges: Vec<(u64, u64)> = list
+        .iter()
+        .filter_map(|&c| lmap.need(c as u64 * cs, cs))
+        .map(|n| (n.tar_start, n.tar_end))
+        .collect();
+    // A cluster that starts at one of the map's checkpoints needs none.
+    let targets: Vec<u64> = learned::cluster_starts(ranges)
+        .into_iter()
+        .filter(|t| lmap.points.binary_search_by_key(t, |p| p.output).is_err())
+        .collect();
+    if targets.is_empty() {
+        return Ok(None);
+    }
+    let layer = Digest::parse(&l.layer)?;
+    let work = tempfile::Builder::new()
+        .prefix("hb-prefetch-")
+        .tempdir()
+        .context("temporary directory")?;
+    let blob = work.path().join("layer");
+    found
+        .registry
+        .fetch_blob_to_file(
+            &found.r,
+            &layer,
+            BlobSize::Exact(lmap.blob_size),
+            &blob,
+            &|_, _| {},
+        )
+        .await
+        .context("download the layer")?;
+    let points = tokio::task::spawn_blocking(move || -> Result<Vec<learned::Learned>> {
+        let file = std::fs::File::open(&blob)?;
+        let mut ix = zran::Indexer::before(std::io::BufReader::new(&file), targets.clone())?;
+        std::io::copy(&mut ix, &mut std::io::sink()).context("inflate the layer")?;
+        let boundaries = ix.into_points();
+        // Then, inside the block before each target, the symbol just
+        // before it (its block's header kept): blocks of text are often
+        // hundreds of KiB.
+        let mut out: Vec<learned::Learned> = Vec::new();
+        // Targets in one block (sorted, they come together) read it once.
+        let mut block: (Option<u64>, Vec<u8>) = (None, Vec::new());
+        for t in targets {
+            let Some(b) = boundaries.iter().rev().find(|b| b.output <= t) else {
+                continue;
+            };
+            if block.0 != Some(b.output) {
+                let mut bytes = vec![0u8; BLOCK_READ];
+                let n = read_at(&file, &mut bytes, b.fetch_from())?;
+                bytes.truncate(n);
+                block = (Some(b.output), bytes);
+            }
+            let block = &block.1;
+            let point = match deflate::splice_before(b, block, t) {
+                Some(s) if splice_checks(b, &s, block) => s.into(),
+                _ => b.clone().into(),
+            };
+            out.push(point);
+        }
+        // In order by both offsets, as nodes require (a splice near a
+        // block's end may share its input byte with the next boundary).
+        out.sort_by_key(|l| l.at.output);
+        let mut last: Option<(u64, u64)> = None;
+        out.retain(|l| {
+            let keep = last.is_none_or(|(i, o)| l.at.input > i && l.at.output > o);
+            if keep {
+                last = Some((l.at.input, l.at.output));
+            }
+            keep
+        });
+        Ok(out)
+    })
+    .await??;
+    // Boundaries the map already has are left to it.
+    let points: Vec<learned::Learned> = points
+        .into_iter()
+        .filter(|l| {
+            lmap.points
+                .binary_search_by_key(&l.at.output, |p| p.output)
+                .is_err()
+        })
+        .collect();
+    if points.is_empty() {
+        return Ok(None);
+    }
+    let (bytes, eager) = learned::encode(&points).context("encode the checkpoints")?;
+    // What every node will check, checked here first.
+    learned::decode(&bytes[..eager as usize], lmap.bounds())
+        .context("the learned checkpoints do not read back")?;
+    let digest = Digest::of(&bytes);
+    let size = bytes.len() as u64;
+    found
+        .registry
+        .push_blob(&found.r, &digest, bytes::Bytes::from(bytes))
+        .await
+        .context("push the learned checkpoints")?;
+    Ok(Some((
+        PointsRef {
+            layer: l.layer.clone(),
+            digest: digest.to_string(),
+            size,
+            eager,
+        },
+        points.len(),
+    )))
+}
+
+/// How many learned checkpoints the registry holds per layer (read from
+/// each blob's eager part; a blob that cannot be read counts none).
+async fn shown_points(
+    found: &Found,
+    doc: &Shared,
+) -> std::collections::HashMap<String, (usize, u64)> {
+    let mut out = std::collections::HashMap::new();
+    for p in &doc.points {
+        let Some(l) = found.index.layers.iter().find(|l| l.layer == p.layer) else {
+            continue;
+        };
+        let read = async {
+            let m = l.map.as_ref().context("no layer map")?;
+            let eager = found
+                .registry
+                .fetch_range(&found.r, &Digest::parse(&m.digest)?, 0, m.eager)
+                .await?;
+            let lmap = map::LayerMap::decode(&eager)?;
+            let pe = found
+                .registry
+                .fetch_range(&found.r, &Digest::parse(&p.digest)?, 0, p.eager)
+                .await?;
+            anyhow::Ok(learned::decode(&pe, lmap.bounds())?.len())
+        };
+        match read.await {
+            Ok(n) => {
+                out.insert(p.layer.clone(), (n, p.size));
+            }
+            Err(e) => eprintln!("learned checkpoints of {}: {e:#}", p.layer),
+        }
+    }
+    out
+}
+
+/// The compressed bytes read to find a symbol inside a block: a deflate
+/// block is rarely over a few hundred KiB of input; a larger one keeps its
+/// boundary checkpoint.
+const BLOCK_READ: usize = 1 << 20;
+
+/// Reads into `buf` from `at`, as much as the file has.
+fn read_at(file: &std::fs::File, buf: &mut [u8], at: u64) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileExt as _;
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read_at(&mut buf[n..], at + n as u64)? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Whether the bytes a node would make from splice `s` (zlib, from the
+/// spliced input) are those zlib makes from its block's boundary `b`:
+/// the hand-written decoder that found `s` is checked against zlib before
+/// any node relies on it. `block` holds the blob from `b.fetch_from()`.
+fn splice_checks(b: &zran::Checkpoint, s: &deflate::Splice, block: &[u8]) -> bool {
+    let Some(from_s) =
+        s.at.fetch_from()
+            .checked_sub(b.fetch_from())
+            .and_then(|o| block.get(o as usize..))
+    else {
+        return false;
+    };
+    let (mut via_s, mut via_b) = (vec![0u8; 4096], vec![0u8; 4096]);
+    let spliced = zran::extract_spliced(
+        (&s.header, s.header_bits),
+        &s.at,
+        from_s,
+        s.at.output,
+        &mut via_s,
+    );
+    let plain = zran::extract_some(b, block, s.at.output, &mut via_b);
+    match (spliced, plain) {
+        (Ok(x), Ok(y)) => {
+            let n = x.filled.min(y.filled);
+            n > 0 && via_s[..n] == via_b[..n]
+        }
+        _ => false,
+    }
 }

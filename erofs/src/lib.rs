@@ -16,7 +16,9 @@
 #![deny(missing_docs)]
 
 pub mod convert;
+pub mod deflate;
 pub mod layout;
+pub mod learned;
 pub mod map;
 pub mod writer;
 pub mod zran;

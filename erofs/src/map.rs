@@ -50,6 +50,8 @@ pub const MAX_SIZE: u64 = 1 << 40;
 pub const MAX_EXTENTS: usize = 4 << 20;
 /// The most checkpoints a map may list: a 1 TiB tar at the default span.
 pub const MAX_POINTS: usize = 1 << 20;
+/// The most bytes of block header a learned checkpoint carries.
+const MAX_HEADER_BYTES: usize = (crate::deflate::MAX_HEADER_BITS / 8) as usize;
 
 /// Errors of reading a map.
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +61,7 @@ pub enum Error {
     Malformed(String),
 }
 
-fn bad(why: impl Into<String>) -> Error {
+pub(crate) fn bad(why: impl Into<String>) -> Error {
     Error::Malformed(why.into())
 }
 
@@ -88,6 +90,14 @@ pub struct Point {
     pub window_at: u64,
     /// Its compressed length (0 for an empty window).
     pub window_zlen: u32,
+    /// For a checkpoint inside a deflate block (learned ones only,
+    /// [`crate::deflate::Splice`]): the bits of the block's header, which
+    /// come first in the window's frame, before the window. 0 at a block
+    /// boundary.
+    pub header_bits: u32,
+    /// Learned from runs ([`crate::learned`]), not the map's own: its
+    /// window is in the learned blob, and it only ever starts a request.
+    pub learned: bool,
 }
 
 impl Point {
@@ -101,6 +111,8 @@ impl Point {
             window_len: 0,
             window_at: 0,
             window_zlen: 0,
+            header_bits: 0,
+            learned: false,
         }
     }
 
@@ -114,15 +126,24 @@ impl Point {
         }
     }
 
+    /// The bytes of its block header at the start of its window's frame.
+    pub fn header_bytes(&self) -> usize {
+        self.header_bits.div_ceil(8) as usize
+    }
+
     /// The window, from its compressed bytes in the map blob; checked to
-    /// be as long as the map says.
+    /// be as long as the map says (for a point inside a block, its
+    /// block's header bytes, then the window).
     pub fn decode_window(&self, compressed: &[u8]) -> Result<Vec<u8>, Error> {
         if self.window_zlen == 0 {
             return Ok(Vec::new());
         }
         let mut w = Vec::with_capacity(self.window_len as usize);
         zstd::stream::read::Decoder::new(compressed)
-            .and_then(|d| d.take(WINDOW as u64 + 1).read_to_end(&mut w))
+            .and_then(|d| {
+                d.take((WINDOW + MAX_HEADER_BYTES) as u64 + 1)
+                    .read_to_end(&mut w)
+            })
             .map_err(|e| bad(format!("window: {e}")))?;
         if w.len() != self.window_len as usize {
             return Err(bad(format!("window is not {} bytes", self.window_len)));
@@ -172,14 +193,165 @@ pub struct Need {
     /// First layer blob byte needed.
     pub blob_start: u64,
     /// End of the layer blob bytes needed: for gzip, the input of the
-    /// first checkpoint at or past `tar_end` (or the blob's end).
+    /// first of the map's own checkpoints at or past `tar_end` (or the
+    /// blob's end).
     pub blob_end: u64,
     /// The tar offset the bytes up to `blob_end` inflate to: that
     /// checkpoint's output (or the tar's end); `tar_end` for a plain tar.
     pub end_output: u64,
 }
 
-fn put(out: &mut Vec<u8>, mut v: u64) {
+/// A blob laid out as a map is: `magic`, the length of the zstd frame of
+/// `body` that follows, then `lazy` (window offsets count from its
+/// start). Returns the blob and the length of its eager part.
+pub(crate) fn write_blob(
+    magic: &[u8; 8],
+    body: &[u8],
+    lazy: &[u8],
+) -> std::io::Result<(Vec<u8>, u64)> {
+    let frame = zstd::encode_all(body, 19)?;
+    let mut blob = Vec::with_capacity(16 + frame.len() + lazy.len());
+    blob.extend_from_slice(magic);
+    blob.extend_from_slice(&(frame.len() as u64).to_le_bytes());
+    blob.extend_from_slice(&frame);
+    let eager = blob.len() as u64;
+    blob.extend_from_slice(lazy);
+    Ok((blob, eager))
+}
+
+/// The numbers of a blob laid out as a map is (`magic`, a frame length,
+/// a zstd frame of at most `max` bytes compressed or not), and where the
+/// lazy part after it begins; `what` names the blob in errors.
+pub(crate) fn read_eager(
+    eager: &[u8],
+    magic: &[u8; 8],
+    max: u64,
+    what: &str,
+) -> Result<(Vec<u8>, u64), Error> {
+    if eager.len() < 16 || &eager[..8] != magic {
+        return Err(bad(format!("not a hyperbox {what} (wrong magic)")));
+    }
+    let flen = u64::from_le_bytes(eager[8..16].try_into().expect("8 bytes"));
+    if flen > max || 16 + flen > eager.len() as u64 {
+        return Err(bad(format!(
+            "{what}: eager part shorter than its header says"
+        )));
+    }
+    let mut body = Vec::new();
+    zstd::stream::read::Decoder::new(&eager[16..16 + flen as usize])
+        .map_err(|e| bad(e.to_string()))?
+        .take(max + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| bad(format!("{what}: eager part: {e}")))?;
+    if body.len() as u64 > max {
+        return Err(bad(format!("{what}: eager part too large")));
+    }
+    Ok((body, 16 + flen))
+}
+
+/// `points` with their windows (compressed, one zstd frame each) placed
+/// one after the other from offset 0; and those frames.
+pub(crate) fn place_windows(
+    points: &[Point],
+    windows: &[Vec<u8>],
+) -> std::io::Result<(Vec<Point>, Vec<u8>)> {
+    let mut lazy = Vec::new();
+    let mut placed = Vec::with_capacity(points.len());
+    for (p, w) in points.iter().zip(windows) {
+        let z = if w.is_empty() {
+            Vec::new()
+        } else {
+            zstd::encode_all(&w[..], 19)?
+        };
+        placed.push(Point {
+            window_len: w.len() as u32,
+            window_at: lazy.len() as u64,
+            window_zlen: z.len() as u32,
+            ..p.clone()
+        });
+        lazy.extend_from_slice(&z);
+    }
+    Ok((placed, lazy))
+}
+
+/// The points' numbers: a count, then each as deltas from the last (with
+/// `headers`, each point's header bits too: learned points only).
+pub(crate) fn put_points(body: &mut Vec<u8>, points: &[Point], headers: bool) {
+    put(body, points.len() as u64);
+    let (mut input, mut output) = (0u64, 0u64);
+    for p in points {
+        put(body, p.input - input);
+        put(body, p.bits.into());
+        put(body, p.output - output);
+        put(body, p.window_len.into());
+        put(body, p.window_zlen.into());
+        if headers {
+            put(body, p.header_bits.into());
+        }
+        input = p.input;
+        output = p.output;
+    }
+}
+
+/// `n` points as [`put_points`] wrote them, their windows from `at` on,
+/// checked to be in order and inside a blob and tar of `sizes`; with
+/// `headers`, learned points (each with its header bits).
+pub(crate) fn get_points(
+    c: &mut Cursor<'_>,
+    n: usize,
+    mut at: u64,
+    (blob_size, tar_size): (u64, u64),
+    headers: bool,
+) -> Result<Vec<Point>, Error> {
+    let mut points = Vec::with_capacity(n);
+    let (mut input, mut output) = (0u64, 0u64);
+    for i in 0..n {
+        let mut p = Point {
+            input: add(input, c.get()?)?,
+            bits: u8::try_from(c.get()?)
+                .ok()
+                .filter(|b| *b < 8)
+                .ok_or_else(|| bad("checkpoint bits out of range"))?,
+            output: add(output, c.get()?)?,
+            window_len: u32::try_from(c.get()?)
+                .ok()
+                .filter(|l| *l as usize <= WINDOW + MAX_HEADER_BYTES)
+                .ok_or_else(|| bad("window larger than 32 KiB"))?,
+            window_zlen: u32::try_from(c.get()?)
+                .ok()
+                .filter(|z| *z as usize <= WINDOW + MAX_HEADER_BYTES + 4096)
+                .ok_or_else(|| bad("compressed window out of range"))?,
+            window_at: at,
+            header_bits: 0,
+            learned: headers,
+        };
+        if headers {
+            p.header_bits = u32::try_from(c.get()?)
+                .ok()
+                .filter(|h| *h <= crate::deflate::MAX_HEADER_BITS && *h <= p.window_len * 8)
+                .ok_or_else(|| bad("block header out of range"))?;
+        }
+        if p.window_len as usize - p.header_bytes() > WINDOW {
+            return Err(bad("window larger than 32 KiB"));
+        }
+        if i > 0 && (p.input <= input || p.output <= output) {
+            return Err(bad("checkpoints out of order"));
+        }
+        if p.input >= blob_size || p.output >= tar_size.max(1) || (p.bits > 0 && p.input == 0) {
+            return Err(bad("a checkpoint lies outside the blob"));
+        }
+        if (p.window_len == 0) != (p.window_zlen == 0) {
+            return Err(bad("window lengths disagree"));
+        }
+        at = add(at, p.window_zlen.into())?;
+        input = p.input;
+        output = p.output;
+        points.push(p);
+    }
+    Ok(points)
+}
+
+pub(crate) fn put(out: &mut Vec<u8>, mut v: u64) {
     loop {
         let b = (v & 0x7f) as u8;
         v >>= 7;
@@ -191,12 +363,12 @@ fn put(out: &mut Vec<u8>, mut v: u64) {
     }
 }
 
-struct Cursor<'a> {
-    b: &'a [u8],
+pub(crate) struct Cursor<'a> {
+    pub(crate) b: &'a [u8],
 }
 
 impl Cursor<'_> {
-    fn get(&mut self) -> Result<u64, Error> {
+    pub(crate) fn get(&mut self) -> Result<u64, Error> {
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
             let (&byte, rest) = self.b.split_first().ok_or_else(|| bad("truncated"))?;
@@ -212,7 +384,7 @@ impl Cursor<'_> {
         Err(bad("number out of range"))
     }
 
-    fn count(&mut self, each: usize) -> Result<usize, Error> {
+    pub(crate) fn count(&mut self, each: usize) -> Result<usize, Error> {
         let n = self.get()?;
         // Every entry takes at least `each` bytes: a count the rest cannot
         // hold is a lie, refused before anything is allocated for it.
@@ -223,7 +395,7 @@ impl Cursor<'_> {
     }
 }
 
-fn add(a: u64, b: u64) -> Result<u64, Error> {
+pub(crate) fn add(a: u64, b: u64) -> Result<u64, Error> {
     a.checked_add(b).ok_or_else(|| bad("offset out of range"))
 }
 
@@ -232,22 +404,7 @@ impl LayerMap {
     /// Returns the blob and the length of its eager part.
     pub fn encode(&self, windows: &[Vec<u8>]) -> std::io::Result<(Vec<u8>, u64)> {
         assert_eq!(windows.len(), self.points.len(), "one window per point");
-        let mut lazy = Vec::new();
-        let mut points = Vec::with_capacity(self.points.len());
-        for (p, w) in self.points.iter().zip(windows) {
-            let z = if w.is_empty() {
-                Vec::new()
-            } else {
-                zstd::encode_all(&w[..], 19)?
-            };
-            points.push(Point {
-                window_len: w.len() as u32,
-                window_at: lazy.len() as u64,
-                window_zlen: z.len() as u32,
-                ..p.clone()
-            });
-            lazy.extend_from_slice(&z);
-        }
+        let (points, lazy) = place_windows(&self.points, windows)?;
         let mut body = Vec::new();
         put(
             &mut body,
@@ -273,50 +430,16 @@ impl LayerMap {
             image = e.image + e.len;
             tar = e.tar + e.len;
         }
-        put(&mut body, points.len() as u64);
-        let (mut input, mut output) = (0u64, 0u64);
-        for p in &points {
-            put(&mut body, p.input - input);
-            put(&mut body, p.bits.into());
-            put(&mut body, p.output - output);
-            put(&mut body, p.window_len.into());
-            put(&mut body, p.window_zlen.into());
-            input = p.input;
-            output = p.output;
-        }
+        put_points(&mut body, &points, false);
         put(&mut body, self.metadata.len() as u64);
         body.extend_from_slice(&self.metadata);
-        let frame = zstd::encode_all(&body[..], 19)?;
-        let mut blob = Vec::with_capacity(16 + frame.len() + lazy.len());
-        blob.extend_from_slice(MAGIC);
-        blob.extend_from_slice(&(frame.len() as u64).to_le_bytes());
-        blob.extend_from_slice(&frame);
-        let eager = blob.len() as u64;
-        // Window offsets are relative to the lazy part, which starts here.
-        blob.extend_from_slice(&lazy);
-        Ok((blob, eager))
+        write_blob(MAGIC, &body, &lazy)
     }
 
     /// Reads a map's eager part, checking that it describes a consistent
     /// image (offsets inside it, in order, not overlapping metadata).
     pub fn decode(eager: &[u8]) -> Result<LayerMap, Error> {
-        if eager.len() < 16 || &eager[..8] != MAGIC {
-            return Err(bad("not a hyperbox layer map (wrong magic)"));
-        }
-        let flen = u64::from_le_bytes(eager[8..16].try_into().expect("8 bytes"));
-        if flen > MAX_EAGER || 16 + flen > eager.len() as u64 {
-            return Err(bad("eager part shorter than its header says"));
-        }
-        let mut body = Vec::new();
-        zstd::stream::read::Decoder::new(&eager[16..16 + flen as usize])
-            .map_err(|e| bad(e.to_string()))?
-            .take(MAX_EAGER + 1)
-            .read_to_end(&mut body)
-            .map_err(|e| bad(format!("eager part: {e}")))?;
-        if body.len() as u64 > MAX_EAGER {
-            return Err(bad("eager part too large"));
-        }
-        let lazy_base = 16 + flen;
+        let (body, lazy_base) = read_eager(eager, MAGIC, MAX_EAGER, "layer map")?;
         let mut c = Cursor { b: &body };
         let source = match c.get()? {
             1 => Source::Gzip,
@@ -362,37 +485,7 @@ impl LayerMap {
         if source == Source::Tar && n > 0 {
             return Err(bad("checkpoints in a map of a plain tar"));
         }
-        let mut points = Vec::with_capacity(n);
-        let (mut input, mut output, mut at) = (0u64, 0u64, lazy_base);
-        for i in 0..n {
-            let p = Point {
-                input: add(input, c.get()?)?,
-                bits: u8::try_from(c.get()?)
-                    .ok()
-                    .filter(|b| *b < 8)
-                    .ok_or_else(|| bad("checkpoint bits out of range"))?,
-                output: add(output, c.get()?)?,
-                window_len: u32::try_from(c.get()?)
-                    .ok()
-                    .filter(|l| *l as usize <= WINDOW)
-                    .ok_or_else(|| bad("window larger than 32 KiB"))?,
-                window_zlen: u32::try_from(c.get()?).map_err(|_| bad("window out of range"))?,
-                window_at: at,
-            };
-            if i > 0 && (p.input <= input || p.output <= output) {
-                return Err(bad("checkpoints out of order"));
-            }
-            if p.input >= blob_size || p.output >= tar_size.max(1) || (p.bits > 0 && p.input == 0) {
-                return Err(bad("a checkpoint lies outside the blob"));
-            }
-            if (p.window_len == 0) != (p.window_zlen == 0) {
-                return Err(bad("window lengths disagree"));
-            }
-            at = add(at, p.window_zlen.into())?;
-            input = p.input;
-            output = p.output;
-            points.push(p);
-        }
+        let points = get_points(&mut c, n, lazy_base, (blob_size, tar_size), false)?;
         if source == Source::Gzip && points.first().is_none_or(|p| p.output != 0) {
             return Err(bad("no checkpoint at the start of the tar"));
         }
@@ -441,9 +534,13 @@ impl LayerMap {
                     .points
                     .partition_point(|p| p.output <= tar_start)
                     .saturating_sub(1);
-                let (blob_end, end_output) = self
-                    .points
-                    .get(self.points.partition_point(|p| p.output < tar_end))
+                // A learned checkpoint only starts a request: one that lies
+                // about its place must not cut short a request from the
+                // map's own, so the bytes end at the map's next own one.
+                let (blob_end, end_output) = self.points
+                    [self.points.partition_point(|p| p.output < tar_end)..]
+                    .iter()
+                    .find(|q| !q.learned)
                     .map_or((self.blob_size, self.tar_size), |q| (q.input, q.output));
                 Need {
                     tar_start,
@@ -703,6 +800,8 @@ mod tests {
                 window_len: 0,
                 window_at: 0,
                 window_zlen: 0,
+                header_bits: 0,
+                learned: false,
             })
             .collect();
         let many = vec![Vec::new(); lies.points.len()];

@@ -241,12 +241,15 @@ impl Ring {
 
 /// Inflates a gzip blob like `MultiGzDecoder` and records a
 /// [`Checkpoint`] at the first block boundary at least `span` bytes of
-/// output after the last one (and one at the start).
+/// output after the last one (and one at the start), or, made with
+/// [`Indexer::before`], at the last boundary at or before each of a list
+/// of offsets.
 #[derive(Debug)]
 pub struct Indexer<R> {
     inner: R,
     inflater: InflaterBox,
     span: u64,
+    targets: Option<Targets>,
     input: u64,
     output: u64,
     /// Output where the current member began: its window starts there.
@@ -267,14 +270,45 @@ impl std::fmt::Debug for InflaterBox {
     }
 }
 
+/// Offsets checkpoints are wanted before, and the last boundary passed.
+#[derive(Debug)]
+struct Targets {
+    /// Ascending; `next` is the first not yet given a checkpoint.
+    list: Vec<u64>,
+    next: usize,
+    last: Option<Checkpoint>,
+}
+
 impl<R: BufRead> Indexer<R> {
     /// Reads the gzip blob from `inner`, a checkpoint about every `span`
     /// bytes of output (at least [`WINDOW`]).
     pub fn new(inner: R, span: u64) -> io::Result<Indexer<R>> {
+        Self::make(inner, span.max(WINDOW as u64), None)
+    }
+
+    /// Reads the gzip blob from `inner`, a checkpoint at the last block
+    /// boundary at or before each offset of `targets` (one checkpoint for
+    /// the targets that share it), where reads are known to begin.
+    pub fn before(inner: R, mut targets: Vec<u64>) -> io::Result<Indexer<R>> {
+        targets.sort_unstable();
+        targets.dedup();
+        Self::make(
+            inner,
+            u64::MAX,
+            Some(Targets {
+                list: targets,
+                next: 0,
+                last: None,
+            }),
+        )
+    }
+
+    fn make(inner: R, span: u64, targets: Option<Targets>) -> io::Result<Indexer<R>> {
         Ok(Indexer {
             inner,
             inflater: InflaterBox(Inflater::new(GZIP)?),
-            span: span.max(WINDOW as u64),
+            span,
+            targets,
             input: 0,
             output: 0,
             member_output: 0,
@@ -286,7 +320,14 @@ impl<R: BufRead> Indexer<R> {
     }
 
     /// The checkpoints, once the blob has been read to its end.
-    pub fn into_points(self) -> Vec<Checkpoint> {
+    pub fn into_points(mut self) -> Vec<Checkpoint> {
+        // Targets past the last boundary start from it.
+        if let Some(t) = self.targets.take()
+            && t.next < t.list.len()
+            && let Some(last) = t.last
+        {
+            self.points.push(last);
+        }
         self.points
     }
 
@@ -300,6 +341,9 @@ impl<R: BufRead> Indexer<R> {
         if dt & AT_BOUNDARY == 0 || dt & LAST_BLOCK != 0 {
             return;
         }
+        if self.targets.is_some() {
+            return self.record_targeted(dt);
+        }
         if let Some(last) = self.points.last()
             && self.output - last.output < self.span
         {
@@ -312,6 +356,38 @@ impl<R: BufRead> Indexer<R> {
             input: self.input,
             bits: (dt & 7) as u8,
             output: self.output,
+            window,
+        });
+    }
+}
+
+impl<R: BufRead> Indexer<R> {
+    /// At a block boundary: the boundary before gives the targets this
+    /// one passes; this one is kept for the targets still ahead.
+    fn record_targeted(&mut self, dt: c_int) {
+        let output = self.output;
+        let t = self.targets.as_mut().expect("targeted");
+        if t.next >= t.list.len() || t.last.as_ref().is_some_and(|l| l.output == output) {
+            return;
+        }
+        if t.list[t.next] < output {
+            while t.next < t.list.len() && t.list[t.next] < output {
+                t.next += 1;
+            }
+            if let Some(last) = t.last.take() {
+                self.points.push(last);
+            }
+        }
+        if t.next >= t.list.len() {
+            return;
+        }
+        let window = self
+            .ring
+            .last((output - self.member_output).min(WINDOW as u64) as usize);
+        t.last = Some(Checkpoint {
+            input: self.input,
+            bits: (dt & 7) as u8,
+            output,
             window,
         });
     }
@@ -449,6 +525,57 @@ pub fn extract_some(
     out_start: u64,
     out: &mut [u8],
 ) -> Result<Extracted, Error> {
+    extract_inner(point, compressed, out_start, out, false)
+}
+
+/// [`extract_some`] from a symbol boundary inside a block
+/// ([`crate::deflate::Splice`]: `at`, with its block's header): the
+/// header's bits are put before the blob's bits from `at` on. Stops at
+/// the end of `at`'s gzip member (the bits after it are shifted, so the
+/// next member's header cannot be found). Block boundaries are reported
+/// at their places in the blob, not in the spliced input.
+pub fn extract_spliced(
+    (header, header_bits): (&[u8], u32),
+    at: &Checkpoint,
+    compressed: &[u8],
+    out_start: u64,
+    out: &mut [u8],
+) -> Result<Extracted, Error> {
+    if header_bits == 0 || header.len() as u64 * 8 < u64::from(header_bits) {
+        return Err(Error::Request("malformed block header"));
+    }
+    let input = crate::deflate::spliced(header, header_bits, at, compressed);
+    let start = Checkpoint {
+        input: 0,
+        bits: 0,
+        output: at.output,
+        window: at.window.clone(),
+    };
+    let mut got = extract_inner(&start, &input, out_start, out, true)?;
+    let data_bit = at.fetch_from() * 8 + u64::from((8 - at.bits) % 8);
+    // A boundary inside the header (none, for a header zlib read whole)
+    // has no place in the blob.
+    got.boundaries = got
+        .boundaries
+        .into_iter()
+        .filter_map(|(input, bits, output, member)| {
+            let spliced_bit = input * 8 - u64::from(bits);
+            let orig = (spliced_bit + data_bit)
+                .checked_sub(u64::from(header_bits))
+                .filter(|o| *o >= data_bit)?;
+            Some((orig.div_ceil(8), ((8 - orig % 8) % 8) as u8, output, member))
+        })
+        .collect();
+    Ok(got)
+}
+
+fn extract_inner(
+    point: &Checkpoint,
+    compressed: &[u8],
+    out_start: u64,
+    out: &mut [u8],
+    one_member: bool,
+) -> Result<Extracted, Error> {
     if out_start < point.output {
         return Err(Error::Request("output before the checkpoint"));
     }
@@ -515,6 +642,7 @@ pub fn extract_some(
                 // The first member is inflated raw from the checkpoint, so
                 // its 8-byte trailer is left to skip; later ones are read
                 // as gzip, trailer included.
+                z::Z_STREAM_END if one_member => break 'run,
                 z::Z_STREAM_END => trailer = Some(if member.is_none() { 8 } else { 0 }),
                 z::Z_BUF_ERROR if input.is_empty() => break 'run,
                 z::Z_BUF_ERROR => {}
@@ -738,6 +866,142 @@ mod tests {
         }
         let e = extract(p, &bad, p.output, &mut out).unwrap_err();
         assert!(matches!(e, Error::Corrupt { .. }), "{e}");
+    }
+
+    #[test]
+    fn targeted_checkpoints_are_the_last_boundary_before_each_target() {
+        let data = sample(3 << 20, 5);
+        let gz = gzip(&data, 6);
+        // Every boundary, to check the choice against.
+        let (_, all) = index(&gz, WINDOW as u64);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let mut targets: Vec<u64> = (0..60)
+            .map(|_| rng.random_range(0..data.len() as u64))
+            .collect();
+        // Two targets in one block share a checkpoint; one past the last
+        // boundary starts from it.
+        targets.push(targets[0] + 1);
+        targets.push(data.len() as u64 - 1);
+        let mut ix =
+            Indexer::before(io::BufReader::with_capacity(5000, &gz[..]), targets.clone()).unwrap();
+        let mut out = Vec::new();
+        ix.read_to_end(&mut out).unwrap();
+        assert_eq!(out, data);
+        let points = ix.into_points();
+        assert!(points.windows(2).all(|w| w[0].output < w[1].output));
+        assert!(points.len() < targets.len(), "{} points", points.len());
+        for &t in &targets {
+            let p = points
+                .iter()
+                .rev()
+                .find(|p| p.output <= t)
+                .expect("a point before");
+            // No boundary the span indexer saw lies between it and the
+            // target (it recorded one at least every 32 KiB).
+            let closer = all
+                .iter()
+                .filter(|q| q.output > p.output && q.output <= t)
+                .count();
+            assert_eq!(closer, 0, "target {t}: checkpoint at {}", p.output);
+            let len = 5000.min(data.len() - t as usize);
+            let got = produce(&gz, std::slice::from_ref(p), t, len, gz.len());
+            assert!(got == data[t as usize..t as usize + len], "target {t}");
+        }
+        // A target exactly at a boundary gets that boundary.
+        let b = all[all.len() / 2].output;
+        let mut ix = Indexer::before(&gz[..], vec![b]).unwrap();
+        io::copy(&mut ix, &mut io::sink()).unwrap();
+        assert_eq!(ix.into_points()[0].output, b);
+    }
+
+    #[test]
+    fn reads_start_inside_a_block_from_a_spliced_header() {
+        let data = sample(3 << 20, 11);
+        for level in [6, 9] {
+            let gz = gzip(&data, level);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(level.into());
+            let targets: Vec<u64> = (0..40)
+                .map(|_| rng.random_range(40_000..data.len() as u64 - 400_000))
+                .collect();
+            let mut ix = Indexer::before(&gz[..], targets.clone()).unwrap();
+            io::copy(&mut ix, &mut io::sink()).unwrap();
+            let points = ix.into_points();
+            let (mut spliced, mut from_block, mut from_symbol) = (0, 0u64, 0u64);
+            for &t in &targets {
+                let p = points.iter().rev().find(|p| p.output <= t).unwrap();
+                let Some(s) = crate::deflate::splice_before(p, &gz[p.fetch_from() as usize..], t)
+                else {
+                    continue;
+                };
+                spliced += 1;
+                assert!(s.at.output <= t && s.at.output > p.output, "{t}");
+                assert!(s.at.input > p.input);
+                from_block += t - p.output;
+                from_symbol += t - s.at.output;
+                // A read there, and one running far past the block.
+                for len in [4096usize, 300_000] {
+                    let mut out = vec![0u8; len];
+                    let got = extract_spliced(
+                        (&s.header, s.header_bits),
+                        &s.at,
+                        &gz[s.at.fetch_from() as usize..],
+                        t,
+                        &mut out,
+                    )
+                    .unwrap();
+                    assert_eq!(got.filled, len);
+                    assert!(
+                        out == data[t as usize..t as usize + len],
+                        "level {level}: {t}+{len}"
+                    );
+                    // The boundaries passed are places in the blob: a
+                    // later request goes on from one.
+                    if len > 4096 {
+                        let r = got
+                            .resume_before(&s.at, t, &out, t + 250_000)
+                            .expect("a boundary passed");
+                        assert!(r.output > s.at.output && r.output <= t + 250_000);
+                        let mut more = vec![0u8; 2000];
+                        extract(&r, &gz[r.fetch_from() as usize..], r.output, &mut more).unwrap();
+                        assert!(more == data[r.output as usize..r.output as usize + 2000]);
+                    }
+                }
+                // The bytes before the splice point are not needed.
+                let mut out = vec![0u8; 100];
+                let short = &gz[s.at.fetch_from() as usize..s.at.fetch_from() as usize + 50_000];
+                extract_spliced((&s.header, s.header_bits), &s.at, short, t, &mut out).unwrap();
+                assert!(out == data[t as usize..t as usize + 100]);
+            }
+            assert!(spliced >= 30, "level {level}: {spliced} of 40 spliced");
+            // A symbol is a few bytes; a block is thousands of them.
+            assert!(
+                from_symbol * 20 < from_block,
+                "level {level}: {from_symbol} bytes from symbols, {from_block} from blocks"
+            );
+        }
+    }
+
+    #[test]
+    fn a_spliced_read_with_a_wrong_header_is_an_error_or_other_bytes() {
+        let data = sample(1 << 20, 12);
+        let gz = gzip(&data, 6);
+        let t = 700_000;
+        let mut ix = Indexer::before(&gz[..], vec![t]).unwrap();
+        io::copy(&mut ix, &mut io::sink()).unwrap();
+        let p = ix.into_points().pop().unwrap();
+        let s = crate::deflate::splice_before(&p, &gz[p.fetch_from() as usize..], t).unwrap();
+        let mut header = s.header.clone();
+        header[3] ^= 0x5a;
+        let mut out = vec![0u8; 4096];
+        let got = extract_spliced(
+            (&header, s.header_bits),
+            &s.at,
+            &gz[s.at.fetch_from() as usize..],
+            t,
+            &mut out,
+        );
+        assert!(got.is_err() || out[..] != data[t as usize..t as usize + 4096]);
+        assert!(extract_spliced((&header, 0), &s.at, &gz, t, &mut out).is_err());
     }
 
     #[test]

@@ -362,6 +362,8 @@ async fn run(case: Case, full: bool) {
     // the bytes it took in all (what the workload's exit leaves out).
     let mut complete: Vec<Duration> = Vec::new();
     let mut fetched_in_all: Vec<u64> = Vec::new();
+    // Checkpoints the push learned, and their blobs' bytes.
+    let mut learned_points = (0u64, 0u64);
     for n in 0..iterations {
         for k in 0..timed.len() {
             let side = timed[(n + k) % timed.len()];
@@ -371,13 +373,19 @@ async fn run(case: Case, full: bool) {
                 // what the first run learned reaches it through the
                 // registry only (`hb image prefetch push`).
                 if n == 1 && !first_runs_only {
-                    beds[1].hyperbox().hb_json(&[
+                    let pushing = Instant::now();
+                    let pushed = beds[1].hyperbox().hb_json(&[
                         "image",
                         "prefetch",
                         "push",
                         "--json",
                         &lazy_direct,
                     ]);
+                    eprintln!("prefetch pushed in {:?}: {pushed}", pushing.elapsed());
+                    for l in pushed["layers"].as_array().into_iter().flatten() {
+                        learned_points.0 += l["points"].as_u64().unwrap_or_default();
+                        learned_points.1 += l["points_bytes"].as_u64().unwrap_or_default();
+                    }
                 }
                 let on_bed: Vec<&str> = sides
                     .iter()
@@ -598,13 +606,16 @@ async fn run(case: Case, full: bool) {
     body.push_str(&format!(
         "\nThe lazy side's first pull is the image's first run anywhere: nothing learned yet, \
          {:.2} s. Its learned prefetch list is then pushed beside the index (`hb image prefetch \
-         push`), and every later pull is on a node with no list of its own (image, caches and \
+         push`, which also pushes {} learned checkpoints: {:.2} MiB more in the registry), \
+         and every later pull is on a node with no list of its own (image, caches and \
          lists removed, snapshotter restarted), which fetches what the first run read first: \
          {} for the later runs (the lower of their two middle samples; {:.2}× the full \
          fetch's median). Lazy samples in order: {lazy_runs:?}. Every lazy layer complete \
          and checked against its image {} after the pull began (median; samples {:?}), \
          {:.1} MiB fetched from the registry in all (median; the full fetch: {:.1} MiB).\n",
         lazy_runs[0],
+        learned_points.0,
+        learned_points.1 as f64 / 1048576.0,
         s2(later),
         med(&pull, "hyperbox").as_secs_f64() / later.as_secs_f64(),
         s2(percentile(&complete, 50.0)),

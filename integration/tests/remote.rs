@@ -1032,6 +1032,26 @@ async fn learned_prefetch_lists_are_shared_through_the_registry() {
         artifact["artifactType"],
         hyperbox_registry::prefetch::CONFIG_TYPE
     );
+    // The data layer's gzip map has a checkpoint about every 1 MiB; the
+    // push learned one just before the read, as a layer of the artifact
+    // naming the layer blob.
+    let data_layer = shown["layers"][1]["layer"].as_str().unwrap();
+    assert!(
+        data(&pushed_lists, "points") >= 1,
+        "a checkpoint learned before the read: {pushed_lists}"
+    );
+    let points_layers: Vec<&serde_json::Value> = artifact["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["mediaType"] == hyperbox_registry::prefetch::POINTS_TYPE)
+        .collect();
+    assert_eq!(points_layers.len(), 1, "{artifact}");
+    assert_eq!(
+        points_layers[0]["annotations"][hyperbox_registry::prefetch::POINTS_LAYER],
+        data_layer,
+        "{artifact}"
+    );
 
     // Node B: the image, this node's own lists and the snapshotter's
     // memory of the index gone, as on a node that never ran it.
@@ -1051,9 +1071,25 @@ async fn learned_prefetch_lists_are_shared_through_the_registry() {
         metric(&page, "hyperbox_snapshotter_lazy_prefetched_chunks_total") >= 16,
         "the shared list's chunks were fetched ahead: {page}"
     );
+    // Its learned checkpoint started the fetch, from near the bytes read
+    // rather than from the map's checkpoint up to 1 MiB before them.
+    assert!(
+        metric(
+            &page,
+            "hyperbox_snapshotter_lazy_learned_checkpoint_requests_total"
+        ) >= 1,
+        "{page}"
+    );
+    assert_eq!(
+        metric(
+            &page,
+            "hyperbox_snapshotter_lazy_learned_checkpoint_failures_total"
+        ),
+        0,
+        "{page}"
+    );
     // The data layer's own list, not only busybox's: what node A learned
     // of it, all of it from the registry.
-    let data_layer = shown["layers"][1]["layer"].as_str().unwrap();
     let log = tb.hyperbox().log();
     let added: u64 = log
         .lines()

@@ -1028,7 +1028,7 @@ impl Registry {
             )
             .await?
         {
-            Some(doc) => crate::index::Index::parse(&doc, &what).map(Some),
+            Some((doc, _)) => crate::index::Index::parse(&doc, &what).map(Some),
             None => Ok(None),
         }
     }
@@ -1052,14 +1052,35 @@ impl Registry {
             )
             .await?
         {
-            Some(doc) => crate::prefetch::Shared::parse(&doc, &what).map(Some),
+            Some((doc, layers)) => {
+                let mut shared = crate::prefetch::Shared::parse(&doc, &what)?;
+                for l in &layers {
+                    match crate::prefetch::PointsRef::of(
+                        &l.media_type,
+                        &l.digest,
+                        l.size,
+                        &l.annotations,
+                    ) {
+                        Ok(Some(p)) if !shared.points.iter().any(|q| q.layer == p.layer) => {
+                            shared.points.push(p)
+                        }
+                        Ok(_) => {}
+                        // Only a better place to start reads: the lists
+                        // still serve without it.
+                        Err(why) => {
+                            tracing::warn!(artifact = what, why, "learned checkpoints ignored")
+                        }
+                    }
+                }
+                Ok(Some(shared))
+            }
             None => Ok(None),
         }
     }
 
     /// The config document of the artifact tagged `tag` when its config is
-    /// of `config_type` and at most `max` bytes; `None` when the tag is
-    /// absent or holds something else.
+    /// of `config_type` and at most `max` bytes, and the artifact's layers;
+    /// `None` when the tag is absent or holds something else.
     async fn fetch_artifact(
         &self,
         r: &Reference,
@@ -1067,7 +1088,7 @@ impl Registry {
         config_type: &str,
         max: u64,
         what: &str,
-    ) -> Result<Option<Vec<u8>>, Error> {
+    ) -> Result<Option<(Vec<u8>, Vec<Descriptor>)>, Error> {
         let (bytes, _, _) = match self.fetch_manifest(r, tag).await {
             Ok(m) => m,
             Err(Error::NotFound { .. }) => return Ok(None),
@@ -1087,7 +1108,8 @@ impl Registry {
             });
         }
         let d = Digest::parse(&m.config.digest)?;
-        self.fetch_blob_bytes(r, &d).await.map(Some)
+        let doc = self.fetch_blob_bytes(r, &d).await?;
+        Ok(Some((doc, m.layers)))
     }
 
     /// Bytes `start..start+len` of blob `digest`, unverified (the caller
@@ -1251,7 +1273,13 @@ impl Registry {
         let descriptor = |media_type: &str, digest: &str, size: i64| serde_json::json!({ "mediaType": media_type, "digest": digest, "size": size });
         let mut listed: Vec<serde_json::Value> = layers
             .iter()
-            .map(|l| descriptor(&l.media_type, &l.digest, l.size))
+            .map(|l| {
+                let mut d = descriptor(&l.media_type, &l.digest, l.size);
+                if !l.annotations.is_empty() {
+                    d["annotations"] = serde_json::json!(l.annotations);
+                }
+                d
+            })
             .collect();
         if listed.is_empty() {
             let empty = Digest::of(b"{}");

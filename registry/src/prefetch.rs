@@ -61,6 +61,89 @@ pub fn merge(order: &mut Vec<usize>, more: &[usize]) {
     order.extend(more.iter().copied().filter(|c| seen.insert(*c)));
 }
 
+/// Annotation of a learned-checkpoints layer of the artifact: the layer
+/// blob (by digest) the checkpoints are places in.
+pub const POINTS_LAYER: &str = "dev.hyperbox.layer";
+/// Annotation of a learned-checkpoints layer: the length of its eager
+/// part (`hyperbox_erofs::learned`).
+pub const POINTS_EAGER: &str = "dev.hyperbox.eager";
+/// The largest learned-checkpoints blob a node reads from.
+pub const MAX_POINTS_BLOB: u64 = 1 << 30;
+
+/// Checkpoints learned for one gzip layer blob, pushed as a layer of the
+/// artifact (`hyperbox_erofs::learned`): where the listed reads begin in
+/// the layer, so a node starts each near its own bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PointsRef {
+    /// The layer blob the checkpoints are places in.
+    pub layer: String,
+    /// The checkpoints blob.
+    pub digest: String,
+    /// Its size.
+    pub size: u64,
+    /// The length of its eager part.
+    pub eager: u64,
+}
+
+impl PointsRef {
+    /// The reference an artifact layer descriptor makes, if it is one
+    /// (media type and annotations), checked; `None` for other layers.
+    pub fn of(
+        media_type: &str,
+        digest: &str,
+        size: i64,
+        annotations: &std::collections::HashMap<String, String>,
+    ) -> Result<Option<PointsRef>, String> {
+        if media_type != POINTS_TYPE {
+            return Ok(None);
+        }
+        let layer = annotations
+            .get(POINTS_LAYER)
+            .ok_or_else(|| format!("learned checkpoints {digest} name no layer"))?;
+        Digest::parse(layer).map_err(|e| e.to_string())?;
+        Digest::parse(digest).map_err(|e| e.to_string())?;
+        let eager = annotations
+            .get(POINTS_EAGER)
+            .and_then(|e| e.parse::<u64>().ok())
+            .ok_or_else(|| format!("learned checkpoints {digest} have no eager length"))?;
+        let size = u64::try_from(size).map_err(|_| format!("{digest}: negative size"))?;
+        if size > MAX_POINTS_BLOB || eager < 16 || eager > size {
+            return Err(format!(
+                "learned checkpoints {digest}: eager part of {eager} bytes in a blob of {size}"
+            ));
+        }
+        Ok(Some(PointsRef {
+            layer: layer.clone(),
+            digest: digest.into(),
+            size,
+            eager,
+        }))
+    }
+
+    /// The annotations of its artifact layer descriptor.
+    pub fn annotations(&self) -> std::collections::HashMap<String, String> {
+        [
+            (POINTS_LAYER.to_string(), self.layer.clone()),
+            (POINTS_EAGER.to_string(), self.eager.to_string()),
+        ]
+        .into()
+    }
+}
+
+/// Media type of a learned-checkpoints layer (as `hyperbox_erofs::learned`
+/// names it; the registry crate does not depend on the EROFS one).
+pub const POINTS_TYPE: &str = "application/vnd.hyperbox.learned-points.v1";
+
+/// One layer's shared list, fitted to an index: the chunks to fetch
+/// first, and the checkpoints learned for its layer blob, if pushed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fitted {
+    /// Chunk numbers in first-read order, without repeats.
+    pub chunks: Vec<usize>,
+    /// Learned checkpoints of the layer blob.
+    pub points: Option<PointsRef>,
+}
+
 /// One EROFS image's list.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -81,6 +164,9 @@ pub struct Shared {
     pub version: u32,
     /// One list per EROFS image.
     pub lists: Vec<List>,
+    /// Learned checkpoints, from the artifact's layers (not the document).
+    #[serde(skip)]
+    pub points: Vec<PointsRef>,
 }
 
 impl Shared {
@@ -89,6 +175,7 @@ impl Shared {
         Shared {
             version: VERSION,
             lists: Vec::new(),
+            points: Vec::new(),
         }
     }
 
@@ -141,7 +228,7 @@ impl Shared {
         &self,
         index: &crate::index::Index,
         what: &str,
-    ) -> std::collections::HashMap<String, Vec<usize>> {
+    ) -> std::collections::HashMap<String, Fitted> {
         let cs = index.chunk_size;
         let most = (MAX_AHEAD / cs) as usize;
         let mut out = std::collections::HashMap::new();
@@ -159,7 +246,14 @@ impl Shared {
             let mut order = Vec::new();
             merge(&mut order, list);
             order.truncate(most);
-            out.insert(layer.erofs.clone(), order);
+            let points = self.points.iter().find(|p| p.layer == layer.layer).cloned();
+            out.insert(
+                layer.erofs.clone(),
+                Fitted {
+                    chunks: order,
+                    points,
+                },
+            );
         }
         out
     }
@@ -467,13 +561,51 @@ mod tests {
         doc.merge(&f, 4096, &[2, 9]); // chunk 9 of 4
         doc.merge(&g, 8192, &[1]); // another chunk size
         doc.merge(&h, 4096, &[1]); // not in the index
+        // Learned checkpoints go with the list of their layer blob.
+        let points = |layer: &str| PointsRef {
+            layer: layer.into(),
+            digest: h.clone(),
+            size: 100,
+            eager: 50,
+        };
+        doc.points = vec![points(&g), points(E)];
         let fit = doc.for_index(&index, "t");
         assert_eq!(fit.len(), 1, "{:?}", fit.keys());
         let e = &fit[E];
-        assert_eq!(e.len(), (MAX_AHEAD / 4096) as usize);
-        assert_eq!(e[..2], [19_999, 19_998]);
+        assert_eq!(e.chunks.len(), (MAX_AHEAD / 4096) as usize);
+        assert_eq!(e.chunks[..2], [19_999, 19_998]);
+        assert_eq!(e.points, Some(points(E)));
         doc.cut();
         assert_eq!(doc.lists[0].chunks.len(), (MAX_AHEAD / 4096) as usize);
+
+        // An artifact layer is learned checkpoints only with its media
+        // type, a layer digest and a sane eager length.
+        let ann = |layer: &str, eager: &str| {
+            std::collections::HashMap::from([
+                (POINTS_LAYER.to_string(), layer.to_string()),
+                (POINTS_EAGER.to_string(), eager.to_string()),
+            ])
+        };
+        assert_eq!(
+            PointsRef::of(POINTS_TYPE, &h, 100, &ann(E, "50")).unwrap(),
+            Some(points(E))
+        );
+        assert_eq!(
+            PointsRef::of("application/octet-stream", &h, 100, &ann(E, "50")).unwrap(),
+            None
+        );
+        for (layer, eager, size) in [
+            ("sha256:zz", "50", 100),
+            (E, "500", 100),
+            (E, "x", 100),
+            (E, "50", -1),
+        ] {
+            assert!(
+                PointsRef::of(POINTS_TYPE, &h, size, &ann(layer, eager)).is_err(),
+                "{layer} {eager} {size}"
+            );
+        }
+        assert!(PointsRef::of(POINTS_TYPE, &h, 100, &Default::default()).is_err());
 
         let huge = vec![b' '; MAX_DOCUMENT as usize + 1];
         assert!(

@@ -83,8 +83,18 @@ pub fn render(lazy: Option<&Lazy>) -> String {
         ),
         (
             "hyperbox_snapshotter_lazy_map_refetches_total",
-            "Layer-blob requests of mapped lazy layers whose first fetch, sized from the span's compression ratio, ended short of the data and fetched the rest of the span.",
+            "Further layer-blob requests of mapped lazy layers whose first fetch, sized from the span's compression ratio, ended short of the data (each fetches as much again, up to the span's end).",
             &c.map_refetches,
+        ),
+        (
+            "hyperbox_snapshotter_lazy_learned_checkpoint_requests_total",
+            "Layer-blob requests of mapped lazy layers that started from a checkpoint learned from earlier runs (pushed with `hb image prefetch push`) rather than the map's own.",
+            &c.learned_point_requests,
+        ),
+        (
+            "hyperbox_snapshotter_lazy_learned_checkpoint_failures_total",
+            "Learned checkpoints a request failed from (bytes that did not inflate or verify); the request was made again from the map's checkpoint and that learned one is not used again.",
+            &c.learned_point_failures,
         ),
         (
             "hyperbox_snapshotter_lazy_fill_yields_total",

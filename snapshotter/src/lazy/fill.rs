@@ -79,7 +79,7 @@ impl Lazy {
     /// reads. Without fills from the layer there is no download to start.
     pub(super) fn download_for(&self, found: &Found) -> Download {
         let chunk_size = found.index.chunk_size;
-        let taught = found.shared.values().any(|l| !l.is_empty())
+        let taught = found.shared.values().any(|l| !l.chunks.is_empty())
             || found
                 .index
                 .layers

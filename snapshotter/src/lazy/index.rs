@@ -42,8 +42,9 @@ pub(super) struct Found {
     pub(super) shared: Arc<HashMap<String, SharedList>>,
 }
 
-/// A prefetch list shared through the registry, fitted to one layer.
-pub(super) type SharedList = Arc<Vec<usize>>;
+/// A prefetch list shared through the registry, fitted to one layer, with
+/// the checkpoints learned for its layer blob.
+pub(super) type SharedList = Arc<hyperbox_registry::prefetch::Fitted>;
 
 /// Where an index is looked up: the image's repository (the index is
 /// found there by a tag made from the manifest digest) and the manifest.
@@ -124,7 +125,7 @@ impl Lazy {
                     .map(|doc| doc.for_index(&ix, image))
                     .unwrap_or_default()
                     .into_iter()
-                    .map(|(erofs, list)| (erofs, Arc::new(list)))
+                    .map(|(erofs, fitted)| (erofs, Arc::new(fitted)))
                     .collect(),
             ),
             index: Arc::new(ix),

@@ -27,7 +27,7 @@ impl Lazy {
             return (plan, false);
         };
         let before = plan.len();
-        prefetch::merge(&mut plan, shared);
+        prefetch::merge(&mut plan, &shared.chunks);
         let added = plan.len() - before;
         tracing::info!(layer = %e.layer, learned_here = before, added_from_registry = added, "prefetch list shared through the registry used");
         (plan, added > 0)

@@ -11,12 +11,14 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hyperbox_erofs::{convert, writer};
+use hyperbox_erofs::map::LayerMap;
+use hyperbox_erofs::{convert, learned, writer, zran};
 use hyperbox_kernel::fanotify::Verdict;
 use hyperbox_kernel::testing::FakeFanotify;
 use hyperbox_registry::Registry;
 use hyperbox_registry::digest::Digest;
 use hyperbox_registry::index::{IndexLayer, MapRef};
+use hyperbox_registry::prefetch::{Fitted, PointsRef};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 
@@ -134,6 +136,7 @@ struct Mapped {
     gz_len: u64,
     layer: String,
     points: usize,
+    blob: Arc<super::blob::Blob>,
 }
 
 impl Drop for Mapped {
@@ -145,6 +148,18 @@ impl Drop for Mapped {
 /// The layer converted and mapped as `hb image index` does, served with
 /// its map (changed by `mangle` first), registered as a lazy file.
 async fn setup(mangle: impl FnOnce(&mut hyperbox_erofs::map::LayerMap)) -> Mapped {
+    setup_learned(mangle, None).await
+}
+
+/// Checkpoints learned for a layer, from its map and gzip bytes.
+type Learn<'a> = &'a dyn Fn(&LayerMap, &[u8]) -> Vec<learned::Learned>;
+
+/// [`setup`], with checkpoints `learn` makes shared beside the index as
+/// `hb image prefetch push` shares them.
+async fn setup_learned(
+    mangle: impl FnOnce(&mut hyperbox_erofs::map::LayerMap),
+    learn: Option<Learn<'_>>,
+) -> Mapped {
     let dir = tempfile::tempdir().unwrap();
     let gz = layer();
     let blob_path = dir.path().join("layer.gz");
@@ -166,11 +181,26 @@ async fn setup(mangle: impl FnOnce(&mut hyperbox_erofs::map::LayerMap)) -> Mappe
     let image = fs::read(&out).unwrap();
     let layer = Digest::of(&gz).to_string();
     let map_digest = Digest::of(&map_blob).to_string();
-    let (addr, asked) = serve(HashMap::from([
+    let mut blobs = HashMap::from([
         (layer.clone(), gz.clone()),
         (map_digest.clone(), map_blob.clone()),
-    ]))
-    .await;
+    ]);
+    let shared = learn.map(|learn| {
+        let (bytes, eager) = learned::encode(&learn(&mapped.map, &gz)).unwrap();
+        let digest = Digest::of(&bytes).to_string();
+        let size = bytes.len() as u64;
+        blobs.insert(digest.clone(), bytes);
+        Arc::new(Fitted {
+            chunks: Vec::new(),
+            points: Some(PointsRef {
+                layer: layer.clone(),
+                digest,
+                size,
+                eager,
+            }),
+        })
+    });
+    let (addr, asked) = serve(blobs).await;
     let registry = Arc::new(
         Registry::new(&hyperbox_config::Registry {
             config_path: dir.path().join("certs.d"),
@@ -219,13 +249,12 @@ async fn setup(mangle: impl FnOnce(&mut hyperbox_erofs::map::LayerMap)) -> Mappe
         rejected: None,
     };
     let me = lazy.clone();
-    let path =
-        tokio::task::spawn_blocking(move || me.register(state, true, None, Download::AfterReads))
+    let blob =
+        tokio::task::spawn_blocking(move || me.register(state, true, shared, Download::AfterReads))
             .await
             .unwrap()
-            .unwrap()
-            .path
-            .clone();
+            .unwrap();
+    let path = blob.path.clone();
     Mapped {
         _dir: dir,
         lazy,
@@ -236,6 +265,7 @@ async fn setup(mangle: impl FnOnce(&mut hyperbox_erofs::map::LayerMap)) -> Mappe
         gz_len: gz.len() as u64,
         layer,
         points,
+        blob,
     }
 }
 
@@ -326,4 +356,167 @@ async fn a_map_that_lies_fails_reads_and_serves_nothing() {
     assert!(!s.fan.marked().is_empty(), "still marked: never complete");
     // The metadata is the map's own, and verifies: a read there is served.
     assert_eq!(read(&s, 1024).await, Some(Verdict::Allow));
+}
+
+/// The image offset of a chunk whose tar bytes lie late in a middle span
+/// of `map` (three quarters in or more), and those bytes' tar offset.
+fn late_in_a_span(map: &LayerMap, chunks: usize) -> (u64, u64) {
+    let k = map.points.len() / 2;
+    let (from, to) = (map.points[k].output, map.points[k + 1].output);
+    (0..chunks as u64)
+        .filter_map(|c| map.need(c * CHUNK, CHUNK).map(|n| (c * CHUNK, n.tar_start)))
+        .find(|(_, t)| *t >= from + (to - from) * 3 / 4 && *t < to)
+        .expect("a chunk late in the span")
+}
+
+/// Checkpoints before `targets` (tar offsets), as `hb image prefetch push`
+/// records them: inside the block before each, with its header.
+fn before(gz: &[u8], targets: Vec<u64>) -> Vec<learned::Learned> {
+    let mut ix = zran::Indexer::before(gz, targets.clone()).unwrap();
+    std::io::copy(&mut ix, &mut std::io::sink()).unwrap();
+    let boundaries = ix.into_points();
+    targets
+        .iter()
+        .map(|&t| {
+            let b = boundaries.iter().rev().find(|b| b.output <= t).unwrap();
+            hyperbox_erofs::deflate::splice_before(b, &gz[b.fetch_from() as usize..], t)
+                .expect("text blocks are spliced")
+                .into()
+        })
+        .collect()
+}
+
+/// The one lazy file of `s`.
+fn the_blob(s: &Mapped) -> Arc<super::blob::Blob> {
+    s.blob.clone()
+}
+
+fn chunk_at(s: &Mapped, at: u64) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut got = vec![0u8; CHUNK as usize];
+    fs::File::open(&s.path)
+        .unwrap()
+        .read_exact_at(&mut got, at)
+        .unwrap();
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learned_checkpoints_start_reads_near_their_bytes() {
+    let chunks = setup(|_| {}).await.image.len().div_ceil(CHUNK as usize);
+    let learn = |map: &LayerMap, gz: &[u8]| {
+        let (_, tar) = late_in_a_span(map, chunks);
+        before(gz, vec![tar])
+    };
+    // The background fill starts at once too (from the layer's start):
+    // each file is read as soon as it is registered, and the read's own
+    // request is the first to start where its checkpoint is.
+    let mut fetched = Vec::new();
+    let mut sides = Vec::new();
+    for learn in [None, Some(&learn as Learn<'_>)] {
+        let s = setup_learned(|_| {}, learn).await;
+        let map = s.lazy.mapped(&the_blob(&s)).await.unwrap();
+        let (offset, tar) = late_in_a_span(&map.map, chunks);
+        assert_eq!(read(&s, offset).await, Some(Verdict::Allow));
+        let k = map.map.points.partition_point(|p| p.output <= tar) - 1;
+        let from = map.map.points[k].fetch_from();
+        let asked = lock(&s.asked).clone();
+        let first = asked
+            .iter()
+            .find(|(d, start, _)| *d == s.layer && *start == from)
+            .unwrap_or_else(|| panic!("no request from checkpoint {k} at {from}: {asked:?}"));
+        fetched.push(first.2);
+        assert!(chunk_at(&s, offset)[..] == s.image[offset as usize..(offset + CHUNK) as usize]);
+        sides.push(s);
+    }
+    let (plain, taught) = (&sides[0], &sides[1]);
+    let c = taught.lazy.counters();
+    assert!(c.learned_point_requests.load(Ordering::Relaxed) >= 1);
+    assert_eq!(c.learned_point_failures.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        plain
+            .lazy
+            .counters()
+            .learned_point_requests
+            .load(Ordering::Relaxed),
+        0
+    );
+    // From the map's checkpoint, three quarters of a span and more; from
+    // the learned one, what lies between the last block boundary and the
+    // bytes.
+    eprintln!("layer bytes for one late read: {fetched:?}");
+    assert!(
+        fetched[1] * 2 < fetched[0],
+        "layer bytes for one late read: {} from the map's checkpoint, {} from the learned one",
+        fetched[0],
+        fetched[1]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learned_checkpoint_that_lies_is_passed_over() {
+    let probe = setup(|_| {}).await;
+    let chunks = probe.image.len().div_ceil(CHUNK as usize);
+    drop(probe);
+    // A checkpoint one byte off in the blob: it inflates to garbage, or
+    // not at all.
+    let learn = |map: &LayerMap, gz: &[u8]| {
+        let (_, tar) = late_in_a_span(map, chunks);
+        let mut points = before(gz, vec![tar]);
+        for p in &mut points {
+            p.at.input += 1;
+        }
+        points
+    };
+    let s = setup_learned(|_| {}, Some(&learn)).await;
+    let map = s.lazy.mapped(&the_blob(&s)).await.unwrap();
+    let (offset, _) = late_in_a_span(&map.map, chunks);
+    // Served all the same, from the map's checkpoint.
+    assert_eq!(read(&s, offset).await, Some(Verdict::Allow));
+    assert!(chunk_at(&s, offset)[..] == s.image[offset as usize..(offset + CHUNK) as usize]);
+    let c = s.lazy.counters();
+    assert_eq!(c.learned_point_failures.load(Ordering::Relaxed), 1);
+    // And never tried again: the next read there goes to the map's.
+    let next = offset + CHUNK * 2;
+    assert_eq!(read(&s, next).await, Some(Verdict::Allow));
+    assert_eq!(c.learned_point_requests.load(Ordering::Relaxed), 1);
+    assert_eq!(c.learned_point_failures.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learned_checkpoint_never_cuts_short_a_read_from_the_maps_own() {
+    let probe = setup(|_| {}).await;
+    let chunks = probe.image.len().div_ceil(CHUNK as usize);
+    drop(probe);
+    // Its place in the blob right after the map's checkpoint before it:
+    // a read between the two starts from the map's and must not stop
+    // where the learned one claims to be.
+    let learn = |map: &LayerMap, gz: &[u8]| {
+        let (_, tar) = late_in_a_span(map, chunks);
+        let k = map.points.partition_point(|p| p.output <= tar) - 1;
+        let mut points = before(gz, vec![tar]);
+        points[0].at.input = map.points[k].input + 1;
+        points[0].at.bits = 0;
+        points
+    };
+    let s = setup_learned(|_| {}, Some(&learn)).await;
+    let map = s.lazy.mapped(&the_blob(&s)).await.unwrap();
+    let (late, tar) = late_in_a_span(&map.map, chunks);
+    let k = map.map.points.partition_point(|p| p.output <= tar) - 2;
+    assert!(
+        !map.map.points[k].learned && map.map.points[k + 1].learned,
+        "merged after the map's"
+    );
+    let early = (0..chunks as u64)
+        .map(|c| c * CHUNK)
+        .find(|&o| {
+            map.map
+                .need(o, CHUNK)
+                .is_some_and(|n| n.tar_start > map.map.points[k].output + 8192 && n.tar_end < tar)
+        })
+        .expect("a chunk early in the span");
+    for offset in [early, late] {
+        assert_eq!(read(&s, offset).await, Some(Verdict::Allow));
+        assert!(chunk_at(&s, offset)[..] == s.image[offset as usize..(offset + CHUNK) as usize]);
+    }
 }

@@ -206,9 +206,15 @@ pub struct Counters {
     /// Chunks made from layer bytes a request inflated for other chunks
     /// of the same span (index v3), before any read asked for them.
     pub span_chunks: AtomicU64,
-    /// Requests on a layer blob whose first fetch ended short of the data
-    /// (the span compressed worse than its average) and fetched the rest.
+    /// Further requests on a layer blob after a first fetch ended short of
+    /// the data (the span compressed worse than its average).
     pub map_refetches: AtomicU64,
+    /// Layer-blob requests that started from a checkpoint learned from
+    /// earlier runs (shared beside the prefetch lists).
+    pub learned_point_requests: AtomicU64,
+    /// Learned checkpoints a request failed from (then made again from the
+    /// map's own checkpoint).
+    pub learned_point_failures: AtomicU64,
 }
 
 /// Where a lazy file is in its life.

@@ -296,7 +296,12 @@ async fn setup(case: Case) -> Setup {
         rejected: None,
     };
     let me = lazy.clone();
-    let shared = (!case.shared.is_empty()).then(|| Arc::new(case.shared));
+    let shared = (!case.shared.is_empty()).then(|| {
+        Arc::new(hyperbox_registry::prefetch::Fitted {
+            chunks: case.shared,
+            points: None,
+        })
+    });
     // Decided as a Prepare decides it, from this node's lists and the
     // shared ones.
     let download = lazy.download_for(&Found {
@@ -684,7 +689,18 @@ async fn one_taught_layer_or_a_shared_list_makes_an_image_wait_for_reads() {
             chunk_size: CHUNK,
             layers: vec![layer(&base), layer(&app)],
         }),
-        shared: Arc::new(shared.into_iter().map(|(e, l)| (e, Arc::new(l))).collect()),
+        shared: Arc::new(
+            shared
+                .into_iter()
+                .map(|(e, chunks)| {
+                    let fitted = hyperbox_registry::prefetch::Fitted {
+                        chunks,
+                        points: None,
+                    };
+                    (e, Arc::new(fitted))
+                })
+                .collect(),
+        ),
     };
     assert_eq!(s.lazy.download_for(&found(vec![])), Download::AtOnce);
     assert_eq!(
