@@ -219,14 +219,23 @@ async fn main() {
 /// section of docs/benchmarks.md rewritten.
 async fn run(case: Case, full: bool) {
     let (iterations, reads) = if full { (5, 5) } else { (1, 1) };
+    // While tuning (with `HYPERBOX_BENCH_ONLY`), `HYPERBOX_BENCH_RUNS=n`
+    // times n pulls per side.
+    let iterations = std::env::var("HYPERBOX_BENCH_RUNS")
+        .ok()
+        .filter(|_| std::env::var_os("HYPERBOX_BENCH_ONLY").is_some())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(iterations);
     let (spec, expected) = (&case.spec, case.expected.as_str());
 
     // The testbeds, all containerd 2.4.2: overlayfs, hyperbox, SOCI, erofs.
     let mut soci_daemon = Soci::start().await.expect("start soci-snapshotter-grpc");
     let soci_plugin = soci_daemon.proxy_plugin();
+    // Metrics served: the lazy side's byte counts are read by exit.
     let lazy_backend = std::env::var("HYPERBOX_BENCH_LAZY_BACKEND")
         .map(|b| format!("lazy_backend = \"{b}\"\n"))
-        .unwrap_or_default();
+        .unwrap_or_default()
+        + "metrics_address = \"127.0.0.1:0\"\n";
     let mut beds = vec![
         Testbed::start_with(|b| b.line(Line::V2)).await,
         Testbed::start_hyperbox_configured(&lazy_backend, |b| b.line(Line::V2)).await,
@@ -397,6 +406,7 @@ async fn run(case: Case, full: bool) {
             let tb = &beds[side.bed];
             let k8s = k8s(tb).await;
             let cri = tb.containerd.cri().await.unwrap();
+            let counted = lazy_counts(tb, side.name).await;
             let before = tb.proxy.bytes_served();
             let start = Instant::now();
             cri.pull_image(&side.reference).await.unwrap();
@@ -417,6 +427,37 @@ async fn run(case: Case, full: bool) {
                 side.name,
                 bytes as f64 / 1048576.0
             );
+            if let Some(sn) = tb
+                .snapshotter
+                .as_ref()
+                .filter(|_| side.name == "hyperbox-lazy")
+            {
+                // When each layer arrived, converted and filled, against
+                // the pull's start (the log's clock is the wall clock).
+                let began = unix_now() - took.as_secs_f64();
+                for l in sn.log().lines().filter(|l| {
+                    l.contains("layer fetched and converted") || l.contains("lazy layer complete")
+                }) {
+                    let at = l.split_whitespace().next().and_then(log_seconds);
+                    if let Some(at) = at.filter(|t| *t >= began) {
+                        eprintln!(
+                            "  +{:.2} s {}",
+                            at - began,
+                            l.split("INFO").nth(1).unwrap_or(l).trim()
+                        );
+                    }
+                }
+            }
+            if let (Some(a), Some(b)) = (counted, lazy_counts(tb, side.name).await) {
+                let mib = |i: usize| b[i].saturating_sub(a[i]) as f64 / 1048576.0;
+                eprintln!(
+                    "  by exit: {:.1} MiB of layer Range requests, {:.1} MiB of windows, {:.1} MiB read from layer downloads on the node ({} reads waited for one)",
+                    mib(0),
+                    mib(1),
+                    mib(2),
+                    b[3].saturating_sub(a[3])
+                );
+            }
             pull.entry(side.name).or_default().push(took);
             fetched.entry(side.name).or_default().push(bytes);
             if side.name == "hyperbox-lazy" {
@@ -435,7 +476,7 @@ async fn run(case: Case, full: bool) {
                 eprintln!(
                     "  complete after {:?}, {:.1} MiB fetched in all",
                     start.elapsed(),
-                    all as f64 / 1048576.0
+                    all as f64 / 1048576.0,
                 );
                 complete.push(start.elapsed());
                 fetched_in_all.push(all);
@@ -676,4 +717,39 @@ fn lazy_states(dir: &std::path::Path) -> usize {
                 .count()
         })
         .unwrap_or(0)
+}
+
+/// For the lazy side, the snapshotter's counts of layer Range bytes,
+/// window bytes and bytes read from layer downloads on the node, and of
+/// reads that waited for a download; `None` for other sides.
+async fn lazy_counts(tb: &Testbed, side: &str) -> Option<[u64; 4]> {
+    if side != "hyperbox-lazy" {
+        return None;
+    }
+    let page = tb.snapshotter.as_ref()?.metrics().await;
+    let m = |n: &str| hyperbox_integration::lazy::metric(&page, n);
+    Some([
+        m("hyperbox_snapshotter_lazy_layer_range_bytes_total"),
+        m("hyperbox_snapshotter_lazy_window_bytes_total"),
+        m("hyperbox_snapshotter_lazy_download_read_bytes_total"),
+        m("hyperbox_snapshotter_lazy_download_waits_total"),
+    ])
+}
+
+/// Seconds since the epoch now.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Seconds since the epoch of a log line's RFC 3339 UTC timestamp
+/// (`2026-12-05T00:44:46.227118Z`), taken to be of today (a run does not
+/// cross midnight UTC).
+fn log_seconds(stamp: &str) -> Option<f64> {
+    let (_, time) = stamp.strip_suffix('Z')?.split_once('T')?;
+    let mut t = time.split(':').map(|v| v.parse::<f64>().ok());
+    let (h, m, sec) = (t.next()??, t.next()??, t.next()??);
+    let day = (unix_now() / 86400.0).floor() * 86400.0;
+    Some(day + h * 3600.0 + m * 60.0 + sec)
 }

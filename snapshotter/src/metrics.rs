@@ -97,6 +97,26 @@ pub fn render(lazy: Option<&Lazy>) -> String {
             &c.learned_point_failures,
         ),
         (
+            "hyperbox_snapshotter_lazy_download_read_bytes_total",
+            "Layer-blob bytes that reads of mapped lazy layers took from the layer's own download on this node (its staging file) instead of fetching them from the registry.",
+            &c.download_read_bytes,
+        ),
+        (
+            "hyperbox_snapshotter_lazy_download_waits_total",
+            "Reads of mapped lazy layers that waited for the layer's download at once (an image no run taught) to bring their bytes, rather than fetching them from the registry.",
+            &c.download_waits,
+        ),
+        (
+            "hyperbox_snapshotter_lazy_layer_range_bytes_total",
+            "Layer-blob bytes of mapped lazy layers fetched from the registry with Range requests (reads, learned prefetch, a Range fill); whole downloads of the layer are not counted here.",
+            &c.layer_range_bytes,
+        ),
+        (
+            "hyperbox_snapshotter_lazy_window_bytes_total",
+            "Compressed checkpoint-window bytes fetched for mapped lazy layers (from the layer map's blob and the learned checkpoints' blob).",
+            &c.window_bytes,
+        ),
+        (
             "hyperbox_snapshotter_lazy_fill_yields_total",
             "Times the background fill waited for pending reads to settle before its next chunk or, filling from the layer, its next 1 MiB of the layer download.",
             &d.fill_yields,

@@ -434,6 +434,7 @@ impl Remote {
         let r = Reference::parse(image).map_err(registry_err)?;
         let blob = self.staging.join(format!("{}.blob", d.hex()));
         let started = std::time::Instant::now();
+        let background = pace.is_some();
         let bound = self.blob_size(image, &r, d).await;
         let size = self
             .registry
@@ -446,28 +447,43 @@ impl Remote {
         let (image_s, digest_s) = (image.to_string(), d.to_string());
         let (blob2, tmp2, out2) = (blob.clone(), tmp.clone(), out.clone());
         let options = self.options;
-        let converted =
-            tokio::task::spawn_blocking(move || convert_hashed(&blob2, &tmp2, &out2, options))
-                .await
-                .map_err(|e| Error::Label {
-                    what: format!("conversion task failed: {e}"),
-                })?
-                .map_err(|e| match e {
-                    convert::Error::Content(source) => Error::Content {
-                        digest: digest_s,
-                        image: image_s,
-                        source,
-                    },
-                    convert::Error::Io {
-                        action,
-                        path,
-                        source,
-                    } => Error::Io {
-                        action,
-                        path,
-                        source,
-                    },
-                });
+        // A paced download is a lazy layer's fill: its container is
+        // already running and reading, so the conversion takes the CPU
+        // only when reads leave it (demand first, as the download gives
+        // the link). Its own thread, so no pooled one keeps the nice.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("hb-convert".into())
+            .spawn(move || {
+                if background {
+                    lower_priority();
+                }
+                let _ = tx.send(convert_hashed(&blob2, &tmp2, &out2, options));
+            })
+            .map_err(|e| Error::Label {
+                what: format!("cannot start the conversion thread: {e}"),
+            })?;
+        let converted = rx
+            .await
+            .map_err(|e| Error::Label {
+                what: format!("conversion task failed: {e}"),
+            })?
+            .map_err(|e| match e {
+                convert::Error::Content(source) => Error::Content {
+                    digest: digest_s,
+                    image: image_s,
+                    source,
+                },
+                convert::Error::Io {
+                    action,
+                    path,
+                    source,
+                } => Error::Io {
+                    action,
+                    path,
+                    source,
+                },
+            });
         // The blob was verified; whether or not it converted, it is done.
         let _ = fs::remove_file(&blob);
         let _ = fs::remove_file(&tmp);
@@ -605,6 +621,22 @@ impl Remote {
     }
 }
 
+/// Nice value of the conversions of lazy layers' fills.
+const BACKGROUND_NICE: libc::c_int = 10;
+
+/// Lowers the calling thread's CPU priority to [`BACKGROUND_NICE`]
+/// (Linux applies `setpriority` with a thread id to that thread alone).
+/// Best effort: a conversion at normal priority is still correct.
+fn lower_priority() {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: plain syscall on this thread's id; no memory is passed.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, BACKGROUND_NICE) };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower the conversion's priority");
+    }
+}
+
 /// How long a partial download is kept for a fetch to resume.
 const STAGING_KEEP: std::time::Duration = std::time::Duration::from_secs(3600);
 
@@ -633,6 +665,11 @@ impl crate::lazy::Verifier for WholeLayers {
                 })
         }
         .boxed()
+    }
+
+    fn staged(&self, layer: &str) -> Option<PathBuf> {
+        let d = Digest::parse(layer).ok()?;
+        Some(self.0.staging.join(format!("{}.blob", d.hex())))
     }
 }
 

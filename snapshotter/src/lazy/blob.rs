@@ -89,6 +89,14 @@ impl Blob {
         file_id(&self.path).is_some_and(|(id, _)| id == self.inode)
     }
 
+    /// Lets go of its layer's download ([`super::staged`]): it no longer
+    /// fills, and a kept handle would hold a removed file's space.
+    pub(super) fn release_download(&self) {
+        if let Some(m) = self.mapped.get() {
+            m.staged.release();
+        }
+    }
+
     pub(super) fn chunk_range(&self, i: usize) -> (u64, u64) {
         let cs = self.state.chunk_size;
         let start = i as u64 * cs;

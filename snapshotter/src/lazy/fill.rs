@@ -185,6 +185,9 @@ impl Lazy {
             }
             filling
         });
+        if moved {
+            blob.release_download();
+        }
         if !moved || !blob.still_at_its_path() {
             return false;
         }

@@ -36,7 +36,9 @@ use hyperbox_erofs::zran;
 use hyperbox_registry::digest::Digest;
 
 use super::blob::Blob;
-use super::{Error, Lazy, lock};
+use super::fill::Download;
+use super::staged::{self, Staged, WAIT_AT_MOST};
+use super::{Error, Lazy, Phase, lock};
 
 /// The most tar bytes one request inflates, and the most compressed bytes
 /// it fetches: a span `hb image index` makes is about 1 MiB, a request at
@@ -67,6 +69,9 @@ pub(super) struct Mapped {
     /// Per checkpoint, where the last request from it stopped (a block
     /// boundary with its window), at most [`WINDOWS_KEPT`] at once.
     resumes: std::sync::Mutex<HashMap<usize, Arc<Resume>>>,
+    /// The layer's own download on this node, which reads take their
+    /// bytes from when it has them.
+    pub(super) staged: Staged,
 }
 
 fn bad(blob: &Blob, why: impl std::fmt::Display) -> Error {
@@ -178,6 +183,7 @@ impl Lazy {
                     resumes: Default::default(),
                     learned_blob,
                     dead: Default::default(),
+                    staged: Default::default(),
                 }))
             })
             .await
@@ -261,6 +267,9 @@ impl Lazy {
                 }
             }
         })?;
+        self.counters
+            .window_bytes
+            .fetch_add(z.len() as u64, Ordering::Relaxed);
         let w = Arc::new(
             p.decode_window(&z)
                 .map_err(|e| bad(blob, format!("checkpoint {i}: {e}")))?,
@@ -553,10 +562,18 @@ impl Lazy {
         if end <= start {
             return Ok(bytes::Bytes::new());
         }
+        if let Some(local) = self.downloaded(blob, m, start, end).await {
+            return Ok(local);
+        }
         let _permit = self.fetches.acquire().await.expect("never closed");
         self.registry
             .fetch_range(&blob.reference, &m.layer, start, end - start)
             .await
+            .inspect(|got| {
+                self.counters
+                    .layer_range_bytes
+                    .fetch_add(got.len() as u64, Ordering::Relaxed);
+            })
             .map_err(|source| {
                 self.counters.chunk_failures.fetch_add(1, Ordering::Relaxed);
                 Error::Registry {
@@ -564,6 +581,52 @@ impl Lazy {
                     source,
                 }
             })
+    }
+
+    /// `[start, end)` of the layer blob from its download on this node
+    /// ([`super::staged`]): at once when the download has them, after a
+    /// wait when a download at once brings them within [`WAIT_AT_MOST`];
+    /// `None` when the registry is the quicker source.
+    async fn downloaded(
+        &self,
+        blob: &Blob,
+        m: &Mapped,
+        start: u64,
+        end: u64,
+    ) -> Option<bytes::Bytes> {
+        if blob.phase() != Phase::Filling {
+            m.staged.release();
+            return None;
+        }
+        let path = self.layers.as_ref()?.staged(&blob.state.entry.layer)?;
+        let waited = std::time::Instant::now();
+        let mut slept = false;
+        loop {
+            let sight = m.staged.look(&path)?;
+            if sight.len >= end {
+                let bytes = tokio::task::spawn_blocking(move || sight.read(start, end))
+                    .await
+                    .ok()??;
+                self.counters
+                    .download_read_bytes
+                    .fetch_add(end - start, Ordering::Relaxed);
+                if slept {
+                    self.counters.download_waits.fetch_add(1, Ordering::Relaxed);
+                }
+                return Some(bytes.into());
+            }
+            // A download that gives way to reads would wait for this one.
+            if blob.download != Download::AtOnce || !blob.downloading.load(Ordering::Relaxed) {
+                return None;
+            }
+            // A download slowed (I/O pressure) or stopped lets it go.
+            let left = WAIT_AT_MOST.checked_sub(waited.elapsed())?;
+            if sight.until(end).is_none_or(|t| t > left) {
+                return None;
+            }
+            tokio::time::sleep(left.min(staged::POLL)).await;
+            slept = true;
+        }
     }
 
     /// Chunks `a..=b` made from `tar` (the tar's bytes from `tar_start`),

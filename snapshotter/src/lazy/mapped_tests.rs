@@ -22,8 +22,12 @@ use hyperbox_registry::prefetch::{Fitted, PointsRef};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 
+use futures::future::BoxFuture;
+use hyperbox_registry::Pace;
+
 use super::blob::State;
 use super::fill::Download;
+use super::verify::{Verifier, WholeError};
 use super::{Lazy, Options, lock};
 
 const CHUNK: u64 = 4096;
@@ -160,6 +164,45 @@ async fn setup_learned(
     mangle: impl FnOnce(&mut hyperbox_erofs::map::LayerMap),
     learn: Option<Learn<'_>>,
 ) -> Mapped {
+    setup_downloading(mangle, learn, None).await
+}
+
+/// The layer's whole download as the remote path makes it: it lands in
+/// `staged` (the test writes it there) and never ends.
+#[derive(Debug)]
+struct Downloading {
+    staged: std::path::PathBuf,
+}
+
+impl Verifier for Downloading {
+    fn whole<'a>(
+        &'a self,
+        _image: &'a str,
+        _layer: &'a str,
+        pace: Option<Pace>,
+    ) -> BoxFuture<'a, Result<(std::path::PathBuf, String), WholeError>> {
+        Box::pin(async move {
+            // Its first piece asks the pace, as a real download's does.
+            if let Some(p) = pace {
+                p(0).await;
+            }
+            std::future::pending().await
+        })
+    }
+
+    fn staged(&self, _layer: &str) -> Option<std::path::PathBuf> {
+        Some(self.staged.clone())
+    }
+}
+
+/// [`setup_learned`]; with `staged`, the layer is downloading at once
+/// into that file ([`Downloading`]) instead of being filled with Range
+/// requests.
+async fn setup_downloading(
+    mangle: impl FnOnce(&mut hyperbox_erofs::map::LayerMap),
+    learn: Option<Learn<'_>>,
+    staged: Option<std::path::PathBuf>,
+) -> Mapped {
     let dir = tempfile::tempdir().unwrap();
     let gz = layer();
     let blob_path = dir.path().join("layer.gz");
@@ -212,18 +255,25 @@ async fn setup_learned(
         .unwrap(),
     );
     let fan = Arc::new(FakeFanotify::new());
+    let (download, verifier) = match staged {
+        Some(staged) => (
+            Download::AtOnce,
+            Some(Arc::new(Downloading { staged }) as Arc<dyn Verifier>),
+        ),
+        None => (Download::AfterReads, None),
+    };
     let (lazy, _) = Lazy::open(
         dir.path(),
         registry,
         fan.clone(),
-        None,
+        verifier.clone(),
         Options {
             max_chunk_fetches: 4,
             verify: false,
             fill_pause_io_pressure: 0.0,
             fill_request: CHUNK,
             shared_prefetch: false,
-            fill_from_layer: false,
+            fill_from_layer: verifier.is_some(),
         },
     )
     .unwrap();
@@ -249,11 +299,10 @@ async fn setup_learned(
         rejected: None,
     };
     let me = lazy.clone();
-    let blob =
-        tokio::task::spawn_blocking(move || me.register(state, true, shared, Download::AfterReads))
-            .await
-            .unwrap()
-            .unwrap();
+    let blob = tokio::task::spawn_blocking(move || me.register(state, true, shared, download))
+        .await
+        .unwrap()
+        .unwrap();
     let path = blob.path.clone();
     Mapped {
         _dir: dir,
@@ -519,4 +568,112 @@ async fn a_learned_checkpoint_never_cuts_short_a_read_from_the_maps_own() {
         assert_eq!(read(&s, offset).await, Some(Verdict::Allow));
         assert!(chunk_at(&s, offset)[..] == s.image[offset as usize..(offset + CHUNK) as usize]);
     }
+}
+
+/// Layer bytes requested from the registry in `s`.
+fn layer_requests(s: &Mapped) -> Vec<(u64, u64)> {
+    lock(&s.asked)
+        .iter()
+        .filter(|(d, ..)| *d == s.layer)
+        .map(|(_, a, n)| (*a, *n))
+        .collect()
+}
+
+/// A first run's reads while its layer downloads at once on the node:
+/// bytes the download already brought are read from it, bytes it is
+/// about to bring are waited for, and only bytes far ahead of it are
+/// asked of the registry. Each read is the image's own bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_take_layer_bytes_from_the_download_on_the_node() {
+    let gz = layer();
+    let staging = tempfile::tempdir().unwrap();
+    let staged = staging.path().join("layer.blob");
+    // A quarter of the layer is in, and nothing more comes for now.
+    let quarter = gz.len() / 4;
+    fs::write(&staged, &gz[..quarter]).unwrap();
+    let s = setup_downloading(|_| {}, None, Some(staged.clone())).await;
+    let blob = the_blob(&s);
+    let map = s.lazy.mapped(&blob).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    while !blob.downloading.load(Ordering::Relaxed) {
+        assert!(Instant::now() < deadline, "the download never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Chunks whose compressed bytes (from their checkpoint to the span's
+    // end) lie inside `[0, upto)`, or all past `from`.
+    let chunks = s.image.len().div_ceil(CHUNK as usize) as u64;
+    let lm = &map.map;
+    let inside = |upto: u64| {
+        (0..chunks).map(|c| c * CHUNK).filter(move |&o| {
+            lm.need(o, CHUNK)
+                .is_some_and(|n| n.point.is_some() && n.blob_end <= upto)
+        })
+    };
+    let beyond = |from: u64| {
+        (0..chunks).map(|c| c * CHUNK).filter(move |&o| {
+            lm.need(o, CHUNK).is_some_and(|n| {
+                n.point
+                    .is_some_and(|p| lm.points[p].fetch_from() > from + (256 << 10))
+            })
+        })
+    };
+    let c = s.lazy.counters();
+
+    // In the download: read from it, nothing asked of the registry.
+    let here = inside(quarter as u64)
+        .next()
+        .expect("a chunk in the first quarter");
+    assert_eq!(read(&s, here).await, Some(Verdict::Allow));
+    assert!(chunk_at(&s, here)[..] == s.image[here as usize..(here + CHUNK) as usize]);
+    assert_eq!(layer_requests(&s), vec![], "served from the download");
+    assert!(c.download_read_bytes.load(Ordering::Relaxed) > 0);
+
+    // Far ahead of a download that does not move: asked of the registry.
+    let far = beyond(quarter as u64).next().expect("a chunk far ahead");
+    assert_eq!(read(&s, far).await, Some(Verdict::Allow));
+    assert!(chunk_at(&s, far)[..] == s.image[far as usize..(far + CHUNK) as usize]);
+    assert!(!layer_requests(&s).is_empty(), "fetched from the registry");
+    let asked_before = layer_requests(&s).len();
+
+    // The download moves on: up to the start of a later span, which
+    // gives its rate (measured over half a second) ...
+    let far_point = map.map.need(far, CHUNK).and_then(|n| n.point).unwrap();
+    let (soon, k) = (0..chunks)
+        .map(|c| c * CHUNK)
+        .find_map(|o| {
+            let k = map.map.need(o, CHUNK)?.point?;
+            let from = map.map.points[k].fetch_from();
+            (k != far_point && from >= gz.len() as u64 * 3 / 4).then_some((o, k))
+        })
+        .expect("a chunk in the last quarter");
+    let upto = map.map.points[k].fetch_from() as usize;
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&staged)
+        .unwrap()
+        .write_all(&gz[quarter..upto])
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // ... and a moment after a read of that span asks, the rest.
+    let rest = {
+        let (gz, staged) = (gz.clone(), staged.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            fs::OpenOptions::new()
+                .append(true)
+                .open(&staged)
+                .unwrap()
+                .write_all(&gz[upto..])
+                .unwrap();
+        })
+    };
+    assert_eq!(read(&s, soon).await, Some(Verdict::Allow));
+    assert!(chunk_at(&s, soon)[..] == s.image[soon as usize..(soon + CHUNK) as usize]);
+    assert_eq!(
+        layer_requests(&s).len(),
+        asked_before,
+        "waited for the download rather than asking the registry"
+    );
+    assert_eq!(c.download_waits.load(Ordering::Relaxed), 1);
+    rest.join().unwrap();
 }

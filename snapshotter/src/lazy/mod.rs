@@ -69,6 +69,7 @@ mod mapped;
 mod mapped_tests;
 mod prune;
 mod readahead;
+mod staged;
 #[cfg(test)]
 mod tests;
 mod unservable;
@@ -215,6 +216,18 @@ pub struct Counters {
     /// Learned checkpoints a request failed from (then made again from the
     /// map's own checkpoint).
     pub learned_point_failures: AtomicU64,
+    /// Layer-blob bytes mapped reads took from the layer's own download
+    /// on this node rather than the registry.
+    pub download_read_bytes: AtomicU64,
+    /// Of those reads, the ones that waited for the download to bring
+    /// their bytes.
+    pub download_waits: AtomicU64,
+    /// Layer-blob bytes of mapped layers fetched with Range requests
+    /// (reads, prefetch, a Range fill), not whole downloads.
+    pub layer_range_bytes: AtomicU64,
+    /// Checkpoint windows' bytes fetched (compressed, with the block
+    /// headers of learned checkpoints).
+    pub window_bytes: AtomicU64,
 }
 
 /// Where a lazy file is in its life.

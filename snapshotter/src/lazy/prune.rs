@@ -77,6 +77,7 @@ impl Lazy {
         lock(&self.by_key).remove(&b.key);
         lock(&self.blobs).remove(&b.inode);
         b.phase.send_replace(Phase::Discarded);
+        b.release_download();
         let _ = fs::remove_file(&b.state_path);
         let _ = fs::remove_file(&b.have_path);
         // Through FUSE the file is held open while marked: let it go

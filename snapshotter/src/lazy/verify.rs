@@ -29,6 +29,13 @@ pub trait Verifier: fmt::Debug + Send + Sync {
         layer: &'a str,
         pace: Option<Pace>,
     ) -> BoxFuture<'a, Result<(PathBuf, String), WholeError>>;
+
+    /// Where a download of layer `layer` lands while it comes: the blob's
+    /// bytes from its start, as many as arrived. `None` when this source
+    /// keeps none.
+    fn staged(&self, _layer: &str) -> Option<PathBuf> {
+        None
+    }
 }
 
 /// Why a layer could not be had whole.
@@ -252,6 +259,7 @@ impl Lazy {
         }) {
             return;
         }
+        blob.release_download();
         let mut state = blob.state.clone();
         state.rejected = Some(why.clone());
         if let Err(e) = write_durably(&blob.state_path, &state) {
