@@ -451,11 +451,12 @@ async fn run(case: Case, full: bool) {
             if let (Some(a), Some(b)) = (counted, lazy_counts(tb, side.name).await) {
                 let mib = |i: usize| b[i].saturating_sub(a[i]) as f64 / 1048576.0;
                 eprintln!(
-                    "  by exit: {:.1} MiB of layer Range requests, {:.1} MiB of windows, {:.1} MiB read from layer downloads on the node ({} reads waited for one)",
+                    "  by exit: {:.1} MiB of layer Range requests, {:.1} MiB of windows, {:.1} MiB read from layer downloads on the node ({} reads waited for one), {} chunks made from downloads as they came",
                     mib(0),
                     mib(1),
                     mib(2),
-                    b[3].saturating_sub(a[3])
+                    b[3].saturating_sub(a[3]),
+                    b[4].saturating_sub(a[4])
                 );
             }
             pull.entry(side.name).or_default().push(took);
@@ -720,9 +721,10 @@ fn lazy_states(dir: &std::path::Path) -> usize {
 }
 
 /// For the lazy side, the snapshotter's counts of layer Range bytes,
-/// window bytes and bytes read from layer downloads on the node, and of
-/// reads that waited for a download; `None` for other sides.
-async fn lazy_counts(tb: &Testbed, side: &str) -> Option<[u64; 4]> {
+/// window bytes and bytes read from layer downloads on the node, of
+/// reads that waited for a download, and of chunks made from downloads
+/// as they arrived; `None` for other sides.
+async fn lazy_counts(tb: &Testbed, side: &str) -> Option<[u64; 5]> {
     if side != "hyperbox-lazy" {
         return None;
     }
@@ -733,6 +735,7 @@ async fn lazy_counts(tb: &Testbed, side: &str) -> Option<[u64; 4]> {
         m("hyperbox_snapshotter_lazy_window_bytes_total"),
         m("hyperbox_snapshotter_lazy_download_read_bytes_total"),
         m("hyperbox_snapshotter_lazy_download_waits_total"),
+        m("hyperbox_snapshotter_lazy_download_chunks_total"),
     ])
 }
 

@@ -117,6 +117,11 @@ pub fn render(lazy: Option<&Lazy>) -> String {
             &c.window_bytes,
         ),
         (
+            "hyperbox_snapshotter_lazy_download_chunks_total",
+            "Chunks of mapped lazy layers made from the layer's whole download on this node as its bytes arrived, before any read asked for them.",
+            &c.download_chunks,
+        ),
+        (
             "hyperbox_snapshotter_lazy_fill_yields_total",
             "Times the background fill waited for pending reads to settle before its next chunk or, filling from the layer, its next 1 MiB of the layer download.",
             &d.fill_yields,

@@ -386,8 +386,9 @@ impl Remote {
                         Box::pin(async move { wait.await || urgent.load(Ordering::Relaxed) })
                     })
                 });
+                let joined = urgent.clone();
                 let task = tokio::spawn(async move {
-                    let r = me.fetch(&image, &d, pace).await.map_err(Arc::new);
+                    let r = me.fetch(&image, &d, pace, &joined).await.map_err(Arc::new);
                     me.inflight
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -425,7 +426,14 @@ impl Remote {
         }
     }
 
-    async fn fetch(&self, image: &str, d: &Digest, pace: Option<Pace>) -> Result<Converted, Error> {
+    /// `urgent` is set once a caller without a pace joined.
+    async fn fetch(
+        &self,
+        image: &str,
+        d: &Digest,
+        pace: Option<Pace>,
+        urgent: &AtomicBool,
+    ) -> Result<Converted, Error> {
         let registry_err = |source| Error::Registry {
             digest: d.to_string(),
             image: image.into(),
@@ -434,7 +442,7 @@ impl Remote {
         let r = Reference::parse(image).map_err(registry_err)?;
         let blob = self.staging.join(format!("{}.blob", d.hex()));
         let started = std::time::Instant::now();
-        let background = pace.is_some();
+        let paced = pace.is_some();
         let bound = self.blob_size(image, &r, d).await;
         let size = self
             .registry
@@ -448,9 +456,13 @@ impl Remote {
         let (blob2, tmp2, out2) = (blob.clone(), tmp.clone(), out.clone());
         let options = self.options;
         // A paced download is a lazy layer's fill: its container is
-        // already running and reading, so the conversion takes the CPU
-        // only when reads leave it (demand first, as the download gives
-        // the link). Its own thread, so no pooled one keeps the nice.
+        // already running and the snapshotter serving its reads, which
+        // come first (demand first, as the download gives the link); nice
+        // ranks threads within the snapshotter's own cgroup. Not once a
+        // Prepare waits for it (joined before the conversion starts; one
+        // joining later waits on the lower priority). Its own thread, so
+        // no pooled one keeps the nice.
+        let background = paced && !urgent.load(Ordering::Relaxed);
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name("hb-convert".into())
@@ -627,7 +639,7 @@ const BACKGROUND_NICE: libc::c_int = 10;
 /// Lowers the calling thread's CPU priority to [`BACKGROUND_NICE`]
 /// (Linux applies `setpriority` with a thread id to that thread alone).
 /// Best effort: a conversion at normal priority is still correct.
-fn lower_priority() {
+pub(crate) fn lower_priority() {
     // SAFETY: gettid takes no arguments and cannot fail.
     let tid = unsafe { libc::gettid() };
     // SAFETY: plain syscall on this thread's id; no memory is passed.

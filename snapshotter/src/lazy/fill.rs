@@ -258,6 +258,8 @@ impl Lazy {
             if blob.download == Download::AfterReads {
                 self.demand.quiet_for(LAYER_QUIET, LAYER_QUIET_MAX).await;
             }
+            // Before a download slot is taken: it waits for the file.
+            let follower = self.follow_whole(blob, layers.as_ref()).await;
             let whole = {
                 let _slot = self.layer_fills.acquire().await.expect("never closed");
                 let got = layers
@@ -266,6 +268,7 @@ impl Lazy {
                 blob.downloading.store(false, Ordering::Relaxed);
                 got
             };
+            drop(follower);
             if blob.phase() != Phase::Filling {
                 // Removed meanwhile: its download stopped (see the pace).
                 return FromLayer::Done;
@@ -318,6 +321,22 @@ impl Lazy {
         // Its bytes are the layer's own, converted here.
         self.accept(blob);
         FromLayer::Done
+    }
+
+    /// For a mapped layer, a [`super::follow`] thread making its chunks
+    /// from the download about to start.
+    async fn follow_whole(
+        self: &Arc<Self>,
+        blob: &Arc<Blob>,
+        layers: &dyn super::verify::Verifier,
+    ) -> Option<super::follow::Follower> {
+        blob.state.entry.map.as_ref()?;
+        let staged = layers.staged(&blob.state.entry.layer)?;
+        // Fetched with the layer's metadata at its Prepare (this waits
+        // for that fetch); one that fails leaves the layer to the
+        // conversion.
+        self.mapped(blob).await.ok()?;
+        self.follow(blob, staged)
     }
 
     /// Waits until `blob` saw no read for [`LEARN_QUIET`], at most

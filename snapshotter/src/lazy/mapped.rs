@@ -119,6 +119,29 @@ struct Resume {
     tail: Vec<u8>,
 }
 
+/// Where one attempt of a request may take layer bytes, and whether it
+/// took any from the download on the node.
+struct Via {
+    registry_only: bool,
+    used: std::sync::atomic::AtomicBool,
+    /// It went on from a resume point (not its checkpoint).
+    resumed: std::sync::atomic::AtomicBool,
+}
+
+impl Via {
+    fn new(registry_only: bool) -> Via {
+        Via {
+            registry_only,
+            used: Default::default(),
+            resumed: Default::default(),
+        }
+    }
+
+    fn used_download(&self) -> bool {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
 /// A block's header bits and their count, for a learned checkpoint inside
 /// a deflate block.
 type Header = Arc<(Vec<u8>, u32)>;
@@ -299,10 +322,23 @@ impl Lazy {
             if need.blob_end - need.blob_start > MAX_REGION {
                 return Err(bad(blob, "a request beyond what one fetch may bring"));
             }
-            let tar = self
-                .fetch_layer(blob, &m, need.blob_start, need.blob_end)
-                .await?;
-            return self.put_chunks(blob, &m.map, a, b, need.tar_start, &tar);
+            // Bytes from the download on the node that do not verify: once
+            // more from the registry.
+            for registry_only in [false, true] {
+                let via = Via::new(registry_only);
+                let tar = self
+                    .fetch_layer(blob, &m, need.blob_start, need.blob_end, &via)
+                    .await?;
+                let done = self.put_chunks(blob, &m.map, a, b, need.tar_start, &tar);
+                if done.is_err() && via.used_download() && !registry_only {
+                    continue;
+                }
+                if done.is_ok() && registry_only {
+                    self.distrust_download(blob, &m);
+                }
+                return done;
+            }
+            unreachable!("the registry's attempt returns");
         };
         // A learned checkpoint a request failed from is passed over.
         let mut i = (0..=i)
@@ -315,14 +351,21 @@ impl Lazy {
         // checkpoint, from the map's own before it. Other failures (the
         // registry, the disk) are the request's.
         let mut attempts = 0;
+        let mut registry_only = false;
         loop {
             attempts += 1;
-            let mut resumed = false;
+            let via = Via::new(registry_only);
             let done = self
-                .fetch_from_point(blob, &m, &need, (a, b), i, &mut resumed)
+                .fetch_from_point(blob, &m, &need, (a, b), i, &via)
                 .await;
+            let resumed = via.resumed.load(Ordering::Relaxed);
             let bad_bytes = matches!(done, Err(Error::Map { .. } | Error::Chunk { .. }));
             match done {
+                // Bytes from the download on the node that did not inflate
+                // or verify: made again from the registry's.
+                Err(_) if bad_bytes && via.used_download() && !registry_only => {
+                    registry_only = true;
+                }
                 Err(_) if bad_bytes && resumed && attempts < 3 => {}
                 Err(e) if bad_bytes && m.map.points[i].learned => {
                     // Requests that waited for the failed one find it dead.
@@ -337,14 +380,28 @@ impl Lazy {
                         .find(|j| !m.map.points[*j].learned)
                         .expect("the map's first checkpoint is its own");
                 }
-                done => return done,
+                done => {
+                    if done.is_ok() && registry_only {
+                        self.distrust_download(blob, &m);
+                    }
+                    return done;
+                }
             }
         }
     }
 
+    /// The registry made what the download on the node could not: its
+    /// bytes are not the layer's (it will fail its digest), and are not
+    /// read again.
+    fn distrust_download(&self, blob: &Blob, m: &Mapped) {
+        if m.staged.release() {
+            tracing::warn!(erofs = %blob.erofs, "layer bytes from the download on this node did not inflate or verify; reading from the registry");
+        }
+    }
+
     /// Chunks `a..=b` (with every other missing one the bytes make), the
-    /// tar bytes `need` names inflated from checkpoint `i`.
-    /// `resumed_from` says whether it went on from a resume point.
+    /// tar bytes `need` names inflated from checkpoint `i`, its layer
+    /// bytes taken as `via` says.
     async fn fetch_from_point(
         &self,
         blob: &Blob,
@@ -352,7 +409,7 @@ impl Lazy {
         need: &Need,
         (a, b): (usize, usize),
         i: usize,
-        resumed_from: &mut bool,
+        via: &Via,
     ) -> Result<(), Error> {
         let turn = lock(&m.spans).entry(i).or_default().clone();
         let _turn = turn.lock().await;
@@ -377,7 +434,7 @@ impl Lazy {
             Some(r) => (r.point.output, r.point.fetch_from()),
             None => (p.output, p.fetch_from()),
         };
-        *resumed_from = resumed.is_some();
+        via.resumed.store(resumed.is_some(), Ordering::Relaxed);
         // A resume point's place comes from the bytes of an earlier
         // request, perhaps one from a learned checkpoint: bounded again.
         if need.blob_end.saturating_sub(start_at) > MAX_REGION {
@@ -401,14 +458,14 @@ impl Lazy {
                 let have = start_at + r.tail.len() as u64;
                 let mut data = r.tail.clone();
                 if guess > have {
-                    data.extend_from_slice(&self.fetch_layer(blob, m, have, guess).await?);
+                    data.extend_from_slice(&self.fetch_layer(blob, m, have, guess, via).await?);
                 }
                 (Arc::new(r.point.clone()), None, data)
             }
             None => {
                 let (window, first) = futures::future::join(
                     self.window(blob, m, i),
-                    self.fetch_layer(blob, m, start_at, guess),
+                    self.fetch_layer(blob, m, start_at, guess, via),
                 )
                 .await;
                 let window = window?;
@@ -451,7 +508,7 @@ impl Lazy {
             let end = have
                 .saturating_add((have - start_at).max(64 << 10))
                 .min(need.blob_end);
-            let rest = self.fetch_layer(blob, m, have, end).await?;
+            let rest = self.fetch_layer(blob, m, have, end, via).await?;
             self.counters.map_refetches.fetch_add(1, Ordering::Relaxed);
             data.extend_from_slice(&rest);
             have = end;
@@ -558,11 +615,15 @@ impl Lazy {
         m: &Mapped,
         start: u64,
         end: u64,
+        via: &Via,
     ) -> Result<bytes::Bytes, Error> {
         if end <= start {
             return Ok(bytes::Bytes::new());
         }
-        if let Some(local) = self.downloaded(blob, m, start, end).await {
+        if !via.registry_only
+            && let Some(local) = self.downloaded(blob, m, start, end).await
+        {
+            via.used.store(true, Ordering::Relaxed);
             return Ok(local);
         }
         let _permit = self.fetches.acquire().await.expect("never closed");
@@ -602,7 +663,7 @@ impl Lazy {
         let waited = std::time::Instant::now();
         let mut slept = false;
         loop {
-            let sight = m.staged.look(&path)?;
+            let sight = m.staged.look(&path, m.map.blob_size)?;
             if sight.len >= end {
                 let bytes = tokio::task::spawn_blocking(move || sight.read(start, end))
                     .await

@@ -619,14 +619,14 @@ async fn reads_take_layer_bytes_from_the_download_on_the_node() {
     };
     let c = s.lazy.counters();
 
-    // In the download: read from it, nothing asked of the registry.
+    // In the download: made from it (by the read, or before it by the
+    // thread that follows the download), nothing asked of the registry.
     let here = inside(quarter as u64)
         .next()
         .expect("a chunk in the first quarter");
     assert_eq!(read(&s, here).await, Some(Verdict::Allow));
     assert!(chunk_at(&s, here)[..] == s.image[here as usize..(here + CHUNK) as usize]);
     assert_eq!(layer_requests(&s), vec![], "served from the download");
-    assert!(c.download_read_bytes.load(Ordering::Relaxed) > 0);
 
     // Far ahead of a download that does not move: asked of the registry.
     let far = beyond(quarter as u64).next().expect("a chunk far ahead");
@@ -654,11 +654,19 @@ async fn reads_take_layer_bytes_from_the_download_on_the_node() {
         .write_all(&gz[quarter..upto])
         .unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
-    // ... and a moment after a read of that span asks, the rest.
+    // ... and a moment after a read of that span waits, the rest (well
+    // within the half second after which a download that does not grow
+    // is given up).
     let rest = {
         let (gz, staged) = (gz.clone(), staged.clone());
+        let wanted = blob.wanted[(soon / CHUNK) as usize].clone();
         std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(30));
+            let deadline = Instant::now() + WAIT;
+            while wanted.load(Ordering::Acquire) == 0 {
+                assert!(Instant::now() < deadline, "the read never came");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            std::thread::sleep(Duration::from_millis(200));
             fs::OpenOptions::new()
                 .append(true)
                 .open(&staged)
@@ -675,5 +683,86 @@ async fn reads_take_layer_bytes_from_the_download_on_the_node() {
         "waited for the download rather than asking the registry"
     );
     assert_eq!(c.download_waits.load(Ordering::Relaxed), 1);
+    assert!(c.download_read_bytes.load(Ordering::Relaxed) > 0);
     rest.join().unwrap();
+}
+
+/// Waits until every chunk of `s` is in, or fails the test.
+async fn all_present(s: &Mapped) {
+    let blob = the_blob(s);
+    let deadline = Instant::now() + WAIT;
+    while !lock(&blob.present).iter().all(|p| *p) {
+        assert!(Instant::now() < deadline, "never complete");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The layer's chunks are made from its download as the bytes arrive,
+/// with nothing read and nothing asked of the registry but the map.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_is_made_from_its_download_as_it_arrives() {
+    let gz = layer();
+    let staging = tempfile::tempdir().unwrap();
+    let staged = staging.path().join("layer.blob");
+    let s = setup_downloading(|_| {}, None, Some(staged.clone())).await;
+    // The download begins after the fill asked for it, and comes in
+    // pieces.
+    let mut f = fs::File::create(&staged).unwrap();
+    for piece in gz.chunks(64 << 10) {
+        f.write_all(piece).unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    all_present(&s).await;
+    assert!(
+        fs::read(&s.path).unwrap() == s.image,
+        "the image, byte for byte"
+    );
+    assert_eq!(layer_requests(&s), vec![], "nothing fetched by Range");
+    let made = s.lazy.counters().download_chunks.load(Ordering::Relaxed);
+    let chunks = s.image.len().div_ceil(CHUNK as usize) as u64;
+    assert!(
+        made > chunks / 2,
+        "{made} of {chunks} chunks from the download"
+    );
+}
+
+/// Bytes on the node that are not the layer's (a download the registry
+/// corrupted, which will fail its digest) make no chunk: a read of their
+/// span is answered from the registry, with the image's bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_bytes_in_the_download_send_reads_to_the_registry() {
+    let probe = setup(|_| {}).await;
+    let map = probe.lazy.mapped(&the_blob(&probe)).await.unwrap();
+    let chunks = probe.image.len().div_ceil(CHUNK as usize) as u64;
+    let (offset, need) = (0..chunks)
+        .map(|c| c * CHUNK)
+        .find_map(|o| {
+            let n = map.map.need(o, CHUNK)?;
+            (n.point? > 2).then_some((o, n))
+        })
+        .expect("a chunk past the third checkpoint");
+    drop(map);
+    drop(probe);
+    let mut gz = layer();
+    let from = need.blob_start as usize;
+    for b in &mut gz[from..need.blob_end as usize] {
+        *b ^= 0x55;
+    }
+    let staging = tempfile::tempdir().unwrap();
+    let staged = staging.path().join("layer.blob");
+    fs::write(&staged, &gz).unwrap();
+    let s = setup_downloading(|_| {}, None, Some(staged.clone())).await;
+    assert_eq!(read(&s, offset).await, Some(Verdict::Allow));
+    assert!(chunk_at(&s, offset)[..] == s.image[offset as usize..(offset + CHUNK) as usize]);
+    assert!(!layer_requests(&s).is_empty(), "asked of the registry");
+    // Whatever is in is the image's (what was in before the file is read:
+    // the download's chunks may still be coming).
+    let blob = the_blob(&s);
+    let present = lock(&blob.present).clone();
+    let file = fs::read(&s.path).unwrap();
+    for (i, present) in present.iter().enumerate() {
+        let (a, n) = blob.chunk_range(i);
+        let (a, b) = (a as usize, (a + n) as usize);
+        assert!(!present || file[a..b] == s.image[a..b], "chunk {i}");
+    }
 }

@@ -62,6 +62,7 @@ mod blob;
 mod events;
 mod fetch;
 mod fill;
+mod follow;
 mod index;
 mod learned;
 mod mapped;
@@ -228,6 +229,9 @@ pub struct Counters {
     /// Checkpoint windows' bytes fetched (compressed, with the block
     /// headers of learned checkpoints).
     pub window_bytes: AtomicU64,
+    /// Chunks of mapped layers made from the layer's download as it
+    /// arrived ([`follow`]).
+    pub download_chunks: AtomicU64,
 }
 
 /// Where a lazy file is in its life.

@@ -24,7 +24,10 @@
 //! Nothing is trusted for it: what the bytes inflate to is checked
 //! against the index's chunk digests like any registry bytes, and a
 //! staging file cut short or started over reads short, which sends the
-//! request to the registry.
+//! request to the registry. A request that fails on bad bytes after
+//! taking some from here is made once more from the registry, and when
+//! that succeeds the staging file is not read again for the layer (a
+//! download the registry corrupted, which its digest will refuse).
 //!
 //! The staging file is removed once the layer is converted; the handle
 //! kept here still reads it until the lazy copy leaves filling
@@ -64,7 +67,7 @@ struct Inner {
     /// least [`RATE_WINDOW`] before the newer.
     older: Option<(Instant, u64)>,
     newer: Option<(Instant, u64)>,
-    /// Released: the lazy copy is no longer filling.
+    /// Released: the lazy copy is no longer filling, or its bytes failed.
     released: bool,
 }
 
@@ -78,26 +81,39 @@ pub(super) struct Sight {
 }
 
 impl Staged {
-    /// The staging file at `path`, opened again if another file is there
-    /// now (a download started over); the file already open when nothing
-    /// is (removed once converted). `None` when there is neither or it
-    /// was released.
-    pub(super) fn look(&self, path: &Path) -> Option<Sight> {
+    /// The staging file at `path` (of a blob of `size` bytes), opened
+    /// again if another file is there now (a download started over); the
+    /// file already open when nothing is and it was complete (removed once
+    /// converted). `None` when there is neither or it was released.
+    pub(super) fn look(&self, path: &Path, size: u64) -> Option<Sight> {
         let mut inner = lock(&self.inner);
         if inner.released {
             return None;
         }
-        if let Ok(meta) = std::fs::metadata(path) {
-            let id = (meta.dev(), meta.ino());
-            if inner.file.as_ref().is_none_or(|(_, kept)| *kept != id)
-                && let Ok(f) = File::open(path)
-                && let Ok(m) = f.metadata()
+        let Ok(meta) = std::fs::metadata(path) else {
+            // Removed: kept only if complete (converted), not a download
+            // given up, whose space the handle would hold.
+            if let Some((f, _)) = &inner.file
+                && f.metadata().is_ok_and(|m| m.len() < size)
             {
-                inner.file = Some((std::sync::Arc::new(f), (m.dev(), m.ino())));
-                inner.older = None;
-                inner.newer = None;
+                inner.file = None;
             }
+            return Self::sight(&mut inner);
+        };
+        let id = (meta.dev(), meta.ino());
+        if inner.file.as_ref().is_none_or(|(_, kept)| *kept != id)
+            && let Ok(f) = File::open(path)
+            && let Ok(m) = f.metadata()
+        {
+            inner.file = Some((std::sync::Arc::new(f), (m.dev(), m.ino())));
+            inner.older = None;
+            inner.newer = None;
         }
+        Self::sight(&mut inner)
+    }
+
+    /// The kept file's length now, with the download's rate.
+    fn sight(inner: &mut Inner) -> Option<Sight> {
         let file = inner.file.as_ref()?.0.clone();
         let len = file.metadata().ok()?.len();
         let now = Instant::now();
@@ -118,10 +134,13 @@ impl Staged {
 
     /// Closes the file for good: the lazy copy no longer fills, and an
     /// open handle would keep a removed staging file's disk space.
-    pub(super) fn release(&self) {
+    /// True the first time.
+    pub(super) fn release(&self) -> bool {
         let mut inner = lock(&self.inner);
+        let first = !inner.released;
         inner.released = true;
         inner.file = None;
+        first
     }
 }
 
