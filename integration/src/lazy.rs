@@ -184,9 +184,9 @@ pub async fn pull_serve_restart_complete(extra: &str) {
         );
     }
     // No run taught this image anything, so both layers download whole at
-    // once; the small one is filled from its own layer blob (fetched
-    // whole, converted here), not with Range requests to the EROFS blob,
-    // while the large one still comes.
+    // once; the small one is filled from its own layer blob (its chunks
+    // made as the download arrives, or copied from its conversion here),
+    // not with Range requests, while the large one still comes.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let page = tb.hyperbox().metrics().await;
@@ -195,7 +195,10 @@ pub async fn pull_serve_restart_complete(extra: &str) {
             2,
             "{page}"
         );
-        if metric(&page, "hyperbox_snapshotter_lazy_layer_filled_chunks_total") > 0 {
+        if metric(&page, "hyperbox_snapshotter_lazy_layer_filled_chunks_total")
+            + metric(&page, "hyperbox_snapshotter_lazy_download_chunks_total")
+            > 0
+        {
             break;
         }
         assert!(
