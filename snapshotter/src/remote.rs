@@ -460,21 +460,15 @@ impl Remote {
         // come first (demand first, as the download gives the link); nice
         // ranks threads within the snapshotter's own cgroup. Not once a
         // Prepare waits for it (joined before the conversion starts; one
-        // joining later waits on the lower priority). Its own thread, so
-        // no pooled one keeps the nice.
+        // joining later waits on the lower priority).
         let background = paced && !urgent.load(Ordering::Relaxed);
         let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name("hb-convert".into())
-            .spawn(move || {
-                if background {
-                    lower_priority();
-                }
-                let _ = tx.send(convert_hashed(&blob2, &tmp2, &out2, options));
-            })
-            .map_err(|e| Error::Label {
-                what: format!("cannot start the conversion thread: {e}"),
-            })?;
+        spawn_named("hb-convert", background, move || {
+            let _ = tx.send(convert_hashed(&blob2, &tmp2, &out2, options));
+        })
+        .map_err(|e| Error::Label {
+            what: format!("cannot start the conversion thread: {e}"),
+        })?;
         let converted = rx
             .await
             .map_err(|e| Error::Label {
@@ -633,13 +627,31 @@ impl Remote {
     }
 }
 
-/// Nice value of the conversions of lazy layers' fills.
+/// Nice value of background work for lazy layers' fills.
 const BACKGROUND_NICE: libc::c_int = 10;
+
+/// Runs `f` on a thread of its own named `name`, at [`BACKGROUND_NICE`]
+/// when `background` (its own thread, so no pooled one keeps the nice).
+pub(crate) fn spawn_named(
+    name: &str,
+    background: bool,
+    f: impl FnOnce() + Send + 'static,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            if background {
+                lower_priority();
+            }
+            f()
+        })
+        .map(drop)
+}
 
 /// Lowers the calling thread's CPU priority to [`BACKGROUND_NICE`]
 /// (Linux applies `setpriority` with a thread id to that thread alone).
-/// Best effort: a conversion at normal priority is still correct.
-pub(crate) fn lower_priority() {
+/// Best effort: the work at normal priority is still correct.
+fn lower_priority() {
     // SAFETY: gettid takes no arguments and cannot fail.
     let tid = unsafe { libc::gettid() };
     // SAFETY: plain syscall on this thread's id; no memory is passed.

@@ -45,21 +45,15 @@ const STEP: usize = 1 << 20;
 /// The most tar bytes one chunk may need from the follower.
 const MAX_WINDOW: u64 = 8 << 20;
 
-/// A running follower; dropping it (or [`Follower::stop`]) ends it.
+/// A running follower; dropping it ends it at its next look at the
+/// download.
 pub(super) struct Follower {
     stop: Arc<AtomicBool>,
 }
 
-impl Follower {
-    /// Ends it at its next look at the download.
-    pub(super) fn stop(&self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
 impl Drop for Follower {
     fn drop(&mut self) {
-        self.stop();
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -112,20 +106,17 @@ impl Lazy {
         let m = blob.mapped.get()?.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let (me, b, halt) = (self.clone(), blob.clone(), stop.clone());
-        std::thread::Builder::new()
-            .name("hb-follow".into())
-            .spawn(move || {
-                crate::remote::lower_priority();
-                match me.follow_download(&b, &m, &staged, halt) {
-                    Ok(made) => {
-                        tracing::debug!(erofs = %b.erofs, chunks = made, "chunks made from the layer's download")
-                    }
-                    Err(why) => {
-                        tracing::debug!(erofs = %b.erofs, why, "stopped making chunks from the layer's download")
-                    }
+        crate::remote::spawn_named("hb-follow", true, move || {
+            match me.follow_download(&b, &m, &staged, halt) {
+                Ok(made) => {
+                    tracing::debug!(erofs = %b.erofs, chunks = made, "chunks made from the layer's download")
                 }
-            })
-            .ok()?;
+                Err(why) => {
+                    tracing::debug!(erofs = %b.erofs, why, "stopped making chunks from the layer's download")
+                }
+            }
+        })
+        .ok()?;
         Some(Follower { stop })
     }
 
