@@ -24,10 +24,12 @@ use serde::de::DeserializeOwned;
 pub enum Error {
     /// The agent's socket could not be reached.
     #[error(
-        "connect to the agent at {} (is hyperbox-nri running? agent.address in the config)",
-        socket.display()
+        "connect to the {peer} at {} (is {} running? {} in the config)",
+        socket.display(), peer.daemon(), peer.setting()
     )]
     Connect {
+        /// Who was dialled.
+        peer: Peer,
         /// The socket dialled.
         socket: PathBuf,
         /// Why it failed.
@@ -35,8 +37,10 @@ pub enum Error {
         source: std::io::Error,
     },
     /// The HTTP exchange failed (connection reset, malformed answer).
-    #[error("{method} {path} on the agent")]
+    #[error("{method} {path} on the {peer}")]
     Http {
+        /// Who was asked.
+        peer: Peer,
         /// The request's method.
         method: Method,
         /// The request's path.
@@ -46,8 +50,10 @@ pub enum Error {
         source: hyper::Error,
     },
     /// The agent did not answer in time.
-    #[error("{method} {path} on the agent: no answer within {timeout:?}")]
+    #[error("{method} {path} on the {peer}: no answer within {timeout:?}")]
     Timeout {
+        /// Who was asked.
+        peer: Peer,
         /// The request's method.
         method: Method,
         /// The request's path.
@@ -56,8 +62,10 @@ pub enum Error {
         timeout: Duration,
     },
     /// The agent answered with an error status.
-    #[error("{method} {path} on the agent: {status}: {message}")]
+    #[error("{method} {path} on the {peer}: {status}: {message}")]
     Status {
+        /// Who answered.
+        peer: Peer,
         /// The request's method.
         method: Method,
         /// The request's path.
@@ -68,8 +76,10 @@ pub enum Error {
         message: String,
     },
     /// The answer is not the JSON the call expects.
-    #[error("{method} {path} on the agent: unexpected answer")]
+    #[error("{method} {path} on the {peer}: unexpected answer")]
     Decode {
+        /// Who answered.
+        peer: Peer,
         /// The request's method.
         method: Method,
         /// The request's path.
@@ -115,16 +125,60 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client of the agent's local API on a unix socket.
 #[derive(Debug, Clone)]
 pub struct Client {
+    peer: Peer,
     socket: PathBuf,
     timeout: Duration,
+}
+
+/// Which daemon a [`Client`] talks to, for its error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// The node agent (`agent.address`).
+    Agent,
+    /// The snapshotter's control socket (`snapshotter.control_address`).
+    Snapshotter,
+}
+
+impl Peer {
+    fn daemon(self) -> &'static str {
+        match self {
+            Peer::Agent => "hyperbox-nri",
+            Peer::Snapshotter => "hyperbox-snapshotter",
+        }
+    }
+
+    fn setting(self) -> &'static str {
+        match self {
+            Peer::Agent => "agent.address",
+            Peer::Snapshotter => "snapshotter.control_address",
+        }
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Peer::Agent => "agent",
+            Peer::Snapshotter => "snapshotter",
+        })
+    }
 }
 
 impl Client {
     /// A client of the agent listening on `socket`.
     pub fn new(socket: impl Into<PathBuf>) -> Client {
         Client {
+            peer: Peer::Agent,
             socket: socket.into(),
             timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// A client of the snapshotter's control socket.
+    pub fn snapshotter(socket: impl Into<PathBuf>) -> Client {
+        Client {
+            peer: Peer::Snapshotter,
+            ..Client::new(socket)
         }
     }
 
@@ -142,7 +196,7 @@ impl Client {
     /// `GET path`, decoded as `T`.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         let body = self.call(Method::GET, path, None).await?;
-        decode(Method::GET, path, &body)
+        decode(self.peer, Method::GET, path, &body)
     }
 
     /// `POST path` with `body` as JSON, the answer decoded as `T`.
@@ -171,7 +225,7 @@ impl Client {
         })?;
         let answer = self.call(method.clone(), path, Some(encoded)).await?;
         let answer: &[u8] = if answer.is_empty() { b"null" } else { &answer };
-        decode(method, path, answer)
+        decode(self.peer, method, path, answer)
     }
 
     /// `DELETE path`; the answer's body is ignored.
@@ -186,6 +240,7 @@ impl Client {
         let method = Method::GET;
         let head = tokio::time::timeout(self.timeout, self.send(method.clone(), path, None));
         let answer = head.await.map_err(|_| Error::Timeout {
+            peer: self.peer,
             method: method.clone(),
             path: path.into(),
             timeout: self.timeout,
@@ -199,9 +254,10 @@ impl Client {
                 .and_then(|r| r.ok())
                 .map(|c| c.to_bytes())
                 .unwrap_or_default();
-            return Err(status_error(method, path, status, &bytes));
+            return Err(status_error(self.peer, method, path, status, &bytes));
         }
         Ok(Lines {
+            peer: self.peer,
             method,
             path: path.into(),
             body,
@@ -219,19 +275,27 @@ impl Client {
                 .collect()
                 .await
                 .map_err(|source| Error::Http {
+                    peer: self.peer,
                     method: method.clone(),
                     path: path.into(),
                     source,
                 })?
                 .to_bytes();
             if !status.is_success() {
-                return Err(status_error(method.clone(), path, status, &bytes));
+                return Err(status_error(
+                    self.peer,
+                    method.clone(),
+                    path,
+                    status,
+                    &bytes,
+                ));
             }
             Ok(bytes)
         };
         tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| Error::Timeout {
+                peer: self.peer,
                 method: method.clone(),
                 path: path.into(),
                 timeout: self.timeout,
@@ -247,10 +311,12 @@ impl Client {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|source| Error::Connect {
+                peer: self.peer,
                 socket: self.socket.clone(),
                 source,
             })?;
         let http = |source| Error::Http {
+            peer: self.peer,
             method: method.clone(),
             path: path.into(),
             source,
@@ -275,16 +341,18 @@ impl Client {
     }
 }
 
-fn decode<T: DeserializeOwned>(method: Method, path: &str, body: &[u8]) -> Result<T> {
+fn decode<T: DeserializeOwned>(peer: Peer, method: Method, path: &str, body: &[u8]) -> Result<T> {
     serde_json::from_slice(body).map_err(|source| Error::Decode {
+        peer,
         method,
         path: path.into(),
         source,
     })
 }
 
-fn status_error(method: Method, path: &str, status: StatusCode, body: &[u8]) -> Error {
+fn status_error(peer: Peer, method: Method, path: &str, status: StatusCode, body: &[u8]) -> Error {
     Error::Status {
+        peer,
         method,
         path: path.into(),
         status,
@@ -295,6 +363,7 @@ fn status_error(method: Method, path: &str, status: StatusCode, body: &[u8]) -> 
 /// A stream of JSON lines from the agent ([`Client::lines`]).
 #[derive(Debug)]
 pub struct Lines {
+    peer: Peer,
     method: Method,
     path: String,
     body: Incoming,
@@ -312,19 +381,20 @@ impl Lines {
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                return decode(self.method.clone(), &self.path, line).map(Some);
+                return decode(self.peer, self.method.clone(), &self.path, line).map(Some);
             }
             if self.done {
                 if self.buf.iter().all(u8::is_ascii_whitespace) {
                     return Ok(None);
                 }
                 let rest = self.buf.split();
-                return decode(self.method.clone(), &self.path, &rest).map(Some);
+                return decode(self.peer, self.method.clone(), &self.path, &rest).map(Some);
             }
             match self.body.frame().await {
                 None => self.done = true,
                 Some(Err(source)) => {
                     return Err(Error::Http {
+                        peer: self.peer,
                         method: self.method.clone(),
                         path: self.path.clone(),
                         source,

@@ -3,8 +3,8 @@
 
 use crate::client::{Client, Error, Lines};
 use crate::types::{
-    ContainerInfo, EventLine, Explain, Health, Policy, ProfileDetail, ProfileDiff, ProfileSummary,
-    Psi, Registered, SetMode, Top, Trace,
+    ContainerInfo, EventLine, Explain, Health, Policy, Prewarm, PrewarmRequest, ProfileDetail,
+    ProfileDiff, ProfileSummary, Psi, Registered, SetMode, Top, Trace,
 };
 
 type Result<T> = std::result::Result<T, Error>;
@@ -34,6 +34,13 @@ fn with_query(path: &str, pairs: &[(&str, &str)]) -> String {
 }
 
 impl Client {
+    /// `POST /v1/prewarm` on the snapshotter's control socket
+    /// ([`Client::snapshotter`]): fetches the learned prefetch lists of an
+    /// image's lazy layers ahead of its next pull.
+    pub async fn prewarm(&self, request: &PrewarmRequest) -> Result<Prewarm> {
+        self.post("/v1/prewarm", request).await
+    }
+
     /// `GET /v1/profiles`: every learned seccomp profile.
     pub async fn profiles(&self) -> Result<Vec<ProfileSummary>> {
         self.get("/v1/profiles").await

@@ -978,3 +978,81 @@ mod tests {
         assert_eq!(serde_json::to_value(&t).unwrap()["syscalls"]["0"], 5);
     }
 }
+
+/// `POST /v1/prewarm` on the snapshotter's control socket: fetch the
+/// learned prefetch lists of `image`'s lazy layers ahead of its next pull.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrewarmRequest {
+    /// The image reference (a tag or a digest).
+    pub image: String,
+    /// Stop when the node's I/O `some avg10` (%) reaches this; 0 never.
+    #[serde(default)]
+    pub max_io_pressure: f64,
+}
+
+/// What a prewarm of one image did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prewarm {
+    /// The image as asked.
+    pub image: String,
+    /// Its manifest for the node's platform.
+    pub manifest: String,
+    /// Whether it has a hyperbox index (without one nothing is lazy).
+    pub indexed: bool,
+    /// Per layer, bottom first.
+    pub layers: Vec<Warmed>,
+    /// How long it took, in milliseconds.
+    pub ms: u64,
+}
+
+/// What a prewarm did with one layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Warmed {
+    /// The layer's digest.
+    pub layer: String,
+    /// What happened.
+    pub outcome: WarmOutcome,
+    /// Chunks in its learned list (0 when none fits).
+    pub listed: usize,
+    /// Chunks fetched by this prewarm.
+    pub fetched: usize,
+}
+
+/// What a prewarm did with one layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WarmOutcome {
+    /// Its learned chunks are local now.
+    Prewarmed,
+    /// Stopped part way: the node's I/O came under pressure.
+    Stopped,
+    /// Already on the node (pulled, filling, or whole).
+    OnNode,
+    /// No run taught a list for it: nothing to fetch ahead.
+    NoList,
+    /// The index does not list it, or lists it under another diff_id.
+    NotIndexed,
+    /// Its index entry did not match the image before on this node.
+    Refused,
+    /// Parked layers already hold as much as the node lets them.
+    NoRoom,
+    /// Fetching its metadata failed (nothing of it is kept), or some
+    /// listed chunks could not be fetched.
+    Failed(String),
+}
+
+impl WarmOutcome {
+    /// Its name as `hb` prints it.
+    pub fn as_str(&self) -> &str {
+        match self {
+            WarmOutcome::Prewarmed => "prewarmed",
+            WarmOutcome::Stopped => "stopped (I/O pressure)",
+            WarmOutcome::OnNode => "on the node",
+            WarmOutcome::NoList => "no learned list",
+            WarmOutcome::NotIndexed => "not in the index",
+            WarmOutcome::Refused => "refused here before",
+            WarmOutcome::NoRoom => "no room (parked layers at their limit)",
+            WarmOutcome::Failed(_) => "failed",
+        }
+    }
+}

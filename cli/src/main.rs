@@ -6,6 +6,7 @@ mod doctor;
 mod image;
 mod index;
 mod prefetch;
+mod prewarm;
 mod profile;
 mod snapshots;
 mod table;
@@ -128,6 +129,19 @@ enum ImageCommand {
         #[arg(long, default_value = "hyperbox")]
         snapshotter: String,
         /// One JSON object per line: a `layer` event per layer, then `done`.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fetch the learned prefetch lists of the image's lazy layers into the
+    /// snapshotter's cache now, ahead of its next pull (the agent does this
+    /// by itself for images that start often, see `agent.prewarm`).
+    Prewarm {
+        /// Image reference (it must have a hyperbox index).
+        reference: String,
+        /// Stop when the node's I/O `some avg10` (%) reaches this; 0 never.
+        #[arg(long, default_value_t = 0.0)]
+        max_io_pressure: f64,
+        /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
@@ -344,6 +358,19 @@ fn main() -> ExitCode {
             } => {
                 tokio::runtime::Runtime::new()?.block_on(prefetch::show(&config, &reference, json))
             }
+            Command::Image {
+                command:
+                    ImageCommand::Prewarm {
+                        reference,
+                        max_io_pressure,
+                        json,
+                    },
+            } => tokio::runtime::Runtime::new()?.block_on(prewarm::run(
+                &config,
+                &reference,
+                max_io_pressure,
+                json,
+            )),
             Command::Snapshots {
                 command: SnapshotsCommand::Ls { filters, json },
             } => tokio::runtime::Runtime::new()?.block_on(snapshots::ls(&config, filters, json)),

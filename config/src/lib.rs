@@ -336,6 +336,20 @@ pub struct Agent {
     /// cgroup below one of them. Empty: below any parent that passes the
     /// other checks (two levels deep, none of the host's units).
     pub cgroup_parents: Vec<String>,
+    /// Prewarm images likely to start again: those started at least
+    /// `prewarm_min_starts` times within `prewarm_window_secs` get their
+    /// learned prefetch lists fetched by the snapshotter
+    /// (`snapshotter.control_address`) while the node is calm.
+    pub prewarm: bool,
+    /// Seconds between prewarm rounds.
+    pub prewarm_interval_secs: u64,
+    /// Starts within the window that make an image worth prewarming.
+    pub prewarm_min_starts: u32,
+    /// How far back starts count, seconds.
+    pub prewarm_window_secs: u64,
+    /// CPU, I/O or memory `some avg10` (%) at which no prewarm starts and
+    /// a running one stops.
+    pub prewarm_max_pressure: u32,
 }
 
 impl Default for Agent {
@@ -350,6 +364,11 @@ impl Default for Agent {
             state_dir: PathBuf::from("/var/lib/hyperbox/agent"),
             api_group: String::new(),
             cgroup_parents: Vec::new(),
+            prewarm: true,
+            prewarm_interval_secs: 600,
+            prewarm_min_starts: 2,
+            prewarm_window_secs: 7 * 24 * 3600,
+            prewarm_max_pressure: 10,
         }
     }
 }
@@ -517,6 +536,10 @@ pub struct Snapshotter {
     /// `host:port` to serve `/metrics` on (Prometheus text format); empty
     /// for none.
     pub metrics_address: String,
+    /// Unix socket of the snapshotter's own calls (`POST /v1/prewarm`,
+    /// which the agent and `hb image prewarm` make), owner-only (0600):
+    /// a call makes the node fetch from registries. Empty for none.
+    pub control_address: PathBuf,
     /// Accept character and block device nodes in fetched layers, as
     /// containerd's overlayfs does (debootstrap-made base images carry
     /// `/dev/console`, `/dev/null` and more). A node in an image is inert
@@ -611,6 +634,7 @@ impl Default for Snapshotter {
             lazy_fill_from_layer: true,
             lazy_shared_prefetch: true,
             metrics_address: String::new(),
+            control_address: PathBuf::from("/run/hyperbox/snapshotter-control.sock"),
             allow_device_nodes: true,
             // Above the largest real layers (CUDA and model images reach
             // 10-30 GiB expanded), far below EROFS' 16 TiB.
@@ -688,6 +712,26 @@ impl Config {
                 "snapshotter.address",
                 "is longer than a unix socket path may be (107 bytes)",
             ));
+        }
+        if !s.control_address.as_os_str().is_empty() {
+            if !s.control_address.is_absolute() {
+                return Err(invalid(
+                    "snapshotter.control_address",
+                    "must be an absolute path (or empty for none)",
+                ));
+            }
+            if s.control_address.as_os_str().len() > 107 {
+                return Err(invalid(
+                    "snapshotter.control_address",
+                    "is longer than a unix socket path may be (107 bytes)",
+                ));
+            }
+            if s.control_address == s.address {
+                return Err(invalid(
+                    "snapshotter.control_address",
+                    "must differ from snapshotter.address",
+                ));
+            }
         }
         if s.socket_mode > 0o777 {
             return Err(invalid(
@@ -890,6 +934,32 @@ impl Config {
                     &format!(
                         "{p:?} is neither a cgroup path below the root (\"/kubepods\") nor a systemd slice (\"kubepods.slice\")"
                     ),
+                ));
+            }
+        }
+        if a.address == self.snapshotter.control_address {
+            return Err(invalid(
+                "snapshotter.control_address",
+                "must differ from agent.address",
+            ));
+        }
+        if a.prewarm {
+            if a.prewarm_interval_secs < 10 {
+                return Err(invalid(
+                    "agent.prewarm_interval_secs",
+                    "must be at least 10 (each round asks registries for manifests)",
+                ));
+            }
+            if a.prewarm_min_starts == 0 {
+                return Err(invalid("agent.prewarm_min_starts", "must be at least 1"));
+            }
+            if a.prewarm_window_secs == 0 {
+                return Err(invalid("agent.prewarm_window_secs", "must be at least 1"));
+            }
+            if !(1..=100).contains(&a.prewarm_max_pressure) {
+                return Err(invalid(
+                    "agent.prewarm_max_pressure",
+                    "must be a percentage between 1 and 100",
                 ));
             }
         }

@@ -35,7 +35,9 @@
 //! (`HYPERBOX_BENCH_IMAGES=files` runs one;
 //! `HYPERBOX_BENCH_ONLY=hyperbox-lazy,hyperbox` times those sides only and
 //! writes nothing, and with it `HYPERBOX_BENCH_LAZY=first` makes every lazy
-//! run a first run, and `HYPERBOX_BENCH_LAZY_BACKEND=fuse` serves the lazy
+//! run a first run, `HYPERBOX_BENCH_LAZY=prewarm` alternates cold and
+//! prewarmed lazy runs on a node that ran the image before, and
+//! `HYPERBOX_BENCH_LAZY_BACKEND=fuse` serves the lazy
 //! side through the FUSE fallback); under `cargo test` it runs every side once on a small
 //! busybox image as a smoke test.
 
@@ -363,6 +365,17 @@ async fn run(case: Case, full: bool) {
     // kept), for tuning that case on more than one sample.
     let first_runs_only =
         only.is_some() && std::env::var("HYPERBOX_BENCH_LAZY").is_ok_and(|v| v == "first");
+    // ... and `HYPERBOX_BENCH_LAZY=prewarm` makes every later lazy run a
+    // node that ran the image before and lost it (its learned lists kept),
+    // every other one prewarmed first (`hb image prewarm`, its time and
+    // bytes counted apart): prewarmed starts against cold ones.
+    let prewarm_runs =
+        only.is_some() && std::env::var("HYPERBOX_BENCH_LAZY").is_ok_and(|v| v == "prewarm");
+    // (pull to exit, container start to exit) of cold and prewarmed
+    // lazy runs, and each prewarm's time and bytes.
+    let mut cold: Vec<(Duration, Duration)> = Vec::new();
+    let mut prewarmed: Vec<(Duration, Duration)> = Vec::new();
+    let mut prewarm_cost: Vec<(Duration, u64)> = Vec::new();
 
     // 1. Pull to exit, cold, through CRI.
     let mut pull: HashMap<&str, Vec<Duration>> = HashMap::new();
@@ -401,7 +414,25 @@ async fn run(case: Case, full: bool) {
                     .filter(|s| s.bed == 1)
                     .map(|s| s.reference.as_str())
                     .collect();
-                beds[1].forget_images_and_learned(&on_bed).await;
+                if prewarm_runs {
+                    beds[1].forget_images(&on_bed).await;
+                    if n % 2 == 0 {
+                        let tb = &mut beds[1];
+                        let (began, before) = (Instant::now(), tb.proxy.bytes_served());
+                        let warmed =
+                            tb.hyperbox()
+                                .hb_json(&["image", "prewarm", "--json", &side.reference]);
+                        let cost = (began.elapsed(), tb.proxy.bytes_served() - before);
+                        eprintln!(
+                            "prewarmed in {:?}, {:.1} MiB: {warmed}",
+                            cost.0,
+                            cost.1 as f64 / 1048576.0
+                        );
+                        prewarm_cost.push(cost);
+                    }
+                } else {
+                    beds[1].forget_images_and_learned(&on_bed).await;
+                }
             }
             let tb = &beds[side.bed];
             let k8s = k8s(tb).await;
@@ -411,6 +442,7 @@ async fn run(case: Case, full: bool) {
             let start = Instant::now();
             cri.pull_image(&side.reference).await.unwrap();
             let img = k8s.pull(&side.reference, &side.pull).await.unwrap();
+            let pulled = start.elapsed();
             let out = k8s
                 .run(
                     &format!("pull-{}-{n}", side.name),
@@ -458,6 +490,14 @@ async fn run(case: Case, full: bool) {
                     b[3].saturating_sub(a[3]),
                     b[4].saturating_sub(a[4])
                 );
+            }
+            if prewarm_runs && side.name == "hyperbox-lazy" && n > 0 {
+                let runs = if n % 2 == 0 {
+                    &mut prewarmed
+                } else {
+                    &mut cold
+                };
+                runs.push((took, took - pulled));
             }
             pull.entry(side.name).or_default().push(took);
             fetched.entry(side.name).or_default().push(bytes);
@@ -508,6 +548,36 @@ async fn run(case: Case, full: bool) {
                 percentile(&complete, 50.0).as_secs_f64(),
                 lazy_all(&fetched_in_all),
                 secs(&complete)
+            );
+        }
+        if prewarm_runs && !cold.is_empty() && !prewarmed.is_empty() {
+            let median = |runs: &[(Duration, Duration)], run_only: bool| {
+                let v: Vec<Duration> = runs
+                    .iter()
+                    .map(|r| if run_only { r.1 } else { r.0 })
+                    .collect();
+                percentile(&v, 50.0).as_secs_f64()
+            };
+            let costs: Vec<Duration> = prewarm_cost.iter().map(|c| c.0).collect();
+            let mut bytes: Vec<u64> = prewarm_cost.iter().map(|c| c.1).collect();
+            bytes.sort();
+            eprintln!(
+                "prewarm: cold (learned here) pull to exit median {:.2} s, container start to exit {:.2} s; prewarmed {:.2} s and {:.2} s ({:.2}x, {:.2}x); prewarm itself median {:.2} s, {:.1} MiB; samples cold {:?} prewarmed {:?}",
+                median(&cold, false),
+                median(&cold, true),
+                median(&prewarmed, false),
+                median(&prewarmed, true),
+                median(&prewarmed, false) / median(&cold, false),
+                median(&prewarmed, true) / median(&cold, true),
+                percentile(&costs, 50.0).as_secs_f64(),
+                bytes
+                    .get(bytes.len() / 2)
+                    .map_or(0.0, |b| *b as f64 / 1048576.0),
+                cold.iter().map(|r| r.0.as_secs_f64()).collect::<Vec<_>>(),
+                prewarmed
+                    .iter()
+                    .map(|r| r.0.as_secs_f64())
+                    .collect::<Vec<_>>(),
             );
         }
         let mut leaks = Vec::new();

@@ -32,6 +32,25 @@ pub async fn wait_complete(tb: &mut Testbed) {
     }
 }
 
+/// An image whose container reads 1 MiB near the end of a 48 MiB file
+/// (`/data/big`, gzip): a fill in file order reaches it long after the
+/// container asked for it, and a learned list names exactly it.
+pub fn read_near_the_end() -> crate::image::ImageSpec {
+    use crate::image::{Compression, ImageSpec, Layer};
+    let read = [
+        "dd",
+        "if=/data/big",
+        "of=/dev/null",
+        "bs=65536",
+        "skip=700",
+        "count=16",
+    ];
+    let mut spec = ImageSpec::busybox(&read).expect("busybox");
+    spec.layers
+        .push(Layer::new(Compression::Gzip).large_file("data/big", 48 << 20, 9));
+    spec
+}
+
 /// The value of the unlabelled metric `name` on a `/metrics` page.
 pub fn metric(page: &str, name: &str) -> u64 {
     page.lines()

@@ -44,11 +44,13 @@ impl SnapshotterDaemon {
         fs::write(
             dir.join("config.toml"),
             format!(
-                "[snapshotter]\nroot = \"{}\"\naddress = \"{}\"\n{snapshotter_keys}\n\
+                "[snapshotter]\nroot = \"{}\"\naddress = \"{}\"\ncontrol_address = \"{}\"\n\
+                 {snapshotter_keys}\n\
                  [registry]\nconfig_path = \"{}\"\ndocker_config = \"{}\"\nretries = 3\n\
                  timeout_secs = 10\n{rest}\n",
                 dir.join("root").display(),
                 dir.join("snapshotter.sock").display(),
+                dir.join("control.sock").display(),
                 dir.join("certs.d").display(),
                 dir.join("docker-config.json").display(),
             ),
@@ -72,6 +74,11 @@ impl SnapshotterDaemon {
     /// Its gRPC socket.
     pub fn address(&self) -> PathBuf {
         self.dir.join("snapshotter.sock")
+    }
+
+    /// Its control socket (`snapshotter.control_address`).
+    pub fn control_address(&self) -> PathBuf {
+        self.dir.join("control.sock")
     }
 
     /// Its config file.

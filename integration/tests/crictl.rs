@@ -458,3 +458,135 @@ fn pattern_sha256(len: u64, seed: u64) -> String {
     }
     hex::encode(h.finalize())
 }
+
+/// Prewarming, as a node runs it: the agent counts the image's start
+/// (NRI), the image is removed (as the kubelet's image GC does), and
+/// while the node is calm the agent has the snapshotter fetch back the
+/// chunks the container read, from the list learned on its first run. The
+/// next pull through crictl takes those files as they are: the start
+/// reads them locally instead of asking the registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_prewarms_an_image_that_starts_again() {
+    require_crictl!();
+    let mut tb =
+        Testbed::start_hyperbox_configured("metrics_address = \"127.0.0.1:0\"", |b| b).await;
+    // Pressure at 100 % never comes: a loaded test machine must not keep
+    // the round from running (pressure's part is unit-tested).
+    let agent = AgentDaemon::start(
+        &tb.containerd.nri_socket(),
+        &format!(
+            "prewarm_interval_secs = 10\nprewarm_min_starts = 1\nprewarm_max_pressure = 100\n\
+             [snapshotter]\ncontrol_address = \"{}\"\n",
+            tb.hyperbox().control_address().display()
+        ),
+    )
+    .await;
+    agent.wait_connected(true, Duration::from_secs(20)).await;
+    let crictl = Crictl::new(&tb.containerd).unwrap();
+    let spec = hyperbox_integration::lazy::read_near_the_end();
+    let (reference, _) = push(&tb, &spec, "test/prewarm", "v1").await;
+    let reference = tb.via_proxy(&reference);
+    tb.hyperbox().hb_index(&reference);
+    let slow = hyperbox_integration::proxy::Shaping {
+        latency: Duration::from_millis(5),
+        bits_per_sec: Some(40_000_000),
+    };
+    let waited = |page: &str| {
+        hyperbox_integration::lazy::metric(page, "hyperbox_snapshotter_lazy_waited_reads_total")
+    };
+    let range_bytes = |page: &str| {
+        hyperbox_integration::lazy::metric(
+            page,
+            "hyperbox_snapshotter_lazy_layer_range_bytes_total",
+        )
+    };
+    fn start(crictl: &Crictl, tb: &Testbed, reference: &str, pod: &str) {
+        crictl.run(&["pull", reference]).unwrap();
+        let (pod, id) = start_in_pod(crictl, tb, pod, "reader", reference);
+        let done = wait_state(crictl, &id, "CONTAINER_EXITED");
+        assert_eq!(done["status"]["exitCode"], 0, "{done}");
+        crictl.run(&["rmp", "-f", &pod]).unwrap();
+    }
+
+    // The pause image first, as on any node running pods: its snapshots
+    // (busybox's layer, which the test image shares) stay throughout.
+    let pod = crictl
+        .id(&["runp", pod_config(&tb, "prewarm-pause").to_str().unwrap()])
+        .unwrap();
+    crictl.run(&["rmp", "-f", &pod]).unwrap();
+    let pause = tb
+        .hyperbox()
+        .list(&["kind==committed"])
+        .await
+        .unwrap()
+        .len();
+    assert!(pause >= 1);
+
+    // The first run: its reads are learned.
+    tb.proxy.set_shaping(slow);
+    start(&crictl, &tb, &reference, "prewarm-first");
+    tb.proxy.set_shaping(Default::default());
+    let first = waited(&tb.hyperbox().metrics().await);
+    assert!(first > 0, "the first run's reads waited for the registry");
+    hyperbox_integration::lazy::wait_complete(&mut tb).await;
+
+    // Removed from the node; the learned lists stay.
+    tb.forget_images_leaving(&[&reference], pause).await;
+    let warm = tools::poll(Duration::from_secs(90), || {
+        let log = agent.log();
+        log.lines()
+            .any(|l| {
+                l.contains("image prewarmed") && l.contains("fetched=") && !l.contains("fetched=0")
+            })
+            .then_some(log)
+    });
+    assert!(warm.is_some(), "the agent never prewarmed: {}", agent.log());
+    let page = tb.hyperbox().metrics().await;
+    let metric = |name: &str| hyperbox_integration::lazy::metric(&page, name);
+    assert!(
+        metric("hyperbox_snapshotter_lazy_prewarmed_chunks_total") >= 16,
+        "{page}"
+    );
+    // The data layer; busybox's is the pause image's too, committed.
+    assert!(
+        page.contains("hyperbox_snapshotter_lazy_layers{phase=\"prewarmed\"} 1"),
+        "the data layer waits for its pull: {page}"
+    );
+    let warmed = (waited(&page), range_bytes(&page));
+
+    // By hand, once more: nothing left to fetch.
+    let again = tb
+        .hyperbox()
+        .hb_json(&["image", "prewarm", "--json", &reference]);
+    assert_eq!(again["layers"][0]["outcome"], "on_node", "{again}");
+    assert_eq!(again["layers"][1]["outcome"], "prewarmed", "{again}");
+    assert_eq!(again["layers"][1]["fetched"], 0, "{again}");
+
+    // The next start: the data layer taken as prewarmed, the read local.
+    tb.proxy.set_shaping(slow);
+    start(&crictl, &tb, &reference, "prewarm-again");
+    tb.proxy.set_shaping(Default::default());
+    let page = tb.hyperbox().metrics().await;
+    assert_eq!(
+        hyperbox_integration::lazy::metric(&page, "hyperbox_snapshotter_lazy_prewarm_used_total"),
+        1,
+        "{page}"
+    );
+    // Not one read waited: the data the container read was local, and the
+    // Range requests since are read-ahead beside those reads.
+    let log = tb.hyperbox().log();
+    let lazy_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("hyperbox_snapshotter::lazy"))
+        .collect();
+    assert_eq!(
+        waited(&page) - warmed.0,
+        0,
+        "reads of the prewarmed start waited ({} bytes by Range since the prewarm): {lazy_lines:#?}",
+        range_bytes(&page) - warmed.1
+    );
+    hyperbox_integration::lazy::wait_complete(&mut tb).await;
+    tb.forget_images_leaving(&[&reference], pause).await;
+    drop(agent);
+    tb.finish();
+}

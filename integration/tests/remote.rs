@@ -947,20 +947,7 @@ async fn learned_prefetch_lists_are_shared_through_the_registry() {
         b.without_cri()
     })
     .await;
-    // 1 MiB read near the end of a 48 MiB file: the fill, in file order,
-    // reaches it long after the container asked for it.
-    let big = 48u64 << 20;
-    let read = [
-        "dd",
-        "if=/data/big",
-        "of=/dev/null",
-        "bs=65536",
-        "skip=700",
-        "count=16",
-    ];
-    let mut spec = ImageSpec::busybox(&read).unwrap();
-    spec.layers
-        .push(Layer::new(Compression::Gzip).large_file("data/big", big, 9));
+    let spec = hyperbox_integration::lazy::read_near_the_end();
     let pushed = tb.push(&spec, "test/prefetch", "v1").await;
     let reference = tb.via_proxy(&pushed);
     hb_index(&mut tb, &reference);

@@ -57,6 +57,8 @@ pub struct Agent {
     /// The NRI runtime applies seccomp adjustments (NRI 0.10+, containerd
     /// 2.2+).
     nri_seccomp: AtomicBool,
+    /// Which images start here and how often, with `agent.prewarm`.
+    pub starts: std::sync::OnceLock<Arc<crate::prewarm::Starts>>,
 }
 
 impl Agent {
@@ -80,8 +82,16 @@ impl Agent {
             shim_journal: std::sync::OnceLock::new(),
             seccomp,
             nri_seccomp: AtomicBool::new(false),
+            starts: std::sync::OnceLock::new(),
         };
         (Arc::new(agent), jobs)
+    }
+
+    /// Counts a container start of `image` for prewarming.
+    pub fn note_start(&self, image: &str) {
+        if let Some(s) = self.starts.get() {
+            s.note(image, hyperbox_api::time::unix_now());
+        }
     }
 
     /// A container's policy and where it came from.
@@ -757,6 +767,7 @@ impl Events for Agent {
         container: &api::Container,
     ) -> api::CreateContainerResponse {
         let info = info_from_nri(pod, container);
+        self.note_start(&info.image);
         let seccomp = self.seccomp_from_nri(&info, container);
         let mut annotations = HashMap::new();
         let mut linux = api::LinuxContainerAdjustment::default();

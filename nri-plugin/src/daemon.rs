@@ -129,6 +129,28 @@ pub async fn run(cfg: &hyperbox_config::Config) -> Result<()> {
             return Err(e);
         }
     }
+    if cfg.agent.prewarm {
+        let window = std::time::Duration::from_secs(cfg.agent.prewarm_window_secs);
+        let starts = crate::prewarm::Starts::open(&cfg.agent.state_dir, window)
+            .with_context(|| format!("open agent.state_dir {}", cfg.agent.state_dir.display()))?;
+        let starts = Arc::new(starts);
+        let _ = agent.starts.set(starts.clone());
+        tokio::spawn(crate::prewarm::keep_saved(starts.clone()));
+        let settings = crate::prewarm::Settings {
+            interval: std::time::Duration::from_secs(cfg.agent.prewarm_interval_secs),
+            min_starts: cfg.agent.prewarm_min_starts,
+            max_pressure: f64::from(cfg.agent.prewarm_max_pressure),
+            snapshotter: cfg.snapshotter.control_address.clone(),
+            pressure_dir: std::path::PathBuf::from("/proc/pressure"),
+        };
+        if settings.snapshotter.as_os_str().is_empty() {
+            tracing::warn!(
+                "agent.prewarm is on but snapshotter.control_address is empty: image starts are counted, nothing is prewarmed"
+            );
+        } else {
+            tokio::spawn(crate::prewarm::run(starts, settings, agent.clone()));
+        }
+    }
     tokio::spawn(crate::memory::controller::run(agent.clone(), jobs));
     tokio::spawn(read_seccomp_audit(agent.clone()));
     {
@@ -159,6 +181,9 @@ pub async fn run(cfg: &hyperbox_config::Config) -> Result<()> {
         _ = term.recv() => Ok(()),
         _ = int.recv() => Ok(()),
     };
+    if let Some(starts) = agent.starts.get() {
+        starts.flush();
+    }
     // Leave no socket that looks alive to the next agent.
     let _ = std::fs::remove_file(&cfg.agent.address);
     let tracing = agent.tracing.clone();

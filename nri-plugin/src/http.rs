@@ -466,6 +466,7 @@ async fn policy(
 async fn register(
     State(app): State<App>,
     Extension(access): Extension<Arc<Access>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<crate::access::Peer>,
     Json(info): Json<ContainerInfo>,
 ) -> Response {
     if let Some(refused) = check(&app.agent, &access, &info, true) {
@@ -473,6 +474,13 @@ async fn register(
     }
     let a = &app.agent;
     let known = a.forget_stale(&info);
+    // Not seen through NRI: a start only the shim sees (ctr, nerdctl).
+    // Counted from root only (the shim runs as root): an `api_group`
+    // member could otherwise name any image, and the snapshotter would
+    // reach for it at its registry.
+    if !known && !info.running && peer.cred.is_some_and(|(uid, _, _)| uid == 0) {
+        a.note_start(&info.image);
+    }
     if !info.running {
         // Nothing ran yet: whatever is watched under this id is an earlier
         // run's (its cgroup is gone) or this registration's, retried.

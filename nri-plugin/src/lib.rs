@@ -21,6 +21,7 @@ pub mod http;
 pub mod memory;
 pub mod metrics;
 pub mod otlp;
+pub mod prewarm;
 pub mod psi;
 pub mod seccomp;
 pub mod state;

@@ -47,6 +47,14 @@ pub struct Metrics {
     pub seccomp_unattributed: Counter,
     /// Syscalls added to learned profiles.
     pub seccomp_learned: Counter,
+    /// Prewarm asks the snapshotter answered.
+    pub prewarm_asked: Counter,
+    /// Prewarm asks that failed.
+    pub prewarm_failed: Counter,
+    /// Candidates left for a later round because the node was not calm.
+    pub prewarm_deferred: Counter,
+    /// Chunks prewarms fetched.
+    pub prewarm_chunks: Counter,
 }
 
 impl Default for Metrics {
@@ -64,6 +72,10 @@ impl Default for Metrics {
             seccomp_rejected: Counter::default(),
             seccomp_unattributed: Counter::default(),
             seccomp_learned: Counter::default(),
+            prewarm_asked: Counter::default(),
+            prewarm_failed: Counter::default(),
+            prewarm_deferred: Counter::default(),
+            prewarm_chunks: Counter::default(),
         }
     }
 }
@@ -165,6 +177,26 @@ impl Metrics {
             "hyperbox_seccomp_learned_syscalls",
             "Syscalls added to learned profiles",
             self.seccomp_learned.clone(),
+        );
+        registry.register(
+            "hyperbox_prewarm_asks",
+            "Images the snapshotter was asked to prewarm and answered for (agent.prewarm)",
+            self.prewarm_asked.clone(),
+        );
+        registry.register(
+            "hyperbox_prewarm_failures",
+            "Prewarm asks that failed",
+            self.prewarm_failed.clone(),
+        );
+        registry.register(
+            "hyperbox_prewarm_deferred",
+            "Prewarm candidates left for a later round because CPU, I/O or memory pressure was at agent.prewarm_max_pressure",
+            self.prewarm_deferred.clone(),
+        );
+        registry.register(
+            "hyperbox_prewarm_chunks",
+            "Chunks of learned prefetch lists the snapshotter fetched for prewarms",
+            self.prewarm_chunks.clone(),
         );
         registry.register(
             "hyperbox_read_errors",

@@ -260,6 +260,13 @@ impl Demand {
         self.counters.fill_preempted.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The node's I/O `some avg10` (%), if PSI can be read.
+    pub fn io_pressure(&self) -> Option<f64> {
+        hyperbox_api::psi::read(&self.pressure_file)
+            .ok()
+            .map(|p| p.some.avg10)
+    }
+
     fn under_pressure(&self) -> bool {
         if self.pause_at <= 0.0 {
             return false;

@@ -28,6 +28,7 @@
 
 #![deny(missing_docs)]
 
+pub mod control;
 pub mod demand;
 pub mod fdstore;
 pub mod filter;

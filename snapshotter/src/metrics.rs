@@ -47,9 +47,39 @@ pub fn render(lazy: Option<&Lazy>) -> String {
             &c.denied_reads,
         ),
         (
+            "hyperbox_snapshotter_lazy_waited_reads_total",
+            "Reads of lazy layers that found bytes missing and waited for them (from the registry or the layer's download); the others were answered from local bytes.",
+            &c.waited_reads,
+        ),
+        (
             "hyperbox_snapshotter_lazy_prefetched_chunks_total",
             "Chunks of lazy layers fetched ahead from learned prefetch lists (what earlier runs read).",
             &c.prefetched_chunks,
+        ),
+        (
+            "hyperbox_snapshotter_lazy_prewarmed_layers_total",
+            "Lazy layers prewarmed ahead of a pull: their learned prefetch lists fetched while the node was calm.",
+            &c.prewarmed_layers,
+        ),
+        (
+            "hyperbox_snapshotter_lazy_prewarmed_chunks_total",
+            "Chunks fetched by prewarms.",
+            &c.prewarmed_chunks,
+        ),
+        (
+            "hyperbox_snapshotter_lazy_prewarm_stops_total",
+            "Prewarms stopped because the node's I/O came under pressure.",
+            &c.prewarm_stops,
+        ),
+        (
+            "hyperbox_snapshotter_lazy_prewarm_used_total",
+            "Prewarmed lazy layers a pull then took.",
+            &c.prewarm_used,
+        ),
+        (
+            "hyperbox_snapshotter_lazy_prewarm_expired_total",
+            "Prewarmed lazy layers removed unused.",
+            &c.prewarm_expired,
         ),
         (
             "hyperbox_snapshotter_lazy_shared_prefetch_lists_total",

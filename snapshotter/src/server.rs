@@ -186,6 +186,13 @@ pub async fn run(full: &hyperbox_config::Config) -> Result<()> {
         let lazy = remote.as_ref().and_then(|(_, lazy, _)| lazy.clone());
         crate::metrics::serve(&config.metrics_address, lazy).await?;
     }
+    if !config.control_address.as_os_str().is_empty() {
+        let lazy = remote
+            .as_ref()
+            .filter(|_| config.lazy)
+            .and_then(|(remote, lazy, _)| lazy.clone().map(|l| (l, remote.clone())));
+        crate::control::serve(&config.control_address, lazy, sn.clone())?;
+    }
     let puller = remote
         .map(|(remote, lazy, options)| Arc::new(Puller::new(sn.clone(), remote, lazy, options)));
     let listener = bind_unix(&config.address, config.socket_mode)?;
@@ -208,6 +215,9 @@ pub async fn run(full: &hyperbox_config::Config) -> Result<()> {
         .await
         .context("serve gRPC")?;
     let _ = std::fs::remove_file(&config.address);
+    if !config.control_address.as_os_str().is_empty() {
+        let _ = std::fs::remove_file(&config.control_address);
+    }
     Ok(())
 }
 

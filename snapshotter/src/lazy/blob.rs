@@ -32,6 +32,10 @@ pub(super) struct State {
     pub(super) entry: IndexLayer,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) rejected: Option<String>,
+    /// When (Unix seconds) it was prewarmed ahead of a pull, while no
+    /// pull has taken it yet ([`super::prewarm`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) prewarmed: Option<u64>,
 }
 
 /// One sparse EROFS image being filled.
@@ -74,12 +78,18 @@ pub(super) struct Blob {
     pub(super) downloading: AtomicBool,
     /// When its whole download starts.
     pub(super) download: Download,
-    /// When it was registered: a Prepare may still be about to link it.
-    pub(super) registered: Instant,
+    /// When it was registered, or taken by a Prepare after a prewarm: a
+    /// Prepare may still be about to link it.
+    pub(super) taken: Mutex<Instant>,
     /// The file, as events identify it.
     pub(super) inode: FileId,
     /// Its layer map (index v3), once fetched.
     pub(super) mapped: tokio::sync::OnceCell<Arc<super::mapped::Mapped>>,
+    /// Prewarmed and not yet pulled: nothing is mounted on it and it
+    /// does not fill ([`super::prewarm`]).
+    pub(super) parked: watch::Sender<bool>,
+    /// When (Unix seconds) it was last prewarmed, while parked.
+    pub(super) parked_at: std::sync::atomic::AtomicU64,
 }
 
 impl Blob {
@@ -134,12 +144,25 @@ impl Blob {
         used
     }
 
+    /// Whether every chunk holding `offset..offset+count` is in.
+    pub(super) fn has_range(&self, offset: u64, count: u64) -> bool {
+        let Some((first, last)) = self.chunks_of(offset, count) else {
+            return true;
+        };
+        lock(&self.present)[first..=last].iter().all(|p| *p)
+    }
+
     pub(super) fn missing(&self) -> usize {
         lock(&self.present).iter().filter(|p| !**p).count()
     }
 
     pub(super) fn phase(&self) -> Phase {
         self.phase.borrow().clone()
+    }
+
+    /// Prewarmed and not yet taken by a pull.
+    pub(super) fn is_parked(&self) -> bool {
+        *self.parked.borrow()
     }
 }
 
@@ -287,6 +310,8 @@ impl Lazy {
             present[i] = hex::encode(Sha256::digest(&buf[..len])) == state.entry.chunks[i];
         }
         let meta = file.metadata().map_err(io("stat", &path))?;
+        let parked = state.prewarmed.is_some();
+        let parked_at = state.prewarmed.unwrap_or(0);
         let blob = Arc::new(Blob {
             key: key.clone(),
             path: path.clone(),
@@ -310,9 +335,11 @@ impl Lazy {
             last_read: Mutex::new(None),
             downloading: AtomicBool::new(false),
             download,
-            registered: Instant::now(),
+            taken: Mutex::new(Instant::now()),
             inode: (meta.dev(), meta.ino()),
             mapped: tokio::sync::OnceCell::new(),
+            parked: watch::Sender::new(parked),
+            parked_at: std::sync::atomic::AtomicU64::new(parked_at),
         });
         self.fan
             .mark(&path)
@@ -322,7 +349,7 @@ impl Lazy {
         if download == Download::AtOnce {
             self.counters.untried_layers.fetch_add(1, Ordering::Relaxed);
         }
-        tracing::info!(layer = %blob.state.entry.layer, erofs = %blob.erofs, size = blob.state.entry.size, missing = blob.missing(), ?download, "lazy layer registered");
+        tracing::info!(layer = %blob.state.entry.layer, erofs = %blob.erofs, size = blob.state.entry.size, missing = blob.missing(), ?download, parked, "lazy layer registered");
         let me = self.clone();
         let b = blob.clone();
         self.rt.spawn(async move { me.fill(b).await });

@@ -83,6 +83,9 @@ impl Lazy {
         self.rt.spawn(async move {
             let (offset, count) = (event.offset, event.count);
             let used = blob.note_read(offset, count);
+            if !blob.has_range(offset, count) {
+                me.counters.waited_reads.fetch_add(1, Ordering::Relaxed);
+            }
             me.counters.readahead_used.fetch_add(used, Ordering::Relaxed);
             if let Some((a, b, new)) = blob.ahead_of(offset, count) {
                 me.counters

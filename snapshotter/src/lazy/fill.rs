@@ -98,9 +98,12 @@ impl Lazy {
     /// settle (and for the node's I/O to calm), and is given up when a
     /// read arrives that does not need it (`crate::demand`).
     pub(super) async fn fill(self: Arc<Self>, blob: Arc<Blob>) {
+        if !self.until_pulled(&blob).await {
+            return;
+        }
         let started = Instant::now();
         let per_request = blob.chunks_in(self.fill_request);
-        self.prefetch_learned(&blob, per_request).await;
+        self.prefetch_learned(&blob, per_request, true).await;
         if self.fill_from_layer {
             match self.fill_from_layer(&blob).await {
                 FromLayer::Done => return,

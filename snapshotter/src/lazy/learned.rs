@@ -14,6 +14,10 @@ use crate::prefetch;
 /// (`snapshotter.lazy_max_chunk_fetches`) still bounds all requests.
 pub(super) const PREFETCH_PARALLEL: usize = 16;
 
+/// The same for a prewarm: background work on a node that may be running
+/// other containers, so a quarter of a pull's.
+pub(super) const PREWARM_PARALLEL: usize = 4;
+
 impl Lazy {
     /// The chunks to fetch first: what this node learned, then what the
     /// list shared through the registry adds; and whether a shared list
@@ -35,15 +39,33 @@ impl Lazy {
 
     /// Fetches first, in parallel, the chunks earlier runs of this EROFS
     /// image read, here or on the nodes that shared their lists, in the
-    /// order they read them (`crate::prefetch`), counted as demand so
-    /// other layers' fills give way.
-    pub(super) async fn prefetch_learned(&self, blob: &Blob, per_request: usize) {
+    /// order they read them (`crate::prefetch`). At a pull (`urgent`) it
+    /// counts as demand, so other layers' fills give way; a prewarm
+    /// ([`super::prewarm`]) gives way to reads itself and ends when
+    /// `stop` says so. Returns how many chunks were listed and fetched.
+    pub(super) async fn prefetch_learned(&self, blob: &Blob, per_request: usize, urgent: bool) {
+        self.fetch_learned(blob, per_request, urgent, &|| false)
+            .await;
+    }
+
+    /// [`Lazy::prefetch_learned`]; returns how many chunks were listed
+    /// and fetched, and whether `stop` ended it.
+    pub(super) async fn fetch_learned(
+        &self,
+        blob: &Blob,
+        per_request: usize,
+        urgent: bool,
+        stop: &(dyn Fn() -> bool + Sync),
+    ) -> (usize, usize, bool) {
         use futures::StreamExt as _;
         let e = &blob.state.entry;
         let (mut plan, shared) = self.prefetch_plan(blob);
         if plan.is_empty() {
-            return;
+            return (0, 0, false);
         }
+        // Once stopped, the runs left are skipped without another look.
+        let stopped = std::sync::atomic::AtomicBool::new(false);
+        let stopped = &stopped;
         if shared {
             self.counters
                 .shared_prefetch_lists
@@ -52,7 +74,12 @@ impl Lazy {
         plan.truncate(blob.chunks_in(prefetch::MAX_AHEAD));
         let started = Instant::now();
         let before = blob.missing();
-        let _predicted = self.demand.begin(Vec::new());
+        let _predicted = urgent.then(|| self.demand.begin(Vec::new()));
+        let parallel = if urgent {
+            PREFETCH_PARALLEL
+        } else {
+            PREWARM_PARALLEL
+        };
         let groups = match e.map {
             Some(_) => self.span_groups(blob, &plan).await,
             None => None,
@@ -60,9 +87,22 @@ impl Lazy {
         let mapped = groups.is_some();
         let runs = groups.unwrap_or_else(|| prefetch::runs(&plan, per_request));
         futures::stream::iter(runs)
-            .for_each_concurrent(PREFETCH_PARALLEL, |(a, b)| async move {
+            .for_each_concurrent(parallel, |(a, b)| async move {
                 if blob.phase() != Phase::Filling {
                     return;
+                }
+                if !urgent {
+                    // Before waiting for reads (and pressure) to settle,
+                    // and after.
+                    if stopped.load(Ordering::Relaxed) || stop() {
+                        stopped.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                    self.demand.settle().await;
+                    if stop() {
+                        stopped.store(true, Ordering::Relaxed);
+                        return;
+                    }
                 }
                 let fetched = if mapped {
                     self.fetch_mapped(blob, a, b).await
@@ -75,10 +115,14 @@ impl Lazy {
             })
             .await;
         let fetched = before.saturating_sub(blob.missing());
-        self.counters
-            .prefetched_chunks
-            .fetch_add(fetched as u64, Ordering::Relaxed);
-        tracing::info!(layer = %e.layer, listed = plan.len(), fetched, ms = started.elapsed().as_millis() as u64, "learned prefetch done");
+        let counter = if urgent {
+            &self.counters.prefetched_chunks
+        } else {
+            &self.counters.prewarmed_chunks
+        };
+        counter.fetch_add(fetched as u64, Ordering::Relaxed);
+        tracing::info!(layer = %e.layer, listed = plan.len(), fetched, urgent, ms = started.elapsed().as_millis() as u64, "learned prefetch done");
+        (plan.len(), fetched, stopped.load(Ordering::Relaxed))
     }
 
     /// Merges what this layer's reads waited for into its learned list,

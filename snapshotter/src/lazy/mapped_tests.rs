@@ -297,6 +297,7 @@ async fn setup_downloading(
             }),
         },
         rejected: None,
+        prewarmed: None,
     };
     let me = lazy.clone();
     let blob = tokio::task::spawn_blocking(move || me.register(state, true, shared, download))

@@ -68,6 +68,7 @@ mod learned;
 mod mapped;
 #[cfg(test)]
 mod mapped_tests;
+mod prewarm;
 mod prune;
 mod readahead;
 mod staged;
@@ -95,6 +96,7 @@ use blob::{Blob, State, file_id, key_of};
 pub use fill::FILL_REQUEST;
 use fill::{Download, LAYER_FILLS};
 use index::CachedIndex;
+pub use prewarm::{Outcome, Prewarm, Warmed};
 use unservable::LEGACY;
 pub use unservable::Unservable;
 pub use verify::{Verifier, WholeError};
@@ -196,6 +198,9 @@ pub struct Counters {
     pub shared_prefetch_lists: AtomicU64,
     /// Reads answered with EIO.
     pub denied_reads: AtomicU64,
+    /// Reads that found a chunk of their range missing and waited for it
+    /// (the rest were answered from local bytes).
+    pub waited_reads: AtomicU64,
     /// Chunks fetched ahead of reads.
     pub readahead_chunks: AtomicU64,
     /// Of those, chunks a read then touched.
@@ -232,6 +237,16 @@ pub struct Counters {
     /// Chunks of mapped layers made from the layer's download as it
     /// arrived ([`follow`]).
     pub download_chunks: AtomicU64,
+    /// Lazy layers prewarmed ahead of a pull ([`prewarm`]).
+    pub prewarmed_layers: AtomicU64,
+    /// Chunks those prewarms fetched.
+    pub prewarmed_chunks: AtomicU64,
+    /// Prewarms stopped because the node's I/O came under pressure.
+    pub prewarm_stops: AtomicU64,
+    /// Prewarmed layers a pull then took.
+    pub prewarm_used: AtomicU64,
+    /// Prewarmed layers removed unused after [`prewarm::PREWARM_KEEP`].
+    pub prewarm_expired: AtomicU64,
 }
 
 /// Where a lazy file is in its life.
@@ -280,6 +295,12 @@ pub struct Lazy {
     /// digest ([`index::index_key`]): the same manifest pushed to two repositories
     /// has two indexes, or one and none.
     indexes: Mutex<HashMap<String, CachedIndex>>,
+    /// Held from looking a key up to registering it (Prepares and
+    /// prewarms), and while a parked layer is taken or expired, so a
+    /// prewarm never replaces a pull's file nor a pull a parked one.
+    registering: tokio::sync::Mutex<()>,
+    /// Images a prewarm resolved, by reference ([`prewarm::RESOLVED_TTL`]).
+    resolved: Mutex<HashMap<String, prewarm::Resolved>>,
     fetches: Semaphore,
     /// Whole-layer downloads of fills at once: paced, they hold no
     /// registry download slot ([`hyperbox_registry::Pace`]).
@@ -327,6 +348,8 @@ impl Lazy {
             refused: Mutex::new(HashMap::new()),
             rejected: Mutex::new(HashMap::new()),
             indexes: Mutex::new(HashMap::new()),
+            resolved: Mutex::new(HashMap::new()),
+            registering: tokio::sync::Mutex::new(()),
             fetches: Semaphore::new(options.max_chunk_fetches.max(1)),
             layer_fills: Semaphore::new(LAYER_FILLS),
             fill_request: options.fill_request,
@@ -377,6 +400,15 @@ impl Lazy {
                 lock(&lazy.rejected).insert(stem.clone(), why.clone());
                 lazy.refuse_file(&file, why);
                 continue;
+            }
+            // Prewarmed, then linked by a snapshot before the record of
+            // its pull was written: a pull took it.
+            let mut state = state;
+            if state.prewarmed.is_some() && file_id(&file).is_some_and(|(_, n)| n > 1) {
+                state.prewarmed = None;
+                if let Err(e) = blob::write_durably(&state_path, &state) {
+                    tracing::warn!(file = %state_path.display(), error = %e, "cannot record that a prewarmed layer was pulled");
+                }
             }
             // After a restart nothing says whether runs taught a list:
             // reads go first.
@@ -465,11 +497,12 @@ impl Lazy {
     }
 
     /// How many lazy layers are in each phase now (`filling`, `verifying`,
-    /// `refused`).
-    pub fn phases(&self) -> [(&'static str, usize); 3] {
-        let (mut filling, mut verifying) = (0, 0);
+    /// `refused`, and `prewarmed`: waiting for a pull).
+    pub fn phases(&self) -> [(&'static str, usize); 4] {
+        let (mut filling, mut verifying, mut prewarmed) = (0, 0, 0);
         for b in lock(&self.blobs).values() {
             match b.phase() {
+                Phase::Filling if b.is_parked() => prewarmed += 1,
                 Phase::Filling => filling += 1,
                 Phase::Verifying => verifying += 1,
                 _ => {}
@@ -479,6 +512,7 @@ impl Lazy {
             ("filling", filling),
             ("verifying", verifying),
             ("refused", lock(&self.refused).len()),
+            ("prewarmed", prewarmed),
         ]
     }
 
@@ -518,9 +552,13 @@ impl Lazy {
             );
             return Ok(None);
         }
+        let registering = self.registering.lock().await;
         let known = lock(&self.by_key).get(&key).cloned();
         let blob = match known {
-            Some(b) if b.phase() != Phase::Discarded => b,
+            Some(b) if b.phase() != Phase::Discarded => {
+                self.adopt(&b)?;
+                b
+            }
             _ => {
                 let shared = found.shared.get(&entry.erofs).cloned();
                 let download = self.download_for(&found);
@@ -529,6 +567,7 @@ impl Lazy {
                     chunk_size: found.index.chunk_size,
                     entry,
                     rejected: None,
+                    prewarmed: None,
                 };
                 let me = self.clone();
                 tokio::task::spawn_blocking(move || me.register(state, true, shared, download))
@@ -540,6 +579,7 @@ impl Lazy {
                     })??
             }
         };
+        drop(registering);
         if let Err(e) = self.fetch_metadata(&blob).await {
             // Nothing was mounted from it yet: start over next time.
             self.discard(&blob);

@@ -19,9 +19,29 @@ impl Lazy {
         let all: Vec<Arc<Blob>> = lock(&self.blobs).values().cloned().collect();
         let mut removed = Vec::new();
         for b in all {
-            // Not a layer a Prepare registered a moment ago and is about
-            // to link.
-            if b.registered.elapsed() > PRUNE_GRACE && self.discard(&b) {
+            // A prewarmed layer waits for its pull, for a while. Removed
+            // only while no Prepare is taking one ([`Lazy::adopt`] runs
+            // under the same lock); a busy lock leaves it to the next time.
+            if b.is_parked() {
+                if !Lazy::prewarm_expired(&b) {
+                    continue;
+                }
+                let Ok(_registering) = self.registering.try_lock() else {
+                    continue;
+                };
+                if b.is_parked() && self.discard(&b) {
+                    self.counters
+                        .prewarm_expired
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(layer = %b.state.entry.layer, "prewarmed lazy layer no pull took removed");
+                    removed.push(b.path.clone());
+                }
+                continue;
+            }
+            // Not a layer a Prepare registered (or took) a moment ago and
+            // is about to link.
+            let taken = *lock(&b.taken);
+            if taken.elapsed() > PRUNE_GRACE && self.discard(&b) {
                 removed.push(b.path.clone());
             }
         }

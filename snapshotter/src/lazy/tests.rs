@@ -236,6 +236,8 @@ struct Case {
     whole_unpaced: bool,
     /// The whole layer's reply has begun when it waits for `whole_gate`.
     whole_started: bool,
+    /// Registered as a prewarm does: parked until a pull takes it.
+    prewarmed: bool,
 }
 
 /// A lazy layer of four chunks, registered and marked, whose bytes
@@ -294,6 +296,12 @@ async fn setup(case: Case) -> Setup {
             map: None,
         },
         rejected: None,
+        prewarmed: case.prewarmed.then(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+        }),
     };
     let me = lazy.clone();
     let shared = (!case.shared.is_empty()).then(|| {
@@ -1216,4 +1224,98 @@ async fn reads_of_files_it_does_not_serve_go_on_at_once() {
             .await
             .unwrap();
     assert_eq!(answers, (Some(Verdict::Allow), Some(Verdict::Allow)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prewarmed_layer_fetches_its_learned_chunks_only_and_fills_once_a_pull_takes_it() {
+    let s = setup(Case {
+        learned: vec![2, 0],
+        from_layer: true,
+        prewarmed: true,
+        ..Default::default()
+    })
+    .await;
+    let blob = lock(&s.lazy.by_key).values().next().cloned().unwrap();
+    assert_eq!(s.lazy.phases()[3], ("prewarmed", 1));
+    assert_eq!(s.lazy.phases()[0], ("filling", 0));
+    // Parked: nothing is fetched on its own, not even the list.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.server.ranges.load(Ordering::SeqCst), 0);
+    assert_eq!(s.whole.calls.load(Ordering::SeqCst), 0);
+    // Pressure at once: the prewarm stops before its first request.
+    let stopped = s.lazy.fetch_learned(&blob, 1, false, &|| true).await;
+    assert_eq!(stopped, (2, 0, true));
+    assert_eq!(blob.missing_of_plan(&s.lazy), 2);
+    // Calm: exactly the listed chunks come, and the layer stays parked.
+    let warmed = s.lazy.fetch_learned(&blob, 1, false, &|| false).await;
+    assert_eq!(warmed, (2, 2, false));
+    assert_eq!(*lock(&blob.present), [true, false, true, false]);
+    assert_eq!(blob.missing_of_plan(&s.lazy), 0);
+    assert_eq!(s.server.ranges.load(Ordering::SeqCst), 2);
+    assert_eq!(s.lazy.counters.prewarmed_chunks.load(Ordering::SeqCst), 2);
+    assert_eq!(s.lazy.counters.prefetched_chunks.load(Ordering::SeqCst), 0);
+    // Cleanup keeps a parked layer no snapshot links, past the grace a
+    // Prepare's file gets.
+    *lock(&blob.taken) = Instant::now() - 2 * super::prune::PRUNE_GRACE;
+    assert!(s.lazy.prune().is_empty());
+    assert!(s.path.exists());
+
+    // A restart takes it back parked.
+    {
+        let fan = Arc::new(FakeFanotify::new());
+        let (again, resumed) = Lazy::open(
+            s._dir.path(),
+            registry(s._dir.path()),
+            fan.clone(),
+            Some(s.whole.clone() as Arc<dyn Verifier>),
+            Options {
+                fill_from_layer: true,
+                ..OPTIONS
+            },
+        )
+        .unwrap();
+        assert_eq!(resumed, 1);
+        assert_eq!(again.phases()[3], ("prewarmed", 1));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(s.whole.calls.load(Ordering::SeqCst), 0);
+        fan.close();
+    }
+
+    // A pull takes it: the fill starts, from what is there.
+    s.lazy.adopt(&blob).unwrap();
+    assert!(!blob.is_parked());
+    let state: State = serde_json::from_slice(&fs::read(&blob.state_path).unwrap()).unwrap();
+    assert_eq!(state.prewarmed, None, "a restart must not park it again");
+    assert_eq!(s.lazy.counters.prewarm_used.load(Ordering::SeqCst), 1);
+    let fan = s.fan.clone();
+    assert!(
+        eventually(|| fan.marked().is_empty()).await,
+        "filled and unmarked"
+    );
+    assert!(s.whole.calls.load(Ordering::SeqCst) >= 1);
+    assert_eq!(read_at(&s.path, 0, s.blob.len()), s.blob);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prewarmed_layer_no_pull_takes_is_removed_after_a_day() {
+    let s = setup(Case {
+        learned: vec![1],
+        prewarmed: true,
+        ..Default::default()
+    })
+    .await;
+    let blob = lock(&s.lazy.by_key).values().next().cloned().unwrap();
+    *lock(&blob.taken) = Instant::now() - 2 * super::prune::PRUNE_GRACE;
+    let day_and_a_minute_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - super::prewarm::PREWARM_KEEP.as_secs()
+        - 60;
+    blob.parked_at.store(day_and_a_minute_ago, Ordering::SeqCst);
+    assert_eq!(s.lazy.prune(), vec![s.path.clone()]);
+    assert!(!s.path.exists());
+    assert!(!blob.state_path.exists());
+    assert_eq!(s.lazy.counters.prewarm_expired.load(Ordering::SeqCst), 1);
+    assert_eq!(s.lazy.phases()[3], ("prewarmed", 0));
 }
