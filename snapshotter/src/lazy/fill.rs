@@ -103,7 +103,7 @@ impl Lazy {
         }
         let started = Instant::now();
         let per_request = blob.chunks_in(self.fill_request);
-        self.prefetch_learned(&blob, per_request, true).await;
+        self.prefetch_learned(&blob, per_request).await;
         if self.fill_from_layer {
             match self.fill_from_layer(&blob).await {
                 FromLayer::Done => return,

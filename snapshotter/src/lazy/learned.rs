@@ -14,6 +14,19 @@ use crate::prefetch;
 /// (`snapshotter.lazy_max_chunk_fetches`) still bounds all requests.
 pub(super) const PREFETCH_PARALLEL: usize = 16;
 
+/// What a fetch of a learned list did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Learned {
+    /// Chunks listed (at most [`prefetch::MAX_AHEAD`]'s worth).
+    pub(super) listed: usize,
+    /// Chunks that came in meanwhile.
+    pub(super) fetched: usize,
+    /// Listed chunks still missing after it.
+    pub(super) missing: usize,
+    /// `stop` ended it.
+    pub(super) stopped: bool,
+}
+
 /// The same for a prewarm: background work on a node that may be running
 /// other containers, so a quarter of a pull's.
 pub(super) const PREWARM_PARALLEL: usize = 4;
@@ -39,29 +52,27 @@ impl Lazy {
 
     /// Fetches first, in parallel, the chunks earlier runs of this EROFS
     /// image read, here or on the nodes that shared their lists, in the
-    /// order they read them (`crate::prefetch`). At a pull (`urgent`) it
-    /// counts as demand, so other layers' fills give way; a prewarm
-    /// ([`super::prewarm`]) gives way to reads itself and ends when
-    /// `stop` says so. Returns how many chunks were listed and fetched.
-    pub(super) async fn prefetch_learned(&self, blob: &Blob, per_request: usize, urgent: bool) {
-        self.fetch_learned(blob, per_request, urgent, &|| false)
-            .await;
+    /// order they read them (`crate::prefetch`), counted as demand so
+    /// other layers' fills give way.
+    pub(super) async fn prefetch_learned(&self, blob: &Blob, per_request: usize) {
+        self.fetch_learned(blob, per_request, true, &|| false).await;
     }
 
-    /// [`Lazy::prefetch_learned`]; returns how many chunks were listed
-    /// and fetched, and whether `stop` ended it.
+    /// [`Lazy::prefetch_learned`] at a pull (`urgent`), or for a prewarm
+    /// ([`super::prewarm`]), which gives way to reads itself and ends when
+    /// `stop` says so.
     pub(super) async fn fetch_learned(
         &self,
         blob: &Blob,
         per_request: usize,
         urgent: bool,
         stop: &(dyn Fn() -> bool + Sync),
-    ) -> (usize, usize, bool) {
+    ) -> Learned {
         use futures::StreamExt as _;
         let e = &blob.state.entry;
         let (mut plan, shared) = self.prefetch_plan(blob);
         if plan.is_empty() {
-            return (0, 0, false);
+            return Learned::default();
         }
         // Once stopped, the runs left are skipped without another look.
         let stopped = std::sync::atomic::AtomicBool::new(false);
@@ -122,7 +133,18 @@ impl Lazy {
         };
         counter.fetch_add(fetched as u64, Ordering::Relaxed);
         tracing::info!(layer = %e.layer, listed = plan.len(), fetched, urgent, ms = started.elapsed().as_millis() as u64, "learned prefetch done");
-        (plan.len(), fetched, stopped.load(Ordering::Relaxed))
+        let missing = {
+            let present = lock(&blob.present);
+            plan.iter()
+                .filter(|&&c| !present.get(c).copied().unwrap_or(true))
+                .count()
+        };
+        Learned {
+            listed: plan.len(),
+            fetched,
+            missing,
+            stopped: stopped.load(Ordering::Relaxed),
+        }
     }
 
     /// Merges what this layer's reads waited for into its learned list,

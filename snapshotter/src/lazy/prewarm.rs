@@ -21,10 +21,11 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use hyperbox_api::time::unix_now;
 use hyperbox_registry::Reference;
-use hyperbox_registry::digest::chain_id;
+use hyperbox_registry::digest::chain_ids;
 
 use super::blob::{State, file_id, key_of, write_durably};
 use super::fill::Download;
@@ -55,12 +56,6 @@ pub(super) struct Resolved {
 }
 
 pub use hyperbox_api::types::{Prewarm, WarmOutcome as Outcome, Warmed};
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
 
 impl Lazy {
     /// Prewarms the lazy layers of `image` that are not on the node
@@ -114,14 +109,12 @@ impl Lazy {
         };
         // Which layers are on the node, before the index is asked for: an
         // image that is here costs the registry nothing.
-        let mut chain = String::new();
+        let diff_ids: Vec<String> = resolved.layers.iter().map(|(_, d)| d.clone()).collect();
         let here: Vec<bool> = resolved
             .layers
             .iter()
-            .map(|(layer, diff_id)| {
-                chain = chain_id(&chain, diff_id);
-                on_node(layer, &chain)
-            })
+            .zip(chain_ids(&diff_ids))
+            .map(|((layer, _), chain)| on_node(layer, &chain))
             .collect();
         if here.iter().all(|h| *h) {
             out.indexed = true;
@@ -249,10 +242,14 @@ impl Lazy {
                     blob
                 }
             };
-            let (listed, fetched, stopped) = self
+            let super::learned::Learned {
+                listed,
+                fetched,
+                missing,
+                stopped,
+            } = self
                 .fetch_learned(&blob, blob.chunks_in(self.fill_request), false, &stop)
                 .await;
-            let missing = blob.missing_of_plan(self);
             let outcome = if stopped {
                 self.counters.prewarm_stops.fetch_add(1, Ordering::Relaxed);
                 Outcome::Stopped
@@ -328,17 +325,5 @@ impl Lazy {
         blob.is_parked()
             && unix_now().saturating_sub(blob.parked_at.load(Ordering::Relaxed))
                 > PREWARM_KEEP.as_secs()
-    }
-}
-
-impl super::blob::Blob {
-    /// Chunks of its learned list still missing.
-    pub(super) fn missing_of_plan(&self, lazy: &Lazy) -> usize {
-        let (mut plan, _) = lazy.prefetch_plan(self);
-        plan.truncate(self.chunks_in(crate::prefetch::MAX_AHEAD));
-        let present = lock(&self.present);
-        plan.iter()
-            .filter(|&&c| !present.get(c).copied().unwrap_or(true))
-            .count()
     }
 }
