@@ -48,6 +48,7 @@ BOOKWORM_PACKAGES=(
   prometheus
   bpftool
   debootstrap
+  strace
   qemu-system-x86
   udev
 )

@@ -325,10 +325,11 @@ async fn learn_points(
         .map(|n| (n.tar_start, n.tar_end))
         .collect();
     // A cluster that starts at one of the map's checkpoints needs none.
-    let targets: Vec<u64> = learned::cluster_starts(ranges)
+    let targets: Vec<(u64, u64)> = learned::clusters(ranges)
         .into_iter()
-        .filter(|t| lmap.points.binary_search_by_key(t, |p| p.output).is_err())
+        .filter(|(t, _)| lmap.points.binary_search_by_key(t, |p| p.output).is_err())
         .collect();
+    let blob_size = lmap.blob_size;
     if targets.is_empty() {
         return Ok(None);
     }
@@ -351,7 +352,8 @@ async fn learn_points(
         .context("download the layer")?;
     let points = tokio::task::spawn_blocking(move || -> Result<Vec<learned::Learned>> {
         let file = std::fs::File::open(&blob)?;
-        let mut ix = zran::Indexer::before(std::io::BufReader::new(&file), targets.clone())?;
+        let starts = targets.iter().map(|(t, _)| *t).collect();
+        let mut ix = zran::Indexer::before(std::io::BufReader::new(&file), starts)?;
         std::io::copy(&mut ix, &mut std::io::sink()).context("inflate the layer")?;
         let boundaries = ix.into_points();
         // Then, inside the block before each target, the symbol just
@@ -360,7 +362,7 @@ async fn learn_points(
         let mut out: Vec<learned::Learned> = Vec::new();
         // Targets in one block (sorted, they come together) read it once.
         let mut block: (Option<u64>, Vec<u8>) = (None, Vec::new());
-        for t in targets {
+        for (t, end) in targets {
             let Some(b) = boundaries.iter().rev().find(|b| b.output <= t) else {
                 continue;
             };
@@ -375,7 +377,7 @@ async fn learn_points(
                 Some(s) if splice_checks(b, &s, block) => s.into(),
                 _ => b.clone().into(),
             };
-            out.push(point);
+            out.push(trimmed(&file, point, end, blob_size)?);
         }
         // In order by both offsets, as nodes require (a splice near a
         // block's end may share its input byte with the next boundary).
@@ -463,6 +465,24 @@ async fn shown_points(
 /// block is rarely over a few hundred KiB of input; a larger one keeps its
 /// boundary checkpoint.
 const BLOCK_READ: usize = 1 << 20;
+
+/// `point` trimmed to its cluster, which ends at `end`
+/// ([`learned::trim`]), from the layer's bytes in `file`.
+fn trimmed(
+    file: &std::fs::File,
+    point: learned::Learned,
+    end: u64,
+    blob_size: u64,
+) -> std::io::Result<learned::Learned> {
+    let reach = end.saturating_sub(point.at.output);
+    if reach == 0 || reach > deflate::MAX_REACH {
+        return Ok(point);
+    }
+    let mut bytes = vec![0u8; hyperbox_erofs::trim::read_for(reach)];
+    let n = read_at(file, &mut bytes, point.at.fetch_from())?;
+    bytes.truncate(n);
+    Ok(learned::trim(point, &bytes, end, blob_size))
+}
 
 /// Reads into `buf` from `at`, as much as the file has.
 fn read_at(file: &std::fs::File, buf: &mut [u8], at: u64) -> std::io::Result<usize> {

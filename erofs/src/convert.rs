@@ -218,7 +218,7 @@ fn run(
     file.sync_all().map_err(io("sync", tmp))?;
     let mapped = match (span, tar.inner) {
         (Some(_), Decoder::Indexed(ix)) => {
-            let points = ix.into_points();
+            let points = trimmed(blob, ix.into_points())?;
             Some(map_of(
                 &mut file, tmp, &summary, extents, tar_size, blob_size, points,
             )?)
@@ -239,6 +239,33 @@ fn run(
         let _ = fs::File::open(dir).and_then(|d| d.sync_all());
     }
     Ok((Converted { summary, diff_id }, mapped))
+}
+
+/// `points` of the gzip blob at `path` with their windows trimmed to the
+/// bytes back-references reach ([`crate::trim`]): the map's windows are
+/// most of its size, and half or more of a window of text is never
+/// referred to. A window whose trim does not check stays whole.
+fn trimmed(path: &Path, mut points: Vec<zran::Checkpoint>) -> Result<Vec<zran::Checkpoint>, Error> {
+    use std::os::unix::fs::FileExt;
+    let file = fs::File::open(path).map_err(io("open", path))?;
+    let mut bytes = vec![0u8; crate::trim::read_for(0)];
+    for p in &mut points {
+        if p.window.is_empty() {
+            continue;
+        }
+        let mut n = 0;
+        while n < bytes.len() {
+            match file.read_at(&mut bytes[n..], p.fetch_from() + n as u64) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) => return Err(io("read", path)(e)),
+            }
+        }
+        if let Some(r) = crate::trim::trim((&[], 0), p, &bytes[..n], p.output) {
+            p.window = r.window;
+        }
+    }
+    Ok(points)
 }
 
 /// The map of the image just written to `file`: its metadata read back.

@@ -277,6 +277,145 @@ pub fn splice_before(point: &Checkpoint, compressed: &[u8], target: u64) -> Opti
     })
 }
 
+/// What inflating from a checkpoint takes: the window bytes
+/// back-references reach, and the blob bytes up to a target.
+///
+/// A back-reference reaches at most 32 KiB back, so only the first 32 KiB
+/// of output after a checkpoint can refer to its window. Decoding that far
+/// shows which window bytes are ever used; the others can be zeros, which
+/// cost nothing in the window's zstd frame (a 32 KiB window of text is
+/// about 11 KiB compressed, and the part a stretch of text refers to is
+/// often a fraction of it). The trimmed window then serves every read from
+/// the checkpoint, as the whole one does. Decoding on to the target (the
+/// end of the reads the checkpoint was learned for) tells a node exactly
+/// which bytes to fetch for them instead of an estimate with a margin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reach {
+    /// The checkpoint's window with every byte no reference reaches set
+    /// to 0.
+    pub window: Vec<u8>,
+    /// Where the symbol that reaches the target ends in the output (at or
+    /// past the target), or the end of the gzip member if that comes
+    /// first.
+    pub output: u64,
+    /// Offset in the blob up to which a node fetches to inflate that far:
+    /// one past the last byte whose bits it read, and one more, for the
+    /// bits [`spliced`] leaves out of a stream's last byte.
+    pub input: u64,
+}
+
+/// Decodes from checkpoint `at` (with `header`, the bits of its block's
+/// header when it lies inside a block, as a [`Splice`] has them; empty
+/// at a block boundary) to output `to` and at least 32 KiB past the
+/// checkpoint, noting which window bytes back-references reach.
+/// `compressed` holds the blob from [`Checkpoint::fetch_from`] on, as far
+/// as that goes.
+///
+/// `None` when the bytes do not decode that far (truncated, corrupt) or
+/// the target is further than a node would inflate ([`MAX_REACH`]).
+pub fn reach(
+    (header, header_bits): (&[u8], u32),
+    at: &Checkpoint,
+    compressed: &[u8],
+    to: u64,
+) -> Option<Reach> {
+    if to.saturating_sub(at.output) > MAX_REACH || header_bits > MAX_HEADER_BITS {
+        return None;
+    }
+    // The stream a node's inflater reads from this checkpoint: the
+    // header's bits, then the blob's from the checkpoint's bit on.
+    let stream = spliced(header, header_bits, at, compressed);
+    let mut bits = Bits {
+        data: &stream,
+        pos: 0,
+    };
+    let wlen = at.window.len();
+    let mut used = vec![false; wlen];
+    let mut out = at.window.clone();
+    let base = at.output - wlen as u64;
+    let until = to.max(at.output + WINDOW as u64);
+    // Where the target was reached: output, and the stream's bit.
+    let mut target: Option<(u64, u64)> = None;
+    let note = |out: &Vec<u8>, pos: u64, target: &mut Option<(u64, u64)>| {
+        let here = base + out.len() as u64;
+        if target.is_none() && here >= to {
+            *target = Some((here, pos));
+        }
+        here >= until
+    };
+    'blocks: while !note(&out, bits.pos, &mut target) {
+        let last = bits.get(1)?;
+        let btype = bits.get(2)?;
+        if btype == 0 {
+            bits.pos = bits.pos.div_ceil(8) * 8;
+            let len = bits.get(16)?;
+            if bits.get(16)? != !len & 0xffff {
+                return None;
+            }
+            for _ in 0..len {
+                out.push(bits.get(8)? as u8);
+                if target.is_none() {
+                    note(&out, bits.pos, &mut target);
+                }
+            }
+        } else {
+            let (lit, dist) = tables(btype, &mut bits)?;
+            loop {
+                if note(&out, bits.pos, &mut target) {
+                    break 'blocks;
+                }
+                match lit.decode(&mut bits)? {
+                    sym @ 0..=255 => out.push(sym as u8),
+                    256 => break,
+                    sym @ 257..=285 => {
+                        let k = usize::from(sym - 257);
+                        let len =
+                            usize::from(LEN_BASE[k]) + bits.get(LEN_EXTRA[k].into())? as usize;
+                        let d = usize::from(dist.decode(&mut bits)?);
+                        if d >= 30 {
+                            return None;
+                        }
+                        let back =
+                            usize::from(DIST_BASE[d]) + bits.get(DIST_EXTRA[d].into())? as usize;
+                        let from = out.len().checked_sub(back)?;
+                        for j in from..from + len {
+                            if j < wlen {
+                                used[j] = true;
+                            }
+                            out.push(out[j]);
+                        }
+                    }
+                    _ => return None,
+                }
+            }
+        }
+        if last == 1 {
+            // The member's end: nothing after it refers to this window.
+            break;
+        }
+    }
+    let (output, pos) = target.unwrap_or((base + out.len() as u64, bits.pos));
+    let mut window = at.window.clone();
+    for (b, u) in window.iter_mut().zip(&used) {
+        if !u {
+            *b = 0;
+        }
+    }
+    // The stream's bit `header_bits + k` is the blob's bit `first + k`
+    // counted from `fetch_from`'s first bit.
+    let first = if at.bits > 0 {
+        8 - u64::from(at.bits)
+    } else {
+        0
+    };
+    let read = (first + pos).checked_sub(header_bits.into())?;
+    Some(Reach {
+        window,
+        output,
+        input: at.fetch_from() + read.div_ceil(8) + 1,
+    })
+}
+
 /// Packs `n` bits from `next` into `out`, least significant first.
 fn pack(out: &mut Vec<u8>, n: u32, mut next: impl FnMut() -> u32) {
     for i in 0..n {

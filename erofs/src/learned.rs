@@ -16,13 +16,17 @@
 //! numbers (as the map writes its checkpoints), then the windows, one zstd
 //! frame each, fetched by Range when first used.
 
-use crate::map::{self, Cursor, Error, LayerMap, Point, Source, bad};
+use crate::map::{self, Cursor, Error, LayerMap, Point, Source, Stretch, bad};
 use crate::zran::{Checkpoint, WINDOW};
 
 /// Media type of a learned checkpoints blob.
 pub const MEDIA_TYPE: &str = "application/vnd.hyperbox.learned-points.v1";
-/// The blob's first bytes.
-pub const MAGIC: &[u8; 8] = b"HBLPTS\x00\x01";
+/// The blob's first bytes: version 2 adds, after the checkpoints, where
+/// each one's cluster ends ([`Stretch`]), and its windows keep only the
+/// bytes references reach ([`trim`]).
+pub const MAGIC: &[u8; 8] = b"HBLPTS\x00\x02";
+/// Version 1's, still read: every checkpoint with its whole window.
+pub const MAGIC_V1: &[u8; 8] = b"HBLPTS\x00\x01";
 /// The largest eager part: 16 bytes a checkpoint is far above what the
 /// numbers take, for the most checkpoints a layer may have learned.
 pub const MAX_EAGER: u64 = 16 << 20;
@@ -41,6 +45,9 @@ pub struct Learned {
     pub header: Vec<u8>,
     /// How many bits of `header` are the header (0 at a boundary).
     pub header_bits: u32,
+    /// Where the cluster it was learned for ends, and the blob bytes that
+    /// make it ([`trim`]).
+    pub stretch: Option<Stretch>,
 }
 
 impl From<Checkpoint> for Learned {
@@ -49,6 +56,7 @@ impl From<Checkpoint> for Learned {
             at,
             header: Vec::new(),
             header_bits: 0,
+            stretch: None,
         }
     }
 }
@@ -59,6 +67,7 @@ impl From<crate::deflate::Splice> for Learned {
             at: s.at,
             header: s.header,
             header_bits: s.header_bits,
+            stretch: None,
         }
     }
 }
@@ -81,7 +90,40 @@ pub fn encode(points: &[Learned]) -> std::io::Result<(Vec<u8>, u64)> {
     let (placed, lazy) = map::place_windows(&bare, &windows)?;
     let mut body = Vec::new();
     map::put_points(&mut body, &placed, true);
+    // Each stretch as its distances past the checkpoint, 0 for none.
+    for l in points {
+        match l.stretch {
+            Some(s) => {
+                map::put(&mut body, s.output.saturating_sub(l.at.output));
+                map::put(&mut body, s.input.saturating_sub(l.at.input));
+            }
+            None => map::put(&mut body, 0),
+        }
+    }
     map::write_blob(MAGIC, &body, &lazy)
+}
+
+/// `point` with its window trimmed to the bytes back-references ever
+/// reach from it, and the [`Stretch`] of its cluster, which ends at `end`
+/// (its last read byte), so a node fetches exactly that
+/// ([`crate::trim`]). `compressed` holds the blob from the point's
+/// `fetch_from` on ([`crate::trim::read_for`] the cluster's length, or to
+/// the blob's end). Left whole, without a stretch, when the trim's check
+/// fails or the bytes cannot be decoded.
+pub fn trim(mut point: Learned, compressed: &[u8], end: u64, blob_size: u64) -> Learned {
+    if end <= point.at.output {
+        return point;
+    }
+    let header = (&point.header[..], point.header_bits);
+    let Some(r) = crate::trim::trim(header, &point.at, compressed, end) else {
+        return point;
+    };
+    point.stretch = Some(Stretch {
+        output: r.output,
+        input: r.input.min(blob_size),
+    });
+    point.at.window = r.window;
+    point
 }
 
 /// What learned checkpoints are checked against: the layer map's kind of
@@ -114,7 +156,9 @@ pub fn decode(eager: &[u8], map: Bounds) -> Result<Vec<Point>, Error> {
     if map.source != Source::Gzip {
         return Err(bad("learned checkpoints for a layer that is not gzip"));
     }
-    let (body, lazy_base) = map::read_eager(eager, MAGIC, MAX_EAGER, "learned checkpoints")?;
+    let v1 = eager.starts_with(MAGIC_V1);
+    let magic = if v1 { MAGIC_V1 } else { MAGIC };
+    let (body, lazy_base) = map::read_eager(eager, magic, MAX_EAGER, "learned checkpoints")?;
     let mut c = Cursor { b: &body };
     let n = c.count(5)?;
     if n > map::MAX_POINTS || n as u64 > map.tar_size / WINDOW as u64 + 2 {
@@ -123,28 +167,49 @@ pub fn decode(eager: &[u8], map: Bounds) -> Result<Vec<Point>, Error> {
             map.tar_size
         )));
     }
-    let points = map::get_points(&mut c, n, lazy_base, (map.blob_size, map.tar_size), true)?;
+    let mut points = map::get_points(&mut c, n, lazy_base, (map.blob_size, map.tar_size), true)?;
+    if !v1 {
+        for p in &mut points {
+            let out = c.get()?;
+            if out == 0 {
+                continue;
+            }
+            let input = c.get()?;
+            let s = Stretch {
+                output: p.output.saturating_add(out),
+                input: p.input.saturating_add(input),
+            };
+            // Past the point, inside the tar and the blob, and no longer
+            // than a node inflates for one request.
+            if s.output > map.tar_size
+                || s.input > map.blob_size
+                || input == 0
+                || out > crate::deflate::MAX_REACH
+            {
+                return Err(bad("a learned checkpoint's stretch lies outside the layer"));
+            }
+            p.stretch = Some(s);
+        }
+    }
     if !c.b.is_empty() {
         return Err(bad("bytes after the learned checkpoints"));
     }
     Ok(points)
 }
 
-/// Where reads of the tar begin, one per cluster of `ranges` (tar byte
-/// ranges, in any order): ranges less than [`CLUSTER_GAP`] apart are one
-/// cluster.
-pub fn cluster_starts(mut ranges: Vec<(u64, u64)>) -> Vec<u64> {
+/// The clusters of `ranges` (tar byte ranges, in any order), each as
+/// where its reads begin and end: ranges less than [`CLUSTER_GAP`] apart
+/// are one cluster.
+pub fn clusters(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     ranges.sort_unstable();
-    let mut starts = Vec::new();
-    let mut end = None;
+    let mut out: Vec<(u64, u64)> = Vec::new();
     for (s, e) in ranges {
-        match end {
-            Some(last) if s <= last + CLUSTER_GAP => {}
-            _ => starts.push(s),
+        match out.last_mut() {
+            Some(last) if s <= last.1 + CLUSTER_GAP => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
         }
-        end = Some(end.map_or(e, |last: u64| last.max(e)));
     }
-    starts
+    out
 }
 
 impl LayerMap {
@@ -205,6 +270,7 @@ mod tests {
             window_zlen: 0,
             header_bits: 0,
             learned: false,
+            stretch: None,
         }
     }
 
@@ -327,12 +393,66 @@ mod tests {
 
     #[test]
     fn nearby_reads_share_a_checkpoint() {
-        let starts = cluster_starts(vec![
+        let found = clusters(vec![
             (500_000, 510_000),
             (100, 4000),
             (4000 + CLUSTER_GAP, 70_000),
             (70_000 + CLUSTER_GAP + 1, 80_000 + CLUSTER_GAP),
+            (2000, 3000),
         ]);
-        assert_eq!(starts, vec![100, 70_000 + CLUSTER_GAP + 1, 500_000]);
+        assert_eq!(
+            found,
+            vec![
+                (100, 70_000),
+                (70_000 + CLUSTER_GAP + 1, 80_000 + CLUSTER_GAP),
+                (500_000, 510_000)
+            ]
+        );
+    }
+
+    #[test]
+    fn stretches_come_back_and_version_one_blobs_still_read() {
+        let mut trimmed = checkpoint(1000, 3, 70_000, WINDOW);
+        trimmed.stretch = Some(Stretch {
+            output: 90_000,
+            input: 7000,
+        });
+        let points = vec![trimmed, checkpoint(5000, 0, 140_000, 100)];
+        let (blob, eager) = encode(&points).unwrap();
+        let got = decode(&blob[..eager as usize], bounds()).unwrap();
+        assert_eq!(got[0].stretch, points[0].stretch);
+        assert_eq!(got[1].stretch, None);
+        // Version 1: the same numbers without stretches.
+        let bare: Vec<Point> = points.iter().map(|l| Point::of(&l.at)).collect();
+        let windows: Vec<Vec<u8>> = points.iter().map(|l| l.at.window.clone()).collect();
+        let (placed, lazy) = map::place_windows(&bare, &windows).unwrap();
+        let mut body = Vec::new();
+        map::put_points(&mut body, &placed, true);
+        let (old, eager) = map::write_blob(MAGIC_V1, &body, &lazy).unwrap();
+        let got = decode(&old[..eager as usize], bounds()).unwrap();
+        assert!(got.len() == 2 && got.iter().all(|p| p.stretch.is_none()));
+        // A stretch past the blob, or not past its checkpoint, is refused.
+        for bad in [
+            Stretch {
+                output: 90_000,
+                input: 2 << 20,
+            },
+            Stretch {
+                output: 90_000,
+                input: 1000,
+            },
+            Stretch {
+                output: 5 << 20,
+                input: 7000,
+            },
+        ] {
+            let mut p = checkpoint(1000, 3, 70_000, WINDOW);
+            p.stretch = Some(bad);
+            let (blob, eager) = encode(&[p]).unwrap();
+            assert!(
+                decode(&blob[..eager as usize], bounds()).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -8,6 +8,9 @@
 //!   hostile entries with a typed [`writer::Error`].
 //! - [`convert`]: a compressed layer blob on disk (gzip, zstd or plain tar)
 //!   to a published image file, crash-safe (fsync, then rename).
+//! - [`map`], [`zran`], [`deflate`], [`learned`], [`trim`]: layer maps, the
+//!   checkpoints that let a node inflate any part of a gzip layer, and the
+//!   windows they carry, trimmed to what is referred to.
 //!
 //! This crate makes no mounts and no kernel calls beyond file I/O: it is the
 //! parser of untrusted layer bytes, shared by the snapshotter and `hb`, and
@@ -20,5 +23,6 @@ pub mod deflate;
 pub mod layout;
 pub mod learned;
 pub mod map;
+pub mod trim;
 pub mod writer;
 pub mod zran;

@@ -98,6 +98,19 @@ pub struct Point {
     /// Learned from runs ([`crate::learned`]), not the map's own: its
     /// window is in the learned blob, and it only ever starts a request.
     pub learned: bool,
+    /// For a learned checkpoint: where the cluster of reads it was learned
+    /// for ends ([`crate::learned::trim`]), so a request for the cluster
+    /// fetches exactly its bytes.
+    pub stretch: Option<Stretch>,
+}
+
+/// The end of a learned checkpoint's cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stretch {
+    /// Its last tar byte's end (or a little past: the symbol's end).
+    pub output: u64,
+    /// The layer blob's bytes from the checkpoint up to here make it.
+    pub input: u64,
 }
 
 impl Point {
@@ -113,6 +126,7 @@ impl Point {
             window_zlen: 0,
             header_bits: 0,
             learned: false,
+            stretch: None,
         }
     }
 
@@ -324,6 +338,7 @@ pub(crate) fn get_points(
             window_at: at,
             header_bits: 0,
             learned: headers,
+            stretch: None,
         };
         if headers {
             p.header_bits = u32::try_from(c.get()?)
@@ -802,6 +817,7 @@ mod tests {
                 window_zlen: 0,
                 header_bits: 0,
                 learned: false,
+                stretch: None,
             })
             .collect();
         let many = vec![Vec::new(); lies.points.len()];

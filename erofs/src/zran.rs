@@ -982,6 +982,86 @@ mod tests {
     }
 
     #[test]
+    fn a_trimmed_window_and_the_exact_bytes_make_the_stretch_it_was_made_for() {
+        let data = sample(3 << 20, 13);
+        let gz = gzip(&data, 6);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        let targets: Vec<u64> = (0..30)
+            .map(|_| rng.random_range(100_000..data.len() as u64 - 200_000))
+            .collect();
+        let mut ix = Indexer::before(&gz[..], targets.clone()).unwrap();
+        io::copy(&mut ix, &mut io::sink()).unwrap();
+        let points = ix.into_points();
+        let (mut kept, mut whole) = (0usize, 0usize);
+        for (n, &t) in targets.iter().enumerate() {
+            let b = points.iter().rev().find(|p| p.output <= t).unwrap();
+            let block = &gz[b.fetch_from() as usize..];
+            // From a splice inside the block, and from the boundary.
+            let starts: Vec<(Vec<u8>, u32, Checkpoint)> =
+                match crate::deflate::splice_before(b, block, t) {
+                    Some(s) if n % 2 == 0 => vec![(s.header, s.header_bits, s.at)],
+                    _ => vec![(Vec::new(), 0, b.clone())],
+                };
+            for (header, header_bits, at) in starts {
+                let len = 20_000 + (n as u64 * 7919) % 60_000;
+                let to = t + len;
+                let from = &gz[at.fetch_from() as usize..];
+                let r = crate::deflate::reach((&header, header_bits), &at, from, to).unwrap();
+                assert!(r.output >= to, "{t}");
+                assert_eq!(r.window.len(), at.window.len());
+                kept += r.window.iter().filter(|b| **b != 0).count();
+                whole += at.window.len();
+                // Only the bytes up to `input`, and the trimmed window:
+                // the stretch comes out whole, from its start to `to`.
+                let trimmed = Checkpoint {
+                    window: r.window.clone(),
+                    ..at.clone()
+                };
+                let exact = &gz[at.fetch_from() as usize..(r.input as usize).min(gz.len())];
+                let make = |bytes: &[u8], out: &mut [u8]| {
+                    if header_bits == 0 {
+                        extract_some(&trimmed, bytes, at.output, out)
+                    } else {
+                        extract_spliced((&header, header_bits), &trimmed, bytes, at.output, out)
+                    }
+                };
+                let mut out = vec![0u8; (to - at.output) as usize];
+                let got = make(exact, &mut out).unwrap();
+                assert_eq!(got.filled, out.len(), "{t}: the exact bytes fall short");
+                assert!(out == data[at.output as usize..to as usize], "{t}");
+                // The trimmed window serves on past the stretch, as far as
+                // the layer goes.
+                let far = (to + 300_000).min(data.len() as u64);
+                let mut on = vec![0u8; (far - at.output) as usize];
+                let got = make(from, &mut on).unwrap();
+                assert_eq!(got.filled, on.len());
+                assert!(
+                    on == data[at.output as usize..far as usize],
+                    "{t}: past the stretch"
+                );
+                // A few bytes fewer fall short: `input` is not a margin.
+                let short = &exact[..exact.len() - 3];
+                let got = make(short, &mut out);
+                assert!(
+                    got.is_err() || got.unwrap().filled < out.len(),
+                    "{t}: needs its last byte"
+                );
+            }
+        }
+        // Part of a window is never reached.
+        assert!(kept < whole * 9 / 10, "{kept} of {whole} window bytes kept");
+        // A corrupt stream is not reached through.
+        let b = points
+            .iter()
+            .rev()
+            .find(|p| p.output <= targets[0])
+            .unwrap();
+        let mut bad = gz[b.fetch_from() as usize..].to_vec();
+        bad.truncate(64);
+        assert!(crate::deflate::reach((&[], 0), b, &bad, targets[0] + 100_000).is_none());
+    }
+
+    #[test]
     fn a_spliced_read_with_a_wrong_header_is_an_error_or_other_bytes() {
         let data = sample(1 << 20, 12);
         let gz = gzip(&data, 6);

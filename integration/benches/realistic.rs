@@ -51,6 +51,7 @@ use hyperbox_integration::distro;
 use hyperbox_integration::image::{BuiltImage, Compression, ImageSpec, Layer};
 use hyperbox_integration::prereq::{self, Prereq};
 use hyperbox_integration::proxy::Shaping;
+use hyperbox_integration::reads;
 use hyperbox_integration::snapshotter::NAME;
 use hyperbox_integration::soci::{self, ConvertOptions, Soci};
 use hyperbox_integration::testbed::Testbed;
@@ -144,7 +145,7 @@ fn secs(samples: &[Duration]) -> Vec<f64> {
 async fn main() {
     if !prereq::require(
         "bench realistic",
-        &[Prereq::CONTAINERS, &[Prereq::Containerd2]].concat(),
+        &[Prereq::CONTAINERS, &[Prereq::Containerd2, Prereq::Strace]].concat(),
     ) || !soci::require("bench realistic")
     {
         return;
@@ -260,6 +261,15 @@ async fn run(case: Case, full: bool) {
     let work = tempfile::tempdir().unwrap();
     let built: BuiltImage = spec.build(work.path()).expect("build image");
     let blob_bytes: u64 = built.layers.iter().map(|l| l.blob.size).sum();
+    // What the workload reads, and its price in the gzip layers: #19's
+    // bytes target is by exit ≤ 1.2 × that, plus the index.
+    let workload = reads::measure(&built, &spec.run).expect("trace the workload's reads");
+    eprintln!(
+        "the workload reads {} files: {:.1} MiB, {:.2} MiB of them in the compressed layers",
+        workload.files.len(),
+        workload.bytes as f64 / 1048576.0,
+        workload.compressed as f64 / 1048576.0
+    );
     let mut refs = Vec::new();
     for tb in &beds {
         let r = built
@@ -277,14 +287,23 @@ async fn run(case: Case, full: bool) {
         )
         .await
         .unwrap();
-    // `HYPERBOX_BENCH_SPAN=BYTES` tries another checkpoint span.
-    let indexed = match std::env::var("HYPERBOX_BENCH_SPAN") {
-        Ok(span) => beds[1]
-            .hyperbox()
-            .hb_json(&["image", "index", "--json", "--span", &span, &lazy]),
-        Err(_) => beds[1].hyperbox().hb_index(&lazy),
-    };
+    // `HYPERBOX_BENCH_SPAN=BYTES` tries another checkpoint span, and
+    // `HYPERBOX_BENCH_CHUNK=BYTES` another chunk size.
+    let mut index_args = vec!["image".to_string(), "index".into(), "--json".into()];
+    for (var, flag) in [
+        ("HYPERBOX_BENCH_SPAN", "--span"),
+        ("HYPERBOX_BENCH_CHUNK", "--chunk-size"),
+    ] {
+        if let Ok(v) = std::env::var(var) {
+            index_args.extend([flag.to_string(), v]);
+        }
+    }
+    index_args.push(lazy.clone());
+    let indexed = beds[1]
+        .hyperbox()
+        .hb_json(&index_args.iter().map(String::as_str).collect::<Vec<_>>());
     let index_bytes = indexed["index_bytes"].as_u64().expect("index size");
+    let bytes_target = workload.compressed as f64 * 1.2 + index_bytes as f64;
     let lazy_direct = lazy.clone();
     let lazy = beds[1].via_proxy(&lazy);
     // SOCI: the converted image (the conversion is a registry-side step,
@@ -490,6 +509,16 @@ async fn run(case: Case, full: bool) {
                     b[3].saturating_sub(a[3]),
                     b[4].saturating_sub(a[4])
                 );
+                let d = |i: usize| b[i].saturating_sub(a[i]);
+                eprintln!(
+                    "  by exit: {} reads waited, {} chunks prefetched, {} read ahead, {} made beside requests, {} requests from learned checkpoints, {} fetched again when short",
+                    d(5),
+                    d(6),
+                    d(7),
+                    d(8),
+                    d(9),
+                    d(10)
+                );
             }
             if prewarm_runs && side.name == "hyperbox-lazy" && n > 0 {
                 let runs = if n % 2 == 0 {
@@ -540,6 +569,17 @@ async fn run(case: Case, full: bool) {
                 percentile(&pull[side.name], 50.0).as_secs_f64(),
                 f[f.len() / 2] as f64 / 1048576.0,
                 secs(&pull[side.name])
+            );
+        }
+        if let Some(f) = fetched.get("hyperbox-lazy").filter(|f| f.len() > 1) {
+            let by_exit = lazy_all(&f[1..]) * 1048576.0;
+            eprintln!(
+                "hyperbox-lazy: later runs fetched {:.1} MiB by exit (median), {:.2}x the bytes target ({:.1} MiB = 1.2 x {:.2} MiB read, compressed, + the index's {:.2} MiB)",
+                by_exit / 1048576.0,
+                by_exit / bytes_target,
+                bytes_target / 1048576.0,
+                workload.compressed as f64 / 1048576.0,
+                index_bytes as f64 / 1048576.0
             );
         }
         if !complete.is_empty() {
@@ -724,7 +764,12 @@ async fn run(case: Case, full: bool) {
          {} for the later runs (the lower of their two middle samples; {:.2}× the full \
          fetch's median). Lazy samples in order: {lazy_runs:?}. Every lazy layer complete \
          and checked against its image {} after the pull began (median; samples {:?}), \
-         {:.1} MiB fetched from the registry in all (median; the full fetch: {:.1} MiB).\n",
+         {:.1} MiB fetched from the registry in all (median; the full fetch: {:.1} MiB).\n\n\
+         The workload reads {} files, {:.1} MiB, which are {:.2} MiB of the compressed layers \
+         (traced with strace in the unpacked image, each file priced from where its data \
+         begins in its layer's deflate stream to where it ends: `hyperbox_integration::reads`). \
+         The later lazy runs fetched {:.1} MiB by the workload's exit (median): {:.2}× #19's \
+         bytes target of 1.2 × those {:.2} MiB plus the index's {:.2} MiB ({:.1} MiB).\n",
         lazy_runs[0],
         learned_points.0,
         learned_points.1 as f64 / 1048576.0,
@@ -738,6 +783,14 @@ async fn run(case: Case, full: bool) {
             f.sort();
             f[f.len() / 2] as f64 / 1048576.0
         },
+        workload.files.len(),
+        workload.bytes as f64 / 1048576.0,
+        workload.compressed as f64 / 1048576.0,
+        lazy_all(&fetched["hyperbox-lazy"][1..]),
+        lazy_all(&fetched["hyperbox-lazy"][1..]) * 1048576.0 / bytes_target,
+        workload.compressed as f64 / 1048576.0,
+        index_bytes as f64 / 1048576.0,
+        bytes_target / 1048576.0,
     ));
     body.push_str(&format!(
         "\nWith the image complete and local, page cache dropped before each, median of {reads} \
@@ -794,7 +847,7 @@ fn lazy_states(dir: &std::path::Path) -> usize {
 /// window bytes and bytes read from layer downloads on the node, of
 /// reads that waited for a download, and of chunks made from downloads
 /// as they arrived; `None` for other sides.
-async fn lazy_counts(tb: &Testbed, side: &str) -> Option<[u64; 5]> {
+async fn lazy_counts(tb: &Testbed, side: &str) -> Option<[u64; 11]> {
     if side != "hyperbox-lazy" {
         return None;
     }
@@ -806,6 +859,12 @@ async fn lazy_counts(tb: &Testbed, side: &str) -> Option<[u64; 5]> {
         m("hyperbox_snapshotter_lazy_download_read_bytes_total"),
         m("hyperbox_snapshotter_lazy_download_waits_total"),
         m("hyperbox_snapshotter_lazy_download_chunks_total"),
+        m("hyperbox_snapshotter_lazy_waited_reads_total"),
+        m("hyperbox_snapshotter_lazy_prefetched_chunks_total"),
+        m("hyperbox_snapshotter_lazy_readahead_chunks_total"),
+        m("hyperbox_snapshotter_lazy_span_chunks_total"),
+        m("hyperbox_snapshotter_lazy_learned_checkpoint_requests_total"),
+        m("hyperbox_snapshotter_lazy_map_refetches_total"),
     ])
 }
 

@@ -44,6 +44,7 @@ pub mod prereq;
 pub mod procs;
 pub mod prometheus;
 pub mod proxy;
+pub mod reads;
 pub mod registry;
 pub mod shim;
 pub mod snapshotter;

@@ -43,6 +43,8 @@ pub enum Prereq {
     Prometheus,
     /// bpftool (to check what BPF programs are loaded).
     Bpftool,
+    /// strace (what a workload reads, [`crate::reads`]).
+    Strace,
     /// A [`crate::vm`] guest booting a kernel whose version starts with
     /// this (`"6.12."`): qemu, virtme-ng, udev and the unpacked kernel.
     Vm(&'static str),
@@ -136,6 +138,9 @@ impl Prereq {
                     || Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists()))
             .then(|| "needs PSI (psi=1) and a cgroup v2 hierarchy".into()),
             Prereq::Vm(prefix) => crate::vm::missing(prefix),
+            Prereq::Strace => command_output("strace", &["-V"])
+                .is_none()
+                .then(|| "strace not found (package strace)".into()),
             Prereq::Bpftool => command_output("bpftool", &["version"])
                 .is_none()
                 .then(|| "bpftool not found (package bpftool)".into()),

@@ -66,6 +66,9 @@ pub(super) struct Blob {
     pub(super) readahead: Mutex<(u64, u64)>,
     /// What read-ahead fetched and what reads used of it.
     pub(super) ahead: Mutex<Ahead>,
+    /// Per chunk, whether a learned prefetch of this pull lists it (empty
+    /// before one starts): reads of those are not read ahead of.
+    pub(super) planned: Mutex<Vec<bool>>,
     /// The chunks reads waited for, in first-read order: the layer's
     /// learned prefetch list.
     pub(super) reads: Mutex<prefetch::Recorder>,
@@ -123,6 +126,29 @@ impl Blob {
         let cs = self.state.chunk_size;
         let last = ((offset + count).min(size) - 1) / cs;
         Some(((offset / cs) as usize, last as usize))
+    }
+
+    /// Marks `chunks` as listed by this pull's learned prefetch.
+    pub(super) fn plan(&self, chunks: &[usize]) {
+        let mut planned = lock(&self.planned);
+        if planned.is_empty() {
+            planned.resize(self.locks.len(), false);
+        }
+        for &c in chunks {
+            if let Some(p) = planned.get_mut(c) {
+                *p = true;
+            }
+        }
+    }
+
+    /// Whether every chunk of a read of `offset..offset+count` is listed by
+    /// this pull's learned prefetch.
+    pub(super) fn planned_all(&self, offset: u64, count: u64) -> bool {
+        let Some((a, b)) = self.chunks_of(offset, count) else {
+            return false;
+        };
+        let planned = lock(&self.planned);
+        planned.get(a..=b).is_some_and(|p| p.iter().all(|x| *x))
     }
 
     /// How many chunks `bytes` is (at least one): a request's bound.
@@ -329,6 +355,7 @@ impl Lazy {
             last_error: Mutex::new(None),
             readahead: Mutex::new((0, READAHEAD_MIN)),
             ahead: Mutex::new(Ahead::default()),
+            planned: Mutex::new(Vec::new()),
             reads: Mutex::new(prefetch::Recorder::default()),
             shared,
             saved: AtomicUsize::new(0),

@@ -83,6 +83,9 @@ impl Lazy {
                 .fetch_add(1, Ordering::Relaxed);
         }
         plan.truncate(blob.chunks_in(prefetch::MAX_AHEAD));
+        if urgent {
+            blob.plan(&plan);
+        }
         let started = Instant::now();
         let before = blob.missing();
         let _predicted = urgent.then(|| self.demand.begin(Vec::new()));

@@ -74,6 +74,19 @@ pub(super) struct Mapped {
     pub(super) staged: Staged,
 }
 
+impl Mapped {
+    /// The checkpoint a request starts from: `i` (the last at or before
+    /// its bytes) or, when `i` is a learned checkpoint a request failed
+    /// from, the last one before it that is not.
+    fn start_for(&self, i: usize) -> usize {
+        let dead = lock(&self.dead);
+        (0..=i)
+            .rev()
+            .find(|&j| !self.map.points[j].learned || !dead.contains(&j))
+            .expect("the map's first checkpoint is its own")
+    }
+}
+
 fn bad(blob: &Blob, why: impl std::fmt::Display) -> Error {
     Error::Map {
         erofs: blob.erofs.to_string(),
@@ -92,22 +105,49 @@ fn bad(blob: &Blob, why: impl std::fmt::Display) -> Error {
 /// cluster has its own, and a margin per cluster as wide as the span's
 /// fetched most of the layer on an image whose runs read 1,000 scattered
 /// small files (73 MiB by the workload's exit for 24 MiB of files).
+///
+/// A learned checkpoint with a [`Stretch`](hyperbox_erofs::map::Stretch)
+/// says exactly where its
+/// cluster's compressed bytes end: a request for the cluster fetches that
+/// far and no margin, one for part of it is estimated from the cluster's
+/// own ratio and never goes past it, and one running past it (read-ahead)
+/// adds an estimate for the rest from there.
 fn estimate_end(p: &Point, need: &Need, (from, from_in): (u64, u64), learned: bool) -> u64 {
-    let span_in = need.blob_end.saturating_sub(p.input);
-    let span_out = need.end_output.saturating_sub(p.output).max(1);
-    let ratio = span_in as f64 / span_out as f64;
-    let want = (need.tar_end.saturating_sub(from) as f64 * ratio) as u64;
-    let wide = (span_in / 8).saturating_add(32 << 10);
-    let margin = if learned {
-        wide.min((want / 8).saturating_add(8 << 10))
-    } else {
-        wide
+    let estimate = |(from, from_in): (u64, u64), (span_in, span_out): (u64, u64)| {
+        let ratio = span_in as f64 / span_out.max(1) as f64;
+        let want = (need.tar_end.saturating_sub(from) as f64 * ratio) as u64;
+        let wide = (span_in / 8).saturating_add(32 << 10);
+        let margin = if learned {
+            wide.min((want / 8).saturating_add(8 << 10))
+        } else {
+            wide
+        };
+        // Saturating: a map's numbers are bounded, but its ratio is not.
+        from_in
+            .saturating_add(want)
+            .saturating_add(margin)
+            .min(need.blob_end)
     };
-    // Saturating: a map's numbers are bounded, but its ratio is not.
-    from_in
-        .saturating_add(want)
-        .saturating_add(margin)
-        .min(need.blob_end)
+    match p.stretch {
+        Some(s) if from <= s.output && need.tar_end <= s.output => {
+            estimate((from, from_in), (s.input - p.input, s.output - p.output)).min(s.input)
+        }
+        Some(s) if from <= s.output => estimate(
+            (s.output, s.input),
+            (
+                need.blob_end.saturating_sub(s.input),
+                need.end_output.saturating_sub(s.output),
+            ),
+        )
+        .max(s.input),
+        _ => estimate(
+            (from, from_in),
+            (
+                need.blob_end.saturating_sub(p.input),
+                need.end_output.saturating_sub(p.output),
+            ),
+        ),
+    }
 }
 
 /// Where a request stopped: the last block boundary before the first chunk
@@ -340,11 +380,7 @@ impl Lazy {
             }
             unreachable!("the registry's attempt returns");
         };
-        // A learned checkpoint a request failed from is passed over.
-        let mut i = (0..=i)
-            .rev()
-            .find(|j| !m.map.points[*j].learned || !lock(&m.dead).contains(j))
-            .expect("the map's first checkpoint is its own");
+        let mut i = m.start_for(i);
         // Bytes that do not inflate or verify: from a resume point (kept by
         // an earlier request, perhaps one from a learned checkpoint), the
         // request is made again from the checkpoint itself; from a learned
@@ -564,7 +600,7 @@ impl Lazy {
         let mut groups: HashMap<usize, (usize, usize)> = HashMap::new();
         for &c in plan {
             let (s, len) = blob.chunk_range(c);
-            let Some(span) = m.map.need(s, len).and_then(|n| n.point) else {
+            let Some(span) = m.map.need(s, len).and_then(|n| Some(m.start_for(n.point?))) else {
                 continue;
             };
             groups

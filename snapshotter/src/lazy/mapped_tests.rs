@@ -503,6 +503,60 @@ async fn learned_checkpoints_start_reads_near_their_bytes() {
     );
 }
 
+/// A learned checkpoint as `hb image prefetch push` makes them: its window
+/// keeps only the bytes references reach, and its cluster's end is known.
+/// A read of the cluster is made from it with exactly the cluster's
+/// compressed bytes, and a read past the cluster from it too (the trimmed
+/// window serves everything after the checkpoint), bytes right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trimmed_learned_checkpoint_fetches_its_cluster_exactly() {
+    let probe = setup(|_| {}).await;
+    let chunks = probe.image.len().div_ceil(CHUNK as usize);
+    // The chunk, placed by the map's own checkpoints.
+    let (offset, tar) = late_in_a_span(&probe.lazy.mapped(&probe.blob).await.unwrap().map, chunks);
+    drop(probe);
+    let learn = |map: &LayerMap, gz: &[u8]| {
+        let end = map.need(offset, CHUNK).unwrap().tar_end;
+        before(gz, vec![tar])
+            .into_iter()
+            .map(|p| {
+                let from = p.at.fetch_from() as usize;
+                learned::trim(p, &gz[from..], end, gz.len() as u64)
+            })
+            .collect()
+    };
+    let s = setup_learned(|_| {}, Some(&learn)).await;
+    let map = s.lazy.mapped(&the_blob(&s)).await.unwrap();
+    let k = map.map.points.partition_point(|p| p.output <= tar) - 1;
+    let point = &map.map.points[k];
+    let stretch = point
+        .stretch
+        .expect("the learned checkpoint knows its cluster");
+    // It ends at the symbol that reaches the cluster's end.
+    let end = map.map.need(offset, CHUNK).unwrap().tar_end;
+    assert!(
+        point.learned && stretch.output >= end && stretch.output < end + 300,
+        "{point:?}, cluster end {end}"
+    );
+    assert_eq!(read(&s, offset).await, Some(Verdict::Allow));
+    assert!(chunk_at(&s, offset)[..] == s.image[offset as usize..(offset + CHUNK) as usize]);
+    // One request, from the checkpoint to the cluster's end: no margin.
+    let from = point.fetch_from();
+    assert!(
+        layer_requests(&s).contains(&(from, stretch.input - from)),
+        "{:?}, stretch {stretch:?}",
+        layer_requests(&s)
+    );
+    // Past the cluster, a few chunks on: bytes right, nothing failed.
+    for next in [offset + CHUNK, offset + 3 * CHUNK] {
+        assert_eq!(read(&s, next).await, Some(Verdict::Allow));
+        assert!(chunk_at(&s, next)[..] == s.image[next as usize..(next + CHUNK) as usize]);
+    }
+    let c = s.lazy.counters();
+    assert_eq!(c.learned_point_failures.load(Ordering::Relaxed), 0);
+    assert_eq!(c.chunk_failures.load(Ordering::Relaxed), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_learned_checkpoint_that_lies_is_passed_over() {
     let probe = setup(|_| {}).await;

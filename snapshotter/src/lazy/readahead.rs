@@ -96,6 +96,13 @@ impl Blob {
             *ra = (end, next);
             (next, follows)
         };
+        // A read the learned list predicted: the list says what comes next,
+        // and its prefetch is bringing it. Reading ahead beside such reads
+        // fetched 1,557 chunks no read wanted on the many-files image's
+        // later runs (about a third of their Range bytes).
+        if self.planned_all(offset, count) {
+            return None;
+        }
         let mut ahead = lock(&self.ahead);
         if !follows {
             ahead.jumps += 1;

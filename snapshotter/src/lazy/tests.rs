@@ -671,6 +671,35 @@ async fn reads_fetch_no_more_than_their_own_chunks_while_the_layer_comes_at_once
     gate.notify_one();
 }
 
+/// A read the learned list predicted is not read ahead of: the list says
+/// what comes next and its prefetch brings it. A read it did not predict
+/// reads ahead as ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_the_learned_list_predicted_are_not_read_ahead_of() {
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let s = setup(Case {
+        from_layer: true,
+        learned: vec![1],
+        whole_gate: Some(gate.clone()),
+        ..Case::default()
+    })
+    .await;
+    let lazy = s.lazy.clone();
+    assert!(eventually(|| lazy.counters().prefetched_chunks.load(Ordering::SeqCst) == 1).await);
+    assert_eq!(read_event(&s, CHUNK + 10).await, Some(Verdict::Allow));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.lazy.counters().readahead_chunks.load(Ordering::SeqCst), 0);
+    // Chunk 0 was not listed: chunks 2 and 3 are read ahead of it (1 is
+    // here).
+    assert_eq!(read_event(&s, 10).await, Some(Verdict::Allow));
+    let lazy = s.lazy.clone();
+    assert!(
+        eventually(|| lazy.counters().readahead_chunks.load(Ordering::SeqCst) == 2).await,
+        "chunks 2 and 3 read ahead"
+    );
+    gate.notify_one();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_taught_layer_or_a_shared_list_makes_an_image_wait_for_reads() {
     let s = setup(Case {
