@@ -373,11 +373,21 @@ async fn learn_points(
                 block = (Some(b.output), bytes);
             }
             let block = &block.1;
-            let point = match deflate::splice_before(b, block, t) {
-                Some(s) if splice_checks(b, &s, block) => s.into(),
-                _ => b.clone().into(),
+            let spliced = match deflate::splice_before(b, block, t) {
+                Some(s) if splice_checks(b, &s, block) => {
+                    Some(trimmed(&file, s.into(), end, blob_size)?)
+                }
+                _ => None,
             };
-            out.push(trimmed(&file, point, end, blob_size)?);
+            // A splice whose trim the check refutes is left for its block's
+            // boundary: a stored block after it would start at another
+            // byte boundary in the spliced stream than in the blob, and
+            // zlib would fail on it at a node.
+            let point = match spliced {
+                Some(p) if p.stretch.is_some() => p,
+                _ => trimmed(&file, b.clone().into(), end, blob_size)?,
+            };
+            out.push(point);
         }
         // In order by both offsets, as nodes require (a splice near a
         // block's end may share its input byte with the next boundary).

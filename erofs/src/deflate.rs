@@ -334,6 +334,13 @@ pub fn reach(
     let mut out = at.window.clone();
     let base = at.output - wlen as u64;
     let until = to.max(at.output + WINDOW as u64);
+    // The stream's bit `header_bits + k` is the blob's bit `first + k`
+    // counted from `fetch_from`'s first bit.
+    let first = if at.bits > 0 {
+        8 - u64::from(at.bits)
+    } else {
+        0
+    };
     // Where the target was reached: output, and the stream's bit.
     let mut target: Option<(u64, u64)> = None;
     let note = |out: &Vec<u8>, pos: u64, target: &mut Option<(u64, u64)>| {
@@ -346,16 +353,22 @@ pub fn reach(
     'blocks: while !note(&out, bits.pos, &mut target) {
         let last = bits.get(1)?;
         let btype = bits.get(2)?;
+        if btype == 3 {
+            return None;
+        }
         if btype == 0 {
-            bits.pos = bits.pos.div_ceil(8) * 8;
+            // A stored block starts at the blob's next byte boundary, which
+            // in the stream is offset by the header and the first bits.
+            let blob_bit = (first + bits.pos).checked_sub(header_bits.into())?;
+            bits.pos = blob_bit.div_ceil(8) * 8 + u64::from(header_bits) - first;
             let len = bits.get(16)?;
             if bits.get(16)? != !len & 0xffff {
                 return None;
             }
             for _ in 0..len {
                 out.push(bits.get(8)? as u8);
-                if target.is_none() {
-                    note(&out, bits.pos, &mut target);
+                if note(&out, bits.pos, &mut target) {
+                    break 'blocks;
                 }
             }
         } else {
@@ -401,13 +414,6 @@ pub fn reach(
             *b = 0;
         }
     }
-    // The stream's bit `header_bits + k` is the blob's bit `first + k`
-    // counted from `fetch_from`'s first bit.
-    let first = if at.bits > 0 {
-        8 - u64::from(at.bits)
-    } else {
-        0
-    };
     let read = (first + pos).checked_sub(header_bits.into())?;
     Some(Reach {
         window,

@@ -92,7 +92,10 @@ pub fn encode(points: &[Learned]) -> std::io::Result<(Vec<u8>, u64)> {
     map::put_points(&mut body, &placed, true);
     // Each stretch as its distances past the checkpoint, 0 for none.
     for l in points {
-        match l.stretch {
+        match l
+            .stretch
+            .filter(|s| s.output > l.at.output && s.input > l.at.input)
+        {
             Some(s) => {
                 map::put(&mut body, s.output.saturating_sub(l.at.output));
                 map::put(&mut body, s.input.saturating_sub(l.at.input));
@@ -179,12 +182,16 @@ pub fn decode(eager: &[u8], map: Bounds) -> Result<Vec<Point>, Error> {
                 output: p.output.saturating_add(out),
                 input: p.input.saturating_add(input),
             };
-            // Past the point, inside the tar and the blob, and no longer
-            // than a node inflates for one request.
+            // Past the point, inside the tar and the blob, no longer than a
+            // node inflates for one request, and no more compressed bytes
+            // than deflate can take for that output (stored blocks add 5
+            // bytes per 64 KiB, headers a few hundred): a node fetches
+            // exactly this far.
             if s.output > map.tar_size
                 || s.input > map.blob_size
                 || input == 0
                 || out > crate::deflate::MAX_REACH
+                || input > out + out / 8 + (64 << 10)
             {
                 return Err(bad("a learned checkpoint's stretch lies outside the layer"));
             }
@@ -431,19 +438,32 @@ mod tests {
         let (old, eager) = map::write_blob(MAGIC_V1, &body, &lazy).unwrap();
         let got = decode(&old[..eager as usize], bounds()).unwrap();
         assert!(got.len() == 2 && got.iter().all(|p| p.stretch.is_none()));
-        // A stretch past the blob, or not past its checkpoint, is refused.
+        // A stretch not past its checkpoint is written as none.
+        let mut p = checkpoint(1000, 3, 70_000, WINDOW);
+        p.stretch = Some(Stretch {
+            output: 90_000,
+            input: 1000,
+        });
+        let (blob, eager) = encode(&[p]).unwrap();
+        assert_eq!(
+            decode(&blob[..eager as usize], bounds()).unwrap()[0].stretch,
+            None
+        );
+        // Past the blob, past the tar, or more compressed bytes than
+        // deflate takes for its output (a node would fetch them all): the
+        // blob is refused.
         for bad in [
             Stretch {
                 output: 90_000,
                 input: 2 << 20,
             },
             Stretch {
-                output: 90_000,
-                input: 1000,
-            },
-            Stretch {
                 output: 5 << 20,
                 input: 7000,
+            },
+            Stretch {
+                output: 90_000,
+                input: 1000 + 200_000,
             },
         ] {
             let mut p = checkpoint(1000, 3, 70_000, WINDOW);

@@ -1061,6 +1061,41 @@ mod tests {
         assert!(crate::deflate::reach((&[], 0), b, &bad, targets[0] + 100_000).is_none());
     }
 
+    /// Stored blocks (incompressible bytes) start at the blob's byte
+    /// boundaries, wherever a checkpoint's bit lies: windows before them
+    /// are trimmed and serve reads across them.
+    #[test]
+    fn windows_are_trimmed_across_stored_blocks() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+        let mut data = sample(400_000, 21);
+        let noise: Vec<u8> = (0..300_000).map(|_| rng.random()).collect();
+        data.extend_from_slice(&noise);
+        data.extend_from_slice(&sample(200_000, 22));
+        let gz = gzip(&data, 6);
+        let (_, points) = index(&gz, 64 << 10);
+        let mut across = 0;
+        for p in points.iter().filter(|p| !p.window.is_empty()) {
+            let to = p.output + 120_000;
+            if to > data.len() as u64 {
+                continue;
+            }
+            let from = &gz[p.fetch_from() as usize..];
+            let r = crate::trim::trim((&[], 0), p, from, to)
+                .unwrap_or_else(|| panic!("checkpoint at {} (bits {})", p.output, p.bits));
+            let cut = Checkpoint {
+                window: r.window.clone(),
+                ..p.clone()
+            };
+            let mut out = vec![0u8; (to - p.output) as usize];
+            extract(&cut, from, p.output, &mut out).unwrap();
+            assert!(out == data[p.output as usize..to as usize], "{}", p.output);
+            if p.output < 400_000 && to > 400_000 {
+                across += 1;
+            }
+        }
+        assert!(across > 0, "no checkpoint before the stored blocks");
+    }
+
     #[test]
     fn a_spliced_read_with_a_wrong_header_is_an_error_or_other_bytes() {
         let data = sample(1 << 20, 12);

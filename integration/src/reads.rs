@@ -34,6 +34,8 @@ pub struct Workload {
 /// One file's data in a layer: its size and its compressed bytes.
 #[derive(Debug, Clone, Copy)]
 struct Cost {
+    /// Where its data begins in the tar.
+    at: u64,
     size: u64,
     compressed: u64,
 }
@@ -44,22 +46,35 @@ pub fn measure(image: &BuiltImage, run: &RunConfig) -> Result<Workload> {
         .prefix("hb-reads-")
         .tempdir()
         .context("temporary directory")?;
+    // strace prints real paths: a root reached through a symlink would
+    // match none of them.
+    let dir = root.path().canonicalize().context("temporary directory")?;
     for l in &image.layers {
-        unpack(&l.blob.path, &l.blob.media_type, root.path())?;
+        unpack(&l.blob.path, &l.blob.media_type, &dir)?;
     }
-    let opened = opened(root.path(), run)?;
+    let opened = opened(&dir, run)?;
     let costs: Vec<HashMap<String, Cost>> = image
         .layers
         .iter()
         .map(|l| costs(&l.blob.path, &l.blob.media_type))
         .collect::<Result<_>>()?;
     let mut read = Workload::default();
+    // Hard links to the same data count once.
+    let mut priced = std::collections::HashSet::new();
     for path in opened {
         // The topmost layer holding it is where the lower dir came from;
         // none holds what the workload made itself.
-        let Some(cost) = costs.iter().rev().find_map(|c| c.get(&path)) else {
+        let Some((layer, cost)) = costs
+            .iter()
+            .enumerate()
+            .rev()
+            .find_map(|(i, c)| Some((i, c.get(&path)?)))
+        else {
             continue;
         };
+        if !priced.insert((layer, cost.at)) {
+            continue;
+        }
         read.bytes += cost.size;
         read.compressed += cost.compressed;
         read.files.push(path);
@@ -171,7 +186,16 @@ fn opened(root: &Path, run: &RunConfig) -> Result<Vec<String>> {
             continue;
         }
         let found = if line.contains(" execve(") {
-            quoted(line).and_then(|p| resolve(root, &p))
+            // A relative path is the working directory's (the shell went
+            // there first).
+            quoted(line).and_then(|p| {
+                let p = if p.starts_with('/') {
+                    p
+                } else {
+                    format!("{dir}/{p}")
+                };
+                resolve(root, &p)
+            })
         } else {
             // `-y` prints the opened file's real path after the fd.
             line.rsplit_once("= ")
@@ -184,11 +208,20 @@ fn opened(root: &Path, run: &RunConfig) -> Result<Vec<String>> {
         if !std::fs::symlink_metadata(&host).is_ok_and(|m| m.is_file()) {
             continue;
         }
-        if line.contains(" execve(")
-            && let Some(interp) = interpreter(&host)
-            && let Some(i) = resolve(root, &interp)
-        {
-            seen.entry(inner(root, &i)).or_insert(());
+        // The kernel reads an executable's interpreters without an open:
+        // a script's `#!` one, and an ELF file's loader.
+        if line.contains(" execve(") {
+            let mut exe = host.clone();
+            for _ in 0..4 {
+                let Some(next) = interpreter(&exe).and_then(|i| resolve(root, &i)) else {
+                    break;
+                };
+                if !std::fs::symlink_metadata(&next).is_ok_and(|m| m.is_file()) {
+                    break;
+                }
+                seen.entry(inner(root, &next)).or_insert(());
+                exe = next;
+            }
         }
         seen.entry(inner(root, &host)).or_insert(());
     }
@@ -250,9 +283,15 @@ fn resolve(root: &Path, path: &str) -> Option<PathBuf> {
     Some(at)
 }
 
-/// The ELF interpreter an executable names (`PT_INTERP`), if any.
+/// The interpreter an executable names: a script's `#!` line, an ELF
+/// file's `PT_INTERP`; `None` for neither.
 fn interpreter(file: &Path) -> Option<String> {
     let data = std::fs::read(file).ok()?;
+    if let Some(line) = data.strip_prefix(b"#!") {
+        let line = &line[..line.iter().position(|b| *b == b'\n').unwrap_or(line.len())];
+        let line = String::from_utf8_lossy(line);
+        return line.split_whitespace().next().map(str::to_string);
+    }
     let u16_at = |o: usize| Some(u16::from_le_bytes(data.get(o..o + 2)?.try_into().ok()?));
     let u64_at = |o: usize| Some(u64::from_le_bytes(data.get(o..o + 8)?.try_into().ok()?));
     // 64-bit little-endian ELF only: the machines measured.
@@ -332,6 +371,7 @@ fn costs(blob: &Path, media_type: &str) -> Result<HashMap<String, Cost>> {
             (
                 path,
                 Cost {
+                    at: start,
                     size,
                     compressed: c,
                 },

@@ -139,7 +139,8 @@ fn estimate_end(p: &Point, need: &Need, (from, from_in): (u64, u64), learned: bo
                 need.end_output.saturating_sub(s.output),
             ),
         )
-        .max(s.input),
+        .max(s.input)
+        .min(need.blob_end),
         _ => estimate(
             (from, from_in),
             (
