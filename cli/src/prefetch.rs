@@ -15,7 +15,7 @@
 //! file between two costs the compressed bytes from the one before it.
 
 use anyhow::{Context, Result, bail};
-use hyperbox_erofs::{deflate, learned, map, zran};
+use hyperbox_erofs::{deflate, learned, map, trim, zran};
 use hyperbox_registry::digest::Digest;
 use hyperbox_registry::index::{Index, IndexLayer};
 use hyperbox_registry::prefetch::{self, PointsRef, Shared, Store};
@@ -367,10 +367,10 @@ async fn learn_points(
                 continue;
             };
             if block.0 != Some(b.output) {
-                let mut bytes = vec![0u8; BLOCK_READ];
-                let n = read_at(&file, &mut bytes, b.fetch_from())?;
-                bytes.truncate(n);
-                block = (Some(b.output), bytes);
+                block = (
+                    Some(b.output),
+                    trim::read_blob(&file, b.fetch_from(), BLOCK_READ)?,
+                );
             }
             let block = &block.1;
             let spliced = match deflate::splice_before(b, block, t) {
@@ -488,23 +488,8 @@ fn trimmed(
     if reach == 0 || reach > deflate::MAX_REACH {
         return Ok(point);
     }
-    let mut bytes = vec![0u8; hyperbox_erofs::trim::read_for(reach)];
-    let n = read_at(file, &mut bytes, point.at.fetch_from())?;
-    bytes.truncate(n);
+    let bytes = trim::read_blob(file, point.at.fetch_from(), trim::read_for(reach))?;
     Ok(learned::trim(point, &bytes, end, blob_size))
-}
-
-/// Reads into `buf` from `at`, as much as the file has.
-fn read_at(file: &std::fs::File, buf: &mut [u8], at: u64) -> std::io::Result<usize> {
-    use std::os::unix::fs::FileExt as _;
-    let mut n = 0;
-    while n < buf.len() {
-        match file.read_at(&mut buf[n..], at + n as u64)? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
 
 /// Whether the bytes a node would make from splice `s` (zlib, from the

@@ -246,22 +246,14 @@ fn run(
 /// most of its size, and half or more of a window of text is never
 /// referred to. A window whose trim does not check stays whole.
 fn trimmed(path: &Path, mut points: Vec<zran::Checkpoint>) -> Result<Vec<zran::Checkpoint>, Error> {
-    use std::os::unix::fs::FileExt;
     let file = fs::File::open(path).map_err(io("open", path))?;
-    let mut bytes = vec![0u8; crate::trim::read_for(0)];
     for p in &mut points {
         if p.window.is_empty() {
             continue;
         }
-        let mut n = 0;
-        while n < bytes.len() {
-            match file.read_at(&mut bytes[n..], p.fetch_from() + n as u64) {
-                Ok(0) => break,
-                Ok(k) => n += k,
-                Err(e) => return Err(io("read", path)(e)),
-            }
-        }
-        if let Some(r) = crate::trim::trim((&[], 0), p, &bytes[..n], p.output) {
+        let bytes = crate::trim::read_blob(&file, p.fetch_from(), crate::trim::read_for(0))
+            .map_err(io("read", path))?;
+        if let Some(r) = crate::trim::trim((&[], 0), p, &bytes, p.output) {
             p.window = r.window;
         }
     }

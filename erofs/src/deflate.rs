@@ -136,6 +136,19 @@ const ORDER: [usize; 19] = [
     16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15,
 ];
 
+/// The length and distance of the back-reference length symbol `sym`
+/// (257–285) starts, read from `bits` with the block's distance code.
+fn back_reference(sym: u16, dist: &Huffman, bits: &mut Bits<'_>) -> Option<(usize, usize)> {
+    let k = usize::from(sym - 257);
+    let len = usize::from(LEN_BASE[k]) + bits.get(LEN_EXTRA[k].into())? as usize;
+    let d = usize::from(dist.decode(bits)?);
+    if d >= 30 {
+        return None;
+    }
+    let back = usize::from(DIST_BASE[d]) + bits.get(DIST_EXTRA[d].into())? as usize;
+    Some((len, back))
+}
+
 /// The literal/length and distance codes of a block whose header `bits`
 /// is at (after BFINAL and BTYPE).
 fn tables(btype: u32, bits: &mut Bits<'_>) -> Option<(Huffman, Huffman)> {
@@ -238,13 +251,7 @@ pub fn splice_before(point: &Checkpoint, compressed: &[u8], target: u64) -> Opti
             0..=255 => out.push(sym as u8),
             256 => break,
             257..=285 => {
-                let k = (sym - 257) as usize;
-                let len = usize::from(LEN_BASE[k]) + bits.get(LEN_EXTRA[k].into())? as usize;
-                let d = dist.decode(&mut bits)? as usize;
-                if d >= 30 {
-                    return None;
-                }
-                let back = usize::from(DIST_BASE[d]) + bits.get(DIST_EXTRA[d].into())? as usize;
+                let (len, back) = back_reference(sym, &dist, &mut bits)?;
                 let from = out.len().checked_sub(back)?;
                 for j in 0..len {
                     out.push(out[from + j]);
@@ -381,15 +388,7 @@ pub fn reach(
                     sym @ 0..=255 => out.push(sym as u8),
                     256 => break,
                     sym @ 257..=285 => {
-                        let k = usize::from(sym - 257);
-                        let len =
-                            usize::from(LEN_BASE[k]) + bits.get(LEN_EXTRA[k].into())? as usize;
-                        let d = usize::from(dist.decode(&mut bits)?);
-                        if d >= 30 {
-                            return None;
-                        }
-                        let back =
-                            usize::from(DIST_BASE[d]) + bits.get(DIST_EXTRA[d].into())? as usize;
+                        let (len, back) = back_reference(sym, &dist, &mut bits)?;
                         let from = out.len().checked_sub(back)?;
                         for j in from..from + len {
                             if j < wlen {

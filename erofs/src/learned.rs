@@ -97,8 +97,8 @@ pub fn encode(points: &[Learned]) -> std::io::Result<(Vec<u8>, u64)> {
             .filter(|s| s.output > l.at.output && s.input > l.at.input)
         {
             Some(s) => {
-                map::put(&mut body, s.output.saturating_sub(l.at.output));
-                map::put(&mut body, s.input.saturating_sub(l.at.input));
+                map::put(&mut body, s.output - l.at.output);
+                map::put(&mut body, s.input - l.at.input);
             }
             None => map::put(&mut body, 0),
         }

@@ -26,6 +26,22 @@ pub fn read_for(reach: u64) -> usize {
     (reach.clamp(WINDOW as u64, deflate::MAX_REACH) + (64 << 10)) as usize
 }
 
+/// Up to `len` bytes of `file` from offset `from`: as many as it has
+/// (a checkpoint near the blob's end reads to the end).
+pub fn read_blob(file: &std::fs::File, from: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt as _;
+    let mut buf = vec![0u8; len];
+    let mut n = 0;
+    while n < len {
+        match file.read_at(&mut buf[n..], from + n as u64)? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    buf.truncate(n);
+    Ok(buf)
+}
+
 /// Decodes from `at` (with `header`, its block's header bits when it lies
 /// inside a block; empty at a block boundary) to `to`, as
 /// [`deflate::reach`] does, and checks the trimmed window against zlib:

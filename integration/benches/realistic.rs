@@ -558,6 +558,11 @@ async fn run(case: Case, full: bool) {
         v.sort();
         v.get(v.len() / 2).map_or(0.0, |b| *b as f64 / 1048576.0)
     };
+    // The later lazy runs' bytes by exit (median, MiB), when there are any.
+    let later_mib = fetched
+        .get("hyperbox-lazy")
+        .filter(|f| f.len() > 1)
+        .map(|f| lazy_all(&f[1..]));
 
     if only.is_some() {
         for side in &timed {
@@ -571,12 +576,10 @@ async fn run(case: Case, full: bool) {
                 secs(&pull[side.name])
             );
         }
-        if let Some(f) = fetched.get("hyperbox-lazy").filter(|f| f.len() > 1) {
-            let by_exit = lazy_all(&f[1..]) * 1048576.0;
+        if let Some(later) = later_mib {
             eprintln!(
-                "hyperbox-lazy: later runs fetched {:.1} MiB by exit (median), {:.2}x the bytes target ({:.1} MiB = 1.2 x {:.2} MiB read, compressed, + the index's {:.2} MiB)",
-                by_exit / 1048576.0,
-                by_exit / bytes_target,
+                "hyperbox-lazy: later runs fetched {later:.1} MiB by exit (median), {:.2}x the bytes target ({:.1} MiB = 1.2 x {:.2} MiB read, compressed, + the index's {:.2} MiB)",
+                later * 1048576.0 / bytes_target,
                 bytes_target / 1048576.0,
                 workload.compressed as f64 / 1048576.0,
                 index_bytes as f64 / 1048576.0
@@ -786,8 +789,8 @@ async fn run(case: Case, full: bool) {
         workload.files.len(),
         workload.bytes as f64 / 1048576.0,
         workload.compressed as f64 / 1048576.0,
-        lazy_all(&fetched["hyperbox-lazy"][1..]),
-        lazy_all(&fetched["hyperbox-lazy"][1..]) * 1048576.0 / bytes_target,
+        later_mib.unwrap_or_default(),
+        later_mib.unwrap_or_default() * 1048576.0 / bytes_target,
         workload.compressed as f64 / 1048576.0,
         index_bytes as f64 / 1048576.0,
         bytes_target / 1048576.0,
@@ -846,7 +849,10 @@ fn lazy_states(dir: &std::path::Path) -> usize {
 /// For the lazy side, the snapshotter's counts of layer Range bytes,
 /// window bytes and bytes read from layer downloads on the node, of
 /// reads that waited for a download, and of chunks made from downloads
-/// as they arrived; `None` for other sides.
+/// as they arrived; then of reads that waited at all, chunks prefetched,
+/// read ahead and made beside requests, requests from learned
+/// checkpoints and requests made again when short; `None` for other
+/// sides.
 async fn lazy_counts(tb: &Testbed, side: &str) -> Option<[u64; 11]> {
     if side != "hyperbox-lazy" {
         return None;

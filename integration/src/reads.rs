@@ -49,15 +49,15 @@ pub fn measure(image: &BuiltImage, run: &RunConfig) -> Result<Workload> {
     // strace prints real paths: a root reached through a symlink would
     // match none of them.
     let dir = root.path().canonicalize().context("temporary directory")?;
-    for l in &image.layers {
-        unpack(&l.blob.path, &l.blob.media_type, &dir)?;
-    }
-    let opened = opened(&dir, run)?;
     let costs: Vec<HashMap<String, Cost>> = image
         .layers
         .iter()
         .map(|l| costs(&l.blob.path, &l.blob.media_type))
         .collect::<Result<_>>()?;
+    for (l, c) in image.layers.iter().zip(&costs) {
+        unpack(&l.blob.path, &l.blob.media_type, &dir, c.keys())?;
+    }
+    let opened = opened(&dir, run)?;
     let mut read = Workload::default();
     // Hard links to the same data count once.
     let mut priced = std::collections::HashSet::new();
@@ -82,15 +82,19 @@ pub fn measure(image: &BuiltImage, run: &RunConfig) -> Result<Workload> {
     Ok(read)
 }
 
-/// Extracts one layer over `root`, then applies its whiteouts.
-fn unpack(blob: &Path, media_type: &str, root: &Path) -> Result<()> {
+/// Extracts one layer over `root`, then applies its whiteouts, found
+/// among the layer's regular `files` (tar paths).
+fn unpack<'a>(
+    blob: &Path,
+    media_type: &str,
+    root: &Path,
+    files: impl Iterator<Item = &'a String>,
+) -> Result<()> {
     let mut tar = Command::new("tar");
     tar.arg("-x").arg("--numeric-owner").arg("-C").arg(root);
-    match media_type {
-        media::LAYER_GZIP => tar.arg("-z"),
-        media::LAYER_ZSTD => tar.arg("--zstd"),
-        _ => &mut tar,
-    };
+    if media_type == media::LAYER_GZIP {
+        tar.arg("-z");
+    }
     let out = tar.arg("-f").arg(blob).output().context("run tar")?;
     ensure!(
         out.status.success(),
@@ -98,15 +102,15 @@ fn unpack(blob: &Path, media_type: &str, root: &Path) -> Result<()> {
         blob.display(),
         String::from_utf8_lossy(&out.stderr)
     );
-    for entry in walkdir(root)? {
+    for path in files {
+        let entry = root.join(path);
         let name = entry.file_name().unwrap_or_default().to_string_lossy();
         let Some(hidden) = name.strip_prefix(".wh.") else {
             continue;
         };
         ensure!(
             hidden != ".wh..opq",
-            "opaque directories are not measured ({})",
-            entry.display()
+            "opaque directories are not measured ({path})"
         );
         let target = entry.with_file_name(hidden);
         match std::fs::symlink_metadata(&target) {
@@ -117,22 +121,6 @@ fn unpack(blob: &Path, media_type: &str, root: &Path) -> Result<()> {
         std::fs::remove_file(&entry)?;
     }
     Ok(())
-}
-
-/// Every path under `dir`, not following symlinks.
-fn walkdir(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).with_context(|| format!("read {}", d.display()))? {
-            let e = e?;
-            if e.file_type()?.is_dir() {
-                todo.push(e.path());
-            }
-            out.push(e.path());
-        }
-    }
-    Ok(out)
 }
 
 /// The regular files `run` opens or executes in `root`, by path inside it.

@@ -132,15 +132,15 @@ fn estimate_end(p: &Point, need: &Need, (from, from_in): (u64, u64), learned: bo
         Some(s) if from <= s.output && need.tar_end <= s.output => {
             estimate((from, from_in), (s.input - p.input, s.output - p.output)).min(s.input)
         }
+        // Never past the map's next own checkpoint (`estimate` bounds it),
+        // whatever a stretch says.
         Some(s) if from <= s.output => estimate(
             (s.output, s.input),
             (
                 need.blob_end.saturating_sub(s.input),
                 need.end_output.saturating_sub(s.output),
             ),
-        )
-        .max(s.input)
-        .min(need.blob_end),
+        ),
         _ => estimate(
             (from, from_in),
             (
