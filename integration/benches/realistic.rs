@@ -391,9 +391,11 @@ async fn run(case: Case, full: bool) {
     let prewarm_runs =
         only.is_some() && std::env::var("HYPERBOX_BENCH_LAZY").is_ok_and(|v| v == "prewarm");
     // (pull to exit, container start to exit) of cold and prewarmed
-    // lazy runs, and each prewarm's time and bytes.
+    // lazy runs, the seconds their reads waited in all, and each
+    // prewarm's time and bytes.
     let mut cold: Vec<(Duration, Duration)> = Vec::new();
     let mut prewarmed: Vec<(Duration, Duration)> = Vec::new();
+    let mut waits: (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
     let mut prewarm_cost: Vec<(Duration, u64)> = Vec::new();
 
     // 1. Pull to exit, cold, through CRI.
@@ -457,6 +459,7 @@ async fn run(case: Case, full: bool) {
             let k8s = k8s(tb).await;
             let cri = tb.containerd.cri().await.unwrap();
             let counted = lazy_counts(tb, side.name).await;
+            let waited_before = lazy_wait(tb, side.name).await;
             let before = tb.proxy.bytes_served();
             let start = Instant::now();
             cri.pull_image(&side.reference).await.unwrap();
@@ -520,13 +523,25 @@ async fn run(case: Case, full: bool) {
                     d(10)
                 );
             }
+            let waited = match (waited_before, lazy_wait(tb, side.name).await) {
+                (Some(a), Some(b)) => {
+                    eprintln!(
+                        "  by exit: reads waited {:.3} s in all ({} reads of layers still filling)",
+                        b.0 - a.0,
+                        b.1 - a.1
+                    );
+                    b.0 - a.0
+                }
+                _ => 0.0,
+            };
             if prewarm_runs && side.name == "hyperbox-lazy" && n > 0 {
-                let runs = if n % 2 == 0 {
-                    &mut prewarmed
+                let (runs, wait) = if n % 2 == 0 {
+                    (&mut prewarmed, &mut waits.1)
                 } else {
-                    &mut cold
+                    (&mut cold, &mut waits.0)
                 };
                 runs.push((took, took - pulled));
+                wait.push(waited);
             }
             pull.entry(side.name).or_default().push(took);
             fetched.entry(side.name).or_default().push(bytes);
@@ -601,6 +616,18 @@ async fn run(case: Case, full: bool) {
                     .collect();
                 percentile(&v, 50.0).as_secs_f64()
             };
+            let wait_median = |v: &[f64]| {
+                let mut v = v.to_vec();
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            eprintln!(
+                "prewarm: reads waited in all (first-access latency), cold median {:.3} s, prewarmed {:.3} s; samples cold {:?} prewarmed {:?}",
+                wait_median(&waits.0),
+                wait_median(&waits.1),
+                waits.0,
+                waits.1
+            );
             let costs: Vec<Duration> = prewarm_cost.iter().map(|c| c.0).collect();
             let mut bytes: Vec<u64> = prewarm_cost.iter().map(|c| c.1).collect();
             bytes.sort();
@@ -872,6 +899,15 @@ async fn lazy_counts(tb: &Testbed, side: &str) -> Option<[u64; 11]> {
         m("hyperbox_snapshotter_lazy_learned_checkpoint_requests_total"),
         m("hyperbox_snapshotter_lazy_map_refetches_total"),
     ])
+}
+
+/// Seconds the lazy side's reads waited in all, and how many reads.
+async fn lazy_wait(tb: &Testbed, side: &str) -> Option<(f64, u64)> {
+    if side != "hyperbox-lazy" {
+        return None;
+    }
+    let page = tb.snapshotter.as_ref()?.metrics().await;
+    Some(hyperbox_integration::lazy::read_wait(&page))
 }
 
 /// Seconds since the epoch now.

@@ -59,6 +59,21 @@ pub fn metric(page: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in {page}"))
 }
 
+/// The total seconds reads of lazy layers waited for their answers, and
+/// how many reads (`hyperbox_snapshotter_lazy_read_wait_seconds`).
+pub fn read_wait(page: &str) -> (f64, u64) {
+    let name = "hyperbox_snapshotter_lazy_read_wait_seconds_sum";
+    let sum = page
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {page}"));
+    (
+        sum,
+        metric(page, "hyperbox_snapshotter_lazy_read_wait_seconds_count"),
+    )
+}
+
 /// `(mount point, fstype, source)` of every mount under `dir`.
 pub fn mounts_under(dir: &Path) -> Vec<(String, String, String)> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();

@@ -526,8 +526,10 @@ async fn the_agent_prewarms_an_image_that_starts_again() {
     tb.proxy.set_shaping(slow);
     start(&crictl, &tb, &reference, "prewarm-first");
     tb.proxy.set_shaping(Default::default());
-    let first = waited(&tb.hyperbox().metrics().await);
+    let page = tb.hyperbox().metrics().await;
+    let first = waited(&page);
     assert!(first > 0, "the first run's reads waited for the registry");
+    let first_wait = hyperbox_integration::lazy::read_wait(&page);
     hyperbox_integration::lazy::wait_complete(&mut tb).await;
 
     // Removed from the node; the learned lists stay.
@@ -553,6 +555,7 @@ async fn the_agent_prewarms_an_image_that_starts_again() {
         "the data layer waits for its pull: {page}"
     );
     let warmed = (waited(&page), range_bytes(&page));
+    let warmed_wait = hyperbox_integration::lazy::read_wait(&page);
 
     // By hand, once more: nothing left to fetch.
     let again = tb
@@ -584,6 +587,19 @@ async fn the_agent_prewarms_an_image_that_starts_again() {
         0,
         "reads of the prewarmed start waited ({} bytes by Range since the prewarm): {lazy_lines:#?}",
         range_bytes(&page) - warmed.1
+    );
+    // What the workload's first accesses cost in all: the seeds ask a
+    // prewarm to take at least 40 % off.
+    let wait = hyperbox_integration::lazy::read_wait(&page);
+    let (cold, warm) = (first_wait.0, wait.0 - warmed_wait.0);
+    eprintln!(
+        "reads waited {cold:.4} s in all on the first start ({} reads), {warm:.4} s on the prewarmed one ({} reads)",
+        first_wait.1,
+        wait.1 - warmed_wait.1
+    );
+    assert!(
+        first_wait.1 > 0 && warm < 0.6 * cold,
+        "first access: {cold} s cold, {warm} s prewarmed"
     );
     hyperbox_integration::lazy::wait_complete(&mut tb).await;
     tb.forget_images_leaving(&[&reference], pause).await;

@@ -73,7 +73,7 @@ pub const MAX_POINTS_BLOB: u64 = 1 << 30;
 /// Checkpoints learned for one gzip layer blob, pushed as a layer of the
 /// artifact (`hyperbox_erofs::learned`): where the listed reads begin in
 /// the layer, so a node starts each near its own bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PointsRef {
     /// The layer blob the checkpoints are places in.
     pub layer: String,
@@ -136,11 +136,12 @@ pub const POINTS_TYPE: &str = "application/vnd.hyperbox.learned-points.v1";
 
 /// One layer's shared list, fitted to an index: the chunks to fetch
 /// first, and the checkpoints learned for its layer blob, if pushed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fitted {
     /// Chunk numbers in first-read order, without repeats.
     pub chunks: Vec<usize>,
     /// Learned checkpoints of the layer blob.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub points: Option<PointsRef>,
 }
 

@@ -178,6 +178,16 @@ pub fn render(lazy: Option<&Lazy>) -> String {
     for (phase, n) in lazy.phases() {
         let _ = writeln!(s, "{name}{{phase=\"{phase}\"}} {n}");
     }
+    // The histogram's buckets come from prometheus-client, encoded
+    // without OpenMetrics' closing `# EOF` (the page goes on being
+    // Prometheus text).
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register(
+        "hyperbox_snapshotter_lazy_read_wait_seconds",
+        "Time reads of lazy layers still filling waited for their answer, from the kernel's event (local bytes answer in microseconds, missing ones after a fetch)",
+        c.read_wait.0.clone(),
+    );
+    let _ = prometheus_client::encoding::text::encode_registry(&mut s, &registry);
     s
 }
 

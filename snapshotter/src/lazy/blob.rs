@@ -36,6 +36,12 @@ pub(super) struct State {
     /// pull has taken it yet ([`super::prewarm`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) prewarmed: Option<u64>,
+    /// The list (and learned checkpoints) shared beside the index it was
+    /// pulled or prewarmed through, fitted to it: kept here so a restart
+    /// neither forgets the checkpoints reads start from nor what to fetch
+    /// first. Older builds ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) shared: Option<hyperbox_registry::prefetch::Fitted>,
 }
 
 /// One sparse EROFS image being filled.
@@ -43,7 +49,7 @@ pub(super) struct State {
 pub(super) struct Blob {
     pub(super) key: String,
     /// The prefetch list shared beside the index this layer was pulled
-    /// through, fitted to it (none after a restart).
+    /// through, fitted to it (after a restart, as its state kept it).
     pub(super) shared: Option<SharedList>,
     pub(super) path: PathBuf,
     pub(super) state_path: PathBuf,
@@ -137,6 +143,21 @@ impl Blob {
         for &c in chunks {
             if let Some(p) = planned.get_mut(c) {
                 *p = true;
+            }
+        }
+    }
+
+    /// Takes back the plan for those of `chunks` still missing: the
+    /// prefetch that listed them failed or stopped, so reads of them are
+    /// read ahead of again.
+    pub(super) fn unplan_missing(&self, chunks: &[usize]) {
+        let present = lock(&self.present);
+        let mut planned = lock(&self.planned);
+        for &c in chunks {
+            if !present.get(c).copied().unwrap_or(true)
+                && let Some(p) = planned.get_mut(c)
+            {
+                *p = false;
             }
         }
     }
@@ -266,11 +287,17 @@ impl Lazy {
     /// marks it and starts filling it.
     pub(super) fn register(
         self: &Arc<Self>,
-        state: State,
+        mut state: State,
         fresh: bool,
         shared: Option<SharedList>,
         download: Download,
     ) -> Result<Arc<Blob>, Error> {
+        let shared = if fresh {
+            state.shared = shared.as_deref().cloned();
+            shared
+        } else {
+            shared.or_else(|| state.shared.clone().map(Arc::new))
+        };
         let key = key_of(&state.entry)?;
         let erofs = Digest::parse(&state.entry.erofs).map_err(|source| Error::Registry {
             what: state.entry.erofs.clone(),

@@ -80,6 +80,7 @@ impl Lazy {
             _ => return self.respond(event, Verdict::Allow),
         }
         let me = self.clone();
+        let asked = std::time::Instant::now();
         self.rt.spawn(async move {
             let (offset, count) = (event.offset, event.count);
             let used = blob.note_read(offset, count);
@@ -101,7 +102,12 @@ impl Lazy {
                     }
                 });
             }
-            match me.ensure_range(&blob, offset, count).await {
+            let made = me.ensure_range(&blob, offset, count).await;
+            me.counters
+                .read_wait
+                .0
+                .observe(asked.elapsed().as_secs_f64());
+            match made {
                 // Refused while this read waited: the rest of the file may
                 // be holes, and every read of it fails from now on.
                 Ok(()) if matches!(blob.phase(), Phase::Rejected(_)) => {

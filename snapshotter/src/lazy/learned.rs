@@ -125,9 +125,19 @@ impl Lazy {
                 };
                 if let Err(err) = fetched {
                     tracing::debug!(layer = %e.layer, error = %hyperbox_api::error_chain(&err), "learned prefetch failed; the fill and reads fetch it");
+                    // Reads of these go on with read-ahead at once, not
+                    // once the whole list is through.
+                    if urgent {
+                        blob.unplan_missing(&(a..=b).collect::<Vec<_>>());
+                    }
                 }
             })
             .await;
+        // Chunks left out (the layer left filling meanwhile) are taken
+        // back too.
+        if urgent {
+            blob.unplan_missing(&plan);
+        }
         let fetched = before.saturating_sub(blob.missing());
         let counter = if urgent {
             &self.counters.prefetched_chunks

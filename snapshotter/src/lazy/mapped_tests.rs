@@ -15,7 +15,6 @@ use hyperbox_erofs::map::LayerMap;
 use hyperbox_erofs::{convert, learned, writer, zran};
 use hyperbox_kernel::fanotify::Verdict;
 use hyperbox_kernel::testing::FakeFanotify;
-use hyperbox_registry::Registry;
 use hyperbox_registry::digest::Digest;
 use hyperbox_registry::index::{IndexLayer, MapRef};
 use hyperbox_registry::prefetch::{Fitted, PointsRef};
@@ -27,6 +26,7 @@ use hyperbox_registry::Pace;
 
 use super::blob::State;
 use super::fill::Download;
+use super::tests::registry;
 use super::verify::{Verifier, WholeError};
 use super::{Lazy, Options, lock};
 
@@ -244,16 +244,7 @@ async fn setup_downloading(
         })
     });
     let (addr, asked) = serve(blobs).await;
-    let registry = Arc::new(
-        Registry::new(&hyperbox_config::Registry {
-            config_path: dir.path().join("certs.d"),
-            docker_config: dir.path().join("config.json"),
-            max_concurrent_downloads: 1,
-            retries: 0,
-            timeout_secs: 5,
-        })
-        .unwrap(),
-    );
+    let registry = registry(dir.path());
     let fan = Arc::new(FakeFanotify::new());
     let (download, verifier) = match staged {
         Some(staged) => (
@@ -298,6 +289,7 @@ async fn setup_downloading(
         },
         rejected: None,
         prewarmed: None,
+        shared: None,
     };
     let me = lazy.clone();
     let blob = tokio::task::spawn_blocking(move || me.register(state, true, shared, download))
@@ -436,6 +428,32 @@ fn before(gz: &[u8], targets: Vec<u64>) -> Vec<learned::Learned> {
         .collect()
 }
 
+/// A checkpoint before the chunk at image offset `offset` (tar offset
+/// `tar`) as `hb image prefetch push` makes it: trimmed, with the stretch
+/// of a cluster that is that chunk.
+fn trimmed_before(map: &LayerMap, gz: &[u8], offset: u64, tar: u64) -> Vec<learned::Learned> {
+    let end = map.need(offset, CHUNK).unwrap().tar_end;
+    before(gz, vec![tar])
+        .into_iter()
+        .map(|p| {
+            let from = p.at.fetch_from() as usize;
+            learned::trim(p, &gz[from..], end, gz.len() as u64)
+        })
+        .collect()
+}
+
+/// A layer set up with a trimmed learned checkpoint before a chunk late
+/// in a middle span (placed by the map's own checkpoints); that chunk's
+/// image offset and its bytes' tar offset.
+async fn taught_late_chunk() -> (Mapped, u64, u64) {
+    let probe = setup(|_| {}).await;
+    let chunks = probe.image.len().div_ceil(CHUNK as usize);
+    let (offset, tar) = late_in_a_span(&probe.lazy.mapped(&probe.blob).await.unwrap().map, chunks);
+    drop(probe);
+    let learn = |map: &LayerMap, gz: &[u8]| trimmed_before(map, gz, offset, tar);
+    (setup_learned(|_| {}, Some(&learn)).await, offset, tar)
+}
+
 /// The one lazy file of `s`.
 fn the_blob(s: &Mapped) -> Arc<super::blob::Blob> {
     s.blob.clone()
@@ -510,22 +528,7 @@ async fn learned_checkpoints_start_reads_near_their_bytes() {
 /// window serves everything after the checkpoint), bytes right.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trimmed_learned_checkpoint_fetches_its_cluster_exactly() {
-    let probe = setup(|_| {}).await;
-    let chunks = probe.image.len().div_ceil(CHUNK as usize);
-    // The chunk, placed by the map's own checkpoints.
-    let (offset, tar) = late_in_a_span(&probe.lazy.mapped(&probe.blob).await.unwrap().map, chunks);
-    drop(probe);
-    let learn = |map: &LayerMap, gz: &[u8]| {
-        let end = map.need(offset, CHUNK).unwrap().tar_end;
-        before(gz, vec![tar])
-            .into_iter()
-            .map(|p| {
-                let from = p.at.fetch_from() as usize;
-                learned::trim(p, &gz[from..], end, gz.len() as u64)
-            })
-            .collect()
-    };
-    let s = setup_learned(|_| {}, Some(&learn)).await;
+    let (s, offset, tar) = taught_late_chunk().await;
     let map = s.lazy.mapped(&the_blob(&s)).await.unwrap();
     let k = map.map.points.partition_point(|p| p.output <= tar) - 1;
     let point = &map.map.points[k];
@@ -555,6 +558,62 @@ async fn a_trimmed_learned_checkpoint_fetches_its_cluster_exactly() {
     let c = s.lazy.counters();
     assert_eq!(c.learned_point_failures.load(Ordering::Relaxed), 0);
     assert_eq!(c.chunk_failures.load(Ordering::Relaxed), 0);
+}
+
+/// A snapshotter restarted before any read still starts reads from the
+/// checkpoints shared beside the index it pulled through: the layer's
+/// state keeps the shared list, not only the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learned_checkpoints_survive_a_restart() {
+    let (s, offset, _) = taught_late_chunk().await;
+    // The process dies: its lazy file is left as it is.
+    s.blob.phase.send_replace(super::Phase::Discarded);
+    let state: State = serde_json::from_slice(&fs::read(&s.blob.state_path).unwrap()).unwrap();
+    assert!(
+        state.shared.as_ref() == s.blob.shared.as_deref() && state.shared.is_some(),
+        "the state keeps the shared list: {:?}",
+        state.shared
+    );
+    let fan = Arc::new(FakeFanotify::new());
+    let (again, resumed) = Lazy::open(
+        s._dir.path(),
+        registry(s._dir.path()),
+        fan.clone(),
+        None,
+        Options {
+            max_chunk_fetches: 4,
+            verify: false,
+            fill_pause_io_pressure: 0.0,
+            fill_request: CHUNK,
+            shared_prefetch: true,
+            fill_from_layer: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(resumed, 1);
+    let blob = lock(&again.by_key).values().next().unwrap().clone();
+    assert!(
+        blob.shared
+            .as_ref()
+            .and_then(|l| l.points.as_ref())
+            .is_some(),
+        "the restarted layer lost its learned checkpoints"
+    );
+    let ino = fs::metadata(&s.path).unwrap();
+    let id = fan.push(Some((ino.dev(), ino.ino())), offset, 16);
+    let answered = fan.clone();
+    let verdict = tokio::task::spawn_blocking(move || answered.answer(id, WAIT))
+        .await
+        .unwrap();
+    assert_eq!(verdict, Some(Verdict::Allow));
+    assert!(chunk_at(&s, offset)[..] == s.image[offset as usize..(offset + CHUNK) as usize]);
+    let c = again.counters();
+    assert!(
+        c.learned_point_requests.load(Ordering::Relaxed) >= 1,
+        "the read after the restart did not start from the learned checkpoint"
+    );
+    assert_eq!(c.learned_point_failures.load(Ordering::Relaxed), 0);
+    fan.close();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

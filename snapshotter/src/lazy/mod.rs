@@ -247,6 +247,22 @@ pub struct Counters {
     pub prewarm_used: AtomicU64,
     /// Prewarmed layers removed unused after [`prewarm::PREWARM_KEEP`].
     pub prewarm_expired: AtomicU64,
+    /// How long reads of layers still filling waited for their answer.
+    pub read_wait: ReadWait,
+}
+
+/// The time from a read's event to its answer, for every read of a lazy
+/// layer still filling: what a workload's first accesses cost, local
+/// bytes answering in microseconds and missing ones a round trip or more.
+#[derive(Debug, Clone)]
+pub struct ReadWait(pub prometheus_client::metrics::histogram::Histogram);
+
+impl Default for ReadWait {
+    fn default() -> ReadWait {
+        ReadWait(prometheus_client::metrics::histogram::Histogram::new([
+            0.000_5, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]))
+    }
 }
 
 /// Where a lazy file is in its life.
@@ -410,7 +426,12 @@ impl Lazy {
                     tracing::warn!(file = %state_path.display(), error = %e, "cannot record that a prewarmed layer was pulled");
                 }
             }
-            // After a restart nothing says whether runs taught a list:
+            // The shared list and learned checkpoints the state kept come
+            // back (`register`) unless shared lists were turned off since.
+            if !lazy.shared_prefetch {
+                state.shared = None;
+            }
+            // After a restart the layer's download is not started at once:
             // reads go first.
             match lazy.register(state, false, None, Download::AfterReads) {
                 Ok(_) => resumed += 1,
@@ -568,6 +589,7 @@ impl Lazy {
                     entry,
                     rejected: None,
                     prewarmed: None,
+                    shared: None,
                 };
                 let me = self.clone();
                 tokio::task::spawn_blocking(move || me.register(state, true, shared, download))

@@ -212,6 +212,7 @@ impl Lazy {
                         entry,
                         rejected: None,
                         prewarmed: Some(unix_now()),
+                        shared: None,
                     };
                     let me = self.clone();
                     let blob = tokio::task::spawn_blocking(move || {

@@ -193,7 +193,8 @@ impl Verifier for Whole {
 
 const DIFF_ID: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
 
-fn registry(dir: &Path) -> Arc<Registry> {
+/// A registry client with no hosts configured, keeping its files in `dir`.
+pub(super) fn registry(dir: &Path) -> Arc<Registry> {
     Arc::new(
         Registry::new(&hyperbox_config::Registry {
             config_path: dir.join("certs.d"),
@@ -302,6 +303,7 @@ async fn setup(case: Case) -> Setup {
                 .unwrap()
                 .as_secs()
         }),
+        shared: None,
     };
     let me = lazy.clone();
     let shared = (!case.shared.is_empty()).then(|| {
@@ -696,6 +698,37 @@ async fn reads_the_learned_list_predicted_are_not_read_ahead_of() {
     assert!(
         eventually(|| lazy.counters().readahead_chunks.load(Ordering::SeqCst) == 2).await,
         "chunks 2 and 3 read ahead"
+    );
+    gate.notify_one();
+}
+
+/// A learned prefetch that failed gives its chunks back to read-ahead: a
+/// read of one is read ahead of as if no list had named it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_a_failed_prefetch_listed_are_read_ahead_of_again() {
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let s = setup(Case {
+        from_layer: true,
+        learned: vec![1],
+        fail_first: 1,
+        whole_gate: Some(gate.clone()),
+        ..Case::default()
+    })
+    .await;
+    let asked = s.server.asked.clone();
+    assert!(eventually(|| !lock(&asked).is_empty()).await);
+    // Planned before its first request; given back once it failed.
+    let blob = lock(&s.lazy.by_key).values().next().unwrap().clone();
+    assert!(eventually(|| !blob.planned_all(CHUNK + 10, 16)).await);
+    assert_eq!(
+        s.lazy.counters().prefetched_chunks.load(Ordering::SeqCst),
+        0
+    );
+    assert_eq!(read_event(&s, CHUNK + 10).await, Some(Verdict::Allow));
+    let lazy = s.lazy.clone();
+    assert!(
+        eventually(|| lazy.counters().readahead_chunks.load(Ordering::SeqCst) == 2).await,
+        "chunks 2 and 3 read ahead of the chunk the failed prefetch listed"
     );
     gate.notify_one();
 }
@@ -1134,6 +1167,25 @@ async fn a_read_across_missing_chunks_is_one_request() {
     assert!(
         !asked.contains(&(2 * CHUNK)) && !asked.contains(&(3 * CHUNK)),
         "chunks 2 and 3 came with chunk 1: {asked:?}"
+    );
+    // The read's wait is on /metrics: one read, at least the registry's
+    // 200 ms, in the 250 ms-or-more buckets only.
+    let page = crate::metrics::render(Some(&s.lazy));
+    let line = |name: &str| {
+        page.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {name} in {page}"))
+            .parse::<f64>()
+            .unwrap()
+    };
+    let name = "hyperbox_snapshotter_lazy_read_wait_seconds";
+    assert_eq!(line(&format!("{name}_count")), 1.0, "{page}");
+    assert!(line(&format!("{name}_sum")) >= 0.2, "{page}");
+    assert_eq!(line(&format!("{name}_bucket{{le=\"0.1\"}}")), 0.0, "{page}");
+    assert_eq!(
+        line(&format!("{name}_bucket{{le=\"+Inf\"}}")),
+        1.0,
+        "{page}"
     );
 }
 
