@@ -44,6 +44,27 @@ pub(super) struct State {
     pub(super) shared: Option<hyperbox_registry::prefetch::Fitted>,
 }
 
+impl State {
+    /// Whether `entry`, from an index of `chunk_size`-byte chunks, vouches
+    /// for the same bytes as this copy's own entry. Until a lazy copy is
+    /// verified whole, what it serves is only as good as the chunk digests
+    /// it is checked against, so two indexes naming one layer and EROFS
+    /// digest with other chunks (or sizes) are other copies: one
+    /// repository's index must never vouch for bytes another's pull reads.
+    /// The layer map may differ: it only says how to make bytes those
+    /// digests check.
+    pub(super) fn vouches_alike(&self, entry: &IndexLayer, chunk_size: u64) -> bool {
+        let own = &self.entry;
+        self.chunk_size == chunk_size
+            && own.layer == entry.layer
+            && own.diff_id == entry.diff_id
+            && own.erofs == entry.erofs
+            && own.size == entry.size
+            && own.data_end == entry.data_end
+            && own.chunks == entry.chunks
+    }
+}
+
 /// One sparse EROFS image being filled.
 #[derive(Debug)]
 pub(super) struct Blob {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use hyperbox_registry::Reference;
 use hyperbox_registry::digest::Digest;
-use hyperbox_registry::index::{Index, IndexLayer};
+use hyperbox_registry::index::Index;
 
 use super::{Lazy, lock};
 
@@ -53,20 +53,6 @@ pub(super) fn index_key(image: &Reference, manifest: &str) -> String {
 }
 
 impl Lazy {
-    /// The index entry of `layer` in the index of `image`, if it has one.
-    pub(super) async fn entry(
-        &self,
-        image: &str,
-        manifest: &str,
-        layer: &str,
-    ) -> Option<IndexLayer> {
-        self.index(image, manifest)
-            .await?
-            .index
-            .layer(layer)
-            .cloned()
-    }
-
     /// The hyperbox index of `image` (manifest `manifest`) and the lists
     /// shared beside it, looked up or from the cache.
     pub(super) async fn index(&self, image: &str, manifest: &str) -> Option<Found> {

@@ -576,6 +576,16 @@ impl Lazy {
         let registering = self.registering.lock().await;
         let known = lock(&self.by_key).get(&key).cloned();
         let blob = match known {
+            Some(b)
+                if b.phase() != Phase::Discarded
+                    && !b.state.vouches_alike(&entry, found.index.chunk_size) =>
+            {
+                tracing::warn!(
+                    image, layer, from = %b.state.image,
+                    "a lazy copy of this layer made from another index with other chunk digests is on the node; fetching the layer whole rather than sharing it"
+                );
+                return Ok(None);
+            }
             Some(b) if b.phase() != Phase::Discarded => {
                 self.adopt(&b)?;
                 b
@@ -656,12 +666,14 @@ impl Lazy {
             return Ok(());
         };
         let own = match manifest {
-            Some(m) => self.entry(image, m, layer).await,
+            Some(m) => self.index(image, m).await,
             None => None,
         };
-        if own
-            .is_some_and(|o| o.layer == blob.state.entry.layer && o.erofs == blob.state.entry.erofs)
-        {
+        if own.is_some_and(|f| {
+            f.index
+                .layer(layer)
+                .is_some_and(|o| blob.state.vouches_alike(o, f.index.chunk_size))
+        }) {
             return Ok(());
         }
         tracing::info!(layer, image, from = %blob.state.image, "a lazily served layer made from another image's index is shared only once verified; waiting");

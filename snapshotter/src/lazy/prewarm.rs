@@ -169,6 +169,19 @@ impl Lazy {
             let registering = self.registering.lock().await;
             let known = lock(&self.by_key).get(&key).cloned();
             let blob = match known.filter(|b| b.phase() != Phase::Discarded) {
+                // Another index's copy, other chunk digests: a pull of this
+                // image will not share it, so there is nothing to warm.
+                Some(b) if !b.state.vouches_alike(&entry, found.index.chunk_size) => {
+                    out.layers.push(warmed(
+                        Outcome::Failed(format!(
+                            "a lazy copy of this layer made from the index of {} with other chunk digests is on the node",
+                            b.state.image
+                        )),
+                        0,
+                        0,
+                    ));
+                    continue;
+                }
                 // Prewarmed before: it goes on where it ended, and is kept
                 // for another PREWARM_KEEP.
                 Some(b) if b.is_parked() => {

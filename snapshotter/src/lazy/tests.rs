@@ -347,6 +347,19 @@ async fn setup(case: Case) -> Setup {
     }
 }
 
+/// [`setup`] filling from the layer fetched whole, whose download holds
+/// until the returned gate is notified.
+async fn held_download() -> (Setup, Arc<tokio::sync::Notify>) {
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let s = setup(Case {
+        from_layer: true,
+        whole_gate: Some(gate.clone()),
+        ..Case::default()
+    })
+    .await;
+    (s, gate)
+}
+
 const OPTIONS: Options = Options {
     max_chunk_fetches: 4,
     verify: true,
@@ -515,13 +528,7 @@ async fn a_layer_fills_from_its_own_blob_without_range_requests_and_is_accepted(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_read_is_served_from_the_erofs_blob_while_the_layer_downloads() {
-    let gate = Arc::new(tokio::sync::Notify::new());
-    let s = setup(Case {
-        from_layer: true,
-        whole_gate: Some(gate.clone()),
-        ..Case::default()
-    })
-    .await;
+    let (s, gate) = held_download().await;
     // The read arrives while the layer downloads.
     let read = {
         let fan = s.fan.clone();
@@ -973,6 +980,81 @@ async fn without_the_layer_the_fill_falls_back_to_the_erofs_blob() {
         0,
         "not verified without the layer"
     );
+}
+
+/// Someone who can push to one repository writes an index naming a
+/// popular layer and its true EROFS digest, with chunk digests of their
+/// own. Another repository's pull of the same layer never reads bytes that
+/// index vouches for: the lazy copy made from it is not shared (the layer
+/// is fetched whole) and a target it made waits for its verification.
+/// An index vouching for the same chunks shares it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_copy_is_shared_only_with_pulls_whose_index_vouches_for_its_chunks() {
+    let (s, gate) = held_download().await;
+    let blob = lock(&s.lazy.by_key).values().next().unwrap().clone();
+    let manifest = format!("sha256:{}", "4".repeat(64));
+    let index_of = |image: &str, chunks: Vec<String>| {
+        let mut entry = blob.state.entry.clone();
+        entry.chunks = chunks;
+        let found = Found {
+            index: Arc::new(Index {
+                version: 2,
+                chunk_size: CHUNK,
+                layers: vec![entry],
+            }),
+            shared: Default::default(),
+        };
+        let key = index_key(&Reference::parse(image).unwrap(), &manifest);
+        let cached = super::index::CachedIndex {
+            at: Instant::now(),
+            found: Some(found),
+        };
+        lock(&s.lazy.indexes).insert(key, cached);
+    };
+    let same = format!("{}/team-b/app:v1", s.server.addr);
+    let forged = format!("{}/team-c/app:v1", s.server.addr);
+    index_of(&same, blob.state.entry.chunks.clone());
+    let mut chunks = blob.state.entry.chunks.clone();
+    chunks[1] = hex::encode(Sha256::digest(b"what team-c would have it read"));
+    index_of(&forged, chunks);
+    let target = hyperbox_registry::digest::chain_id("", DIFF_ID);
+    let took = s
+        .lazy
+        .prepare(&same, &manifest, &s.layer, "", &target)
+        .await
+        .unwrap();
+    assert_eq!(
+        took.as_deref(),
+        Some(s.path.as_path()),
+        "the same chunks share it"
+    );
+    let took = s
+        .lazy
+        .prepare(&forged, &manifest, &s.layer, "", &target)
+        .await
+        .unwrap();
+    assert_eq!(
+        took, None,
+        "other chunk digests: the layer is fetched whole"
+    );
+    // A target the copy made.
+    let wait = Duration::from_millis(200);
+    let trusted = |image: String| {
+        let (lazy, path, layer, manifest) = (
+            s.lazy.clone(),
+            s.path.clone(),
+            s.layer.clone(),
+            manifest.clone(),
+        );
+        async move {
+            lazy.wait_trusted(&path, &image, Some(&manifest), &layer, wait)
+                .await
+        }
+    };
+    assert_eq!(trusted(same.clone()).await, Ok(()));
+    let why = trusted(forged.clone()).await.unwrap_err();
+    assert!(why.contains("is not verified"), "{why}");
+    gate.notify_one();
 }
 
 #[test]
