@@ -73,6 +73,72 @@ async fn assert_reads_genuine(
     assert_eq!(out.stdout_str(), "genuine");
 }
 
+/// A registry client with no credentials or mirrors.
+fn registry_client(tb: &Testbed) -> hyperbox_registry::Registry {
+    hyperbox_registry::Registry::new(&hyperbox_config::Registry {
+        config_path: tb.work_dir().join("no-certs.d"),
+        docker_config: tb.work_dir().join("no-docker.json"),
+        max_concurrent_downloads: 1,
+        retries: 0,
+        timeout_secs: 10,
+    })
+    .unwrap()
+}
+
+/// Pushes `index` into repository `r` as the hyperbox index of `image`
+/// (found by the tag its manifest digest gives), naming the maps (or
+/// EROFS images) an honest `hb image index` pushed there.
+async fn push_index(
+    registry: &hyperbox_registry::Registry,
+    r: &hyperbox_registry::Reference,
+    index: &hyperbox_registry::index::Index,
+    image: &BuiltImage,
+) {
+    let doc = serde_json::to_vec(index).unwrap();
+    let doc_digest = hyperbox_registry::digest::Digest::of(&doc);
+    registry
+        .push_blob(r, &doc_digest, bytes::Bytes::from(doc.clone()))
+        .await
+        .unwrap();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": hyperbox_registry::index::CONFIG_TYPE,
+        "config": {
+            "mediaType": hyperbox_registry::index::CONFIG_TYPE,
+            "digest": doc_digest.to_string(),
+            "size": doc.len(),
+        },
+        "layers": index.layers.iter().map(|l| match &l.map {
+            Some(m) => serde_json::json!({
+                "mediaType": hyperbox_registry::index::MAP_TYPE,
+                "digest": m.digest,
+                "size": m.size,
+            }),
+            None => serde_json::json!({
+                "mediaType": hyperbox_registry::index::EROFS_TYPE,
+                "digest": l.erofs,
+                "size": l.size,
+            }),
+        }).collect::<Vec<_>>(),
+        "subject": {
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": image.manifest.digest,
+            "size": image.manifest.size,
+        },
+    });
+    let subject = hyperbox_registry::digest::Digest::parse(&image.manifest.digest).unwrap();
+    registry
+        .push_manifest(
+            r,
+            &hyperbox_registry::index::tag_for(&subject),
+            "application/vnd.oci.image.manifest.v1+json",
+            bytes::Bytes::from(serde_json::to_vec(&manifest).unwrap()),
+        )
+        .await
+        .unwrap();
+}
+
 fn assert_names(e: &str, layer: &str, promised: &str, actual: &str) {
     assert!(
         e.contains(layer) && e.contains(promised) && e.contains(actual),
@@ -302,14 +368,7 @@ async fn a_lazy_index_that_lies_about_diff_ids_is_caught_and_never_shared() {
 
     // The forged index: the twin's, claiming the genuine diff_id, found by
     // the hostile image's manifest digest.
-    let registry = hyperbox_registry::Registry::new(&hyperbox_config::Registry {
-        config_path: tb.work_dir().join("no-certs.d"),
-        docker_config: tb.work_dir().join("no-docker.json"),
-        max_concurrent_downloads: 1,
-        retries: 0,
-        timeout_secs: 10,
-    })
-    .unwrap();
+    let registry = registry_client(&tb);
     let r = hyperbox_registry::Reference::parse(&twin).unwrap();
     let twin_manifest =
         hyperbox_registry::digest::Digest::parse(&twin_built.manifest.digest).unwrap();
@@ -320,52 +379,7 @@ async fn a_lazy_index_that_lies_about_diff_ids_is_caught_and_never_shared() {
         .expect("the twin's index");
     assert_eq!(forged.layers[1].diff_id, evil_diff);
     forged.layers[1].diff_id = top_diff.clone();
-    let doc = serde_json::to_vec(&forged).unwrap();
-    let doc_digest = hyperbox_registry::digest::Digest::of(&doc);
-    registry
-        .push_blob(&r, &doc_digest, bytes::Bytes::from(doc.clone()))
-        .await
-        .unwrap();
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "artifactType": hyperbox_registry::index::CONFIG_TYPE,
-        "config": {
-            "mediaType": hyperbox_registry::index::CONFIG_TYPE,
-            "digest": doc_digest.to_string(),
-            "size": doc.len(),
-        },
-        // What the twin's index pushed: maps (or EROFS images for layers
-        // without one).
-        "layers": forged.layers.iter().map(|l| match &l.map {
-            Some(m) => serde_json::json!({
-                "mediaType": hyperbox_registry::index::MAP_TYPE,
-                "digest": m.digest,
-                "size": m.size,
-            }),
-            None => serde_json::json!({
-                "mediaType": hyperbox_registry::index::EROFS_TYPE,
-                "digest": l.erofs,
-                "size": l.size,
-            }),
-        }).collect::<Vec<_>>(),
-        "subject": {
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": built.manifest.digest,
-            "size": built.manifest.size,
-        },
-    });
-    let hostile_manifest =
-        hyperbox_registry::digest::Digest::parse(&built.manifest.digest).unwrap();
-    registry
-        .push_manifest(
-            &r,
-            &hyperbox_registry::index::tag_for(&hostile_manifest),
-            "application/vnd.oci.image.manifest.v1+json",
-            bytes::Bytes::from(serde_json::to_vec(&manifest).unwrap()),
-        )
-        .await
-        .unwrap();
+    push_index(&registry, &r, &forged, &built).await;
 
     // Served lazily under the claimed chain (the window), then caught. A
     // layer this small may also come whole and be caught before the pull
@@ -440,5 +454,97 @@ async fn a_lazy_index_that_lies_about_diff_ids_is_caught_and_never_shared() {
     client.gc().await.unwrap();
     let image = client.pull(&genuine, &remote()).await.unwrap();
     assert_reads_genuine(&client, &image).await;
+    tb.finish();
+}
+
+/// Someone who can push to one repository pushes an image on a popular
+/// layer with an index giving that layer's true diff_id and EROFS digest
+/// (anyone can compute both) but chunk digests of their own, and pulls it
+/// on a shared node. Another repository's image on the same layer, pulled
+/// in another namespace while that lazy copy fills, never reads bytes the
+/// hostile index vouches for: the snapshot made from the copy is shared
+/// with it only once verified (here: refused, so the pull fails saying
+/// why), and once the hostile image is gone it pulls and reads the real
+/// bytes. (Sharing at once because the layer and EROFS digests matched
+/// would have served the hostile chunks.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_repositorys_index_never_vouches_for_a_pulls_bytes() {
+    require_containers!();
+    let mut tb = Testbed::start_hyperbox(|b| b.without_cri()).await;
+    let mut spec = ImageSpec::busybox(&["cat", "/data/x"]).unwrap();
+    // 4 MiB that does not compress, on a 5 Mbit/s link: the hostile copy's
+    // whole download, which would catch the lie, takes seconds.
+    spec.layers.push(
+        Layer::new(Compression::Gzip)
+            .file("data/x", "the real bytes", 0o644)
+            .large_file("data/pad", 4 << 20, 5),
+    );
+    let built = spec.build(&tb.work_dir().join("popular")).unwrap();
+    let theirs = built
+        .push(&tb.registry.host(), "team-x/app", "v1")
+        .await
+        .unwrap();
+    let ours = built
+        .push(&tb.registry.host(), "team-y/app", "v1")
+        .await
+        .unwrap();
+    tb.hyperbox().hb_index(&ours);
+    tb.hyperbox().hb_index(&theirs);
+    // Their index, with every data chunk of the top layer vouched for by a
+    // digest of their own (the metadata chunks left true, so it mounts).
+    let registry = registry_client(&tb);
+    let r = hyperbox_registry::Reference::parse(&theirs).unwrap();
+    let manifest = hyperbox_registry::digest::Digest::parse(&built.manifest.digest).unwrap();
+    let mut forged = registry.fetch_index(&r, &manifest).await.unwrap().unwrap();
+    let cs = forged.chunk_size;
+    let top = &mut forged.layers[1];
+    let data = 1..(top.data_end / cs) as usize;
+    assert!(data.len() > 4, "the top layer has data chunks: {data:?}");
+    for c in data {
+        top.chunks[c] = format!("{:064x}", c);
+    }
+    push_index(&registry, &r, &forged, &built).await;
+
+    let slow = hyperbox_integration::proxy::Shaping {
+        latency: Duration::from_millis(5),
+        bits_per_sec: Some(5_000_000),
+    };
+    let (theirs, ours) = (tb.via_proxy(&theirs), tb.via_proxy(&ours));
+    tb.proxy.set_shaping(slow);
+    let client = tb.containerd.client().await.unwrap();
+    let hostile = client.pull(&theirs, &remote()).await.unwrap();
+    assert_eq!(hostile.layers_skipped, [0, 1], "served by hyperbox");
+    let team_y = client.with_namespace("team-y");
+    let reads = |id: &'static str, image| {
+        let team_y = team_y.clone();
+        async move {
+            let out = team_y
+                .run(id, &image, &ContainerOptions::default())
+                .await
+                .unwrap();
+            assert_eq!(out.stdout_str(), "the real bytes", "{}", out.stderr_str());
+        }
+    };
+    match team_y.pull(&ours, &remote()).await {
+        // Verified before the pull asked (a fast machine): real bytes.
+        Ok(image) => reads("ours-first", image).await,
+        Err(e) => {
+            let e = format!("{e:#}");
+            assert!(e.contains("cannot be shared with this pull"), "{e}");
+        }
+    }
+    let log = tb.hyperbox().log();
+    assert!(
+        log.contains("shared only once verified"),
+        "the copy was shared before its verdict:\n{log}"
+    );
+    tb.proxy
+        .set_shaping(hyperbox_integration::proxy::Shaping::default());
+    client.delete_image(&theirs).await.unwrap();
+    client.gc().await.unwrap();
+    let image = team_y.pull(&ours, &remote()).await.unwrap();
+    reads("ours", image).await;
+    team_y.delete_image(&ours).await.unwrap();
+    team_y.gc().await.unwrap();
     tb.finish();
 }
