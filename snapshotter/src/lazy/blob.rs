@@ -18,7 +18,6 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 
 use super::fill::Download;
-use super::index::SharedList;
 use super::readahead::{Ahead, READAHEAD_MIN};
 use super::{Error, Lazy, Phase, io, lock};
 use crate::prefetch;
@@ -69,9 +68,6 @@ impl State {
 #[derive(Debug)]
 pub(super) struct Blob {
     pub(super) key: String,
-    /// The prefetch list shared beside the index this layer was pulled
-    /// through, fitted to it (after a restart, as its state kept it).
-    pub(super) shared: Option<SharedList>,
     pub(super) path: PathBuf,
     pub(super) state_path: PathBuf,
     pub(super) have_path: PathBuf,
@@ -168,13 +164,19 @@ impl Blob {
         }
     }
 
+    /// The prefetch list shared beside the index this layer was pulled
+    /// through, fitted to it (after a restart, as its state kept it).
+    pub(super) fn shared(&self) -> Option<&hyperbox_registry::prefetch::Fitted> {
+        self.state.shared.as_ref()
+    }
+
     /// Takes back the plan for those of `chunks` still missing: the
     /// prefetch that listed them failed or stopped, so reads of them are
     /// read ahead of again.
-    pub(super) fn unplan_missing(&self, chunks: &[usize]) {
+    pub(super) fn unplan_missing(&self, chunks: impl IntoIterator<Item = usize>) {
         let present = lock(&self.present);
         let mut planned = lock(&self.planned);
-        for &c in chunks {
+        for c in chunks {
             if !present.get(c).copied().unwrap_or(true)
                 && let Some(p) = planned.get_mut(c)
             {
@@ -308,17 +310,10 @@ impl Lazy {
     /// marks it and starts filling it.
     pub(super) fn register(
         self: &Arc<Self>,
-        mut state: State,
+        state: State,
         fresh: bool,
-        shared: Option<SharedList>,
         download: Download,
     ) -> Result<Arc<Blob>, Error> {
-        let shared = if fresh {
-            state.shared = shared.as_deref().cloned();
-            shared
-        } else {
-            shared.or_else(|| state.shared.clone().map(Arc::new))
-        };
         let key = key_of(&state.entry)?;
         let erofs = Digest::parse(&state.entry.erofs).map_err(|source| Error::Registry {
             what: state.entry.erofs.clone(),
@@ -405,7 +400,6 @@ impl Lazy {
             ahead: Mutex::new(Ahead::default()),
             planned: Mutex::new(Vec::new()),
             reads: Mutex::new(prefetch::Recorder::default()),
-            shared,
             saved: AtomicUsize::new(0),
             last_read: Mutex::new(None),
             downloading: AtomicBool::new(false),

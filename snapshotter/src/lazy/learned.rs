@@ -40,7 +40,7 @@ impl Lazy {
         let mut plan = self
             .prefetch
             .load(&e.erofs, blob.state.chunk_size, blob.locks.len());
-        let Some(shared) = &blob.shared else {
+        let Some(shared) = blob.shared() else {
             return (plan, false);
         };
         let before = plan.len();
@@ -128,7 +128,7 @@ impl Lazy {
                     // Reads of these go on with read-ahead at once, not
                     // once the whole list is through.
                     if urgent {
-                        blob.unplan_missing(&(a..=b).collect::<Vec<_>>());
+                        blob.unplan_missing(a..=b);
                     }
                 }
             })
@@ -136,7 +136,7 @@ impl Lazy {
         // Chunks left out (the layer left filling meanwhile) are taken
         // back too.
         if urgent {
-            blob.unplan_missing(&plan);
+            blob.unplan_missing(plan.iter().copied());
         }
         let fetched = before.saturating_sub(blob.missing());
         let counter = if urgent {

@@ -263,7 +263,7 @@ impl Lazy {
         blob: &Blob,
         map: &LayerMap,
     ) -> Option<(Vec<Point>, (Digest, u64))> {
-        let p = blob.shared.as_ref()?.points.as_ref()?;
+        let p = blob.shared()?.points.as_ref()?;
         if p.layer != blob.state.entry.layer || map.source != hyperbox_erofs::map::Source::Gzip {
             return None;
         }

@@ -233,7 +233,7 @@ async fn setup_downloading(
         let digest = Digest::of(&bytes).to_string();
         let size = bytes.len() as u64;
         blobs.insert(digest.clone(), bytes);
-        Arc::new(Fitted {
+        Fitted {
             chunks: Vec::new(),
             points: Some(PointsRef {
                 layer: layer.clone(),
@@ -241,7 +241,7 @@ async fn setup_downloading(
                 size,
                 eager,
             }),
-        })
+        }
     });
     let (addr, asked) = serve(blobs).await;
     let registry = registry(dir.path());
@@ -289,10 +289,10 @@ async fn setup_downloading(
         },
         rejected: None,
         prewarmed: None,
-        shared: None,
+        shared,
     };
     let me = lazy.clone();
-    let blob = tokio::task::spawn_blocking(move || me.register(state, true, shared, download))
+    let blob = tokio::task::spawn_blocking(move || me.register(state, true, download))
         .await
         .unwrap()
         .unwrap();
@@ -570,7 +570,7 @@ async fn learned_checkpoints_survive_a_restart() {
     s.blob.phase.send_replace(super::Phase::Discarded);
     let state: State = serde_json::from_slice(&fs::read(&s.blob.state_path).unwrap()).unwrap();
     assert!(
-        state.shared.as_ref() == s.blob.shared.as_deref() && state.shared.is_some(),
+        state.shared.as_ref() == s.blob.shared() && state.shared.is_some(),
         "the state keeps the shared list: {:?}",
         state.shared
     );
@@ -593,10 +593,7 @@ async fn learned_checkpoints_survive_a_restart() {
     assert_eq!(resumed, 1);
     let blob = lock(&again.by_key).values().next().unwrap().clone();
     assert!(
-        blob.shared
-            .as_ref()
-            .and_then(|l| l.points.as_ref())
-            .is_some(),
+        blob.shared().and_then(|l| l.points.as_ref()).is_some(),
         "the restarted layer lost its learned checkpoints"
     );
     let ino = fs::metadata(&s.path).unwrap();

@@ -427,13 +427,13 @@ impl Lazy {
                 }
             }
             // The shared list and learned checkpoints the state kept come
-            // back (`register`) unless shared lists were turned off since.
+            // back unless shared lists were turned off since.
             if !lazy.shared_prefetch {
                 state.shared = None;
             }
             // After a restart the layer's download is not started at once:
             // reads go first.
-            match lazy.register(state, false, None, Download::AfterReads) {
+            match lazy.register(state, false, Download::AfterReads) {
                 Ok(_) => resumed += 1,
                 Err(e) => {
                     let why = hyperbox_api::error_chain(&e);
@@ -575,34 +575,30 @@ impl Lazy {
         }
         let registering = self.registering.lock().await;
         let known = lock(&self.by_key).get(&key).cloned();
-        let blob = match known {
-            Some(b)
-                if b.phase() != Phase::Discarded
-                    && !b.state.vouches_alike(&entry, found.index.chunk_size) =>
-            {
+        let blob = match known.filter(|b| b.phase() != Phase::Discarded) {
+            Some(b) if !b.state.vouches_alike(&entry, found.index.chunk_size) => {
                 tracing::warn!(
                     image, layer, from = %b.state.image,
                     "a lazy copy of this layer made from another index with other chunk digests is on the node; fetching the layer whole rather than sharing it"
                 );
                 return Ok(None);
             }
-            Some(b) if b.phase() != Phase::Discarded => {
+            Some(b) => {
                 self.adopt(&b)?;
                 b
             }
-            _ => {
-                let shared = found.shared.get(&entry.erofs).cloned();
+            None => {
                 let download = self.download_for(&found);
                 let state = State {
                     image: image.into(),
                     chunk_size: found.index.chunk_size,
+                    shared: found.shared.get(&entry.erofs).map(|l| (**l).clone()),
                     entry,
                     rejected: None,
                     prewarmed: None,
-                    shared: None,
                 };
                 let me = self.clone();
-                tokio::task::spawn_blocking(move || me.register(state, true, shared, download))
+                tokio::task::spawn_blocking(move || me.register(state, true, download))
                     .await
                     .map_err(|e| Error::Io {
                         action: "register",

@@ -225,11 +225,11 @@ impl Lazy {
                         entry,
                         rejected: None,
                         prewarmed: Some(unix_now()),
-                        shared: None,
+                        shared: shared.map(|l| (*l).clone()),
                     };
                     let me = self.clone();
                     let blob = tokio::task::spawn_blocking(move || {
-                        me.register(state, true, shared, Download::AfterReads)
+                        me.register(state, true, Download::AfterReads)
                     })
                     .await
                     .map_err(|e| Error::Io {

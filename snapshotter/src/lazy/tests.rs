@@ -303,15 +303,12 @@ async fn setup(case: Case) -> Setup {
                 .unwrap()
                 .as_secs()
         }),
-        shared: None,
-    };
-    let me = lazy.clone();
-    let shared = (!case.shared.is_empty()).then(|| {
-        Arc::new(hyperbox_registry::prefetch::Fitted {
+        shared: (!case.shared.is_empty()).then_some(hyperbox_registry::prefetch::Fitted {
             chunks: case.shared,
             points: None,
-        })
-    });
+        }),
+    };
+    let me = lazy.clone();
     // Decided as a Prepare decides it, from this node's lists and the
     // shared ones.
     let download = lazy.download_for(&Found {
@@ -321,13 +318,14 @@ async fn setup(case: Case) -> Setup {
             layers: vec![state.entry.clone()],
         }),
         shared: Arc::new(
-            shared
+            state
+                .shared
                 .iter()
-                .map(|l| (state.entry.erofs.clone(), l.clone()))
+                .map(|l| (state.entry.erofs.clone(), Arc::new(l.clone())))
                 .collect(),
         ),
     });
-    let path = tokio::task::spawn_blocking(move || me.register(state, true, shared, download))
+    let path = tokio::task::spawn_blocking(move || me.register(state, true, download))
         .await
         .unwrap()
         .unwrap()
@@ -1325,10 +1323,9 @@ async fn a_linked_file_is_never_discarded_or_rewritten() {
     let state: State =
         serde_json::from_slice(&fs::read(s.path.with_extension("lazy")).unwrap()).unwrap();
     let me = s.lazy.clone();
-    let again =
-        tokio::task::spawn_blocking(move || me.register(state, true, None, Download::AfterReads))
-            .await
-            .unwrap();
+    let again = tokio::task::spawn_blocking(move || me.register(state, true, Download::AfterReads))
+        .await
+        .unwrap();
     assert!(matches!(again, Err(Error::Linked { .. })), "{again:?}");
 }
 
