@@ -320,11 +320,36 @@ pub struct Reach {
 ///
 /// `None` when the bytes do not decode that far (truncated, corrupt) or
 /// the target is further than a node would inflate ([`MAX_REACH`]).
-pub fn reach(
+pub fn reach(header: (&[u8], u32), at: &Checkpoint, compressed: &[u8], to: u64) -> Option<Reach> {
+    reach_until(
+        header,
+        at,
+        compressed,
+        to,
+        to.max(at.output + WINDOW as u64),
+    )
+}
+
+/// As [`reach`], but decoding only to `to`: the window keeps just the
+/// bytes the output up to `to` refers to. Such a window serves reads that
+/// end by `to` and no others (a later byte may refer to one it zeroed),
+/// so nodes never get one; it prices what a reader of exactly those bytes
+/// needs from the window (the bench's floor, `hyperbox_integration::reads`).
+pub fn reach_exact(
+    header: (&[u8], u32),
+    at: &Checkpoint,
+    compressed: &[u8],
+    to: u64,
+) -> Option<Reach> {
+    reach_until(header, at, compressed, to, to)
+}
+
+fn reach_until(
     (header, header_bits): (&[u8], u32),
     at: &Checkpoint,
     compressed: &[u8],
     to: u64,
+    until: u64,
 ) -> Option<Reach> {
     if to.saturating_sub(at.output) > MAX_REACH || header_bits > MAX_HEADER_BITS {
         return None;
@@ -340,7 +365,6 @@ pub fn reach(
     let mut used = vec![false; wlen];
     let mut out = at.window.clone();
     let base = at.output - wlen as u64;
-    let until = to.max(at.output + WINDOW as u64);
     // The stream's bit `header_bits + k` is the blob's bit `first + k`
     // counted from `fetch_from`'s first bit.
     let first = if at.bits > 0 {

@@ -992,7 +992,7 @@ mod tests {
         let mut ix = Indexer::before(&gz[..], targets.clone()).unwrap();
         io::copy(&mut ix, &mut io::sink()).unwrap();
         let points = ix.into_points();
-        let (mut kept, mut whole) = (0usize, 0usize);
+        let (mut kept, mut whole, mut near_kept) = (0usize, 0usize, 0usize);
         for (n, &t) in targets.iter().enumerate() {
             let b = points.iter().rev().find(|p| p.output <= t).unwrap();
             let block = &gz[b.fetch_from() as usize..];
@@ -1046,10 +1046,40 @@ mod tests {
                     got.is_err() || got.unwrap().filled < out.len(),
                     "{t}: needs its last byte"
                 );
+                // Decoding only to a nearer target keeps a part of that
+                // window, which still makes the bytes up to the target.
+                let near = t + 3_000;
+                let e =
+                    crate::deflate::reach_exact((&header, header_bits), &at, from, near).unwrap();
+                assert!(
+                    e.window
+                        .iter()
+                        .zip(&r.window)
+                        .all(|(a, b)| *a == 0 || a == b),
+                    "{t}: keeps only what the whole reach keeps"
+                );
+                near_kept += e.window.iter().filter(|b| **b != 0).count();
+                let cut = Checkpoint {
+                    window: e.window,
+                    ..at.clone()
+                };
+                let mut out = vec![0u8; (near - at.output) as usize];
+                let got = if header_bits == 0 {
+                    extract_some(&cut, from, at.output, &mut out)
+                } else {
+                    extract_spliced((&header, header_bits), &cut, from, at.output, &mut out)
+                }
+                .unwrap();
+                assert_eq!(got.filled, out.len());
+                assert!(out == data[at.output as usize..near as usize], "{t}: near");
             }
         }
-        // Part of a window is never reached.
+        // Part of a window is never reached, and less of it by less output.
         assert!(kept < whole * 9 / 10, "{kept} of {whole} window bytes kept");
+        assert!(
+            near_kept < kept,
+            "{near_kept} kept for the near targets, {kept} for 32 KiB"
+        );
         // A corrupt stream is not reached through.
         let b = points
             .iter()

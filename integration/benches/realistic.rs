@@ -270,6 +270,15 @@ async fn run(case: Case, full: bool) {
         workload.bytes as f64 / 1048576.0,
         workload.compressed as f64 / 1048576.0
     );
+    let floor = workload.floor;
+    eprintln!(
+        "read exactly, from the layers' own blobs: {:.2} MiB at the least ({:.2} MiB of layer bytes over {} clusters + {:.2} MiB of windows trimmed to each cluster's references), {:.2}x their compressed bytes",
+        floor.total() as f64 / 1048576.0,
+        floor.range as f64 / 1048576.0,
+        floor.clusters,
+        floor.windows as f64 / 1048576.0,
+        floor.total() as f64 / workload.compressed.max(1) as f64
+    );
     let mut refs = Vec::new();
     for tb in &beds {
         let r = built
@@ -799,7 +808,13 @@ async fn run(case: Case, full: bool) {
          (traced with strace in the unpacked image, each file priced from where its data \
          begins in its layer's deflate stream to where it ends: `hyperbox_integration::reads`). \
          The later lazy runs fetched {:.1} MiB by the workload's exit (median): {:.2}× #19's \
-         bytes target of 1.2 × those {:.2} MiB plus the index's {:.2} MiB ({:.1} MiB).\n",
+         bytes target of 1.2 × those {:.2} MiB plus the index's {:.2} MiB ({:.1} MiB). \
+         The least any reader fetches to serve exactly those files from the layers' own blobs, \
+         each cluster of them (reads less than 32 KiB apart) from the deflate symbol before it \
+         to the one that ends it, with the window there trimmed to what the cluster refers to \
+         (`hyperbox_integration::reads::Floor`): {:.2} MiB ({:.2} MiB of layer bytes over {} \
+         clusters and {:.2} MiB of windows), {:.2}× the files' compressed bytes; with the \
+         index, {:.2}× the bytes target.\n",
         lazy_runs[0],
         learned_points.0,
         learned_points.1 as f64 / 1048576.0,
@@ -821,6 +836,12 @@ async fn run(case: Case, full: bool) {
         workload.compressed as f64 / 1048576.0,
         index_bytes as f64 / 1048576.0,
         bytes_target / 1048576.0,
+        floor.total() as f64 / 1048576.0,
+        floor.range as f64 / 1048576.0,
+        floor.clusters,
+        floor.windows as f64 / 1048576.0,
+        floor.total() as f64 / workload.compressed.max(1) as f64,
+        (floor.total() + index_bytes) as f64 / bytes_target,
     ));
     body.push_str(&format!(
         "\nWith the image complete and local, page cache dropped before each, median of {reads} \

@@ -19,6 +19,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail, ensure};
 
 use crate::image::{BuiltImage, RunConfig, media};
+use hyperbox_erofs::{deflate, learned, trim, zran};
 
 /// The files a workload read and their cost.
 #[derive(Debug, Clone, Default)]
@@ -29,6 +30,37 @@ pub struct Workload {
     pub bytes: u64,
     /// Their bytes in the compressed layers.
     pub compressed: u64,
+    /// The least a lazy reader fetches for them from the layers' own blobs.
+    pub floor: Floor,
+}
+
+/// The least a reader fetches to serve the files read from the image's own
+/// layer blobs, verifying exactly those bytes: for each cluster of them in
+/// a gzip layer (reads less than [`learned::CLUSTER_GAP`] apart, as
+/// hyperbox's learned checkpoints group them), the compressed bytes from
+/// the deflate symbol before the cluster to the one that ends it, and the
+/// window there trimmed to what the cluster's own references reach
+/// ([`deflate::reach_exact`]), zstd-compressed as layer maps store
+/// windows; in a plain tar, the files' bytes. What a lazy pull fetches
+/// beyond it is the price of its design (verification in chunks, windows
+/// that serve any read from their checkpoint); what #19's bytes target
+/// allows beyond the files' compressed bytes is 20 %.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Floor {
+    /// Clusters, one checkpoint each.
+    pub clusters: usize,
+    /// Compressed layer bytes from each cluster's checkpoint to its end.
+    pub range: u64,
+    /// The clusters' windows (with a block header where one starts inside
+    /// a block), compressed.
+    pub windows: u64,
+}
+
+impl Floor {
+    /// Range and windows.
+    pub fn total(&self) -> u64 {
+        self.range + self.windows
+    }
 }
 
 /// One file's data in a layer: its size and its compressed bytes.
@@ -59,6 +91,8 @@ pub fn measure(image: &BuiltImage, run: &RunConfig) -> Result<Workload> {
     }
     let opened = opened(&dir, run)?;
     let mut read = Workload::default();
+    // Each layer's tar ranges read, for the floor.
+    let mut ranges: Vec<Vec<(u64, u64)>> = vec![Vec::new(); costs.len()];
     // Hard links to the same data count once.
     let mut priced = std::collections::HashSet::new();
     for path in opened {
@@ -78,8 +112,58 @@ pub fn measure(image: &BuiltImage, run: &RunConfig) -> Result<Workload> {
         read.bytes += cost.size;
         read.compressed += cost.compressed;
         read.files.push(path);
+        ranges[layer].push((cost.at, cost.at + cost.size));
+    }
+    for (l, r) in image.layers.iter().zip(ranges) {
+        let f = floor(&l.blob.path, &l.blob.media_type, r)
+            .with_context(|| format!("the floor of layer {}", l.blob.digest))?;
+        read.floor.clusters += f.clusters;
+        read.floor.range += f.range;
+        read.floor.windows += f.windows;
     }
     Ok(read)
+}
+
+/// [`Floor`] for one layer whose files read lie at tar `ranges`.
+fn floor(blob: &Path, media_type: &str, ranges: Vec<(u64, u64)>) -> Result<Floor> {
+    let clusters = learned::clusters(ranges.into_iter().filter(|(s, e)| e > s).collect());
+    let mut out = Floor {
+        clusters: clusters.len(),
+        ..Floor::default()
+    };
+    if clusters.is_empty() {
+        return Ok(out);
+    }
+    if media_type != media::LAYER_GZIP {
+        out.range = clusters.iter().map(|(s, e)| e - s).sum();
+        return Ok(out);
+    }
+    let file = std::fs::File::open(blob).with_context(|| format!("open {}", blob.display()))?;
+    let starts = clusters.iter().map(|(s, _)| *s).collect();
+    let mut ix = zran::Indexer::before(BufReader::new(&file), starts)?;
+    std::io::copy(&mut ix, &mut std::io::sink()).context("inflate the layer")?;
+    let boundaries = ix.into_points();
+    for (start, end) in clusters {
+        let b = boundaries
+            .iter()
+            .rev()
+            .find(|b| b.output <= start)
+            .context("no block boundary before a read")?;
+        let block = trim::read_blob(&file, b.fetch_from(), 1 << 20)?;
+        // The symbol just before the cluster, or its block's boundary.
+        let (header, at) = match deflate::splice_before(b, &block, start) {
+            Some(s) => ((s.header, s.header_bits), s.at),
+            None => ((Vec::new(), 0), b.clone()),
+        };
+        let bytes = trim::read_blob(&file, at.fetch_from(), trim::read_for(end - at.output))?;
+        let r = deflate::reach_exact((&header.0, header.1), &at, &bytes, end)
+            .with_context(|| format!("decode tar bytes {start}-{end}"))?;
+        out.range += r.input - at.fetch_from();
+        let mut frame = header.0;
+        frame.extend_from_slice(&r.window);
+        out.windows += zstd::encode_all(&frame[..], 19)?.len() as u64;
+    }
+    Ok(out)
 }
 
 /// Extracts one layer over `root`, then applies its whiteouts, found
@@ -380,9 +464,11 @@ fn clean(p: &str) -> String {
 /// where inflating has made exactly that many bytes: the deflate stream's
 /// bytes taken by then, after the gzip header (one member only).
 fn compressed_offsets(blob: &Path, bounds: &[u64]) -> Result<HashMap<u64, u64>> {
-    let mut r = BufReader::new(std::fs::File::open(blob)?);
+    let mut r = BufReader::with_capacity(1 << 20, std::fs::File::open(blob)?);
     let header = gzip_header(&mut r)?;
-    let mut d = flate2::bufread::DeflateDecoder::new(r);
+    // The inflater counts as taken all the input it is handed: handed a
+    // little at a time, its count is each boundary's place within that.
+    let mut d = flate2::bufread::DeflateDecoder::new(BufReader::with_capacity(FED, r));
     let mut out = HashMap::new();
     let mut made = 0u64;
     let mut sink = vec![0u8; 1 << 16];
@@ -397,6 +483,10 @@ fn compressed_offsets(blob: &Path, bounds: &[u64]) -> Result<HashMap<u64, u64>> 
     }
     Ok(out)
 }
+
+/// Input bytes handed to the inflater at a time: the precision of
+/// [`compressed_offsets`].
+const FED: usize = 64;
 
 /// Skips a gzip member's header; returns its length.
 fn gzip_header(r: &mut impl BufRead) -> Result<u64> {
@@ -451,6 +541,67 @@ mod tests {
         }
         out.truncate(len);
         out
+    }
+
+    #[test]
+    fn the_floor_is_each_clusters_own_bytes_and_the_window_it_refers_to() {
+        let (mut gz, mut plain) = (
+            Layer::new(Compression::GzipDefault),
+            Layer::new(Compression::None),
+        );
+        for i in 0..40 {
+            let t = text(100 + i, 20_000);
+            gz = gz.file(&format!("f{i:02}"), t.clone(), 0o644);
+            plain = plain.file(&format!("f{i:02}"), t, 0o644);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let gz = gz.write_blob(dir.path()).unwrap().blob;
+        let plain = plain.write_blob(dir.path()).unwrap().blob;
+        let c = costs(&gz.path, &gz.media_type).unwrap();
+        let at = |n: &str| (c[n].at, c[n].at + c[n].size);
+        let floor_of = |r: Vec<(u64, u64)>| floor(&gz.path, &gz.media_type, r).unwrap();
+
+        // One file in the middle: its own compressed bytes, give or take
+        // the symbols at its ends (and the precision of its price), and a
+        // part of the window before it.
+        let one = floor_of(vec![at("f20")]);
+        assert_eq!(one.clusters, 1);
+        let price = c["f20"].compressed;
+        assert!(
+            one.range + 2 * FED as u64 >= price && one.range <= price + 1024,
+            "{one:?} for a file of {price} compressed bytes"
+        );
+        let mut tar = Vec::new();
+        flate2::read::GzDecoder::new(std::fs::File::open(&gz.path).unwrap())
+            .read_to_end(&mut tar)
+            .unwrap();
+        let start = c["f20"].at as usize;
+        let whole = zstd::encode_all(&tar[start - (32 << 10)..start], 19)
+            .unwrap()
+            .len() as u64;
+        assert!(
+            one.windows > 0 && one.windows < whole,
+            "{one:?}: the whole window is {whole} bytes compressed"
+        );
+
+        // Neighbours share a checkpoint; files far apart need one each.
+        let near = floor_of(vec![at("f21"), at("f20")]);
+        assert_eq!(near.clusters, 1);
+        assert!(near.range <= price + c["f21"].compressed + 1024, "{near:?}");
+        let far = floor_of(vec![at("f05"), at("f30")]);
+        assert_eq!(far.clusters, 2);
+        assert!(far.windows > one.windows, "{far:?}");
+        assert_eq!(floor_of(Vec::new()).total(), 0);
+
+        // A plain tar's floor is the files' bytes.
+        let p = costs(&plain.path, &plain.media_type).unwrap();
+        let f = floor(
+            &plain.path,
+            &plain.media_type,
+            vec![(p["f20"].at, p["f20"].at + p["f20"].size)],
+        )
+        .unwrap();
+        assert_eq!((f.range, f.windows), (20_000, 0));
     }
 
     #[test]
@@ -518,6 +669,16 @@ mod tests {
         assert!(
             read.compressed * 10 > whole * 8 && read.compressed * 10 < whole * 12,
             "{} against {whole} compressed alone",
+            read.compressed
+        );
+        // Two clusters (busybox below, the text above), each at least its
+        // own compressed bytes.
+        assert_eq!(read.floor.clusters, 2, "{:?}", read.floor);
+        assert!(
+            read.floor.range + 4 * FED as u64 >= read.compressed
+                && read.floor.range < read.compressed + 4096,
+            "{:?} for {} compressed bytes",
+            read.floor,
             read.compressed
         );
     }
