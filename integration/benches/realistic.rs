@@ -469,6 +469,7 @@ async fn run(case: Case, full: bool) {
             let cri = tb.containerd.cri().await.unwrap();
             let counted = lazy_counts(tb, side.name).await;
             let waited_before = lazy_wait(tb, side.name).await;
+            let sizes_before = lazy_sizes(tb, side.name).await;
             let before = tb.proxy.bytes_served();
             let start = Instant::now();
             cri.pull_image(&side.reference).await.unwrap();
@@ -530,6 +531,27 @@ async fn run(case: Case, full: bool) {
                     d(8),
                     d(9),
                     d(10)
+                );
+            }
+            if let (Some(a), Some(b)) = (sizes_before.as_ref(), lazy_sizes(tb, side.name).await) {
+                // Reads per bucket by exit, as the kernel asked.
+                let n: Vec<(f64, u64)> = b
+                    .iter()
+                    .zip(a)
+                    .map(|((le, y), (_, x))| (*le, y.saturating_sub(*x)))
+                    .collect();
+                let all = n.last().map_or(0, |l| l.1).max(1);
+                let share = |k: f64| {
+                    n.iter()
+                        .find(|(le, _)| *le >= k)
+                        .map_or(0.0, |(_, c)| *c as f64 * 100.0 / all as f64)
+                };
+                eprintln!(
+                    "  by exit: {} reads as the kernel asked them: {:.0} % of 4 KiB or less, {:.0} % of 16 KiB or less, {:.0} % of 128 KiB or less",
+                    n.last().map_or(0, |l| l.1),
+                    share(4096.0),
+                    share(16384.0),
+                    share(131072.0)
                 );
             }
             let waited = match (waited_before, lazy_wait(tb, side.name).await) {
@@ -920,6 +942,15 @@ async fn lazy_counts(tb: &Testbed, side: &str) -> Option<[u64; 11]> {
         m("hyperbox_snapshotter_lazy_learned_checkpoint_requests_total"),
         m("hyperbox_snapshotter_lazy_map_refetches_total"),
     ])
+}
+
+/// The lazy side's reads by size ([`hyperbox_integration::lazy::read_sizes`]).
+async fn lazy_sizes(tb: &Testbed, side: &str) -> Option<Vec<(f64, u64)>> {
+    if side != "hyperbox-lazy" {
+        return None;
+    }
+    let page = tb.snapshotter.as_ref()?.metrics().await;
+    Some(hyperbox_integration::lazy::read_sizes(&page))
 }
 
 /// Seconds the lazy side's reads waited in all, and how many reads.

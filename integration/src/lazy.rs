@@ -74,6 +74,30 @@ pub fn read_wait(page: &str) -> (f64, u64) {
     )
 }
 
+/// The sizes reads of lazy layers asked for
+/// (`hyperbox_snapshotter_lazy_read_bytes`): each bucket's upper bound
+/// and how many reads were at most that, in order; the last is `+Inf`.
+pub fn read_sizes(page: &str) -> Vec<(f64, u64)> {
+    let prefix = "hyperbox_snapshotter_lazy_read_bytes_bucket{le=\"";
+    let out: Vec<(f64, u64)> = page
+        .lines()
+        .filter_map(|l| {
+            let (le, n) = l.strip_prefix(prefix)?.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, n.trim().parse().ok()?))
+        })
+        .collect();
+    assert!(
+        out.last().is_some_and(|(le, _)| le.is_infinite()),
+        "no hyperbox_snapshotter_lazy_read_bytes in {page}"
+    );
+    out
+}
+
 /// `(mount point, fstype, source)` of every mount under `dir`.
 pub fn mounts_under(dir: &Path) -> Vec<(String, String, String)> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();

@@ -530,6 +530,9 @@ async fn the_agent_prewarms_an_image_that_starts_again() {
     let first = waited(&page);
     assert!(first > 0, "the first run's reads waited for the registry");
     let first_wait = hyperbox_integration::lazy::read_wait(&page);
+    // Every one of those reads has its size as the kernel asked it.
+    let sizes = hyperbox_integration::lazy::read_sizes(&page);
+    assert_eq!(sizes.last().unwrap().1, first_wait.1, "{page}");
     hyperbox_integration::lazy::wait_complete(&mut tb).await;
 
     // Removed from the node; the learned lists stay.

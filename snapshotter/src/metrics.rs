@@ -187,6 +187,11 @@ pub fn render(lazy: Option<&Lazy>) -> String {
         "Time reads of lazy layers still filling waited for their answer, from the kernel's event (local bytes answer in microseconds, missing ones after a fetch)",
         c.read_wait.0.clone(),
     );
+    registry.register(
+        "hyperbox_snapshotter_lazy_read_bytes",
+        "Bytes each read of a lazy layer still filling asked for, as the kernel sent it (a block, or a readahead window of the EROFS file)",
+        c.read_size.0.clone(),
+    );
     let _ = prometheus_client::encoding::text::encode_registry(&mut s, &registry);
     s
 }

@@ -83,6 +83,7 @@ impl Lazy {
         let asked = std::time::Instant::now();
         self.rt.spawn(async move {
             let (offset, count) = (event.offset, event.count);
+            me.counters.read_size.0.observe(count as f64);
             let used = blob.note_read(offset, count);
             if !blob.has_range(offset, count) {
                 me.counters.waited_reads.fetch_add(1, Ordering::Relaxed);

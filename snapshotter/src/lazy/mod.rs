@@ -249,6 +249,8 @@ pub struct Counters {
     pub prewarm_expired: AtomicU64,
     /// How long reads of layers still filling waited for their answer.
     pub read_wait: ReadWait,
+    /// How many bytes those reads asked for.
+    pub read_size: ReadSize,
 }
 
 /// The time from a read's event to its answer, for every read of a lazy
@@ -262,6 +264,21 @@ impl Default for ReadWait {
         ReadWait(prometheus_client::metrics::histogram::Histogram::new([
             0.000_5, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ]))
+    }
+}
+
+/// The bytes each read of a lazy layer still filling asks for, as the
+/// kernel sends it (a page cache fill of the EROFS file: a block, or a
+/// readahead window): the least a read can make a node fetch, whatever the
+/// chunks' size.
+#[derive(Debug, Clone)]
+pub struct ReadSize(pub prometheus_client::metrics::histogram::Histogram);
+
+impl Default for ReadSize {
+    fn default() -> ReadSize {
+        ReadSize(prometheus_client::metrics::histogram::Histogram::new(
+            (12..=22).map(|k| f64::from(1u32 << k)),
+        ))
     }
 }
 

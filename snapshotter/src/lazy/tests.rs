@@ -1267,6 +1267,14 @@ async fn a_read_across_missing_chunks_is_one_request() {
         1.0,
         "{page}"
     );
+    // And its size as the event gave it: two chunks, in that bucket and
+    // up, none below.
+    let name = "hyperbox_snapshotter_lazy_read_bytes";
+    assert_eq!(line(&format!("{name}_count")), 1.0, "{page}");
+    assert_eq!(line(&format!("{name}_sum")), (2 * CHUNK) as f64, "{page}");
+    let bucket = |le: u64| line(&format!("{name}_bucket{{le=\"{le}.0\"}}"));
+    assert_eq!(bucket(CHUNK), 0.0, "{page}");
+    assert_eq!(bucket(2 * CHUNK), 1.0, "{page}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
