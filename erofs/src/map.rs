@@ -215,12 +215,12 @@ pub struct Need {
     pub end_output: u64,
 }
 
-/// zstd's level for the map's frames: made once, read by every node.
-/// Each is compressed knowing its size, in one reused context: a
-/// streaming frame at this level sizes its tables for megabytes of input,
-/// and zeroing them for each 32 KiB window was most of what
-/// `hb image prefetch push` spent (50 s for 795 windows).
-const LEVEL: i32 = 19;
+/// zstd's level for the map's frames (and learned windows'): made once,
+/// read by every node. Each is compressed knowing its size, in one reused
+/// context: a streaming frame at this level sizes its tables for
+/// megabytes of input, and zeroing them for each 32 KiB window was most
+/// of what `hb image prefetch push` spent (50 s for 795 windows).
+pub const ZSTD_LEVEL: i32 = 19;
 
 /// A blob laid out as a map is: `magic`, the length of the zstd frame of
 /// `body` that follows, then `lazy` (window offsets count from its
@@ -230,7 +230,7 @@ pub(crate) fn write_blob(
     body: &[u8],
     lazy: &[u8],
 ) -> std::io::Result<(Vec<u8>, u64)> {
-    let frame = zstd::bulk::compress(body, LEVEL)?;
+    let frame = zstd::bulk::compress(body, ZSTD_LEVEL)?;
     let mut blob = Vec::with_capacity(16 + frame.len() + lazy.len());
     blob.extend_from_slice(magic);
     blob.extend_from_slice(&(frame.len() as u64).to_le_bytes());
@@ -278,7 +278,7 @@ pub(crate) fn place_windows(
 ) -> std::io::Result<(Vec<Point>, Vec<u8>)> {
     let mut lazy = Vec::new();
     let mut placed = Vec::with_capacity(points.len());
-    let mut zstd = zstd::bulk::Compressor::new(LEVEL)?;
+    let mut zstd = zstd::bulk::Compressor::new(ZSTD_LEVEL)?;
     for (p, w) in points.iter().zip(windows) {
         let z = if w.is_empty() {
             Vec::new()

@@ -19,7 +19,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail, ensure};
 
 use crate::image::{BuiltImage, RunConfig, media};
-use hyperbox_erofs::{deflate, learned, trim, zran};
+use hyperbox_erofs::{deflate, learned, map, trim, zran};
 
 /// The files a workload read and their cost.
 #[derive(Debug, Clone, Default)]
@@ -143,15 +143,24 @@ fn floor(blob: &Path, media_type: &str, ranges: Vec<(u64, u64)>) -> Result<Floor
     let mut ix = zran::Indexer::before(BufReader::new(&file), starts)?;
     std::io::copy(&mut ix, &mut std::io::sink()).context("inflate the layer")?;
     let boundaries = ix.into_points();
+    // Windows as layer maps store them, in one context.
+    let mut zstd = zstd::bulk::Compressor::new(map::ZSTD_LEVEL)?;
+    // Clusters in one block (in order, they come together) read it once.
+    let mut block: (Option<u64>, Vec<u8>) = (None, Vec::new());
     for (start, end) in clusters {
         let b = boundaries
             .iter()
             .rev()
             .find(|b| b.output <= start)
             .context("no block boundary before a read")?;
-        let block = trim::read_blob(&file, b.fetch_from(), 1 << 20)?;
+        if block.0 != Some(b.output) {
+            block = (
+                Some(b.output),
+                trim::read_blob(&file, b.fetch_from(), 1 << 20)?,
+            );
+        }
         // The symbol just before the cluster, or its block's boundary.
-        let (header, at) = match deflate::splice_before(b, &block, start) {
+        let (header, at) = match deflate::splice_before(b, &block.1, start) {
             Some(s) => ((s.header, s.header_bits), s.at),
             None => ((Vec::new(), 0), b.clone()),
         };
@@ -161,7 +170,7 @@ fn floor(blob: &Path, media_type: &str, ranges: Vec<(u64, u64)>) -> Result<Floor
         out.range += r.input - at.fetch_from();
         let mut frame = header.0;
         frame.extend_from_slice(&r.window);
-        out.windows += zstd::encode_all(&frame[..], 19)?.len() as u64;
+        out.windows += zstd.compress(&frame)?.len() as u64;
     }
     Ok(out)
 }
