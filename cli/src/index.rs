@@ -9,8 +9,11 @@
 //! tar, gzip checkpoints), pushed as a small blob: the nodes make the image
 //! from the layer blob itself, so the registry holds no second copy. zstd
 //! layers (no checkpoints in a single frame) and `--erofs-blobs` push the
-//! EROFS image instead. Then the index manifest goes under the tag derived
-//! from the image's manifest digest.
+//! EROFS image instead. Each mapped layer also gets a table of its EROFS
+//! image's 4 KiB block digests (index version 4), so nodes fetch and
+//! check what reads need block by block; `--no-block-digests` leaves it
+//! out (version 3, for nodes from before version 4). Then the index
+//! manifest goes under the tag derived from the image's manifest digest.
 
 use std::io::Read;
 
@@ -34,6 +37,8 @@ struct Row {
     pushed: u64,
     /// `map` or `erofs`.
     source: &'static str,
+    /// The size of its block digest table (0: none).
+    blocks: u64,
 }
 
 /// How `hb image index` builds the index.
@@ -45,7 +50,16 @@ pub struct Options {
     pub span: u64,
     /// Push EROFS images, not maps (index version 2).
     pub erofs_blobs: bool,
+    /// Give mapped layers block digest tables (index version 4).
+    pub block_digests: bool,
 }
+
+/// The chunk size of an index whose layers all have block tables, unless
+/// the image needs larger: a chunk's digest is then only what vouches for
+/// its blocks' table entries, so a larger chunk costs a read only its
+/// entries (32 bytes a block, 512 a chunk) and keeps the index document a
+/// quarter of what 16 KiB chunks make it.
+const TABLED_CHUNK_SIZE: u64 = 64 << 10;
 
 /// Builds and pushes the index of `reference`.
 pub async fn run(
@@ -125,30 +139,55 @@ pub async fn run(
         .iter()
         .map(|(_, _, _, out, _)| std::fs::metadata(out).map(|m| m.len()).unwrap_or_default())
         .sum();
-    let chunk_size = chunk_size.unwrap_or_else(|| index::chunk_size_for(total));
+    // Block tables for mapped layers small enough to track per block; the
+    // larger chunks only when every layer has one (a layer without a
+    // table is still checked per chunk).
+    let tabled = |mapped: bool, out: &std::path::Path| {
+        opts.block_digests
+            && mapped
+            && std::fs::metadata(out)
+                .is_ok_and(|m| m.len().div_ceil(index::BLOCK) <= index::MAX_BLOCKS)
+    };
+    let all_tabled = converted_layers
+        .iter()
+        .all(|(_, _, _, out, mapped)| tabled(mapped.is_some(), out));
+    let chunk_size = chunk_size.unwrap_or_else(|| {
+        let cs = index::chunk_size_for(total);
+        if all_tabled {
+            cs.max(TABLED_CHUNK_SIZE)
+        } else {
+            cs
+        }
+    });
     let mut layers = Vec::new();
     let mut rows = Vec::new();
     let mut pushed = Vec::new();
     for (l, promised, summary, out, mapped) in converted_layers {
-        let (chunks, whole, size) = chunk_digests(&out, chunk_size)?;
+        let with_table = tabled(mapped.is_some(), &out);
+        let (chunks, whole, size, table) = chunk_digests(&out, chunk_size, with_table)?;
+        let blocks = match table {
+            Some(t) => {
+                let (digest, size) = push_part(&registry, &r, t, index::BLOCKS_TYPE)
+                    .await
+                    .with_context(|| format!("push the block digests of {}", l.digest))?;
+                pushed.push(digest.clone());
+                Some(index::BlockTable {
+                    digest: digest.digest,
+                    size,
+                })
+            }
+            None => None,
+        };
         let map = match mapped {
             Some(m) => {
                 let (bytes, eager) = m.map.encode(&m.windows).context("encode the layer map")?;
-                let digest = Digest::of(&bytes);
-                let len = bytes.len() as u64;
-                registry
-                    .push_blob(&r, &digest, bytes::Bytes::from(bytes))
+                let (digest, size) = push_part(&registry, &r, bytes, index::MAP_TYPE)
                     .await
                     .with_context(|| format!("push the layer map of {}", l.digest))?;
-                pushed.push(Descriptor {
-                    media_type: index::MAP_TYPE.into(),
-                    digest: digest.to_string(),
-                    size: len as i64,
-                    annotations: Default::default(),
-                });
+                pushed.push(digest.clone());
                 Some(index::MapRef {
-                    digest: digest.to_string(),
-                    size: len,
+                    digest: digest.digest,
+                    size,
                     eager,
                 })
             }
@@ -176,8 +215,9 @@ pub async fn run(
             blob: map
                 .as_ref()
                 .map_or_else(|| whole.to_string(), |m| m.digest.clone()),
-            pushed: map.as_ref().map_or(size, |m| m.size),
+            pushed: map.as_ref().map_or(size, |m| m.size) + blocks.as_ref().map_or(0, |b| b.size),
             source: if map.is_some() { "map" } else { "erofs" },
+            blocks: blocks.as_ref().map_or(0, |b| b.size),
         });
         layers.push(IndexLayer {
             layer: l.digest.clone(),
@@ -187,12 +227,17 @@ pub async fn run(
             data_end: summary.data_end,
             chunks,
             map,
+            blocks,
         });
     }
     let doc = Index {
-        // Without maps, version 2: nodes from before maps read it too.
-        version: if layers.iter().any(|l| l.map.is_some()) {
+        // The oldest version that holds what it has: nodes from before
+        // block tables read an index without them, and nodes from before
+        // maps one without maps.
+        version: if layers.iter().any(|l| l.blocks.is_some()) {
             index::VERSION
+        } else if layers.iter().any(|l| l.map.is_some()) {
+            index::VERSION_MAPS
         } else {
             2
         },
@@ -231,6 +276,8 @@ pub async fn run(
             serde_json::to_string(&serde_json::json!({
                 "image": r.to_string(),
                 "index": format!("{}/{}:{tag}", r.host, r.repository),
+                "version": doc.version,
+                "chunk_size": chunk_size,
                 "layers": rows,
                 "index_bytes": added,
                 "image_bytes": compressed,
@@ -239,13 +286,18 @@ pub async fn run(
     } else {
         for row in &rows {
             println!(
-                "  {}  ->  {}  {:>10} bytes  {} chunks, {} of {} bytes",
+                "  {}  ->  {}  {:>10} bytes  {} chunks, {} of {} bytes{}",
                 &row.layer[..19],
                 &row.erofs[..19],
                 row.size,
                 row.chunks,
                 row.source,
-                row.pushed
+                row.pushed,
+                if row.blocks > 0 {
+                    format!(" (block digests: {})", row.blocks)
+                } else {
+                    String::new()
+                }
             );
         }
         println!(
@@ -256,6 +308,29 @@ pub async fn run(
         );
     }
     Ok(())
+}
+
+/// Pushes `bytes` as a blob of the index artifact: its descriptor and size.
+async fn push_part(
+    registry: &Registry,
+    r: &Reference,
+    bytes: Vec<u8>,
+    media_type: &str,
+) -> Result<(Descriptor, u64)> {
+    let digest = Digest::of(&bytes);
+    let len = bytes.len() as u64;
+    registry
+        .push_blob(r, &digest, bytes::Bytes::from(bytes))
+        .await?;
+    Ok((
+        Descriptor {
+            media_type: media_type.into(),
+            digest: digest.to_string(),
+            size: len as i64,
+            annotations: Default::default(),
+        },
+        len,
+    ))
 }
 
 /// `reference` parsed, the registry client of `config`, and the image
@@ -273,12 +348,17 @@ pub async fn resolve(
     Ok((r, registry, img))
 }
 
-/// Hex SHA-256 of each chunk, the digest of the whole file, its size.
-fn chunk_digests(path: &std::path::Path, chunk_size: u64) -> Result<(Vec<String>, Digest, u64)> {
+/// A file's chunk digests, the digest of the whole file, its size, and
+/// with `table` its block digest table: the SHA-256 of each chunk, or of
+/// its blocks' digests when it has a table.
+type Digests = (Vec<String>, Digest, u64, Option<Vec<u8>>);
+
+fn chunk_digests(path: &std::path::Path, chunk_size: u64, table: bool) -> Result<Digests> {
     let mut f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
     let mut whole = Sha256::new();
     let mut chunks = Vec::new();
     let mut buf = vec![0u8; chunk_size as usize];
+    let mut blocks = Vec::new();
     let mut size = 0u64;
     loop {
         let mut filled = 0;
@@ -293,12 +373,21 @@ fn chunk_digests(path: &std::path::Path, chunk_size: u64) -> Result<(Vec<String>
             break;
         }
         whole.update(&buf[..filled]);
-        chunks.push(hex::encode(Sha256::digest(&buf[..filled])));
+        if table {
+            let digests: Vec<[u8; 32]> = buf[..filled]
+                .chunks(index::BLOCK as usize)
+                .map(|b| Sha256::digest(b).into())
+                .collect();
+            chunks.push(index::chunk_of_blocks(&digests));
+            blocks.extend(digests.concat());
+        } else {
+            chunks.push(hex::encode(Sha256::digest(&buf[..filled])));
+        }
         size += filled as u64;
         if filled < buf.len() {
             break;
         }
     }
     let d = Digest::parse(&format!("sha256:{}", hex::encode(whole.finalize())))?;
-    Ok((chunks, d, size))
+    Ok((chunks, d, size, table.then_some(blocks)))
 }

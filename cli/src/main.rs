@@ -110,6 +110,11 @@ enum ImageCommand {
         /// map onto the layer blob.
         #[arg(long)]
         erofs_blobs: bool,
+        /// Leave out the tables of 4 KiB block digests that let nodes fetch
+        /// and check a read's blocks rather than whole chunks (index
+        /// version 3, which nodes older than version 4 read).
+        #[arg(long)]
+        no_block_digests: bool,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -307,6 +312,7 @@ fn main() -> ExitCode {
                         chunk_size,
                         span,
                         erofs_blobs,
+                        no_block_digests,
                         json,
                     },
             } => tokio::runtime::Runtime::new()?.block_on(index::run(
@@ -316,6 +322,7 @@ fn main() -> ExitCode {
                     chunk_size,
                     span,
                     erofs_blobs,
+                    block_digests: !no_block_digests,
                 },
                 json,
             )),

@@ -94,19 +94,25 @@ fn rows(
     store: &Store,
     points: &std::collections::HashMap<String, (usize, u64)>,
 ) -> Vec<Row> {
-    let cs = found.index.chunk_size;
     found
         .index
         .layers
         .iter()
-        .map(|l| Row {
+        .map(|l| {
+            // Lists count units: blocks under a block table.
+            let cs = l.unit(found.index.chunk_size);
+            (l, cs)
+        })
+        .map(|(l, cs)| Row {
             layer: l.layer.clone(),
             erofs: l.erofs.clone(),
             chunk_size: cs,
             registry: doc
                 .and_then(|d| d.list(&l.erofs, cs))
                 .map_or(0, <[usize]>::len),
-            node: store.load(&l.erofs, cs, l.chunks.len()).len(),
+            node: store
+                .load(&l.erofs, cs, l.units(found.index.chunk_size))
+                .len(),
             points: points.get(&l.layer).map_or(0, |p| p.0),
             points_bytes: points.get(&l.layer).map_or(0, |p| p.1),
         })
@@ -199,16 +205,17 @@ pub async fn push(
     // Lists that do not fit this index (other EROFS images, another chunk
     // size, chunks past their layer) are dropped: nodes would ignore them.
     doc.lists.retain(|l| {
-        l.chunk_size == cs
-            && found.index.layers.iter().any(|e| {
-                e.erofs == l.erofs && prefetch::misfit(&l.chunks, e.chunks.len()).is_none()
-            })
+        found.index.layers.iter().any(|e| {
+            e.erofs == l.erofs
+                && l.chunk_size == e.unit(cs)
+                && prefetch::misfit(&l.chunks, e.units(cs)).is_none()
+        })
     });
     let mut learned = 0;
     for l in &found.index.layers {
-        let here = store.load(&l.erofs, cs, l.chunks.len());
+        let here = store.load(&l.erofs, l.unit(cs), l.units(cs));
         learned += here.len();
-        doc.merge(&l.erofs, cs, &here);
+        doc.merge(&l.erofs, l.unit(cs), &here);
     }
     if learned == 0 {
         bail!(
@@ -232,7 +239,7 @@ pub async fn push(
     let mut layers = Vec::new();
     let mut counts = std::collections::HashMap::new();
     for l in &found.index.layers {
-        let Some(list) = doc.list(&l.erofs, cs) else {
+        let Some(list) = doc.list(&l.erofs, l.unit(cs)) else {
             continue;
         };
         // Checkpoints only speed reads up: a layer whose checkpoints cannot be made
@@ -318,7 +325,7 @@ async fn learn_points(
     if lmap.source != map::Source::Gzip {
         return Ok(None);
     }
-    let cs = found.index.chunk_size;
+    let cs = l.unit(found.index.chunk_size);
     let ranges: Vec<(u64, u64)> = list
         .iter()
         .filter_map(|&c| lmap.need(c as u64 * cs, cs))

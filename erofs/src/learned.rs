@@ -21,10 +21,15 @@ use crate::zran::{Checkpoint, WINDOW};
 
 /// Media type of a learned checkpoints blob.
 pub const MEDIA_TYPE: &str = "application/vnd.hyperbox.learned-points.v1";
-/// The blob's first bytes: version 2 adds, after the checkpoints, where
-/// each one's cluster ends ([`Stretch`]), and its windows keep only the
-/// bytes references reach ([`trim`]).
-pub const MAGIC: &[u8; 8] = b"HBLPTS\x00\x02";
+/// The blob's first bytes: version 3's windows keep only what their
+/// clusters refer to ([`crate::trim::trim_exact`]); a node that reads
+/// version 2 at most would take them for windows that serve any read, so
+/// it is refused there (reads start from the map's own checkpoints).
+pub const MAGIC: &[u8; 8] = b"HBLPTS\x00\x03";
+/// Version 2's, still read: after the checkpoints, where each one's
+/// cluster ends ([`Stretch`]), and windows that keep the bytes references
+/// reach from the first 32 KiB of output ([`crate::trim::trim`]).
+pub const MAGIC_V2: &[u8; 8] = b"HBLPTS\x00\x02";
 /// Version 1's, still read: every checkpoint with its whole window.
 pub const MAGIC_V1: &[u8; 8] = b"HBLPTS\x00\x01";
 /// The largest eager part: 16 bytes a checkpoint is far above what the
@@ -88,6 +93,8 @@ pub fn encode(points: &[Learned]) -> std::io::Result<(Vec<u8>, u64)> {
         .map(|l| [&l.header[..], &l.at.window[..]].concat())
         .collect();
     let (placed, lazy) = map::place_windows(&bare, &windows)?;
+    // Version 2 when no window is exact, for nodes that read no later.
+    let exact = points.iter().any(|l| l.stretch.is_some_and(|s| s.exact));
     let mut body = Vec::new();
     map::put_points(&mut body, &placed, true);
     // Each stretch as its distances past the checkpoint, 0 for none.
@@ -103,27 +110,29 @@ pub fn encode(points: &[Learned]) -> std::io::Result<(Vec<u8>, u64)> {
             None => map::put(&mut body, 0),
         }
     }
-    map::write_blob(MAGIC, &body, &lazy)
+    map::write_blob(if exact { MAGIC } else { MAGIC_V2 }, &body, &lazy)
 }
 
-/// `point` with its window trimmed to the bytes back-references ever
-/// reach from it, and the [`Stretch`] of its cluster, which ends at `end`
-/// (its last read byte), so a node fetches exactly that
-/// ([`crate::trim`]). `compressed` holds the blob from the point's
-/// `fetch_from` on ([`crate::trim::read_for`] the cluster's length, or to
-/// the blob's end). Left whole, without a stretch, when the trim's check
-/// fails or the bytes cannot be decoded.
+/// `point` with its window trimmed to the bytes its cluster, which ends
+/// at `end` (its last read byte), refers to, and the cluster's
+/// [`Stretch`], so a node fetches exactly that and starts only requests
+/// the window serves there ([`crate::trim::trim_exact`]). `compressed`
+/// holds the blob from the point's `fetch_from` on
+/// ([`crate::trim::read_for`] the cluster's length, or to the blob's
+/// end). Left whole, without a stretch, when the trim's check fails or
+/// the bytes cannot be decoded.
 pub fn trim(mut point: Learned, compressed: &[u8], end: u64, blob_size: u64) -> Learned {
     if end <= point.at.output {
         return point;
     }
     let header = (&point.header[..], point.header_bits);
-    let Some(r) = crate::trim::trim(header, &point.at, compressed, end) else {
+    let Some(r) = crate::trim::trim_exact(header, &point.at, compressed, end) else {
         return point;
     };
     point.stretch = Some(Stretch {
         output: r.output,
         input: r.input.min(blob_size),
+        exact: true,
     });
     point.at.window = r.window;
     point
@@ -160,7 +169,12 @@ pub fn decode(eager: &[u8], map: Bounds) -> Result<Vec<Point>, Error> {
         return Err(bad("learned checkpoints for a layer that is not gzip"));
     }
     let v1 = eager.starts_with(MAGIC_V1);
-    let magic = if v1 { MAGIC_V1 } else { MAGIC };
+    let exact = !v1 && !eager.starts_with(MAGIC_V2);
+    let magic = match (v1, exact) {
+        (true, _) => MAGIC_V1,
+        (false, false) => MAGIC_V2,
+        (false, true) => MAGIC,
+    };
     let (body, lazy_base) = map::read_eager(eager, magic, MAX_EAGER, "learned checkpoints")?;
     let mut c = Cursor { b: &body };
     let n = c.count(5)?;
@@ -181,6 +195,7 @@ pub fn decode(eager: &[u8], map: Bounds) -> Result<Vec<Point>, Error> {
             let s = Stretch {
                 output: p.output.saturating_add(out),
                 input: p.input.saturating_add(input),
+                exact,
             };
             // Past the point, inside the tar and the blob, no longer than a
             // node inflates for one request, and no more compressed bytes
@@ -418,17 +433,60 @@ mod tests {
     }
 
     #[test]
+    fn an_exact_window_starts_only_reads_its_stretch_serves() {
+        let stretch = |to: u64, exact| {
+            Some(Stretch {
+                output: to,
+                input: 7000,
+                exact,
+            })
+        };
+        let short = Point {
+            stretch: stretch(90_000, true),
+            ..learned_point(1000, 70_000)
+        };
+        assert!(short.serves(80_000) && short.serves(90_000));
+        assert!(
+            !short.serves(90_001),
+            "past a stretch shorter than a window"
+        );
+        assert_eq!(short.makes_up_to(), 90_000);
+        // A stretch a window long or more: later bytes refer to its own.
+        let long = Point {
+            stretch: stretch(70_000 + WINDOW as u64, true),
+            ..learned_point(1000, 70_000)
+        };
+        assert!(long.serves(1 << 20));
+        assert_eq!(long.makes_up_to(), u64::MAX);
+        // Version 2's windows, and the map's own, serve any read.
+        let whole = Point {
+            stretch: stretch(90_000, false),
+            ..learned_point(1000, 70_000)
+        };
+        assert!(whole.serves(1 << 20) && point(0, 0).serves(1 << 20));
+        assert_eq!(whole.makes_up_to(), u64::MAX);
+    }
+
+    #[test]
     fn stretches_come_back_and_version_one_blobs_still_read() {
         let mut trimmed = checkpoint(1000, 3, 70_000, WINDOW);
         trimmed.stretch = Some(Stretch {
             output: 90_000,
             input: 7000,
+            exact: true,
         });
-        let points = vec![trimmed, checkpoint(5000, 0, 140_000, 100)];
+        let mut points = vec![trimmed, checkpoint(5000, 0, 140_000, 100)];
         let (blob, eager) = encode(&points).unwrap();
+        assert!(blob.starts_with(MAGIC));
         let got = decode(&blob[..eager as usize], bounds()).unwrap();
         assert_eq!(got[0].stretch, points[0].stretch);
         assert_eq!(got[1].stretch, None);
+        // Version 2: windows that serve any read, which its stretches say.
+        points[0].stretch.as_mut().unwrap().exact = false;
+        let (blob, eager) = encode(&points).unwrap();
+        assert!(blob.starts_with(MAGIC_V2));
+        let got = decode(&blob[..eager as usize], bounds()).unwrap();
+        assert_eq!(got[0].stretch, points[0].stretch);
         // Version 1: the same numbers without stretches.
         let bare: Vec<Point> = points.iter().map(|l| Point::of(&l.at)).collect();
         let windows: Vec<Vec<u8>> = points.iter().map(|l| l.at.window.clone()).collect();
@@ -443,6 +501,7 @@ mod tests {
         p.stretch = Some(Stretch {
             output: 90_000,
             input: 1000,
+            exact: true,
         });
         let (blob, eager) = encode(&[p]).unwrap();
         assert_eq!(
@@ -456,14 +515,17 @@ mod tests {
             Stretch {
                 output: 90_000,
                 input: 2 << 20,
+                exact: true,
             },
             Stretch {
                 output: 5 << 20,
                 input: 7000,
+                exact: true,
             },
             Stretch {
                 output: 90_000,
                 input: 1000 + 200_000,
+                exact: true,
             },
         ] {
             let mut p = checkpoint(1000, 3, 70_000, WINDOW);

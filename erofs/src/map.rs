@@ -111,6 +111,32 @@ pub struct Stretch {
     pub output: u64,
     /// The layer blob's bytes from the checkpoint up to here make it.
     pub input: u64,
+    /// The checkpoint's window keeps only what the stretch refers to
+    /// ([`crate::trim::trim_exact`]): output after the stretch and less
+    /// than a window past the checkpoint may refer to bytes it zeroed.
+    pub exact: bool,
+}
+
+impl Point {
+    /// Whether a request for tar bytes up to `tar_end` may start here:
+    /// not from a checkpoint whose window is exact to a shorter stretch,
+    /// unless the stretch runs a whole window past it (then nothing later
+    /// refers to the window).
+    pub fn serves(&self, tar_end: u64) -> bool {
+        match self.stretch {
+            Some(s) if s.exact => tar_end <= s.output || s.output >= self.output + WINDOW as u64,
+            _ => true,
+        }
+    }
+
+    /// How far a request from here may inflate: to the end of an exact
+    /// window's stretch, when that is less than a window past it.
+    pub fn makes_up_to(&self) -> u64 {
+        match self.stretch {
+            Some(s) if s.exact && s.output < self.output + WINDOW as u64 => s.output,
+            _ => u64::MAX,
+        }
+    }
 }
 
 impl Point {
@@ -553,10 +579,16 @@ impl LayerMap {
                 end_output: tar_end,
             },
             Source::Gzip => {
-                let i = self
+                // The last checkpoint at or before the bytes that can make
+                // them all (the map's own always can).
+                let last = self
                     .points
                     .partition_point(|p| p.output <= tar_start)
                     .saturating_sub(1);
+                let i = (0..=last)
+                    .rev()
+                    .find(|&j| self.points[j].serves(tar_end))
+                    .unwrap_or(0);
                 // A learned checkpoint only starts a request: one that lies
                 // about its place must not cut short a request from the
                 // map's own, so the bytes end at the map's next own one.

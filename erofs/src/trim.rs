@@ -57,7 +57,36 @@ pub fn trim(
     compressed: &[u8],
     to: u64,
 ) -> Option<Reach> {
-    let r = deflate::reach((header, header_bits), at, compressed, to)?;
+    checked((header, header_bits), at, compressed, to, false)
+}
+
+/// As [`trim`], but the window keeps only what the output up to `to`
+/// refers to ([`deflate::reach_exact`]), checked that far: it serves reads
+/// that end by `to`, or that start a window's worth past the checkpoint,
+/// and no others. A learned checkpoint's cluster is often shorter than a
+/// window, and its reads then need a part of what a 32 KiB trim keeps
+/// (on text, about two thirds).
+pub fn trim_exact(
+    header: (&[u8], u32),
+    at: &Checkpoint,
+    compressed: &[u8],
+    to: u64,
+) -> Option<Reach> {
+    checked(header, at, compressed, to, true)
+}
+
+fn checked(
+    (header, header_bits): (&[u8], u32),
+    at: &Checkpoint,
+    compressed: &[u8],
+    to: u64,
+    exact: bool,
+) -> Option<Reach> {
+    let r = if exact {
+        deflate::reach_exact((header, header_bits), at, compressed, to)?
+    } else {
+        deflate::reach((header, header_bits), at, compressed, to)?
+    };
     let cut = Checkpoint {
         window: r.window.clone(),
         ..at.clone()
@@ -74,7 +103,11 @@ pub fn trim(
             out
         })
     };
-    let far = r.output.max(at.output + WINDOW as u64);
+    let far = if exact {
+        r.output
+    } else {
+        r.output.max(at.output + WINDOW as u64)
+    };
     let exact = &compressed[..((r.input - at.fetch_from()) as usize).min(compressed.len())];
     match (
         make(&cut, compressed, far),

@@ -515,9 +515,10 @@ async fn run(case: Case, full: bool) {
             if let (Some(a), Some(b)) = (counted, lazy_counts(tb, side.name).await) {
                 let mib = |i: usize| b[i].saturating_sub(a[i]) as f64 / 1048576.0;
                 eprintln!(
-                    "  by exit: {:.1} MiB of layer Range requests, {:.1} MiB of windows, {:.1} MiB read from layer downloads on the node ({} reads waited for one), {} chunks made from downloads as they came",
+                    "  by exit: {:.1} MiB of layer Range requests, {:.1} MiB of windows, {:.2} MiB of block digests, {:.1} MiB read from layer downloads on the node ({} reads waited for one), {} chunks made from downloads as they came",
                     mib(0),
                     mib(1),
+                    mib(11),
                     mib(2),
                     b[3].saturating_sub(a[3]),
                     b[4].saturating_sub(a[4])
@@ -923,7 +924,7 @@ fn lazy_states(dir: &std::path::Path) -> usize {
 /// read ahead and made beside requests, requests from learned
 /// checkpoints and requests made again when short; `None` for other
 /// sides.
-async fn lazy_counts(tb: &Testbed, side: &str) -> Option<[u64; 11]> {
+async fn lazy_counts(tb: &Testbed, side: &str) -> Option<[u64; 12]> {
     if side != "hyperbox-lazy" {
         return None;
     }
@@ -941,6 +942,7 @@ async fn lazy_counts(tb: &Testbed, side: &str) -> Option<[u64; 11]> {
         m("hyperbox_snapshotter_lazy_span_chunks_total"),
         m("hyperbox_snapshotter_lazy_learned_checkpoint_requests_total"),
         m("hyperbox_snapshotter_lazy_map_refetches_total"),
+        m("hyperbox_snapshotter_lazy_block_table_bytes_total"),
     ])
 }
 

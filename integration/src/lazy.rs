@@ -183,9 +183,13 @@ pub async fn pull_serve_restart_complete(extra: &str) {
     let reference = tb.via_proxy(&tb.push(&spec, "test/lazy", "v1").await);
     let indexed = tb.hyperbox().hb_index(&reference);
     assert_eq!(indexed["layers"].as_array().unwrap().len(), 2, "{indexed}");
-    // gzip layers get maps: the registry holds no EROFS copy of them.
+    // gzip layers get maps: the registry holds no EROFS copy of them; and
+    // block digest tables (index version 4), 32 bytes per 4 KiB block.
+    assert_eq!(indexed["version"], 4, "{indexed}");
     for l in indexed["layers"].as_array().unwrap() {
         assert_eq!(l["source"], "map", "{indexed}");
+        let blocks = l["size"].as_u64().unwrap().div_ceil(4096) * 32;
+        assert_eq!(l["blocks"].as_u64(), Some(blocks), "{indexed}");
     }
     let blobs_total: u64 = std::fs::read_dir(tb.work_dir())
         .unwrap()
@@ -233,6 +237,13 @@ pub async fn pull_serve_restart_complete(extra: &str) {
     assert!(
         lazy_files_left(&mut tb) > 0,
         "still filling in the background"
+    );
+    // The metadata fetched before the mount covers its first chunk only in
+    // part: its blocks were checked against their table entries.
+    let page = tb.hyperbox().metrics().await;
+    assert!(
+        metric(&page, "hyperbox_snapshotter_lazy_block_table_bytes_total") >= 512,
+        "{page}"
     );
     if fuse {
         assert!(

@@ -11,6 +11,15 @@
 //! manifest. Registries without the referrers API (docker-registry 2.8)
 //! find it by the tag [`tag_for`] derives from the image manifest digest,
 //! the scheme cosign uses for signatures.
+//!
+//! Version 4 adds, for layers with a map, a table of the SHA-256 of every
+//! 4 KiB block of the EROFS image, pushed as a blob of its own: a chunk's
+//! digest is then the digest of its blocks' digests, so a node verifies a
+//! read's blocks alone with the few table entries beside them (fetched by
+//! Range, checked against the chunk digest) instead of the whole chunk,
+//! whose other bytes may lie far away in the layer's compressed stream.
+//! The table is part of the index (registry storage), but a node fetches
+//! only the entries its reads need.
 
 use serde::{Deserialize, Serialize};
 
@@ -23,9 +32,22 @@ pub const CONFIG_TYPE: &str = "application/vnd.hyperbox.index.v1+json";
 pub const EROFS_TYPE: &str = "application/vnd.hyperbox.erofs.layer.v1";
 /// Media type of a layer map blob (`hyperbox_erofs::map`).
 pub const MAP_TYPE: &str = "application/vnd.hyperbox.layer-map.v1";
-/// The index format version this build writes: 3, whose layers may name a
-/// layer map instead of an EROFS blob. Version 2 is still read.
-pub const VERSION: u32 = 3;
+/// Media type of a block digest table blob ([`BlockTable`]).
+pub const BLOCKS_TYPE: &str = "application/vnd.hyperbox.block-digests.v1";
+/// The index format version this build writes: 4, whose mapped layers may
+/// carry a block digest table. Versions 2 and 3 are still read.
+pub const VERSION: u32 = 4;
+/// The version of an index whose layers name maps but no block tables
+/// (nodes from before version 4 read it).
+pub const VERSION_MAPS: u32 = 3;
+/// Bytes per block of a block digest table.
+pub const BLOCK: u64 = 4096;
+/// The most blocks one layer's table may have (1 GiB of EROFS image): a
+/// node keeps a little state per block of a layer it serves lazily.
+pub const MAX_BLOCKS: u64 = 1 << 18;
+/// Prefixed to a chunk's block digests to make its digest, so a digest of
+/// blocks is never taken for the digest of a chunk's own bytes.
+const BLOCKS_TAG: &[u8] = b"hyperbox block digests v1\0";
 /// The most bytes of a map's eager part a node fetches at Prepare (held
 /// in memory while the layer fills): a layer of a million files has about
 /// 100 MiB of metadata, a tenth of it once compressed.
@@ -92,6 +114,49 @@ pub struct IndexLayer {
     /// EROFS blob, as in version 2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub map: Option<MapRef>,
+    /// Version 4: the table of its blocks' digests; `chunks` are then
+    /// [`chunk_of_blocks`] of each chunk's blocks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<BlockTable>,
+}
+
+/// A block digest table blob: the 32-byte SHA-256 of each [`BLOCK`] of
+/// the EROFS image, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockTable {
+    /// The table blob's digest.
+    pub digest: String,
+    /// Its size: 32 bytes per block.
+    pub size: u64,
+}
+
+/// The digest of a chunk whose blocks have these digests (hex).
+pub fn chunk_of_blocks(blocks: &[[u8; 32]]) -> String {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(BLOCKS_TAG);
+    for b in blocks {
+        h.update(b);
+    }
+    hex::encode(h.finalize())
+}
+
+impl IndexLayer {
+    /// What a node verifies, fetches at least and tracks as present: a
+    /// block under a block table, a chunk of `chunk_size` otherwise.
+    pub fn unit(&self, chunk_size: u64) -> u64 {
+        if self.blocks.is_some() {
+            BLOCK
+        } else {
+            chunk_size
+        }
+    }
+
+    /// How many units the EROFS image is.
+    pub fn units(&self, chunk_size: u64) -> usize {
+        self.size.div_ceil(self.unit(chunk_size)) as usize
+    }
 }
 
 /// A layer map blob (`hyperbox_erofs::map::LayerMap`).
@@ -122,7 +187,7 @@ impl Index {
             serde_json::from_slice(bytes).map_err(|e| bad(format!("hyperbox index: {e}")))?;
         if !(2..=VERSION).contains(&ix.version) {
             return Err(bad(format!(
-                "hyperbox index version {} is not 2 or {VERSION} (run `hb image index` again)",
+                "hyperbox index version {} is not one of 2 to {VERSION} (run `hb image index` again)",
                 ix.version
             )));
         }
@@ -148,6 +213,21 @@ impl Index {
                     return Err(bad(format!(
                         "layer {}: map of {} bytes with an eager part of {}",
                         l.layer, m.size, m.eager
+                    )));
+                }
+            }
+            if let Some(t) = &l.blocks {
+                Digest::parse(&t.digest)?;
+                let blocks = l.size.div_ceil(BLOCK);
+                if ix.version < 4 || l.map.is_none() || blocks > MAX_BLOCKS || t.size != blocks * 32
+                {
+                    return Err(bad(format!(
+                        "layer {}: block table of {} bytes for {} blocks (version {}, {})",
+                        l.layer,
+                        t.size,
+                        blocks,
+                        ix.version,
+                        if l.map.is_some() { "mapped" } else { "no map" }
                     )));
                 }
             }
@@ -254,12 +334,54 @@ mod tests {
         assert!(
             Index::parse(
                 ix(4096, 1)
-                    .replace("\"version\":2", "\"version\":4")
+                    .replace("\"version\":2", "\"version\":5")
                     .as_bytes(),
                 "x"
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn block_tables_are_read_from_version_4_mapped_layers_of_the_right_size() {
+        // 10,000 bytes: three blocks, one 16 KiB chunk.
+        let doc = |version: u32, map: bool, table: u64| {
+            let map = if map {
+                format!(
+                    "\"map\":{{\"digest\":\"sha256:{}\",\"size\":5000,\"eager\":300}},",
+                    "b".repeat(64)
+                )
+            } else {
+                String::new()
+            };
+            format!(
+                r#"{{"version":{version},"chunk_size":16384,"layers":[{{"layer":"sha256:{a}","diff_id":"sha256:{a}","erofs":"sha256:{a}","size":10000,"data_end":4096,{map}"blocks":{{"digest":"sha256:{c}","size":{table}}},"chunks":["{z}"]}}]}}"#,
+                a = "a".repeat(64),
+                c = "c".repeat(64),
+                z = "0".repeat(64),
+            )
+        };
+        let ok = Index::parse(doc(4, true, 96).as_bytes(), "x").unwrap();
+        let l = &ok.layers[0];
+        assert_eq!((l.unit(ok.chunk_size), l.units(ok.chunk_size)), (4096, 3));
+        for (v, map, table) in [(3, true, 96), (4, false, 96), (4, true, 64), (4, true, 128)] {
+            let e = Index::parse(doc(v, map, table).as_bytes(), "x").unwrap_err();
+            assert!(
+                e.to_string().contains("block table"),
+                "{v} {map} {table}: {e}"
+            );
+        }
+        // Without a table, units are chunks.
+        let plain = Index::parse(ix(3 << 20, 3).as_bytes(), "x").unwrap();
+        assert_eq!(plain.layers[0].units(plain.chunk_size), 3);
+        // A chunk of blocks is not the digest of the digests' bytes alone.
+        let d = [[7u8; 32], [9u8; 32]];
+        use sha2::Digest as _;
+        assert_ne!(
+            chunk_of_blocks(&d),
+            hex::encode(sha2::Sha256::digest(d.concat()))
+        );
+        assert_ne!(chunk_of_blocks(&d), chunk_of_blocks(&d[..1]));
     }
 
     #[test]

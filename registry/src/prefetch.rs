@@ -151,7 +151,8 @@ pub struct Fitted {
 pub struct List {
     /// The EROFS image's digest, as the index names it.
     pub erofs: String,
-    /// Bytes per chunk, as the index that was read had them.
+    /// Bytes per chunk, as the index that was read had them (4 KiB for
+    /// a layer with a block table: what the node tracked).
     pub chunk_size: u64,
     /// Chunk numbers in first-read order.
     pub chunks: Vec<usize>,
@@ -230,17 +231,19 @@ impl Shared {
         index: &crate::index::Index,
         what: &str,
     ) -> std::collections::HashMap<String, Fitted> {
-        let cs = index.chunk_size;
-        let most = (MAX_AHEAD / cs) as usize;
         let mut out = std::collections::HashMap::new();
         for layer in &index.layers {
             if out.contains_key(&layer.erofs) {
                 continue;
             }
+            // Lists are in the units a node tracks: blocks under a block
+            // table.
+            let cs = layer.unit(index.chunk_size);
+            let most = (MAX_AHEAD / cs) as usize;
             let Some(list) = self.list(&layer.erofs, cs) else {
                 continue;
             };
-            if let Some(why) = misfit(list, layer.chunks.len()) {
+            if let Some(why) = misfit(list, layer.units(index.chunk_size)) {
                 tracing::warn!(document = what, erofs = %layer.erofs, why, "shared prefetch list ignored");
                 continue;
             }
@@ -544,6 +547,7 @@ mod tests {
             data_end: 4096,
             chunks: vec!["0".repeat(64); chunks],
             map: None,
+            blocks: None,
         };
         let (f, g, h) = (
             format!("sha256:{}", "f".repeat(64)),

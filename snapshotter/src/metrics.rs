@@ -147,6 +147,16 @@ pub fn render(lazy: Option<&Lazy>) -> String {
             &c.window_bytes,
         ),
         (
+            "hyperbox_snapshotter_lazy_block_table_bytes_total",
+            "Block digest table bytes fetched for lazy layers indexed with block digests (index version 4): the entries beside the blocks reads fetched.",
+            &c.block_table_bytes,
+        ),
+        (
+            "hyperbox_snapshotter_lazy_block_table_failures_total",
+            "Block digest table requests whose entries did not match the index's chunk digests; those reads fetched and checked whole chunks instead.",
+            &c.block_table_failures,
+        ),
+        (
             "hyperbox_snapshotter_lazy_download_chunks_total",
             "Chunks of mapped lazy layers made from the layer's whole download on this node as its bytes arrived, before any read asked for them.",
             &c.download_chunks,

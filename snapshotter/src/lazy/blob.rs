@@ -14,7 +14,6 @@ use hyperbox_registry::Reference;
 use hyperbox_registry::digest::Digest;
 use hyperbox_registry::index::IndexLayer;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 
 use super::fill::Download;
@@ -61,6 +60,17 @@ impl State {
             && own.size == entry.size
             && own.data_end == entry.data_end
             && own.chunks == entry.chunks
+            && own.blocks == entry.blocks
+    }
+
+    /// Bytes per unit: what is tracked, fetched at least and checked.
+    pub(super) fn unit(&self) -> u64 {
+        self.entry.unit(self.chunk_size)
+    }
+
+    /// How many units the image is.
+    pub(super) fn units(&self) -> usize {
+        self.entry.units(self.chunk_size)
     }
 }
 
@@ -109,6 +119,8 @@ pub(super) struct Blob {
     pub(super) taken: Mutex<Instant>,
     /// The file, as events identify it.
     pub(super) inode: FileId,
+    /// Its block table (index v4): units are then blocks.
+    pub(super) blocks: Option<super::blocks::Blocks>,
     /// Its layer map (index v3), once fetched.
     pub(super) mapped: tokio::sync::OnceCell<Arc<super::mapped::Mapped>>,
     /// Prewarmed and not yet pulled: nothing is mounted on it and it
@@ -133,8 +145,9 @@ impl Blob {
         }
     }
 
+    /// Unit `i`'s offset and length.
     pub(super) fn chunk_range(&self, i: usize) -> (u64, u64) {
-        let cs = self.state.chunk_size;
+        let cs = self.state.unit();
         let start = i as u64 * cs;
         (start, cs.min(self.state.entry.size - start))
     }
@@ -146,7 +159,7 @@ impl Blob {
         if count == 0 || offset >= size {
             return None;
         }
-        let cs = self.state.chunk_size;
+        let cs = self.state.unit();
         let last = ((offset + count).min(size) - 1) / cs;
         Some(((offset / cs) as usize, last as usize))
     }
@@ -197,7 +210,7 @@ impl Blob {
 
     /// How many chunks `bytes` is (at least one): a request's bound.
     pub(super) fn chunks_in(&self, bytes: u64) -> usize {
-        (bytes / self.state.chunk_size).max(1) as usize
+        (bytes / self.state.unit()).max(1) as usize
     }
 
     /// Records a read for the layer's learned prefetch list; returns how
@@ -326,7 +339,7 @@ impl Lazy {
         let path = self.dir.join(format!("{key}.erofs"));
         let state_path = self.dir.join(format!("{key}.lazy"));
         let have_path = self.dir.join(format!("{key}.have"));
-        let n = state.entry.chunks.len();
+        let n = state.units();
         if fresh {
             // A file left behind is reused only if nothing links it; one a
             // snapshot links is never rewritten.
@@ -359,29 +372,22 @@ impl Lazy {
         have_file
             .set_len(n as u64)
             .map_err(io("size", &have_path))?;
-        // Chunks recorded as present are checked again: after a power loss
-        // the record may be ahead of the data.
         let mut have = vec![0u8; n];
         have_file
             .read_exact_at(&mut have, 0)
             .map_err(io("read", &have_path))?;
-        let mut present = vec![false; n];
-        let cs = state.chunk_size;
-        let mut buf = vec![0u8; cs as usize];
-        for i in 0..n {
-            if have[i] != 1 {
-                continue;
-            }
-            let start = i as u64 * cs;
-            let len = cs.min(state.entry.size - start) as usize;
-            file.read_exact_at(&mut buf[..len], start)
-                .map_err(io("read", &path))?;
-            present[i] = hex::encode(Sha256::digest(&buf[..len])) == state.entry.chunks[i];
-        }
+        let blocks = match &state.entry.blocks {
+            Some(t) => Some(super::blocks::Blocks::new(
+                t,
+                state.chunk_size,
+                state.entry.chunks.len(),
+            )?),
+            None => None,
+        };
         let meta = file.metadata().map_err(io("stat", &path))?;
         let parked = state.prewarmed.is_some();
         let parked_at = state.prewarmed.unwrap_or(0);
-        let blob = Arc::new(Blob {
+        let mut blob = Blob {
             key: key.clone(),
             path: path.clone(),
             state_path,
@@ -391,7 +397,7 @@ impl Lazy {
             reference,
             erofs,
             state,
-            present: Mutex::new(present),
+            present: Mutex::new(Vec::new()),
             locks: (0..n).map(|_| tokio::sync::Mutex::new(())).collect(),
             wanted: (0..n).map(|_| Arc::new(AtomicU32::new(0))).collect(),
             phase: watch::Sender::new(Phase::Filling),
@@ -407,9 +413,15 @@ impl Lazy {
             taken: Mutex::new(Instant::now()),
             inode: (meta.dev(), meta.ino()),
             mapped: tokio::sync::OnceCell::new(),
+            blocks,
             parked: watch::Sender::new(parked),
             parked_at: std::sync::atomic::AtomicU64::new(parked_at),
-        });
+        };
+        // Units recorded as present are checked again: after a power loss
+        // the record may be ahead of the data.
+        let present = blob.recheck(&have)?;
+        *blob.present.get_mut().expect("not shared yet") = present;
+        let blob = Arc::new(blob);
         self.fan
             .mark(&path)
             .map_err(io("fanotify_mark(FAN_PRE_ACCESS)", &path))?;

@@ -3,28 +3,20 @@
 //! Layers whose index names a layer map make their chunks from the layer
 //! blob instead (`mapped`).
 
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 
-use sha2::{Digest as _, Sha256};
-
 use super::blob::{Blob, missing_runs};
-use super::{Error, Lazy, io, lock};
+use super::{Error, Lazy, lock};
 
 impl Blob {
-    /// Writes chunk `i` if `piece` matches its digest; `false` if not.
+    /// Writes unit `i` if `piece` matches its digest; `false` if not, or
+    /// if its digest is not known here (a block whose table entries were
+    /// not fetched).
     pub(super) fn put_chunk(&self, i: usize, piece: &[u8]) -> Result<bool, Error> {
-        if hex::encode(Sha256::digest(piece)) != self.state.entry.chunks[i] {
+        if self.check(i, piece) != Some(true) {
             return Ok(false);
         }
-        let (s, _) = self.chunk_range(i);
-        self.file
-            .write_all_at(piece, s)
-            .map_err(io("write", &self.path))?;
-        self.have_file
-            .write_all_at(&[1], i as u64)
-            .map_err(io("write", &self.have_path))?;
-        lock(&self.present)[i] = true;
+        self.write_unit(i, piece)?;
         Ok(true)
     }
 }
@@ -38,9 +30,14 @@ impl Lazy {
     /// directories, inodes, xattrs): they must be in before the mount.
     pub(super) async fn fetch_metadata(&self, blob: &Blob) -> Result<(), Error> {
         let e = &blob.state.entry;
-        self.ensure_range(blob, 0, 4096).await?;
-        self.ensure_range(blob, e.data_end, e.size - e.data_end)
-            .await
+        // At once: each may need a request of its own (block table entries
+        // of a chunk the range covers in part), and the pull waits for them.
+        let (first, rest) = futures::future::join(
+            self.ensure_range(blob, 0, 4096),
+            self.ensure_range(blob, e.data_end, e.size - e.data_end),
+        )
+        .await;
+        first.and(rest)
     }
 
     /// Fetches the missing chunks of `first..=last`: each run of adjacent

@@ -80,11 +80,10 @@ impl Lazy {
     pub(super) fn download_for(&self, found: &Found) -> Download {
         let chunk_size = found.index.chunk_size;
         let taught = found.shared.values().any(|l| !l.chunks.is_empty())
-            || found
-                .index
-                .layers
-                .iter()
-                .any(|l| self.prefetch.has(&l.erofs, chunk_size, l.chunks.len()));
+            || found.index.layers.iter().any(|l| {
+                self.prefetch
+                    .has(&l.erofs, l.unit(chunk_size), l.units(chunk_size))
+            });
         if taught || !self.fill_from_layer || self.layers.is_none() {
             Download::AfterReads
         } else {

@@ -156,12 +156,14 @@ impl Lazy {
         };
         let mut window = TarWindow::default();
         let mut made = 0u64;
+        // Whole chunks, so blocks under a block table are checked by
+        // their own digests, without the table.
         let chunks = blob.state.entry.chunks.len();
         for i in 0..chunks {
-            if lock(&blob.present)[i] {
+            if blob.units_of(i).all(|u| lock(&blob.present)[u]) {
                 continue;
             }
-            let (s, len) = blob.chunk_range(i);
+            let (s, len) = blob.whole_chunk_range(i);
             if stop.load(Ordering::Relaxed) || blob.phase() != Phase::Filling {
                 return Err("the download ended".into());
             }
@@ -179,7 +181,7 @@ impl Lazy {
             if map
                 .assemble(s, &mut piece, window.base, window.bytes())
                 .is_ok()
-                && blob.put_chunk(i, &piece).map_err(|e| e.to_string())?
+                && blob.put_chunk_whole(i, &piece).map_err(|e| e.to_string())?
             {
                 made += 1;
                 self.counters

@@ -39,7 +39,7 @@ impl Lazy {
         let e = &blob.state.entry;
         let mut plan = self
             .prefetch
-            .load(&e.erofs, blob.state.chunk_size, blob.locks.len());
+            .load(&e.erofs, blob.state.unit(), blob.locks.len());
         let Some(shared) = blob.shared() else {
             return (plan, false);
         };
@@ -170,7 +170,7 @@ impl Lazy {
         let e = &blob.state.entry;
         match self
             .prefetch
-            .save(&e.erofs, blob.state.chunk_size, blob.locks.len(), &order)
+            .save(&e.erofs, blob.state.unit(), blob.locks.len(), &order)
         {
             Ok(n) => {
                 tracing::info!(layer = %e.layer, erofs = %e.erofs, read = order.len(), listed = n, "prefetch list learned")

@@ -75,14 +75,18 @@ pub(super) struct Mapped {
 }
 
 impl Mapped {
-    /// The checkpoint a request starts from: `i` (the last at or before
-    /// its bytes) or, when `i` is a learned checkpoint a request failed
-    /// from, the last one before it that is not.
-    fn start_for(&self, i: usize) -> usize {
+    /// The checkpoint a request for tar bytes up to `tar_end` starts from:
+    /// `i` (the last at or before its bytes that serves them) or, when `i`
+    /// is a learned checkpoint a request failed from, the last one before
+    /// it that is not and serves them.
+    fn start_for(&self, i: usize, tar_end: u64) -> usize {
         let dead = lock(&self.dead);
         (0..=i)
             .rev()
-            .find(|&j| !self.map.points[j].learned || !dead.contains(&j))
+            .find(|&j| {
+                let p = &self.map.points[j];
+                (!p.learned || !dead.contains(&j)) && p.serves(tar_end)
+            })
             .expect("the map's first checkpoint is its own")
     }
 }
@@ -346,18 +350,42 @@ impl Lazy {
         Ok(w)
     }
 
-    /// Chunks `a..=b` made from the layer blob; with them every other
-    /// missing chunk the inflated bytes make. Reads call it holding the
-    /// chunks' locks; a learned prefetch group does not (what is written
+    /// Units `a..=b` made from the layer blob; with them every other
+    /// missing unit the inflated bytes make. Reads call it holding the
+    /// units' locks; a learned prefetch group does not (what is written
     /// is verified, and a read holding one of them finds it present).
+    /// Under a block table the table entries the units need come in a
+    /// request of their own beside the layer bytes; when they cannot be
+    /// had, the units' whole chunks are made and checked by their own
+    /// blocks instead.
     pub(super) async fn fetch_mapped(&self, blob: &Blob, a: usize, b: usize) -> Result<(), Error> {
+        if blob.blocks.is_none() {
+            return self.fetch_units(blob, a, b).await;
+        }
+        let (digests, done) = futures::future::join(
+            self.ensure_digests(blob, a, b),
+            self.fetch_units(blob, a, b),
+        )
+        .await;
+        match (digests, done) {
+            (Err(e), Err(_)) => {
+                tracing::warn!(erofs = %blob.erofs, error = %hyperbox_api::error_chain(&e), "block digests not had; reading whole chunks");
+                let wa = blob.units_of(blob.chunk_of(a)).start;
+                let wb = blob.units_of(blob.chunk_of(b)).end - 1;
+                self.fetch_units(blob, wa, wb).await
+            }
+            (_, done) => done,
+        }
+    }
+
+    async fn fetch_units(&self, blob: &Blob, a: usize, b: usize) -> Result<(), Error> {
         let m = self.mapped(blob).await?;
         let (start, _) = blob.chunk_range(a);
         let (last_start, last_len) = blob.chunk_range(b);
         let end = last_start + last_len;
         let Some(need) = m.map.need(start, end - start) else {
             // Metadata and zeros only: nothing to fetch.
-            return self.put_chunks(blob, &m.map, a, b, 0, &[]);
+            return self.put_chunks(blob, &m.map, a, b, 0, &[]).await;
         };
         let Some(i) = need.point else {
             if need.blob_end - need.blob_start > MAX_REGION {
@@ -370,7 +398,9 @@ impl Lazy {
                 let tar = self
                     .fetch_layer(blob, &m, need.blob_start, need.blob_end, &via)
                     .await?;
-                let done = self.put_chunks(blob, &m.map, a, b, need.tar_start, &tar);
+                let done = self
+                    .put_chunks(blob, &m.map, a, b, need.tar_start, &tar)
+                    .await;
                 if done.is_err() && via.used_download() && !registry_only {
                     continue;
                 }
@@ -381,7 +411,7 @@ impl Lazy {
             }
             unreachable!("the registry's attempt returns");
         };
-        let mut i = m.start_for(i);
+        let mut i = m.start_for(i, need.tar_end);
         // Bytes that do not inflate or verify: from a resume point (kept by
         // an earlier request, perhaps one from a learned checkpoint), the
         // request is made again from the checkpoint itself; from a learned
@@ -518,7 +548,13 @@ impl Lazy {
         };
         // Inflated as far as the bytes go (up to the next checkpoint):
         // what lies past the data asked for is made too, for free.
-        let region_end = need.end_output.min(start + MAX_REGION).max(need.tar_end);
+        // Not past what an exact learned window serves: later bytes may
+        // refer to what it left out.
+        let region_end = need
+            .end_output
+            .min(start + MAX_REGION)
+            .min(p.makes_up_to())
+            .max(need.tar_end);
         // A failure from here on may come from a resume point's bytes:
         // the next request starts from the map's checkpoint.
         let forget = |e: Error| {
@@ -554,7 +590,7 @@ impl Lazy {
             self.counters.chunk_failures.fetch_add(1, Ordering::Relaxed);
             return Err(forget(bad(blob, "the layer bytes end before the map says")));
         }
-        let done = self.put_chunks(blob, &m.map, a, b, start, &made.tar);
+        let done = self.put_chunks(blob, &m.map, a, b, start, &made.tar).await;
         let next = self.put_extra(blob, &m.map, a, b, start, &made.tar);
         if let Err(e) = done {
             // Bytes that did not verify: the next request starts from the
@@ -564,10 +600,13 @@ impl Lazy {
         // The next request in this span starts at the last block boundary
         // before the first chunk these bytes did not make whole, with the
         // compressed bytes already here from there (at most 1 MiB kept).
+        // None from an exact learned window's short stretch: the window
+        // there holds the zeros it left out, which later bytes may need.
         if let Some(r) = made
             .extracted
             .resume_before(&checkpoint, start, &made.tar, next)
             .filter(|r| start_at + data.len() as u64 - r.fetch_from() <= MAX_TAIL)
+            .filter(|_| p.makes_up_to() == u64::MAX)
         {
             let tail = data[(r.fetch_from() - start_at) as usize..].to_vec();
             let span = m.map.points.partition_point(|q| q.output <= r.output) - 1;
@@ -601,7 +640,11 @@ impl Lazy {
         let mut groups: HashMap<usize, (usize, usize)> = HashMap::new();
         for &c in plan {
             let (s, len) = blob.chunk_range(c);
-            let Some(span) = m.map.need(s, len).and_then(|n| Some(m.start_for(n.point?))) else {
+            let Some(span) = m
+                .map
+                .need(s, len)
+                .and_then(|n| Some(m.start_for(n.point?, n.tar_end)))
+            else {
                 continue;
             };
             groups
@@ -727,9 +770,11 @@ impl Lazy {
         }
     }
 
-    /// Chunks `a..=b` made from `tar` (the tar's bytes from `tar_start`),
-    /// each written only if it matches its digest.
-    fn put_chunks(
+    /// Units `a..=b` made from `tar` (the tar's bytes from `tar_start`),
+    /// each written only if it matches its digest. A block whose table
+    /// entries are not here is written only with its whole chunk, checked
+    /// by its own blocks ([`Error::Blocks`] when `tar` does not make it).
+    async fn put_chunks(
         &self,
         blob: &Blob,
         map: &LayerMap,
@@ -738,8 +783,24 @@ impl Lazy {
         tar_start: u64,
         tar: &[u8],
     ) -> Result<(), Error> {
+        self.digests_settled(blob, a, b).await;
         let mut failed = None;
+        let mut tried_whole = None;
         for i in a..=b {
+            if !blob.can_check(i) {
+                let c = blob.chunk_of(i);
+                if tried_whole != Some(c) {
+                    tried_whole = Some(c);
+                    put_whole(blob, map, c, tar_start, tar)?;
+                }
+                if !lock(&blob.present)[i] {
+                    failed.get_or_insert(Error::Blocks {
+                        erofs: blob.erofs.to_string(),
+                        chunk: c,
+                    });
+                }
+                continue;
+            }
             let (s, len) = blob.chunk_range(i);
             let mut piece = vec![0u8; len as usize];
             let made = map.assemble(s, &mut piece, tar_start, tar).is_ok();
@@ -776,7 +837,7 @@ impl Lazy {
             Some(n) => n.tar_start >= tar_start && n.tar_end <= tar_end,
             None => true,
         };
-        let n = blob.state.entry.chunks.len();
+        let n = blob.locks.len();
         let before = (0..a).rev().take_while(|&i| made(&reach(i)));
         let mut next = map.tar_size;
         let after = (b + 1..n).take_while(|&i| {
@@ -788,8 +849,25 @@ impl Lazy {
             ok
         });
         let mut extra = 0u64;
+        let mut tried_whole = None;
         for i in before.chain(after) {
             if lock(&blob.present)[i] {
+                continue;
+            }
+            if !blob.can_check(i) {
+                // Blocks without their table entries: with their whole
+                // chunk, if these bytes make it.
+                let c = blob.chunk_of(i);
+                if tried_whole != Some(c) {
+                    tried_whole = Some(c);
+                    let missing = blob
+                        .units_of(c)
+                        .filter(|u| !lock(&blob.present)[*u])
+                        .count();
+                    if put_whole(blob, map, c, tar_start, tar).unwrap_or(false) {
+                        extra += missing as u64;
+                    }
+                }
                 continue;
             }
             let (s, len) = blob.chunk_range(i);
@@ -805,4 +883,22 @@ impl Lazy {
             .fetch_add(extra, Ordering::Relaxed);
         next
     }
+}
+
+/// Chunk `c` whole made from `tar` (the tar's bytes from `tar_start`) and
+/// its missing units written if it verifies; `false` if `tar` does not
+/// make it or it does not verify.
+fn put_whole(
+    blob: &Blob,
+    map: &LayerMap,
+    c: usize,
+    tar_start: u64,
+    tar: &[u8],
+) -> Result<bool, Error> {
+    let (s, len) = blob.whole_chunk_range(c);
+    let mut piece = vec![0u8; len as usize];
+    if map.assemble(s, &mut piece, tar_start, tar).is_err() {
+        return Ok(false);
+    }
+    blob.put_chunk_whole(c, &piece)
 }

@@ -16,7 +16,7 @@ use hyperbox_erofs::{convert, learned, writer, zran};
 use hyperbox_kernel::fanotify::Verdict;
 use hyperbox_kernel::testing::FakeFanotify;
 use hyperbox_registry::digest::Digest;
-use hyperbox_registry::index::{IndexLayer, MapRef};
+use hyperbox_registry::index::{BLOCK, BlockTable, IndexLayer, MapRef, chunk_of_blocks};
 use hyperbox_registry::prefetch::{Fitted, PointsRef};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
@@ -203,6 +203,30 @@ async fn setup_downloading(
     learn: Option<Learn<'_>>,
     staged: Option<std::path::PathBuf>,
 ) -> Mapped {
+    setup_with(mangle, learn, staged, Table::None).await
+}
+
+/// Whether the index entry has a block digest table (index v4).
+#[derive(Clone, Copy, PartialEq)]
+enum Table {
+    /// No: 4 KiB chunks checked by their own digests.
+    None,
+    /// Yes, with [`TABLED_CHUNK`] chunks.
+    Good,
+    /// Yes, but the registry serves other bytes for it than the index
+    /// names.
+    Forged,
+}
+
+/// Chunks of an index with a block table: four blocks each.
+const TABLED_CHUNK: u64 = 4 * CHUNK;
+
+async fn setup_with(
+    mangle: impl FnOnce(&mut hyperbox_erofs::map::LayerMap),
+    learn: Option<Learn<'_>>,
+    staged: Option<std::path::PathBuf>,
+    table: Table,
+) -> Mapped {
     let dir = tempfile::tempdir().unwrap();
     let gz = layer();
     let blob_path = dir.path().join("layer.gz");
@@ -243,6 +267,31 @@ async fn setup_downloading(
             }),
         }
     });
+    let (chunk_size, chunks, blocks) = if table == Table::None {
+        let chunks = image
+            .chunks(CHUNK as usize)
+            .map(|c| hex::encode(Sha256::digest(c)))
+            .collect();
+        (CHUNK, chunks, None)
+    } else {
+        let digests: Vec<[u8; 32]> = image
+            .chunks(BLOCK as usize)
+            .map(|b| Sha256::digest(b).into())
+            .collect();
+        let chunks = digests
+            .chunks((TABLED_CHUNK / BLOCK) as usize)
+            .map(chunk_of_blocks)
+            .collect();
+        let bytes = digests.concat();
+        let digest = Digest::of(&bytes).to_string();
+        let size = bytes.len() as u64;
+        let served = match table {
+            Table::Forged => bytes.iter().map(|b| b ^ 1).collect(),
+            _ => bytes,
+        };
+        blobs.insert(digest.clone(), served);
+        (TABLED_CHUNK, chunks, Some(BlockTable { digest, size }))
+    };
     let (addr, asked) = serve(blobs).await;
     let registry = registry(dir.path());
     let fan = Arc::new(FakeFanotify::new());
@@ -270,22 +319,20 @@ async fn setup_downloading(
     .unwrap();
     let state = State {
         image: format!("{addr}/test/mapped:v1"),
-        chunk_size: CHUNK,
+        chunk_size,
         entry: IndexLayer {
             layer: layer.clone(),
             diff_id: format!("sha256:{}", "2".repeat(64)),
             erofs: Digest::of(&image).to_string(),
             size: image.len() as u64,
             data_end,
-            chunks: image
-                .chunks(CHUNK as usize)
-                .map(|c| hex::encode(Sha256::digest(c)))
-                .collect(),
+            chunks,
             map: Some(MapRef {
                 digest: map_digest,
                 size: map_blob.len() as u64,
                 eager,
             }),
+            blocks,
         },
         rejected: None,
         prewarmed: None,
@@ -522,10 +569,11 @@ async fn learned_checkpoints_start_reads_near_their_bytes() {
 }
 
 /// A learned checkpoint as `hb image prefetch push` makes them: its window
-/// keeps only the bytes references reach, and its cluster's end is known.
-/// A read of the cluster is made from it with exactly the cluster's
-/// compressed bytes, and a read past the cluster from it too (the trimmed
-/// window serves everything after the checkpoint), bytes right.
+/// keeps only the bytes its cluster refers to, and the cluster's end is
+/// known. A read of the cluster is made from it with exactly the cluster's
+/// compressed bytes; a read past the cluster, which may refer to bytes the
+/// window left out, from the map's checkpoint before it, bytes right and
+/// the learned one not failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trimmed_learned_checkpoint_fetches_its_cluster_exactly() {
     let (s, offset, tar) = taught_late_chunk().await;
@@ -538,7 +586,7 @@ async fn a_trimmed_learned_checkpoint_fetches_its_cluster_exactly() {
     // It ends at the symbol that reaches the cluster's end.
     let end = map.map.need(offset, CHUNK).unwrap().tar_end;
     assert!(
-        point.learned && stretch.output >= end && stretch.output < end + 300,
+        point.learned && stretch.exact && stretch.output >= end && stretch.output < end + 300,
         "{point:?}, cluster end {end}"
     );
     assert_eq!(read(&s, offset).await, Some(Verdict::Allow));
@@ -550,12 +598,35 @@ async fn a_trimmed_learned_checkpoint_fetches_its_cluster_exactly() {
         "{:?}, stretch {stretch:?}",
         layer_requests(&s)
     );
-    // Past the cluster, a few chunks on: bytes right, nothing failed.
+    // Past the cluster, a few chunks on: bytes right, nothing failed, and
+    // not from the learned checkpoint.
+    let own = map.map.points[..k]
+        .iter()
+        .rev()
+        .find(|p| !p.learned)
+        .unwrap()
+        .fetch_from();
     for next in [offset + CHUNK, offset + 3 * CHUNK] {
+        let before = layer_requests(&s).len();
         assert_eq!(read(&s, next).await, Some(Verdict::Allow));
         assert!(chunk_at(&s, next)[..] == s.image[next as usize..(next + CHUNK) as usize]);
+        let asked = layer_requests(&s);
+        assert!(
+            asked[before..].iter().all(|(at, _)| *at != from),
+            "{asked:?}: a read past the cluster from the learned checkpoint at {from}"
+        );
+        // From the map's checkpoint, or from where a request from it
+        // stopped past the cluster (a resume point, with a whole window).
+        assert!(
+            asked[before..]
+                .iter()
+                .any(|(at, _)| *at <= own || *at >= stretch.input)
+                || asked.len() == before,
+            "{asked:?}: from the map's checkpoint at {own}"
+        );
     }
     let c = s.lazy.counters();
+    assert_eq!(c.learned_point_requests.load(Ordering::Relaxed), 1);
     assert_eq!(c.learned_point_failures.load(Ordering::Relaxed), 0);
     assert_eq!(c.chunk_failures.load(Ordering::Relaxed), 0);
 }
@@ -876,4 +947,95 @@ async fn bad_bytes_in_the_download_send_reads_to_the_registry() {
         let (a, b) = (a as usize, (a + n) as usize);
         assert!(!present || file[a..b] == s.image[a..b], "chunk {i}");
     }
+}
+
+/// The requests for `s`'s block table: first byte and length.
+fn table_requests(s: &Mapped) -> Vec<(u64, u64)> {
+    let table = s.blob.state.entry.blocks.as_ref().unwrap().digest.clone();
+    lock(&s.asked)
+        .iter()
+        .filter(|(d, ..)| *d == table)
+        .map(|r| (r.1, r.2))
+        .collect()
+}
+
+/// Under a block table a read is checked block by block: the table
+/// entries of its chunk come beside its bytes (128 bytes for a chunk of
+/// four blocks), checked against the chunk's digest, and the blocks they
+/// vouch for are the image's. The fill completes the image with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_is_checked_by_its_blocks_table_entries() {
+    let s = setup_with(|_| {}, None, None, Table::Good).await;
+    // Inside the second block of a chunk in the file data.
+    let offset = (s.image.len() as u64 / 3) / TABLED_CHUNK * TABLED_CHUNK + BLOCK + 100;
+    assert_eq!(read(&s, offset).await, Some(Verdict::Allow));
+    let block = offset / BLOCK * BLOCK;
+    assert!(chunk_at(&s, block)[..] == s.image[block as usize..(block + BLOCK) as usize]);
+    let chunk = offset / TABLED_CHUNK;
+    let entries = (chunk * TABLED_CHUNK / BLOCK * 32, TABLED_CHUNK / BLOCK * 32);
+    let asked = table_requests(&s);
+    assert!(
+        asked.contains(&entries),
+        "the read's chunk's entries {entries:?} in {asked:?}"
+    );
+    assert!(asked.iter().all(|(_, len)| *len == 128), "{asked:?}");
+    all_present(&s).await;
+    assert!(
+        fs::read(&s.path).unwrap() == s.image,
+        "the image, byte for byte"
+    );
+    let c = s.lazy.counters();
+    assert_eq!(c.chunk_failures.load(Ordering::Relaxed), 0);
+    assert_eq!(c.block_table_failures.load(Ordering::Relaxed), 0);
+    assert!(c.block_table_bytes.load(Ordering::Relaxed) >= 128);
+}
+
+/// Table entries that are not the index's (a registry, or someone with
+/// push rights, serving other bytes for the table) vouch for nothing:
+/// reads are answered from whole chunks checked by their own blocks, with
+/// the image's bytes, and the layer still completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_that_lies_leaves_reads_to_whole_chunks() {
+    let s = setup_with(|_| {}, None, None, Table::Forged).await;
+    let offset = (s.image.len() as u64 / 2) / TABLED_CHUNK * TABLED_CHUNK + 2 * BLOCK + 7;
+    assert_eq!(read(&s, offset).await, Some(Verdict::Allow));
+    let chunk = offset / TABLED_CHUNK * TABLED_CHUNK;
+    let file = fs::read(&s.path).unwrap();
+    assert!(
+        file[chunk as usize..(chunk + TABLED_CHUNK) as usize]
+            == s.image[chunk as usize..(chunk + TABLED_CHUNK) as usize],
+        "the read's whole chunk, the image's bytes"
+    );
+    assert!(!table_requests(&s).is_empty());
+    assert!(
+        s.lazy
+            .counters()
+            .block_table_failures
+            .load(Ordering::Relaxed)
+            >= 1
+    );
+    all_present(&s).await;
+    assert!(fs::read(&s.path).unwrap() == s.image);
+}
+
+/// After a restart, a unit recorded as present counts only if its bytes
+/// check: under a block table a chunk wholly recorded is checked by its
+/// own blocks; blocks of a chunk recorded in part are fetched again (their
+/// table entries were not kept), and so is a chunk whose bytes changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_whole_chunks_checked_by_their_blocks() {
+    let s = setup_with(|_| {}, None, None, Table::Good).await;
+    all_present(&s).await;
+    let per = (TABLED_CHUNK / BLOCK) as usize;
+    let n = s.blob.locks.len();
+    let mut have = vec![0u8; n];
+    have[per..2 * per].fill(1); // chunk 1, whole
+    have[2 * per] = 1; // one block of chunk 2
+    have[3 * per..4 * per].fill(1); // chunk 3, whole but changed below
+    use std::os::unix::fs::FileExt;
+    let f = fs::OpenOptions::new().write(true).open(&s.path).unwrap();
+    f.write_all_at(b"!", 3 * TABLED_CHUNK + 5).unwrap();
+    let present = s.blob.recheck(&have).unwrap();
+    let kept: Vec<usize> = (0..n).filter(|&i| present[i]).collect();
+    assert_eq!(kept, (per..2 * per).collect::<Vec<_>>());
 }

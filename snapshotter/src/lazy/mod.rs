@@ -59,6 +59,7 @@
 //! `unservable` files a node without the lazy path refuses.
 
 mod blob;
+mod blocks;
 mod events;
 mod fetch;
 mod fill;
@@ -119,6 +120,14 @@ pub enum Error {
     /// A chunk did not match its digest.
     #[error("chunk {chunk} of {erofs}: content does not match the index")]
     Chunk {
+        /// The EROFS blob.
+        erofs: String,
+        /// Chunk number.
+        chunk: usize,
+    },
+    /// Block table entries that do not match their chunk's digest.
+    #[error("block digests of chunk {chunk} of {erofs} do not match the index")]
+    Blocks {
         /// The EROFS blob.
         erofs: String,
         /// Chunk number.
@@ -234,6 +243,11 @@ pub struct Counters {
     /// Checkpoint windows' bytes fetched (compressed, with the block
     /// headers of learned checkpoints).
     pub window_bytes: AtomicU64,
+    /// Block digest table bytes fetched (index v4, [`blocks`]).
+    pub block_table_bytes: AtomicU64,
+    /// Block table requests whose entries did not match the index (reads
+    /// then fetch and check whole chunks).
+    pub block_table_failures: AtomicU64,
     /// Chunks of mapped layers made from the layer's download as it
     /// arrived ([`follow`]).
     pub download_chunks: AtomicU64,

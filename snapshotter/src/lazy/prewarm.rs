@@ -206,8 +206,8 @@ impl Lazy {
                     let taught = shared.as_ref().is_some_and(|l| !l.chunks.is_empty())
                         || self.prefetch.has(
                             &entry.erofs,
-                            found.index.chunk_size,
-                            entry.chunks.len(),
+                            entry.unit(found.index.chunk_size),
+                            entry.units(found.index.chunk_size),
                         );
                     if !taught {
                         out.layers.push(warmed(Outcome::NoList, 0, 0));
@@ -288,7 +288,7 @@ impl Lazy {
             .filter(|b| b.is_parked())
             .map(|b| {
                 let n = lock(&b.present).iter().filter(|p| **p).count() as u64;
-                n * b.state.chunk_size
+                n * b.state.unit()
             })
             .sum()
     }

@@ -75,7 +75,7 @@ impl Blob {
     /// kernel's own read-ahead does for the page cache.
     pub(super) fn ahead_of(&self, offset: u64, count: u64) -> Option<(usize, usize, u64)> {
         let size = self.state.entry.size;
-        let cs = self.state.chunk_size;
+        let cs = self.state.unit();
         // Not while the whole layer comes at once: read-ahead would only
         // take the link from that download, which brings every chunk anyway
         // (Python image's first run: 6.13 s with it, 5.20 s without, full

@@ -295,6 +295,7 @@ async fn setup(case: Case) -> Setup {
                 .map(|c| hex::encode(Sha256::digest(c)))
                 .collect(),
             map: None,
+            blocks: None,
         },
         rejected: None,
         prewarmed: case.prewarmed.then(|| {
@@ -753,6 +754,7 @@ async fn one_taught_layer_or_a_shared_list_makes_an_image_wait_for_reads() {
         data_end: 3 * CHUNK,
         chunks: vec![String::new(); 4],
         map: None,
+        blocks: None,
     };
     let (base, app) = (
         format!("sha256:{}", "a".repeat(64)),

@@ -95,25 +95,28 @@ pub(super) fn copy_missing(blob: &Blob, converted: &Path) -> Result<usize, FillE
     let mut buf = vec![0u8; blob.state.chunk_size as usize];
     let mut copied = 0;
     for i in 0..e.chunks.len() {
-        let (start, len) = blob.chunk_range(i);
+        let (start, len) = blob.whole_chunk_range(i);
         let piece = &mut buf[..len as usize];
         src.read_exact_at(piece, start)
             .map_err(|err| io("read", err))?;
         whole.update(&*piece);
-        if hex::encode(Sha256::digest(&*piece)) != e.chunks[i] {
+        if !blob.chunk_matches(i, piece) {
             return Err(FillError::Mismatch(format!("chunk {i} differs")));
         }
-        if blob.phase() != Phase::Filling || lock(&blob.present)[i] {
+        if blob.phase() != Phase::Filling {
             continue;
         }
-        blob.file
-            .write_all_at(piece, start)
-            .map_err(|err| FillError::Io(format!("write {}: {err}", blob.path.display())))?;
-        blob.have_file
-            .write_all_at(&[1], i as u64)
-            .map_err(|err| FillError::Io(format!("write {}: {err}", blob.have_path.display())))?;
-        lock(&blob.present)[i] = true;
-        copied += 1;
+        // Units under a block table: the chunk's missing blocks.
+        for u in blob.units_of(i) {
+            if lock(&blob.present)[u] {
+                continue;
+            }
+            let (s, len) = blob.chunk_range(u);
+            let at = (s - start) as usize;
+            blob.write_unit(u, &piece[at..at + len as usize])
+                .map_err(|err| FillError::Io(hyperbox_api::error_chain(&err)))?;
+            copied += 1;
+        }
     }
     let digest = format!("sha256:{}", hex::encode(whole.finalize()));
     if digest != e.erofs {
