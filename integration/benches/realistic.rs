@@ -372,7 +372,7 @@ async fn run(case: Case, full: bool) {
         },
         Side {
             name: "hyperbox-lazy",
-            what: "hyperbox, lazy (the image has a hyperbox index of 16 KiB chunks made from its gzip layers through layer maps; reads ahead of the fill, prefetch list learned on the first run and shared through the registry)",
+            what: "hyperbox, lazy (the image has a hyperbox index (version 4: layer maps onto its gzip layers, 4 KiB block digests); reads ahead of the fill, prefetch list learned on the first run and shared through the registry)",
             bed: 1,
             reference: lazy,
             pull: labels(NAME),
@@ -789,7 +789,8 @@ async fn run(case: Case, full: bool) {
          runs each. The hyperbox index and the SOCI index were made and pushed beforehand \
          (not timed), as eStargz or SOCI conversion is. The hyperbox index adds {:.2} MiB to \
          the registry ({:.1} % of the image's compressed layers): chunk digests and, per layer, \
-         a layer map; file data comes from the image's own layer blobs.\n\n",
+         a layer map and a table of 4 KiB block digests; file data comes from the image's own \
+         layer blobs.\n\n",
         case.repo,
         machine(),
         case.about,
