@@ -773,7 +773,10 @@ impl Lazy {
     /// Units `a..=b` made from `tar` (the tar's bytes from `tar_start`),
     /// each written only if it matches its digest. A block whose table
     /// entries are not here is written only with its whole chunk, checked
-    /// by its own blocks ([`Error::Blocks`] when `tar` does not make it).
+    /// by its own blocks ([`Error::Blocks`] when `tar` does not make the
+    /// whole chunk, [`Error::Chunk`] when what it makes is not the chunk:
+    /// bad bytes, which a request from a learned checkpoint makes again
+    /// from the map's).
     async fn put_chunks(
         &self,
         blob: &Blob,
@@ -789,14 +792,23 @@ impl Lazy {
         for i in a..=b {
             if !blob.can_check(i) {
                 let c = blob.chunk_of(i);
-                if tried_whole != Some(c) {
-                    tried_whole = Some(c);
-                    put_whole(blob, map, c, tar_start, tar)?;
+                if tried_whole.is_none_or(|(t, _)| t != c) {
+                    tried_whole = Some((c, put_whole(blob, map, c, tar_start, tar)?));
                 }
                 if !lock(&blob.present)[i] {
-                    failed.get_or_insert(Error::Blocks {
-                        erofs: blob.erofs.to_string(),
-                        chunk: c,
+                    let made = tried_whole.and_then(|(_, made)| made);
+                    if made == Some(false) {
+                        self.counters.chunk_failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                    failed.get_or_insert(match made {
+                        Some(_) => Error::Chunk {
+                            erofs: blob.erofs.to_string(),
+                            chunk: i,
+                        },
+                        None => Error::Blocks {
+                            erofs: blob.erofs.to_string(),
+                            chunk: c,
+                        },
                     });
                 }
                 continue;
@@ -864,7 +876,7 @@ impl Lazy {
                         .units_of(c)
                         .filter(|u| !lock(&blob.present)[*u])
                         .count();
-                    if put_whole(blob, map, c, tar_start, tar).unwrap_or(false) {
+                    if put_whole(blob, map, c, tar_start, tar).is_ok_and(|m| m == Some(true)) {
                         extra += missing as u64;
                     }
                 }
@@ -886,19 +898,19 @@ impl Lazy {
 }
 
 /// Chunk `c` whole made from `tar` (the tar's bytes from `tar_start`) and
-/// its missing units written if it verifies; `false` if `tar` does not
-/// make it or it does not verify.
+/// its missing units written if it verifies: whether it did, `None` when
+/// `tar` does not make it.
 fn put_whole(
     blob: &Blob,
     map: &LayerMap,
     c: usize,
     tar_start: u64,
     tar: &[u8],
-) -> Result<bool, Error> {
+) -> Result<Option<bool>, Error> {
     let (s, len) = blob.whole_chunk_range(c);
     let mut piece = vec![0u8; len as usize];
     if map.assemble(s, &mut piece, tar_start, tar).is_err() {
-        return Ok(false);
+        return Ok(None);
     }
-    blob.put_chunk_whole(c, &piece)
+    blob.put_chunk_whole(c, &piece).map(Some)
 }
