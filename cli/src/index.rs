@@ -148,9 +148,11 @@ pub async fn run(
             && std::fs::metadata(out)
                 .is_ok_and(|m| m.len().div_ceil(index::BLOCK) <= index::MAX_BLOCKS)
     };
-    let all_tabled = converted_layers
+    let tables: Vec<bool> = converted_layers
         .iter()
-        .all(|(_, _, _, out, mapped)| tabled(mapped.is_some(), out));
+        .map(|(_, _, _, out, mapped)| tabled(mapped.is_some(), out))
+        .collect();
+    let all_tabled = tables.iter().all(|t| *t);
     let chunk_size = chunk_size.unwrap_or_else(|| {
         let cs = index::chunk_size_for(total);
         if all_tabled {
@@ -162,8 +164,9 @@ pub async fn run(
     let mut layers = Vec::new();
     let mut rows = Vec::new();
     let mut pushed = Vec::new();
-    for (l, promised, summary, out, mapped) in converted_layers {
-        let with_table = tabled(mapped.is_some(), &out);
+    for ((l, promised, summary, out, mapped), with_table) in
+        converted_layers.into_iter().zip(tables)
+    {
         let (chunks, whole, size, table) = chunk_digests(&out, chunk_size, with_table)?;
         let blocks = match table {
             Some(t) => {
@@ -374,10 +377,7 @@ fn chunk_digests(path: &std::path::Path, chunk_size: u64, table: bool) -> Result
         }
         whole.update(&buf[..filled]);
         if table {
-            let digests: Vec<[u8; 32]> = buf[..filled]
-                .chunks(index::BLOCK as usize)
-                .map(|b| Sha256::digest(b).into())
-                .collect();
+            let digests = index::block_digests(&buf[..filled]);
             chunks.push(index::chunk_of_blocks(&digests));
             blocks.extend(digests.concat());
         } else {

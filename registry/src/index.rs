@@ -131,6 +131,15 @@ pub struct BlockTable {
     pub size: u64,
 }
 
+/// The SHA-256 of each [`BLOCK`] of `bytes` (the last may be short).
+pub fn block_digests(bytes: &[u8]) -> Vec<[u8; 32]> {
+    use sha2::Digest as _;
+    bytes
+        .chunks(BLOCK as usize)
+        .map(|b| sha2::Sha256::digest(b).into())
+        .collect()
+}
+
 /// The digest of a chunk whose blocks have these digests (hex).
 pub fn chunk_of_blocks(blocks: &[[u8; 32]]) -> String {
     use sha2::Digest as _;

@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use hyperbox_registry::digest::Digest;
-use hyperbox_registry::index::{BLOCK, BlockTable, chunk_of_blocks};
+use hyperbox_registry::index::{BLOCK, BlockTable, block_digests, chunk_of_blocks};
 use sha2::{Digest as _, Sha256};
 
 use super::blob::Blob;
@@ -35,7 +35,6 @@ type Entries = Arc<[[u8; 32]]>;
 #[derive(Debug)]
 pub(super) struct Blocks {
     table: Digest,
-    size: u64,
     /// Blocks per chunk.
     pub(super) per_chunk: usize,
     /// Per chunk, its blocks' digests once checked.
@@ -53,7 +52,6 @@ impl Blocks {
         })?;
         Ok(Blocks {
             table,
-            size: t.size,
             per_chunk: (chunk_size / BLOCK) as usize,
             known: Mutex::new(vec![None; chunks]),
             locks: (0..chunks).map(|_| tokio::sync::Mutex::new(())).collect(),
@@ -63,14 +61,6 @@ impl Blocks {
     fn known(&self, chunk: usize) -> Option<Entries> {
         lock(&self.known)[chunk].clone()
     }
-}
-
-/// The SHA-256 of each 4 KiB block of `bytes`.
-fn block_digests(bytes: &[u8]) -> Vec<[u8; 32]> {
-    bytes
-        .chunks(BLOCK as usize)
-        .map(|b| Sha256::digest(b).into())
-        .collect()
 }
 
 impl Blob {
@@ -113,28 +103,27 @@ impl Blob {
     }
 
     /// Whether `bytes` are chunk `c`'s, by its own bytes or its blocks'.
+    /// Under a block table its blocks' digests are known from then on.
     pub(super) fn chunk_matches(&self, c: usize, bytes: &[u8]) -> bool {
         let want = &self.state.entry.chunks[c];
         match &self.blocks {
             None => &hex::encode(Sha256::digest(bytes)) == want,
-            Some(_) => &chunk_of_blocks(&block_digests(bytes)) == want,
+            Some(b) => {
+                let digests = block_digests(bytes);
+                let ok = &chunk_of_blocks(&digests) == want;
+                if ok {
+                    lock(&b.known)[c] = Some(digests.into());
+                }
+                ok
+            }
         }
     }
 
-    /// Checks `bytes`, the whole of chunk `c`, against its digest and
-    /// writes the units of it still missing; `false` when they are not its
-    /// bytes. Under a block table its blocks' digests are known from then
-    /// on.
-    pub(super) fn put_chunk_whole(&self, c: usize, bytes: &[u8]) -> Result<bool, Error> {
-        let Some(b) = &self.blocks else {
-            return self.put_chunk(c, bytes);
-        };
-        let digests = block_digests(bytes);
-        if chunk_of_blocks(&digests) != self.state.entry.chunks[c] {
-            return Ok(false);
-        }
-        lock(&b.known)[c] = Some(digests.into());
+    /// Writes the units of chunk `c` still missing from `bytes`, the
+    /// whole chunk, checked by the caller; how many.
+    pub(super) fn fill_chunk(&self, c: usize, bytes: &[u8]) -> Result<usize, Error> {
         let (start, _) = self.whole_chunk_range(c);
+        let mut written = 0;
         for i in self.units_of(c) {
             if lock(&self.present)[i] {
                 continue;
@@ -142,7 +131,19 @@ impl Blob {
             let (s, len) = self.chunk_range(i);
             let at = (s - start) as usize;
             self.write_unit(i, &bytes[at..at + len as usize])?;
+            written += 1;
         }
+        Ok(written)
+    }
+
+    /// Checks `bytes`, the whole of chunk `c`, against its digest and
+    /// writes the units of it still missing; `false` when they are not its
+    /// bytes.
+    pub(super) fn put_chunk_whole(&self, c: usize, bytes: &[u8]) -> Result<bool, Error> {
+        if !self.chunk_matches(c, bytes) {
+            return Ok(false);
+        }
+        self.fill_chunk(c, bytes)?;
         Ok(true)
     }
 
@@ -177,18 +178,7 @@ impl Blob {
             self.file
                 .read_exact_at(piece, start)
                 .map_err(io("read", &self.path))?;
-            let ok = match &self.blocks {
-                None => hex::encode(Sha256::digest(&*piece)) == self.state.entry.chunks[c],
-                Some(b) => {
-                    let digests = block_digests(piece);
-                    let ok = chunk_of_blocks(&digests) == self.state.entry.chunks[c];
-                    if ok {
-                        lock(&b.known)[c] = Some(digests.into());
-                    }
-                    ok
-                }
-            };
-            if ok {
+            if self.chunk_matches(c, piece) {
                 present[units].fill(true);
             }
         }
@@ -247,9 +237,6 @@ impl Lazy {
                 chunk: c,
             }
         };
-        if from + len > t.size {
-            return Err(mismatch());
-        }
         // No fetch permit: the entries go with a request for the blocks'
         // bytes, which holds one, and waiting for a second would put a
         // round trip of the link's latency behind every read.

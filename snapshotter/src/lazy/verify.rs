@@ -106,17 +106,9 @@ pub(super) fn copy_missing(blob: &Blob, converted: &Path) -> Result<usize, FillE
         if blob.phase() != Phase::Filling {
             continue;
         }
-        // Units under a block table: the chunk's missing blocks.
-        for u in blob.units_of(i) {
-            if lock(&blob.present)[u] {
-                continue;
-            }
-            let (s, len) = blob.chunk_range(u);
-            let at = (s - start) as usize;
-            blob.write_unit(u, &piece[at..at + len as usize])
-                .map_err(|err| FillError::Io(hyperbox_api::error_chain(&err)))?;
-            copied += 1;
-        }
+        copied += blob
+            .fill_chunk(i, piece)
+            .map_err(|err| FillError::Io(hyperbox_api::error_chain(&err)))?;
     }
     let digest = format!("sha256:{}", hex::encode(whole.finalize()));
     if digest != e.erofs {
